@@ -1,0 +1,38 @@
+"""permastruct: an embeddable persistent-object store in one memory-mapped file.
+
+>>> import os, tempfile
+>>> from permastruct import Storage, Structure, StructureMeta, Buffer
+>>> class MyStorage(Storage):
+...     def populateSchema(self):
+...         class Root(self.schema.Structure):
+...             greeting = self.schema.String
+...             visits = self.schema.Int
+>>> path = os.path.join(tempfile.mkdtemp(), "hello.ps")
+>>> with MyStorage(path) as p:
+...     p.root.greeting = "hello"
+...     p.root.visits += 1
+>>> with MyStorage(path) as p:
+...     str(p.root.greeting), p.root.visits
+('hello', 1)
+"""
+
+from ._types import (Bool, Float, Float32, Float64, Int, Int8, Int16, Int32, Int64, UInt8, UInt16,
+                     UInt32, UInt64)
+from .buffer import Buffer
+from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError,
+                     PermastructError, ReadOnlyError, SchemaError, StorageClosedError,
+                     StorageFullError, StorageLockedError, UnpinnedPageError)
+from .storage import Storage
+from .strings import ByteString, String
+from .structure import Structure, StructureMeta
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Storage", "Structure", "StructureMeta", "Buffer", "ByteString", "String",
+    "Int", "Float", "Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32",
+    "UInt64", "Float32", "Float64",
+    "PermastructError", "StorageClosedError", "ReadOnlyError", "StorageLockedError",
+    "NotAStorageError", "CorruptStorageError", "IncompatibleFormatError", "SchemaError",
+    "UnpinnedPageError", "StorageFullError",
+]

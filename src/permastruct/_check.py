@@ -1,0 +1,200 @@
+"""``Storage.check()``: verify every invariant of a store, or name the first broken one.
+
+Checks, in order: the header and root records on disk; that every page is
+exactly one of free, allocator state, slab, run (head or continuation) or
+free run; slab headers, slot free lists and partial lists; the free-run list;
+that every allocated object has a known type and fits its space; that every
+reference points at an allocated object of the field's type; that each stored
+reference count equals the references found; the string registry's count and
+hash placement.
+"""
+
+import ctypes
+
+from . import _format as F
+from . import _types as T
+from .errors import CorruptStorageError
+
+
+def check_storage(storage, progress=None):
+    pf = storage._page_file
+    alloc = storage._allocator
+    path = storage.fileName
+
+    def fail(message):
+        raise CorruptStorageError(f"{path!r}: {message}")
+
+    # -- header and root records on disk --------------------------------------
+    head = pf.io.pread(F.HEADER_BLOCK, 0)
+    import zlib
+    if head[:8] != F.MAGIC or F.HEADER.unpack_from(head)[-1] != zlib.crc32(head[:60]):
+        fail("the file header is damaged")
+    roots = [F.unpack_root(head[o:o + F.ROOT.size]) for o in F.ROOT_OFFSETS]
+    if not any(roots):
+        fail("both root records are damaged")
+
+    # -- pages ------------------------------------------------------------------
+    count = pf.page_count
+    owner = [None] * count
+
+    def claim(pid, what):
+        if not 0 <= pid < count:
+            fail(f"{what} names page {pid}, outside the {count} pages")
+        if owner[pid] is not None:
+            fail(f"page {pid} is both {owner[pid]} and {what}")
+        owner[pid] = what
+
+    for pid in pf.free_pages():
+        claim(pid, "free")
+    claim(alloc.state_pid, "allocator state")
+    for pid, length in alloc.free_runs():
+        for member in range(pid, pid + length):
+            claim(member, f"free run {pid}")
+    objects = {}  # offset -> capacity
+    slabs_with_room = {}
+    for pid in range(count):
+        if progress is not None and pid % 4096 == 0:
+            progress(pid, count)
+        if owner[pid] is not None:
+            if owner[pid] == "free" and pf._link(pid) == F.NOT_IN_FREE_PAGE_LIST:
+                fail(f"free page {pid} is marked in use")
+            continue
+        if pf._link(pid) != F.NOT_IN_FREE_PAGE_LIST:
+            fail(f"page {pid} is in use but its header says {pf._link(pid)}")
+        page = pf.view(pid)
+        kind = page[F.SLAB_AT]
+        if kind == F.KIND_SLAB:
+            claim(pid, "slab")
+            _, index, used, free_head, bump, _, _ = F.SLAB.unpack_from(page, F.SLAB_AT)
+            if index >= len(alloc.classes):
+                fail(f"slab {pid} has size class {index}")
+            size = alloc.classes[index]
+            nslots = alloc.slots_per_page(index)
+            if bump > nslots or used > bump:
+                fail(f"slab {pid}: used {used}, bump {bump}, {nslots} slots")
+            free = set()
+            slot = free_head
+            while slot:
+                if slot - 1 >= bump or slot - 1 in free:
+                    fail(f"slab {pid}: broken slot free list at {slot - 1}")
+                free.add(slot - 1)
+                slot = F.UINT32.unpack_from(page, F.SLAB_FIRST_SLOT + (slot - 1) * size)[0]
+            if len(free) != bump - used:
+                fail(f"slab {pid}: {used} used and {len(free)} free of {bump} handed-out slots")
+            base = pf.offset(pid) + F.SLAB_FIRST_SLOT
+            for slot in range(bump):
+                if slot not in free:
+                    objects[base + slot * size] = size
+            if used < nslots:
+                slabs_with_room[pid] = index
+        elif kind == F.KIND_RUN:
+            length = F.RUN.unpack_from(page, F.RUN_AT)[1]
+            if length < 1 or pid + length > count:
+                fail(f"run at page {pid} has {length} pages")
+            for member in range(pid, pid + length):
+                claim(member, f"run {pid}")
+            objects[pf.offset(pid) + F.RUN_OBJECT] = length * pf.page_size - F.RUN_OBJECT
+        else:
+            fail(f"page {pid} is in use but has unknown kind {kind}")
+    for index in range(len(alloc.classes)):
+        pid, previous, seen = alloc._head(index), -1, 0
+        while pid != -1:
+            seen += 1
+            if slabs_with_room.pop(pid, None) != index:
+                fail(f"page {pid} on the partial list of size class {index} is not a slab of it with room")
+            _, _, _, _, _, nxt, prv = F.SLAB.unpack_from(pf.view(pid), F.SLAB_AT)
+            if prv != previous:
+                fail(f"slab {pid}: back link {prv}, expected {previous}")
+            previous, pid = pid, nxt
+    if slabs_with_room:
+        fail(f"slab {next(iter(slabs_with_room))} has free slots but is on no partial list")
+
+    # -- objects and references ---------------------------------------------------
+    classes = storage._classes_by_id
+    incoming = dict.fromkeys(objects, 0)
+    kinds = {}
+
+    def referenced(target, expected, where):
+        if target not in objects:
+            fail(f"{where} refers to {target:#x}, which is not an allocated object")
+        if expected is not None:
+            cls = classes.get(F.UINT32.unpack_from(pf.mapping.view(target, 4))[0])
+            if cls is None or not issubclass(cls, expected):
+                fail(f"{where} refers to {target:#x}, which is not a {expected.__name__}")
+        incoming[target] += 1
+
+    for offset, capacity in objects.items():
+        type_id, refs = F.OBJECT_HEADER.unpack_from(pf.mapping.view(offset, 8))
+        if type_id in (F.T_SCHEMA, F.T_BYTESTRING, F.T_STRING):
+            needed = F.STRING.size + storage._string_header(offset)[3]
+        elif type_id == F.T_REGISTRY:
+            needed = F.REGISTRY.size + 8 * F.REGISTRY.unpack_from(pf.mapping.view(offset, F.REGISTRY.size))[3]
+        elif type_id == F.T_BUFFER:
+            _, _, nbytes, data_offset, _, _, _ = F.BUFFER.unpack_from(pf.mapping.view(offset, F.BUFFER.size))
+            needed = data_offset + nbytes
+        elif type_id in classes:
+            needed = ctypes.sizeof(classes[type_id])
+        else:
+            fail(f"object {offset:#x} has unknown type {type_id}")
+        if needed > capacity:
+            fail(f"object {offset:#x} needs {needed} bytes but has {capacity}")
+        kinds[type_id] = kinds.get(type_id, 0) + 1
+        cls = classes.get(type_id)
+        if cls is not None and cls._ps_kind == "structure":
+            proxy = pf.mapping.from_buffer(cls, offset)
+            for name, ftype in cls._ps_field_types.items():
+                if not isinstance(ftype, T.ValueType):
+                    target = getattr(proxy, "_ps_ref_" + name)
+                    if target:
+                        referenced(target, ftype, f"{cls.__name__}.{name} of {offset:#x}")
+    slots = pf.slots
+    referenced(slots[F.SLOT_SCHEMA], None, "the schema slot")
+    if F.UINT32.unpack_from(pf.mapping.view(slots[F.SLOT_SCHEMA], 4))[0] != F.T_SCHEMA:
+        fail("the schema slot does not hold the schema")
+    registry = slots[F.SLOT_REGISTRY]
+    referenced(registry, None, "the registry slot")
+    if slots[F.SLOT_ROOT]:
+        referenced(slots[F.SLOT_ROOT], classes.get(F.UINT32.unpack_from(pf.mapping.view(slots[F.SLOT_ROOT], 4))[0]),
+                   "the root slot")
+    type_id, _, stored_count, capacity = F.REGISTRY.unpack_from(pf.mapping.view(registry, F.REGISTRY.size))
+    if type_id != F.T_REGISTRY or not capacity or capacity & (capacity - 1):
+        fail("the registry slot does not hold a registry")
+    entries = pf.mapping.view(registry + F.REGISTRY.size, capacity * 8).cast("Q")
+    found = 0
+    for index, target in enumerate(entries):
+        if not target:
+            continue
+        found += 1
+        referenced(target, None, f"registry entry {index}")
+        kind, _, stored_hash, length = storage._string_header(target)
+        if kind not in (F.T_BYTESTRING, F.T_STRING):
+            fail(f"registry entry {index} is not a string")
+        data = bytes(pf.mapping.view(target + F.STRING.size, length))
+        if F.string_hash(kind, data) != stored_hash:
+            fail(f"string {target:#x} has a wrong stored hash")
+        probe = stored_hash & (capacity - 1)
+        while probe != index:
+            if not entries[probe]:
+                fail(f"registry entry {index} cannot be found from its hash position")
+            probe = (probe + 1) & (capacity - 1)
+    if found != stored_count:
+        fail(f"the registry counts {stored_count} strings but holds {found}")
+    for offset, refs in ((o, F.UINT32.unpack_from(pf.mapping.view(o + 4, 4))[0]) for o in objects):
+        if refs != incoming[offset] and not (refs == 0 and offset in storage._floating):
+            fail(f"object {offset:#x} stores {refs} references but {incoming[offset]} were found")
+    return {
+        "file": path,
+        "pages": count,
+        "page_size": pf.page_size,
+        "free_pages": sum(1 for what in owner if what == "free"),
+        "objects": len(objects),
+        "unreferenced": sum(1 for o in objects if incoming[o] == 0),
+        "strings": stored_count,
+        "types": {(_type_name(classes, type_id)): n for type_id, n in sorted(kinds.items())},
+    }
+
+
+def _type_name(classes, type_id):
+    if type_id in classes:
+        return classes[type_id].__name__
+    return {F.T_SCHEMA: "(schema)", F.T_REGISTRY: "(registry)"}.get(type_id, str(type_id))

@@ -1,0 +1,339 @@
+"""The mapped file: one I/O layer, segments that never move, dirty-page detection.
+
+Every write, sync, allocation and truncation of a store's file goes through
+:class:`FileIO`; tests set :data:`FileIO.hook` to fail or stop at the Nth
+operation.
+
+:class:`MappedFile` maps the file **privately** (``mmap.ACCESS_COPY``): stores
+into the map stay in this process's memory and reach the file only when
+:meth:`MappedFile.write_back` copies the changed pages with ``pwrite``.  The
+file is mapped in *segments* that are never resized or moved, so proxies and
+memoryviews stay valid while the file grows; new space is reserved with
+``posix_fallocate`` before it is mapped, so a full disk is an exception and
+never a SIGBUS.
+
+Which pages changed is asked of the kernel (``/proc/self/pagemap``: a page of
+a private file mapping that was written is no longer a file page), so writes
+through proxies cost nothing extra.  Where pagemap is not available the pages
+are compared with the file instead.  After write-back, ``MADV_DONTNEED``
+drops the private copies; the map then shows the file again.
+"""
+
+import bisect
+import ctypes
+import errno
+import mmap
+import os
+
+from .errors import StorageFullError
+
+OS_PAGE = mmap.PAGESIZE
+GRANULE = max(mmap.ALLOCATIONGRANULARITY, OS_PAGE)
+MAX_SEGMENT = 1 << 30
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+# Top byte of a pagemap entry: bit 63 present, bit 62 swapped, bit 61 file page.
+# A page is dirty when it is present and not a file page, or swapped out.
+_DIRTY_TABLE = bytes(
+    1 if ((b & 0x80 and not b & 0x20) or b & 0x40) else 0 for b in range(256))
+
+
+def _full_error(exc, what, path):
+    if getattr(exc, "errno", None) in _FULL_ERRNOS:
+        error = StorageFullError(exc.errno, f"{what} failed for {path!r}: {os.strerror(exc.errno)}; "
+                                 "the storage is still at its last commit")
+        error.filename = path
+        return error
+    return exc
+
+
+class FileIO:
+    """The one I/O layer: every write, sync, allocate and truncate of a store's file.
+
+    ``FileIO.hook``, when set, is called as ``hook(operation, path)`` before each
+    operation (``"pwrite"``, ``"fsync"``, ``"fallocate"``, ``"truncate"``); it may
+    raise to simulate a failure.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "f")
+    >>> io = FileIO.open(path, readonly=False, create=True)
+    >>> io.pwrite(b"hello", 0); io.pread(5, 0)
+    b'hello'
+    >>> io.close()
+    """
+
+    hook = None
+
+    def __init__(self, fd, path):
+        self.fd = fd
+        self.path = path
+        self.sync_failed = False
+
+    @classmethod
+    def open(cls, path, readonly, create):
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        return cls(os.open(path, flags, 0o666), path)
+
+    def _before(self, operation):
+        if FileIO.hook is not None:
+            FileIO.hook(operation, self.path)
+
+    def size(self):
+        return os.fstat(self.fd).st_size
+
+    def pread(self, length, offset):
+        """Read exactly ``length`` bytes (fewer only at the end of the file)."""
+        chunks = []
+        while length > 0:
+            chunk = os.pread(self.fd, length, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            length -= len(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+    def pwrite(self, data, offset):
+        """Write all of ``data`` at ``offset``, completing short writes."""
+        self._before("pwrite")
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                if written <= 0:
+                    raise OSError(errno.EIO, "pwrite wrote nothing")
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise _full_error(exc, "writing", self.path) from exc
+
+    def fsync(self):
+        """fsync the file; a failure is final (the kernel may have dropped the pages)."""
+        self._before("fsync")
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            self.sync_failed = True
+            raise
+
+    def fallocate(self, offset, length):
+        """Reserve disk space so that touching the range can never SIGBUS."""
+        self._before("fallocate")
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self.fd, offset, length)
+            else:  # pragma: no cover - platforms without posix_fallocate
+                os.ftruncate(self.fd, offset + length)
+        except OSError as exc:
+            raise _full_error(exc, "growing", self.path) from exc
+
+    def truncate(self, length):
+        self._before("truncate")
+        try:
+            os.ftruncate(self.fd, length)
+        except OSError as exc:
+            raise _full_error(exc, "resizing", self.path) from exc
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Segment:
+    """A fixed range of the file mapped once: ``start`` and ``length`` in bytes."""
+
+    __slots__ = ("start", "length", "map", "address")
+
+    def __init__(self, start, length, fileno):
+        self.start = start
+        self.length = length
+        self.map = mmap.mmap(fileno, length, access=mmap.ACCESS_COPY, offset=start)
+        anchor = ctypes.c_char.from_buffer(self.map)
+        self.address = ctypes.addressof(anchor)
+        del anchor
+
+
+class MappedFile:
+    """A file mapped privately in segments; grows on demand and writes back changed pages.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "f")
+    >>> m = MappedFile(FileIO.open(path, readonly=False, create=True), readonly=False)
+    >>> m.grow(10000)
+    >>> m.size >= 10000
+    True
+    >>> m.view(5000, 3)[:] = b"abc"
+    >>> m.dirty_ranges()
+    [(4096, 4096)]
+    >>> m.write_back(m.dirty_ranges()); m.release_private(); m.io.pread(3, 5000)
+    b'abc'
+    >>> m.close(); m.io.close()
+    """
+
+    def __init__(self, io, readonly, origin=0, unit=GRANULE):
+        self.io = io
+        self.readonly = readonly
+        #: Segment ends are ``origin + k * unit``: page boundaries of the page file.
+        self.origin = origin
+        self.unit = max(unit, GRANULE)
+        self.segments = []
+        self._starts = []
+        self.size = 0
+        self._pagemap = None
+        self._written = []
+        if os.environ.get("PERMASTRUCT_DIRTY", "pagemap") == "pagemap":
+            try:
+                self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                self._pagemap = None
+        physical = io.size()
+        if physical >= origin:
+            self._map(0, self._round_down(physical))
+
+    def _round_down(self, end):
+        return self.origin + (end - self.origin) // self.unit * self.unit
+
+    def _round_up(self, end):
+        return self.origin + -(-(end - self.origin) // self.unit) * self.unit
+
+    # -- segments ------------------------------------------------------------
+    def _map(self, start, length):
+        if length <= 0:
+            return
+        segment = Segment(start, length, self.io.fd)
+        self.segments.append(segment)
+        self._starts.append(start)
+        self.size = start + length
+
+    def grow(self, minimum):
+        """Make the mapped size at least ``minimum`` bytes, in one new segment.
+
+        The new segment is at least as large as what is needed and, to keep the
+        number of segments small, about half the current size (at most 1 GiB).
+        """
+        if minimum <= self.size:
+            return
+        start = self.size
+        wanted = max(minimum, start + min(start // 2, MAX_SEGMENT), start + 16 * GRANULE)
+        length = self._round_up(wanted) - start
+        try:
+            self.io.fallocate(start, length)
+        except OSError:
+            self._restore_length(start)
+            raise
+        try:
+            self._map(start, length)
+        except (OSError, ValueError) as exc:
+            self._restore_length(start)
+            raise _full_error(exc, "mapping", self.io.path) from exc
+
+    def _restore_length(self, length):
+        try:
+            if self.io.size() > length:
+                self.io.truncate(length)
+        except OSError:
+            pass
+
+    def segment_of(self, offset):
+        segment = self.segments[bisect.bisect_right(self._starts, offset) - 1]
+        if offset >= segment.start + segment.length or offset < 0:
+            raise IndexError(f"offset {offset:#x} is outside the mapped file ({self.size:#x} bytes)")
+        return segment
+
+    def view(self, offset, length):
+        """A writable memoryview of ``length`` bytes at file ``offset`` (within one segment)."""
+        segment = self.segment_of(offset)
+        local = offset - segment.start
+        if local + length > segment.length:
+            raise IndexError(f"range {offset:#x}+{length} crosses the end of a segment")
+        return memoryview(segment.map)[local:local + length]
+
+    def from_buffer(self, ctype, offset):
+        """A ctypes instance of ``ctype`` living in the map at file ``offset``."""
+        segment = self.segment_of(offset)
+        return ctype.from_buffer(segment.map, offset - segment.start)
+
+    def offset_of_address(self, address):
+        for segment in self.segments:
+            if segment.address <= address < segment.address + segment.length:
+                return segment.start + address - segment.address
+        raise ValueError("address is not inside this file's map")
+
+    # -- dirty pages and write-back -----------------------------------------
+    def dirty_ranges(self):
+        """``(offset, length)`` ranges of OS pages changed in the map since the last write-back."""
+        ranges = []
+        for segment in self.segments:
+            pages = segment.length // OS_PAGE
+            if self._pagemap is not None:
+                dirty = self._dirty_pagemap(segment, pages)
+            else:
+                dirty = self._dirty_compare(segment, pages)
+            for first, count in dirty:
+                ranges.append((segment.start + first * OS_PAGE, count * OS_PAGE))
+        return ranges
+
+    def _dirty_pagemap(self, segment, pages):
+        step = 1 << 20
+        first_entry = segment.address // OS_PAGE
+        for chunk_start in range(0, pages, step):
+            count = min(step, pages - chunk_start)
+            raw = os.pread(self._pagemap, count * 8, (first_entry + chunk_start) * 8)
+            flags = raw[7::8].translate(_DIRTY_TABLE)
+            index = flags.find(1)
+            while index >= 0:
+                end = flags.find(0, index)
+                if end < 0:
+                    end = count
+                yield chunk_start + index, end - index
+                index = flags.find(1, end)
+
+    def _dirty_compare(self, segment, pages):
+        chunk = 256
+        view = memoryview(segment.map)
+        for first in range(0, pages, chunk):
+            count = min(chunk, pages - first)
+            on_disk = self.io.pread(count * OS_PAGE, segment.start + first * OS_PAGE)
+            for page in range(count):
+                lo = page * OS_PAGE
+                mapped = view[(first + page) * OS_PAGE:(first + page + 1) * OS_PAGE]
+                if mapped != on_disk[lo:lo + OS_PAGE]:
+                    yield first + page, 1
+        view.release()
+
+    def write_back(self, ranges):
+        """pwrite the given ranges of the map into the file."""
+        for offset, length in ranges:
+            self.io.pwrite(self.view(offset, length), offset)
+            self._written.append((offset, length))
+
+    def release_private(self):
+        """Drop the private copies of written-back pages: the map shows the file again."""
+        for offset, length in self._written:
+            segment = self.segment_of(offset)
+            segment.map.madvise(mmap.MADV_DONTNEED, offset - segment.start, length)
+        self._written.clear()
+
+    def discard_changes(self):
+        """Forget every change made in the map since the last write-back."""
+        for offset, length in self.dirty_ranges():
+            segment = self.segment_of(offset)
+            segment.map.madvise(mmap.MADV_DONTNEED, offset - segment.start, length)
+
+    def close(self):
+        """Unmap what can be unmapped; segments still referenced by proxies stay until collected."""
+        for segment in self.segments:
+            try:
+                segment.map.close()
+            except BufferError:
+                pass
+        self.segments = []
+        self._starts = []
+        if self._pagemap is not None:
+            os.close(self._pagemap)
+            self._pagemap = None

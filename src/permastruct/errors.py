@@ -1,0 +1,64 @@
+"""The one exception hierarchy of permastruct.
+
+Every error the library raises on purpose derives from :class:`PermastructError`;
+most also derive from the builtin a Python user would already catch, so
+``except ValueError`` still works for a closed storage, ``except OSError`` for a
+full disk and ``except TypeError`` for a schema mismatch.
+
+>>> from permastruct.errors import StorageClosedError, PermastructError
+>>> issubclass(StorageClosedError, ValueError) and issubclass(StorageClosedError, PermastructError)
+True
+"""
+
+__all__ = [
+    "PermastructError",
+    "StorageClosedError",
+    "ReadOnlyError",
+    "StorageLockedError",
+    "NotAStorageError",
+    "CorruptStorageError",
+    "IncompatibleFormatError",
+    "SchemaError",
+    "UnpinnedPageError",
+    "StorageFullError",
+]
+
+
+class PermastructError(Exception):
+    """Base class of every error raised by permastruct."""
+
+
+class StorageClosedError(PermastructError, ValueError):
+    """The storage, or the storage of a proxy, has been closed."""
+
+
+class ReadOnlyError(PermastructError, PermissionError):
+    """A write was attempted through a read-only storage."""
+
+
+class StorageLockedError(PermastructError, BlockingIOError):
+    """Another process holds the writer lock of the file."""
+
+
+class NotAStorageError(PermastructError, ValueError):
+    """The file exists but is not a permastruct store (wrong magic, too short)."""
+
+
+class CorruptStorageError(PermastructError, ValueError):
+    """The file is a store, but something in it is inconsistent or damaged."""
+
+
+class IncompatibleFormatError(PermastructError, ValueError):
+    """The file was written by a format version this library cannot read."""
+
+
+class SchemaError(PermastructError, TypeError):
+    """The schema in Python and the schema in the file do not agree, or a schema is invalid."""
+
+
+class UnpinnedPageError(PermastructError, RuntimeError):
+    """Page content was accessed while the page was not pinned."""
+
+
+class StorageFullError(PermastructError, OSError):
+    """The disk is full or a file-size limit was reached while the file grew or committed."""

@@ -1,0 +1,622 @@
+"""The ``Storage`` class: one file, its schema, its root and its objects.
+
+``Storage`` ties the layers together: the page file (:mod:`permastruct.pages`),
+the allocator, the schema stored in the file, the proxy classes built from it,
+reference counts, commit and close.  Subclass it and describe the schema in
+``populateSchema``::
+
+    class MyStorage(Storage):
+        def populateSchema(self):
+            class Root(self.schema.Structure):
+                name = self.schema.String
+                count = self.schema.Int
+
+The seed's module name is kept: ``from permastruct.storage import Storage,
+Structure, StructureMeta``.
+"""
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import tempfile
+import weakref
+
+from . import _format as F
+from . import _types as T
+from ._alloc import Allocator
+from .buffer import Buffer, buffer_source
+from .errors import (CorruptStorageError, PermastructError, ReadOnlyError, SchemaError,
+                     StorageClosedError)
+from .pages import PageFile
+from .strings import ByteString, String, StringRegistry, create_registry
+from .structure import (Structure, StructureMeta, _readonly_setattr, pop_populating,
+                        push_populating)
+
+__all__ = ["Storage", "Structure", "StructureMeta"]
+
+DEFAULT_FILE_SIZE = 64 * 1024
+DEFAULT_REGISTRY_SIZE = 64
+_PREDEFINED = {F.T_BYTESTRING: ByteString, F.T_STRING: String, F.T_BUFFER: Buffer}
+
+
+class Schema:
+    """The types of a storage, as attributes: predefined ones and every defined one.
+
+    >>> p = Storage(None)
+    >>> p.schema.Int, p.schema.ByteString.__name__
+    (<permastruct value type Int>, 'ByteString')
+    """
+
+    def __init__(self, storage):
+        self._storage = storage
+        for value_type in T.VALUE_TYPES:
+            setattr(self, value_type.name, value_type)
+        self.Structure = Structure
+
+    def __repr__(self):
+        return f"<schema of {self._storage!r}: {', '.join(self._names())}>"
+
+    def _names(self):
+        return sorted(name for name in vars(self) if not name.startswith("_"))
+
+    def __dir__(self):
+        return self._names()
+
+
+class Storage:
+    """A persistent object store in one memory-mapped file.
+
+    ``Storage(fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
+    sync=True, pageSize=4096)``; ``fileName=None`` makes a volatile store that
+    vanishes at close.  See ``docs/tutorial.rst``.
+    """
+
+    def __init__(self, fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
+                 sync=True, pageSize=F.DEFAULT_PAGE_SIZE):
+        self._closed = True
+        self.readonly = bool(readonly)
+        for name, value in (("fileSize", fileSize), ("stringRegistrySize", stringRegistrySize)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative, not {value}")
+        if fileName is None:
+            if readonly:
+                raise ValueError("a volatile storage (fileName=None) cannot be read-only")
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            handle, fileName = tempfile.mkstemp(prefix="permastruct-", dir=folder)
+            os.close(handle)
+            os.unlink(fileName)
+            sync = False
+            self._volatile = True
+        else:
+            self._volatile = False
+        path = os.fspath(fileName)
+        if not isinstance(path, str):
+            raise TypeError(f"fileName must be a str or os.PathLike, not {type(fileName).__name__}")
+        self.fileName = os.path.abspath(path)
+        self.sync = sync
+        created = not os.path.exists(self.fileName)
+        size = max(fileSize or DEFAULT_FILE_SIZE, F.HEADER_BLOCK + pageSize)
+        self._page_file = PageFile(self.fileName, pageSize, readonly=self.readonly, sync=sync,
+                                   initial_size=size if created else None)
+        self._mapping = self._page_file.mapping
+        self._root = None
+        self._floating = {}
+        self._created = set()
+        self._exports = weakref.WeakValueDictionary()
+        self._classes_by_id = {}
+        self._structures = []
+        self.schema = Schema(self)
+        try:
+            if self._volatile:
+                os.unlink(self.fileName)
+            self._closed = False
+            if created:
+                self._create(stringRegistrySize or DEFAULT_REGISTRY_SIZE)
+            else:
+                self._load()
+        except BaseException:
+            self._closed = True
+            self._page_file.close(flush=False)
+            if created and not self._volatile:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.fileName)
+            raise
+        self.stringRegistry = StringRegistry(self)
+
+    @classmethod
+    def memory(cls, **kwargs):
+        """A volatile store (a file that is deleted as soon as it is opened)."""
+        return cls(None, **kwargs)
+
+    # -- creation and loading ----------------------------------------------------
+    def _create(self, registry_size):
+        pf = self._page_file
+        self._allocator = Allocator(pf)
+        pf.slots[F.SLOT_ALLOC] = self._allocator.state_pid
+        pf.slots[F.SLOT_REGISTRY] = create_registry(self, registry_size)
+        self._bind_predefined()
+        self._run_populate()
+        for type_id, cls in enumerate(self._structures, F.FIRST_USER_TYPE):
+            cls._ps_type_id = type_id
+            self._classes_by_id[type_id] = cls
+        text = json.dumps(self._describe_schema(), separators=(",", ":")).encode()
+        schema = self._new_string(F.T_SCHEMA, text)
+        self._incref(schema)
+        pf.slots[F.SLOT_SCHEMA] = schema
+        pf.flush()
+
+    def _load(self):
+        pf = self._page_file
+        state = pf.slots[F.SLOT_ALLOC]
+        if not 0 <= state < pf.page_count:
+            raise CorruptStorageError(f"{self.fileName!r}: the allocator page {state} does not exist")
+        self._allocator = Allocator(pf, state)
+        self._bind_predefined()
+        stored = self._read_schema()
+        if type(self).populateSchema is not Storage.populateSchema:
+            self._run_populate()
+            self._bind_schema(stored)
+        else:
+            self._build_schema(stored)
+
+    def _bind_predefined(self):
+        for type_id, base in _PREDEFINED.items():
+            cls = T.PersistentMeta(base.__name__, (base,), {"__slots__": (), "_storage": self})
+            cls.__module__ = base.__module__
+            self._classes_by_id[type_id] = cls
+            setattr(self.schema, base.__name__, cls)
+        if self.readonly:
+            for cls in self._classes_by_id.values():
+                cls._ps_readonly = True
+
+    def _run_populate(self):
+        push_populating(self)
+        try:
+            self.populateSchema()
+        finally:
+            pop_populating()
+
+    def populateSchema(self):
+        """Describe the schema; override in a subclass (the base defines no types)."""
+
+    def define(self, type_):
+        """Define ``type_`` in the schema and return the type to use for fields.
+
+        Predefined types (``Buffer``, ``ByteString``, ``String``, value types)
+        return the storage's own version of them.
+        """
+        resolved = self._field_type(type_)
+        if resolved is None:
+            raise SchemaError(f"cannot define {type_!r}: expected a permastruct type")
+        return resolved
+
+    def _field_type(self, value):
+        """The field type ``value`` stands for, or None if it is not a type."""
+        if isinstance(value, T.ValueType):
+            return value
+        if isinstance(value, type) and issubclass(value, T.Persistent):
+            if value._storage is self:
+                return value
+            if value._storage is None and value._ps_type_id in _PREDEFINED:
+                return self._classes_by_id[value._ps_type_id]
+            if value._storage is not None:
+                raise SchemaError(f"{value.__name__} belongs to {value._storage!r}, not to {self!r}")
+        return None
+
+    def _register_structure(self, cls):
+        if self._classes_by_id.get(cls._ps_type_id) is cls:
+            return
+        if hasattr(self.schema, cls.__name__) and cls.__name__ != "Structure":
+            raise SchemaError(f"{self!r}: the schema already has a type named {cls.__name__!r}")
+        self._structures.append(cls)
+        setattr(self.schema, cls.__name__, cls)
+        if self.readonly:
+            cls.__setattr__ = _readonly_setattr
+
+    # -- the schema as data ---------------------------------------------------------
+    def _type_name(self, ftype):
+        return ftype.name if isinstance(ftype, T.ValueType) else ftype.__name__
+
+    def _describe_schema(self):
+        types = []
+        for cls in self._structures:
+            base = cls.__bases__[0]
+            types.append({"id": cls._ps_type_id, "name": cls.__name__, "kind": "structure",
+                          "base": base._ps_type_id if base is not Structure else F.T_STRUCTURE,
+                          "fields": [[name, self._type_id_of(ftype)] for name, ftype in cls._ps_own_fields]})
+        return {"format": F.FORMAT_VERSION, "types": types}
+
+    @staticmethod
+    def _type_id_of(ftype):
+        return ftype.type_id if isinstance(ftype, T.ValueType) else ftype._ps_type_id
+
+    def _read_schema(self):
+        offset = self._page_file.slots[F.SLOT_SCHEMA]
+        self._check_offset(offset, F.STRING.size)
+        kind, _, _, length = self._string_header(offset)
+        if kind != F.T_SCHEMA:
+            raise CorruptStorageError(f"{self.fileName!r}: no schema at {offset:#x}")
+        self._check_offset(offset, F.STRING.size + length)
+        try:
+            schema = json.loads(bytes(self._mapping.view(offset + F.STRING.size, length)))
+            types = schema["types"]
+            for entry in types:
+                entry["id"], entry["name"], entry["base"], entry["fields"] = (
+                    int(entry["id"]), str(entry["name"]), int(entry["base"]),
+                    [(str(name), int(type_id)) for name, type_id in entry["fields"]])
+                if entry.get("kind") != "structure":
+                    raise ValueError(f"unknown kind {entry.get('kind')!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptStorageError(f"{self.fileName!r}: the stored schema is damaged ({exc})") from None
+        return types
+
+    def _stored_field_type(self, type_id, where):
+        if type_id in T.VALUE_TYPES_BY_ID:
+            return T.VALUE_TYPES_BY_ID[type_id]
+        if type_id in self._classes_by_id:
+            return self._classes_by_id[type_id]
+        raise CorruptStorageError(f"{self.fileName!r}: {where} refers to unknown type {type_id}")
+
+    def _build_schema(self, stored):
+        """Build plain classes from the stored schema alone (bare ``Storage(path)``)."""
+        for entry in stored:
+            base = Structure if entry["base"] == F.T_STRUCTURE else self._classes_by_id.get(entry["base"])
+            if base is None or entry["id"] in self._classes_by_id or entry["id"] < F.FIRST_USER_TYPE:
+                raise CorruptStorageError(f"{self.fileName!r}: stored type {entry['name']!r} is inconsistent")
+            namespace = {"_ps_storage": self, "__module__": "permastruct.schema"}
+            for name, type_id in entry["fields"]:
+                if not name.isidentifier():
+                    raise CorruptStorageError(f"{self.fileName!r}: stored field name {name!r} is invalid")
+                namespace[name] = self._stored_field_type(type_id, f"{entry['name']}.{name}")
+            try:
+                cls = StructureMeta(entry["name"], (base,), namespace)
+            except SchemaError as exc:
+                raise CorruptStorageError(f"{self.fileName!r}: stored schema: {exc}") from None
+            cls._ps_type_id = entry["id"]
+            self._classes_by_id[entry["id"]] = cls
+
+    def _bind_schema(self, stored):
+        """Check that the classes of populateSchema agree with the stored schema; bind them."""
+        stored_by_name = {entry["name"]: entry for entry in stored}
+        defined = {cls.__name__: cls for cls in self._structures}
+        missing = sorted(set(stored_by_name) - set(defined))
+        extra = sorted(set(defined) - set(stored_by_name))
+        if missing or extra:
+            raise SchemaError(f"{self.fileName!r}: schema mismatch: "
+                              + "; ".join([f"stored types not defined: {', '.join(missing)}"] * bool(missing)
+                                          + [f"types not in the file: {', '.join(extra)}"] * bool(extra)))
+        names_by_id = {entry["id"]: entry["name"] for entry in stored}
+        names_by_id.update({t.type_id: t.name for t in T.VALUE_TYPES})
+        names_by_id.update({type_id: cls.__name__ for type_id, cls in _PREDEFINED.items()})
+        names_by_id[F.T_STRUCTURE] = "Structure"
+        for name, cls in defined.items():
+            entry = stored_by_name[name]
+            base = cls.__bases__[0]
+            if names_by_id.get(entry["base"]) != base.__name__:
+                raise SchemaError(f"{self.fileName!r}: {name} derives from {base.__name__} in Python "
+                                  f"but from {names_by_id.get(entry['base'])} in the file")
+            python_fields = [(field, self._type_name(ftype)) for field, ftype in cls._ps_own_fields]
+            stored_fields = [(field, names_by_id.get(type_id, f"type {type_id}"))
+                             for field, type_id in entry["fields"]]
+            if python_fields != stored_fields:
+                raise SchemaError(f"{self.fileName!r}: fields of {name} differ: Python has "
+                                  f"{_fields_text(python_fields)}, the file has {_fields_text(stored_fields)}")
+        for cls in self._structures:
+            cls._ps_type_id = stored_by_name[cls.__name__]["id"]
+            self._classes_by_id[cls._ps_type_id] = cls
+
+    # -- objects ------------------------------------------------------------------
+    def _check_offset(self, offset, size=8):
+        pf = self._page_file
+        end = F.HEADER_BLOCK + pf.page_count * pf.page_size
+        if offset < F.HEADER_BLOCK or offset % 8 or offset + size > end:
+            raise CorruptStorageError(f"{self.fileName!r}: reference {offset:#x} (+{size} bytes) is "
+                                      f"outside the file's {pf.page_count} pages")
+
+    def _string_header(self, offset):
+        return F.STRING.unpack_from(self._mapping.view(offset, F.STRING.size))
+
+    def _proxy(self, offset):
+        """The proxy of the object at ``offset`` (its class chosen by the stored type id)."""
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+        self._check_offset(offset)
+        type_id = F.UINT32.unpack_from(self._mapping.view(offset, 4))[0]
+        cls = self._classes_by_id.get(type_id)
+        if cls is None:
+            raise CorruptStorageError(f"{self.fileName!r}: the object at {offset:#x} has unknown type {type_id}")
+        self._check_offset(offset, ctypes.sizeof(cls))
+        return self._mapping.from_buffer(cls, offset)
+
+    def _offset(self, proxy):
+        return self._mapping.offset_of_address(ctypes.addressof(proxy))
+
+    def _new_object(self, cls, size, zero=True):
+        self._check_writable()
+        offset = self._allocator.alloc(size, zero)
+        F.OBJECT_HEADER.pack_into(self._mapping.view(offset, 8), 0, cls._ps_type_id, 0)
+        self._created.add(offset)
+        return offset
+
+    def _float(self, offset, proxy):
+        self._floating[offset] = weakref.ref(proxy)
+        return proxy
+
+    def _new_structure(self, cls, fields):
+        unknown = [name for name in fields if name not in cls._ps_field_types]
+        if unknown:
+            raise TypeError(f"{cls.__name__}() got unexpected field(s) {', '.join(map(repr, unknown))}; "
+                            f"fields are: {', '.join(cls._ps_field_types) or 'none'}")
+        offset = self._new_object(cls, cls._ps_size)
+        proxy = self._mapping.from_buffer(cls, offset)
+        try:
+            for name, value in fields.items():
+                setattr(proxy, name, value)
+        except BaseException:
+            self._free_object(offset)
+            raise
+        return self._float(offset, proxy)
+
+    def _construct(self, cls, *args, **kwargs):
+        """``p.schema.ByteString(b"...")``, ``p.schema.String("...")``, ``p.schema.Buffer(obj)``."""
+        if kwargs or len(args) != 1:
+            raise TypeError(f"{cls.__name__}() takes exactly one positional argument")
+        offset = self._coerce(cls, args[0], f"{cls.__name__}()")
+        return self._float(offset, self._mapping.from_buffer(cls, offset))
+
+    def _new_string(self, type_id, data):
+        if len(data) >= 1 << 32:
+            raise OverflowError(f"a persistent string holds at most 4 GiB, not {len(data)} bytes")
+        self._check_writable()
+        offset = self._allocator.alloc(F.STRING.size + len(data), zero=False)
+        view = self._mapping.view(offset, F.STRING.size + len(data))
+        F.STRING.pack_into(view, 0, type_id, 0, F.string_hash(type_id, data), len(data))
+        view[F.STRING.size:] = data
+        self._created.add(offset)
+        return offset
+
+    def _new_buffer(self, obj):
+        source = buffer_source(obj)
+        fmt = source.format.encode("ascii", "replace")
+        if len(fmt) > F.MAX_FORMAT or source.ndim > F.MAX_NDIM:
+            raise ValueError(f"buffer format {source.format!r} or ndim {source.ndim} is too large to store")
+        meta = -(-(F.BUFFER.size + len(fmt)) // 8) * 8 + 8 * source.ndim
+        data_offset = -(-meta // 16) * 16
+        nbytes = source.nbytes
+        self._check_writable()
+        offset = self._allocator.alloc(data_offset + nbytes, zero=False)
+        view = self._mapping.view(offset, data_offset + nbytes)
+        view[:data_offset] = bytes(data_offset)
+        F.BUFFER.pack_into(view, 0, F.T_BUFFER, 0, nbytes, data_offset, source.itemsize, source.ndim, len(fmt))
+        view[F.BUFFER.size:F.BUFFER.size + len(fmt)] = fmt
+        shape_at = -(-(F.BUFFER.size + len(fmt)) // 8) * 8
+        for index, extent in enumerate(source.shape or ()):
+            F.UINT64.pack_into(view, shape_at + 8 * index, extent)
+        if source.c_contiguous:
+            try:
+                view[data_offset:] = source.cast("B") if source.ndim else source.tobytes()
+            except (TypeError, ValueError):
+                view[data_offset:] = source.tobytes()
+        else:
+            view[data_offset:] = source.tobytes()
+        self._created.add(offset)
+        return offset
+
+    def _coerce(self, ftype, value, where):
+        """A new object of field type ``ftype`` made from a plain Python ``value``."""
+        kind = ftype._ps_kind
+        if kind == "string":
+            if ftype._ps_type_id == F.T_STRING and isinstance(value, str):
+                return self._new_string(F.T_STRING, value.encode("utf-8"))
+            if ftype._ps_type_id == F.T_BYTESTRING and isinstance(value, (bytes, bytearray, memoryview)):
+                return self._new_string(F.T_BYTESTRING, bytes(value))
+        elif kind == "buffer" and not isinstance(value, str):
+            return self._new_buffer(value)
+        raise TypeError(f"{where} holds {ftype.__name__}: cannot store a {type(value).__name__}")
+
+    def _ref_setter(self, cls, name, ftype):
+        """The write function of by-reference field ``cls.name`` (reference counts included)."""
+        hidden = getattr(cls, "_ps_ref_" + name)
+        get, put = hidden.__get__, hidden.__set__
+        where = f"{cls.__name__}.{name}"
+
+        def set_reference(proxy, value):
+            if value is None:
+                new = 0
+            elif isinstance(value, T.Persistent):
+                if type(value)._storage is not self:
+                    raise ValueError(f"{where}: {value!r} belongs to {type(value)._storage!r}, not to {self!r}")
+                if not isinstance(value, ftype):
+                    raise TypeError(f"{where} holds {ftype.__name__}, not {type(value).__name__}")
+                new = self._offset(value)
+            else:
+                new = self._coerce(ftype, value, where)
+            if new:
+                self._incref(new)
+            old = get(proxy)
+            put(proxy, new)
+            if old:
+                self._decref(old)
+        return set_reference
+
+    # -- reference counts -----------------------------------------------------------
+    def _incref(self, offset):
+        view = self._mapping.view(offset + 4, 4)
+        count = F.UINT32.unpack_from(view)[0]
+        if count == 0xFFFFFFFF:
+            raise OverflowError(f"the object at {offset:#x} has too many references")
+        F.UINT32.pack_into(view, 0, count + 1)
+
+    def _decref(self, offset):
+        view = self._mapping.view(offset + 4, 4)
+        count = F.UINT32.unpack_from(view)[0]
+        if count == 0:
+            raise CorruptStorageError(f"{self.fileName!r}: reference count of {offset:#x} is already 0")
+        F.UINT32.pack_into(view, 0, count - 1)
+        if count == 1:
+            self._free_object(offset)
+
+    def references(self, offset):
+        """The offsets referenced by the object at ``offset`` (for freeing and checking)."""
+        type_id = F.UINT32.unpack_from(self._mapping.view(offset, 4))[0]
+        cls = self._classes_by_id.get(type_id)
+        if cls is None or cls._ps_kind != "structure":
+            return []
+        proxy = self._mapping.from_buffer(cls, offset)
+        return [target for target in (getattr(proxy, "_ps_ref_" + name)
+                                      for name, ftype in cls._ps_field_types.items()
+                                      if not isinstance(ftype, T.ValueType)) if target]
+
+    def _free_object(self, offset):
+        """Free the object at ``offset`` and everything only it referenced."""
+        pending = [offset]
+        while pending:
+            target = pending.pop()
+            for child in self.references(target):
+                view = self._mapping.view(child + 4, 4)
+                count = F.UINT32.unpack_from(view)[0]
+                if count == 0:
+                    raise CorruptStorageError(f"{self.fileName!r}: reference count of {child:#x} is already 0")
+                F.UINT32.pack_into(view, 0, count - 1)
+                if count == 1:
+                    pending.append(child)
+            self._floating.pop(target, None)
+            self._allocator.free(target)
+
+    def _collect_floating(self, everything=False):
+        """Free new objects that nothing references and no proxy holds."""
+        for offset, ref in list(self._floating.items()):
+            refs = F.UINT32.unpack_from(self._mapping.view(offset + 4, 4))[0]
+            if refs:
+                del self._floating[offset]
+            elif everything or ref() is None:
+                self._free_object(offset)
+
+    def _exported(self, view):
+        self._exports[id(view)] = view
+
+    # -- public API -----------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise StorageClosedError(f"{self!r} is closed")
+
+    def _check_writable(self):
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError(f"{self!r} is open read-only")
+
+    @property
+    def root(self):
+        """The instance of the schema's ``Root`` structure, created on first access."""
+        self._check_open()
+        if self._root is not None:
+            return self._root
+        offset = self._page_file.slots[F.SLOT_ROOT]
+        if offset:
+            root = self._proxy(offset)
+        else:
+            cls = getattr(self.schema, "Root", None)
+            if not isinstance(cls, StructureMeta):
+                raise SchemaError(f"{self!r}: the schema has no Root structure; define "
+                                  "'class Root(self.schema.Structure)' in populateSchema()")
+            if self.readonly:
+                raise ReadOnlyError(f"{self!r} is read-only and its root was never created")
+            root = cls()
+            offset = self._offset(root)
+            self._incref(offset)
+            self._page_file.slots[F.SLOT_ROOT] = offset
+        self._root = root
+        return root
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def commit(self):
+        """Make every change since the last commit durable."""
+        self._check_writable()
+        self._collect_floating()
+        self._page_file.flush()
+        self._created.clear()
+
+    def rollback(self):
+        """Return to the last committed state; proxies of objects created since then die."""
+        self._check_writable()
+        created = self._created
+        self._page_file.discard()
+        self._floating.clear()
+        self._created = set()
+        self._root = None
+        if created:
+            self._kill_proxies(lambda proxy: self._offset(proxy) in created, rolled_back=True)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """``with p.transaction():`` commits on success and rolls back on an exception."""
+        self._check_writable()
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+
+    def _proxy_classes(self):
+        return set(self._classes_by_id.values())
+
+    def _kill_proxies(self, condition=None, rolled_back=False):
+        classes = self._proxy_classes()
+        for obj in gc.get_objects():
+            cls = type(obj)
+            if cls in classes and (condition is None or condition(obj)):
+                object.__setattr__(obj, "__class__", T.closed_class(cls, rolled_back))
+
+    def close(self):
+        """Commit what is pending and release the file; calling it again does nothing."""
+        if self._closed:
+            return
+        try:
+            if not self.readonly and not self._page_file.io.sync_failed:
+                self._collect_floating(everything=True)
+                self._page_file.flush()
+        finally:
+            self._closed = True
+            self._root = None
+            self._kill_proxies()
+            for view in list(self._exports.values()):
+                with contextlib.suppress(BufferError, ValueError):
+                    view.release()
+            self._page_file.close(flush=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and not self._closed and not self.readonly:
+            with contextlib.suppress(PermastructError, OSError):
+                self.rollback()
+        self.close()
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.fileName!r}>"
+
+    def check(self):
+        """Verify the whole file; raise CorruptStorageError naming the first problem, or return a summary."""
+        self._check_open()
+        from ._check import check_storage
+        return check_storage(self)
+
+    @property
+    def fileSize(self):
+        """The size of the file in bytes."""
+        self._check_open()
+        return self._page_file.io.size()
+
+
+def _fields_text(fields):
+    return "(" + ", ".join(f"{name}: {type_name}" for name, type_name in fields) + ")" if fields else "no fields"
+

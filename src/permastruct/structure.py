@@ -1,0 +1,185 @@
+"""Schema-defined structures: ``Structure`` and its metaclass ``StructureMeta``.
+
+A structure class lists its fields as class attributes whose values are
+types.  :class:`StructureMeta` turns them, once, at class creation, into a
+``ctypes`` layout (by-value fields are C-level ``ctypes`` fields, read without
+Python code), a property per by-reference field, and one ``__setattr__`` that
+checks every write before it reaches the map.
+
+Structure classes are created inside ``Storage.populateSchema`` and belong to
+that storage; calling one creates a persistent object in it::
+
+    class Agent(self.schema.Structure):
+        name = self.schema.ByteString
+        age = self.schema.Int
+
+    agent = p.schema.Agent(name=b"Felix", age=31)
+"""
+
+import ctypes
+import threading
+
+from . import _format as F
+from ._types import Persistent, PersistentMeta, ValueType
+from .errors import ReadOnlyError, SchemaError
+
+__all__ = ["Structure", "StructureMeta"]
+
+_local = threading.local()
+
+
+def populating():
+    """The storage whose ``populateSchema`` is running in this thread, or None."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+def push_populating(storage):
+    _local.__dict__.setdefault("stack", []).append(storage)
+
+
+def pop_populating():
+    _local.stack.pop()
+
+
+class StructureMeta(PersistentMeta):
+    """Metaclass of persistent structures: computes the layout and accessors once per class."""
+
+    def __new__(mcls, name, bases, namespace, **kwargs):
+        if namespace.get("_ps_template") or namespace.get("_ps_closed"):  # Structure itself, dead variants
+            return super().__new__(mcls, name, bases, namespace)
+        storage = namespace.pop("_ps_storage", None) or populating()
+        if storage is None:
+            raise SchemaError(f"structure {name!r} must be defined inside a Storage's populateSchema()")
+        struct_bases = [b for b in bases if isinstance(b, StructureMeta)]
+        if len(struct_bases) != 1:
+            raise SchemaError(f"structure {name!r} must derive from exactly one structure class")
+        base = struct_bases[0]
+        if base._storage is not None and base._storage is not storage:
+            raise SchemaError(f"structure {name!r} derives from {base.__name__!r} of another storage")
+        own = []
+        for attr, value in list(namespace.items()):
+            ftype = storage._field_type(value) if not attr.startswith("__") else None
+            if ftype is not None:
+                if attr.startswith("_ps_"):
+                    raise SchemaError(f"{name}.{attr}: field names starting with '_ps_' are reserved")
+                if attr in base._ps_field_types:
+                    raise SchemaError(f"{name}.{attr}: field already defined in {base.__name__}")
+                own.append((attr, ftype))
+                del namespace[attr]
+        cfields = []
+        for attr, ftype in own:
+            if isinstance(ftype, ValueType):
+                cfields.append((attr, ftype.ctype))
+            else:
+                cfields.append(("_ps_ref_" + attr, ctypes.c_uint64))
+        namespace["_fields_"] = cfields
+        namespace.setdefault("__slots__", ())
+        namespace["_storage"] = storage
+        namespace["_ps_own_fields"] = tuple(own)
+        namespace["_ps_field_types"] = dict(base._ps_field_types, **dict(own))
+        namespace["_ps_kind"] = "structure"
+        for attr, ftype in own:
+            if not isinstance(ftype, ValueType):
+                namespace[attr] = _ref_property(attr, "_ps_ref_" + attr)
+        cls = super().__new__(mcls, name, bases, namespace)
+        cls._ps_size = -(-ctypes.sizeof(cls) // 8) * 8
+        cls._ps_setters = _make_setters(cls, storage)
+        cls._ps_type_id = 0
+        storage._register_structure(cls)
+        return cls
+
+    def __call__(cls, *args, **fields):
+        """Create a persistent object of this structure in its storage."""
+        if args:
+            raise TypeError(f"{cls.__name__}() takes field values as keyword arguments only")
+        storage = cls._storage
+        if storage is None:
+            raise TypeError("Structure is abstract: define a subclass in populateSchema()")
+        return storage._new_structure(cls, fields)
+
+
+def _ref_property(name, hidden):
+    getter = ctypes.c_uint64  # noqa: F841 (documentation: the hidden field is a uint64 offset)
+
+    def get(self, _hidden=hidden):
+        offset = getattr(self, _hidden)
+        if not offset:
+            return None
+        return type(self)._storage._proxy(offset)
+    get.__name__ = name
+    return property(get, doc=f"by-reference field {name!r}")
+
+
+def _make_setters(cls, storage):
+    """The per-field write functions of ``cls``: ``setter(proxy, value)``."""
+    setters = {}
+    owner = cls.__name__
+    for name, ftype in cls._ps_field_types.items():
+        if isinstance(ftype, ValueType):
+            cfield = getattr(cls, name)
+            if ftype.kind == "float" and ftype.pack is None:
+                check = ftype.checker(name, owner)
+
+                def set_float(proxy, value, _set=cfield.__set__, _check=check):
+                    if type(value) is float:
+                        _set(proxy, value)
+                    else:
+                        _set(proxy, _check(value))
+                setters[name] = set_float
+            else:
+                def set_value(proxy, value, _set=cfield.__set__, _check=ftype.checker(name, owner)):
+                    _set(proxy, _check(value))
+                setters[name] = set_value
+        else:
+            setters[name] = storage._ref_setter(cls, name, ftype)
+    return setters
+
+
+def _setattr(self, name, value):
+    try:
+        setter = type(self)._ps_setters[name]
+    except KeyError:
+        cls = type(self)
+        if name.startswith("_ps_") or not hasattr(cls, name):
+            raise AttributeError(f"{cls.__name__!r} has no field {name!r} (fields: "
+                                 f"{', '.join(cls._ps_field_types) or 'none'})") from None
+        return object.__setattr__(self, name, value)
+    setter(self, value)
+
+
+def _readonly_setattr(self, name, value):
+    cls = type(self)
+    if name in cls._ps_field_types:
+        raise ReadOnlyError(f"{cls._storage!r} is open read-only: cannot set {cls.__name__}.{name}")
+    _setattr(self, name, value)
+
+
+class Structure(Persistent, metaclass=StructureMeta):
+    """Base class of persistent structures (see the module documentation)."""
+
+    _ps_template = True
+    __slots__ = ()
+    _ps_field_types = {}
+    _ps_own_fields = ()
+    _ps_kind = "structure"
+    _ps_type_id = F.T_STRUCTURE
+    __setattr__ = _setattr
+
+    def __eq__(self, other):
+        if not isinstance(other, Structure):
+            return NotImplemented
+        if self.isSameAs(other):
+            return True
+        if type(other)._ps_field_types != type(self)._ps_field_types:
+            return False
+        return all(getattr(self, name) == getattr(other, name) for name in type(self)._ps_field_types)
+
+    __hash__ = None
+
+    def _ps_fields(self):
+        """``{field: value}`` of this object (by-reference fields as proxies)."""
+        return {name: getattr(self, name) for name in type(self)._ps_field_types}
+
+
+del Structure._ps_template
