@@ -29,8 +29,10 @@ class ValueType:
     Value types describe fields; they cannot be instantiated on their own.
     """
 
-    def __init__(self, name, type_id, ctype, kind, low=None, high=None, pack=None):
+    def __init__(self, name, type_id, ctype, kind, low=None, high=None, pack=None, code=None):
         self.__name__ = self.name = name
+        #: struct code used by the write path (range and type checked in C); None for Bool
+        self.code = code
         self.type_id = type_id
         self.ctype = ctype
         self.kind = kind  # "int", "float", "bool"
@@ -89,11 +91,12 @@ class ValueType:
 
 def _int(name, type_id, ctype, bits, signed):
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    return ValueType(name, type_id, ctype, "int", low, high)
+    code = {8: "b", 16: "h", 32: "i", 64: "q"}[bits]
+    return ValueType(name, type_id, ctype, "int", low, high, code=code if signed else code.upper())
 
 
 Int = _int("Int", F.T_INT, ctypes.c_int64, 64, True)
-Float = ValueType("Float", F.T_FLOAT, ctypes.c_double, "float")
+Float = ValueType("Float", F.T_FLOAT, ctypes.c_double, "float", code="d")
 Bool = ValueType("Bool", F.T_BOOL, ctypes.c_bool, "bool")
 Int8 = _int("Int8", F.T_INT8, ctypes.c_int8, 8, True)
 Int16 = _int("Int16", F.T_INT16, ctypes.c_int16, 16, True)
@@ -103,8 +106,8 @@ UInt8 = _int("UInt8", F.T_UINT8, ctypes.c_uint8, 8, False)
 UInt16 = _int("UInt16", F.T_UINT16, ctypes.c_uint16, 16, False)
 UInt32 = _int("UInt32", F.T_UINT32, ctypes.c_uint32, 32, False)
 UInt64 = _int("UInt64", F.T_UINT64, ctypes.c_uint64, 64, False)
-Float32 = ValueType("Float32", F.T_FLOAT32, ctypes.c_float, "float", pack=struct.Struct("<f").pack)
-Float64 = ValueType("Float64", F.T_FLOAT64, ctypes.c_double, "float")
+Float32 = ValueType("Float32", F.T_FLOAT32, ctypes.c_float, "float", pack=struct.Struct("<f").pack, code="f")
+Float64 = ValueType("Float64", F.T_FLOAT64, ctypes.c_double, "float", code="d")
 
 VALUE_TYPES = (Int, Float, Bool, Int8, Int16, Int32, Int64, UInt8, UInt16, UInt32, UInt64,
                Float32, Float64)

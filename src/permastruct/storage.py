@@ -17,7 +17,6 @@ Structure, StructureMeta``.
 
 import contextlib
 import ctypes
-import gc
 import json
 import os
 import tempfile
@@ -31,12 +30,17 @@ from .errors import (CorruptStorageError, PermastructError, ReadOnlyError, Schem
                      StorageClosedError)
 from .pages import PageFile
 from .strings import ByteString, String, StringRegistry, create_registry
-from .structure import (Structure, StructureMeta, _readonly_setattr, pop_populating,
-                        push_populating)
+from .structure import Structure, StructureMeta, pop_populating, push_populating
 
 __all__ = ["Storage", "Structure", "StructureMeta"]
 
 DEFAULT_FILE_SIZE = 64 * 1024
+
+
+class _ProxyRef(weakref.ref):
+    """A weak reference to the one live proxy of the object at ``offset``."""
+
+    __slots__ = ("offset",)
 DEFAULT_REGISTRY_SIZE = 64
 _PREDEFINED = {F.T_BYTESTRING: ByteString, F.T_STRING: String, F.T_BUFFER: Buffer}
 
@@ -104,7 +108,8 @@ class Storage:
                                    initial_size=size if created else None)
         self._mapping = self._page_file.mapping
         self._root = None
-        self._floating = {}
+        self._proxies = {}  # offset -> _ProxyRef: at most one live proxy per object
+        self._unreferenced = set()  # objects whose reference count is 0: freed at commit
         self._created = set()
         self._exports = weakref.WeakValueDictionary()
         self._classes_by_id = {}
@@ -214,8 +219,6 @@ class Storage:
             raise SchemaError(f"{self!r}: the schema already has a type named {cls.__name__!r}")
         self._structures.append(cls)
         setattr(self.schema, cls.__name__, cls)
-        if self.readonly:
-            cls.__setattr__ = _readonly_setattr
 
     # -- the schema as data ---------------------------------------------------------
     def _type_name(self, ftype):
@@ -322,8 +325,30 @@ class Storage:
 
     def _proxy(self, offset):
         """The proxy of the object at ``offset`` (its class chosen by the stored type id)."""
+        ref = self._proxies.get(offset)
+        if ref is not None:
+            proxy = ref()
+            if proxy is not None:
+                return proxy
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
+        return self._adopt(offset, self._load_proxy(offset))
+
+    def _adopt(self, offset, proxy):
+        """Remember ``proxy`` as the live proxy of the object at ``offset``."""
+        self._proxies[offset] = ref = _ProxyRef(proxy, self._forget_proxy)
+        ref.offset = offset
+        return proxy
+
+    def _forget_proxy(self, ref):
+        if self._proxies.get(ref.offset) is ref:
+            del self._proxies[ref.offset]
+
+    def _live_proxy(self, offset):
+        ref = self._proxies.get(offset)
+        return ref() if ref is not None else None
+
+    def _load_proxy(self, offset):
         self._check_offset(offset)
         type_id = F.UINT32.unpack_from(self._mapping.view(offset, 4))[0]
         cls = self._classes_by_id.get(type_id)
@@ -340,11 +365,9 @@ class Storage:
         offset = self._allocator.alloc(size, zero)
         F.OBJECT_HEADER.pack_into(self._mapping.view(offset, 8), 0, cls._ps_type_id, 0)
         self._created.add(offset)
+        self._unreferenced.add(offset)
         return offset
 
-    def _float(self, offset, proxy):
-        self._floating[offset] = weakref.ref(proxy)
-        return proxy
 
     def _new_structure(self, cls, fields):
         unknown = [name for name in fields if name not in cls._ps_field_types]
@@ -359,14 +382,14 @@ class Storage:
         except BaseException:
             self._free_object(offset)
             raise
-        return self._float(offset, proxy)
+        return self._adopt(offset, proxy)
 
     def _construct(self, cls, *args, **kwargs):
         """``p.schema.ByteString(b"...")``, ``p.schema.String("...")``, ``p.schema.Buffer(obj)``."""
         if kwargs or len(args) != 1:
             raise TypeError(f"{cls.__name__}() takes exactly one positional argument")
         offset = self._coerce(cls, args[0], f"{cls.__name__}()")
-        return self._float(offset, self._mapping.from_buffer(cls, offset))
+        return self._adopt(offset, self._mapping.from_buffer(cls, offset))
 
     def _new_string(self, type_id, data):
         if len(data) >= 1 << 32:
@@ -377,6 +400,7 @@ class Storage:
         F.STRING.pack_into(view, 0, type_id, 0, F.string_hash(type_id, data), len(data))
         view[F.STRING.size:] = data
         self._created.add(offset)
+        self._unreferenced.add(offset)
         return offset
 
     def _new_buffer(self, obj):
@@ -404,6 +428,7 @@ class Storage:
         else:
             view[data_offset:] = source.tobytes()
         self._created.add(offset)
+        self._unreferenced.add(offset)
         return offset
 
     def _coerce(self, ftype, value, where):
@@ -458,7 +483,10 @@ class Storage:
             raise CorruptStorageError(f"{self.fileName!r}: reference count of {offset:#x} is already 0")
         F.UINT32.pack_into(view, 0, count - 1)
         if count == 1:
-            self._free_object(offset)
+            self._unreferenced.add(offset)
+
+    def _refcount(self, offset):
+        return F.UINT32.unpack_from(self._mapping.view(offset + 4, 4))[0]
 
     def references(self, offset):
         """The offsets referenced by the object at ``offset`` (for freeing and checking)."""
@@ -472,29 +500,31 @@ class Storage:
                                       if not isinstance(ftype, T.ValueType)) if target]
 
     def _free_object(self, offset):
-        """Free the object at ``offset`` and everything only it referenced."""
-        pending = [offset]
-        while pending:
-            target = pending.pop()
-            for child in self.references(target):
-                view = self._mapping.view(child + 4, 4)
-                count = F.UINT32.unpack_from(view)[0]
-                if count == 0:
-                    raise CorruptStorageError(f"{self.fileName!r}: reference count of {child:#x} is already 0")
-                F.UINT32.pack_into(view, 0, count - 1)
-                if count == 1:
-                    pending.append(child)
-            self._floating.pop(target, None)
-            self._allocator.free(target)
+        """Free the object at ``offset`` now; what it referenced loses a reference."""
+        for child in self.references(offset):
+            self._decref(child)
+        self._unreferenced.discard(offset)
+        ref = self._proxies.pop(offset, None)
+        if ref is not None and ref() is not None:
+            object.__setattr__(ref(), "__class__", T.closed_class(type(ref()), rolled_back=True))
+        self._allocator.free(offset)
 
-    def _collect_floating(self, everything=False):
-        """Free new objects that nothing references and no proxy holds."""
-        for offset, ref in list(self._floating.items()):
-            refs = F.UINT32.unpack_from(self._mapping.view(offset + 4, 4))[0]
-            if refs:
-                del self._floating[offset]
-            elif everything or ref() is None:
-                self._free_object(offset)
+    def _collect_unreferenced(self, everything=False):
+        """Free the objects that nothing in the file references and no live proxy holds.
+
+        Freeing is deferred to commit so that an object can move between
+        fields (``a.x, a.y = a.y, a.x``) inside a transaction.
+        """
+        while self._unreferenced:
+            progress = False
+            for offset in list(self._unreferenced):
+                if self._refcount(offset):
+                    self._unreferenced.discard(offset)
+                elif everything or self._live_proxy(offset) is None:
+                    self._free_object(offset)
+                    progress = True
+            if not progress:
+                return
 
     def _exported(self, view):
         self._exports[id(view)] = view
@@ -539,7 +569,7 @@ class Storage:
     def commit(self):
         """Make every change since the last commit durable."""
         self._check_writable()
-        self._collect_floating()
+        self._collect_unreferenced()
         self._page_file.flush()
         self._created.clear()
 
@@ -548,11 +578,11 @@ class Storage:
         self._check_writable()
         created = self._created
         self._page_file.discard()
-        self._floating.clear()
+        self._unreferenced.clear()
         self._created = set()
         self._root = None
-        if created:
-            self._kill_proxies(lambda proxy: self._offset(proxy) in created, rolled_back=True)
+        for offset in created:
+            self._kill_proxy(offset, rolled_back=True)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -565,15 +595,11 @@ class Storage:
             raise
         self.commit()
 
-    def _proxy_classes(self):
-        return set(self._classes_by_id.values())
-
-    def _kill_proxies(self, condition=None, rolled_back=False):
-        classes = self._proxy_classes()
-        for obj in gc.get_objects():
-            cls = type(obj)
-            if cls in classes and (condition is None or condition(obj)):
-                object.__setattr__(obj, "__class__", T.closed_class(cls, rolled_back))
+    def _kill_proxy(self, offset, rolled_back=False):
+        ref = self._proxies.pop(offset, None)
+        proxy = ref() if ref is not None else None
+        if proxy is not None:
+            object.__setattr__(proxy, "__class__", T.closed_class(type(proxy), rolled_back))
 
     def close(self):
         """Commit what is pending and release the file; calling it again does nothing."""
@@ -581,12 +607,13 @@ class Storage:
             return
         try:
             if not self.readonly and not self._page_file.io.sync_failed:
-                self._collect_floating(everything=True)
+                self._collect_unreferenced(everything=True)
                 self._page_file.flush()
         finally:
             self._closed = True
             self._root = None
-            self._kill_proxies()
+            for offset in list(self._proxies):
+                self._kill_proxy(offset)
             for view in list(self._exports.values()):
                 with contextlib.suppress(BufferError, ValueError):
                     view.release()

@@ -17,6 +17,7 @@ that storage; calling one creates a persistent object in it::
 """
 
 import ctypes
+import struct
 import threading
 
 from . import _format as F
@@ -85,6 +86,7 @@ class StructureMeta(PersistentMeta):
         cls = super().__new__(mcls, name, bases, namespace)
         cls._ps_size = -(-ctypes.sizeof(cls) // 8) * 8
         cls._ps_setters = _make_setters(cls, storage)
+        cls.__setattr__ = _make_setattr(cls, storage.readonly)
         cls._ps_type_id = 0
         storage._register_structure(cls)
         return cls
@@ -136,23 +138,49 @@ def _make_setters(cls, storage):
     return setters
 
 
-def _setattr(self, name, value):
-    try:
-        setter = type(self)._ps_setters[name]
-    except KeyError:
-        cls = type(self)
-        if name.startswith("_ps_") or not hasattr(cls, name):
-            raise AttributeError(f"{cls.__name__!r} has no field {name!r} (fields: "
-                                 f"{', '.join(cls._ps_field_types) or 'none'})") from None
-        return object.__setattr__(self, name, value)
-    setter(self, value)
+def _make_setattr(cls, readonly):
+    """The ``__setattr__`` of structure class ``cls``.
 
+    Numbers are written with ``struct.pack_into`` on the proxy itself (a
+    ctypes object is a writable buffer), which checks range and type in C;
+    only a refused value takes the slow path, for a precise error message.
+    """
+    setters = cls._ps_setters
+    fields = cls._ps_field_types
+    fast = {}
+    for name, ftype in fields.items():
+        if isinstance(ftype, ValueType) and ftype.code:
+            fast[name] = (struct.Struct("<" + ftype.code).pack_into, getattr(cls, name).offset)
+    owner = cls.__name__
+    fallback = object.__setattr__
+    errors = (struct.error, OverflowError, TypeError)
 
-def _readonly_setattr(self, name, value):
-    cls = type(self)
-    if name in cls._ps_field_types:
-        raise ReadOnlyError(f"{cls._storage!r} is open read-only: cannot set {cls.__name__}.{name}")
-    _setattr(self, name, value)
+    def other(self, name, value):
+        if name.startswith("_ps_") or not hasattr(type(self), name):
+            raise AttributeError(f"{owner!r} has no field {name!r} (fields: "
+                                 f"{', '.join(fields) or 'none'})") from None
+        fallback(self, name, value)
+
+    if readonly:
+        def __setattr__(self, name, value):
+            if name in fields:
+                raise ReadOnlyError(f"{type(self)._storage!r} is open read-only: cannot set {owner}.{name}")
+            other(self, name, value)
+        return __setattr__
+
+    def __setattr__(self, name, value):
+        entry = fast.get(name)
+        if entry is not None:
+            try:
+                entry[0](self, entry[1], value)
+                return
+            except errors:
+                pass  # the checker below raises the precise error
+        setter = setters.get(name)
+        if setter is None:
+            return other(self, name, value)
+        setter(self, value)
+    return __setattr__
 
 
 class Structure(Persistent, metaclass=StructureMeta):
@@ -164,7 +192,6 @@ class Structure(Persistent, metaclass=StructureMeta):
     _ps_own_fields = ()
     _ps_kind = "structure"
     _ps_type_id = F.T_STRUCTURE
-    __setattr__ = _setattr
 
     def __eq__(self, other):
         if not isinstance(other, Structure):

@@ -1,0 +1,60 @@
+"""Shared pytest options for the seeded stress tests.
+
+``--seed N``        run the seeded random tests with seed N only (default: a
+                    fixed set of seeds, so every run of the suite is the same).
+``--iterations N``  steps per seeded test (default: small, so the suite is fast).
+
+``PERMASTRUCT_STRESS=1`` in the environment raises the defaults for long runs
+(more seeds, more steps).  A failure message always names the seed, so a
+failing case can be rerun alone with ``--seed``::
+
+    PYTHONPATH=src python3 -m pytest tests/test_stress.py --seed 1234 --iterations 5000
+"""
+
+import os
+
+import pytest
+
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_ITERATIONS = 150
+LONG_SEEDS = tuple(range(10))
+LONG_ITERATIONS = 3000
+
+
+def _long_run():
+    return os.environ.get("PERMASTRUCT_STRESS", "") not in ("", "0")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("permastruct", "permastruct stress tests")
+    group.addoption("--seed", type=int, default=None,
+                    help="run the seeded random stress tests with this seed only "
+                         f"(default: the fixed seeds {DEFAULT_SEEDS}, or {LONG_SEEDS[0]}..{LONG_SEEDS[-1]} "
+                         "with PERMASTRUCT_STRESS=1)")
+    group.addoption("--iterations", type=int, default=None,
+                    help=f"steps per seeded stress test (default {DEFAULT_ITERATIONS}, "
+                         f"or {LONG_ITERATIONS} with PERMASTRUCT_STRESS=1)")
+
+
+def _seeds(config):
+    seed = config.getoption("seed", default=None)
+    if seed is not None:
+        return (seed,)
+    return LONG_SEEDS if _long_run() else DEFAULT_SEEDS
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize every test that asks for ``stress_seed`` with the selected seeds."""
+    if "stress_seed" in metafunc.fixturenames:
+        metafunc.parametrize("stress_seed", _seeds(metafunc.config), ids=lambda s: f"seed{s}")
+
+
+@pytest.fixture
+def stress_iterations(request):
+    """How many random steps a seeded stress test runs."""
+    value = request.config.getoption("iterations", default=None)
+    if value is None:
+        value = LONG_ITERATIONS if _long_run() else DEFAULT_ITERATIONS
+    if value < 1:
+        raise pytest.UsageError("--iterations must be at least 1")
+    return value
