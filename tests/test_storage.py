@@ -352,6 +352,47 @@ def test_commit_and_rollback(tmp_path):
     p.close()
 
 
+def test_rollback_keeps_old_proxies_valid(tmp_path):
+    p = MyStorage(tmp_path / "a.ps")
+    try:
+        p.root.agent = p.schema.Agent(name=b"A", age=1)
+        p.commit()
+        agent = p.root.agent
+        agent.age = 5
+        agent.name = b"B"
+        p.stringRegistry.get(b"rolled back")
+        p.rollback()
+        assert agent.age == 1
+        assert agent.name == b"A"
+        assert agent.isSameAs(p.root.agent)
+        assert b"rolled back" not in p.stringRegistry
+        assert len(p.stringRegistry) == 0
+        p.check()
+    finally:
+        p.close()
+
+
+def test_rolled_back_proxy_cannot_be_stored(tmp_path):
+    p = MyStorage(tmp_path / "a.ps")
+    try:
+        p.root.count = 1
+        p.commit()
+        ghost = p.schema.Agent(name=b"ghost", age=3)
+        ghost_name = p.schema.ByteString(b"ghost name")
+        p.rollback()
+        with pytest.raises(PermastructError):
+            p.root.agent = ghost
+        with pytest.raises(PermastructError):
+            p.root.name = ghost_name
+        with pytest.raises(PermastructError):
+            p.schema.Agent(name=ghost_name)
+        assert p.root.agent is None
+        assert p.root.name is None
+        p.check()
+    finally:
+        p.close()
+
+
 def test_transaction_context_manager(tmp_path):
     path = tmp_path / "a.ps"
     p = MyStorage(path)

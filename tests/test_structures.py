@@ -11,7 +11,6 @@ import pytest
 
 import permastruct
 from permastruct import Storage, StructureMeta
-from permastruct.errors import PermastructError
 
 INT_BOUNDS = {
     "Int": (-2 ** 63, 2 ** 63 - 1),

@@ -195,6 +195,9 @@ class Allocator:
                     pf.view(pid)[F.RUN_AT:F.RUN_AT + F.FREE_RUN.size] = bytes(F.FREE_RUN.size)
                     if remaining == 1:
                         pf.free_pid(pid)
+                # The first page of the taken part may have been a continuation
+                # page, whose header bytes held object data.
+                pf._set_link(pid + remaining, F.NOT_IN_FREE_PAGE_LIST)
                 return pid + remaining
             previous, pid = pid, following
         return pf.allocate_pids(pages)

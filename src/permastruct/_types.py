@@ -133,6 +133,7 @@ class Persistent(CStruct, metaclass=PersistentMeta):
     _storage = None
     _ps_type_id = 0
     _ps_kind = "abstract"
+    _ps_closed = False  # True on the dead variants made by closed_class()
 
     @property
     def _ps_offset(self):

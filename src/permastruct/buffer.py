@@ -105,7 +105,10 @@ class _BufferBase(Persistent):
         fmt = exposed_format(self.format, self._ps_itemsize)
         if fmt is not None:
             shape = self.shape
-            view = view.cast(fmt) if len(shape) == 1 else view.cast(fmt, shape)
+            if len(shape) == 1 or 0 in shape:  # cast() refuses zero extents: show them flat
+                view = view.cast(fmt)
+            else:
+                view = view.cast(fmt, shape)
         storage._exported(view)
         return view
 

@@ -132,6 +132,7 @@ class Page:
                 self._buffer_manager.touch_page(self)
 
     def _require_pin(self):
+        self.file._check_open()
         if self._pin_count <= 0:
             raise UnpinnedPageError(f"page {int(self.pid)} of {self.file.path!r} is not pinned; "
                                     "use 'with page.pinned():'")

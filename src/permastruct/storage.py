@@ -453,6 +453,8 @@ class Storage:
             if value is None:
                 new = 0
             elif isinstance(value, T.Persistent):
+                if type(value)._ps_closed:
+                    value._ps_type  # a dead proxy raises its own error here
                 if type(value)._storage is not self:
                     raise ValueError(f"{where}: {value!r} belongs to {type(value)._storage!r}, not to {self!r}")
                 if not isinstance(value, ftype):

@@ -17,6 +17,7 @@ that storage; calling one creates a persistent object in it::
 """
 
 import ctypes
+import math
 import struct
 import threading
 
@@ -141,19 +142,23 @@ def _make_setters(cls, storage):
 def _make_setattr(cls, readonly):
     """The ``__setattr__`` of structure class ``cls``.
 
-    Numbers are written with ``struct.pack_into`` on the proxy itself (a
-    ctypes object is a writable buffer), which checks range and type in C;
-    only a refused value takes the slow path, for a precise error message.
+    An exact ``int`` in range (or a ``float`` for a double) is written with
+    ``struct.pack_into`` on the proxy itself (a ctypes object is a writable
+    buffer).  Every other value goes through the field's checker first:
+    ``pack_into`` zeroes its target before it fails, so it must only see
+    values that fit.
     """
     setters = cls._ps_setters
     fields = cls._ps_field_types
-    fast = {}
+    fast = {}  # name -> (pack_into, offset, exact type, low, high)
     for name, ftype in fields.items():
-        if isinstance(ftype, ValueType) and ftype.code:
-            fast[name] = (struct.Struct("<" + ftype.code).pack_into, getattr(cls, name).offset)
+        if isinstance(ftype, ValueType) and ftype.code and ftype.pack is None:
+            exact = int if ftype.kind == "int" else float
+            low, high = (ftype.low, ftype.high) if ftype.kind == "int" else (-math.inf, math.inf)
+            fast[name] = (struct.Struct("<" + ftype.code).pack_into, getattr(cls, name).offset,
+                          exact, low, high)
     owner = cls.__name__
     fallback = object.__setattr__
-    errors = (struct.error, OverflowError, TypeError)
 
     def other(self, name, value):
         if name.startswith("_ps_") or not hasattr(type(self), name):
@@ -170,12 +175,9 @@ def _make_setattr(cls, readonly):
 
     def __setattr__(self, name, value):
         entry = fast.get(name)
-        if entry is not None:
-            try:
-                entry[0](self, entry[1], value)
-                return
-            except errors:
-                pass  # the checker below raises the precise error
+        if entry is not None and type(value) is entry[2] and entry[3] <= value <= entry[4]:
+            entry[0](self, entry[1], value)
+            return
         setter = setters.get(name)
         if setter is None:
             return other(self, name, value)
