@@ -173,6 +173,8 @@ class Allocator:
     # -- runs ----------------------------------------------------------------
     def _alloc_run(self, pages):
         pf = self.pf
+        if pages == 1 and pf.free_head != F.NO_NEXT_FREE_PAGE:
+            return pf.allocate_pid()
         previous = -1
         pid = self._run_head()
         seen = 0
@@ -200,7 +202,7 @@ class Allocator:
                 pf._set_link(pid + remaining, F.NOT_IN_FREE_PAGE_LIST)
                 return pid + remaining
             previous, pid = pid, following
-        return pf.allocate_pids(pages)
+        return pf.allocate_pid() if pages == 1 else pf.allocate_pids(pages)
 
     def _free_run(self, pid, pages):
         pf = self.pf

@@ -217,8 +217,8 @@ class BufferManager:
             pf._check_page(pid)
             data = pf.mapping.view(pf.offset(pid), pf.page_size)
             page = Page(pf, pid, pf.page_size, data, self)
+            self._evict(self.capacity - 1)  # before inserting: the new page is never the victim
             self._pages[pid] = page
-            self._evict()
         return page
 
     def touch_page(self, page):
@@ -226,8 +226,8 @@ class BufferManager:
         if self._pages.get(int(page.pid)) is page:
             self._pages.move_to_end(int(page.pid))
 
-    def _evict(self):
-        while len(self._pages) > self.capacity:
+    def _evict(self, limit):
+        while len(self._pages) > limit:
             for pid, page in self._pages.items():
                 if not page.is_pinned():
                     break
@@ -238,9 +238,9 @@ class BufferManager:
 
     def persist_page(self, page):
         """Write a dirty page to the file; return whether a write happened."""
+        self.page_file._check_open()
         if not page.is_dirty():
             return False
-        self.page_file._check_open()
         page._require_writable()
         self.page_file.io.pwrite(page.data, self.page_file.offset(page.pid))
         page.clear_dirty()
@@ -405,18 +405,22 @@ class PageFile:
     def allocate_pids(self, count):
         """Take ``count`` new contiguous pages at the end of the file, all in one segment."""
         self._check_writable()
-        start = self.offset(self.page_count)
-        end = start + count * self.page_size
         mapping = self.mapping
-        if end > mapping.size:
-            if start < mapping.size:
-                # The run does not fit in the last segment: free its tail pages.
-                for pid in range(self.page_count, self.page_of(mapping.size)):
-                    self.page_count += 1
-                    self.free_pid(pid)
-                start = self.offset(self.page_count)
-                end = start + count * self.page_size
-            mapping.grow(end)
+        while True:
+            start = self.offset(self.page_count)
+            end = start + count * self.page_size
+            if start >= mapping.size:
+                mapping.grow(end)  # the new segment starts at ``start``
+                break
+            segment = mapping.segment_of(start)
+            segment_end = segment.start + segment.length
+            if end <= segment_end:
+                break
+            # The run does not fit in this segment (the last one, or one left
+            # mapped by a rollback): free the segment's remaining pages.
+            for pid in range(self.page_count, self.page_of(segment_end)):
+                self.page_count += 1
+                self.free_pid(pid)
         first = self.page_count
         self.page_count += count
         for pid in range(first, first + count):
