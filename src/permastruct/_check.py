@@ -10,6 +10,7 @@ hash placement.
 """
 
 import ctypes
+import zlib
 
 from . import _format as F
 from . import _types as T
@@ -26,7 +27,6 @@ def check_storage(storage, progress=None):
 
     # -- header and root records on disk --------------------------------------
     head = pf.io.pread(F.HEADER_BLOCK, 0)
-    import zlib
     if head[:8] != F.MAGIC or F.HEADER.unpack_from(head)[-1] != zlib.crc32(head[:60]):
         fail("the file header is damaged")
     roots = [F.unpack_root(head[o:o + F.ROOT.size]) for o in F.ROOT_OFFSETS]

@@ -23,6 +23,7 @@ b'hello'
 """
 
 import collections
+import zlib
 import contextlib
 import os
 
@@ -327,7 +328,6 @@ class PageFile:
             raise IncompatibleFormatError(
                 f"{self.path!r} has format version {version}; this permastruct reads versions up to "
                 f"{F.FORMAT_VERSION}: upgrade permastruct to open it")
-        import zlib
         if crc != zlib.crc32(head[:60]):
             raise CorruptStorageError(f"{self.path!r}: the file header checksum does not match")
         if len(head) < F.HEADER_BLOCK:

@@ -103,8 +103,6 @@ class StructureMeta(PersistentMeta):
 
 
 def _ref_property(name, hidden):
-    getter = ctypes.c_uint64  # noqa: F841 (documentation: the hidden field is a uint64 offset)
-
     def get(self, _hidden=hidden):
         offset = getattr(self, _hidden)
         if not offset:
