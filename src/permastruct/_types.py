@@ -198,7 +198,7 @@ def closed_class(cls, rolled_back=False):
     if BufferExporter is not None:
         # Below 3.12 a ctypes instance exports its own bytes through a C slot
         # that __getattribute__ cannot stop; the exporter slot, first in the
-        # MRO, refuses closed proxies instead (the caller sees a SystemError).
+        # MRO, refuses closed proxies instead (the caller sees StorageClosedError).
         bases = (BufferExporter, getattr(cls, "_ps_plain_base", cls))
     closed = PersistentMeta(("rolled-back " if rolled_back else "closed ") + cls.__name__, bases, namespace)
     closed.__qualname__ = f"closed {cls.__qualname__}"
@@ -206,51 +206,344 @@ def closed_class(cls, rolled_back=False):
     return closed
 
 
-# -- the buffer protocol below Python 3.12 ------------------------------------------
+# -- the buffer protocol through ctypes ------------------------------------------------
+#
+# Two heap types are built with ``PyType_FromSpecWithBases`` whose
+# ``bf_getbuffer`` slot is a ctypes callback:
+#
+# * ``MemoryExporter`` (every version) fills the caller's ``Py_buffer`` by hand
+#   with memory it describes: an address, a format, a shape, C-contiguous
+#   strides.  ``view->obj`` is a new reference to the exporter itself, and the
+#   exporter holds whatever keeps the memory valid (for a persistent Buffer: the
+#   proxy and a memoryview of the object's bytes in the map, which pins the
+#   mmap).  ``PyBuffer_Release`` drops that reference exactly once per export,
+#   so the exporter - and the map - live as long as the last view made from
+#   it.  No ``bf_releasebuffer`` is needed.
+# * ``BufferExporter`` (below 3.12 only) gives proxies PEP 688: its slot calls
+#   ``obj.__buffer__(flags)`` and forwards to ``PyObject_GetBuffer`` of the
+#   memoryview returned.  Python 3.12 calls ``__buffer__`` itself.
+#
+# A ctypes callback cannot raise: an exception escaping it is printed and
+# swallowed, and ``PyErr_SetString`` through ``ctypes.pythonapi`` is no way out
+# either, because ctypes turns the error it sets into a Python exception at
+# once, inside the callback.  So a failing callback returns ``_failed(exc)``:
+# an ``int`` subclass worth -1 that holds a memoryview of a one-off exception
+# class (a subclass of ``type(exc)`` whose ``__new__`` returns ``exc``).  The
+# metaclass of that class exports a zero-length buffer and has the C function
+# ``PyErr_SetNone`` as its ``bf_releasebuffer``.  ctypes converts the returned
+# -1 for the C caller and then drops the last reference to it; dropping it
+# releases the memoryview, which calls ``PyErr_SetNone(exception class)`` -
+# with the GIL held, in C, after the Python code of the callback has returned.
+# The caller gets -1 with the exception set: ``exc`` itself.  The mechanism is
+# checked once at import; if it ever does not work, callbacks return a plain -1
+# and the caller sees a SystemError instead (still an exception, never a crash).
+
+PyBUF_WRITABLE = 0x0001
+PyBUF_FORMAT = 0x0004
+PyBUF_ND = 0x0008
+PyBUF_STRIDES = 0x0010 | PyBUF_ND
+PyBUF_F_CONTIGUOUS = 0x0040 | PyBUF_STRIDES
+PyBUF_FULL_RO = 0x0100 | PyBUF_STRIDES | PyBUF_FORMAT
+PyBUF_MAX_NDIM = 64
+
+
+class PyBuffer(ctypes.Structure):
+    """``Py_buffer`` (Include/pybuffer.h, unchanged since Python 3.3)."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_void_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+class _Slot(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_int), ("pfunc", ctypes.c_void_p)]
+
+
+class _Spec(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("basicsize", ctypes.c_int), ("itemsize", ctypes.c_int),
+                ("flags", ctypes.c_uint), ("slots", ctypes.POINTER(_Slot))]
+
+
+_PY_BF_GETBUFFER, _PY_BF_RELEASEBUFFER = 1, 2
+_TPFLAGS_BASETYPE, _TPFLAGS_DEFAULT = 1 << 10, 1 << 18
+# Private prototypes: setting argtypes on ctypes.pythonapi.X would change them for everyone.
+_GETBUFFER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_void_p, ctypes.c_int)
+_from_spec = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.POINTER(_Spec), ctypes.py_object)(
+    ("PyType_FromSpecWithBases", ctypes.pythonapi))
+_get_buffer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_void_p, ctypes.c_int)(
+    ("PyObject_GetBuffer", ctypes.pythonapi))
+_incref = ctypes.PYFUNCTYPE(None, ctypes.py_object)(("Py_IncRef", ctypes.pythonapi))
+_decref = ctypes.PYFUNCTYPE(None, ctypes.py_object)(("Py_DecRef", ctypes.pythonapi))
+_PyErr_SetNone = ctypes.cast(ctypes.pythonapi.PyErr_SetNone, ctypes.c_void_p).value
+
+#: What the heap types point to (names, slot tables, callbacks): kept for the life of the process.
+_KEEP_ALIVE = []
+
+
+def _heap_type(name, slots, bases):
+    """A heap type made by ``PyType_FromSpecWithBases``; ``slots`` maps slot ids to C addresses."""
+    table = (_Slot * (len(slots) + 1))(*[_Slot(slot, address) for slot, address in slots.items()],
+                                       _Slot(0, None))
+    spec = _Spec(name, 0, 0, _TPFLAGS_DEFAULT | _TPFLAGS_BASETYPE, table)
+    new_type = _from_spec(ctypes.byref(spec), tuple(bases))
+    _KEEP_ALIVE.append((name, table, spec))  # tp_name points into `name` below 3.12
+    return new_type
+
+
+def _callback(function):
+    callback = _GETBUFFER(function)
+    _KEEP_ALIVE.append((function, callback))
+    return ctypes.cast(callback, ctypes.c_void_p).value
+
+
+# -- delivering an exception from a callback --
+_EMPTY_SHAPE = (ctypes.c_ssize_t * 1)(0)
+_BYTE_STRIDES = (ctypes.c_ssize_t * 1)(1)
+_BYTE_FORMAT = ctypes.create_string_buffer(b"B")
+_NO_BYTES = ctypes.create_string_buffer(1)
+
+
+def _export_nothing(obj, view, flags):
+    """bf_getbuffer of the exception-carrier metaclass: a zero-length, read-only buffer."""
+    try:
+        target = PyBuffer.from_address(view)
+        target.obj = None
+        target.buf = ctypes.addressof(_NO_BYTES)
+        target.len, target.itemsize, target.readonly, target.ndim = 0, 1, 1, 1
+        target.format = ctypes.addressof(_BYTE_FORMAT)
+        target.shape = ctypes.addressof(_EMPTY_SHAPE)
+        target.strides = ctypes.addressof(_BYTE_STRIDES)
+        target.suboffsets = target.internal = None
+        _incref(obj)
+        target.obj = id(obj)
+        return 0
+    except BaseException:  # pragma: no cover - out of memory; a callback must never raise
+        return -1
+
+
+_CarrierMeta = _heap_type(b"permastruct._types.ExceptionCarrierMeta",
+                          {_PY_BF_GETBUFFER: _callback(_export_nothing),
+                           _PY_BF_RELEASEBUFFER: _PyErr_SetNone}, (type,))
+
+
+class _Failure(int):
+    """-1 for the C caller of a callback; dropping it sets the exception it carries (see above)."""
+
+
+_deliver_exceptions = True  # cleared if the check at import fails
+
+
+def _failed(exc):
+    """The value a buffer callback returns when it failed with ``exc``: -1, with ``exc`` set when it is dropped.
+
+    Only the caller of the callback may hold the result: return it at once.
+    """
+    if not _deliver_exceptions:
+        return -1
+    try:
+        if exc.__traceback__ is not None:  # drop the callback's own frame (its object, a stale view address)
+            exc.__traceback__ = exc.__traceback__.tb_next
+        base = type(exc)
+        try:
+            carrier = _CarrierMeta(base.__name__, (base,), {
+                "__new__": lambda cls, *args, **kwargs: exc, "__module__": base.__module__,
+                "__qualname__": base.__qualname__})
+        except Exception:  # a final or oddly built exception class: carry it in a BufferError
+            carrier = _CarrierMeta("BufferError", (BufferError,), {
+                "__new__": lambda cls, *args, **kwargs: exc, "__module__": "builtins"})
+        result = _Failure(-1)
+        result.carrier = memoryview(carrier)
+        try:
+            return result
+        finally:  # no frame kept by a tracer or debugger may hold it: only the caller
+            del result
+    except BaseException:  # pragma: no cover - out of memory: the caller sees a SystemError
+        return -1
+
+
+def _check_delivery():
+    """Whether a callback's exception reaches the caller (False: the caller gets a SystemError)."""
+    class Probe(Exception):
+        pass
+
+    def fail(obj, view, flags):
+        try:
+            raise Probe("probe")
+        except BaseException as exc:
+            return _failed(exc)
+
+    probe_type = _heap_type(b"permastruct._types.DeliveryProbe", {_PY_BF_GETBUFFER: _callback(fail)}, (object,))
+    try:
+        memoryview(probe_type())
+    except Probe:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+_deliver_exceptions = _check_delivery()
+
+
+# -- MemoryExporter: a hand-filled Py_buffer --
+_PY_BUFFER = struct.Struct("@PPnniiPPPPP")  # the fields of PyBuffer, in one go
+assert _PY_BUFFER.size == ctypes.sizeof(PyBuffer)
+_OBJ_AT = PyBuffer.obj.offset
+_ASKS_EVERYTHING = PyBUF_STRIDES | PyBUF_FORMAT  # what the template answers as it is (ND is in STRIDES)
+_memmove = ctypes.memmove
+_LAYOUTS = {}  # (ndim, format length) -> struct.Struct of a MemoryExporter's block
+_pointer_at = ctypes.c_void_p.from_address
+
+
+def _export_memory(obj, view, flags):
+    """bf_getbuffer of MemoryExporter: copy ``obj``'s filled-in Py_buffer to ``view``; ``view->obj`` = ``obj``."""
+    referenced = False
+    try:
+        template, readonly, fortran = obj._ps_info
+        if readonly and flags & PyBUF_WRITABLE:
+            raise BufferError("the exported memory is read-only")
+        if (flags & PyBUF_F_CONTIGUOUS) == PyBUF_F_CONTIGUOUS and not fortran:
+            raise BufferError("the exported memory is C-contiguous, not Fortran contiguous")
+        _memmove(view, template, _PY_BUFFER.size)  # view->obj is NULL in the template
+        if flags & _ASKS_EVERYTHING != _ASKS_EVERYTHING:
+            target = PyBuffer.from_address(view)
+            if not flags & PyBUF_ND:  # a consumer that asks for no shape gets the bytes as one dimension
+                target.ndim = 1
+                target.shape = None
+            if (flags & PyBUF_STRIDES) != PyBUF_STRIDES:
+                target.strides = None
+            if not flags & PyBUF_FORMAT:
+                target.format = None
+        _incref(obj)
+        referenced = True
+        _pointer_at(view + _OBJ_AT).value = id(obj)
+        return 0
+    except BaseException as exc:
+        try:
+            _pointer_at(view + _OBJ_AT).value = None  # as the protocol wants it on failure
+            if referenced:  # interrupted (KeyboardInterrupt) after the reference was taken
+                _decref(obj)
+        except BaseException:  # pragma: no cover
+            pass
+        return _failed(exc)
+
+
+_MemoryExporterBase = _heap_type(b"permastruct._types.MemoryExporterBase",
+                                 {_PY_BF_GETBUFFER: _callback(_export_memory)}, (object,))
+
+
+class MemoryExporter(_MemoryExporterBase):
+    """Exports ``nbytes`` at ``address`` through the buffer protocol, described by hand.
+
+    ``memoryview(MemoryExporter(...))`` has the given ``format`` (any struct
+    or PEP 3118 string, e.g. ``'<d'``, ``'T{<i:a:<d:b:}'``), ``itemsize``,
+    ``shape`` (zero extents and ``()`` allowed), C-contiguous strides and
+    ``readonly``; nothing is copied.  ``keep`` is held as long as the exporter,
+    and the exporter as long as any view made from it: it must keep the memory
+    valid.  The exporter is immutable: views point at the format, shape and
+    strides it holds.
+
+    >>> import ctypes
+    >>> data = bytearray(b"\\x00\\x01\\x00\\x02\\x00\\x03")
+    >>> pin = memoryview(data)
+    >>> address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+    >>> m = memoryview(MemoryExporter(address, 6, 2, ">H", (3,), readonly=True, keep=pin))
+    >>> m.format, m.shape, m.strides, m.readonly, m.cast("B").tolist()
+    ('>H', (3,), (2,), True, [0, 1, 0, 2, 0, 3])
+    >>> m.release(); pin.release()
+    """
+
+    __slots__ = ("_ps_info", "_ps_block", "_ps_keep", "__weakref__")
+
+    def __new__(cls, address, nbytes, itemsize, format, shape, readonly, keep):
+        if isinstance(format, str):
+            format = format.encode("ascii")
+        shape = tuple(map(operator.index, shape))
+        ndim = len(shape)
+        if not address:
+            raise ValueError("the address of exported memory must not be NULL")
+        if b"\0" in format:
+            raise ValueError(f"buffer format {format!r} contains a NUL byte")
+        if ndim > PyBUF_MAX_NDIM:
+            raise ValueError(f"a buffer has at most {PyBUF_MAX_NDIM} dimensions, not {ndim}")
+        if itemsize < 0 or nbytes < 0 or (shape and min(shape) < 0):
+            raise ValueError(f"negative size in itemsize {itemsize}, nbytes {nbytes} or shape {shape}")
+        count, long_axes = 1, 0
+        for extent in shape:
+            count *= extent
+            long_axes += extent > 1
+        if count * itemsize != nbytes:
+            raise ValueError(f"shape {shape} of {itemsize}-byte items is not {nbytes} bytes")
+        strides = [itemsize] * ndim
+        for axis in range(ndim - 2, -1, -1):  # C order, as CPython and numpy compute them
+            strides[axis] = strides[axis + 1] * shape[axis + 1]
+        if nbytes > sys.maxsize or (ndim and max(max(shape), strides[0]) > sys.maxsize):
+            raise ValueError(f"shape {shape} of {itemsize}-byte items does not fit in a Py_ssize_t")
+        fortran = nbytes == 0 or long_axes <= 1
+        # One block: the Py_buffer to copy, then shape, strides and the NUL-terminated format.
+        key = (ndim, len(format))
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            layout = struct.Struct(f"@PPnniiPPPPP{ndim}n{ndim}n{len(format) + 1}s")
+            if len(_LAYOUTS) < 1024:
+                _LAYOUTS[key] = layout
+        block = ctypes.create_string_buffer(layout.size)
+        base = ctypes.addressof(block)
+        shape_at = _PY_BUFFER.size
+        strides_at = shape_at + 8 * ndim
+        format_at = strides_at + 8 * ndim
+        layout.pack_into(block, 0, address, 0, nbytes, itemsize, 1 if readonly else 0, ndim,
+                         base + format_at, base + shape_at if ndim else 0, base + strides_at if ndim else 0,
+                         0, 0, *shape, *strides, format)
+        self = super().__new__(cls)
+        init = object.__setattr__
+        init(self, "_ps_keep", keep)
+        init(self, "_ps_block", block)
+        init(self, "_ps_info", (base, bool(readonly), fortran))
+        return self
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"a MemoryExporter is immutable: views point at what it holds ({name!r})")
+
+    def __delattr__(self, name):
+        self.__setattr__(name, None)
+
+    def __repr__(self):
+        try:
+            keep = self._ps_keep
+        except AttributeError:
+            return "<permastruct memory exporter (not initialised)>"
+        owner = keep[0] if isinstance(keep, tuple) and keep else keep
+        return f"<permastruct memory exporter for {owner!r}>"
+
+
+# -- BufferExporter: PEP 688 below Python 3.12 --
+def _forward_to_buffer(obj, view, flags):
+    """bf_getbuffer of BufferExporter: ``PyObject_GetBuffer(obj.__buffer__(flags), view, flags)``."""
+    try:
+        exported = obj.__buffer__(flags)
+        if type(exported) is not memoryview:
+            raise TypeError(f"__buffer__ returned non-memoryview object ({type(exported).__name__})")
+        _get_buffer(exported, view, flags)  # a failure is raised here by ctypes
+        return 0
+    except BaseException as exc:
+        return _failed(exc)
+
+
 def _make_exporter():
     """A base class whose C-level buffer slot calls ``obj.__buffer__(flags)`` (PEP 688 for 3.10/3.11).
 
-    Python 3.12 calls ``__buffer__`` itself.  Below 3.12 a heap type is built
-    with ``PyType_FromSpecWithBases`` whose ``bf_getbuffer`` slot is a ctypes
-    callback that fills the caller's ``Py_buffer`` from the memoryview that
-    ``__buffer__`` returns.  A callback cannot raise, so it returns -1 with
-    the exception reported as unraisable only when ``__buffer__`` fails, which
-    the proxies avoid by checking first (closed proxies are not exporters).
+    Python 3.12 calls ``__buffer__`` itself: None there.  Put it first among
+    the bases, so that its slot wins over the one of ``ctypes.Structure``
+    (which would export the proxy's own header bytes).  An exception raised by
+    ``__buffer__`` (e.g. the StorageClosedError of a closed proxy, whose class
+    refuses every attribute) reaches the caller as itself.
     """
     if sys.version_info >= (3, 12):
         return None
-
-    class Slot(ctypes.Structure):
-        _fields_ = [("slot", ctypes.c_int), ("pfunc", ctypes.c_void_p)]
-
-    class Spec(ctypes.Structure):
-        _fields_ = [("name", ctypes.c_char_p), ("basicsize", ctypes.c_int), ("itemsize", ctypes.c_int),
-                    ("flags", ctypes.c_uint), ("slots", ctypes.POINTER(Slot))]
-
-    get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-    get_buffer.argtypes = (ctypes.py_object, ctypes.c_void_p, ctypes.c_int)
-    get_buffer.restype = ctypes.c_int
-
-    def getbuffer(obj, view, flags):
-        try:
-            if getattr(type(obj), "_ps_closed", False):
-                return -1
-            return get_buffer(obj.__buffer__(flags), view, flags)
-        except BaseException:  # a C callback must not raise; the caller sees the failure
-            return -1
-
-    callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_void_p, ctypes.c_int)(getbuffer)
-    py_bf_getbuffer = 1
-    slots = (Slot * 2)(Slot(py_bf_getbuffer, ctypes.cast(callback, ctypes.c_void_p)), Slot(0, None))
-    name = b"permastruct.BufferExporter"
-    tp_flags_default, tp_flags_basetype = 1 << 18, 1 << 10
-    spec = Spec(name, 0, 0, tp_flags_default | tp_flags_basetype, slots)
-    from_spec = ctypes.pythonapi.PyType_FromSpecWithBases
-    from_spec.argtypes = (ctypes.POINTER(Spec), ctypes.py_object)
-    from_spec.restype = ctypes.py_object
-    exporter = from_spec(ctypes.byref(spec), (object,))
-    exporter._ps_keep_alive = (callback, slots, spec, name, getbuffer)
-    return exporter
+    return _heap_type(b"permastruct._types.BufferExporter", {_PY_BF_GETBUFFER: _callback(_forward_to_buffer)},
+                      (object,))
 
 
 BufferExporter = _make_exporter()

@@ -3,7 +3,9 @@
 ``p.schema.Buffer(obj)`` copies ``obj`` into the store (C-contiguous);
 ``memoryview(buf)`` is a zero-copy view of the stored bytes with the source's
 ``format``, ``itemsize``, ``ndim``, ``shape`` and ``strides``, writable in a
-writable storage; ``numpy.asarray(buf)`` is zero-copy too.
+writable storage; ``numpy.asarray(buf)`` is zero-copy too.  Any format is
+kept, also those ``memoryview.cast`` cannot make (``'>i'``, ``'<d'``,
+``'T{<i:a:<d:b:}'``), and so are zero extents and 0-d buffers.
 
 >>> from permastruct import Storage
 >>> p = Storage(None)
@@ -15,13 +17,24 @@ writable storage; ``numpy.asarray(buf)`` is zero-copy too.
 >>> m[0] = 4.0; bytes(buf) == array("d", [4.0, 2.5]).tobytes()
 True
 >>> m.release()
+
+How it works: ``Buffer.__buffer__`` (PEP 688; called by the interpreter from
+3.12 on, by the slot of ``_types.BufferExporter`` below) returns a memoryview
+of a :class:`~permastruct._types.MemoryExporter`, which fills the
+``Py_buffer`` by hand with the address of the stored bytes, the stored format,
+shape and C-contiguous strides.  The exporter holds the proxy (so the object
+is not freed) and a memoryview of the object's bytes in the map (so the map
+cannot be unmapped); every view made from it holds the exporter.  Views that
+outlive ``close()`` keep their (private) memory mapped and reach no file.
 """
 
+import contextlib
 import ctypes
 import struct
 
 from . import _format as F
-from ._types import BufferExporter, Persistent
+from ._types import BufferExporter, MemoryExporter, Persistent
+from .errors import CorruptStorageError
 
 __all__ = ["Buffer"]
 
@@ -32,24 +45,6 @@ def buffer_source(obj):
         return memoryview(obj)
     except TypeError:
         raise TypeError(f"Objects of type '{type(obj).__name__}' does not support the buffer protocol.") from None
-
-
-def exposed_format(fmt, itemsize):
-    """The format a memoryview can be cast to for stored format ``fmt``, or None.
-
-    ``memoryview.cast`` accepts native single-character formats; ``'<d'`` and
-    ``'=d'`` are accepted where they mean the same bytes as native ``'d'``.
-    """
-    code = fmt
-    if code[:1] in "@=<" and len(code) == 2:
-        if code[0] in "=<" and struct.pack("=H", 1) != struct.pack("<H", 1):
-            return None
-        code = code[1]
-    if len(code) != 1 or code not in "cbB?hHiIlLqQnNfdeP":
-        return None
-    if fmt[:1] in "=<" and struct.calcsize(code) != struct.calcsize("<" + code):
-        return None
-    return code if struct.calcsize(code) == itemsize else None
 
 
 class _BufferBase(Persistent):
@@ -95,25 +90,48 @@ class _BufferBase(Persistent):
 
     __hash__ = None
 
-    def __buffer__(self, flags=0):
-        """The zero-copy memoryview behind ``memoryview(buf)`` (PEP 688)."""
+    def _ps_exporter(self):
+        """A MemoryExporter of the stored bytes, holding this proxy and a view of the object in the map."""
         storage = type(self)._storage
-        offset = storage._mapping.offset_of_address(ctypes.addressof(self))
-        view = storage._mapping.view(offset + self._ps_data_offset, self._ps_nbytes)
-        if storage.readonly:
-            view = view.toreadonly()
-        fmt = exposed_format(self.format, self._ps_itemsize)
-        if fmt is not None:
-            shape = self.shape
-            if len(shape) == 1 or 0 in shape:  # cast() refuses zero extents: show them flat
-                view = view.cast(fmt)
-            else:
-                view = view.cast(fmt, shape)
-        storage._exported(view)
+        storage._check_open()
+        start = ctypes.addressof(self)
+        offset = storage._mapping.offset_of_address(start)
+        nbytes, data_offset, itemsize, ndim, fmtlen = (self._ps_nbytes, self._ps_data_offset, self._ps_itemsize,
+                                                       self._ps_ndim, self._ps_fmtlen)
+        shape_at = -(-(F.BUFFER.size + fmtlen) // 8) * 8
+        if data_offset < shape_at + 8 * ndim or ndim > F.MAX_NDIM:
+            raise CorruptStorageError(f"{storage.fileName!r}: the Buffer at {offset:#x} has its data at "
+                                      f"{data_offset}, inside its metadata, or {ndim} dimensions")
+        storage._check_offset(offset, data_offset + nbytes)
+        try:
+            pin = storage._mapping.view(offset, data_offset + nbytes)  # holds the segment's map
+        except IndexError as exc:
+            raise CorruptStorageError(f"{storage.fileName!r}: the Buffer at {offset:#x} ({data_offset + nbytes} "
+                                      "bytes) crosses the end of a mapped segment") from exc
+        fmt = pin[F.BUFFER.size:F.BUFFER.size + fmtlen].tobytes()
+        shape = struct.unpack_from(f"<{ndim}Q", pin, shape_at)
+        try:
+            return MemoryExporter(start + data_offset, nbytes, itemsize, fmt, shape, storage.readonly,
+                                  keep=(self, pin))
+        except ValueError as exc:
+            pin.release()
+            raise CorruptStorageError(f"{storage.fileName!r}: the Buffer at {offset:#x} is inconsistent: "
+                                      f"{exc}") from None
+
+    def __buffer__(self, flags=0):
+        """The zero-copy memoryview behind ``memoryview(buf)`` (PEP 688).
+
+        It is read-only in a read-only storage; the consumer's ``flags`` are
+        applied to it by the interpreter (a writable request on a read-only
+        storage gets a BufferError).
+        """
+        view = memoryview(self._ps_exporter())
+        type(self)._storage._exported(view)
         return view
 
     def __release_buffer__(self, view):
-        view.release()
+        with contextlib.suppress(BufferError, ValueError):  # still exported elsewhere: its holders release it
+            view.release()
 
 
 if BufferExporter is not None:
