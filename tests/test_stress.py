@@ -496,8 +496,6 @@ def test_storage_random_churn(tmp_path, page_size, stress_seed, stress_iteration
         f"(bound {bound}; seed={stress_seed}, page_size={page_size})")
 
 
-@pytest.mark.xfail(strict=False, reason="known gap (issue 2/3 notes): free runs and free pages are "
-                   "not coalesced yet, so a mixed-size churn fragments and grows the file")
 @pytest.mark.parametrize("page_size", [256, 4096])
 def test_storage_churn_keeps_file_size_bounded(tmp_path, page_size, stress_seed):
     """Replacing the same few objects over and over must reuse the freed space (3.7)."""

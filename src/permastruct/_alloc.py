@@ -1,15 +1,34 @@
 """Object allocation inside pages: size-class slabs for small objects, page runs for large ones.
 
 Layouts are in :mod:`permastruct._format`.  All state lives in the file (the
-allocator page, slab headers, free-run headers), so it is written back, and
-made atomic, together with the data.  Offsets returned are absolute file
-offsets of the object, 16-byte aligned in slabs and at page offset 64 in runs.
+allocator page, slab headers, free-run headers, the merge counters), so it is
+written back, and made atomic, together with the data, and a rollback or a
+reopen needs nothing from memory.  Offsets returned are absolute file offsets
+of the object, 16-byte aligned in slabs and at page offset 64 in runs.
+
+Free pages and free runs are not joined when they are freed (that would need
+to find a page's free neighbours); a merge pass (:meth:`Allocator.merge`)
+joins them when a run request finds no fit and enough has been freed since the
+previous merge for the pass to pay for itself: its cost is linear in the list
+entries (plus a sort), and it runs only after at least half as many entries
+were added as the previous merge left.
 """
 
 import bisect
+import struct
 
 from . import _format as F
 from .errors import CorruptStorageError
+
+_BIN_MIN = F.RUN_BIN_MIN
+_LAST_BIN = len(_BIN_MIN) - 1
+_BIN_HEADS = struct.Struct(f"<{_LAST_BIN}i")
+_FREE_RUN_END = F.RUN_AT + F.FREE_RUN.size
+
+
+def _bin_of(pages):
+    """The free-run bin for a run of ``pages`` (>= 2) pages."""
+    return bisect.bisect_right(_BIN_MIN, pages) - 1
 
 
 class Allocator:
@@ -22,14 +41,16 @@ class Allocator:
         self.max_small = self.classes[-1]
         if state_pid is None:
             state_pid = page_file.allocate_pid()
-            view = page_file.view(state_pid, F.ALLOC_AT)
-            F.ALLOC.pack_into(view, 0, F.KIND_ALLOC, len(self.classes), F.NO_NEXT_FREE_PAGE)
+            view = page_file.view(state_pid)
+            view[F.PAGE_HEADER.size:] = bytes(len(view) - F.PAGE_HEADER.size)
+            F.ALLOC.pack_into(view, F.ALLOC_AT, F.KIND_ALLOC, F.ALLOC_BINNED, len(self.classes), -1)
             for index in range(len(self.classes)):
-                F.INT32.pack_into(view, F.ALLOC_HEADS_AT - F.ALLOC_AT + 4 * index, -1)
+                F.INT32.pack_into(view, F.ALLOC_HEADS_AT + 4 * index, -1)
+            self._init_bins(view)
         self.state_pid = state_pid
         view = page_file.view(state_pid)
-        kind, count, _ = F.ALLOC.unpack_from(view, F.ALLOC_AT)
-        if kind != F.KIND_ALLOC or count != len(self.classes):
+        kind, flags, count, _ = F.ALLOC.unpack_from(view, F.ALLOC_AT)
+        if kind != F.KIND_ALLOC or count != len(self.classes) or flags not in (0, F.ALLOC_BINNED):
             raise CorruptStorageError(f"{page_file.path!r}: page {state_pid} is not the allocator page")
 
     # -- allocator page ------------------------------------------------------
@@ -39,11 +60,39 @@ class Allocator:
     def _set_head(self, index, pid):
         F.INT32.pack_into(self.pf.view(self.state_pid), F.ALLOC_HEADS_AT + 4 * index, pid)
 
-    def _run_head(self):
-        return F.ALLOC.unpack_from(self.pf.view(self.state_pid), F.ALLOC_AT)[2]
+    def _state(self):
+        """The allocator page, with the free-run bins and merge counters set up (writer only).
 
-    def _set_run_head(self, pid):
-        F.INT32.pack_into(self.pf.view(self.state_pid), F.ALLOC_AT + 8, pid)
+        Checked on every use rather than once: a rollback can undo the set-up.
+        """
+        view = self.pf.view(self.state_pid)
+        if view[F.ALLOC_AT + 1] != F.ALLOC_BINNED:
+            self._init_bins(view)
+            view[F.ALLOC_AT + 1] = F.ALLOC_BINNED
+        return view
+
+    @staticmethod
+    def _init_bins(view):
+        for index in range(_LAST_BIN):
+            F.INT32.pack_into(view, F.RUN_BINS_AT + 4 * index, -1)
+        F.MERGE.pack_into(view, F.MERGE_AT, 0, 0)
+
+    def _bin_heads(self, view):
+        """The head of every free-run bin (a file without bins has them all on the last one)."""
+        last = F.INT32.unpack_from(view, F.ALLOC_AT + 8)[0]
+        if view[F.ALLOC_AT + 1] != F.ALLOC_BINNED:
+            return [-1] * _LAST_BIN + [last]
+        return list(_BIN_HEADS.unpack_from(view, F.RUN_BINS_AT)) + [last]
+
+    @staticmethod
+    def _set_bin_head(view, index, pid):
+        F.INT32.pack_into(view, F.ALLOC_AT + 8 if index == _LAST_BIN else F.RUN_BINS_AT + 4 * index, pid)
+
+    @staticmethod
+    def _count_added(view):
+        added, left = F.MERGE.unpack_from(view, F.MERGE_AT)
+        if added < 0xFFFFFFFF:
+            F.MERGE.pack_into(view, F.MERGE_AT, added + 1, left)
 
     # -- public --------------------------------------------------------------
     def alloc(self, size, zero=True):
@@ -74,12 +123,17 @@ class Allocator:
     def free(self, offset):
         """Return the object at ``offset`` to the allocator."""
         pid = self.pf.page_of(offset)
+        if not 0 <= pid < self.pf.page_count:
+            raise CorruptStorageError(f"{self.pf.path!r}: freeing {offset:#x}, which is outside the pages")
         page = self.pf.view(pid)
         kind = page[F.SLAB_AT]
         if kind == F.KIND_SLAB:
             self._free_small(pid, page, offset)
         elif kind == F.KIND_RUN and offset == self.pf.offset(pid) + F.RUN_OBJECT:
-            self._free_run(pid, F.RUN.unpack_from(page, F.RUN_AT)[1])
+            pages = F.RUN.unpack_from(page, F.RUN_AT)[1]
+            if not 1 <= pages <= self.pf.page_count - pid:
+                raise CorruptStorageError(f"{self.pf.path!r}: run at page {pid} says it has {pages} pages")
+            self._free_run(pid, pages)
         else:
             raise CorruptStorageError(f"{self.pf.path!r}: freeing {offset:#x}, which is not an allocated object")
 
@@ -99,7 +153,7 @@ class Allocator:
         pf = self.pf
         pid = self._head(index)
         if pid == -1:
-            pid = pf.allocate_pid()
+            pid = self._alloc_page()
             F.SLAB.pack_into(pf.view(pid), F.SLAB_AT, F.KIND_SLAB, index, 0, 0, 0, -1, -1)
             self._set_head(index, pid)
         page = pf.view(pid)
@@ -144,6 +198,7 @@ class Allocator:
             self._unlink(index, pid, nxt, prv)
             page[F.SLAB_AT:F.SLAB_FIRST_SLOT] = bytes(F.SLAB_FIRST_SLOT - F.SLAB_AT)
             self.pf.free_pid(pid)
+            self._count_added(self._state())
 
     def _set_links(self, pid, nxt=None, prv=None):
         page = self.pf.view(pid)
@@ -171,58 +226,281 @@ class Allocator:
         self._set_links(pid, nxt=-1, prv=-1)
 
     # -- runs ----------------------------------------------------------------
-    def _alloc_run(self, pages):
+    def _alloc_page(self):
+        """One page: the free-page list, else the low end of the shortest free run, else a new page."""
         pf = self.pf
-        if pages == 1 and pf.free_head != F.NO_NEXT_FREE_PAGE:
-            return pf.allocate_pid()
-        previous = -1
-        pid = self._run_head()
-        seen = 0
+        if pf.free_head == F.NO_NEXT_FREE_PAGE:
+            pid = self._take_run(1)
+            if pid is not None:
+                return pid
+        return pf.allocate_pid()
+
+    def _alloc_run(self, pages):
+        if pages == 1:
+            return self._alloc_page()
+        pid = self._take_run(pages)
+        if pid is None:
+            added, left = F.MERGE.unpack_from(self._state(), F.MERGE_AT)
+            if added and 2 * added >= left:
+                self.merge()
+                pid = self._take_run(pages)
+            if pid is None:
+                pid = self._grow(pages)
+        return pid
+
+    def _grow(self, pages):
+        """``pages`` new pages at the end of the file.
+
+        A run must lie in one segment of the map.  When the pages left in the
+        segment at the end (after a merge lowered the page count, or a
+        rollback left a segment mapped) are too few, they become one free
+        run rather than single free pages as ``allocate_pids`` would make them.
+        """
+        pf = self.pf
+        mapping = pf.mapping
+        while True:
+            start = pf.offset(pf.page_count)
+            if start >= mapping.size:
+                break
+            segment = mapping.segment_of(start)
+            room = (segment.start + segment.length - start) // self.page_size
+            if room >= pages or room < 2:
+                break
+            first = pf.page_count
+            pf.page_count += room
+            view = self._state()
+            self._push_run(view, first, room)
+            self._count_added(view)
+        return pf.allocate_pids(pages)
+
+    def _take_run(self, pages):
+        """The first of ``pages`` pages taken from the low end of a free run, or None if none fits.
+
+        Looks first in the bins whose every run fits (the smallest such bin
+        first), then walks the bin that holds runs of ``pages`` pages.
+        """
+        view = self._state()
+        heads = self._bin_heads(view)
+        first = _bin_of(max(pages, 2))
+        start = first if _BIN_MIN[first] >= pages else first + 1
+        for index in range(start, len(heads)):
+            if heads[index] != -1:
+                found = self._find(heads[index], pages)
+                if found is not None:
+                    return self._split(view, index, pages, *found)
+        if start != first and heads[first] != -1:
+            found = self._find(heads[first], pages)
+            if found is not None:
+                return self._split(view, first, pages, *found)
+        return None
+
+    def _find(self, pid, pages):
+        """``(previous, pid, length, next)`` of the first run from ``pid`` on a bin list that fits."""
+        count = self.pf.page_count
+        previous, steps = -1, 0
         while pid != -1:
-            seen += 1
-            if seen > pf.page_count:
-                raise CorruptStorageError(f"{pf.path!r}: the free-run list has a cycle")
-            kind, length, following = F.FREE_RUN.unpack_from(pf.view(pid), F.RUN_AT)
-            if kind != F.KIND_FREE_RUN or length < 2 or pid + length > pf.page_count:
-                raise CorruptStorageError(f"{pf.path!r}: page {pid} on the free-run list is not a free run")
-            if length >= pages:
-                remaining = length - pages
-                if remaining >= 2:
-                    F.FREE_RUN.pack_into(pf.view(pid), F.RUN_AT, F.KIND_FREE_RUN, remaining, following)
-                else:
-                    if previous == -1:
-                        self._set_run_head(following)
-                    else:
-                        F.INT32.pack_into(pf.view(previous), F.RUN_AT + 8, following)
-                    pf.view(pid)[F.RUN_AT:F.RUN_AT + F.FREE_RUN.size] = bytes(F.FREE_RUN.size)
-                    if remaining == 1:
-                        pf.free_pid(pid)
-                # The first page of the taken part may have been a continuation
-                # page, whose header bytes held object data.
-                pf._set_link(pid + remaining, F.NOT_IN_FREE_PAGE_LIST)
-                return pid + remaining
+            length, following = self._read_free_run(pid, count)
+            if length >= pages and self._in_one_segment(pid, pages):
+                return previous, pid, length, following
+            steps += 1
+            if steps > count:
+                raise CorruptStorageError(f"{self.pf.path!r}: the free-run list has a cycle through page {pid}")
             previous, pid = pid, following
-        return pf.allocate_pid() if pages == 1 else pf.allocate_pids(pages)
+        return None
+
+    def _read_free_run(self, pid, count):
+        """``(length, next)`` of the free run at ``pid``, checked against ``count`` pages."""
+        if not 0 <= pid < count:
+            raise CorruptStorageError(f"{self.pf.path!r}: the free-run list names page {pid}, "
+                                      f"outside the {count} pages")
+        kind, length, following = F.FREE_RUN.unpack_from(self.pf.view(pid, 0, _FREE_RUN_END), F.RUN_AT)
+        if kind != F.KIND_FREE_RUN or not 2 <= length <= count - pid:
+            raise CorruptStorageError(f"{self.pf.path!r}: page {pid} on the free-run list is not a free run "
+                                      f"(kind {kind}, {length} pages)")
+        if not (following == -1 or 0 <= following < count):
+            raise CorruptStorageError(f"{self.pf.path!r}: free run {pid} links to page {following}, "
+                                      f"outside the {count} pages")
+        return length, following
+
+    def _in_one_segment(self, pid, pages):
+        """Whether pages ``pid .. pid + pages - 1`` are mapped in one segment (a run must be)."""
+        start = self.pf.offset(pid)
+        segment = self.pf.mapping.segment_of(start)
+        return start + pages * self.page_size <= segment.start + segment.length
+
+    def _split(self, view, index, pages, previous, pid, length, following):
+        """Take the first ``pages`` pages of run ``pid`` (on bin ``index`` after ``previous``)."""
+        pf = self.pf
+        rest, remaining = pid + pages, length - pages
+        if remaining >= 2 and _bin_of(remaining) == index:
+            page = pf.view(rest, 0, _FREE_RUN_END)
+            F.PAGE_HEADER.pack_into(page, 0, F.NOT_IN_FREE_PAGE_LIST)
+            F.FREE_RUN.pack_into(page, F.RUN_AT, F.KIND_FREE_RUN, remaining, following)
+            self._relink(view, index, previous, rest)
+        else:
+            self._relink(view, index, previous, following)
+            if remaining >= 2:
+                self._push_run(view, rest, remaining)
+            elif remaining == 1:
+                pf.free_pid(rest)
+        page = pf.view(pid, 0, _FREE_RUN_END)
+        page[F.RUN_AT:] = bytes(F.FREE_RUN.size)
+        F.PAGE_HEADER.pack_into(page, 0, F.NOT_IN_FREE_PAGE_LIST)
+        return pid
+
+    def _relink(self, view, index, previous, pid):
+        if previous == -1:
+            self._set_bin_head(view, index, pid)
+        else:
+            F.INT32.pack_into(self.pf.view(previous, F.RUN_AT + 8, 4), 0, pid)
+
+    def _push_run(self, view, pid, pages):
+        index = _bin_of(pages)
+        page = self.pf.view(pid, 0, _FREE_RUN_END)
+        F.PAGE_HEADER.pack_into(page, 0, F.NOT_IN_FREE_PAGE_LIST)
+        F.FREE_RUN.pack_into(page, F.RUN_AT, F.KIND_FREE_RUN, pages, self._bin_heads(view)[index])
+        self._set_bin_head(view, index, pid)
 
     def _free_run(self, pid, pages):
         pf = self.pf
+        view = self._state()
         if pages == 1:
             pf.view(pid)[F.RUN_AT:F.RUN_AT + F.RUN.size] = bytes(F.RUN.size)
             pf.free_pid(pid)
-            return
-        F.FREE_RUN.pack_into(pf.view(pid), F.RUN_AT, F.KIND_FREE_RUN, pages, self._run_head())
-        self._set_run_head(pid)
+        else:
+            self._push_run(view, pid, pages)
+        self._count_added(view)
 
     def free_runs(self):
-        """``(pid, pages)`` of every free run."""
+        """``(pid, pages)`` of every free run, bin by bin; raises CorruptStorageError on a broken list."""
+        count = self.pf.page_count
         runs = []
-        pid = self._run_head()
-        while pid != -1:
-            if len(runs) > self.pf.page_count or not 0 <= pid < self.pf.page_count:
-                raise CorruptStorageError(f"{self.pf.path!r}: the free-run list is broken at page {pid}")
-            kind, length, following = F.FREE_RUN.unpack_from(self.pf.view(pid), F.RUN_AT)
-            if kind != F.KIND_FREE_RUN:
-                raise CorruptStorageError(f"{self.pf.path!r}: page {pid} on the free-run list is not a free run")
-            runs.append((pid, length))
-            pid = following
+        for index, pid in enumerate(self._bin_heads(self.pf.view(self.state_pid))):
+            # the last bin also holds the runs of files written before the bins, of any length
+            low, high = (_BIN_MIN[index], _BIN_MIN[index + 1] - 1) if index < _LAST_BIN else (2, count)
+            while pid != -1:
+                if len(runs) >= count:
+                    raise CorruptStorageError(f"{self.pf.path!r}: the free-run lists have a cycle "
+                                              f"through page {pid}")
+                length, following = self._read_free_run(pid, count)
+                if not low <= length <= high:
+                    raise CorruptStorageError(f"{self.pf.path!r}: free run {pid} of {length} pages is on "
+                                              f"the list for runs of {low}..{high} pages")
+                runs.append((pid, length))
+                pid = following
         return runs
+
+    # -- merging -------------------------------------------------------------
+    def merge(self):
+        """Join adjacent free pages and free runs into the longest runs; give back free pages at the end.
+
+        Collects the free-page list and every free run, sorts them by page id
+        and joins neighbours (never across a segment boundary of the map).
+        Joined extents go into the run bins in address order; single pages
+        stay on the free-page list in their previous order (so that pages
+        whose link does not change are not written).  Free pages at the end
+        of the file are dropped by lowering the page count, where
+        :meth:`PageFile.allocate_pids` will take them again.  Returns counts:
+        ``{"entries", "free_pages", "runs", "released"}`` (list entries before,
+        free pages and runs after, pages dropped from the end).
+        """
+        pf = self.pf
+        pf._check_writable()
+        view = self._state()
+        count = pf.page_count
+        link = self._link_reader()
+        singles = []
+        pid = pf.free_head
+        while pid != F.NO_NEXT_FREE_PAGE:
+            if not 0 <= pid < count or len(singles) >= count:
+                raise CorruptStorageError(f"{pf.path!r}: the free-page list is broken at page {pid}")
+            singles.append(pid)
+            pid = link(pid)
+        runs = self.free_runs()
+        keys = [pid << 32 | 1 for pid in singles]
+        keys.extend(pid << 32 | length for pid, length in runs)
+        keys.sort()
+        boundaries = self._segment_starts()
+        state = self.state_pid
+        extents = []
+        start = end = -1
+        for key in keys:
+            first, length = key >> 32, key & 0xFFFFFFFF
+            if first < end:
+                raise CorruptStorageError(f"{pf.path!r}: page {first} is on the free lists twice")
+            if first <= state < first + length:
+                raise CorruptStorageError(f"{pf.path!r}: the allocator page {state} is on a free list")
+            if first == end and first not in boundaries:
+                end += length
+            else:
+                if end >= 0:
+                    extents.append((start, end))
+                start, end = first, first + length
+        if end >= 0:
+            extents.append((start, end))
+        new_count = count
+        while extents and extents[-1][1] == new_count:
+            new_count = extents.pop()[0]
+        result = {"entries": len(keys), "free_pages": len(singles), "runs": len(runs),
+                  "released": count - new_count}
+        if len(extents) == len(keys):  # nothing joined, nothing released: the lists stay
+            F.MERGE.pack_into(view, F.MERGE_AT, 0, len(keys))
+            return result
+        # single pages keep their order on the free-page list
+        alone = {first for first, last in extents if last - first == 1}
+        kept = [pid for pid in singles if pid in alone]
+        following = F.NO_NEXT_FREE_PAGE
+        for pid in reversed(kept):
+            if link(pid) != following:
+                pf._set_link(pid, following)
+            following = pid
+        pf.free_head = following
+        # runs: each bin in address order
+        bins = [[] for _ in _BIN_MIN]
+        for first, last in extents:
+            if last - first >= 2:
+                bins[_bin_of(last - first)].append((first, last - first))
+        for index, members in enumerate(bins):
+            following = -1
+            for pid, length in reversed(members):
+                page = pf.view(pid, 0, _FREE_RUN_END)
+                record = F.FREE_RUN.pack(F.KIND_FREE_RUN, length, following)
+                if page[F.RUN_AT:] != record:
+                    page[F.RUN_AT:] = record
+                if F.PAGE_HEADER.unpack_from(page)[0] != F.NOT_IN_FREE_PAGE_LIST:
+                    F.PAGE_HEADER.pack_into(page, 0, F.NOT_IN_FREE_PAGE_LIST)
+                following = pid
+            self._set_bin_head(view, index, following)
+        nruns = len(extents) - len(kept)
+        F.MERGE.pack_into(view, F.MERGE_AT, 0, len(kept) + nruns)
+        pf.page_count = new_count
+        result.update(free_pages=len(kept), runs=nruns)
+        return result
+
+    def _link_reader(self):
+        """A fast ``pid -> page header`` reader for walking the free-page list (pid must be < page_count)."""
+        segments = self.pf.mapping.segments
+        starts = [segment.start for segment in segments]
+        maps = [segment.map for segment in segments]
+        unpack, bisect_right = F.PAGE_HEADER.unpack_from, bisect.bisect_right
+        origin, page_size = F.HEADER_BLOCK, self.page_size
+
+        def link(pid):
+            offset = origin + pid * page_size
+            index = bisect_right(starts, offset) - 1
+            try:
+                return unpack(maps[index], offset - starts[index])[0]
+            except (struct.error, IndexError):
+                raise CorruptStorageError(f"{self.pf.path!r}: free page {pid} is not in the mapped file") from None
+        return link
+
+    def _segment_starts(self):
+        """Page ids at which a segment of the map starts: no run may cross them."""
+        starts = set()
+        for segment in self.pf.mapping.segments:
+            if segment.start > F.HEADER_BLOCK:
+                pid, partial = divmod(segment.start - F.HEADER_BLOCK, self.page_size)
+                starts.add(pid)
+                if partial:
+                    starts.add(pid + 1)
+        return starts

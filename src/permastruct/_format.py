@@ -20,8 +20,9 @@ Static header: magic ``b"PSTRUCT\\x00"``, format version, flags, page size,
 header block size.  It is written once, when the file is created.
 
 Root records: two alternating copies of the state that a commit moves
-forward: transaction number, the logical page count, the head of the free-page
-list and eight slots for the layers above the page file (schema, root object,
+forward: transaction number, the logical page count (the allocator lowers
+it when a merge finds the last pages free), the head of the free-page list
+and eight slots for the layers above the page file (schema, root object,
 string registry, allocator state page).  Opening picks the valid record with
 the higher transaction number; a commit writes the *other* one, so a torn
 write of a root record leaves the previous one intact.
@@ -40,10 +41,32 @@ kind byte:
                    linked "partial" list per size class.
 ``KIND_RUN``       the first page of a run of ``npages`` pages holding one
                    large object at page offset ``RUN_OBJECT`` (64).
-``KIND_FREE_RUN``  the first page of a free run of ``npages`` pages, linked
-                   through ``next``.
+``KIND_FREE_RUN``  the first page of a free run of ``npages`` (>= 2) pages,
+                   linked through ``next`` into the bin of its length (see
+                   below); its page header says ``-2``.  The other pages of
+                   a free run keep whatever bytes they had.
 ``KIND_ALLOC``     the allocator state page: the head of each size class's
-                   partial list and the head of the free-run list.
+                   partial list, the heads of the free-run bins and the
+                   merge counters.
+
+Free space is the free-page list (single pages, LIFO) plus the free runs,
+kept in bins by length: bin ``i`` holds runs of ``RUN_BIN_MIN[i]`` up to
+``RUN_BIN_MIN[i + 1] - 1`` pages, the last bin (whose head is the ``ALLOC``
+free-run head) longer ones.  Allocating ``n`` pages takes the low end of the
+first run found from the smallest bin that can fit ``n`` upward; the rest of
+the run goes back into the bin of its new length (one page: the free-page
+list).  Freed runs are pushed on their bin, freed pages on the free-page list,
+and neither is joined with its neighbours at once.  When a run request finds
+no fit and at least half as many list entries were added since the last merge
+as that merge left (``MERGE``: added, left), a *merge* collects both lists,
+sorts them by page id, joins adjacent extents (never across a boundary of
+the current mapping's segments, so a run is always viewable in one piece),
+drops an extent that ends at the page count by lowering the page count (the
+root record's page count can go down; pages past it are unused bytes), and
+rebuilds the bins in address order and the free-page list in its previous
+order.  The ``ALLOC`` flags byte says whether the bins and counters are in
+use: files written before them have 0 there and every run on the last bin's
+list; the writer sets it up on its first change.
 
 Objects: every object starts with ``OBJECT_HEADER``: its type id (uint32)
 and its reference count (uint32: the number of references to it stored in
@@ -60,6 +83,42 @@ aligned (64 in runs).
             string's crc32).
 Structures: header, then the fields in declaration order (base class first),
             each aligned to its size; by-reference fields are uint64 offsets.
+
+Collections (``COLLECTION``, 32 bytes): header, ``count`` (elements),
+``body`` (offset of the internal object holding the elements, 0 when there
+is none yet) and ``aux`` (List: the capacity of its array; Dict, Set and
+SortedDict: a modification number that iterators watch).  Every element,
+key and value is an 8-byte *cell*: signed integers and Bool as int64,
+unsigned integers as uint64, floats as double (Float32 values rounded to
+single precision), references as uint64 offsets (0 is None).
+
+Internal objects belong to exactly one collection (reference count 1) and
+name the type id of their owner, so the cells can be decoded without it:
+
+``ARRAY`` (List)      header, owner type id, capacity; then ``capacity`` cells.
+``TABLE`` (Dict, Set) header, owner type id, ``nslots`` (a power of two),
+                      ``used`` (entries appended so far, minus deleted
+                      ones at the end), ``filled`` (indices that are not
+                      empty: live and deleted; always below ``nslots``,
+                      so a probe ends), ``capacity`` (entries); then
+                      ``nslots`` uint32 indices (0 empty,
+                      0xFFFFFFFF deleted, else entry number + 1), padding to
+                      8 bytes, then ``capacity`` entries in insertion order:
+                      hash (uint32), live flag (uint32), key cell[, value
+                      cell].  Hashes are a fixed function of the key (crc32
+                      for strings, a multiplicative hash for numbers), never
+                      Python's ``hash()``.  Lookup probes linearly from
+                      ``hash & (nslots - 1)``.
+``NODE`` (SortedDict) a B+tree node in a one-page run: header, owner type
+                      id, leaf flag, key count ``n``, next and previous leaf
+                      (leaves only); then ``order + 1`` key cells, then for
+                      a leaf ``order + 1`` value cells, for an inner node
+                      ``order + 2`` child offsets and ``order + 2`` subtree
+                      element counts.  Keys of an inner node separate its
+                      children: every key of child ``i`` is below key ``i``,
+                      every key of child ``i + 1`` is at least key ``i``.
+                      String keys are references, counted once per cell that
+                      holds them (leaf and separators).
 """
 
 import struct
@@ -103,10 +162,24 @@ RUN_AT = 4
 RUN_OBJECT = 64
 # kind, pad, npages, next free run
 FREE_RUN = struct.Struct("<B3xIi")
-# allocator page: kind, pad, number of classes, free run head; then int32 heads
-ALLOC = struct.Struct("<B3xIi")
+# allocator page: kind, flags, pad, number of classes, head of the last free-run bin;
+# then the int32 partial-list heads of the size classes
+ALLOC = struct.Struct("<BB2xIi")
 ALLOC_AT = 4
 ALLOC_HEADS_AT = 16
+#: ALLOC flags: the free-run bins at RUN_BINS_AT and the MERGE counters are in use
+#: (0 in files written before they existed: every free run is on the last bin's list).
+ALLOC_BINNED = 1
+#: Smallest length (pages) of the runs in each free-run bin; a bin holds lengths up to
+#: the next bin's minimum minus one, the last bin everything longer.
+RUN_BIN_MIN = (2, 3, 4, 5, 6, 7, 8, 9, 17, 33, 65, 129, 257, 513, 1025, 2049)
+#: int32 heads of the free-run bins 0 .. len(RUN_BIN_MIN) - 2 (-1: empty), after the
+#: largest possible table of size-class heads; the last bin's head is in ALLOC.
+RUN_BINS_AT = 160
+#: merge counters: list entries (free pages and free runs) added since the last merge,
+#: and the number of entries that merge left; they only decide when to merge again.
+MERGE = struct.Struct("<II")
+MERGE_AT = 220
 INT32 = struct.Struct("<i")
 UINT32 = struct.Struct("<I")
 UINT64 = struct.Struct("<Q")
@@ -115,6 +188,9 @@ UINT64 = struct.Struct("<Q")
 SIZE_CLASSES = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448,
                 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 4096,
                 5120, 6144, 8192, 10240, 12288, 16384, 20480, 24576, 32768)
+assert ALLOC_HEADS_AT + 4 * len(SIZE_CLASSES) <= RUN_BINS_AT
+assert RUN_BINS_AT + 4 * (len(RUN_BIN_MIN) - 1) <= MERGE_AT
+assert MERGE_AT + MERGE.size <= MIN_PAGE_SIZE
 
 # -- objects -----------------------------------------------------------------
 OBJECT_HEADER = struct.Struct("<II")  # type id, reference count
@@ -122,6 +198,13 @@ STRING = struct.Struct("<IIII")  # type, refs, crc32, length
 BUFFER = struct.Struct("<IIQIIBB6x")  # type, refs, nbytes, data offset, itemsize, ndim, fmtlen
 assert BUFFER.size == 32
 REGISTRY = struct.Struct("<IIQQ")  # type, refs, count, capacity
+COLLECTION = struct.Struct("<IIQQQ")  # type, refs, count, body, aux
+ARRAY = struct.Struct("<IIIIQ")  # type, refs, owner type, pad, capacity
+TABLE = struct.Struct("<IIIIQQQQ")  # type, refs, owner type, pad, nslots, used, filled, capacity
+NODE = struct.Struct("<IIIBxHQQ")  # type, refs, owner type, leaf, n, next leaf, previous leaf
+assert (COLLECTION.size, ARRAY.size, TABLE.size, NODE.size) == (32, 24, 48, 32)
+CELL = 8
+TABLE_EMPTY, TABLE_DELETED = 0, 0xFFFFFFFF
 MAX_FORMAT = 255
 MAX_NDIM = 64
 
@@ -135,6 +218,7 @@ T_FLOAT32, T_FLOAT64 = 12, 13
 T_BYTESTRING, T_STRING, T_BUFFER, T_STRUCTURE = 16, 17, 18, 19
 # Internal objects.
 T_SCHEMA, T_REGISTRY = 30, 31
+T_ARRAY, T_TABLE, T_NODE = 32, 33, 34  # internal objects of collections
 FIRST_USER_TYPE = 64
 MAX_TYPE_ID = 1 << 20
 
@@ -166,9 +250,26 @@ def unpack_root(data):
     return fields[0], fields[1], fields[2], list(fields[3:3 + ROOT_SLOTS])
 
 
+_STRING_SEED, _BYTES_SEED = zlib.crc32(b"s"), zlib.crc32(b"b")
+
+
 def string_hash(kind, data):
     """The hash stored for a string: crc32 of a kind byte and the bytes, the same in every process."""
-    return zlib.crc32(data, zlib.crc32(b"s" if kind == T_STRING else b"b"))
+    return zlib.crc32(data, _STRING_SEED if kind == T_STRING else _BYTES_SEED)
+
+
+DOUBLE = struct.Struct("<d")
+_MIX = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: Fibonacci hashing
+_MASK64 = (1 << 64) - 1
+
+
+def number_hash(value):
+    """The hash stored for a number key, the same in every process; 1, 1.0 and True hash alike."""
+    if type(value) is float:
+        if not value.is_integer():
+            return zlib.crc32(DOUBLE.pack(value))
+        value = int(value)
+    return ((value & _MASK64) * _MIX & _MASK64) >> 32
 
 
 def size_classes(page_size):
