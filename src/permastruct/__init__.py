@@ -22,6 +22,7 @@ from .buffer import Buffer
 from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError,
                      PermastructError, ReadOnlyError, SchemaError, StorageClosedError,
                      StorageFullError, StorageLockedError, UnpinnedPageError)
+from .collections import Dict, List, Set, SortedDict
 from .storage import Storage
 from .strings import ByteString, String
 from .structure import Structure, StructureMeta
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Storage", "Structure", "StructureMeta", "Buffer", "ByteString", "String",
+    "List", "Dict", "Set", "SortedDict",
     "Int", "Float", "Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32",
     "UInt64", "Float32", "Float64",
     "PermastructError", "StorageClosedError", "ReadOnlyError", "StorageLockedError",

@@ -14,6 +14,7 @@ import zlib
 
 from . import _format as F
 from . import _types as T
+from . import collections as C
 from .errors import CorruptStorageError
 
 
@@ -132,6 +133,13 @@ def check_storage(storage, progress=None):
         elif type_id == F.T_BUFFER:
             _, _, nbytes, data_offset, _, _, _ = F.BUFFER.unpack_from(pf.mapping.view(offset, F.BUFFER.size))
             needed = data_offset + nbytes
+        elif type_id in C.INTERNAL_TYPES:
+            owner_type = classes.get(F.UINT32.unpack_from(pf.mapping.view(offset + 8, 4))[0])
+            if owner_type is None or owner_type._ps_kind not in C.KINDS:
+                fail(f"internal object {offset:#x} names an owner that is not a collection type")
+            needed = owner_type._ps_internal_size(storage, offset, type_id)
+            if needed is None:
+                fail(f"internal object {offset:#x} of type {type_id} does not belong to a {owner_type.__name__}")
         elif type_id in classes:
             needed = ctypes.sizeof(classes[type_id])
         else:
@@ -147,6 +155,8 @@ def check_storage(storage, progress=None):
                     target = getattr(proxy, "_ps_ref_" + name)
                     if target:
                         referenced(target, ftype, f"{cls.__name__}.{name} of {offset:#x}")
+        elif cls is not None and cls._ps_kind in C.KINDS:
+            pf.mapping.from_buffer(cls, offset)._ps_check(referenced, fail)
     slots = pf.slots
     referenced(slots[F.SLOT_SCHEMA], None, "the schema slot")
     if F.UINT32.unpack_from(pf.mapping.view(slots[F.SLOT_SCHEMA], 4))[0] != F.T_SCHEMA:
@@ -197,4 +207,5 @@ def check_storage(storage, progress=None):
 def _type_name(classes, type_id):
     if type_id in classes:
         return classes[type_id].__name__
-    return {F.T_SCHEMA: "(schema)", F.T_REGISTRY: "(registry)"}.get(type_id, str(type_id))
+    return {F.T_SCHEMA: "(schema)", F.T_REGISTRY: "(registry)", F.T_ARRAY: "(list arrays)",
+            F.T_TABLE: "(hash tables)", F.T_NODE: "(tree nodes)"}.get(type_id, str(type_id))

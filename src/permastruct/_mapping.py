@@ -147,7 +147,7 @@ class FileIO:
 class Segment:
     """A fixed range of the file mapped once: ``start`` and ``length`` in bytes."""
 
-    __slots__ = ("start", "length", "map", "address")
+    __slots__ = ("start", "length", "map", "address", "view")
 
     def __init__(self, start, length, fileno):
         self.start = start
@@ -156,6 +156,8 @@ class Segment:
         anchor = ctypes.c_char.from_buffer(self.map)
         self.address = ctypes.addressof(anchor)
         del anchor
+        #: A view of the whole segment, sliced by MappedFile.view (released at close).
+        self.view = memoryview(self.map)
 
 
 class MappedFile:
@@ -251,7 +253,7 @@ class MappedFile:
         local = offset - segment.start
         if local + length > segment.length:
             raise IndexError(f"range {offset:#x}+{length} crosses the end of a segment")
-        return memoryview(segment.map)[local:local + length]
+        return segment.view[local:local + length]
 
     def from_buffer(self, ctype, offset):
         """A ctypes instance of ``ctype`` living in the map at file ``offset``."""
@@ -328,6 +330,7 @@ class MappedFile:
     def close(self):
         """Unmap what can be unmapped; segments still referenced by proxies stay until collected."""
         for segment in self.segments:
+            segment.view.release()
             try:
                 segment.map.close()
             except BufferError:

@@ -6,6 +6,7 @@ import sys
 import tempfile
 
 from . import _format as F
+from . import collections as C
 from ._check import check_storage
 from .errors import PermastructError
 from .storage import Storage
@@ -81,6 +82,9 @@ def info(path, out=print):
                 base = cls.__bases__[0].__name__
                 fields = ", ".join(f"{name}: {p._type_name(ftype)}" for name, ftype in cls._ps_own_fields)
                 out(f"  {cls.__name__}({base}): {fields or 'no fields'}")
+            elif cls._ps_kind in C.KINDS:
+                params = ", ".join(p._type_name(t) for t in cls._ps_params)
+                out(f"  {cls.__name__} = {C.DESCRIPTORS[cls._ps_kind].__name__}[{params}]")
     return 0
 
 

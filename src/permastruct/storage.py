@@ -24,6 +24,7 @@ import weakref
 
 from . import _format as F
 from . import _types as T
+from . import collections as C
 from ._alloc import Allocator
 from .buffer import Buffer, buffer_source
 from .errors import (CorruptStorageError, PermastructError, ReadOnlyError, SchemaError,
@@ -37,11 +38,15 @@ __all__ = ["Storage", "Structure", "StructureMeta"]
 DEFAULT_FILE_SIZE = 64 * 1024
 
 
+DEFAULT_REGISTRY_SIZE = 64
+
+
 class _ProxyRef(weakref.ref):
     """A weak reference to the one live proxy of the object at ``offset``."""
 
     __slots__ = ("offset",)
-DEFAULT_REGISTRY_SIZE = 64
+
+
 _PREDEFINED = {F.T_BYTESTRING: ByteString, F.T_STRING: String, F.T_BUFFER: Buffer}
 
 
@@ -80,6 +85,7 @@ class Storage:
     def __init__(self, fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
                  sync=True, pageSize=F.DEFAULT_PAGE_SIZE):
         self._closed = True
+        self._closing = False
         self.readonly = bool(readonly)
         for name, value in (("fileSize", fileSize), ("stringRegistrySize", stringRegistrySize)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -112,8 +118,9 @@ class Storage:
         self._unreferenced = set()  # objects whose reference count is 0: freed at commit
         self._created = set()
         self._exports = weakref.WeakValueDictionary()
+        self._views = {}  # offset of a collection's internal object -> its cached views
         self._classes_by_id = {}
-        self._structures = []
+        self._user_types = []  # structures and collections, in definition order
         self.schema = Schema(self)
         try:
             if self._volatile:
@@ -145,7 +152,7 @@ class Storage:
         pf.slots[F.SLOT_REGISTRY] = create_registry(self, registry_size)
         self._bind_predefined()
         self._run_populate()
-        for type_id, cls in enumerate(self._structures, F.FIRST_USER_TYPE):
+        for type_id, cls in enumerate(self._user_types, F.FIRST_USER_TYPE):
             cls._ps_type_id = type_id
             self._classes_by_id[type_id] = cls
         text = json.dumps(self._describe_schema(), separators=(",", ":")).encode()
@@ -191,9 +198,13 @@ class Storage:
     def define(self, type_):
         """Define ``type_`` in the schema and return the type to use for fields.
 
-        Predefined types (``Buffer``, ``ByteString``, ``String``, value types)
-        return the storage's own version of them.
+        ``type_`` is a collection descriptor (``List('Agents')[Agent]``), which
+        becomes a new type of the schema, or a predefined type (``Buffer``,
+        ``ByteString``, ``String``, value types), for which the storage's own
+        version is returned.
         """
+        if isinstance(type_, C._Descriptor):
+            return self._define_collection(type_)
         resolved = self._field_type(type_)
         if resolved is None:
             raise SchemaError(f"cannot define {type_!r}: expected a permastruct type")
@@ -212,12 +223,30 @@ class Storage:
                 raise SchemaError(f"{value.__name__} belongs to {value._storage!r}, not to {self!r}")
         return None
 
-    def _register_structure(self, cls):
+    def _define_collection(self, descriptor):
+        from .structure import populating
+        if populating() is not self:
+            raise SchemaError(f"{descriptor!r} must be defined inside {self!r}'s populateSchema()")
+        if descriptor.params is None:
+            raise SchemaError(f"{descriptor!r} needs its element types: {type(descriptor).__name__}"
+                              f"({descriptor.name!r})[{'T' if descriptor.arity == 1 else 'K, V'}]")
+        params = []
+        for param in descriptor.params:
+            resolved = self._field_type(param)
+            if resolved is None:
+                raise SchemaError(f"{descriptor!r}: {param!r} is not a permastruct type")
+            params.append(resolved)
+        cls = C.make_class(self, descriptor.kind, descriptor.name, params)
+        self._register_type(cls)
+        return cls
+
+    def _register_type(self, cls):
+        """Add a structure or collection class to the schema under its name."""
         if self._classes_by_id.get(cls._ps_type_id) is cls:
             return
         if hasattr(self.schema, cls.__name__) and cls.__name__ != "Structure":
             raise SchemaError(f"{self!r}: the schema already has a type named {cls.__name__!r}")
-        self._structures.append(cls)
+        self._user_types.append(cls)
         setattr(self.schema, cls.__name__, cls)
 
     # -- the schema as data ---------------------------------------------------------
@@ -226,7 +255,11 @@ class Storage:
 
     def _describe_schema(self):
         types = []
-        for cls in self._structures:
+        for cls in self._user_types:
+            if cls._ps_kind in C.KINDS:
+                types.append({"id": cls._ps_type_id, "name": cls.__name__, "kind": cls._ps_kind,
+                              "params": [self._type_id_of(t) for t in cls._ps_params]})
+                continue
             base = cls.__bases__[0]
             types.append({"id": cls._ps_type_id, "name": cls.__name__, "kind": "structure",
                           "base": base._ps_type_id if base is not Structure else F.T_STRUCTURE,
@@ -248,9 +281,14 @@ class Storage:
             schema = json.loads(bytes(self._mapping.view(offset + F.STRING.size, length)))
             types = schema["types"]
             for entry in types:
-                entry["id"], entry["name"], entry["base"], entry["fields"] = (
-                    int(entry["id"]), str(entry["name"]), int(entry["base"]),
-                    [(str(name), int(type_id)) for name, type_id in entry["fields"]])
+                entry["id"], entry["name"] = int(entry["id"]), str(entry["name"])
+                if entry.get("kind") in C.KINDS:
+                    entry["params"] = [int(type_id) for type_id in entry["params"]]
+                    if len(entry["params"]) != C.DESCRIPTORS[entry["kind"]].arity:
+                        raise ValueError(f"{entry['name']} has {len(entry['params'])} element types")
+                    continue
+                entry["base"], entry["fields"] = (
+                    int(entry["base"]), [(str(name), int(type_id)) for name, type_id in entry["fields"]])
                 if entry.get("kind") != "structure":
                     raise ValueError(f"unknown kind {entry.get('kind')!r}")
         except (ValueError, KeyError, TypeError) as exc:
@@ -267,8 +305,21 @@ class Storage:
     def _build_schema(self, stored):
         """Build plain classes from the stored schema alone (bare ``Storage(path)``)."""
         for entry in stored:
+            if entry["id"] in self._classes_by_id or entry["id"] < F.FIRST_USER_TYPE \
+                    or not entry["name"].isidentifier() or hasattr(self.schema, entry["name"]):
+                raise CorruptStorageError(f"{self.fileName!r}: stored type {entry['name']!r} is inconsistent")
+            if entry["kind"] in C.KINDS:
+                params = [self._stored_field_type(type_id, f"{entry['name']} element") for type_id in entry["params"]]
+                try:
+                    cls = C.make_class(self, entry["kind"], entry["name"], params)
+                except SchemaError as exc:
+                    raise CorruptStorageError(f"{self.fileName!r}: stored schema: {exc}") from None
+                cls._ps_type_id = entry["id"]
+                self._classes_by_id[entry["id"]] = cls
+                setattr(self.schema, entry["name"], cls)
+                continue
             base = Structure if entry["base"] == F.T_STRUCTURE else self._classes_by_id.get(entry["base"])
-            if base is None or entry["id"] in self._classes_by_id or entry["id"] < F.FIRST_USER_TYPE:
+            if base is None or getattr(base, "_ps_kind", None) != "structure":
                 raise CorruptStorageError(f"{self.fileName!r}: stored type {entry['name']!r} is inconsistent")
             namespace = {"_ps_storage": self, "__module__": "permastruct.schema"}
             for name, type_id in entry["fields"]:
@@ -285,7 +336,7 @@ class Storage:
     def _bind_schema(self, stored):
         """Check that the classes of populateSchema agree with the stored schema; bind them."""
         stored_by_name = {entry["name"]: entry for entry in stored}
-        defined = {cls.__name__: cls for cls in self._structures}
+        defined = {cls.__name__: cls for cls in self._user_types}
         missing = sorted(set(stored_by_name) - set(defined))
         extra = sorted(set(defined) - set(stored_by_name))
         if missing or extra:
@@ -298,6 +349,13 @@ class Storage:
         names_by_id[F.T_STRUCTURE] = "Structure"
         for name, cls in defined.items():
             entry = stored_by_name[name]
+            if cls._ps_kind in C.KINDS or entry["kind"] in C.KINDS:
+                python_params = [self._type_name(t) for t in cls._ps_params] if cls._ps_kind in C.KINDS else None
+                stored_params = [names_by_id.get(type_id, f"type {type_id}") for type_id in entry.get("params", ())]
+                if cls._ps_kind != entry["kind"] or python_params != stored_params:
+                    raise SchemaError(f"{self.fileName!r}: {name} is {_kind_text(cls._ps_kind, python_params)} "
+                                      f"in Python but {_kind_text(entry['kind'], stored_params)} in the file")
+                continue
             base = cls.__bases__[0]
             if names_by_id.get(entry["base"]) != base.__name__:
                 raise SchemaError(f"{self.fileName!r}: {name} derives from {base.__name__} in Python "
@@ -308,7 +366,7 @@ class Storage:
             if python_fields != stored_fields:
                 raise SchemaError(f"{self.fileName!r}: fields of {name} differ: Python has "
                                   f"{_fields_text(python_fields)}, the file has {_fields_text(stored_fields)}")
-        for cls in self._structures:
+        for cls in self._user_types:
             cls._ps_type_id = stored_by_name[cls.__name__]["id"]
             self._classes_by_id[cls._ps_type_id] = cls
 
@@ -385,7 +443,14 @@ class Storage:
         return self._adopt(offset, proxy)
 
     def _construct(self, cls, *args, **kwargs):
-        """``p.schema.ByteString(b"...")``, ``p.schema.String("...")``, ``p.schema.Buffer(obj)``."""
+        """``p.schema.ByteString(b"...")``, ``p.schema.String("...")``, ``p.schema.Buffer(obj)``,
+        ``p.schema.Agents([...])`` and the other collections."""
+        if cls._ps_kind in C.KINDS:
+            if len(args) > 1:
+                raise TypeError(f"{cls.__name__}() takes at most one positional argument ({len(args)} given)")
+            self._check_writable()
+            offset = cls._ps_build(self, args[0] if args else None, **kwargs)
+            return self._adopt(offset, self._mapping.from_buffer(cls, offset))
         if kwargs or len(args) != 1:
             raise TypeError(f"{cls.__name__}() takes exactly one positional argument")
         offset = self._coerce(cls, args[0], f"{cls.__name__}()")
@@ -441,7 +506,89 @@ class Storage:
                 return self._new_string(F.T_BYTESTRING, bytes(value))
         elif kind == "buffer" and not isinstance(value, str):
             return self._new_buffer(value)
+        elif kind in C.KINDS:
+            return ftype._ps_from_python(self, value, where)
         raise TypeError(f"{where} holds {ftype.__name__}: cannot store a {type(value).__name__}")
+
+    def _coerce_check(self, ftype, value, where):
+        """Raise the TypeError ``_coerce`` would raise for ``value``, without creating anything."""
+        kind = ftype._ps_kind
+        if kind == "string":
+            python = str if ftype._ps_type_id == F.T_STRING else (bytes, bytearray, memoryview)
+            if isinstance(value, python):
+                return
+        elif kind == "buffer" and not isinstance(value, str):
+            buffer_source(value).release()
+            return
+        elif kind in C.KINDS and ftype._ps_accepts(value):
+            return
+        raise TypeError(f"{where} holds {ftype.__name__}: cannot store a {type(value).__name__}")
+
+    def _reference_check(self, ftype, value, where):
+        """Check that proxy ``value`` may be stored where ``ftype`` is expected; return its offset."""
+        if type(value)._ps_closed:
+            value._ps_type  # a dead proxy raises its own error here
+        if type(value)._storage is not self:
+            raise ValueError(f"{where}: {value!r} belongs to {type(value)._storage!r}, not to {self!r}")
+        if not isinstance(value, ftype):
+            raise TypeError(f"{where} holds {ftype.__name__}, not {type(value).__name__}")
+        return self._offset(value)
+
+    def _reference_to(self, ftype, value, where):
+        """The offset to store for ``value`` in a by-reference slot of type ``ftype`` (0 for None).
+
+        A proxy is checked; a plain Python value becomes a new object.  The
+        caller increfs the result once it is stored.
+        """
+        if value is None:
+            return 0
+        if isinstance(value, T.Persistent):
+            return self._reference_check(ftype, value, where)
+        return self._coerce(ftype, value, where)
+
+    def _string_data(self, offset):
+        """The bytes of the string object at ``offset`` (a hot path of sorted-key searches).
+
+        An object never spans two segments, so bounding the read by the
+        segment keeps a damaged offset from reading outside the map.
+        """
+        try:
+            segment = self._mapping.segment_of(offset)
+        except IndexError:
+            raise CorruptStorageError(f"{self.fileName!r}: string {offset:#x} is outside the file") from None
+        start = offset - segment.start + F.STRING.size
+        if start > segment.length:
+            raise CorruptStorageError(f"{self.fileName!r}: string {offset:#x} crosses the end of a segment")
+        end = start + F.UINT32.unpack_from(segment.map, start - 4)[0]
+        if end > segment.length:
+            raise CorruptStorageError(f"{self.fileName!r}: string {offset:#x} crosses the end of a segment")
+        return segment.map[start:end]
+
+    def _string_equals(self, offset, data):
+        """Whether the string object at ``offset`` holds ``data`` (a hot path of lookups).
+
+        An object never spans two segments, so bounding the read by the
+        segment keeps a damaged offset from reading outside the map.
+        """
+        try:
+            segment = self._mapping.segment_of(offset)
+        except IndexError:
+            raise CorruptStorageError(f"{self.fileName!r}: string {offset:#x} is outside the file") from None
+        local = offset - segment.start
+        if local + F.STRING.size > segment.length:
+            raise CorruptStorageError(f"{self.fileName!r}: string {offset:#x} crosses the end of a segment")
+        length = F.UINT32.unpack_from(segment.map, local + 12)[0]
+        if length != len(data):
+            return False
+        start = local + F.STRING.size
+        if start + length > segment.length:
+            raise CorruptStorageError(f"{self.fileName!r}: string {offset:#x} crosses the end of a segment")
+        return segment.map[start:start + length] == data
+
+    def _drop_internal(self, offset):
+        """Free a collection's internal object at once (it was replaced or emptied)."""
+        self._views.pop(offset, None)
+        self._allocator.free(offset)
 
     def _ref_setter(self, cls, name, ftype):
         """The write function of by-reference field ``cls.name`` (reference counts included)."""
@@ -449,19 +596,10 @@ class Storage:
         get, put = hidden.__get__, hidden.__set__
         where = f"{cls.__name__}.{name}"
 
+        reference_to = self._reference_to
+
         def set_reference(proxy, value):
-            if value is None:
-                new = 0
-            elif isinstance(value, T.Persistent):
-                if type(value)._ps_closed:
-                    value._ps_type  # a dead proxy raises its own error here
-                if type(value)._storage is not self:
-                    raise ValueError(f"{where}: {value!r} belongs to {type(value)._storage!r}, not to {self!r}")
-                if not isinstance(value, ftype):
-                    raise TypeError(f"{where} holds {ftype.__name__}, not {type(value).__name__}")
-                new = self._offset(value)
-            else:
-                new = self._coerce(ftype, value, where)
+            new = reference_to(ftype, value, where)
             if new:
                 self._incref(new)
             old = get(proxy)
@@ -493,7 +631,16 @@ class Storage:
     def references(self, offset):
         """The offsets referenced by the object at ``offset`` (for freeing and checking)."""
         type_id = F.UINT32.unpack_from(self._mapping.view(offset, 4))[0]
+        if type_id in C.INTERNAL_TYPES:
+            type_id = F.UINT32.unpack_from(self._mapping.view(offset + 8, 4))[0]
+            owner = self._classes_by_id.get(type_id)
+            if owner is None or owner._ps_kind not in C.KINDS:
+                raise CorruptStorageError(f"{self.fileName!r}: the internal object at {offset:#x} names "
+                                          f"owner type {type_id}")
+            return owner._ps_references(self, offset, F.UINT32.unpack_from(self._mapping.view(offset, 4))[0])
         cls = self._classes_by_id.get(type_id)
+        if cls is not None and cls._ps_kind in C.KINDS:
+            return cls._ps_references(self, offset, type_id)
         if cls is None or cls._ps_kind != "structure":
             return []
         proxy = self._mapping.from_buffer(cls, offset)
@@ -506,9 +653,8 @@ class Storage:
         for child in self.references(offset):
             self._decref(child)
         self._unreferenced.discard(offset)
-        ref = self._proxies.pop(offset, None)
-        if ref is not None and ref() is not None:
-            object.__setattr__(ref(), "__class__", T.closed_class(type(ref()), rolled_back=True))
+        self._views.pop(offset, None)
+        self._kill_proxy(offset, rolled_back=not self._closing)
         self._allocator.free(offset)
 
     def _collect_unreferenced(self, everything=False):
@@ -580,6 +726,7 @@ class Storage:
         self._check_writable()
         created = self._created
         self._page_file.discard()
+        self._views.clear()
         self._unreferenced.clear()
         self._created = set()
         self._root = None
@@ -607,6 +754,7 @@ class Storage:
         """Commit what is pending and release the file; calling it again does nothing."""
         if self._closed:
             return
+        self._closing = True
         try:
             if not self.readonly and not self._page_file.io.sync_failed:
                 self._collect_unreferenced(everything=True)
@@ -614,6 +762,7 @@ class Storage:
         finally:
             self._closed = True
             self._root = None
+            self._views.clear()
             for offset in list(self._proxies):
                 self._kill_proxy(offset)
             for view in list(self._exports.values()):
@@ -644,6 +793,12 @@ class Storage:
         """The size of the file in bytes."""
         self._check_open()
         return self._page_file.io.size()
+
+
+def _kind_text(kind, params):
+    if kind not in C.KINDS:
+        return "a structure"
+    return f"a {kind} of ({', '.join(params or ())})"
 
 
 def _fields_text(fields):

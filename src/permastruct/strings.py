@@ -43,6 +43,32 @@ class _PersistentString(Persistent):
         result = self.__eq__(other)
         return result if result is NotImplemented else not result
 
+    def _ps_order(self, other):
+        """``(self's value, other's value)`` for an ordering comparison, or None."""
+        if isinstance(other, _PersistentString):
+            if type(other)._ps_type_id != type(self)._ps_type_id:
+                return None
+            return self._ps_bytes(), other._ps_bytes()  # UTF-8 bytes order like code points
+        if isinstance(other, self._ps_python_type):
+            return self.contents, other
+        return None
+
+    def __lt__(self, other):
+        pair = self._ps_order(other)
+        return NotImplemented if pair is None else pair[0] < pair[1]
+
+    def __le__(self, other):
+        pair = self._ps_order(other)
+        return NotImplemented if pair is None else pair[0] <= pair[1]
+
+    def __gt__(self, other):
+        pair = self._ps_order(other)
+        return NotImplemented if pair is None else pair[0] > pair[1]
+
+    def __ge__(self, other):
+        pair = self._ps_order(other)
+        return NotImplemented if pair is None else pair[0] >= pair[1]
+
 
 class ByteString(_PersistentString):
     """An immutable persistent ``bytes`` value.

@@ -89,7 +89,7 @@ class StructureMeta(PersistentMeta):
         cls._ps_setters = _make_setters(cls, storage)
         cls.__setattr__ = _make_setattr(cls, storage.readonly)
         cls._ps_type_id = 0
-        storage._register_structure(cls)
+        storage._register_type(cls)
         return cls
 
     def __call__(cls, *args, **fields):

@@ -1,0 +1,2183 @@
+"""Persistent collections: ``List``, ``Dict``, ``Set`` and ``SortedDict``.
+
+A *descriptor* names a collection type and its element types; ``define``
+turns it into a proxy class of the storage::
+
+    Agents = self.define(List("Agents")[Agent])
+    ByName = self.define(Dict("ByName")[self.schema.ByteString, Agent])
+    Tags = self.define(Set("Tags")[self.schema.String])
+    ByAge = self.define(SortedDict("ByAge")[self.schema.Int, Agent])
+
+The proxies behave like ``list``, ``dict`` (insertion ordered), ``set``
+(insertion ordered) and a sorted dict (a B+tree of pages).  The byte layout
+of the collection objects and their internal arrays, hash tables and tree
+nodes is in :mod:`permastruct._format`.
+
+Ownership: a collection holds one reference on every by-reference element,
+key and value it stores.  Removing, overwriting or clearing drops that
+reference; an object that nothing in the file references any more, and that
+no live proxy holds, is freed at the next commit.  Interned strings stay as
+long as the string registry holds them.
+"""
+
+import bisect
+import collections.abc as abc
+import ctypes
+import math
+import struct
+from array import array
+
+from . import _format as F
+from . import _types as T
+from .errors import CorruptStorageError, ReadOnlyError, SchemaError
+
+__all__ = ["List", "Dict", "Set", "SortedDict"]
+
+_INTERNAL_HEADER = struct.Struct("<III")  # type, refs, owner type: the start of ARRAY, TABLE, NODE
+
+
+# -- descriptors ------------------------------------------------------------------
+class _Descriptor:
+    """``Kind('Name')[types]``: what ``Storage.define`` needs to create a collection type."""
+
+    kind = None
+    arity = 1
+
+    def __init__(self, name, params=None):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise SchemaError(f"a collection type needs a name that is an identifier, not {name!r}")
+        self.name = name
+        self.params = params
+
+    def __getitem__(self, params):
+        if self.params is not None:
+            raise SchemaError(f"{self!r} already has its element types")
+        if not isinstance(params, tuple):
+            params = (params,)
+        if len(params) != self.arity:
+            raise SchemaError(f"{type(self).__name__}({self.name!r}) takes {self.arity} type(s), "
+                              f"not {len(params)}")
+        return type(self)(self.name, params)
+
+    def __repr__(self):
+        text = f"{type(self).__name__}({self.name!r})"
+        if self.params is not None:
+            text += "[" + ", ".join(getattr(p, "__name__", repr(p)) for p in self.params) + "]"
+        return text
+
+
+class List(_Descriptor):
+    """``List('Name')[T]``: a persistent list of ``T``."""
+
+    kind = "list"
+
+
+class Dict(_Descriptor):
+    """``Dict('Name')[K, V]``: a persistent, insertion-ordered dict from ``K`` to ``V``."""
+
+    kind = "dict"
+    arity = 2
+
+
+class Set(_Descriptor):
+    """``Set('Name')[K]``: a persistent, insertion-ordered set of ``K``."""
+
+    kind = "set"
+
+
+class SortedDict(_Descriptor):
+    """``SortedDict('Name')[K, V]``: a persistent dict ordered by key (a B+tree)."""
+
+    kind = "sorteddict"
+    arity = 2
+
+
+DESCRIPTORS = {cls.kind: cls for cls in (List, Dict, Set, SortedDict)}
+INTERNAL_TYPES = (F.T_ARRAY, F.T_TABLE, F.T_NODE)
+
+
+class _Missing(Exception):
+    """A lookup key that cannot be in the collection (wrong type or value)."""
+
+
+def _unhashable(key):
+    if type(key).__hash__ is None:
+        raise TypeError(f"unhashable type: '{type(key).__name__}'")
+
+
+# -- cells: how one element type is stored in 8 bytes ------------------------------------
+class _Cell:
+    """Encoding of values of field type ``ftype`` in an 8-byte cell.
+
+    ``encode(value)`` validates (``TypeError``/``OverflowError``) and returns
+    the cell; for by-reference types it may create a new persistent object
+    (the caller increfs it once it is stored).  ``decode`` is None when the
+    cell already is the Python value.
+    """
+
+    def __init__(self, storage, ftype, owner, role):
+        self.type = ftype
+        self.is_ref = not isinstance(ftype, T.ValueType)
+        where = f"{owner} {role}"
+        if self.is_ref:
+            self.code = "Q"
+            reference, proxy = storage._reference_to, storage._proxy
+
+            def encode(value):
+                return reference(ftype, value, where)
+
+            def decode(cell):
+                return proxy(cell) if cell else None
+            self.encode, self.decode = encode, decode
+            return
+        check = ftype.checker(role, owner)
+        if ftype.kind == "float":
+            self.code = "d"
+            if ftype.pack is not None:  # Float32: keep single precision
+                unpack = struct.Struct("<f").unpack
+
+                def encode(value):
+                    return unpack(ftype.pack(check(value)))[0]
+                self.encode = encode
+            else:
+                self.encode = check
+            self.decode = None
+        elif ftype.kind == "bool":
+            self.code = "q"
+            self.encode = lambda value: int(check(value))
+            self.decode = bool
+        else:
+            self.code = "Q" if ftype.low == 0 else "q"
+            self.encode = check
+            self.decode = None
+
+
+class _Key(_Cell):
+    """A cell used as a key: hashing, normalising lookups, comparing."""
+
+    def __init__(self, storage, ftype, owner, role):
+        if not isinstance(ftype, T.ValueType) and getattr(ftype, "_ps_kind", None) != "string":
+            raise SchemaError(f"{owner}: {role}s must be numbers, ByteString or String, "
+                              f"not {getattr(ftype, '__name__', ftype)}")
+        super().__init__(storage, ftype, owner, role)
+        self.storage = storage
+        if self.is_ref:
+            self.string_type = ftype._ps_type_id
+            self.python = str if self.string_type == F.T_STRING else (bytes, bytearray, memoryview)
+            self.exact = str if self.string_type == F.T_STRING else bytes
+        else:
+            self.exact = int if ftype.kind == "int" else None
+            self.number_kind = ftype.kind
+            self.low, self.high = ftype.low, ftype.high
+            self.f32 = ftype.pack
+
+    # -- numbers --
+    def _number(self, key):
+        """``key`` as the stored Python number, or _Missing."""
+        kind = self.number_kind
+        if type(key) is bool or isinstance(key, (int, float)):
+            if kind == "float":
+                try:
+                    value = float(key)
+                except OverflowError:
+                    raise _Missing from None
+                if value != key:  # NaN, or an int no double equals (2**53 + 1)
+                    raise _Missing
+                if self.f32 is not None:
+                    try:
+                        value = struct.unpack("<f", self.f32(value))[0]
+                    except (OverflowError, struct.error):
+                        raise _Missing from None
+                    if value != key:
+                        raise _Missing
+                return value
+            if isinstance(key, float):
+                if not key.is_integer():
+                    raise _Missing
+                key = int(key)
+            key = int(key)
+            if kind == "bool":
+                if key not in (0, 1):
+                    raise _Missing
+                return key
+            if not self.low <= key <= self.high:
+                raise _Missing
+            return key
+        raise _Missing
+
+    # -- the three ways a key arrives --
+    def lookup(self, key):
+        """``(hash, data)`` for a lookup; raises _Missing if ``key`` cannot be present."""
+        kind = type(key)
+        if kind is self.exact:  # the common case first: bytes, str or int
+            if kind is bytes:
+                return F.string_hash(F.T_BYTESTRING, key), key
+            if kind is str:
+                try:
+                    data = key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _Missing from None
+                return F.string_hash(F.T_STRING, data), data
+            if self.low <= key <= self.high:
+                return F.number_hash(key), key
+        _unhashable(key)
+        if not self.is_ref:
+            value = self._number(key)
+            return F.number_hash(value), value
+        if isinstance(key, T.Persistent):
+            if type(key)._ps_kind != "string" or type(key)._ps_type_id != self.string_type:
+                raise _Missing
+            return key._ps_hash, key._ps_bytes()
+        if not isinstance(key, self.python):
+            raise _Missing
+        try:
+            data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+        except UnicodeEncodeError:  # a lone surrogate: no stored String can hold it
+            raise _Missing from None
+        return F.string_hash(self.string_type, data), data
+
+    def store(self, key):
+        """``(hash, data)`` for a key about to be stored: TypeError/OverflowError/ValueError if it cannot be."""
+        _unhashable(key)
+        if not self.is_ref:
+            value = self.encode(key)
+            if value != value:
+                raise ValueError(f"{self.type.name} NaN cannot be a key")
+            if self.decode is bool:
+                value = int(value)
+            return F.number_hash(value), value
+        if isinstance(key, T.Persistent):
+            self.encode(key)  # storage, type and liveness checks
+            return key._ps_hash, key._ps_bytes()
+        if not isinstance(key, self.python):
+            self.encode(key)  # raises the TypeError of a wrong type
+        data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+        return F.string_hash(self.string_type, data), data
+
+    def new_cell(self, key, data):
+        """The cell for a stored ``key`` (by-reference keys: an existing proxy or a new string)."""
+        if not self.is_ref:
+            return data
+        if isinstance(key, T.Persistent):
+            return self.storage._offset(key)
+        return self.storage._new_string(self.string_type, data)
+
+    def bound(self, key):
+        """A comparable form of ``key`` for bisect and irange (TypeError if not comparable)."""
+        if not self.is_ref:
+            if type(key) is bool or isinstance(key, (int, float)):
+                return key
+            raise TypeError(f"'<' not supported between a {self.type.name} key and {type(key).__name__}")
+        try:
+            return self.lookup(key)[1]
+        except _Missing:
+            raise TypeError(f"'<' not supported between a {self.type.__name__} key and "
+                            f"{type(key).__name__}") from None
+
+# -- the proxy base -----------------------------------------------------------------
+class _Collection(T.Persistent):
+    """Common part of the collection proxies: the 32-byte COLLECTION header."""
+
+    _fields_ = [("_ps_count", ctypes.c_uint64), ("_ps_body", ctypes.c_uint64),
+                ("_ps_aux", ctypes.c_uint64)]
+    __slots__ = ()
+    __hash__ = None
+    _ps_params = ()
+    _ps_readonly = False
+
+    def __len__(self):
+        return self._ps_count
+
+    def _ps_storage(self):
+        """The storage, for a change: refuses read-only storages."""
+        storage = type(self)._storage
+        if storage.readonly:
+            raise ReadOnlyError(f"{storage!r} is open read-only: cannot change a {type(self).__name__}")
+        return storage
+
+    @classmethod
+    def _ps_create(cls, storage, *args, **kwargs):
+        """A new, empty collection object; returns its offset."""
+        offset = storage._new_object(cls, F.COLLECTION.size)
+        return offset
+
+    @classmethod
+    def _ps_from_python(cls, storage, value, where):
+        """A new collection holding the elements of plain Python ``value`` (a field assignment)."""
+        if not cls._ps_accepts(value):
+            raise TypeError(f"{where} holds {cls.__name__}: cannot store a {type(value).__name__}")
+        return cls._ps_build(storage, value)
+
+    @classmethod
+    def _ps_build(cls, storage, source, **options):
+        offset = storage._new_object(cls, F.COLLECTION.size)
+        proxy = storage._mapping.from_buffer(cls, offset)
+        try:
+            proxy._ps_init(source, **options)
+        except BaseException:
+            storage._free_object(offset)
+            raise
+        return offset
+
+    def _ps_init(self, source, **options):
+        if options:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) "
+                            f"{', '.join(options)}")
+        if source is not None:
+            self._ps_fill(source)
+
+    def _ps_incref(self, storage, cell):
+        if cell:
+            storage._incref(cell)
+
+    def _ps_internal(self, storage, type_id, size):
+        """A new zeroed internal object of this collection (reference count 1)."""
+        offset = storage._allocator.alloc(size)
+        _INTERNAL_HEADER.pack_into(storage._mapping.view(offset, _INTERNAL_HEADER.size), 0,
+                                   type_id, 1, type(self)._ps_type_id)
+        return offset
+
+    def _ps_bad(self, what):
+        storage = type(self)._storage
+        return CorruptStorageError(f"{storage.fileName!r}: {type(self).__name__} at {self._ps_offset:#x}: {what}")
+
+    def _ps_check_internal(self, offset, type_id, size):
+        storage = type(self)._storage
+        storage._check_offset(offset, size)
+        kind, _, owner = _INTERNAL_HEADER.unpack_from(storage._mapping.view(offset, _INTERNAL_HEADER.size))
+        if kind != type_id or owner != type(self)._ps_type_id:
+            raise self._ps_bad(f"its internal object at {offset:#x} has type {kind} of owner {owner}")
+
+
+def _slice_length(start, stop, step):
+    return len(range(start, stop, step))
+
+
+# -- List ----------------------------------------------------------------------------
+class PersistentList(_Collection):
+    """A persistent list (``collections.abc.MutableSequence``).
+
+    >>> from permastruct import Storage, List
+    >>> class S(Storage):
+    ...     def populateSchema(self):
+    ...         self.define(List("Ints")[self.schema.Int])
+    >>> p = S(None)
+    >>> numbers = p.schema.Ints([3, 1, 2])
+    >>> numbers.append(5); numbers.sort(); numbers[:], numbers[-1], len(numbers)
+    ([1, 2, 3, 5], 5, 4)
+    """
+
+    __slots__ = ()
+    _ps_kind = "list"
+
+    @classmethod
+    def _ps_prepare(cls, storage):
+        cls._ps_cell = _Cell(storage, cls._ps_params[0], cls.__name__, "element")
+
+    @staticmethod
+    def _ps_accepts(value):
+        return isinstance(value, abc.Iterable) and not isinstance(
+            value, (str, bytes, bytearray, memoryview, abc.Mapping, T.Persistent)) or isinstance(value, PersistentList)
+
+    # -- the array --
+    def _ps_cells(self):
+        """A memoryview of the array's cells (cast to the cell code), cached per array."""
+        body = self._ps_body
+        storage = type(self)._storage
+        cells = storage._views.get(body)
+        if cells is None:
+            capacity = self._ps_aux
+            self._ps_check_internal(body, F.T_ARRAY, F.ARRAY.size + F.CELL * capacity)
+            if F.ARRAY.unpack_from(storage._mapping.view(body, F.ARRAY.size))[4] != capacity:
+                raise self._ps_bad("its array has another capacity than the list says")
+            if self._ps_count > capacity:
+                raise self._ps_bad(f"{self._ps_count} elements in an array of {capacity}")
+            cells = storage._mapping.view(body + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
+            storage._views[body] = cells
+        return cells
+
+    def _ps_resize(self, storage, capacity):
+        """Move the elements to a new array of ``capacity`` cells (0: no array)."""
+        count, old = self._ps_count, self._ps_body
+        new = 0
+        if capacity:
+            new = self._ps_internal(storage, F.T_ARRAY, F.ARRAY.size + F.CELL * capacity)
+            F.UINT64.pack_into(storage._mapping.view(new + 16, 8), 0, capacity)
+            if count:
+                fresh = storage._mapping.view(new + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
+                fresh[:count] = self._ps_cells()[:count]
+                fresh.release()
+        self._ps_body, self._ps_aux = new, capacity
+        if old:
+            storage._drop_internal(old)
+
+    def _ps_reserve(self, storage, needed):
+        capacity = self._ps_aux
+        if needed > capacity:
+            self._ps_resize(storage, max(needed, 8, capacity + (capacity >> 1)))
+        return self._ps_cells()
+
+    def _ps_maybe_shrink(self, storage):
+        count, capacity = self._ps_count, self._ps_aux
+        if count == 0:
+            if capacity:
+                self._ps_resize(storage, 0)
+        elif capacity > 16 and count < capacity >> 2:
+            self._ps_resize(storage, max(8, count * 2))
+
+    def _ps_values(self, start=0, stop=None):
+        """The Python values of elements ``start:stop``."""
+        count = self._ps_count
+        stop = count if stop is None else min(stop, count)
+        if start >= stop:
+            return []
+        cells = self._ps_cells()[start:stop].tolist()
+        decode = type(self)._ps_cell.decode
+        return cells if decode is None else [decode(c) for c in cells]
+
+    def _ps_encode_all(self, values):
+        encode = type(self)._ps_cell.encode
+        return [encode(v) for v in values]
+
+    def _ps_fill(self, source):
+        self.extend(source)
+
+    # -- reading --
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._ps_count)
+            if step == 1:
+                return self._ps_values(start, stop)
+            return self._ps_values()[index]
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}") from None
+        count = self._ps_count
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("list index out of range")
+        cell = self._ps_cells()[index]
+        decode = type(self)._ps_cell.decode
+        return cell if decode is None else decode(cell)
+
+    def __iter__(self):
+        decode = type(self)._ps_cell.decode
+        index, body, cells = 0, None, None
+        while index < self._ps_count:
+            if self._ps_body != body:
+                body, cells = self._ps_body, self._ps_cells()
+            cell = cells[index]
+            yield cell if decode is None else decode(cell)
+            index += 1
+
+    def __reversed__(self):
+        decode = type(self)._ps_cell.decode
+        index, body, cells = self._ps_count - 1, None, None
+        while 0 <= index < self._ps_count:
+            if self._ps_body != body:
+                body, cells = self._ps_body, self._ps_cells()
+            cell = cells[index]
+            yield cell if decode is None else decode(cell)
+            index -= 1
+
+    def __contains__(self, value):
+        return value in self._ps_values()
+
+    def index(self, value, start=0, stop=None):
+        """The first index of ``value`` (``ValueError`` if absent), like ``list.index``."""
+        values = self._ps_values()
+        try:
+            return values.index(value, start, len(values) if stop is None else stop)
+        except ValueError:
+            raise ValueError(f"{value!r} is not in list") from None
+
+    def count(self, value):
+        return self._ps_values().count(value)
+
+    def __eq__(self, other):
+        if isinstance(other, PersistentList):
+            return self.isSameAs(other) or self._ps_values() == other._ps_values()
+        if isinstance(other, list):
+            return self._ps_values() == other
+        return NotImplemented
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    # -- changing --
+    def _ps_write_all(self, storage, cells):
+        """Replace every element by ``cells`` (already encoded and increfed by the caller)."""
+        cells_array = array(type(self)._ps_cell.code, cells)
+        count = len(cells_array)
+        if not count and not self._ps_body:
+            return
+        view = self._ps_reserve(storage, count)
+        old = self._ps_count
+        view[:count] = memoryview(cells_array)
+        if old > count:
+            view[count:old] = array(type(self)._ps_cell.code, bytes(F.CELL * (old - count)))
+        self._ps_count = count
+        self._ps_maybe_shrink(storage)
+
+    def __setitem__(self, index, value):
+        storage = self._ps_storage()
+        cell_type = type(self)._ps_cell
+        if isinstance(index, slice):
+            return self._ps_set_slice(storage, index, value)
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}") from None
+        count = self._ps_count
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("list assignment index out of range")
+        cell = cell_type.encode(value)
+        cells = self._ps_cells()
+        old = cells[index]
+        cells[index] = cell
+        if cell_type.is_ref:
+            if cell:
+                storage._incref(cell)
+            if old:
+                storage._decref(old)
+
+    def _ps_set_slice(self, storage, index, value):
+        if isinstance(value, PersistentList) and value.isSameAs(self):
+            value = value[:]
+        values = list(value) if not isinstance(value, list) else value
+        start, stop, step = index.indices(self._ps_count)
+        if step != 1 and len(values) != _slice_length(start, stop, step):
+            raise ValueError(f"attempt to assign sequence of size {len(values)} to extended slice of "
+                             f"size {_slice_length(start, stop, step)}")
+        new = self._ps_encode_all(values)
+        cells = self._ps_cells()[:self._ps_count].tolist() if self._ps_count else []
+        removed = cells[index]
+        cells[index] = new
+        self._ps_replace(storage, cells, new, removed)
+
+    def _ps_replace(self, storage, cells, added, removed):
+        if type(self)._ps_cell.is_ref:
+            for cell in added:
+                if cell:
+                    storage._incref(cell)
+        self._ps_write_all(storage, cells)
+        if type(self)._ps_cell.is_ref:
+            for cell in removed:
+                if cell:
+                    storage._decref(cell)
+
+    def __delitem__(self, index):
+        storage = self._ps_storage()
+        if isinstance(index, slice):
+            cells = self._ps_cells()[:self._ps_count].tolist() if self._ps_count else []
+            removed = cells[index]
+            del cells[index]
+            return self._ps_replace(storage, cells, (), removed)
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}") from None
+        count = self._ps_count
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("list assignment index out of range")
+        self._ps_remove_at(storage, index)
+
+    def _ps_remove_at(self, storage, index):
+        cells = self._ps_cells()
+        count = self._ps_count
+        old = cells[index]
+        cells[index:count - 1] = cells[index + 1:count]
+        cells[count - 1] = 0
+        self._ps_count = count - 1
+        self._ps_maybe_shrink(storage)
+        if old and type(self)._ps_cell.is_ref:
+            storage._decref(old)
+        return old
+
+    def insert(self, index, value):
+        """Insert ``value`` before ``index`` (clamped like ``list.insert``)."""
+        storage = self._ps_storage()
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"'{type(index).__name__}' object cannot be interpreted as an integer") from None
+        cell_type = type(self)._ps_cell
+        cell = cell_type.encode(value)
+        count = self._ps_count
+        index = min(max(index + count if index < 0 else index, 0), count)
+        cells = self._ps_reserve(storage, count + 1)
+        cells[index + 1:count + 1] = cells[index:count]
+        cells[index] = cell
+        self._ps_count = count + 1
+        if cell and cell_type.is_ref:
+            storage._incref(cell)
+
+    def append(self, value):
+        """Add ``value`` at the end (amortised O(1))."""
+        storage = self._ps_storage()
+        cell_type = type(self)._ps_cell
+        cell = cell_type.encode(value)
+        count = self._ps_count
+        cells = self._ps_cells() if count < self._ps_aux else self._ps_reserve(storage, count + 1)
+        cells[count] = cell
+        self._ps_count = count + 1
+        if cell and cell_type.is_ref:
+            storage._incref(cell)
+
+    def extend(self, values):
+        """Append every element of ``values``; nothing is added if one of them has a wrong type."""
+        storage = self._ps_storage()
+        if isinstance(values, PersistentList):
+            values = values._ps_values()
+        new = self._ps_encode_all(values)
+        if not new:
+            return
+        count = self._ps_count
+        cells = self._ps_reserve(storage, count + len(new))
+        cells[count:count + len(new)] = memoryview(array(type(self)._ps_cell.code, new))
+        self._ps_count = count + len(new)
+        if type(self)._ps_cell.is_ref:
+            for cell in new:
+                if cell:
+                    storage._incref(cell)
+
+    def __iadd__(self, values):
+        self.extend(values)
+        return self
+
+    def pop(self, index=-1):
+        """Remove and return the element at ``index`` (the last by default)."""
+        storage = self._ps_storage()
+        count = self._ps_count
+        if not count:
+            raise IndexError("pop from empty list")
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"'{type(index).__name__}' object cannot be interpreted as an integer") from None
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("pop index out of range")
+        value = self[index]  # a proxy keeps the object alive past its decref
+        self._ps_remove_at(storage, index)
+        return value
+
+    def remove(self, value):
+        """Remove the first element equal to ``value`` (``ValueError`` if absent)."""
+        storage = self._ps_storage()
+        try:
+            index = self._ps_values().index(value)
+        except ValueError:
+            raise ValueError("list.remove(x): x not in list") from None
+        self._ps_remove_at(storage, index)
+
+    def clear(self):
+        """Remove every element."""
+        storage = self._ps_storage()
+        if not self._ps_count:
+            return
+        removed = self._ps_cells()[:self._ps_count].tolist()
+        self._ps_replace(storage, [], (), removed)
+
+    def reverse(self):
+        """Reverse the elements in place."""
+        self._ps_storage()
+        count = self._ps_count
+        if count > 1:
+            cells = self._ps_cells()
+            cells[:count] = memoryview(array(type(self)._ps_cell.code, reversed(cells[:count].tolist())))
+
+    def sort(self, *, key=None, reverse=False):
+        """Sort in place, like ``list.sort`` (stable; unchanged if a comparison fails)."""
+        self._ps_storage()
+        count = self._ps_count
+        if count < 2:
+            return
+        values = self._ps_values()
+        keys = values if key is None else [key(v) for v in values]
+        order = sorted(range(count), key=keys.__getitem__, reverse=reverse)
+        cells = self._ps_cells()
+        current = cells[:count].tolist()
+        cells[:count] = memoryview(array(type(self)._ps_cell.code, [current[i] for i in order]))
+
+    # -- storage hooks --
+    @classmethod
+    def _ps_references(cls, storage, offset, type_id):
+        """Offsets the object at ``offset`` (this list or its array) references."""
+        header = F.COLLECTION.unpack_from(storage._mapping.view(offset, F.COLLECTION.size))
+        if type_id != F.T_ARRAY:
+            return [header[3]] if header[3] else []
+        if not cls._ps_cell.is_ref:
+            return []
+        capacity = F.ARRAY.unpack_from(storage._mapping.view(offset, F.ARRAY.size))[4]
+        storage._check_offset(offset, F.ARRAY.size + F.CELL * capacity)
+        return [c for c in storage._mapping.view(offset + F.ARRAY.size, F.CELL * capacity).cast("Q") if c]
+
+    @classmethod
+    def _ps_internal_size(cls, storage, offset, type_id):
+        if type_id != F.T_ARRAY:
+            return None
+        return F.ARRAY.size + F.CELL * F.ARRAY.unpack_from(storage._mapping.view(offset, F.ARRAY.size))[4]
+
+    def _ps_check(self, referenced, fail):
+        count, body, capacity = self._ps_count, self._ps_body, self._ps_aux
+        if not body:
+            if count or capacity:
+                fail(f"{self!r} has {count} elements and capacity {capacity} but no array")
+            return
+        referenced(body, None, f"{self!r}")
+        self._ps_cells()
+        if count > capacity:
+            fail(f"{self!r} has {count} elements in an array of {capacity}")
+        cells = self._ps_cells()
+        if any(cells[count:capacity].tolist()):
+            fail(f"{self!r}: cells after the last element are not empty")
+        cell_type = type(self)._ps_cell
+        if cell_type.is_ref:
+            for index, cell in enumerate(cells[:count].tolist()):
+                if cell:
+                    referenced(cell, cell_type.type, f"{self!r}[{index}]")
+
+
+# -- Dict and Set: an insertion-ordered hash table ------------------------------------------
+def _table_shape(wanted):
+    """``(nslots, capacity)`` of a table for at least ``wanted`` entries (load <= 2/3)."""
+    nslots = 8
+    while nslots * 2 < wanted * 3:
+        nslots *= 2
+    return nslots, nslots * 2 // 3
+
+
+class _TableView:
+    """Cached views of one TABLE object: header, indices, entries."""
+
+    __slots__ = ("head", "indices", "entries", "mask", "capacity", "entries_at")
+
+    def __init__(self, storage, offset, esize):
+        type_id, _, _, _, nslots, used, filled, capacity = F.TABLE.unpack_from(
+            storage._mapping.view(offset, F.TABLE.size))
+        if not nslots or nslots & (nslots - 1) or capacity >= nslots or used > capacity or filled > capacity:
+            raise CorruptStorageError(f"{storage.fileName!r}: hash table at {offset:#x} has {nslots} slots, "
+                                      f"{used} of {capacity} entries used")
+        entries_at = F.TABLE.size + -(-4 * nslots // 8) * 8
+        storage._check_offset(offset, entries_at + esize * capacity)
+        self.head = storage._mapping.view(offset, F.TABLE.size).cast("Q")
+        self.indices = storage._mapping.view(offset + F.TABLE.size, 4 * nslots).cast("I")
+        self.entries = storage._mapping.view(offset + entries_at, esize * capacity)
+        self.mask = nslots - 1
+        self.capacity = capacity
+        self.entries_at = entries_at
+
+
+class _HashCollection(_Collection):
+    """The hash table shared by Dict and Set (insertion ordered, like ``dict``)."""
+
+    __slots__ = ()
+    _ps_has_values = False
+
+    @classmethod
+    def _ps_prepare(cls, storage):
+        cls._ps_key = _Key(storage, cls._ps_params[0], cls.__name__, "key")
+        code = cls._ps_key.code
+        if cls._ps_has_values:
+            cls._ps_value = _Cell(storage, cls._ps_params[1], cls.__name__, "value")
+            code += cls._ps_value.code
+        cls._ps_entry = struct.Struct("<II" + code)
+        cls._ps_equals = storage._string_equals if cls._ps_key.is_ref else None
+        cls._ps_esize = cls._ps_entry.size
+        cls._ps_blank = bytes(cls._ps_esize)
+
+    @classmethod
+    def _ps_accepts(cls, value):
+        if cls._ps_has_values:
+            return isinstance(value, abc.Mapping)
+        return isinstance(value, abc.Iterable) and not isinstance(value, (str, bytes, bytearray, abc.Mapping))
+
+    def _ps_init(self, source, size=None, **options):
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise TypeError(f"size must be a non-negative int, not {size!r}")
+            if size:
+                self._ps_rebuild(type(self)._storage, size)
+        super()._ps_init(source, **options)
+
+    def _ps_table(self):
+        body = self._ps_body
+        storage = type(self)._storage
+        view = storage._views.get(body)
+        if view is None:
+            self._ps_check_internal(body, F.T_TABLE, F.TABLE.size)
+            view = _TableView(storage, body, type(self)._ps_esize)
+            storage._views[body] = view
+        return view
+
+    def _ps_find(self, table, hash_, data):
+        """``(slot, entry, fields)`` of the key ``data`` with ``hash_``, or ``(free slot, -1, None)``."""
+        cls = type(self)
+        indices, mask, entries, capacity = table.indices, table.mask, table.entries, table.capacity
+        unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
+        equals = cls._ps_equals  # None for numbers: compare the cells
+        slot = hash_ & mask
+        free = -1
+        for _ in range(mask + 1):
+            index = indices[slot]
+            if index == 0:  # F.TABLE_EMPTY
+                return (slot if free < 0 else free), -1, None
+            if index == F.TABLE_DELETED:
+                if free < 0:
+                    free = slot
+            else:
+                if index > capacity:
+                    raise self._ps_bad(f"hash slot {slot} names entry {index - 1}")
+                fields = unpack(entries, (index - 1) * esize)
+                if fields[0] == hash_ and (fields[2] == data if equals is None else equals(fields[2], data)):
+                    return slot, index - 1, fields
+            slot = (slot + 1) & mask
+        if free >= 0:
+            return free, -1, None
+        raise self._ps_bad("its hash table has no free slot")
+
+    def _ps_lookup(self, key):
+        """``(table, slot, entry, fields)`` of ``key``; raises _Missing."""
+        body = self._ps_body
+        if not body:
+            _unhashable(key)
+            raise _Missing
+        hash_, data = type(self)._ps_key.lookup(key)
+        table = type(self)._storage._views.get(body) or self._ps_table()
+        slot, entry, fields = self._ps_find(table, hash_, data)
+        if entry < 0:
+            raise _Missing
+        return table, slot, entry, fields
+
+    def _ps_rebuild(self, storage, wanted):
+        """Move the live entries to a new table with room for ``wanted`` entries (compacting)."""
+        cls = type(self)
+        nslots, capacity = _table_shape(max(wanted, self._ps_count))
+        entries_at = F.TABLE.size + -(-4 * nslots // 8) * 8
+        new = self._ps_internal(storage, F.T_TABLE, entries_at + cls._ps_esize * capacity)
+        F.TABLE.pack_into(storage._mapping.view(new, F.TABLE.size), 0, F.T_TABLE, 1, cls._ps_type_id, 0,
+                          nslots, 0, 0, capacity)
+        view = _TableView(storage, new, cls._ps_esize)
+        used = 0
+        esize, mask = cls._ps_esize, nslots - 1
+        old = self._ps_body
+        if old:
+            table = self._ps_table()
+            source = table.entries
+            unpack = cls._ps_entry.unpack_from
+            for entry in range(table.head[3]):
+                fields = unpack(source, entry * esize)
+                if not fields[1]:
+                    continue
+                view.entries[used * esize:(used + 1) * esize] = source[entry * esize:(entry + 1) * esize]
+                slot = fields[0] & mask
+                while view.indices[slot]:
+                    slot = (slot + 1) & mask
+                view.indices[slot] = used + 1
+                used += 1
+        view.head[3] = view.head[4] = used
+        storage._views[new] = view
+        self._ps_body = new
+        if old:
+            storage._drop_internal(old)
+        return view
+
+    def _ps_insert(self, storage, key, value_cell=None):
+        """Add ``key`` (validated first); returns ``(True, None)`` if new, else ``(False, entry fields)``."""
+        cls = type(self)
+        key_type = cls._ps_key
+        hash_, data = key_type.store(key)
+        table = self._ps_table() if self._ps_body else self._ps_rebuild(storage, 1)
+        slot, entry, _ = self._ps_find(table, hash_, data)
+        if entry >= 0:
+            return table, entry
+        used = table.head[3]
+        if used >= table.capacity or (table.head[4] >= table.capacity and table.indices[slot] == F.TABLE_EMPTY):
+            table = self._ps_rebuild(storage, self._ps_count * 2 + 1)
+            slot, _, _ = self._ps_find(table, hash_, data)
+            used = table.head[3]
+        if table.indices[slot] == F.TABLE_EMPTY:
+            table.head[4] += 1
+        cell = key_type.new_cell(key, data)
+        fields = (hash_, 1, cell) if value_cell is None else (hash_, 1, cell, value_cell)
+        cls._ps_entry.pack_into(table.entries, used * cls._ps_esize, *fields)
+        table.indices[slot] = used + 1
+        table.head[3] = used + 1
+        self._ps_count += 1
+        self._ps_aux += 1
+        if key_type.is_ref:
+            storage._incref(cell)
+        if value_cell and cls._ps_has_values and cls._ps_value.is_ref:
+            storage._incref(value_cell)
+        return table, -1
+
+    def _ps_delete(self, storage, table, slot, entry, fields):
+        cls = type(self)
+        esize = cls._ps_esize
+        table.indices[slot] = F.TABLE_DELETED
+        table.entries[entry * esize:(entry + 1) * esize] = cls._ps_blank
+        used = table.head[3]
+        if entry == used - 1:
+            unpack = cls._ps_entry.unpack_from
+            while used and not unpack(table.entries, (used - 1) * esize)[1]:
+                used -= 1
+            table.head[3] = used
+        self._ps_count -= 1
+        self._ps_aux += 1
+        if cls._ps_key.is_ref:
+            storage._decref(fields[2])
+        if cls._ps_has_values and cls._ps_value.is_ref and fields[3]:
+            storage._decref(fields[3])
+        count = self._ps_count
+        if count == 0:
+            old = self._ps_body
+            self._ps_body = 0
+            storage._drop_internal(old)
+        elif table.capacity > 16 and count * 8 < table.capacity:
+            self._ps_rebuild(storage, count * 2)
+
+    def _ps_last_entry(self):
+        """``(table, slot, entry, fields)`` of the newest entry (the collection is not empty)."""
+        cls = type(self)
+        table = self._ps_table()
+        entry = table.head[3] - 1
+        fields = cls._ps_entry.unpack_from(table.entries, entry * cls._ps_esize)
+        slot = fields[0] & table.mask
+        for _ in range(table.mask + 1):
+            if table.indices[slot] == entry + 1:
+                return table, slot, entry, fields
+            slot = (slot + 1) & table.mask
+        raise self._ps_bad(f"its newest entry {entry} has no hash slot")
+
+    def _ps_live_entries(self):
+        """Unpacked live entries in insertion order; a change in size during iteration raises."""
+        cls = type(self)
+        unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
+        version = self._ps_aux
+        entry = 0
+        while True:
+            if self._ps_aux != version:
+                raise RuntimeError(f"{cls.__name__} changed size during iteration")
+            if not self._ps_body:
+                return
+            table = self._ps_table()
+            if entry >= table.head[3]:
+                return
+            fields = unpack(table.entries, entry * esize)
+            entry += 1
+            if fields[1]:
+                yield fields
+
+    def _ps_decode_key(self, cell):
+        decode = type(self)._ps_key.decode
+        return cell if decode is None else decode(cell)
+
+    def __iter__(self):
+        decode = type(self)._ps_key.decode
+        for fields in self._ps_live_entries():
+            yield fields[2] if decode is None else decode(fields[2])
+
+    def __contains__(self, key):
+        try:
+            self._ps_lookup(key)
+        except _Missing:
+            return False
+        return True
+
+    def clear(self):
+        """Remove every element."""
+        storage = self._ps_storage()
+        if not self._ps_body:
+            return
+        cls = type(self)
+        removed = list(self._ps_live_entries())
+        old = self._ps_body
+        self._ps_body = 0
+        self._ps_count = 0
+        self._ps_aux += 1
+        storage._drop_internal(old)
+        key_ref = cls._ps_key.is_ref
+        value_ref = cls._ps_has_values and cls._ps_value.is_ref
+        for fields in removed:
+            if key_ref:
+                storage._decref(fields[2])
+            if value_ref and fields[3]:
+                storage._decref(fields[3])
+
+    # -- storage hooks --
+    @classmethod
+    def _ps_references(cls, storage, offset, type_id):
+        header = F.COLLECTION.unpack_from(storage._mapping.view(offset, F.COLLECTION.size))
+        if type_id != F.T_TABLE:
+            return [header[3]] if header[3] else []
+        view = _TableView(storage, offset, cls._ps_esize)
+        refs = []
+        unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
+        key_ref = cls._ps_key.is_ref
+        value_ref = cls._ps_has_values and cls._ps_value.is_ref
+        for entry in range(view.head[3]):
+            fields = unpack(view.entries, entry * esize)
+            if fields[1]:
+                if key_ref:
+                    refs.append(fields[2])
+                if value_ref and fields[3]:
+                    refs.append(fields[3])
+        return refs
+
+    @classmethod
+    def _ps_internal_size(cls, storage, offset, type_id):
+        if type_id != F.T_TABLE:
+            return None
+        _, _, _, _, nslots, _, _, capacity = F.TABLE.unpack_from(storage._mapping.view(offset, F.TABLE.size))
+        return F.TABLE.size + -(-4 * nslots // 8) * 8 + cls._ps_esize * capacity
+
+    def _ps_check(self, referenced, fail):
+        cls = type(self)
+        count, body = self._ps_count, self._ps_body
+        if not body:
+            if count:
+                fail(f"{self!r} has {count} elements but no table")
+            return
+        referenced(body, None, f"{self!r}")
+        table = self._ps_table()
+        used = table.head[3]
+        unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
+        key_type = cls._ps_key
+        live = 0
+        slots_of = {}
+        for slot, index in enumerate(table.indices):
+            if index not in (F.TABLE_EMPTY, F.TABLE_DELETED):
+                if index - 1 >= used or index - 1 in slots_of:
+                    fail(f"{self!r}: hash slot {slot} names entry {index - 1} (used {used})")
+                slots_of[index - 1] = slot
+        for entry in range(table.capacity):
+            fields = unpack(table.entries, entry * esize)
+            if entry >= used or not fields[1]:
+                if any(table.entries[entry * esize:(entry + 1) * esize]):
+                    fail(f"{self!r}: unused entry {entry} is not empty")
+                if entry in slots_of:
+                    fail(f"{self!r}: hash slot {slots_of[entry]} names the unused entry {entry}")
+                continue
+            live += 1
+            if entry not in slots_of:
+                fail(f"{self!r}: entry {entry} has no hash slot")
+            where = f"{self!r} entry {entry}"
+            if key_type.is_ref:
+                referenced(fields[2], key_type.type, where + " key")
+                data = type(self)._storage._string_data(fields[2])
+                expected = F.string_hash(key_type.string_type, data)
+            else:
+                value = fields[2]
+                expected = F.number_hash(int(value) if key_type.decode is bool else value)
+            if fields[0] != expected:
+                fail(f"{where}: stored hash {fields[0]:#x}, expected {expected:#x}")
+            slot = fields[0] & table.mask
+            while slot != slots_of[entry]:
+                if table.indices[slot] == F.TABLE_EMPTY:
+                    fail(f"{where} cannot be found from its hash position")
+                slot = (slot + 1) & table.mask
+            if cls._ps_has_values and cls._ps_value.is_ref and fields[3]:
+                referenced(fields[3], cls._ps_value.type, where + " value")
+        if live != count:
+            fail(f"{self!r} counts {count} elements but its table holds {live}")
+        filled = sum(1 for index in table.indices if index != F.TABLE_EMPTY)
+        if filled != table.head[4] or filled > table.capacity:
+            fail(f"{self!r}: {filled} hash slots are in use, the table says {table.head[4]} "
+                 f"(capacity {table.capacity})")
+
+
+class _ItemsView(abc.ItemsView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return self._mapping._ps_items()
+
+
+class _ValuesView(abc.ValuesView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return self._mapping._ps_iter_values()
+
+
+class _KeysView(abc.KeysView):
+    __slots__ = ()
+
+
+class _MappingMixin:
+    """Mapping methods shared by Dict and SortedDict (both define _ps_items and _ps_get)."""
+
+    __slots__ = ()
+
+    def keys(self):
+        return _KeysView(self)
+
+    def values(self):
+        return _ValuesView(self)
+
+    def items(self):
+        return _ItemsView(self)
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def setdefault(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            self[key] = default
+            return self[key]
+
+    _MARKER = object()
+
+    def pop(self, key, default=_MARKER):
+        try:
+            value = self[key]
+        except KeyError:
+            if default is _MappingMixin._MARKER:
+                raise
+            return default
+        del self[key]
+        return value
+
+    def update(self, other=(), **kwargs):
+        """Like ``dict.update``; every key and value is checked before the first one is stored."""
+        if isinstance(other, abc.Mapping):
+            pairs = [(key, other[key]) for key in other.keys()]
+        elif hasattr(other, "keys"):
+            pairs = [(key, other[key]) for key in other.keys()]
+        else:
+            pairs = []
+            for item in other:
+                item = tuple(item)
+                if len(item) != 2:
+                    raise ValueError(f"dictionary update sequence element has length {len(item)}; 2 is required")
+                pairs.append(item)
+        pairs.extend(kwargs.items())
+        self._ps_validate_pairs(pairs)
+        for key, value in pairs:
+            self[key] = value
+
+    def _ps_validate_pairs(self, pairs):
+        cls = type(self)
+        for key, value in pairs:
+            cls._ps_key.store(key)
+            if cls._ps_value.is_ref:
+                cls._ps_value_check(value)
+            else:
+                cls._ps_value.encode(value)
+
+    def _ps_fill(self, source):
+        self.update(source)
+
+    def __eq__(self, other):
+        if not isinstance(other, abc.Mapping):
+            return NotImplemented
+        if isinstance(other, _Collection) and self.isSameAs(other):
+            return True
+        if len(self) != len(other):
+            return False
+        for key, value in self._ps_items():
+            try:
+                if other[key] != value:
+                    return False
+            except KeyError:
+                return False
+        return True
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+
+def _value_checker(storage, ftype, where):
+    """Validate a by-reference value without creating anything."""
+    def check(value):
+        if value is None:
+            return
+        if isinstance(value, T.Persistent):
+            storage._reference_check(ftype, value, where)
+            return
+        storage._coerce_check(ftype, value, where)
+    return check
+
+
+class PersistentDict(_MappingMixin, _HashCollection):
+    """A persistent dict (``collections.abc.MutableMapping``), insertion ordered like ``dict``.
+
+    >>> from permastruct import Storage, Dict
+    >>> class S(Storage):
+    ...     def populateSchema(self):
+    ...         self.define(Dict("Ages")[self.schema.String, self.schema.Int])
+    >>> p = S(None)
+    >>> ages = p.schema.Ages({"Bond": 37})
+    >>> ages["M"] = 60; ages["Bond"], "M" in ages, len(ages), ages == {"Bond": 37, "M": 60}
+    (37, True, 2, True)
+    """
+
+    __slots__ = ()
+    _ps_kind = "dict"
+    _ps_has_values = True
+
+    @classmethod
+    def _ps_prepare(cls, storage):
+        super()._ps_prepare(storage)
+        if cls._ps_value.is_ref:
+            cls._ps_value_check = staticmethod(_value_checker(storage, cls._ps_params[1], f"{cls.__name__} value"))
+
+    def __getitem__(self, key):
+        try:
+            fields = self._ps_lookup(key)[3]
+        except _Missing:
+            raise KeyError(key) from None
+        decode = type(self)._ps_value.decode
+        return fields[3] if decode is None else decode(fields[3])
+
+    def __setitem__(self, key, value):
+        storage = self._ps_storage()
+        cls = type(self)
+        cls._ps_key.store(key)
+        value_type = cls._ps_value
+        cell = value_type.encode(value)
+        table, entry = self._ps_insert(storage, key, cell)
+        if entry >= 0:  # an existing key: replace the value
+            at = entry * cls._ps_esize
+            fields = list(cls._ps_entry.unpack_from(table.entries, at))
+            old, fields[3] = fields[3], cell
+            cls._ps_entry.pack_into(table.entries, at, *fields)
+            if value_type.is_ref:
+                if cell:
+                    storage._incref(cell)
+                if old:
+                    storage._decref(old)
+
+    def __delitem__(self, key):
+        storage = self._ps_storage()
+        try:
+            table, slot, entry, fields = self._ps_lookup(key)
+        except _Missing:
+            raise KeyError(key) from None
+        self._ps_delete(storage, table, slot, entry, fields)
+
+    def _ps_items(self):
+        cls = type(self)
+        kdecode, vdecode = cls._ps_key.decode, cls._ps_value.decode
+        for fields in self._ps_live_entries():
+            yield (fields[2] if kdecode is None else kdecode(fields[2]),
+                   fields[3] if vdecode is None else vdecode(fields[3]))
+
+    def _ps_iter_values(self):
+        vdecode = type(self)._ps_value.decode
+        for fields in self._ps_live_entries():
+            yield fields[3] if vdecode is None else vdecode(fields[3])
+
+    def popitem(self):
+        """Remove and return the last inserted ``(key, value)``; ``KeyError`` if empty."""
+        storage = self._ps_storage()
+        if not self._ps_count:
+            raise KeyError("popitem(): dictionary is empty")
+        cls = type(self)
+        table, slot, entry, fields = self._ps_last_entry()
+        kdecode, vdecode = cls._ps_key.decode, cls._ps_value.decode
+        item = (fields[2] if kdecode is None else kdecode(fields[2]),
+                fields[3] if vdecode is None else vdecode(fields[3]))
+        self._ps_delete(storage, table, slot, entry, fields)
+        return item
+
+    def pop(self, key, default=_MappingMixin._MARKER):
+        """Remove ``key`` and return its value (or ``default``; ``KeyError`` without one)."""
+        storage = self._ps_storage()
+        try:
+            table, slot, entry, fields = self._ps_lookup(key)
+        except _Missing:
+            if default is _MappingMixin._MARKER:
+                raise KeyError(key) from None
+            return default
+        vdecode = type(self)._ps_value.decode
+        value = fields[3] if vdecode is None else vdecode(fields[3])
+        self._ps_delete(storage, table, slot, entry, fields)
+        return value
+
+    def copy(self):
+        """A plain ``dict`` with the same items."""
+        return dict(self._ps_items())
+
+
+class PersistentSet(_HashCollection):
+    """A persistent set (``collections.abc.MutableSet``), insertion ordered.
+
+    >>> from permastruct import Storage, Set
+    >>> class S(Storage):
+    ...     def populateSchema(self):
+    ...         self.define(Set("Tags")[self.schema.String])
+    >>> p = S(None)
+    >>> tags = p.schema.Tags(["spy", "agent"])
+    >>> tags.add("spy"); len(tags), "agent" in tags, tags | {"boss"} == {"spy", "agent", "boss"}
+    (2, True, True)
+    """
+
+    __slots__ = ()
+    _ps_kind = "set"
+
+    def _ps_fill(self, source):
+        self._ps_add_all(source)
+
+    @classmethod
+    def _from_iterable(cls, iterable):
+        return set(iterable)
+
+    def add(self, key):
+        """Add ``key`` (no effect if present)."""
+        self._ps_insert(self._ps_storage(), key)
+
+    def discard(self, key):
+        """Remove ``key`` if present."""
+        storage = self._ps_storage()
+        try:
+            table, slot, entry, fields = self._ps_lookup(key)
+        except _Missing:
+            return
+        self._ps_delete(storage, table, slot, entry, fields)
+
+    def remove(self, key):
+        """Remove ``key``; ``KeyError`` if absent."""
+        storage = self._ps_storage()
+        try:
+            table, slot, entry, fields = self._ps_lookup(key)
+        except _Missing:
+            raise KeyError(key) from None
+        self._ps_delete(storage, table, slot, entry, fields)
+
+    def pop(self):
+        """Remove and return the last added element; ``KeyError`` if empty."""
+        storage = self._ps_storage()
+        if not self._ps_count:
+            raise KeyError("pop from an empty set")
+        table, slot, entry, fields = self._ps_last_entry()
+        key = self._ps_decode_key(fields[2])
+        self._ps_delete(storage, table, slot, entry, fields)
+        return key
+
+    def __ior__(self, other):
+        self._ps_storage()
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        self._ps_add_all(other)
+        return self
+
+    def _ps_add_all(self, keys):
+        keys = list(keys)
+        for key in keys:  # every key is checked before the first is stored
+            type(self)._ps_key.store(key)
+        for key in keys:
+            self.add(key)
+
+    def update(self, *others):
+        """Add the elements of every iterable in ``others``."""
+        self._ps_storage()
+        self._ps_add_all([key for other in others for key in other])
+
+    def __iand__(self, other):
+        self._ps_storage()
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        for key in [k for k in self if k not in other]:
+            self.discard(key)
+        return self
+
+    def __isub__(self, other):
+        self._ps_storage()
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        if other is self:
+            self.clear()
+            return self
+        for key in list(other):
+            self.discard(key)
+        return self
+
+    def __ixor__(self, other):
+        self._ps_storage()
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        if other is self:
+            self.clear()
+            return self
+        other = list(dict.fromkeys(other))
+        for key in other:
+            if key not in self:
+                type(self)._ps_key.store(key)
+        for key in other:
+            if key in self:
+                self.discard(key)
+            else:
+                self.add(key)
+        return self
+
+    def __eq__(self, other):
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        return len(self) == len(other) and self.__le__(other)
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    def copy(self):
+        """A plain ``set`` with the same elements."""
+        return set(self)
+
+
+def _set_operator(name):
+    """The operator ``name`` of ``abc.Set``, refusing non-sets like ``set`` does."""
+    mixin = getattr(abc.Set, name)
+
+    def operator(self, other):
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        return mixin(self, other)
+    operator.__name__ = name
+    return operator
+
+
+for _name in ("__le__", "__lt__", "__ge__", "__gt__", "__and__", "__rand__", "__or__", "__ror__",
+              "__sub__", "__rsub__", "__xor__", "__rxor__"):
+    setattr(PersistentSet, _name, _set_operator(_name))
+PersistentSet.isdisjoint = abc.Set.isdisjoint
+
+
+# -- SortedDict: a B+tree of one-page nodes ----------------------------------------------------
+def tree_order(page_size):
+    """The most keys a B+tree node of a store with ``page_size`` holds."""
+    return (page_size - F.RUN_OBJECT - F.NODE.size - 40) // 24
+
+
+class _NodeView:
+    """Cached views of one B+tree NODE: header fields, keys, values or children and counts."""
+
+    __slots__ = ("offset", "leaf", "head16", "head64", "keys", "values", "children", "counts", "raw")
+
+    def __init__(self, storage, offset, order, key_code, value_code):
+        storage._check_offset(offset, node_size(storage))
+        raw = storage._mapping.view(offset, node_size(storage))
+        self.offset = offset
+        self.raw = raw
+        self.head16 = raw[:F.NODE.size].cast("H")
+        self.head64 = raw[:F.NODE.size].cast("Q")
+        self.leaf = bool(raw[12])
+        keys_at = F.NODE.size
+        values_at = keys_at + F.CELL * (order + 1)
+        self.keys = raw[keys_at:values_at].cast(key_code)
+        if self.leaf:
+            self.values = raw[values_at:values_at + F.CELL * (order + 1)].cast(value_code)
+            self.children = self.counts = None
+        else:
+            self.values = None
+            counts_at = values_at + F.CELL * (order + 2)
+            self.children = raw[values_at:counts_at].cast("Q")
+            self.counts = raw[counts_at:counts_at + F.CELL * (order + 2)].cast("Q")
+
+    @property
+    def n(self):
+        return self.head16[7]
+
+    @n.setter
+    def n(self, value):
+        self.head16[7] = value
+
+
+def node_size(storage):
+    return storage._page_file.page_size - F.RUN_OBJECT
+
+
+class _StringKeys:
+    """The keys of a node as bytes, for bisect (string keys are references)."""
+
+    __slots__ = ("keys", "data")
+
+    def __init__(self, keys, data):
+        self.keys, self.data = keys, data
+
+    def __getitem__(self, index):
+        return self.data(self.keys[index])
+
+
+class PersistentSortedDict(_MappingMixin, _Collection):
+    """A persistent dict ordered by key: a B+tree of pages with O(log n) operations.
+
+    >>> from permastruct import Storage, SortedDict
+    >>> class S(Storage):
+    ...     def populateSchema(self):
+    ...         self.define(SortedDict("ByAge")[self.schema.Int, self.schema.String])
+    >>> p = S(None)
+    >>> by_age = p.schema.ByAge({37: "Bond", 60: "M", 25: "Q"})
+    >>> list(by_age.irange(30, 70)), str(by_age[25]), by_age.peekitem(-1)[0], by_age.bisect_left(40)
+    ([37, 60], 'Q', 60, 2)
+    """
+
+    __slots__ = ()
+    _ps_kind = "sorteddict"
+
+    @classmethod
+    def _ps_prepare(cls, storage):
+        key_type = cls._ps_params[0]
+        cls._ps_key = _Key(storage, key_type, cls.__name__, "key")
+        cls._ps_value = _Cell(storage, cls._ps_params[1], cls.__name__, "value")
+        if cls._ps_value.is_ref:
+            cls._ps_value_check = staticmethod(_value_checker(storage, cls._ps_params[1], f"{cls.__name__} value"))
+        cls._ps_order = tree_order(storage._page_file.page_size)
+        cls._ps_string_data = storage._string_data if cls._ps_key.is_ref else None
+        if cls._ps_order < 4:
+            raise SchemaError(f"{cls.__name__}: pages of {storage._page_file.page_size} bytes are too small "
+                              "for a B+tree node")
+
+    @staticmethod
+    def _ps_accepts(value):
+        return isinstance(value, abc.Mapping)
+
+    # -- nodes --
+    def _ps_node(self, offset):
+        storage = type(self)._storage
+        node = storage._views.get(offset)
+        if node is None:
+            cls = type(self)
+            self._ps_check_internal(offset, F.T_NODE, node_size(storage))
+            node = _NodeView(storage, offset, cls._ps_order, cls._ps_key.code, cls._ps_value.code)
+            if node.n > cls._ps_order + 1:
+                raise self._ps_bad(f"its node at {offset:#x} has {node.n} keys")
+            storage._views[offset] = node
+        return node
+
+    def _ps_new_node(self, storage, leaf):
+        offset = self._ps_internal(storage, F.T_NODE, node_size(storage))
+        storage._mapping.view(offset + 12, 1)[0] = 1 if leaf else 0
+        return self._ps_node(offset)
+
+    def _ps_searchable(self, node):
+        """The keys of ``node`` as a sequence bisect can search."""
+        if type(self)._ps_key.is_ref:
+            return _StringKeys(node.keys, type(self)._storage._string_data)
+        return node.keys
+
+    def _ps_descend(self, probe):
+        """``(path, leaf)``: the inner nodes with the child index taken, and the leaf for ``probe``."""
+        cls = type(self)
+        views = cls._storage._views
+        string_data = cls._ps_string_data
+        path = []
+        offset = self._ps_body
+        for _ in range(64):
+            node = views.get(offset) or self._ps_node(offset)
+            if node.leaf:
+                return path, node
+            keys = node.keys if string_data is None else _StringKeys(node.keys, string_data)
+            index = bisect.bisect_right(keys, probe, 0, node.head16[7])
+            path.append((node, index))
+            offset = node.children[index]
+        raise self._ps_bad("its tree is deeper than 64 levels")
+
+    def _ps_find(self, key):
+        """``(path, leaf, index)`` of ``key``; raises _Missing."""
+        if not self._ps_body:
+            _unhashable(key)
+            raise _Missing
+        probe = type(self)._ps_key.lookup(key)[1]
+        path, leaf = self._ps_descend(probe)
+        string_data = type(self)._ps_string_data
+        keys = leaf.keys if string_data is None else _StringKeys(leaf.keys, string_data)
+        n = leaf.head16[7]
+        index = bisect.bisect_left(keys, probe, 0, n)
+        if index < n and keys[index] == probe:
+            return path, leaf, index
+        raise _Missing
+
+    def _ps_decode(self, node, index):
+        cls = type(self)
+        key = node.keys[index]
+        if cls._ps_key.decode is not None:
+            key = cls._ps_key.decode(key)
+        value = node.values[index]
+        if cls._ps_value.decode is not None:
+            value = cls._ps_value.decode(value)
+        return key, value
+
+    # -- reading --
+    def __getitem__(self, key):
+        try:
+            path, leaf, index = self._ps_find(key)
+        except _Missing:
+            raise KeyError(key) from None
+        value = leaf.values[index]
+        decode = type(self)._ps_value.decode
+        return value if decode is None else decode(value)
+
+    def __contains__(self, key):
+        try:
+            self._ps_find(key)
+        except _Missing:
+            return False
+        return True
+
+    def _ps_walk(self, node, index, reverse=False):
+        """``(node, index)`` pairs from position ``index`` of leaf ``node`` onwards, watching changes."""
+        version = self._ps_aux
+        while node is not None:
+            if self._ps_aux != version:
+                raise RuntimeError(f"{type(self).__name__} changed size during iteration")
+            if reverse:
+                if index < 0:
+                    nxt = node.head64[3]
+                    node = self._ps_node(nxt) if nxt else None
+                    index = node.n - 1 if node is not None else 0
+                    continue
+                yield node, index
+                index -= 1
+            else:
+                if index >= node.n:
+                    nxt = node.head64[2]
+                    node = self._ps_node(nxt) if nxt else None
+                    index = 0
+                    continue
+                yield node, index
+                index += 1
+
+    def _ps_edge_leaf(self, last):
+        node = self._ps_node(self._ps_body)
+        while not node.leaf:
+            node = self._ps_node(node.children[node.n if last else 0])
+        return node
+
+    def _ps_positions(self, reverse=False):
+        if not self._ps_count:
+            return iter(())
+        leaf = self._ps_edge_leaf(reverse)
+        return self._ps_walk(leaf, leaf.n - 1 if reverse else 0, reverse)
+
+    def __iter__(self):
+        decode = type(self)._ps_key.decode
+        for node, index in self._ps_positions():
+            key = node.keys[index]
+            yield key if decode is None else decode(key)
+
+    def __reversed__(self):
+        decode = type(self)._ps_key.decode
+        for node, index in self._ps_positions(reverse=True):
+            key = node.keys[index]
+            yield key if decode is None else decode(key)
+
+    def _ps_items(self):
+        for node, index in self._ps_positions():
+            yield self._ps_decode(node, index)
+
+    def _ps_iter_values(self):
+        decode = type(self)._ps_value.decode
+        for node, index in self._ps_positions():
+            value = node.values[index]
+            yield value if decode is None else decode(value)
+
+    def _ps_position_of(self, probe, right):
+        """The number of keys below ``probe`` (or not above it, if ``right``)."""
+        if not self._ps_count:
+            return 0
+        node = self._ps_node(self._ps_body)
+        position = 0
+        search = bisect.bisect_right if right else bisect.bisect_left
+        while not node.leaf:
+            index = bisect.bisect_right(self._ps_searchable(node), probe, 0, node.n)
+            position += sum(node.counts[:index].tolist())
+            node = self._ps_node(node.children[index])
+        return position + search(self._ps_searchable(node), probe, 0, node.n)
+
+    def bisect_left(self, key):
+        """The index where ``key`` is or would be inserted, before equal keys."""
+        return self._ps_position_of(type(self)._ps_key.bound(key), right=False)
+
+    def bisect_right(self, key):
+        """The index after the position of ``key``."""
+        return self._ps_position_of(type(self)._ps_key.bound(key), right=True)
+
+    bisect = bisect_right
+
+    def index(self, key):
+        """The position of ``key`` in key order; ``ValueError`` if it is absent."""
+        if key not in self:
+            raise ValueError(f"{key!r} is not in {type(self).__name__}")
+        return self.bisect_left(key)
+
+    def _ps_at(self, index):
+        """``(leaf, position in leaf)`` of the element at sorted ``index`` (may be negative)."""
+        count = self._ps_count
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"{type(self).__name__} indices must be integers, not {type(index).__name__}") from None
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError(f"{type(self).__name__} index out of range")
+        node = self._ps_node(self._ps_body)
+        while not node.leaf:
+            counts = node.counts[:node.n + 1].tolist()
+            child = 0
+            while index >= counts[child]:
+                index -= counts[child]
+                child += 1
+            node = self._ps_node(node.children[child])
+        return node, index
+
+    def peekitem(self, index=-1):
+        """The ``(key, value)`` at sorted position ``index`` (``IndexError`` if out of range)."""
+        node, position = self._ps_at(index)
+        return self._ps_decode(node, position)
+
+    def irange(self, minimum=None, maximum=None, inclusive=(True, True), reverse=False):
+        """Iterate over the keys from ``minimum`` to ``maximum`` (None: unbounded), in order."""
+        key_type = type(self)._ps_key
+        low = None if minimum is None else key_type.bound(minimum)
+        high = None if maximum is None else key_type.bound(maximum)
+        return self._ps_irange(low, high, inclusive, reverse)
+
+    def _ps_irange(self, low, high, inclusive, reverse):
+        if not self._ps_count:
+            return
+        decode = type(self)._ps_key.decode
+        start = 0 if low is None else self._ps_position_of(low, right=not inclusive[0])
+        stop = self._ps_count if high is None else self._ps_position_of(high, right=inclusive[1])
+        if start >= stop:
+            return
+        if reverse:
+            node, index = self._ps_at(stop - 1)
+        else:
+            node, index = self._ps_at(start)
+        remaining = stop - start
+        for node, index in self._ps_walk(node, index, reverse):
+            if remaining <= 0:
+                return
+            remaining -= 1
+            key = node.keys[index]
+            yield key if decode is None else decode(key)
+
+    # -- changing --
+    def __setitem__(self, key, value):
+        storage = self._ps_storage()
+        cls = type(self)
+        key_type = cls._ps_key
+        hash_, data = key_type.store(key)
+        value_type = cls._ps_value
+        cell = value_type.encode(value)
+        if not self._ps_body:
+            leaf = self._ps_new_node(storage, leaf=True)
+            self._ps_body = leaf.offset
+        path, leaf = self._ps_descend(data)
+        keys = self._ps_searchable(leaf)
+        n = leaf.n
+        index = bisect.bisect_left(keys, data, 0, n)
+        if index < n and keys[index] == data:
+            old = leaf.values[index]
+            leaf.values[index] = cell
+            if value_type.is_ref:
+                if cell:
+                    storage._incref(cell)
+                if old:
+                    storage._decref(old)
+            return
+        key_cell = key_type.new_cell(key, data)
+        leaf.keys[index + 1:n + 1] = leaf.keys[index:n]
+        leaf.values[index + 1:n + 1] = leaf.values[index:n]
+        leaf.keys[index], leaf.values[index] = key_cell, cell
+        leaf.n = n + 1
+        if key_type.is_ref:
+            storage._incref(key_cell)
+        if value_type.is_ref and cell:
+            storage._incref(cell)
+        for node, child in path:
+            node.counts[child] += 1
+        self._ps_count += 1
+        self._ps_aux += 1
+        if leaf.n > cls._ps_order:
+            self._ps_split(storage, path, leaf)
+
+    def _ps_split(self, storage, path, node):
+        """Split the overfull ``node`` and, as needed, its ancestors."""
+        key_ref = type(self)._ps_key.is_ref
+        while node.n > type(self)._ps_order:
+            n = node.n
+            half = n // 2
+            right = self._ps_new_node(storage, node.leaf)
+            if node.leaf:
+                moved = n - half
+                right.keys[:moved] = node.keys[half:n]
+                right.values[:moved] = node.values[half:n]
+                node.keys[half:n] = _zeros(node.keys, moved)
+                node.values[half:n] = _zeros(node.values, moved)
+                right.n, node.n = moved, half
+                separator = right.keys[0]
+                if key_ref:
+                    storage._incref(separator)
+                following = node.head64[2]
+                right.head64[2], right.head64[3] = following, node.offset
+                node.head64[2] = right.offset
+                if following:
+                    self._ps_node(following).head64[3] = right.offset
+                left_count, right_count = half, moved
+            else:
+                # keys[half] moves up; the right node gets keys half+1.. and children half+1..
+                separator = node.keys[half]
+                moved = n - half - 1
+                right.keys[:moved] = node.keys[half + 1:n]
+                right.children[:moved + 1] = node.children[half + 1:n + 1]
+                right.counts[:moved + 1] = node.counts[half + 1:n + 1]
+                node.keys[half:n] = _zeros(node.keys, n - half)
+                node.children[half + 1:n + 1] = _zeros(node.children, moved + 1)
+                node.counts[half + 1:n + 1] = _zeros(node.counts, moved + 1)
+                right.n, node.n = moved, half
+                left_count = sum(node.counts[:half + 1].tolist())
+                right_count = sum(right.counts[:moved + 1].tolist())
+            if path:
+                parent, child = path.pop()
+                n = parent.n
+                parent.keys[child + 1:n + 1] = parent.keys[child:n]
+                parent.children[child + 2:n + 2] = parent.children[child + 1:n + 1]
+                parent.counts[child + 2:n + 2] = parent.counts[child + 1:n + 1]
+                parent.keys[child] = separator
+                parent.children[child + 1] = right.offset
+                parent.counts[child], parent.counts[child + 1] = left_count, right_count
+                parent.n = n + 1
+                node = parent
+            else:
+                root = self._ps_new_node(storage, leaf=False)
+                root.keys[0] = separator
+                root.children[0], root.children[1] = node.offset, right.offset
+                root.counts[0], root.counts[1] = left_count, right_count
+                root.n = 1
+                self._ps_body = root.offset
+                return
+
+    def __delitem__(self, key):
+        storage = self._ps_storage()
+        try:
+            path, leaf, index = self._ps_find(key)
+        except _Missing:
+            raise KeyError(key) from None
+        self._ps_delete(storage, path, leaf, index)
+
+    def _ps_delete(self, storage, path, leaf, index):
+        cls = type(self)
+        n = leaf.n
+        key_cell, value_cell = leaf.keys[index], leaf.values[index]
+        leaf.keys[index:n - 1] = leaf.keys[index + 1:n]
+        leaf.values[index:n - 1] = leaf.values[index + 1:n]
+        leaf.keys[n - 1] = 0
+        leaf.values[n - 1] = 0
+        leaf.n = n - 1
+        for node, child in path:
+            node.counts[child] -= 1
+        self._ps_count -= 1
+        self._ps_aux += 1
+        if cls._ps_key.is_ref:
+            storage._decref(key_cell)
+        if cls._ps_value.is_ref and value_cell:
+            storage._decref(value_cell)
+        self._ps_rebalance(storage, path, leaf)
+
+    def _ps_rebalance(self, storage, path, node):
+        """Restore the minimum fill of ``node`` and its ancestors after a removal."""
+        cls = type(self)
+        minimum = cls._ps_order // 2
+        while True:
+            if not path:  # the root
+                if node.leaf and node.n == 0:
+                    self._ps_body = 0
+                    storage._drop_internal(node.offset)
+                elif not node.leaf and node.n == 0:
+                    self._ps_body = node.children[0]
+                    node.children[0] = 0
+                    node.counts[0] = 0
+                    storage._drop_internal(node.offset)
+                return
+            if node.n >= minimum:
+                return
+            parent, child = path.pop()
+            if child > 0:
+                left = self._ps_node(parent.children[child - 1])
+                if left.n > minimum:
+                    self._ps_borrow_left(storage, parent, child, left, node)
+                    return
+            if child < parent.n:
+                right = self._ps_node(parent.children[child + 1])
+                if right.n > minimum:
+                    self._ps_borrow_right(storage, parent, child, node, right)
+                    return
+            if child > 0:
+                self._ps_merge(storage, parent, child - 1, self._ps_node(parent.children[child - 1]), node)
+            else:
+                self._ps_merge(storage, parent, child, node, self._ps_node(parent.children[child + 1]))
+            node = parent
+
+    def _ps_borrow_left(self, storage, parent, child, left, node):
+        n, ln = node.n, left.n
+        key_ref = type(self)._ps_key.is_ref
+        node.keys[1:n + 1] = node.keys[0:n]
+        if node.leaf:
+            node.values[1:n + 1] = node.values[0:n]
+            node.keys[0], node.values[0] = left.keys[ln - 1], left.values[ln - 1]
+            left.keys[ln - 1] = left.values[ln - 1] = 0
+            old = parent.keys[child - 1]
+            parent.keys[child - 1] = node.keys[0]
+            if key_ref:
+                storage._incref(node.keys[0])
+                storage._decref(old)
+            moved = 1
+        else:
+            node.children[1:n + 2] = node.children[0:n + 1]
+            node.counts[1:n + 2] = node.counts[0:n + 1]
+            node.keys[0] = parent.keys[child - 1]
+            node.children[0], node.counts[0] = left.children[ln], left.counts[ln]
+            parent.keys[child - 1] = left.keys[ln - 1]
+            moved = left.counts[ln]
+            left.keys[ln - 1] = 0
+            left.children[ln] = left.counts[ln] = 0
+        left.n, node.n = ln - 1, n + 1
+        parent.counts[child - 1] -= moved
+        parent.counts[child] += moved
+
+    def _ps_borrow_right(self, storage, parent, child, node, right):
+        n, rn = node.n, right.n
+        key_ref = type(self)._ps_key.is_ref
+        if node.leaf:
+            node.keys[n], node.values[n] = right.keys[0], right.values[0]
+            right.keys[0:rn - 1] = right.keys[1:rn]
+            right.values[0:rn - 1] = right.values[1:rn]
+            right.keys[rn - 1] = right.values[rn - 1] = 0
+            old = parent.keys[child]
+            parent.keys[child] = right.keys[0]
+            if key_ref:
+                storage._incref(right.keys[0])
+                storage._decref(old)
+            moved = 1
+        else:
+            node.keys[n] = parent.keys[child]
+            node.children[n + 1], node.counts[n + 1] = right.children[0], right.counts[0]
+            parent.keys[child] = right.keys[0]
+            moved = right.counts[0]
+            right.keys[0:rn - 1] = right.keys[1:rn]
+            right.children[0:rn] = right.children[1:rn + 1]
+            right.counts[0:rn] = right.counts[1:rn + 1]
+            right.keys[rn - 1] = 0
+            right.children[rn] = right.counts[rn] = 0
+        right.n, node.n = rn - 1, n + 1
+        parent.counts[child + 1] -= moved
+        parent.counts[child] += moved
+
+    def _ps_merge(self, storage, parent, child, left, right):
+        """Merge ``right`` (child ``child + 1`` of ``parent``) into ``left`` (child ``child``)."""
+        ln, rn = left.n, right.n
+        separator = parent.keys[child]
+        if left.leaf:
+            left.keys[ln:ln + rn] = right.keys[:rn]
+            left.values[ln:ln + rn] = right.values[:rn]
+            left.n = ln + rn
+            following = right.head64[2]
+            left.head64[2] = following
+            if following:
+                self._ps_node(following).head64[3] = left.offset
+            if type(self)._ps_key.is_ref:
+                storage._decref(separator)
+        else:
+            left.keys[ln] = separator
+            left.keys[ln + 1:ln + 1 + rn] = right.keys[:rn]
+            left.children[ln + 1:ln + 2 + rn] = right.children[:rn + 1]
+            left.counts[ln + 1:ln + 2 + rn] = right.counts[:rn + 1]
+            left.n = ln + 1 + rn
+        n = parent.n
+        parent.counts[child] += parent.counts[child + 1]
+        parent.keys[child:n - 1] = parent.keys[child + 1:n]
+        parent.children[child + 1:n] = parent.children[child + 2:n + 1]
+        parent.counts[child + 1:n] = parent.counts[child + 2:n + 1]
+        parent.keys[n - 1] = 0
+        parent.children[n] = parent.counts[n] = 0
+        parent.n = n - 1
+        storage._drop_internal(right.offset)
+
+    def popitem(self, index=-1):
+        """Remove and return the ``(key, value)`` at sorted ``index`` (the largest by default)."""
+        storage = self._ps_storage()
+        if not self._ps_count:
+            raise KeyError(f"popitem(): {type(self).__name__} is empty")
+        leaf, position = self._ps_at(index)
+        key, value = self._ps_decode(leaf, position)
+        path, leaf, position = self._ps_find(key)
+        self._ps_delete(storage, path, leaf, position)
+        return key, value
+
+    def pop(self, key, default=_MappingMixin._MARKER):
+        """Remove ``key`` and return its value (or ``default``; ``KeyError`` without one)."""
+        storage = self._ps_storage()
+        try:
+            path, leaf, index = self._ps_find(key)
+        except _Missing:
+            if default is _MappingMixin._MARKER:
+                raise KeyError(key) from None
+            return default
+        value = self._ps_decode(leaf, index)[1]
+        self._ps_delete(storage, path, leaf, index)
+        return value
+
+    def clear(self):
+        """Remove every item (the nodes are freed at once, the elements' references dropped)."""
+        storage = self._ps_storage()
+        if not self._ps_body:
+            return
+        cls = type(self)
+        stack = [self._ps_body]
+        dropped = []
+        key_ref, value_ref = cls._ps_key.is_ref, cls._ps_value.is_ref
+        while stack:
+            node = self._ps_node(stack.pop())
+            n = node.n
+            if key_ref:
+                dropped.extend(node.keys[:n].tolist())
+            if node.leaf:
+                if value_ref:
+                    dropped.extend(c for c in node.values[:n].tolist() if c)
+            else:
+                stack.extend(node.children[:n + 1].tolist())
+            storage._drop_internal(node.offset)
+        self._ps_body = 0
+        self._ps_count = 0
+        self._ps_aux += 1
+        for cell in dropped:
+            storage._decref(cell)
+
+    def copy(self):
+        """A plain ``dict`` with the same items, in key order."""
+        return dict(self._ps_items())
+
+    # -- storage hooks --
+    @classmethod
+    def _ps_references(cls, storage, offset, type_id):
+        if type_id != F.T_NODE:
+            header = F.COLLECTION.unpack_from(storage._mapping.view(offset, F.COLLECTION.size))
+            return [header[3]] if header[3] else []
+        node = _NodeView(storage, offset, cls._ps_order, cls._ps_key.code, cls._ps_value.code)
+        n = min(node.n, cls._ps_order + 1)
+        refs = []
+        if cls._ps_key.is_ref:
+            refs.extend(node.keys[:n].tolist())
+        if node.leaf:
+            if cls._ps_value.is_ref:
+                refs.extend(c for c in node.values[:n].tolist() if c)
+        else:
+            refs.extend(node.children[:n + 1].tolist())
+        return [r for r in refs if r]
+
+    @classmethod
+    def _ps_internal_size(cls, storage, offset, type_id):
+        return node_size(storage) if type_id == F.T_NODE else None
+
+    def _ps_check(self, referenced, fail):
+        cls = type(self)
+        storage = cls._storage
+        count, body = self._ps_count, self._ps_body
+        if not body:
+            if count:
+                fail(f"{self!r} has {count} items but no tree")
+            return
+        referenced(body, None, f"{self!r} root")
+        key_type = cls._ps_key
+        order, minimum = cls._ps_order, cls._ps_order // 2
+        leaves = []
+
+        def sort_key(cell):
+            return storage._string_data(cell) if key_type.is_ref else cell
+
+        def walk(offset, low, high, depth, is_root):
+            """Check the subtree at ``offset``; return (element count, leaf depth)."""
+            if depth > 64:
+                fail(f"{self!r}: the tree is deeper than 64 levels (a cycle?)")
+            node = self._ps_node(offset)
+            n = node.n
+            where = f"{self!r} node {offset:#x}"
+            if n > order or (not is_root and n < minimum) or (is_root and not node.leaf and n < 1):
+                fail(f"{where} holds {n} keys (order {order})")
+            keys = [sort_key(c) for c in node.keys[:n].tolist()]
+            if key_type.is_ref:
+                for cell in node.keys[:n].tolist():
+                    referenced(cell, key_type.type, where + " key")
+            if any(a >= b for a, b in zip(keys, keys[1:])):
+                fail(f"{where}: keys are not in increasing order")
+            if keys and ((low is not None and keys[0] < low) or (high is not None and keys[-1] >= high)):
+                fail(f"{where}: keys outside the range its parent gives")
+            if any(node.keys[n:order + 1].tolist()):
+                fail(f"{where}: key cells after the last key are not empty")
+            if node.leaf:
+                values = node.values[:n].tolist()
+                if cls._ps_value.is_ref:
+                    for cell in values:
+                        if cell:
+                            referenced(cell, cls._ps_value.type, where + " value")
+                leaves.append(offset)
+                return n, depth
+            total, leaf_depth = 0, None
+            counts = node.counts[:n + 1].tolist()
+            for index, child in enumerate(node.children[:n + 1].tolist()):
+                referenced(child, None, where + f" child {index}")
+                sub, sub_depth = walk(child, keys[index - 1] if index else low,
+                                      keys[index] if index < n else high, depth + 1, False)
+                if sub != counts[index]:
+                    fail(f"{where}: child {index} holds {sub} items, the node says {counts[index]}")
+                if leaf_depth is not None and sub_depth != leaf_depth:
+                    fail(f"{where}: the tree is not balanced")
+                leaf_depth = sub_depth
+                total += sub
+            return total, leaf_depth
+
+        total, _ = walk(body, None, None, 0, True)
+        if total != count:
+            fail(f"{self!r} counts {count} items but its tree holds {total}")
+        previous = 0
+        for offset in leaves:
+            node = self._ps_node(offset)
+            if node.head64[3] != previous:
+                fail(f"{self!r}: leaf {offset:#x} links back to {node.head64[3]:#x}, not {previous:#x}")
+            if previous and self._ps_node(previous).head64[2] != offset:
+                fail(f"{self!r}: leaf {previous:#x} does not link to {offset:#x}")
+            previous = offset
+        if self._ps_node(previous).head64[2]:
+            fail(f"{self!r}: the last leaf links onwards")
+
+
+def _zeros(view, count):
+    return memoryview(array(view.format, bytes(F.CELL * count)))
+
+
+BASES = {"list": PersistentList, "dict": PersistentDict, "set": PersistentSet,
+         "sorteddict": PersistentSortedDict}
+KINDS = tuple(BASES)
+
+abc.MutableSequence.register(PersistentList)
+abc.MutableMapping.register(PersistentDict)
+abc.MutableSet.register(PersistentSet)
+abc.MutableMapping.register(PersistentSortedDict)
+
+
+def make_class(storage, kind, name, params):
+    """The proxy class of collection type ``name`` of ``kind`` with element types ``params``."""
+    base = BASES[kind]
+    cls = T.PersistentMeta(name, (base,), {"__slots__": (), "_storage": storage, "_ps_params": tuple(params),
+                                           "__module__": "permastruct.schema"})
+    cls._ps_type_id = 0
+    cls._ps_prepare(storage)
+    return cls

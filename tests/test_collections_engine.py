@@ -1,0 +1,285 @@
+"""Engine-level tests of the collections: schema, freeing, check() finding damage, CLI."""
+
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from permastruct import (CorruptStorageError, Dict, List, SchemaError, Set, SortedDict, Storage,
+                         StorageClosedError)
+from permastruct import _format as F
+from permastruct import collections as C
+from permastruct.cli import info
+
+
+class Store(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Agent(s.Structure):
+            name = s.ByteString
+            age = s.Int
+
+        Ints = self.define(List("Ints")[s.Int])
+        Matrix = self.define(List("Matrix")[Ints])
+        self.define(Dict("ByName")[s.ByteString, Agent])
+        self.define(Dict("Counts")[s.String, s.Int])
+        self.define(Set("Tags")[s.String])
+        self.define(SortedDict("ByAge")[s.Int, Agent])
+        self.define(SortedDict("Words")[s.String, Matrix])
+
+        class Root(s.Structure):
+            ints = Ints
+            matrix = Matrix
+            by_name = self.schema.ByName
+            counts = self.schema.Counts
+            tags = self.schema.Tags
+            by_age = self.schema.ByAge
+            words = self.schema.Words
+
+
+@pytest.fixture
+def store(tmp_path):
+    p = Store(tmp_path / "s.ps", pageSize=256)
+    yield p
+    p.close()
+
+
+def objects_of(p, name):
+    return p.check()["types"].get(name, 0)
+
+
+# -- schema ---------------------------------------------------------------------------
+def test_descriptors_need_names_and_types():
+    with pytest.raises(SchemaError):
+        List("not a name")
+    with pytest.raises(SchemaError):
+        Dict("D")[Storage]  # one type for two
+    assert repr(List("L")) == "List('L')"
+
+    class NoTypes(Storage):
+        def populateSchema(self):
+            self.define(List("L"))
+    with pytest.raises(SchemaError, match="needs its element types"):
+        NoTypes(None)
+
+
+def test_keys_must_be_numbers_or_strings():
+    class BadKeys(Storage):
+        def populateSchema(self):
+            class Agent(self.schema.Structure):
+                age = self.schema.Int
+            self.define(Dict("D")[Agent, self.schema.Int])
+    with pytest.raises(SchemaError, match="keys must be numbers, ByteString or String"):
+        BadKeys(None)
+
+
+def test_define_outside_populate_schema_is_refused(store):
+    with pytest.raises(SchemaError):
+        store.define(List("Late")[store.schema.Int])
+
+
+def test_reopen_binds_and_bare_open_builds_collection_classes(tmp_path):
+    path = tmp_path / "s.ps"
+    with Store(path) as p:
+        p.root.matrix = [[1, 2], [3]]
+        p.root.words = {"b": [[1]], "a": []}
+    with Storage(path) as bare:
+        matrix = bare.root.matrix
+        assert type(matrix).__name__ == "Matrix" and matrix == [[1, 2], [3]]
+        assert list(bare.root.words) == ["a", "b"]
+        assert bare.root.words["b"][0] == [1]
+    with Store(path) as p:
+        assert p.root.matrix[1] == [3]
+
+
+def test_schema_mismatch_of_a_collection_is_named(tmp_path):
+    path = tmp_path / "s.ps"
+    Store(path).close()
+
+    class Changed(Storage):
+        def populateSchema(self):
+            s = self.schema
+
+            class Agent(s.Structure):
+                name = s.ByteString
+                age = s.Int
+            Ints = self.define(List("Ints")[s.Float])  # was Int
+            Matrix = self.define(List("Matrix")[Ints])
+            self.define(Dict("ByName")[s.ByteString, Agent])
+            self.define(Dict("Counts")[s.String, s.Int])
+            self.define(Set("Tags")[s.String])
+            self.define(SortedDict("ByAge")[s.Int, Agent])
+            self.define(SortedDict("Words")[s.String, Matrix])
+
+            class Root(s.Structure):
+                ints = Ints
+                matrix = Matrix
+                by_name = self.schema.ByName
+                counts = self.schema.Counts
+                tags = self.schema.Tags
+                by_age = self.schema.ByAge
+                words = self.schema.Words
+    before = path.read_bytes()
+    with pytest.raises(SchemaError, match=r"Ints is a list of \(Float\) in Python but a list of \(Int\)"):
+        Changed(path)
+    assert path.read_bytes() == before
+
+
+# -- freeing ----------------------------------------------------------------------------
+def test_dropping_nested_collections_frees_everything(store):
+    p = store
+    p.root  # created on first use
+    baseline = p.check()["objects"]
+    p.root.matrix = [[i, i + 1] for i in range(50)]
+    p.root.words = {f"w{i}": [[i]] for i in range(40)}
+    p.root.by_name = {b"x%d" % i: p.schema.Agent(age=i) for i in range(30)}
+    p.commit()
+    assert p.check()["objects"] > baseline + 100
+    p.root.matrix = None
+    p.root.words = None
+    p.root.by_name = None
+    p.commit()
+    summary = p.check()
+    assert summary["objects"] == baseline, summary["types"]
+
+
+def test_shared_and_interned_objects_survive_removal(store):
+    p = store
+    agent = p.schema.Agent(age=7)
+    tag = p.stringRegistry.get("kept")
+    p.root.by_age = {7: agent}
+    p.root.by_name = {b"seven": agent}
+    p.root.tags = {tag, "dropped"}
+    del agent
+    del p.root.by_age[7]
+    p.root.tags.clear()
+    p.commit()
+    assert p.root.by_name[b"seven"].age == 7
+    assert "kept" in p.stringRegistry
+    types = p.check()["types"]
+    assert types["Agent"] == 1
+    assert types.get("String", 0) == 1  # only the interned one
+
+
+def test_sorted_string_keys_hold_references_in_separators(store):
+    p = store
+    p.root.words = {}
+    words = p.root.words
+    for i in range(300):
+        words[f"{i:05d}"] = None
+        p.check()
+    for i in range(0, 300, 3):
+        del words[f"{i:05d}"]
+    p.commit()
+    p.check()
+    assert list(words) == [f"{i:05d}" for i in range(300) if i % 3]
+    words.clear()
+    p.commit()
+    assert objects_of(p, "String") == 0
+    assert objects_of(p, "(tree nodes)") == 0
+
+
+def test_tree_height_and_peekitem_at_scale(store):
+    p = store
+    p.root.by_age = {}
+    tree = p.root.by_age
+    keys = list(range(0, 6000, 2))
+    for k in reversed(keys):
+        tree[k] = None
+    p.check()
+    assert [tree.peekitem(i)[0] for i in (0, 1, 1000, -1)] == [0, 2, 2000, 5998]
+    assert tree.bisect_left(1001) == 501 and tree.bisect_right(1000) == 501
+    assert list(tree.irange(10, 20, reverse=True)) == [20, 18, 16, 14, 12, 10]
+    assert list(tree.irange(11, 19, inclusive=(False, False))) == [12, 14, 16, 18]
+    for k in keys[::2]:
+        del tree[k]
+    p.check()
+    assert list(tree) == keys[1::2]
+
+
+# -- check() finds damage -------------------------------------------------------------
+def _damage(p, offset, fmt, value):
+    struct.pack_into(fmt, p._mapping.view(offset, struct.calcsize(fmt)), 0, value)
+    p._views.clear()
+
+
+def test_check_finds_a_wrong_list_count(store):
+    p = store
+    p.root.ints = [1, 2, 3]
+    offset = p.root.ints._ps_offset
+    _damage(p, offset + 8, "<Q", 2)
+    with pytest.raises(CorruptStorageError, match="cells after the last element"):
+        p.check()
+
+
+def test_check_finds_a_misplaced_hash_entry(store):
+    p = store
+    p.root.counts = {"a": 1, "b": 2}
+    table = p.root.counts._ps_body
+    entries_at = table + F.TABLE.size + 4 * 8  # 8 slots of uint32
+    _damage(p, entries_at, "<I", 12345)  # the stored hash of the first entry
+    with pytest.raises(CorruptStorageError, match="stored hash"):
+        p.check()
+
+
+def test_check_finds_unordered_tree_keys(store):
+    p = store
+    p.root.by_age = {1: None, 2: None, 3: None}
+    leaf = p.root.by_age._ps_body
+    _damage(p, leaf + F.NODE.size, "<q", 5)
+    with pytest.raises(CorruptStorageError, match="not in increasing order"):
+        p.check()
+
+
+def test_check_finds_a_wrong_subtree_count(store):
+    p = store
+    p.root.by_age = {i: None for i in range(50)}
+    root = p.root.by_age._ps_node(p.root.by_age._ps_body)
+    assert not root.leaf
+    root.counts[0] += 1
+    with pytest.raises(CorruptStorageError, match="holds .* items, the node says"):
+        p.check()
+
+
+def test_a_damaged_body_offset_is_an_error_not_a_crash(store):
+    p = store
+    p.root.ints = [1, 2, 3]
+    ints = p.root.ints
+    _damage(p, ints._ps_offset + 16, "<Q", 1 << 40)
+    with pytest.raises(CorruptStorageError):
+        ints[0]
+    with pytest.raises(CorruptStorageError):
+        p.check()
+
+
+# -- proxies and the command line -----------------------------------------------------
+def test_repr_and_closed_collections(tmp_path):
+    p = Store(tmp_path / "s.ps")
+    p.root.tags = {"a"}
+    tags = p.root.tags
+    assert repr(tags).startswith("<persistent Tags object @offset 0x")
+    p.close()
+    with pytest.raises(StorageClosedError):
+        tags | {"b"}
+    with pytest.raises(StorageClosedError):
+        len(tags)
+
+
+def test_info_lists_collection_types(tmp_path):
+    path = tmp_path / "s.ps"
+    Store(path).close()
+    lines = []
+    info(str(path), out=lines.append)
+    text = "\n".join(lines)
+    assert "Matrix = List[Ints]" in text
+    assert "ByName = Dict[ByteString, Agent]" in text
+    assert "Words = SortedDict[String, Matrix]" in text
+
+
+def test_collections_module_is_importable_alongside_the_stdlib_one():
+    code = "import collections, permastruct.collections as pc; print(collections.OrderedDict.__name__, pc.List.kind)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["OrderedDict", "list"]
+    assert C.KINDS == ("list", "dict", "set", "sorteddict")
