@@ -2,11 +2,13 @@
 
 Checks, in order: the header and root records on disk; that every page is
 exactly one of free, allocator state, slab, run (head or continuation) or
-free run; slab headers, slot free lists and partial lists; the free-run list;
+free run; slab headers, slot free lists and partial lists; the free-run bins;
 that every allocated object has a known type and fits its space; that every
-reference points at an allocated object of the field's type; that each stored
-reference count equals the references found; the string registry's count and
-hash placement.
+reference points at an allocated object of the field's type; every
+collection's own invariants (counts, array capacity, hash placement, B+tree
+order, balance, subtree counts and leaf links); that each stored reference
+count equals the references found; the string registry's count and hash
+placement.
 """
 
 import ctypes
