@@ -809,3 +809,32 @@ def test_growth_keeps_views_valid(tmp_path):
         assert summary["types"]["Agent"] == n + 1
     finally:
         p.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_refuses_the_parents_storage(tmp_path):
+    """DESIGN 3.8: a storage used in a forked child refuses with a clear error; the parent goes on."""
+    import permastruct
+    p = permastruct.Storage(tmp_path / "fork.ps")
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what happened through the pipe, never run pytest code
+        os.close(reader)
+        outcome = "no error"
+        try:
+            p.commit()
+        except permastruct.PermastructError as exc:
+            outcome = "refused: " + str(exc)
+        p.close()  # allowed, and must not write or unlock anything
+        os.write(writer, outcome.encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert outcome.startswith("refused: ") and "forked" in outcome, outcome
+    p.stringRegistry.get("after the fork")
+    p.commit()
+    p.close()
+    with permastruct.Storage(tmp_path / "fork.ps") as again:
+        assert "after the fork" in again.stringRegistry

@@ -86,6 +86,7 @@ class Storage:
                  sync=True, pageSize=F.DEFAULT_PAGE_SIZE):
         self._closed = True
         self._closing = False
+        self._forked = False
         self.readonly = bool(readonly)
         for name, value in (("fileSize", fileSize), ("stringRegistrySize", stringRegistrySize)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -138,6 +139,7 @@ class Storage:
                     os.unlink(self.fileName)
             raise
         self.stringRegistry = StringRegistry(self)
+        _OPEN.add(self)
 
     @classmethod
     def memory(cls, **kwargs):
@@ -681,6 +683,10 @@ class Storage:
     def _check_open(self):
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
+        if self._forked:
+            raise PermastructError(f"{self!r} was opened before this process was forked: a forked child "
+                                   "cannot use it (the parent owns its lock and its changes); open the "
+                                   "file again in the child, after the parent has closed it")
 
     def _check_writable(self):
         self._check_open()
@@ -755,8 +761,9 @@ class Storage:
         if self._closed:
             return
         self._closing = True
+        _OPEN.discard(self)
         try:
-            if not self.readonly and not self._page_file.io.sync_failed:
+            if not self.readonly and not self._page_file.io.sync_failed and not self._forked:
                 self._collect_unreferenced(everything=True)
                 self._page_file.flush()
         finally:
@@ -793,6 +800,18 @@ class Storage:
         """The size of the file in bytes."""
         self._check_open()
         return self._page_file.io.size()
+
+
+_OPEN = weakref.WeakSet()  # the open storages of this process
+
+
+def _after_fork_in_child():
+    for storage in list(_OPEN):
+        storage._forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _kind_text(kind, params):
