@@ -31,7 +31,7 @@ from .errors import (CorruptStorageError, PermastructError, ReadOnlyError, Schem
                      StorageClosedError)
 from .pages import PageFile
 from .strings import ByteString, String, StringRegistry, create_registry
-from .structure import Structure, StructureMeta, pop_populating, push_populating
+from .structure import Structure, StructureMeta, pop_populating, populating, push_populating
 
 __all__ = ["Storage", "Structure", "StructureMeta"]
 
@@ -226,7 +226,6 @@ class Storage:
         return None
 
     def _define_collection(self, descriptor):
-        from .structure import populating
         if populating() is not self:
             raise SchemaError(f"{descriptor!r} must be defined inside {self!r}'s populateSchema()")
         if descriptor.params is None:
