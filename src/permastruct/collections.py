@@ -296,12 +296,6 @@ class _Collection(T.Persistent):
         return storage
 
     @classmethod
-    def _ps_create(cls, storage, *args, **kwargs):
-        """A new, empty collection object; returns its offset."""
-        offset = storage._new_object(cls, F.COLLECTION.size)
-        return offset
-
-    @classmethod
     def _ps_from_python(cls, storage, value, where):
         """A new collection holding the elements of plain Python ``value`` (a field assignment)."""
         if not cls._ps_accepts(value):
@@ -325,10 +319,6 @@ class _Collection(T.Persistent):
                             f"{', '.join(options)}")
         if source is not None:
             self._ps_fill(source)
-
-    def _ps_incref(self, storage, cell):
-        if cell:
-            storage._incref(cell)
 
     def _ps_internal(self, storage, type_id, size):
         """A new zeroed internal object of this collection (reference count 1)."""
@@ -891,11 +881,14 @@ class _HashCollection(_Collection):
             storage._drop_internal(old)
         return view
 
-    def _ps_insert(self, storage, key, value_cell=None):
-        """Add ``key`` (validated first); returns ``(True, None)`` if new, else ``(False, entry fields)``."""
+    def _ps_insert(self, storage, key, value_cell=None, stored=None):
+        """Add ``key``; ``stored`` is ``_ps_key.store(key)`` if the caller has it already.
+
+        Returns ``(table, -1)`` for a new key, ``(table, entry)`` for one already present.
+        """
         cls = type(self)
         key_type = cls._ps_key
-        hash_, data = key_type.store(key)
+        hash_, data = stored or key_type.store(key)
         table = self._ps_table() if self._ps_body else self._ps_rebuild(storage, 1)
         slot, entry, _ = self._ps_find(table, hash_, data)
         if entry >= 0:
@@ -1248,10 +1241,10 @@ class PersistentDict(_MappingMixin, _HashCollection):
     def __setitem__(self, key, value):
         storage = self._ps_storage()
         cls = type(self)
-        cls._ps_key.store(key)
+        stored = cls._ps_key.store(key)  # a wrong key fails before the value creates anything
         value_type = cls._ps_value
         cell = value_type.encode(value)
-        table, entry = self._ps_insert(storage, key, cell)
+        table, entry = self._ps_insert(storage, key, cell, stored)
         if entry >= 0:  # an existing key: replace the value
             at = entry * cls._ps_esize
             fields = list(cls._ps_entry.unpack_from(table.entries, at))
