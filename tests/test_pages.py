@@ -71,7 +71,7 @@ def count_io():
     """Count FileIO operations (the one I/O layer) while the block runs."""
     calls = []
     previous = FileIO.hook
-    FileIO.hook = lambda operation, p: calls.append(operation)
+    FileIO.hook = lambda operation, p, *args: calls.append(operation)
     try:
         yield calls
     finally:

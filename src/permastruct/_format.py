@@ -119,6 +119,43 @@ name the type id of their owner, so the cells can be decoded without it:
                       every key of child ``i + 1`` is at least key ``i``.
                       String keys are references, counted once per cell that
                       holds them (leaf and separators).
+
+Write-ahead log (the file ``<store>-wal``)
+==========================================
+
+A commit never writes the main file directly.  It appends to the log one
+*page frame* for each changed stretch of ``unit`` bytes (the OS page size,
+written in the log header), then one *commit frame* holding the new root
+state, and (with ``sync=True``) fsyncs the log.  A *checkpoint* later copies
+the frames into the main file, fsyncs it, writes the main file's next root
+record, fsyncs again and only then *resets* the log: a new header with a new
+salt and the transaction number the main file now holds.
+
+``WAL_HEADER`` (64 bytes at offset 0): magic ``b"PSTWAL\x00\x00"``, version,
+unit, salt, base transaction (the main file's transaction at the reset), crc32
+of the first 60 bytes.  Frames follow from offset 64, each ``FRAME`` (32
+bytes) then its data: kind (1 page, 2 commit), salt, transaction, for a page
+the file offset of its data and for a commit the number of page frames of the
+transaction, data length, crc32 of the first 28 header bytes and the data.  A
+commit frame's data is ``COMMIT`` (page count, free-page head, root slots).
+
+Recovery reads frames from the start and accepts a transaction only when its
+commit frame and all its page frames are whole: right salt, right checksum,
+transaction numbers following ``base + 1, base + 2, ...`` without a gap, and
+as many page frames as the commit frame says.  The first frame that fails
+any of this ends the log; nothing after it is looked at.  Transactions not
+newer than the main file's root record are skipped (a checkpoint already
+copied them).  A torn header means the log holds nothing the main file lacks:
+the header is only rewritten after a checkpoint has been synced.
+
+Locks (byte-range locks on the main file, far past its end, never data):
+``LOCK_WRITER`` is held exclusively by the one writable open.
+``LOCK_CHECKPOINT`` is held exclusively while a checkpoint writes the main
+file, and shared while a reader takes a snapshot (reads the root and the log).
+A reader whose snapshot is transaction ``t`` holds a shared lock on
+``LOCK_READERS + t``; a checkpoint copies only transactions no newer than the
+oldest such lock, because a reader reads every page the log does not
+override from the main file.
 """
 
 import struct
@@ -141,6 +178,20 @@ ROOT_SLOTS = 8
 ROOT = struct.Struct("<QQq8Q36xI")  # txn, page_count, free_head, slots[8], pad, crc
 assert ROOT.size == 128
 SLOT_SCHEMA, SLOT_ROOT, SLOT_REGISTRY, SLOT_ALLOC = 0, 1, 2, 3
+
+# -- write-ahead log and locks ------------------------------------------------
+WAL_SUFFIX = "-wal"
+WAL_MAGIC = b"PSTWAL\x00\x00"
+WAL_VERSION = 1
+WAL_HEADER = struct.Struct("<8sIIIQ32xI")  # magic, version, unit, salt, base txn, pad, crc
+assert WAL_HEADER.size == 64
+FRAME = struct.Struct("<IIQQII")  # kind, salt, txn, offset or page-frame count, length, crc
+assert FRAME.size == 32
+FRAME_PAGE, FRAME_COMMIT = 1, 2
+COMMIT = struct.Struct("<Qq8Q")  # page count, free-page head, root slots
+LOCK_WRITER = 1 << 62
+LOCK_CHECKPOINT = LOCK_WRITER + 1
+LOCK_READERS = LOCK_WRITER + 2
 
 # -- pages -------------------------------------------------------------------
 PAGE_HEADER = struct.Struct("<i")

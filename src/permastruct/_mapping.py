@@ -22,8 +22,12 @@ drops the private copies; the map then shows the file again.
 import bisect
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
+import struct
+import sys
+import time
 
 from .errors import StorageFullError
 
@@ -39,6 +43,34 @@ _DIRTY_TABLE = bytes(
     1 if ((b & 0x80 and not b & 0x20) or b & 0x40) else 0 for b in range(256))
 
 
+# Byte-range locks: open-file-description locks where the system has them (Linux),
+# so that two opens in one process exclude each other and closing another
+# descriptor of the file keeps them; POSIX record locks elsewhere.
+if hasattr(fcntl, "F_OFD_SETLK"):
+    _SETLK, _SETLKW, _GETLK = fcntl.F_OFD_SETLK, fcntl.F_OFD_SETLKW, fcntl.F_OFD_GETLK
+else:  # pragma: no cover - not Linux
+    _SETLK, _SETLKW, _GETLK = fcntl.F_SETLK, fcntl.F_SETLKW, fcntl.F_GETLK
+if sys.platform.startswith("linux"):
+    _FLOCK = struct.Struct("hhqqi4x")  # l_type, l_whence, l_start, l_len, l_pid
+
+    def _pack_lock(kind, start, length):
+        return _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
+
+    def _unpack_lock(raw):
+        kind, _, start, length, _ = _FLOCK.unpack(raw)
+        return kind, start, length
+else:  # pragma: no cover - BSD and macOS order
+    _FLOCK = struct.Struct("qqihh")  # l_start, l_len, l_pid, l_type, l_whence
+
+    def _pack_lock(kind, start, length):
+        return _FLOCK.pack(start, length, 0, kind, os.SEEK_SET)
+
+    def _unpack_lock(raw):
+        start, length, _, kind, _ = _FLOCK.unpack(raw)
+        return kind, start, length
+_BUSY_ERRNOS = (errno.EAGAIN, errno.EACCES)
+
+
 def _full_error(exc, what, path):
     if getattr(exc, "errno", None) in _FULL_ERRNOS:
         error = StorageFullError(exc.errno, f"{what} failed for {path!r}: {os.strerror(exc.errno)}; "
@@ -51,9 +83,16 @@ def _full_error(exc, what, path):
 class FileIO:
     """The one I/O layer: every write, sync, allocate and truncate of a store's file.
 
-    ``FileIO.hook``, when set, is called as ``hook(operation, path)`` before each
-    operation (``"pwrite"``, ``"fsync"``, ``"fallocate"``, ``"truncate"``); it may
-    raise to simulate a failure.
+    ``FileIO.hook``, when set, is called as ``hook(operation, path, *args)``
+    before each operation; it may raise to simulate a failure, or stop the
+    process to simulate a crash.  The operations and their arguments:
+
+    ``"create"`` ()                 the file is about to be created
+    ``"pwrite"`` (data, offset)     ``data`` is a bytes-like object
+    ``"fsync"`` ()
+    ``"fsync_dir"`` ()              the directory holding ``path``
+    ``"fallocate"`` (offset, length)
+    ``"truncate"`` (length,)
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "f")
@@ -74,13 +113,15 @@ class FileIO:
     def open(cls, path, readonly, create):
         flags = os.O_RDONLY if readonly else os.O_RDWR
         if create:
+            if FileIO.hook is not None:
+                FileIO.hook("create", path)
             flags |= os.O_CREAT | os.O_EXCL
         flags |= getattr(os, "O_CLOEXEC", 0)
         return cls(os.open(path, flags, 0o666), path)
 
-    def _before(self, operation):
+    def _before(self, operation, *args):
         if FileIO.hook is not None:
-            FileIO.hook(operation, self.path)
+            FileIO.hook(operation, self.path, *args)
 
     def size(self):
         return os.fstat(self.fd).st_size
@@ -99,8 +140,8 @@ class FileIO:
 
     def pwrite(self, data, offset):
         """Write all of ``data`` at ``offset``, completing short writes."""
-        self._before("pwrite")
         view = memoryview(data).cast("B")
+        self._before("pwrite", view, offset)
         try:
             while view:
                 written = os.pwrite(self.fd, view, offset)
@@ -120,9 +161,21 @@ class FileIO:
             self.sync_failed = True
             raise
 
+    def fsync_directory(self):
+        """fsync the directory holding the file, so that a new file's name is durable."""
+        self._before("fsync_dir")
+        folder = os.open(os.path.dirname(os.path.abspath(self.path)) or ".", os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        except OSError:
+            self.sync_failed = True
+            raise
+        finally:
+            os.close(folder)
+
     def fallocate(self, offset, length):
         """Reserve disk space so that touching the range can never SIGBUS."""
-        self._before("fallocate")
+        self._before("fallocate", offset, length)
         try:
             if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(self.fd, offset, length)
@@ -132,11 +185,51 @@ class FileIO:
             raise _full_error(exc, "growing", self.path) from exc
 
     def truncate(self, length):
-        self._before("truncate")
+        self._before("truncate", length)
         try:
             os.ftruncate(self.fd, length)
         except OSError as exc:
             raise _full_error(exc, "resizing", self.path) from exc
+
+    # -- byte-range locks (on bytes far past the end of the file, see _format) --
+    def lock(self, start, exclusive, wait=False, length=1):
+        """Lock bytes ``start .. start + length - 1``; False if another open holds a conflicting lock.
+
+        With ``wait`` the call blocks until the lock is granted.  Locks
+        belong to this open file: they are released by :meth:`unlock`, by
+        :meth:`close` and when the process dies.
+        """
+        kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        try:
+            fcntl.fcntl(self.fd, _SETLKW if wait else _SETLK, _pack_lock(kind, start, length))
+        except OSError as exc:
+            if exc.errno in _BUSY_ERRNOS and not wait:
+                return False
+            raise
+        return True
+
+    def lock_waiting(self, start, exclusive, timeout):
+        """:meth:`lock`, retrying for up to ``timeout`` seconds (None: wait forever)."""
+        if timeout is None:
+            return self.lock(start, exclusive, wait=True)
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while not self.lock(start, exclusive):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def unlock(self, start, length=1):
+        fcntl.fcntl(self.fd, _SETLK, _pack_lock(fcntl.F_UNLCK, start, length))
+
+    def first_conflict(self, start, length):
+        """The start of some lock held by another open on ``start .. start + length - 1``, or None."""
+        raw = fcntl.fcntl(self.fd, _GETLK, _pack_lock(fcntl.F_WRLCK, start, length))
+        kind, found, _ = _unpack_lock(raw)
+        return None if kind == fcntl.F_UNLCK else found
 
     def close(self):
         if self.fd >= 0:
