@@ -33,12 +33,20 @@ def content_size(page_file):
 
 
 def file_bytes(path, page_file, pid, start=0, length=None):
-    """Bytes of page ``pid`` as they are in the file on disk (read with plain open())."""
+    """Bytes of page ``pid`` as committed: what a new read-only open of the file sees.
+
+    The committed state is the main file plus its write-ahead log, so this
+    opens the file read-only rather than reading it with plain open().
+    """
     if length is None:
         length = page_file.page_size - start
-    with open(path, "rb") as f:
-        f.seek(page_file.offset(pid) + start)
-        return f.read(length)
+    reader = PageFile(path, readonly=True)
+    try:
+        if pid >= reader.page_count:
+            return bytes(length)  # not committed yet: a new page reads as zeros
+        return bytes(reader.mapping.view(reader.offset(pid) + start, length))
+    finally:
+        reader.close()
 
 
 def disk_link(path, page_file, pid):
@@ -471,7 +479,7 @@ def test_content_boundaries_are_allowed(pf):
 
 
 # -- persist -------------------------------------------------------------------------
-def test_persist_writes_a_dirty_page_to_the_file(path):
+def test_persist_hands_a_dirty_page_to_the_next_commit(path):
     pf = PageFile(path, pageSize=512)
     try:
         pages_ = [pf.allocate_page() for _ in range(3)]
@@ -483,6 +491,9 @@ def test_persist_writes_a_dirty_page_to_the_file(path):
         assert file_bytes(path, pf, 1, 4 + 20, 40) != data
         assert pages_[1].persist() is True
         assert not pages_[1].is_dirty()
+        # persisting hands the page to the next commit: readers see it after flush()
+        assert file_bytes(path, pf, 1, 4 + 20, 40) != data
+        pf.flush()
         assert file_bytes(path, pf, 1, 4 + 20, 40) == data
         assert file_bytes(path, pf, 1) == bytes(pages_[1].data)
         # the neighbours were not written with it
@@ -508,6 +519,7 @@ def test_buffer_manager_persist_page(path):
         page = pf.allocate_page()
         write_content(page, 0, b"bm")
         assert pf.buffer_manager.persist_page(page) is True
+        pf.flush()
         assert file_bytes(path, pf, 0, 4, 2) == b"bm"
         assert pf.buffer_manager.persist_page(page) is False
     finally:
@@ -582,9 +594,12 @@ def test_eviction_keeps_pinned_pages_and_persists_dirty_ones(path):
                 assert page.is_pinned()
                 assert page.is_dirty()
                 assert page.get_content(0, 32) == pattern(page.pid, 32)
-            # the dirty unpinned pages were evicted, and persisted first
+            # the dirty unpinned pages were evicted, and persisted first (their
+            # changes wait in the map for the next commit)
             for page in dirty:
                 assert not page.is_dirty()
+            pf.flush()
+            for page in dirty:
                 assert file_bytes(path, pf, page.pid, 4, 32) == pattern(page.pid, 32)
             assert len(bm._pages) <= bm.capacity
         # content of evicted pages is still what was written

@@ -69,6 +69,8 @@ else:  # pragma: no cover - BSD and macOS order
         start, length, _, kind, _ = _FLOCK.unpack(raw)
         return kind, start, length
 _BUSY_ERRNOS = (errno.EAGAIN, errno.EACCES)
+#: fdatasync where there is one: it syncs the data and the size, not the times.
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 def _full_error(exc, what, path):
@@ -156,7 +158,7 @@ class FileIO:
         """fsync the file; a failure is final (the kernel may have dropped the pages)."""
         self._before("fsync")
         try:
-            os.fsync(self.fd)
+            _datasync(self.fd)
         except OSError:
             self.sync_failed = True
             raise
@@ -281,6 +283,9 @@ class MappedFile:
         self.size = 0
         self._pagemap = None
         self._written = []
+        self._extras = []  # a reader's maps of ranges that cross its segments
+        #: offset -> length of page images written into this map only (a reader's log pages)
+        self.private = {}
         if os.environ.get("PERMASTRUCT_DIRTY", "pagemap") == "pagemap":
             try:
                 self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -345,8 +350,58 @@ class MappedFile:
         segment = self.segment_of(offset)
         local = offset - segment.start
         if local + length > segment.length:
-            raise IndexError(f"range {offset:#x}+{length} crosses the end of a segment")
+            return self._view_across(offset, length)
         return segment.view[local:local + length]
+
+    def _view_across(self, offset, length):
+        """A view that crosses a boundary of this map's segments.
+
+        The writer never needs one: its allocator keeps every run inside one
+        of its segments.  A reader maps the file in its own pieces (the file
+        grew while it was open), so a run can cross one of them: it gets an
+        extra map of just that range, with the same private page images.
+        """
+        end = offset + length
+        if not self.readonly or offset < 0 or length < 0 or end > self.size:
+            raise IndexError(f"range {offset:#x}+{length} crosses the end of a segment")
+        for extra in self._extras:
+            if extra.start <= offset and end <= extra.start + extra.length:
+                return extra.view[offset - extra.start:end - extra.start]
+        start = offset // GRANULE * GRANULE
+        extra = Segment(start, min(-(-end // GRANULE) * GRANULE, self.size) - start, self.io.fd)
+        for page, size in self.private.items():
+            if start <= page < extra.start + extra.length:
+                extra.view[page - start:page - start + size] = self._primary_view(page, size)
+        self._extras.append(extra)
+        return extra.view[offset - start:end - start]
+
+    def _primary_view(self, offset, length):
+        segment = self.segment_of(offset)
+        return segment.view[offset - segment.start:offset - segment.start + length]
+
+    def extend(self):
+        """Map what the file has grown by since it was mapped (for readers; the writer uses grow)."""
+        physical = self._round_down(self.io.size())
+        if physical > self.size:
+            self._map(self.size, physical - self.size)
+
+    # -- private page images (a reader's view of the log) ------------------------
+    def write_private(self, offset, data):
+        """Store ``data`` at ``offset`` in this process's map only (every map covering it)."""
+        length = len(data)
+        self._primary_view(offset, length)[:] = data
+        for extra in self._extras:
+            if extra.start <= offset < extra.start + extra.length:
+                extra.view[offset - extra.start:offset - extra.start + length] = data
+        self.private[offset] = length
+
+    def drop_private(self):
+        """Forget every private page image: the map shows the file again."""
+        for offset, length in self.private.items():
+            for segment in self.segments + self._extras:
+                if segment.start <= offset < segment.start + segment.length:
+                    segment.map.madvise(mmap.MADV_DONTNEED, offset - segment.start, length)
+        self.private.clear()
 
     def from_buffer(self, ctype, offset):
         """A ctypes instance of ``ctype`` living in the map at file ``offset``."""
@@ -414,21 +469,22 @@ class MappedFile:
             segment.map.madvise(mmap.MADV_DONTNEED, offset - segment.start, length)
         self._written.clear()
 
-    def discard_changes(self):
-        """Forget every change made in the map since the last write-back."""
-        for offset, length in self.dirty_ranges():
+    def discard_changes(self, ranges=None):
+        """Forget the changes in ``ranges`` (default: every change since the last write-back)."""
+        for offset, length in self.dirty_ranges() if ranges is None else ranges:
             segment = self.segment_of(offset)
             segment.map.madvise(mmap.MADV_DONTNEED, offset - segment.start, length)
 
     def close(self):
         """Unmap what can be unmapped; segments still referenced by proxies stay until collected."""
-        for segment in self.segments:
+        for segment in self.segments + self._extras:
             segment.view.release()
             try:
                 segment.map.close()
             except BufferError:
                 pass
         self.segments = []
+        self._extras = []
         self._starts = []
         if self._pagemap is not None:
             os.close(self._pagemap)

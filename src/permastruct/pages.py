@@ -28,9 +28,11 @@ import contextlib
 import os
 
 from . import _format as F
-from ._mapping import FileIO, MappedFile
-from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError,
-                     ReadOnlyError, StorageClosedError, UnpinnedPageError)
+from ._journal import Journal
+from ._mapping import OS_PAGE, FileIO, MappedFile
+from .errors import (CorruptStorageError, PermastructError, IncompatibleFormatError, NotAStorageError,
+                     ReadOnlyError, StorageClosedError, StorageLockedError,
+                     UnpinnedPageError)
 
 __all__ = ["PageId", "PageHeader", "PageData", "Page", "BufferManager", "PageFile"]
 
@@ -173,7 +175,7 @@ class Page:
         self.mark_dirty()
 
     def persist(self):
-        """Write the page to the file now; return whether a write happened."""
+        """Hand the page to the next commit; return whether it was dirty (see ``BufferManager.persist_page``)."""
         return self._buffer_manager.persist_page(self)
 
     def mark_dirty(self):
@@ -238,12 +240,17 @@ class BufferManager:
             del self._pages[pid]
 
     def persist_page(self, page):
-        """Write a dirty page to the file; return whether a write happened."""
+        """Hand a dirty page to the next commit; return whether it was dirty.
+
+        A page's bytes live in the privately mapped file, so there is nothing
+        to copy: the commit (``PageFile.flush``) logs every changed page, and
+        writing one page into the file on its own would break the atomicity
+        of commits.  What is dropped is the page's dirty mark.
+        """
         self.page_file._check_open()
         if not page.is_dirty():
             return False
         page._require_writable()
-        self.page_file.io.pwrite(page.data, self.page_file.offset(page.pid))
         page.clear_dirty()
         return True
 
@@ -266,21 +273,34 @@ class BufferManager:
 
 
 class PageFile:
-    """A file of pages with a header, two root records and a free-page list.
+    """A file of pages with a header, two root records, a free-page list and a write-ahead log.
 
     ``PageFile(path, pageSize=4096)`` creates the file if it is missing and
     opens it otherwise (the page size is then read from the file).  ``flush()``
-    makes every change durable; ``close()`` flushes and releases the file.
+    commits every change atomically; ``close()`` flushes and releases the file.
+
+    One writable open at a time (a second one raises ``StorageLockedError``,
+    or waits up to ``timeout`` seconds); any number of ``readonly=True`` opens,
+    each seeing the last commit made before it opened or last called
+    :meth:`refresh`.
     """
 
+    #: A commit checkpoints the log into the main file when the log is larger than this.
+    checkpoint_bytes = 4 << 20
+
     def __init__(self, path, pageSize=F.DEFAULT_PAGE_SIZE, *, readonly=False, sync=True,
-                 initial_size=None):
+                 initial_size=None, timeout=0, journal=True):
         self.path = os.fspath(path)
         if not isinstance(self.path, str):
             raise TypeError(f"file name must be str or os.PathLike, not {type(path).__name__}")
         self.readonly = readonly
         self.sync = sync
         self.closed = True
+        self.journal = None
+        self._use_journal = journal
+        self._logged = {}  # writer: file offset -> [log position, image or None] not yet checkpointed
+        self._mark = None  # reader: the transaction whose reader lock this open holds
+        self._owner = os.getpid()  # the process whose locks these are (not a forked child)
         exists = os.path.exists(self.path)
         if not exists and readonly:
             raise FileNotFoundError(f"no such store: {self.path!r} (cannot create it read-only)")
@@ -288,6 +308,7 @@ class PageFile:
             _check_page_size(pageSize)
             self.io = FileIO.open(self.path, readonly=False, create=True)
             try:
+                self._lock_writer(0)
                 self._create(pageSize)
             except BaseException:
                 self.io.close()
@@ -296,8 +317,14 @@ class PageFile:
         else:
             self.io = FileIO.open(self.path, readonly=readonly, create=False)
             try:
+                if not readonly:
+                    self._lock_writer(timeout)
                 self._open()
             except BaseException:
+                if self.journal is not None:
+                    self.journal.close()
+                if getattr(self, "mapping", None) is not None:
+                    self.mapping.close()
                 self.io.close()
                 raise
         self.closed = False
@@ -306,18 +333,33 @@ class PageFile:
             self.mapping.grow(initial_size)
 
     # -- opening -------------------------------------------------------------
+    def _lock_writer(self, timeout):
+        """Become the one writer of the file, waiting up to ``timeout`` seconds (None: forever)."""
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                    or timeout < 0):
+            raise ValueError(f"timeout must be a non-negative number of seconds or None, not {timeout!r}")
+        if not self.io.lock_waiting(F.LOCK_WRITER, True, timeout):
+            waited = f" after waiting {timeout} s" if timeout else ""
+            raise StorageLockedError(f"{self.path!r} is open for writing by another process or "
+                                     f"storage{waited}; close it there, open this one with readonly=True, "
+                                     "or pass timeout= to wait")
+
     def _create(self, page_size):
         self.page_size = page_size
         self.io.pwrite(F.pack_header(page_size) + bytes(F.HEADER_BLOCK - F.HEADER.size), 0)
-        self.txn, self.page_count, self.free_head = 1, 0, F.NO_NEXT_FREE_PAGE
+        self.txn = self.main_txn = 1
+        self.page_count, self.free_head = 0, F.NO_NEXT_FREE_PAGE
         self.slots = [0] * F.ROOT_SLOTS
+        self._committed = (0, F.NO_NEXT_FREE_PAGE, list(self.slots))
         self._current_root = 0
         self.io.pwrite(F.pack_root(1, 0, F.NO_NEXT_FREE_PAGE, self.slots), F.ROOT_OFFSETS[0])
         if self.sync:
             self.io.fsync()
+            self.io.fsync_directory()
         self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, page_size)
 
-    def _open(self):
+    def _read_main(self):
+        """Check the static header and pick the newer valid root record of the main file."""
         size = self.io.size()
         head = self.io.pread(F.HEADER_BLOCK, 0)
         if len(head) < F.HEADER.size or head[:8] != F.MAGIC:
@@ -340,17 +382,122 @@ class PageFile:
         if not candidates:
             raise CorruptStorageError(f"{self.path!r}: both root records are damaged")
         txn, index = max(candidates)
-        _, page_count, free_head, slots = roots[index]
-        capacity = (size - F.HEADER_BLOCK) // page_size
-        if page_count > capacity:
+        self.main_txn, self._current_root = txn, index
+        return roots[index][1:]
+
+    def _read_log(self):
+        """The whole commits of the log that the main file lacks (the log is opened afresh)."""
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        if not self._use_journal:
+            return []
+        self.journal = Journal.open(self.path, self.readonly, OS_PAGE)
+        if self.journal is None:
+            return []
+        pending = [commit for commit in self.journal.commits if commit.txn > self.main_txn]
+        if pending and pending[0].txn != self.main_txn + 1:
+            raise CorruptStorageError(
+                f"{self.path!r}: its log starts at transaction {pending[0].txn} but the main file "
+                f"holds transaction {self.main_txn}: commits in between are missing")
+        return pending
+
+    def _adopt_state(self, root, pending):
+        """Take the state of the last whole commit and check it against the file."""
+        page_count, free_head, slots = pending[-1].root if pending else root
+        self.txn = pending[-1].txn if pending else self.main_txn
+        capacity = (self.io.size() - F.HEADER_BLOCK) // self.page_size
+        if page_count > capacity and self.readonly:
+            raise CorruptStorageError(f"{self.path!r} is truncated: the last commit has {page_count} pages "
+                                      f"but the file holds {capacity}" + (
+                                          "; open it writable once to recover it" if pending else ""))
+        if page_count > capacity and not pending:
             raise CorruptStorageError(f"{self.path!r} is truncated: the last commit has {page_count} pages "
                                       f"but the file holds {capacity}")
         if not (free_head == F.NO_NEXT_FREE_PAGE or 0 <= free_head < page_count):
             raise CorruptStorageError(f"{self.path!r}: free-page list head {free_head} is out of range")
-        self.txn, self.page_count, self.free_head, self.slots = txn, page_count, free_head, slots
-        self._current_root = index
-        self.mapping = MappedFile(self.io, self.readonly, F.HEADER_BLOCK, page_size)
+        self.page_count, self.free_head, self.slots = page_count, free_head, list(slots)
+        self._committed = (page_count, free_head, list(slots))
 
+    def _apply_log(self, pending):
+        """Write the newest image of every logged page into this process's map."""
+        if not pending:
+            return {}
+        latest = self.journal.latest_frames(self.main_txn, pending[-1].txn)
+        mapping = self.mapping
+        for offset, position in latest.items():
+            if offset + self.journal.unit > mapping.size:
+                raise CorruptStorageError(f"{self.path!r}: the log holds a page at {offset:#x}, past the "
+                                          f"end of the file ({mapping.size:#x} bytes mapped)")
+            mapping.write_private(offset, self.journal.page_data(position))
+        return latest
+
+    def _open(self):
+        if self.readonly:
+            self.io.lock(F.LOCK_CHECKPOINT, False, wait=True)
+            try:
+                self._take_snapshot()
+            finally:
+                self.io.unlock(F.LOCK_CHECKPOINT)
+            return
+        root = self._read_main()
+        pending = self._read_log()
+        self._adopt_state(root, pending)
+        needed = F.HEADER_BLOCK + self.page_count * self.page_size
+        if self.io.size() < needed:  # a crash lost the growth; the missing pages were never written
+            self.io.fallocate(0, needed)
+        self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, self.page_size)
+        for offset, position in self._apply_log(pending).items():
+            self._logged[offset] = [position, None]
+        self.mapping.private.clear()  # the writer tracks them in _logged
+        if pending:
+            self._checkpoint()
+
+    def _take_snapshot(self):
+        """(Reader, holding the checkpoint lock shared) move to the last whole commit."""
+        root = self._read_main()
+        pending = self._read_log()
+        if getattr(self, "mapping", None) is not None and (pending[-1].txn if pending else self.main_txn) == self.txn:
+            self.journal.close() if self.journal is not None else None
+            self.journal = None
+            return  # nothing was committed since this snapshot
+        self._adopt_state(root, pending)
+        if getattr(self, "mapping", None) is None:
+            self.mapping = MappedFile(self.io, True, F.HEADER_BLOCK, self.page_size)
+        else:
+            self.mapping.drop_private()
+            self.mapping.extend()
+        if self.mapping.size < F.HEADER_BLOCK + self.page_count * self.page_size:
+            raise CorruptStorageError(f"{self.path!r}: the last commit has {self.page_count} pages but only "
+                                      f"{self.mapping.size} bytes of the file could be mapped")
+        self._apply_log(pending)
+        if self.journal is not None:  # a reader reads the log only while taking a snapshot
+            self.journal.close()
+            self.journal = None
+        if self._mark != self.txn:
+            self.io.lock(F.LOCK_READERS + self.txn, False, wait=True)
+            if self._mark is not None:
+                self.io.unlock(F.LOCK_READERS + self._mark)
+            self._mark = self.txn
+
+    def refresh(self):
+        """(Read-only opens) Move to the last commit; return whether anything changed.
+
+        Hold on to a snapshot only as long as needed: while a reader keeps an
+        old one, checkpoints cannot copy newer commits into the main file and
+        the log grows.
+        """
+        self._check_open()
+        if not self.readonly:
+            return False
+        before = self.txn
+        self.io.lock(F.LOCK_CHECKPOINT, False, wait=True)
+        try:
+            self._take_snapshot()
+        finally:
+            self.io.unlock(F.LOCK_CHECKPOINT)
+        self.buffer_manager.forget()
+        return self.txn != before
     # -- state ---------------------------------------------------------------
     def _check_open(self):
         if self.closed:
@@ -361,10 +508,19 @@ class PageFile:
         if not 0 <= pid < self.page_count:
             raise IndexError(f"page {pid} does not exist in {self.path!r} ({self.page_count} pages)")
 
+    @property
+    def sync_failed(self):
+        """Whether an fsync of the file or its log failed (then no more commits)."""
+        return self.io.sync_failed or (self.journal is not None and self.journal.io.sync_failed)
+
     def _check_writable(self):
         self._check_open()
         if self.readonly:
             raise ReadOnlyError(f"{self.path!r} is open read-only")
+        if self.sync_failed:
+            raise PermastructError(f"{self.path!r}: an fsync failed earlier, so the system may have "
+                                   "dropped written data; this open refuses to commit. Close it and "
+                                   "open the file again: it reopens at its last durable commit")
 
     def offset(self, pid):
         """The file offset of page ``pid``."""
@@ -464,41 +620,185 @@ class PageFile:
         return self.buffer_manager.get_page(pid)
 
     # -- durability ----------------------------------------------------------
+    def _changed_pages(self):
+        """``(offset, image)`` of every log unit changed since the last commit."""
+        unit = self.journal.unit if self.journal is not None else OS_PAGE
+        mapping = self.mapping
+        logged = self._logged
+        for offset, length in mapping.dirty_ranges():
+            first = offset // unit * unit
+            for page in range(first, offset + length, unit):
+                if page + unit > mapping.size:
+                    break
+                image = mapping.view(page, unit)
+                entry = logged.get(page)
+                if entry is not None:
+                    before = entry[1] if entry[1] is not None else self.journal.page_data(entry[0])
+                    if image == before:
+                        continue
+                yield page, image
+
+    def uncommitted(self):
+        """The file offsets of the log units changed since the last commit, in order.
+
+        >>> import os, tempfile
+        >>> pf = PageFile(os.path.join(tempfile.mkdtemp(), "u.pf"), pageSize=256)
+        >>> page = pf.allocate_page(); pf.flush(); pf.uncommitted()
+        []
+        >>> with page.pinned(): page.set_content(0, b"x")
+        >>> pf.uncommitted()
+        [4096]
+        >>> pf.close()
+        """
+        self._check_open()
+        if self.readonly:
+            return []
+        return [offset for offset, _ in self._changed_pages()]
+
     def flush(self):
-        """Write every changed page, then the next root record (each step synced if ``sync``)."""
+        """Commit: log every changed page and the new root state, then maybe checkpoint.
+
+        With ``sync`` the log is synced before this returns, so the commit
+        survives a power loss; without, a crash keeps the file consistent but
+        may lose the latest commits.
+        """
         self._check_writable()
         self.buffer_manager.flush()
+        if not self._use_journal:
+            return self._flush_in_place()
+        root = (self.page_count, self.free_head, list(self.slots))
+        pages = list(self._changed_pages())
+        if not pages and root == self._committed:
+            return  # nothing changed: no transaction to write
+        if self.journal is None:
+            self.journal = Journal.create(self.path, OS_PAGE, self.main_txn, self.sync)
+        journal = self.journal
+        keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
+        commit = journal.append(self.txn + 1, pages, root, self.sync)
+        for (offset, image), (_, position) in zip(pages, commit.frames):
+            self._logged[offset] = [position, bytes(image) if keep else None]
+        self.txn = commit.txn
+        self._committed = root
+        if journal.size() > self.checkpoint_bytes:
+            try:
+                self._checkpoint()
+            except OSError:
+                if self.sync_failed:
+                    raise
+                # The commit is safe in the log; the next commit checkpoints again.
+
+    def _flush_in_place(self):
+        """Commit of a volatile file (no log: nothing survives the process anyway)."""
         mapping = self.mapping
         mapping.write_back(mapping.dirty_ranges())
-        if self.sync:
-            self.io.fsync()
         self.txn += 1
+        self.main_txn = self.txn
         self._current_root ^= 1
-        record = F.pack_root(self.txn, self.page_count, self.free_head, self.slots)
-        self.io.pwrite(record, F.ROOT_OFFSETS[self._current_root])
-        if self.sync:
-            self.io.fsync()
+        self.io.pwrite(F.pack_root(self.txn, self.page_count, self.free_head, self.slots),
+                       F.ROOT_OFFSETS[self._current_root])
         mapping.release_private()
+        self._committed = (self.page_count, self.free_head, list(self.slots))
+
+    def _oldest_reader(self, upto):
+        """The oldest transaction a reader holds (``upto`` when no reader holds an older one)."""
+        oldest = upto
+        while oldest > 0:
+            found = self.io.first_conflict(F.LOCK_READERS, oldest)
+            if found is None:
+                break
+            oldest = found - F.LOCK_READERS
+        return oldest
+
+    def checkpoint(self, truncate=False):
+        """Copy committed transactions from the log into the main file; reset the log when all are in.
+
+        Only transactions that no reader still needs the old pages for are
+        copied.  Returns the transaction the main file now holds.
+        """
+        self._check_writable()
+        return self._checkpoint(truncate)
+
+    def _checkpoint(self, truncate=False):
+        journal = self.journal
+        if journal is None or self.main_txn >= self.txn:
+            return self.main_txn
+        self.io.lock(F.LOCK_CHECKPOINT, True, wait=True)
+        try:
+            target = self._oldest_reader(self.txn)
+            if target <= self.main_txn:
+                return self.main_txn
+            commit = next(commit for commit in journal.commits if commit.txn == target)
+            everything = target == self.txn
+            mapping = self.mapping
+            if everything:  # the map holds exactly the last commit: copy from it
+                images = ((offset, mapping.view(offset, journal.unit)) for offset in self._logged)
+            else:
+                images = ((offset, journal.page_data(position)) for offset, position
+                          in journal.latest_frames(self.main_txn, target).items())
+            needed = F.HEADER_BLOCK + commit.page_count * self.page_size
+            if self.io.size() < needed:
+                self.io.fallocate(0, needed)
+            for offset, image in images:
+                self.io.pwrite(image, offset)
+            self.io.fsync()  # the pages before the root record that names them
+            self._current_root ^= 1
+            self.io.pwrite(F.pack_root(target, commit.page_count, commit.free_head, commit.slots),
+                           F.ROOT_OFFSETS[self._current_root])
+            self.io.fsync()
+            self.main_txn = target
+            if everything:
+                journal.reset(target, truncate=truncate or journal.size() > 4 * self.checkpoint_bytes)
+                mapping.discard_changes([(offset, journal.unit) for offset in self._logged])
+                self._logged.clear()
+        finally:
+            self.io.unlock(F.LOCK_CHECKPOINT)
+        return self.main_txn
 
     def discard(self):
-        """Forget every change since the last flush (the map shows the file again)."""
+        """Forget every change since the last commit (the map shows the committed pages again)."""
         self._check_writable()
         self.buffer_manager.forget()
-        self.mapping.discard_changes()
-        head = self.io.pread(F.ROOT.size, F.ROOT_OFFSETS[self._current_root])
-        _, self.page_count, self.free_head, self.slots = F.unpack_root(head)
+        mapping = self.mapping
+        unit = self.journal.unit if self.journal is not None else OS_PAGE
+        drop = []
+        for offset, length in mapping.dirty_ranges():
+            for page in range(offset // unit * unit, offset + length, unit):
+                entry = self._logged.get(page)
+                if entry is None:
+                    drop.append((page, unit))
+                else:
+                    image = entry[1] if entry[1] is not None else self.journal.page_data(entry[0])
+                    mapping.view(page, unit)[:] = image
+        mapping.discard_changes(drop)
+        self.page_count, self.free_head, slots = self._committed
+        self.slots = list(slots)
 
     def close(self, flush=True):
-        """Flush (when writable) and release the file; calling it again does nothing."""
+        """Commit (when writable), checkpoint if no reader needs the log, and release the file.
+
+        Calling it again does nothing.
+        """
         if self.closed:
             return
         try:
-            if flush and not self.readonly and not self.io.sync_failed:
+            if flush and not self.readonly and not self.sync_failed:
                 self.flush()
+                self.checkpoint(truncate=True)
         finally:
             self.closed = True
             self.buffer_manager.forget()
             self.mapping.close()
+            if self._owner == os.getpid():
+                # A map still referenced by a live view keeps mmap's duplicate of
+                # the descriptor open, and with it the open file and its locks:
+                # release them by hand.  A forked child shares the parent's open
+                # file and must not release the parent's locks.
+                self.io.unlock(F.LOCK_WRITER, 2)
+                if self._mark is not None:
+                    self.io.unlock(F.LOCK_READERS + self._mark)
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
             self.io.close()
 
     def __enter__(self):

@@ -27,7 +27,7 @@ from . import _types as T
 from . import collections as C
 from ._alloc import Allocator
 from .buffer import Buffer, buffer_source
-from .errors import (CorruptStorageError, PermastructError, ReadOnlyError, SchemaError,
+from .errors import (CorruptStorageError, NotAStorageError, PermastructError, ReadOnlyError, SchemaError,
                      StorageClosedError)
 from .pages import PageFile
 from .strings import ByteString, String, StringRegistry, create_registry
@@ -83,7 +83,7 @@ class Storage:
     """
 
     def __init__(self, fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
-                 sync=True, pageSize=F.DEFAULT_PAGE_SIZE):
+                 sync=True, pageSize=F.DEFAULT_PAGE_SIZE, timeout=0):
         self._closed = True
         self._closing = False
         self._forked = False
@@ -112,7 +112,15 @@ class Storage:
         created = not os.path.exists(self.fileName)
         size = max(fileSize or DEFAULT_FILE_SIZE, F.HEADER_BLOCK + pageSize)
         self._page_file = PageFile(self.fileName, pageSize, readonly=self.readonly, sync=sync,
-                                   initial_size=size if created else None)
+                                   initial_size=size if created else None, timeout=timeout,
+                                   journal=not self._volatile)
+        if not created and self._page_file.txn == 1:
+            # Created but never committed (a crash while creating it): nothing to lose.
+            if self.readonly:
+                self._page_file.close(flush=False)
+                raise NotAStorageError(f"{self.fileName!r} is a store that was never committed "
+                                       "(its creation did not finish); open it writable to create it")
+            created = True
         self._mapping = self._page_file.mapping
         self._root = None
         self._proxies = {}  # offset -> _ProxyRef: at most one live proxy per object
@@ -738,6 +746,30 @@ class Storage:
         for offset in created:
             self._kill_proxy(offset, rolled_back=True)
 
+    def refresh(self):
+        """(``readonly=True``) Move to the latest commit; return whether anything changed.
+
+        Proxies stay usable; a proxy whose object the writer has since freed
+        (its type in the file changed) dies like a closed one.  A writable
+        storage always sees its own latest state: there this returns False.
+        """
+        self._check_open()
+        if not self._page_file.refresh():
+            return False
+        self._views.clear()
+        self._root = None
+        for offset, ref in list(self._proxies.items()):
+            proxy = ref()
+            if proxy is not None and self._type_at(offset) != type(proxy)._ps_type_id:
+                self._kill_proxy(offset, rolled_back=True)
+        return True
+
+    def _type_at(self, offset):
+        try:
+            return F.UINT32.unpack_from(self._mapping.view(offset, 4))[0]
+        except IndexError:
+            return None
+
     @contextlib.contextmanager
     def transaction(self):
         """``with p.transaction():`` commits on success and rolls back on an exception."""
@@ -762,9 +794,10 @@ class Storage:
         self._closing = True
         _OPEN.discard(self)
         try:
-            if not self.readonly and not self._page_file.io.sync_failed and not self._forked:
+            if not self.readonly and not self._page_file.sync_failed and not self._forked:
                 self._collect_unreferenced(everything=True)
                 self._page_file.flush()
+                self._page_file.checkpoint(truncate=True)
         finally:
             self._closed = True
             self._root = None

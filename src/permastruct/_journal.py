@@ -1,0 +1,219 @@
+"""The write-ahead log of a store: append commits, find the whole ones again, reset.
+
+A :class:`Journal` is the file ``<store>-wal`` (layout in :mod:`._format`,
+"Write-ahead log").  It knows nothing about pages or objects: a commit is a
+list of ``(file offset, unit bytes)`` page images plus the root state
+``(page_count, free_head, slots)``.  :class:`permastruct.pages.PageFile`
+decides when to commit, when to checkpoint and what readers may see.
+"""
+
+import os
+import zlib
+
+from . import _format as F
+from ._mapping import FileIO
+
+#: Bytes read at a time while scanning the log.
+_CHUNK = 1 << 22
+
+
+class Commit:
+    """One whole transaction found in (or appended to) the log."""
+
+    __slots__ = ("txn", "page_count", "free_head", "slots", "frames", "end")
+
+    def __init__(self, txn, page_count, free_head, slots, frames, end):
+        self.txn = txn
+        self.page_count = page_count
+        self.free_head = free_head
+        self.slots = slots
+        #: ``(file offset, log position of the page's data)`` in log order.
+        self.frames = frames
+        #: Log position just after the commit frame.
+        self.end = end
+
+    @property
+    def root(self):
+        return self.page_count, self.free_head, list(self.slots)
+
+
+def _frame_crc(header28, data, salt):
+    return zlib.crc32(data, zlib.crc32(header28, salt))
+
+
+class Journal:
+    """The log file beside a store; ``commits`` are the whole transactions after ``base``."""
+
+    def __init__(self, io, unit):
+        self.io = io
+        self.unit = unit
+        self.salt = 0
+        self.base = 0
+        self.commits = []
+        self.end = F.WAL_HEADER.size
+        #: Whether the file holds a valid header (False: nothing in it counts).
+        self.valid = False
+
+    @staticmethod
+    def path_for(store_path):
+        return store_path + F.WAL_SUFFIX
+
+    @classmethod
+    def open(cls, store_path, readonly, unit):
+        """Open the log of ``store_path`` and read it, or return None when there is none."""
+        try:
+            io = FileIO.open(cls.path_for(store_path), readonly=readonly, create=False)
+        except FileNotFoundError:
+            return None
+        journal = cls(io, unit)
+        try:
+            journal.read()
+        except BaseException:
+            io.close()
+            raise
+        return journal
+
+    @classmethod
+    def create(cls, store_path, unit, base, sync):
+        """Create an empty log whose base is transaction ``base``."""
+        path = cls.path_for(store_path)
+        try:
+            io = FileIO.open(path, readonly=False, create=True)
+        except FileExistsError:
+            io = FileIO.open(path, readonly=False, create=False)
+        journal = cls(io, unit)
+        try:
+            journal.reset(base, truncate=True)
+            if sync:
+                io.fsync()
+                io.fsync_directory()
+        except BaseException:
+            io.close()
+            raise
+        return journal
+
+    # -- reading ---------------------------------------------------------------
+    def read(self):
+        """Find the whole commits: stop at the first frame that is torn, stale or out of order."""
+        self.commits = []
+        self.end = F.WAL_HEADER.size
+        self.valid = False
+        size = self.io.size()
+        head = self.io.pread(F.WAL_HEADER.size, 0)
+        if len(head) < F.WAL_HEADER.size:
+            return
+        magic, version, unit, salt, base, crc = F.WAL_HEADER.unpack(head)
+        if (magic != F.WAL_MAGIC or crc != zlib.crc32(head[:60]) or version != F.WAL_VERSION
+                or unit < 512 or unit > 1 << 20 or unit & (unit - 1)):
+            return
+        self.valid = True
+        self.unit, self.salt, self.base = unit, salt, base
+        frame_size = F.FRAME.size
+        chunk, chunk_at = b"", 0
+        position = F.WAL_HEADER.size
+        txn = base + 1
+        frames = []
+        while position + frame_size <= size:
+            if position + frame_size > chunk_at + len(chunk):
+                chunk_at, chunk = position, self.io.pread(min(_CHUNK, size - position), position)
+            local = position - chunk_at
+            header = chunk[local:local + frame_size]
+            kind, frame_salt, frame_txn, where, length, crc = F.FRAME.unpack(header)
+            if frame_salt != salt or frame_txn != txn:
+                break
+            expected = unit if kind == F.FRAME_PAGE else F.COMMIT.size if kind == F.FRAME_COMMIT else -1
+            if length != expected or position + frame_size + length > size:
+                break
+            data_at = position + frame_size
+            if data_at + length > chunk_at + len(chunk):
+                chunk_at, chunk = data_at, self.io.pread(min(max(_CHUNK, length), size - data_at), data_at)
+            data = chunk[data_at - chunk_at:data_at - chunk_at + length]
+            if len(data) != length or _frame_crc(header[:28], data, salt) != crc:
+                break
+            position = data_at + length
+            if kind == F.FRAME_PAGE:
+                if where % unit:
+                    break
+                frames.append((where, data_at))
+                continue
+            if where != len(frames):
+                break
+            page_count, free_head, *slots = F.COMMIT.unpack(data)
+            self.commits.append(Commit(txn, page_count, free_head, slots, frames, position))
+            self.end = position
+            frames = []
+            txn += 1
+
+    @property
+    def last_txn(self):
+        return self.commits[-1].txn if self.commits else self.base
+
+    def page_data(self, position):
+        """The page image whose data starts at log ``position``."""
+        data = self.io.pread(self.unit, position)
+        if len(data) != self.unit:
+            raise OSError(f"{self.io.path!r} is shorter than it was when it was read")
+        return data
+
+    def latest_frames(self, after, upto):
+        """``{file offset: log position}`` of the newest image of each page in transactions ``after < txn <= upto``."""
+        latest = {}
+        for commit in self.commits:
+            if after < commit.txn <= upto:
+                latest.update(commit.frames)
+        return latest
+
+    # -- writing ---------------------------------------------------------------
+    def append(self, txn, pages, root, sync):
+        """Append transaction ``txn`` (``pages``: ``(offset, unit bytes)``) and its commit frame.
+
+        Frames go out in a few large writes; with ``sync`` the log is synced
+        before this returns.  Returns the :class:`Commit`.
+        """
+        salt, unit = self.salt, self.unit
+        pack = F.FRAME.pack
+        frames = []
+        batch = []
+        batch_bytes = 0
+        position = write_at = self.end
+        for offset, data in pages:
+            header = pack(F.FRAME_PAGE, salt, txn, offset, unit, 0)[:28]
+            batch.append(header)
+            batch.append(F.UINT32.pack(_frame_crc(header, data, salt)))
+            batch.append(data)
+            frames.append((offset, position + F.FRAME.size))
+            position += F.FRAME.size + unit
+            batch_bytes += F.FRAME.size + unit
+            if batch_bytes >= _CHUNK:
+                self.io.pwrite(b"".join(batch), write_at)
+                write_at, batch, batch_bytes = position, [], 0
+        page_count, free_head, slots = root
+        body = F.COMMIT.pack(page_count, free_head, *slots)
+        header = pack(F.FRAME_COMMIT, salt, txn, len(frames), len(body), 0)[:28]
+        batch += [header, F.UINT32.pack(_frame_crc(header, body, salt)), body]
+        position += F.FRAME.size + len(body)
+        self.io.pwrite(b"".join(batch), write_at)
+        if sync:
+            self.io.fsync()
+        commit = Commit(txn, page_count, free_head, list(slots), frames, position)
+        self.commits.append(commit)
+        self.end = position
+        return commit
+
+    def reset(self, base, truncate=False):
+        """Start the log again after a checkpoint: a new salt, nothing in it, ``base`` = ``txn``."""
+        salt = self.salt
+        while salt == self.salt:
+            salt = int.from_bytes(os.urandom(4), "little")
+        head = F.WAL_HEADER.pack(F.WAL_MAGIC, F.WAL_VERSION, self.unit, salt, base, 0)
+        head = head[:60] + F.UINT32.pack(zlib.crc32(head[:60]))
+        self.io.pwrite(head, 0)
+        if truncate and self.io.size() > F.WAL_HEADER.size:
+            self.io.truncate(F.WAL_HEADER.size)
+        self.salt, self.base, self.commits, self.end, self.valid = salt, base, [], F.WAL_HEADER.size, True
+
+    def size(self):
+        return self.end
+
+    def close(self):
+        self.io.close()
