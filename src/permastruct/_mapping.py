@@ -156,8 +156,8 @@ class FileIO:
 
     def fsync(self):
         """fsync the file; a failure is final (the kernel may have dropped the pages)."""
-        self._before("fsync")
         try:
+            self._before("fsync")
             _datasync(self.fd)
         except OSError:
             self.sync_failed = True
@@ -165,9 +165,9 @@ class FileIO:
 
     def fsync_directory(self):
         """fsync the directory holding the file, so that a new file's name is durable."""
-        self._before("fsync_dir")
         folder = os.open(os.path.dirname(os.path.abspath(self.path)) or ".", os.O_RDONLY)
         try:
+            self._before("fsync_dir")
             os.fsync(folder)
         except OSError:
             self.sync_failed = True

@@ -480,6 +480,68 @@ class PageFile:
                 self.io.unlock(F.LOCK_READERS + self._mark)
             self._mark = self.txn
 
+    def check_files(self):
+        """Verify the root records and the log against this open's state; return a summary.
+
+        The main file must have its newest valid root record at the
+        transaction this open believes it holds (``main_txn``); the log, when
+        there is one, must be readable and its whole commits must continue
+        the main file without a gap, name pages inside the file, and end at
+        this open's transaction.  Raises CorruptStorageError naming the problem.
+        """
+        self._check_open()
+        if self.readonly:  # read the main file and the log without a checkpoint in between
+            self.io.lock(F.LOCK_CHECKPOINT, False, wait=True)
+        try:
+            return self._check_files()
+        finally:
+            if self.readonly:
+                self.io.unlock(F.LOCK_CHECKPOINT)
+
+    def _check_files(self):
+        def fail(message):
+            raise CorruptStorageError(f"{self.path!r}: {message}")
+
+        head = self.io.pread(F.HEADER_BLOCK, 0)
+        roots = [F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
+        valid = [root for root in roots if root is not None]
+        if not valid:
+            fail("both root records are damaged")
+        newest = max(root[0] for root in valid)
+        if newest != self.main_txn and not self.readonly:  # a reader's writer may have moved on
+            fail(f"the main file's newest root record is transaction {newest}, but this open read "
+                 f"{self.main_txn}")
+        main_txn = newest
+        summary = {"transaction": self.txn, "main_transaction": self.main_txn,
+                   "root_records_valid": len(valid), "log_commits": 0, "log_bytes": 0}
+        if not self._use_journal:
+            return summary
+        journal = Journal.open(self.path, True, OS_PAGE)
+        if journal is None:
+            if self.txn != main_txn and not self.readonly:
+                fail(f"transaction {self.txn} is not in the main file and there is no log")
+            return summary
+        try:
+            pending = [commit for commit in journal.commits if commit.txn > main_txn]
+            if journal.valid and journal.base > main_txn:
+                fail(f"the log starts after transaction {journal.base}, but the main file holds "
+                     f"{main_txn}")
+            last = pending[-1].txn if pending else main_txn
+            if not self.readonly and last != self.txn:
+                fail(f"the log ends at transaction {last}, but the last commit was {self.txn}")
+            size = self.io.size()
+            for commit in pending:
+                if commit.page_count > (size - F.HEADER_BLOCK) // self.page_size:
+                    fail(f"log transaction {commit.txn} has {commit.page_count} pages, more than the file")
+                for offset, _ in commit.frames:
+                    if offset < F.HEADER_BLOCK or offset + journal.unit > size:
+                        fail(f"log transaction {commit.txn} writes at {offset:#x}, outside the file")
+            summary["log_commits"] = len(pending)
+            summary["log_bytes"] = journal.size()
+        finally:
+            journal.close()
+        return summary
+
     def refresh(self):
         """(Read-only opens) Move to the last commit; return whether anything changed.
 

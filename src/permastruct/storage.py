@@ -825,7 +825,9 @@ class Storage:
         """Verify the whole file; raise CorruptStorageError naming the first problem, or return a summary."""
         self._check_open()
         from ._check import check_storage
-        return check_storage(self)
+        summary = check_storage(self)
+        summary.update(self._page_file.check_files())
+        return summary
 
     @property
     def fileSize(self):

@@ -1,0 +1,335 @@
+"""The write-ahead log: what a commit writes, what recovery accepts, what a checkpoint does.
+
+Contract: DESIGN.md 3.8 and 4 (write-ahead log, two root records, checkpoint);
+the layout is in ``permastruct._format`` ("Write-ahead log").  Crashes at every
+I/O point, power loss, readers in other processes and full disks have their
+own files; this one tests the log itself, byte by byte where it matters.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+
+from permastruct import List, Storage
+from permastruct import _format as F
+from permastruct._journal import Journal
+from permastruct._mapping import FileIO
+from permastruct.errors import CorruptStorageError, PermastructError, StorageLockedError
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+class LogStorage(Storage):
+    def populateSchema(self):
+        Items = self.define(List("Items")[self.schema.Int])
+
+        class Root(self.schema.Structure):
+            n = self.schema.Int
+            name = self.schema.String
+            items = Items
+
+
+def committed_values(path):
+    p = LogStorage(path)
+    try:
+        p.check()
+        root = p.root
+        return root.n, None if root.name is None else str(root.name), list(root.items or [])
+    finally:
+        p.close()
+
+
+class Recorder:
+    """Records FileIO operations as (operation, file name suffix, args summary)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, operation, path, *args):
+        kind = "wal" if path.endswith(F.WAL_SUFFIX) else "main"
+        if operation == "pwrite":
+            args = (len(args[0]), args[1])
+        self.calls.append((operation, kind) + tuple(args))
+
+    def __enter__(self):
+        self.previous, FileIO.hook = FileIO.hook, self
+        return self
+
+    def __exit__(self, *exc):
+        FileIO.hook = self.previous
+
+
+def run_child(code):
+    env = dict(os.environ, PYTHONPATH=SRC)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    return result
+
+
+def make_commits(path, count, close=False):
+    """Commit ``count`` transactions (n = 1..count) in a child that dies without closing."""
+    code = f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_journal import LogStorage
+        p = LogStorage({str(path)!r})
+        p.root.items = []
+        for i in range(1, {count} + 1):
+            p.root.n = i
+            p.root.name = "name %d" % i
+            p.root.items.append(i)
+            p.commit()
+        {"p.close()" if close else "os._exit(0)"}
+    """
+    result = run_child(code)
+    assert result.returncode == 0, result.stderr
+
+
+def wal_of(path):
+    return str(path) + F.WAL_SUFFIX
+
+
+def commit_ends(path):
+    journal = Journal.open(str(path), True, 4096)
+    try:
+        return [commit.end for commit in journal.commits], journal
+    finally:
+        journal.close()
+
+
+# -- a commit writes the log, not the main file ------------------------------------------
+def test_small_commit_appends_to_the_log_and_syncs_it_once(tmp_path):
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.n = 1
+    p.commit()
+    main_before = path.read_bytes()
+    p.root.n = 2
+    with Recorder() as rec:
+        p.commit()
+    assert [call[:2] for call in rec.calls] == [("pwrite", "wal"), ("fsync", "wal")]
+    assert path.read_bytes() == main_before  # the main file waits for a checkpoint
+    p.close()
+    assert committed_values(path)[0] == 2
+
+
+def test_commit_without_changes_writes_nothing(tmp_path):
+    p = LogStorage(tmp_path / "s.ps")
+    p.root.n = 1
+    p.commit()
+    with Recorder() as rec:
+        p.commit()
+        p.commit()
+    assert rec.calls == []
+    p.close()
+
+
+def test_sync_false_never_fsyncs_a_commit(tmp_path):
+    p = LogStorage(tmp_path / "s.ps", sync=False)
+    p.root.n = 1
+    p.commit()
+    with Recorder() as rec:
+        for i in range(5):
+            p.root.n = i
+            p.commit()
+    assert rec.calls and all(call[0] == "pwrite" for call in rec.calls)
+    p.close()
+    assert committed_values(tmp_path / "s.ps")[0] == 4
+
+
+def test_checkpoint_syncs_pages_before_the_root_record_and_resets_the_log_last(tmp_path):
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.n = 7
+    p.commit()
+    with Recorder() as rec:
+        p.close()
+    ops = rec.calls
+    main_writes = [i for i, call in enumerate(ops) if call[:2] == ("pwrite", "main")]
+    root_write = max(i for i in main_writes if ops[i][3] in F.ROOT_OFFSETS)
+    page_writes = [i for i in main_writes if ops[i][3] >= F.HEADER_BLOCK]
+    fsyncs = [i for i, call in enumerate(ops) if call[:2] == ("fsync", "main")]
+    reset = next(i for i, call in enumerate(ops) if call[:2] == ("pwrite", "wal") and call[3] == 0)
+    assert page_writes and max(page_writes) < fsyncs[0] < root_write < fsyncs[1] < reset
+    assert os.path.getsize(wal_of(path)) == F.WAL_HEADER.size  # emptied at close
+    assert committed_values(path)[0] == 7
+
+
+def test_the_log_stays_bounded_over_many_commits(tmp_path):
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.items = []
+    biggest = 0
+    for i in range(1500):
+        p.root.n = i
+        p.root.items.append(i)
+        p.commit()
+        biggest = max(biggest, os.path.getsize(wal_of(path)))
+    assert biggest <= p._page_file.checkpoint_bytes + 64 * 1024
+    assert p._page_file.main_txn > 2  # checkpoints happened on the way
+    p.check()
+    p.close()
+    assert committed_values(path)[2] == list(range(1500))
+
+
+# -- recovery ----------------------------------------------------------------------------
+def test_commits_in_the_log_survive_a_crash(tmp_path):
+    path = tmp_path / "s.ps"
+    make_commits(path, 5)
+    ends, journal = commit_ends(path)
+    assert len(ends) >= 5  # still in the log: the child never closed
+    assert committed_values(path) == (5, "name 5", [1, 2, 3, 4, 5])
+    # the open checkpointed them, and the log is empty again
+    assert Journal.open(str(path), True, 4096).commits == []
+
+
+@pytest.mark.parametrize("cut", ["inside_commit_frame", "inside_page_frame", "after_page_frames",
+                                 "one_byte_short"])
+def test_a_torn_last_commit_is_ignored(tmp_path, cut):
+    path = tmp_path / "s.ps"
+    make_commits(path, 4)
+    ends, _ = commit_ends(path)
+    last_start, last_end = ends[-2], ends[-1]
+    length = {"inside_commit_frame": last_end - 10,
+              "inside_page_frame": last_start + F.FRAME.size + 100,
+              "after_page_frames": last_end - F.FRAME.size - F.COMMIT.size,
+              "one_byte_short": last_end - 1}[cut]
+    os.truncate(wal_of(path), length)
+    assert committed_values(path) == (3, "name 3", [1, 2, 3])
+
+
+def test_a_damaged_frame_ends_the_log_there(tmp_path):
+    path = tmp_path / "s.ps"
+    make_commits(path, 6)
+    ends, _ = commit_ends(path)
+    with open(wal_of(path), "r+b") as f:  # flip a byte in the data of commit 4's first frame
+        f.seek(ends[-4] + F.FRAME.size + 50)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+    # commits 4, 5 and 6 are gone, although 5 and 6 are whole: no guessing past a damaged frame
+    assert committed_values(path) == (3, "name 3", [1, 2, 3])
+
+
+def test_frames_of_an_old_log_generation_are_ignored(tmp_path):
+    path = tmp_path / "s.ps"
+    make_commits(path, 3)
+    stale = open(wal_of(path), "rb").read()
+    assert committed_values(path)[0] == 3  # checkpoints and resets the log
+    p = LogStorage(path)
+    p.root.n = 100
+    p.close()
+    # put the old log (different salt, older transactions) back beside the newer main file
+    with open(wal_of(path), "wb") as f:
+        f.write(stale)
+    assert committed_values(path)[0] == 100
+
+
+def test_a_log_newer_than_the_main_file_is_refused_untouched(tmp_path):
+    path = tmp_path / "s.ps"
+    make_commits(path, 2, close=True)
+    old_main = path.read_bytes()
+    make_commits_more = f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_journal import LogStorage
+        p = LogStorage({str(path)!r})
+        p.root.n = 50; p.commit()
+        p._page_file.checkpoint()
+        p.root.n = 51; p.commit()
+        os._exit(0)
+    """
+    assert run_child(make_commits_more).returncode == 0
+    with open(path, "wb") as f:  # an older main file with a log that starts later
+        f.write(old_main)
+    before = (path.read_bytes(), open(wal_of(path), "rb").read())
+    with pytest.raises(CorruptStorageError, match="missing"):
+        LogStorage(path)
+    assert (path.read_bytes(), open(wal_of(path), "rb").read()) == before
+
+
+def test_a_forged_commit_naming_a_page_past_the_file_is_refused(tmp_path):
+    path = tmp_path / "s.ps"
+    make_commits(path, 1)
+    journal = Journal.open(str(path), True, 4096)
+    salt, txn, end, unit = journal.salt, journal.last_txn + 1, journal.end, journal.unit
+    last = journal.commits[-1]
+    journal.close()
+    size = os.path.getsize(path)
+
+    def frame(kind, where, data):
+        header = F.FRAME.pack(kind, salt, txn, where, len(data), 0)[:28]
+        return header + F.UINT32.pack(zlib.crc32(data, zlib.crc32(header, salt))) + data
+
+    forged = frame(F.FRAME_PAGE, size + 1 << 20, bytes(unit))
+    forged += frame(F.FRAME_COMMIT, 1, F.COMMIT.pack(last.page_count, last.free_head, *last.slots))
+    with open(wal_of(path), "r+b") as f:
+        f.seek(end)
+        f.write(forged)
+    with pytest.raises(CorruptStorageError, match="past the end"):
+        LogStorage(path)
+
+
+# -- rollback and reopen with commits still in the log -----------------------------------
+def test_rollback_restores_pages_that_are_only_in_the_log(tmp_path):
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.items = list(range(100))
+    p.root.n = 1
+    p.commit()
+    assert p._page_file._logged  # committed, not yet checkpointed
+    p.root.n = 2
+    p.root.items[5] = -5
+    p.root.items.extend(range(1000))
+    p.rollback()
+    assert p.root.n == 1 and list(p.root.items) == list(range(100))
+    p.check()
+    p.root.n = 3
+    p.commit()
+    p.close()
+    assert committed_values(path)[:1] == (3,)
+
+
+def test_a_failed_fsync_makes_the_storage_refuse_commits(tmp_path):
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.n = 1
+    p.commit()
+
+    def fail_fsync(operation, name, *args):
+        if operation == "fsync":
+            raise OSError(5, "injected EIO")
+
+    p.root.n = 2
+    FileIO.hook = fail_fsync
+    try:
+        with pytest.raises(OSError):
+            p.commit()
+    finally:
+        FileIO.hook = None
+    p.root.n = 3
+    with pytest.raises(PermastructError, match="fsync failed"):
+        p.commit()
+    p.close()  # writes nothing more
+    assert committed_values(path)[0] in (1, 2)
+
+
+def test_second_writer_is_refused_and_reader_allowed(tmp_path):
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.n = 1
+    p.commit()
+    with pytest.raises(StorageLockedError):
+        LogStorage(path)
+    reader = LogStorage(path, readonly=True)
+    assert reader.root.n == 1
+    p.root.n = 2
+    p.commit()
+    assert reader.root.n == 1 and reader.refresh() is True and reader.root.n == 2
+    assert reader.refresh() is False
+    reader.close()
+    p.close()
