@@ -261,9 +261,12 @@ def test_a_forged_commit_naming_a_page_past_the_file_is_refused(tmp_path):
     journal.close()
     size = os.path.getsize(path)
 
+    chain = [journal.chain]
+
     def frame(kind, where, data):
         header = F.FRAME.pack(kind, salt, txn, where, len(data), 0)[:28]
-        return header + F.UINT32.pack(zlib.crc32(data, zlib.crc32(header, salt))) + data
+        chain[0] = zlib.crc32(data, zlib.crc32(header, chain[0]))
+        return header + F.UINT32.pack(chain[0]) + data
 
     forged = frame(F.FRAME_PAGE, size + 1 << 20, bytes(unit))
     forged += frame(F.FRAME_COMMIT, 1, F.COMMIT.pack(last.page_count, last.free_head, *last.slots))

@@ -136,7 +136,11 @@ unit, salt, base transaction (the main file's transaction at the reset), crc32
 of the first 60 bytes.  Frames follow from offset 64, each ``FRAME`` (32
 bytes) then its data: kind (1 page, 2 commit), salt, transaction, for a page
 the file offset of its data and for a commit the number of page frames of the
-transaction, data length, crc32 of the first 28 header bytes and the data.  A
+transaction, data length, crc32 of the first 28 header bytes and the data,
+*chained*: started from the previous frame's crc32 (from the salt for the
+first frame), so that a frame left over from before a rewrite of the log's
+tail never continues the new frames.  A writer that opens a log whose
+commits the main file already holds starts it over with a new salt.  A
 commit frame's data is ``COMMIT`` (page count, free-page head, root slots).
 
 Recovery reads frames from the start and accepts a transaction only when its

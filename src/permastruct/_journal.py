@@ -37,8 +37,9 @@ class Commit:
         return self.page_count, self.free_head, list(self.slots)
 
 
-def _frame_crc(header28, data, salt):
-    return zlib.crc32(data, zlib.crc32(header28, salt))
+def _frame_crc(header28, data, previous):
+    """A frame's checksum, chained: it starts from the previous frame's (the salt for the first)."""
+    return zlib.crc32(data, zlib.crc32(header28, previous))
 
 
 class Journal:
@@ -51,8 +52,12 @@ class Journal:
         self.base = 0
         self.commits = []
         self.end = F.WAL_HEADER.size
+        #: The checksum of the last frame of the last whole commit (the salt when there is none).
+        self.chain = 0
         #: Whether the file holds a valid header (False: nothing in it counts).
         self.valid = False
+        #: Whether the log's name is known to be on disk (its directory synced since it was created).
+        self.name_durable = True
 
     @staticmethod
     def path_for(store_path):
@@ -82,11 +87,11 @@ class Journal:
         except FileExistsError:
             io = FileIO.open(path, readonly=False, create=False)
         journal = cls(io, unit)
+        journal.name_durable = False
         try:
             journal.reset(base, truncate=True)
             if sync:
-                io.fsync()
-                io.fsync_directory()
+                journal.make_durable()
         except BaseException:
             io.close()
             raise
@@ -108,6 +113,7 @@ class Journal:
             return
         self.valid = True
         self.unit, self.salt, self.base = unit, salt, base
+        self.chain = chain = salt
         frame_size = F.FRAME.size
         chunk, chunk_at = b"", 0
         position = F.WAL_HEADER.size
@@ -128,8 +134,9 @@ class Journal:
             if data_at + length > chunk_at + len(chunk):
                 chunk_at, chunk = data_at, self.io.pread(min(max(_CHUNK, length), size - data_at), data_at)
             data = chunk[data_at - chunk_at:data_at - chunk_at + length]
-            if len(data) != length or _frame_crc(header[:28], data, salt) != crc:
+            if len(data) != length or _frame_crc(header[:28], data, chain) != crc:
                 break
+            chain = crc
             position = data_at + length
             if kind == F.FRAME_PAGE:
                 if where % unit:
@@ -141,6 +148,7 @@ class Journal:
             page_count, free_head, *slots = F.COMMIT.unpack(data)
             self.commits.append(Commit(txn, page_count, free_head, slots, frames, position))
             self.end = position
+            self.chain = chain
             frames = []
             txn += 1
 
@@ -170,7 +178,7 @@ class Journal:
         Frames go out in a few large writes; with ``sync`` the log is synced
         before this returns.  Returns the :class:`Commit`.
         """
-        salt, unit = self.salt, self.unit
+        salt, unit, chain = self.salt, self.unit, self.chain
         pack = F.FRAME.pack
         frames = []
         batch = []
@@ -178,8 +186,9 @@ class Journal:
         position = write_at = self.end
         for offset, data in pages:
             header = pack(F.FRAME_PAGE, salt, txn, offset, unit, 0)[:28]
+            chain = _frame_crc(header, data, chain)
             batch.append(header)
-            batch.append(F.UINT32.pack(_frame_crc(header, data, salt)))
+            batch.append(F.UINT32.pack(chain))
             batch.append(data)
             frames.append((offset, position + F.FRAME.size))
             position += F.FRAME.size + unit
@@ -190,7 +199,8 @@ class Journal:
         page_count, free_head, slots = root
         body = F.COMMIT.pack(page_count, free_head, *slots)
         header = pack(F.FRAME_COMMIT, salt, txn, len(frames), len(body), 0)[:28]
-        batch += [header, F.UINT32.pack(_frame_crc(header, body, salt)), body]
+        chain = _frame_crc(header, body, chain)
+        batch += [header, F.UINT32.pack(chain), body]
         position += F.FRAME.size + len(body)
         self.io.pwrite(b"".join(batch), write_at)
         if sync:
@@ -198,6 +208,7 @@ class Journal:
         commit = Commit(txn, page_count, free_head, list(slots), frames, position)
         self.commits.append(commit)
         self.end = position
+        self.chain = chain
         return commit
 
     def reset(self, base, truncate=False):
@@ -211,6 +222,14 @@ class Journal:
         if truncate and self.io.size() > F.WAL_HEADER.size:
             self.io.truncate(F.WAL_HEADER.size)
         self.salt, self.base, self.commits, self.end, self.valid = salt, base, [], F.WAL_HEADER.size, True
+        self.chain = salt
+
+    def make_durable(self):
+        """fsync the log, and its directory the first time, so that what it holds survives a power loss."""
+        self.io.fsync()
+        if not self.name_durable:
+            self.io.fsync_directory()
+            self.name_durable = True
 
     def size(self):
         return self.end

@@ -29,7 +29,7 @@ import os
 
 from . import _format as F
 from ._journal import Journal
-from ._mapping import OS_PAGE, FileIO, MappedFile
+from ._mapping import GRANULE, OS_PAGE, FileIO, MappedFile
 from .errors import (CorruptStorageError, PermastructError, IncompatibleFormatError, NotAStorageError,
                      ReadOnlyError, StorageClosedError, StorageLockedError,
                      UnpinnedPageError)
@@ -346,13 +346,16 @@ class PageFile:
 
     def _create(self, page_size):
         self.page_size = page_size
-        self.io.pwrite(F.pack_header(page_size) + bytes(F.HEADER_BLOCK - F.HEADER.size), 0)
         self.txn = self.main_txn = 1
         self.page_count, self.free_head = 0, F.NO_NEXT_FREE_PAGE
         self.slots = [0] * F.ROOT_SLOTS
         self._committed = (0, F.NO_NEXT_FREE_PAGE, list(self.slots))
         self._current_root = 0
-        self.io.pwrite(F.pack_root(1, 0, F.NO_NEXT_FREE_PAGE, self.slots), F.ROOT_OFFSETS[0])
+        block = bytearray(F.HEADER_BLOCK)  # the header and the first root record in one write
+        block[:F.HEADER.size] = F.pack_header(page_size)
+        block[F.ROOT_OFFSETS[0]:F.ROOT_OFFSETS[0] + F.ROOT.size] = F.pack_root(1, 0, F.NO_NEXT_FREE_PAGE,
+                                                                               self.slots)
+        self.io.pwrite(block, 0)
         if self.sync:
             self.io.fsync()
             self.io.fsync_directory()
@@ -372,18 +375,51 @@ class PageFile:
                 f"{F.FORMAT_VERSION}: upgrade permastruct to open it")
         if crc != zlib.crc32(head[:60]):
             raise CorruptStorageError(f"{self.path!r}: the file header checksum does not match")
-        if len(head) < F.HEADER_BLOCK:
+        unfinished = self._unfinished(head)
+        if len(head) < F.HEADER_BLOCK and not unfinished:
             raise CorruptStorageError(f"{self.path!r} is truncated: {size} bytes, shorter than its header")
         if block != F.HEADER_BLOCK or not _valid_page_size(page_size):
             raise CorruptStorageError(f"{self.path!r}: invalid header block {block} or page size {page_size}")
         self.page_size = page_size
         roots = [F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
         candidates = [(root[0], index) for index, root in enumerate(roots) if root is not None]
+        if unfinished:
+            # The file's creation did not finish: it holds nothing; it is the
+            # state of a new file (the writer completes its header block).
+            roots, candidates = [(1, 0, F.NO_NEXT_FREE_PAGE, [0] * F.ROOT_SLOTS)], [(1, 0)]
+            if len(head) < F.HEADER_BLOCK and not self.readonly:
+                self.io.fallocate(0, F.HEADER_BLOCK)
         if not candidates:
             raise CorruptStorageError(f"{self.path!r}: both root records are damaged")
         txn, index = max(candidates)
         self.main_txn, self._current_root = txn, index
         return roots[index][1:]
+
+    def _unfinished(self, head):
+        """Whether a header block (valid static header) is one whose creation never finished.
+
+        Creation writes the static header and root record A (transaction 1,
+        no pages) in one write; a crash can keep any of its sectors.  So the
+        file is unfinished when neither root record holds more than that -
+        and no log says that a checkpoint has been made (then the file was
+        cut short, which is damage, not an unfinished creation).
+        """
+        roots = [head[offset:offset + F.ROOT.size] for offset in F.ROOT_OFFSETS]
+        for raw in roots:
+            if any(raw):
+                record = F.unpack_root(raw)
+                if record is None or record[0] != 1 or record[1] != 0:
+                    return False
+        try:
+            with open(Journal.path_for(self.path), "rb") as log:
+                log_head = log.read(F.WAL_HEADER.size)
+        except OSError:
+            return True
+        if len(log_head) == F.WAL_HEADER.size and log_head[:8] == F.WAL_MAGIC:
+            *_, base, crc = F.WAL_HEADER.unpack(log_head)
+            if crc == zlib.crc32(log_head[:60]) and base > 1:
+                return False
+        return True
 
     def _read_log(self):
         """The whole commits of the log that the main file lacks (the log is opened afresh)."""
@@ -400,6 +436,16 @@ class PageFile:
             raise CorruptStorageError(
                 f"{self.path!r}: its log starts at transaction {pending[0].txn} but the main file "
                 f"holds transaction {self.main_txn}: commits in between are missing")
+        for commit in pending:
+            end = F.HEADER_BLOCK + commit.page_count * self.page_size
+            if commit.page_count >= 1 << 40 or not (
+                    commit.free_head == F.NO_NEXT_FREE_PAGE or 0 <= commit.free_head < commit.page_count):
+                raise CorruptStorageError(f"{self.path!r}: log transaction {commit.txn} has an impossible "
+                                          f"root state ({commit.page_count} pages, free head {commit.free_head})")
+            for offset, _ in commit.frames:
+                if not F.HEADER_BLOCK <= offset < end:
+                    raise CorruptStorageError(f"{self.path!r}: log transaction {commit.txn} writes a page at "
+                                              f"{offset:#x}, past the end of its {commit.page_count} pages")
         return pending
 
     def _adopt_state(self, root, pending):
@@ -443,7 +489,7 @@ class PageFile:
         root = self._read_main()
         pending = self._read_log()
         self._adopt_state(root, pending)
-        needed = F.HEADER_BLOCK + self.page_count * self.page_size
+        needed = self._covering_size(self.page_count, pending)
         if self.io.size() < needed:  # a crash lost the growth; the missing pages were never written
             self.io.fallocate(0, needed)
         self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, self.page_size)
@@ -452,6 +498,19 @@ class PageFile:
         self.mapping.private.clear()  # the writer tracks them in _logged
         if pending:
             self._checkpoint()
+        if self.journal is not None and self.main_txn == self.txn and self.journal.valid:
+            # Nothing in the log is needed: start it over under a new salt, so
+            # that no frame written before this open can follow the new ones.
+            self.journal.reset(self.main_txn)
+
+    def _covering_size(self, page_count, commits):
+        """The file size that holds ``page_count`` pages and every logged unit, in whole map units."""
+        end = F.HEADER_BLOCK + page_count * self.page_size
+        for commit in commits:
+            for offset, _ in commit.frames:
+                end = max(end, offset + self.journal.unit)
+        unit = max(GRANULE, self.page_size)
+        return F.HEADER_BLOCK + -(-(end - F.HEADER_BLOCK) // unit) * unit
 
     def _take_snapshot(self):
         """(Reader, holding the checkpoint lock shared) move to the last whole commit."""
@@ -505,9 +564,9 @@ class PageFile:
         head = self.io.pread(F.HEADER_BLOCK, 0)
         roots = [F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
         valid = [root for root in roots if root is not None]
-        if not valid:
+        if not valid and not self._unfinished(head):
             fail("both root records are damaged")
-        newest = max(root[0] for root in valid)
+        newest = max(root[0] for root in valid) if valid else 1
         if newest != self.main_txn and not self.readonly:  # a reader's writer may have moved on
             fail(f"the main file's newest root record is transaction {newest}, but this open read "
                  f"{self.main_txn}")
@@ -734,6 +793,8 @@ class PageFile:
             return  # nothing changed: no transaction to write
         if self.journal is None:
             self.journal = Journal.create(self.path, OS_PAGE, self.main_txn, self.sync)
+        elif not self.journal.valid:  # a log whose header never made it: nothing in it counts
+            self.journal.reset(self.main_txn, truncate=True)
         journal = self.journal
         keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
         commit = journal.append(self.txn + 1, pages, root, self.sync)
@@ -797,7 +858,9 @@ class PageFile:
             else:
                 images = ((offset, journal.page_data(position)) for offset, position
                           in journal.latest_frames(self.main_txn, target).items())
-            needed = F.HEADER_BLOCK + commit.page_count * self.page_size
+            if not self.sync:  # the log must hold the commits before the main file changes
+                journal.make_durable()
+            needed = self._covering_size(commit.page_count, journal.commits)
             if self.io.size() < needed:
                 self.io.fallocate(0, needed)
             for offset, image in images:

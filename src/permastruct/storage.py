@@ -116,10 +116,12 @@ class Storage:
                                    journal=not self._volatile)
         if not created and self._page_file.txn == 1:
             # Created but never committed (a crash while creating it): nothing to lose.
-            if self.readonly:
+            # A class with a schema creates it again; a reader or the bare Storage cannot.
+            if self.readonly or type(self).populateSchema is Storage.populateSchema:
                 self._page_file.close(flush=False)
                 raise NotAStorageError(f"{self.fileName!r} is a store that was never committed "
-                                       "(its creation did not finish); open it writable to create it")
+                                       "(its creation did not finish); open it writable with its "
+                                       "Storage subclass to create it again")
             created = True
         self._mapping = self._page_file.mapping
         self._root = None
