@@ -501,7 +501,11 @@ class PageFile:
         if self.journal is not None and self.main_txn == self.txn and self.journal.valid:
             # Nothing in the log is needed: start it over under a new salt, so
             # that no frame written before this open can follow the new ones.
-            self.journal.reset(self.main_txn)
+            self.io.lock(F.LOCK_CHECKPOINT, True, wait=True)  # no reader is reading it meanwhile
+            try:
+                self.journal.reset(self.main_txn)
+            finally:
+                self.io.unlock(F.LOCK_CHECKPOINT)
 
     def _covering_size(self, page_count, commits):
         """The file size that holds ``page_count`` pages and every logged unit, in whole map units."""
