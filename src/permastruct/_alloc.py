@@ -48,7 +48,11 @@ class Allocator:
                 F.INT32.pack_into(view, F.ALLOC_HEADS_AT + 4 * index, -1)
             self._init_bins(view)
         self.state_pid = state_pid
-        view = page_file.view(state_pid)
+        try:
+            view = page_file.view(state_pid)
+        except IndexError:  # a damaged root record: the page is not in the map
+            raise CorruptStorageError(f"{page_file.path!r}: the allocator page {state_pid} is not in the "
+                                      "mapped file") from None
         kind, flags, count, _ = F.ALLOC.unpack_from(view, F.ALLOC_AT)
         if kind != F.KIND_ALLOC or count != len(self.classes) or flags not in (0, F.ALLOC_BINNED):
             raise CorruptStorageError(f"{page_file.path!r}: page {state_pid} is not the allocator page")
