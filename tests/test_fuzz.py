@@ -4,9 +4,11 @@ A seeded mutator damages valid store files (and their write-ahead log, when one
 exists); a checker opens each damaged file writable and, separately, read-only,
 runs ``check()``, walks everything reachable from the root (every field, every
 element, every collection iterated forwards and backwards, buffers read
-through ``memoryview``, strings read) and closes it.  Success, or an exception
-that is a :class:`~permastruct.errors.PermastructError`, is fine; anything else
-is a failure: another exception type, a segmentation fault, a hang, a huge
+through ``memoryview``, strings read), in the writable open also changes a
+little of everything and commits (``PERMASTRUCT_FUZZ_WRITES=0`` leaves that
+out), and closes it.  Success, or an exception that is a
+:class:`~permastruct.errors.PermastructError`, is fine; anything else is a
+failure: another exception type, a segmentation fault, a hang, a huge
 allocation, an iteration that does not end.
 
 The checker runs in a subprocess (``sys.executable``) with resource limits
@@ -89,6 +91,8 @@ CASE_TIMEOUT = 30.0
 #: Resource limits of the checker subprocess.
 ADDRESS_SPACE = 3 << 30  # the store maps its file: leave room for it
 CPU_SECONDS = 600
+#: Whether the writable open also changes a little of everything and commits.
+WRITES = os.environ.get("PERMASTRUCT_FUZZ_WRITES", "1") not in ("", "0")  # PERMASTRUCT_FUZZ_WRITES=0: off
 #: Growth of the peak resident memory within one case that counts as a huge allocation.
 HUGE_ALLOCATION = 256 << 20
 
@@ -390,7 +394,7 @@ def describe(path):
                 else:
                     kind = "node"
                     order = owner._ps_order
-                    leaf, n = view(offset + 12, 1)[0], F.INT32.unpack_from(view(offset + 12, 4))[0] >> 16
+                    leaf, n = view(offset + 12, 1)[0], int.from_bytes(view(offset + 14, 2), "little")
                     field(offset + 12, 1, "node leaf flag")
                     field(offset + 14, 2, "node key count")
                     ref(offset + 16, "node next leaf")
@@ -443,6 +447,11 @@ def describe_wal(path):
     """The frames of the log at ``path``, read by the documented layout: ``{"size", "frames"}``."""
     with open(path, "rb") as f:
         data = f.read()
+    return {"size": len(data), "frames": describe_wal_bytes(data)}
+
+
+def describe_wal_bytes(data):
+    """``[offset, kind, txn, file offset or page-frame count, data length]`` of each whole frame."""
     frames = []
     at = F.WAL_HEADER.size
     while at + F.FRAME.size <= len(data):
@@ -451,7 +460,7 @@ def describe_wal(path):
             break
         frames.append([at, kind, txn, where, length])
         at += F.FRAME.size + length
-    return {"size": len(data), "frames": frames}
+    return frames
 
 
 # =====================================================================================
@@ -925,18 +934,6 @@ def _wal_frames(m):
     return describe_wal_bytes(m.wal)
 
 
-def describe_wal_bytes(data):
-    frames = []
-    at = F.WAL_HEADER.size
-    while at + F.FRAME.size <= len(data):
-        kind, _, txn, where, length, _ = F.FRAME.unpack_from(data, at)
-        if kind not in (F.FRAME_PAGE, F.FRAME_COMMIT) or at + F.FRAME.size + length > len(data):
-            break
-        frames.append([at, kind, txn, where, length])
-        at += F.FRAME.size + length
-    return frames
-
-
 def _fix_frame_crc(m, at, length):
     head = bytes(m.wal[at:at + 28])
     data = bytes(m.wal[at + F.FRAME.size:at + F.FRAME.size + length])
@@ -1238,7 +1235,76 @@ def _walk_storage(p, limit):
             stack.extend(item for item in items if isinstance(item, Persistent))
 
 
-def _exercise(cls, path, readonly, limit, stages):
+#: root field -> (type name, element type names) that the write step changes
+_WRITABLE = {"ints": ("Ints", ["Int"]), "names": ("Names", ["String"]), "counts": ("Counts", ["Int", "Float"]),
+             "tags": ("Tags", ["String"]), "by_age": ("ByAge", ["Int", "String"]),
+             "by_name": ("ByName", ["ByteString", "Named"])}
+
+
+def _write_some(p, seed):
+    """Change a little of everything (the allocator, every kind of collection, strings, buffers) and commit."""
+    from permastruct.structure import Structure
+
+    rng = random.Random(seed)
+    root = p.root
+    if not isinstance(root, Structure):
+        return
+    fields = type(root)._ps_field_types
+
+    def field(name):
+        want = _WRITABLE.get(name)
+        if name not in fields or want is None:
+            return None
+        value = getattr(root, name)
+        if value is None or type(value).__name__ != want[0] or \
+                [p._type_name(t) for t in type(value)._ps_params] != want[1]:
+            return None
+        return value
+
+    if p._type_name(fields.get("count", type(None))) == "Int":
+        root.count = rng.randrange(1000)
+    if p._type_name(fields.get("title", type(None))) == "String":
+        root.title = "written " * rng.randrange(1, 40)
+    if p._type_name(fields.get("big", type(None))) == "Buffer":
+        root.big = bytes(rng.randrange(100, 20000))
+    ints = field("ints")
+    if ints is not None:
+        ints.append(1)
+        ints.extend(range(rng.randrange(300)))
+        ints.insert(0, 5)
+        del ints[len(ints) // 2:len(ints) // 2 + rng.randrange(50)]
+        ints.pop()
+    names = field("names")
+    if names is not None:
+        names.append("new name")
+        if len(names) > 2:
+            names[1] = "replaced"
+            del names[0]
+    counts = field("counts")
+    if counts is not None:
+        for k in range(rng.randrange(40)):
+            counts[k * 13] = k / 2
+        for key in list(counts)[:rng.randrange(40)]:
+            counts.pop(key, None)
+    tags = field("tags")
+    if tags is not None:
+        tags.add("new tag")
+        tags.add(p.stringRegistry.get(f"interned {rng.randrange(5)}"))
+        for key in list(tags)[:rng.randrange(10)]:
+            tags.discard(key)
+    by_age = field("by_age")
+    if by_age is not None:
+        for k in range(rng.randrange(60)):
+            by_age[rng.randrange(20000)] = "new"
+        for key in list(by_age)[:rng.randrange(60)]:
+            by_age.pop(key, None)
+    by_name = field("by_name")
+    if by_name is not None and rng.random() < 0.5:
+        by_name.clear()
+    p.commit()
+
+
+def _exercise(cls, path, readonly, limit, stages, writes=False):
     """Open, check, walk and close one store; PermastructErrors are outcomes, anything else escapes."""
     stages.append("open")
     try:
@@ -1257,6 +1323,12 @@ def _exercise(cls, path, readonly, limit, stages):
             _walk_storage(p, limit)
         except PermastructError as exc:
             outcome += f", walk raised {type(exc).__name__}"
+        if writes:
+            stages.append("write")
+            try:
+                _write_some(p, writes)
+            except PermastructError as exc:
+                outcome += f", writing raised {type(exc).__name__}"
     except BaseException:
         try:
             p.close()
@@ -1291,8 +1363,9 @@ def run_case(base, fmap, data, wal, seed, folder, reraise=False):
                 f.write(mutated_wal)
         mode = f"{cls.__name__}({'readonly=True' if readonly else 'writable'})"
         stages = []
+        writes = seed if WRITES and not readonly else False
         try:
-            outcomes.append(f"{mode}: {_exercise(cls, path, readonly, limit, stages)}")
+            outcomes.append(f"{mode}: {_exercise(cls, path, readonly, limit, stages, writes)}")
         except Runaway as exc:
             return {"failure": f"{mode}, {stages[-1]}: {exc}", "notes": notes}
         except BaseException as exc:  # the point of the test: nothing but PermastructError may escape
@@ -1452,11 +1525,11 @@ def _frames(failure):
 
 
 def _caller_of_mapping(failure):
-    """The file of the frame that called into ``_mapping.py`` when it raised."""
+    """``(file, function)`` of the frame that called into ``_mapping.py`` when it raised."""
     frames = _frames(failure)
     while frames and frames[-1][0] == "_mapping.py":
         frames.pop()
-    return frames[-1][0] if frames else None
+    return frames[-1] if frames else (None, None)
 
 
 KNOWN_PENDING = {
@@ -1470,7 +1543,17 @@ KNOWN_PENDING = {
         "MappedFile.view/segment_of raise IndexError for the unmapped pages (from storage._load_proxy, "
         "_read_schema, _string_header)",
         lambda f: f.get("exc_type") == "IndexError" and _frames(f)[-1:] == [("_mapping.py", "segment_of")]
-        and _caller_of_mapping(f) in ("storage.py", "pages.py")),
+        and (_caller_of_mapping(f)[0] == "pages.py"
+             or _caller_of_mapping(f) in {("storage.py", name) for name in ("_load_proxy", "_read_schema",
+                                                                          "_string_header")})),
+    "refcounts-of-damaged-references": (
+        "storage.Storage._incref, _decref and _refcount must check the offset (self._check_offset(offset, 8)) "
+        "and raise CorruptStorageError, and Storage.references must check the object it reads; today "
+        "freeing an object whose reference points outside the file (commit, close, clear) raises IndexError "
+        "from MappedFile.view",
+        lambda f: f.get("exc_type") == "IndexError" and _frames(f)[-1:] == [("_mapping.py", "segment_of")]
+        and _caller_of_mapping(f) in {("storage.py", name) for name in ("_incref", "_decref", "_refcount",
+                                                                      "references")}),
     "schema-parse-errors": (
         "storage.Storage._read_schema must also turn OverflowError (an id of 1e400 is float infinity) "
         "and RecursionError (deeply nested JSON) into CorruptStorageError",
@@ -1713,18 +1796,19 @@ def test_a_field_may_not_hide_what_the_class_needs(tmp_path, name):
         Bad(str(tmp_path / "bad.ps"))
 
 
-def test_wal_mutations_follow_the_documented_layout(fuzz_bases):
-    """The log made by hand parses by the layout, and the log strategies change it."""
-    with_log = [b for b in fuzz_bases if os.path.exists(b["path"] + F.WAL_SUFFIX)]
-    assert with_log
-    base = with_log[0]
-    with open(base["map"]) as f:
+def test_wal_mutations_follow_the_documented_layout(fuzz_bases, tmp_path):
+    """A log made by hand from the layout in _format parses back, and every log strategy changes it."""
+    path = str(tmp_path / "with-log.ps")
+    shutil.copyfile(fuzz_bases[0]["path"], path)
+    write_handmade_wal(path)
+    with open(fuzz_bases[0]["map"]) as f:
         fmap = json.load(f)
+    fmap["wal"] = describe_wal(path + F.WAL_SUFFIX)
     frames = fmap["wal"]["frames"]
     assert frames and frames[-1][1] == F.FRAME_COMMIT and frames[-1][3] == len(frames) - 1
-    with open(base["path"], "rb") as f:
+    with open(path, "rb") as f:
         data = f.read()
-    with open(base["path"] + F.WAL_SUFFIX, "rb") as f:
+    with open(path + F.WAL_SUFFIX, "rb") as f:
         wal = f.read()
     header = F.WAL_HEADER.unpack_from(wal)
     assert header[0] == F.WAL_MAGIC and header[-1] == zlib.crc32(wal[:60])
@@ -1769,6 +1853,18 @@ def test_pending_truncated_inside_the_last_mapping_unit(tmp_path):
     assert (end - F.HEADER_BLOCK) % unit, "the last pages must not end on a mapping unit"
     os.truncate(path, end)  # every page is in the file, the last ones are not mapped
     _only_permastruct_errors(path, str(tmp_path))
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError, reason=KNOWN_PENDING["refcounts-of-damaged-references"][0])
+def test_pending_freeing_an_object_whose_reference_is_outside_the_file(tmp_path):
+    path = _small_store(str(tmp_path))
+    [left] = _offsets(path, "pair.left")  # referenced by nothing else
+    with FuzzStorage(path, readonly=True) as p:
+        field = type(p.root.pair.left)._ps_ref_raw.offset
+    _damage(path, left + field, F.UINT64.pack(os.path.getsize(path) + 4096))
+    with FuzzStorage(path) as p:
+        p.root.pair.left = None
+        p.commit()  # frees it: what it referenced loses a reference
 
 
 @pytest.mark.parametrize("text", [b'{"format":1,"types":[{"id":1e400}]}', b"[" * 1200], ids=["infinity", "nested"])

@@ -3,12 +3,16 @@
 Checks, in order: the header and root records on disk; that every page is
 exactly one of free, allocator state, slab, run (head or continuation) or
 free run; slab headers, slot free lists and partial lists; the free-run bins;
-that every allocated object has a known type and fits its space; that every
+that every allocated object has a known type and fits its space; that Strings
+are UTF-8 and buffer metadata is whole (ASCII format without NUL, at most 64
+dimensions, shape times itemsize equal to nbytes, the C size of a native
+format equal to the itemsize, format and shape before the data); that every
 reference points at an allocated object of the field's type; every
 collection's own invariants (counts, array capacity, hash placement, B+tree
 order, balance, subtree counts and leaf links); that each stored reference
 count equals the references found; the string registry's count and hash
-placement.
+placement.  Damage that makes reading itself fail (a view outside the map, a
+struct that does not fit) is reported as a CorruptStorageError too.
 """
 
 import ctypes

@@ -135,6 +135,7 @@ class Persistent(CStruct, metaclass=PersistentMeta):
     _ps_type_id = 0
     _ps_kind = "abstract"
     _ps_closed = False  # True on the dead variants made by closed_class()
+
     @property
     def _ps_offset(self):
         return type(self)._storage._mapping.offset_of_address(ctypes.addressof(self))

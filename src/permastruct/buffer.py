@@ -85,7 +85,7 @@ def buffer_problem(nbytes, data_offset, itemsize, ndim, fmt, shape_bytes, room):
 
 
 def _validate(proxy, room):
-    """``Persistent._ps_validate`` of buffers: the metadata, read through ctypes from the proxy's address."""
+    """``_ps_validate`` of buffers (see ``validated_from_buffer``): the metadata, read from the proxy's address."""
     fmtlen, ndim = proxy._ps_fmtlen, proxy._ps_ndim
     start = ctypes.addressof(proxy)
     if F.BUFFER.size + fmtlen > room:

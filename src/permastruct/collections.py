@@ -29,7 +29,7 @@ from array import array
 
 from . import _format as F
 from . import _types as T
-from .errors import CorruptStorageError, ReadOnlyError, SchemaError
+from .errors import CorruptStorageError, PermastructError, ReadOnlyError, SchemaError
 
 __all__ = ["List", "Dict", "Set", "SortedDict"]
 
@@ -1857,6 +1857,21 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         hash_, data = key_type.store(key)
         value_type = cls._ps_value
         cell = value_type.encode(value)
+        try:
+            self._ps_store(storage, key, data, cell)
+        except (ValueError, IndexError, OverflowError) as exc:
+            if isinstance(exc, PermastructError):
+                raise
+            raise self._ps_damage(exc) from exc
+
+    def _ps_damage(self, exc):
+        """The CorruptStorageError for ``exc``, met while changing the tree: counts or links that do
+        not add up (a subtree count going below zero, a node index past its keys) come from the file."""
+        return self._ps_bad(f"its tree does not add up ({type(exc).__name__}: {exc})")
+
+    def _ps_store(self, storage, key, data, cell):
+        cls = type(self)
+        key_type, value_type = cls._ps_key, cls._ps_value
         if not self._ps_body:
             leaf = self._ps_new_node(storage, leaf=True)
             self._ps_body = leaf.offset
@@ -1954,6 +1969,14 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         self._ps_delete(storage, path, leaf, index)
 
     def _ps_delete(self, storage, path, leaf, index):
+        try:
+            self._ps_remove(storage, path, leaf, index)
+        except (ValueError, IndexError, OverflowError) as exc:
+            if isinstance(exc, PermastructError):
+                raise
+            raise self._ps_damage(exc) from exc
+
+    def _ps_remove(self, storage, path, leaf, index):
         cls = type(self)
         n = leaf.n
         key_cell, value_cell = leaf.keys[index], leaf.values[index]
@@ -1991,20 +2014,28 @@ class PersistentSortedDict(_MappingMixin, _Collection):
                 return
             parent, child = path.pop()
             if child > 0:
-                left = self._ps_node(parent.children[child - 1])
+                left = self._ps_sibling(parent, child - 1, node)
                 if left.n > minimum:
                     self._ps_borrow_left(storage, parent, child, left, node)
                     return
             if child < parent.n:
-                right = self._ps_node(parent.children[child + 1])
+                right = self._ps_sibling(parent, child + 1, node)
                 if right.n > minimum:
                     self._ps_borrow_right(storage, parent, child, node, right)
                     return
             if child > 0:
-                self._ps_merge(storage, parent, child - 1, self._ps_node(parent.children[child - 1]), node)
+                self._ps_merge(storage, parent, child - 1, self._ps_sibling(parent, child - 1, node), node)
             else:
-                self._ps_merge(storage, parent, child, node, self._ps_node(parent.children[child + 1]))
+                self._ps_merge(storage, parent, child, node, self._ps_sibling(parent, child + 1, node))
             node = parent
+
+    def _ps_sibling(self, parent, index, node):
+        """Child ``index`` of ``parent``, a sibling of ``node``: a leaf exactly when ``node`` is one."""
+        sibling = self._ps_node(parent.children[index])
+        if sibling.leaf != node.leaf or sibling is node:
+            raise self._ps_bad(f"its node {parent.offset:#x} has leaves and inner nodes (or one node twice) "
+                               "as children")
+        return sibling
 
     def _ps_borrow_left(self, storage, parent, child, left, node):
         n, ln = node.n, left.n
