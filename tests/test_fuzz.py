@@ -761,10 +761,15 @@ def s_schema(m):
     try:
         schema = json.loads(text)
         types = schema["types"]
-    except (ValueError, KeyError, TypeError):
-        return s_bitflips(m)
-    entry = rng.choice(types)
-    structures = [t for t in types if t.get("kind") == "structure" and t.get("fields")]
+        if not (isinstance(types, list) and types
+                and all(isinstance(t, dict) and "id" in t and "name" in t for t in types)):
+            raise ValueError("not a list of types")
+        entry = rng.choice(types)
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return s_bitflips(m)  # an earlier mutation of this case broke it already
+    structures = [t for t in types if isinstance(t, dict) and t.get("kind") == "structure"
+                  and isinstance(t.get("fields"), list) and t["fields"]
+                  and all(isinstance(f, list) and len(f) == 2 for f in t["fields"])]
     choice = rng.randrange(10)
     if choice == 0:
         entry["id"] = rng.choice([1e400, -1e400, -5, 0, 19, 63, 1 << 40, "64", None, [64], 1.5, types[0]["id"]])
@@ -1343,7 +1348,7 @@ def _exercise(cls, path, readonly, limit, stages, writes=False):
     return outcome
 
 
-def run_case(base, fmap, data, wal, seed, folder, reraise=False):
+def run_case(base, fmap, data, wal, seed, folder, reraise=False, sabotage=None):
     """Damage ``data`` with ``seed`` and exercise it four ways; a dict describing the result."""
     mutated, mutated_wal, notes = mutate(data, wal, fmap, seed)
     path = os.path.join(folder, "case.ps")
@@ -1362,9 +1367,10 @@ def run_case(base, fmap, data, wal, seed, folder, reraise=False):
             with open(path + F.WAL_SUFFIX, "wb") as f:
                 f.write(mutated_wal)
         mode = f"{cls.__name__}({'readonly=True' if readonly else 'writable'})"
-        stages = []
+        stages = ["start"]
         writes = seed if WRITES and not readonly else False
         try:
+            _sabotage(sabotage)
             outcomes.append(f"{mode}: {_exercise(cls, path, readonly, limit, stages, writes)}")
         except Runaway as exc:
             return {"failure": f"{mode}, {stages[-1]}: {exc}", "notes": notes}
@@ -1395,6 +1401,7 @@ def worker(job_path):
         with open(base["map"]) as f:
             bases.append((base, json.load(f), data, wal))
     folder = job["folder"]
+    sabotage = dict(item.split("@", 1)[::-1] for item in job.get("sabotage", ()))  # case -> what (tests only)
     import resource
     with open(job["progress"], "a", buffering=1) as progress:
         for case_id, base_index, seed in job["cases"]:
@@ -1402,13 +1409,27 @@ def worker(job_path):
             progress.flush()
             base, fmap, data, wal = bases[base_index]
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            result = run_case(base, fmap, data, wal, seed, folder)
+            result = run_case(base, fmap, data, wal, seed, folder, sabotage=sabotage.get(case_id))
             grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak
             if grown > HUGE_ALLOCATION and "failure" not in result:
                 result["failure"] = f"huge allocation: the peak resident memory grew by {grown >> 20} MiB"
             result["end"] = case_id
             progress.write(json.dumps(result) + "\n")
             progress.flush()
+
+
+def _sabotage(what):
+    """What the harness test makes a case do: die, hang, allocate a lot, raise."""
+    if what == "crash":
+        ctypes.string_at(1, 1)  # reads address 1: SIGSEGV
+    elif what == "hang":
+        while True:
+            time.sleep(0.01)
+    elif what == "memory":
+        bytearray(ADDRESS_SPACE)  # MemoryError under RLIMIT_AS
+    elif what == "big":
+        block = bytearray(HUGE_ALLOCATION + (64 << 20))
+        block[::4096] = b"x" * len(block[::4096])  # touched: resident
 
 
 # =====================================================================================
@@ -1421,7 +1442,7 @@ def _limits():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_cases(bases, cases, folder, batch=BATCH, case_timeout=CASE_TIMEOUT):
+def run_cases(bases, cases, folder, batch=BATCH, case_timeout=CASE_TIMEOUT, sabotage=()):
     """Run ``cases`` (``(case id, base index, seed)``) in subprocesses; ``(results, failures)``.
 
     A subprocess that dies or hangs is reported against the case it had
@@ -1442,7 +1463,8 @@ def run_cases(bases, cases, folder, batch=BATCH, case_timeout=CASE_TIMEOUT):
         progress_path = os.path.join(work, "progress.jsonl")
         stderr_path = os.path.join(work, "stderr.txt")
         with open(job_path, "w") as f:
-            json.dump({"bases": bases, "cases": chunk, "folder": work, "progress": progress_path}, f)
+            json.dump({"bases": bases, "cases": chunk, "folder": work, "progress": progress_path,
+                       "sabotage": list(sabotage)}, f)
         with open(stderr_path, "wb") as stderr:
             proc = subprocess.Popen([sys.executable, THIS_FILE, "worker", job_path], env=env, cwd=work,
                                     stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
@@ -1794,6 +1816,21 @@ def test_a_field_may_not_hide_what_the_class_needs(tmp_path, name):
 
     with pytest.raises(permastruct.SchemaError, match=name):
         Bad(str(tmp_path / "bad.ps"))
+
+
+def test_harness_names_the_case_that_crashes_hangs_or_allocates(fuzz_bases, tmp_path):
+    """A dead, hung or bloated subprocess is a failure of the case it was running; the others still run."""
+    cases = make_cases(99, 8, len(fuzz_bases))
+    sabotage = ["crash@99:1", "hang@99:3", "memory@99:5", "big@99:6"]
+    results, failures = run_cases(fuzz_bases, cases, str(tmp_path), batch=4, case_timeout=3, sabotage=sabotage)
+    assert len(results) == len(cases)
+    assert "SIGSEGV" in failures["99:1"]["failure"] and "string_at" in failures["99:1"]["stderr"]
+    assert failures["99:3"]["failure"].startswith("hang")
+    assert "MemoryError" in failures["99:5"]["failure"]
+    assert "huge allocation" in failures["99:6"]["failure"]
+    assert all(case_id in failures or "outcomes" in results[case_id] for case_id, _, _ in cases)
+    text = _describe_failure("99:1", failures["99:1"], fuzz_bases, cases)
+    assert "seed 99, case 1" in text and "replay 99 1" in text
 
 
 def test_wal_mutations_follow_the_documented_layout(fuzz_bases, tmp_path):

@@ -34,6 +34,7 @@ from .errors import CorruptStorageError, PermastructError, ReadOnlyError, Schema
 __all__ = ["List", "Dict", "Set", "SortedDict"]
 
 _INTERNAL_HEADER = struct.Struct("<III")  # type, refs, owner type: the start of ARRAY, TABLE, NODE
+_from_buffer = T.CMeta.from_buffer
 
 
 # -- descriptors ------------------------------------------------------------------
@@ -278,33 +279,34 @@ class _Key(_Cell):
 _BODY_NAMES = {F.T_ARRAY: "array", F.T_TABLE: "hash table", F.T_NODE: "tree node"}
 
 
-def _collection_problem(proxy, room):
-    """``Persistent._ps_validate`` of collections: a count the file can hold, a body of the right kind.
+def _collection_problem(proxy):
+    """What is wrong with a collection's header, or None: a count the file can hold, a body of the
+    right kind and owner, and for a list an array that its count and capacity fit.
 
-    Checked once, when the proxy is made; the collection's own changes keep
-    both true.  Internal objects are cached by offset (``storage._views``), so
-    a body of another kind or owner must never be looked up there.
+    Checked once, when the proxy is made (``_Collection.from_buffer``); the
+    collection's own changes keep it true.  Internal objects are cached by
+    offset (``storage._views``): a body of another kind or owner must never be
+    looked up there, and lists that share an array must all fit in it.
     """
     cls = type(proxy)
     storage = cls._storage
     count, body = proxy._ps_count, proxy._ps_body
-    if count > storage._mapping.size // F.CELL:
-        return f"it counts {count} elements, more than the file can hold"
     if not body:
         return f"it counts {count} elements but has no {_BODY_NAMES[cls._ps_body_type]}" if count else None
-    storage._check_offset(body, _INTERNAL_HEADER.size)
-    try:
-        kind, _, owner = _INTERNAL_HEADER.unpack_from(storage._mapping.view(body, _INTERNAL_HEADER.size))
-    except IndexError:
+    mapping = storage._mapping
+    if count > mapping.size >> 3:  # every element takes at least one 8-byte cell
+        return f"it counts {count} elements, more than the file can hold"
+    segments = mapping.segments
+    try:  # a damaged body outside the map, or crossing its end, raises here
+        segment = segments[0] if len(segments) == 1 else mapping.segment_of(body)
+        kind, _, owner, _, capacity = F.ARRAY.unpack_from(segment.map, body - segment.start)
+    except (IndexError, struct.error):
         return f"its body {body:#x} is not in the map"
     if kind != cls._ps_body_type or owner != cls._ps_type_id:
         return (f"its body {body:#x} is not its {_BODY_NAMES[cls._ps_body_type]}: it has type {kind} "
                 f"({_BODY_NAMES.get(kind, 'not an internal object')}) of owner type {owner}")
-    if kind == F.T_ARRAY:  # the array view is cached: lists that share it must all fit in it
-        storage._check_offset(body, F.ARRAY.size)
-        capacity = F.UINT64.unpack_from(storage._mapping.view(body + 16, 8))[0]
-        if capacity != proxy._ps_aux or count > capacity:
-            return f"it counts {count} elements and capacity {proxy._ps_aux}, its array has {capacity} cells"
+    if kind == F.T_ARRAY and (capacity != proxy._ps_aux or count > capacity):
+        return f"it counts {count} elements and capacity {proxy._ps_aux}, its array has {capacity} cells"
     return None
 
 
@@ -317,8 +319,20 @@ class _Collection(T.Persistent):
     __hash__ = None
     _ps_params = ()
     _ps_readonly = False
-    _ps_validate = staticmethod(_collection_problem)
-    from_buffer = classmethod(T.validated_from_buffer)
+
+    @classmethod
+    def from_buffer(cls, source, offset=0):
+        """The proxy of the collection at ``offset`` of ``source`` (a map segment), refused with
+        CorruptStorageError if its header is damaged (see ``_collection_problem``)."""
+        try:
+            proxy = _from_buffer(cls, source, offset)
+        except ValueError:
+            raise T._damaged(cls, None, offset, "its header crosses the end of the map") from None
+        if proxy._ps_body or proxy._ps_count:
+            problem = _collection_problem(proxy)
+            if problem is not None:
+                raise T._damaged(cls, proxy, offset, problem)
+        return proxy
 
     def __len__(self):
         return self._ps_count
