@@ -48,7 +48,11 @@ class Allocator:
                 F.INT32.pack_into(view, F.ALLOC_HEADS_AT + 4 * index, -1)
             self._init_bins(view)
         self.state_pid = state_pid
-        view = page_file.view(state_pid)
+        try:
+            view = page_file.view(state_pid)
+        except IndexError:  # a damaged root record: the page is not in the map
+            raise CorruptStorageError(f"{page_file.path!r}: the allocator page {state_pid} is not in the "
+                                      "mapped file") from None
         kind, flags, count, _ = F.ALLOC.unpack_from(view, F.ALLOC_AT)
         if kind != F.KIND_ALLOC or count != len(self.classes) or flags not in (0, F.ALLOC_BINNED):
             raise CorruptStorageError(f"{page_file.path!r}: page {state_pid} is not the allocator page")
@@ -156,17 +160,22 @@ class Allocator:
             pid = self._alloc_page()
             F.SLAB.pack_into(pf.view(pid), F.SLAB_AT, F.KIND_SLAB, index, 0, 0, 0, -1, -1)
             self._set_head(index, pid)
-        page = pf.view(pid)
+        page = self._page(pid, f"the partial list of size class {index}")
         kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
         if kind != F.KIND_SLAB or cls != index:
             raise CorruptStorageError(f"{pf.path!r}: page {pid} on the size-class {index} list is not a slab of it")
         size = self.classes[index]
         nslots = self.slots_per_page(index)
+        if used >= nslots or bump > nslots:
+            raise CorruptStorageError(f"{pf.path!r}: slab {pid} on the partial list has {used} used and "
+                                      f"{bump} handed-out slots of {nslots}")
         if free_head:
             slot = free_head - 1
             if slot >= bump:
                 raise CorruptStorageError(f"{pf.path!r}: slab {pid} free list points at unused slot {slot}")
             free_head = F.UINT32.unpack_from(page, F.SLAB_FIRST_SLOT + slot * size)[0]
+            if free_head > bump:
+                raise CorruptStorageError(f"{pf.path!r}: slab {pid} free list links to unused slot {free_head - 1}")
         elif bump < nslots:
             slot = bump
             bump += 1
@@ -200,8 +209,19 @@ class Allocator:
             self.pf.free_pid(pid)
             self._count_added(self._state())
 
+    def _page(self, pid, what):
+        """The view of page ``pid``, which ``what`` names: a page of the file, or CorruptStorageError."""
+        if not 0 <= pid < self.pf.page_count:
+            raise CorruptStorageError(f"{self.pf.path!r}: {what} names page {pid}, outside the "
+                                      f"{self.pf.page_count} pages")
+        try:
+            return self.pf.view(pid)
+        except IndexError:
+            raise CorruptStorageError(f"{self.pf.path!r}: {what} names page {pid}, which is not in the "
+                                      "mapped file") from None
+
     def _set_links(self, pid, nxt=None, prv=None):
-        page = self.pf.view(pid)
+        page = self._page(pid, "a partial-list link")
         fields = list(F.SLAB.unpack_from(page, F.SLAB_AT))
         if nxt is not None:
             fields[5] = nxt

@@ -3,24 +3,45 @@
 Checks, in order: the header and root records on disk; that every page is
 exactly one of free, allocator state, slab, run (head or continuation) or
 free run; slab headers, slot free lists and partial lists; the free-run bins;
-that every allocated object has a known type and fits its space; that every
+that every allocated object has a known type and fits its space; that Strings
+are UTF-8 and buffer metadata is whole (ASCII format without NUL, at most 64
+dimensions, shape times itemsize equal to nbytes, the C size of a native
+format equal to the itemsize, format and shape before the data); that every
 reference points at an allocated object of the field's type; every
 collection's own invariants (counts, array capacity, hash placement, B+tree
 order, balance, subtree counts and leaf links); that each stored reference
 count equals the references found; the string registry's count and hash
-placement.
+placement.  Damage that makes reading itself fail (a view outside the map, a
+struct that does not fit) is reported as a CorruptStorageError too.
 """
 
 import ctypes
+import struct
 import zlib
 
 from . import _format as F
 from . import _types as T
 from . import collections as C
-from .errors import CorruptStorageError
+from .buffer import buffer_problem
+from .errors import CorruptStorageError, PermastructError
+
+#: What reading damaged bytes can raise below the checks (a view outside the map, a
+#: struct that does not fit, a number too large): reported as damage, like the rest.
+_READ_ERRORS = (IndexError, KeyError, ValueError, OverflowError, struct.error, RecursionError)
 
 
 def check_storage(storage, progress=None):
+    """Verify every invariant of ``storage``; raise CorruptStorageError naming the first broken one."""
+    try:
+        return _check_storage(storage, progress)
+    except _READ_ERRORS as exc:
+        if isinstance(exc, PermastructError):
+            raise
+        raise CorruptStorageError(f"{storage.fileName!r}: damage stopped the check: {type(exc).__name__}: "
+                                  f"{exc}") from exc
+
+
+def _check_storage(storage, progress):
     pf = storage._page_file
     alloc = storage._allocator
     path = storage.fileName
@@ -128,10 +149,28 @@ def check_storage(storage, progress=None):
         type_id, refs = F.OBJECT_HEADER.unpack_from(pf.mapping.view(offset, 8))
         if type_id in (F.T_SCHEMA, F.T_BYTESTRING, F.T_STRING):
             needed = F.STRING.size + storage._string_header(offset)[3]
+            if type_id == F.T_STRING and needed <= capacity:
+                try:
+                    bytes(pf.mapping.view(offset + F.STRING.size, needed - F.STRING.size)).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    fail(f"String {offset:#x} is not UTF-8 ({exc.reason} at byte {exc.start})")
         elif type_id == F.T_REGISTRY:
+            if capacity < F.REGISTRY.size:
+                fail(f"registry {offset:#x} is in a slot of {capacity} bytes")
             needed = F.REGISTRY.size + 8 * F.REGISTRY.unpack_from(pf.mapping.view(offset, F.REGISTRY.size))[3]
         elif type_id == F.T_BUFFER:
-            _, _, nbytes, data_offset, _, _, _ = F.BUFFER.unpack_from(pf.mapping.view(offset, F.BUFFER.size))
+            if capacity < F.BUFFER.size:
+                fail(f"buffer {offset:#x} is in a slot of {capacity} bytes")
+            _, _, nbytes, data_offset, itemsize, ndim, fmtlen = F.BUFFER.unpack_from(
+                pf.mapping.view(offset, F.BUFFER.size))
+            if F.BUFFER.size + fmtlen > capacity:
+                fail(f"buffer {offset:#x}: its format runs past its {capacity} bytes")
+            fmt = bytes(pf.mapping.view(offset + F.BUFFER.size, fmtlen))
+            shape_at = -(-(F.BUFFER.size + fmtlen) // 8) * 8
+            shape = bytes(pf.mapping.view(offset + shape_at, max(0, min(8 * ndim, capacity - shape_at))))
+            problem = buffer_problem(nbytes, data_offset, itemsize, ndim, fmt, shape, capacity)
+            if problem is not None:
+                fail(f"buffer {offset:#x}: {problem}")
             needed = data_offset + nbytes
         elif type_id in C.INTERNAL_TYPES:
             owner_type = classes.get(F.UINT32.unpack_from(pf.mapping.view(offset + 8, 4))[0])

@@ -16,10 +16,11 @@ import struct
 import sys
 
 from . import _format as F
-from .errors import PermastructError, StorageClosedError
+from .errors import CorruptStorageError, PermastructError, StorageClosedError
 
 CStruct = ctypes.LittleEndianStructure
 CMeta = type(CStruct)
+_from_buffer = CMeta.from_buffer
 
 
 # -- by-value types -------------------------------------------------------------
@@ -150,6 +151,40 @@ class Persistent(CStruct, metaclass=PersistentMeta):
     def __reduce_ex__(self, protocol):
         raise TypeError(f"persistent {type(self).__name__} objects cannot be pickled; "
                         "copy the values you need")
+
+
+def validated_from_buffer(cls, source, offset=0):
+    """``from_buffer`` of proxy classes whose extent the file says (strings, buffers, collections).
+
+    The proxy of the object at ``offset`` of ``source`` (a segment of the
+    map), refused with CorruptStorageError when ``cls._ps_validate(proxy,
+    room)`` names a problem (``room``: the bytes left in the segment).  What
+    the file says about the object's extent is so checked once, when the
+    proxy is made, and no later read (``ctypes.string_at`` of a length read
+    from the file, a shape, a format) can go past the map.  Structures, whose
+    size the schema fixes, keep ctypes' own ``from_buffer``.
+    """
+    try:
+        proxy = _from_buffer(cls, source, offset)
+    except ValueError:
+        raise _damaged(cls, None, offset, f"its {ctypes.sizeof(cls)} bytes cross the end of the map") from None
+    problem = cls._ps_validate(proxy, len(source) - offset)
+    if problem is not None:
+        raise _damaged(cls, proxy, offset, problem)
+    return proxy
+
+
+def _damaged(cls, proxy, local, problem):
+    """The CorruptStorageError for a damaged object of class ``cls`` (``local``: offset in its segment)."""
+    storage = cls._storage
+    name = getattr(storage, "fileName", "?")
+    where = f"at segment offset {local:#x}"
+    if proxy is not None:
+        try:
+            where = f"at {storage._mapping.offset_of_address(ctypes.addressof(proxy)):#x}"
+        except (AttributeError, ValueError):
+            pass
+    return CorruptStorageError(f"{name!r}: the {cls.__name__} {where} is damaged: {problem}")
 
 
 # Special methods that a closed proxy must refuse (the interpreter looks them up

@@ -33,7 +33,7 @@ import ctypes
 import struct
 
 from . import _format as F
-from ._types import BufferExporter, MemoryExporter, Persistent
+from ._types import BufferExporter, MemoryExporter, Persistent, validated_from_buffer
 from .errors import CorruptStorageError
 
 __all__ = ["Buffer"]
@@ -47,6 +47,56 @@ def buffer_source(obj):
         raise TypeError(f"Objects of type '{type(obj).__name__}' does not support the buffer protocol.") from None
 
 
+#: The formats memoryview reads natively, with the size of their C type (memoryobject.c,
+#: get_native_fmtchar): a stored itemsize must agree, or item reads go past the data.
+_NATIVE_FORMATS = b"cbB?hHiIlLqQnNfdeP"
+
+
+def buffer_problem(nbytes, data_offset, itemsize, ndim, fmt, shape_bytes, room):
+    """What is wrong with a stored buffer's metadata, or None.
+
+    ``fmt`` is the stored format, ``shape_bytes`` the bytes that hold the shape
+    (``8 * ndim`` of them, fewer if the object is cut short) and ``room`` the
+    bytes the object may use.  Checked once per proxy (and by ``check()``):
+    afterwards the format, the shape and the data can be read without a
+    bounds check.
+    """
+    if ndim > F.MAX_NDIM:
+        return f"{ndim} dimensions (at most {F.MAX_NDIM})"
+    shape_at = -(-(F.BUFFER.size + len(fmt)) // 8) * 8
+    if data_offset < shape_at + 8 * ndim:
+        return f"its data at {data_offset} overlaps its format and shape ({shape_at + 8 * ndim} bytes)"
+    if data_offset + nbytes > room:
+        return f"its {nbytes} bytes at {data_offset} run past the {room} bytes it has"
+    if len(shape_bytes) != 8 * ndim:
+        return "its shape is cut short"
+    if b"\0" in fmt or not fmt.isascii():
+        return f"its format {fmt!r} is not ASCII text"
+    native = fmt[1:] if fmt[:1] == b"@" else fmt
+    if len(native) == 1 and native in _NATIVE_FORMATS and struct.calcsize(native.decode()) != itemsize:
+        # memoryview reads items of these formats with their C size, trusting the itemsize
+        return f"its format {fmt!r} has items of {struct.calcsize(native.decode())} bytes, not {itemsize}"
+    count = itemsize
+    for extent in struct.unpack(f"<{ndim}Q", shape_bytes):
+        count *= extent
+    if count != nbytes:
+        return f"its shape {struct.unpack(f'<{ndim}Q', shape_bytes)} of {itemsize}-byte items is not {nbytes} bytes"
+    return None
+
+
+def _validate(proxy, room):
+    """``_ps_validate`` of buffers (see ``validated_from_buffer``): the metadata, read from the proxy's address."""
+    fmtlen, ndim = proxy._ps_fmtlen, proxy._ps_ndim
+    start = ctypes.addressof(proxy)
+    if F.BUFFER.size + fmtlen > room:
+        return "its format runs past the end of the map"
+    fmt = ctypes.string_at(start + F.BUFFER.size, fmtlen)
+    shape_at = -(-(F.BUFFER.size + fmtlen) // 8) * 8
+    shape_bytes = ctypes.string_at(start + shape_at, max(0, min(8 * ndim, room - shape_at)))
+    return buffer_problem(proxy._ps_nbytes, proxy._ps_data_offset, proxy._ps_itemsize, ndim, fmt,
+                          shape_bytes, room)
+
+
 class _BufferBase(Persistent):
     _fields_ = [("_ps_nbytes", ctypes.c_uint64), ("_ps_data_offset", ctypes.c_uint32),
                 ("_ps_itemsize", ctypes.c_uint32), ("_ps_ndim", ctypes.c_uint8),
@@ -54,6 +104,8 @@ class _BufferBase(Persistent):
     __slots__ = ()
     _ps_kind = "buffer"
     _ps_type_id = F.T_BUFFER
+    _ps_validate = staticmethod(_validate)  # metadata checked once, when the proxy is made
+    from_buffer = classmethod(validated_from_buffer)
 
     @property
     def format(self):

@@ -29,11 +29,12 @@ from array import array
 
 from . import _format as F
 from . import _types as T
-from .errors import CorruptStorageError, ReadOnlyError, SchemaError
+from .errors import CorruptStorageError, PermastructError, ReadOnlyError, SchemaError
 
 __all__ = ["List", "Dict", "Set", "SortedDict"]
 
 _INTERNAL_HEADER = struct.Struct("<III")  # type, refs, owner type: the start of ARRAY, TABLE, NODE
+_from_buffer = T.CMeta.from_buffer
 
 
 # -- descriptors ------------------------------------------------------------------
@@ -275,6 +276,40 @@ class _Key(_Cell):
                             f"{type(key).__name__}") from None
 
 # -- the proxy base -----------------------------------------------------------------
+_BODY_NAMES = {F.T_ARRAY: "array", F.T_TABLE: "hash table", F.T_NODE: "tree node"}
+
+
+def _collection_problem(proxy):
+    """What is wrong with a collection's header, or None: a count the file can hold, a body of the
+    right kind and owner, and for a list an array that its count and capacity fit.
+
+    Checked once, when the proxy is made (``_Collection.from_buffer``); the
+    collection's own changes keep it true.  Internal objects are cached by
+    offset (``storage._views``): a body of another kind or owner must never be
+    looked up there, and lists that share an array must all fit in it.
+    """
+    cls = type(proxy)
+    storage = cls._storage
+    count, body = proxy._ps_count, proxy._ps_body
+    if not body:
+        return f"it counts {count} elements but has no {_BODY_NAMES[cls._ps_body_type]}" if count else None
+    mapping = storage._mapping
+    if count > mapping.size >> 3:  # every element takes at least one 8-byte cell
+        return f"it counts {count} elements, more than the file can hold"
+    segments = mapping.segments
+    try:  # a damaged body outside the map, or crossing its end, raises here
+        segment = segments[0] if len(segments) == 1 else mapping.segment_of(body)
+        kind, _, owner, _, capacity = F.ARRAY.unpack_from(segment.map, body - segment.start)
+    except (IndexError, struct.error):
+        return f"its body {body:#x} is not in the map"
+    if kind != cls._ps_body_type or owner != cls._ps_type_id:
+        return (f"its body {body:#x} is not its {_BODY_NAMES[cls._ps_body_type]}: it has type {kind} "
+                f"({_BODY_NAMES.get(kind, 'not an internal object')}) of owner type {owner}")
+    if kind == F.T_ARRAY and (capacity != proxy._ps_aux or count > capacity):
+        return f"it counts {count} elements and capacity {proxy._ps_aux}, its array has {capacity} cells"
+    return None
+
+
 class _Collection(T.Persistent):
     """Common part of the collection proxies: the 32-byte COLLECTION header."""
 
@@ -284,6 +319,20 @@ class _Collection(T.Persistent):
     __hash__ = None
     _ps_params = ()
     _ps_readonly = False
+
+    @classmethod
+    def from_buffer(cls, source, offset=0):
+        """The proxy of the collection at ``offset`` of ``source`` (a map segment), refused with
+        CorruptStorageError if its header is damaged (see ``_collection_problem``)."""
+        try:
+            proxy = _from_buffer(cls, source, offset)
+        except ValueError:
+            raise T._damaged(cls, None, offset, "its header crosses the end of the map") from None
+        if proxy._ps_body or proxy._ps_count:
+            problem = _collection_problem(proxy)
+            if problem is not None:
+                raise T._damaged(cls, proxy, offset, problem)
+        return proxy
 
     def __len__(self):
         return self._ps_count
@@ -334,7 +383,10 @@ class _Collection(T.Persistent):
     def _ps_check_internal(self, offset, type_id, size):
         storage = type(self)._storage
         storage._check_offset(offset, size)
-        kind, _, owner = _INTERNAL_HEADER.unpack_from(storage._mapping.view(offset, _INTERNAL_HEADER.size))
+        try:
+            kind, _, owner = _INTERNAL_HEADER.unpack_from(storage._mapping.view(offset, _INTERNAL_HEADER.size))
+        except IndexError:
+            raise self._ps_bad(f"its internal object at {offset:#x} is not in the map") from None
         if kind != type_id or owner != type(self)._ps_type_id:
             raise self._ps_bad(f"its internal object at {offset:#x} has type {kind} of owner {owner}")
 
@@ -359,6 +411,7 @@ class PersistentList(_Collection):
 
     __slots__ = ()
     _ps_kind = "list"
+    _ps_body_type = F.T_ARRAY
 
     @classmethod
     def _ps_prepare(cls, storage):
@@ -382,7 +435,10 @@ class PersistentList(_Collection):
                 raise self._ps_bad("its array has another capacity than the list says")
             if self._ps_count > capacity:
                 raise self._ps_bad(f"{self._ps_count} elements in an array of {capacity}")
-            cells = storage._mapping.view(body + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
+            try:
+                cells = storage._mapping.view(body + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
+            except IndexError:
+                raise self._ps_bad(f"its array at {body:#x} crosses the end of a mapped segment") from None
             storage._views[body] = cells
         return cells
 
@@ -772,6 +828,7 @@ class _HashCollection(_Collection):
 
     __slots__ = ()
     _ps_has_values = False
+    _ps_body_type = F.T_TABLE
 
     @classmethod
     def _ps_prepare(cls, storage):
@@ -805,7 +862,10 @@ class _HashCollection(_Collection):
         view = storage._views.get(body)
         if view is None:
             self._ps_check_internal(body, F.T_TABLE, F.TABLE.size)
-            view = _TableView(storage, body, type(self)._ps_esize)
+            try:
+                view = _TableView(storage, body, type(self)._ps_esize)
+            except IndexError:
+                raise self._ps_bad(f"its hash table at {body:#x} crosses the end of a mapped segment") from None
             storage._views[body] = view
         return view
 
@@ -1460,11 +1520,12 @@ def tree_order(page_size):
 class _NodeView:
     """Cached views of one B+tree NODE: header fields, keys, values or children and counts."""
 
-    __slots__ = ("offset", "leaf", "head16", "head64", "keys", "values", "children", "counts", "raw")
+    __slots__ = ("offset", "leaf", "head16", "head64", "keys", "values", "children", "counts", "raw", "tree")
 
-    def __init__(self, storage, offset, order, key_code, value_code):
+    def __init__(self, storage, offset, order, key_code, value_code, tree=None):
         storage._check_offset(offset, node_size(storage))
         raw = storage._mapping.view(offset, node_size(storage))
+        self.tree = tree  # the proxy class of the SortedDict type owning the node
         self.offset = offset
         self.raw = raw
         self.head16 = raw[:F.NODE.size].cast("H")
@@ -1522,6 +1583,7 @@ class PersistentSortedDict(_MappingMixin, _Collection):
 
     __slots__ = ()
     _ps_kind = "sorteddict"
+    _ps_body_type = F.T_NODE
 
     @classmethod
     def _ps_prepare(cls, storage):
@@ -1542,12 +1604,19 @@ class PersistentSortedDict(_MappingMixin, _Collection):
 
     # -- nodes --
     def _ps_node(self, offset):
-        storage = type(self)._storage
+        cls = type(self)
+        storage = cls._storage
         node = storage._views.get(offset)
-        if node is None:
-            cls = type(self)
+        if type(node) is not _NodeView or node.tree is not cls:
+            # children and leaf links are offsets read from the file: what is cached
+            # there may be another collection's array, table or node
+            if node is not None:
+                raise self._ps_bad(f"its tree links to {offset:#x}, which is not one of its nodes")
             self._ps_check_internal(offset, F.T_NODE, node_size(storage))
-            node = _NodeView(storage, offset, cls._ps_order, cls._ps_key.code, cls._ps_value.code)
+            try:
+                node = _NodeView(storage, offset, cls._ps_order, cls._ps_key.code, cls._ps_value.code, cls)
+            except IndexError:
+                raise self._ps_bad(f"its node at {offset:#x} crosses the end of a mapped segment") from None
             if node.n > cls._ps_order + 1:
                 raise self._ps_bad(f"its node at {offset:#x} has {node.n} keys")
             storage._views[offset] = node
@@ -1572,7 +1641,9 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         path = []
         offset = self._ps_body
         for _ in range(64):
-            node = views.get(offset) or self._ps_node(offset)
+            node = views.get(offset)
+            if type(node) is not _NodeView or node.tree is not cls:
+                node = self._ps_node(offset)
             if node.leaf:
                 return path, node
             keys = node.keys if string_data is None else _StringKeys(node.keys, string_data)
@@ -1624,15 +1695,23 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         return True
 
     def _ps_walk(self, node, index, reverse=False):
-        """``(node, index)`` pairs from position ``index`` of leaf ``node`` onwards, watching changes."""
+        """``(node, index)`` pairs from position ``index`` of leaf ``node`` onwards, watching changes.
+
+        A leaf link that leads to an inner node, or more steps than the
+        elements and leaves there can be (a cycle of leaves), is damage.
+        """
         version = self._ps_aux
+        steps = 2 * self._ps_count + 2  # elements plus leaves: every leaf but an empty root holds a key
         while node is not None:
             if self._ps_aux != version:
                 raise RuntimeError(f"{type(self).__name__} changed size during iteration")
+            steps -= 1
+            if steps < 0:
+                raise self._ps_bad(f"its leaves link in a cycle (through {node.offset:#x})")
             if reverse:
                 if index < 0:
                     nxt = node.head64[3]
-                    node = self._ps_node(nxt) if nxt else None
+                    node = self._ps_leaf(nxt) if nxt else None
                     index = node.n - 1 if node is not None else 0
                     continue
                 yield node, index
@@ -1640,16 +1719,31 @@ class PersistentSortedDict(_MappingMixin, _Collection):
             else:
                 if index >= node.n:
                     nxt = node.head64[2]
-                    node = self._ps_node(nxt) if nxt else None
+                    node = self._ps_leaf(nxt) if nxt else None
                     index = 0
                     continue
                 yield node, index
                 index += 1
 
+    def _ps_leaf(self, offset):
+        """The node at ``offset``, which a leaf link names: it must be a leaf."""
+        node = self._ps_node(offset)
+        if not node.leaf:
+            raise self._ps_bad(f"a leaf links to {offset:#x}, which is an inner node")
+        return node
+
+    def _ps_child(self, node, index, depth):
+        """Child ``index`` of inner ``node`` at ``depth`` levels below the root (bounded: a cycle is damage)."""
+        if depth >= 64:
+            raise self._ps_bad("its tree is deeper than 64 levels")
+        return self._ps_node(node.children[index])
+
     def _ps_edge_leaf(self, last):
         node = self._ps_node(self._ps_body)
+        depth = 0
         while not node.leaf:
-            node = self._ps_node(node.children[node.n if last else 0])
+            depth += 1
+            node = self._ps_child(node, node.n if last else 0, depth)
         return node
 
     def _ps_positions(self, reverse=False):
@@ -1685,12 +1779,13 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         if not self._ps_count:
             return 0
         node = self._ps_node(self._ps_body)
-        position = 0
+        position = depth = 0
         search = bisect.bisect_right if right else bisect.bisect_left
         while not node.leaf:
             index = bisect.bisect_right(self._ps_searchable(node), probe, 0, node.n)
             position += sum(node.counts[:index].tolist())
-            node = self._ps_node(node.children[index])
+            depth += 1
+            node = self._ps_child(node, index, depth)
         return position + search(self._ps_searchable(node), probe, 0, node.n)
 
     def bisect_left(self, key):
@@ -1721,13 +1816,19 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         if not 0 <= index < count:
             raise IndexError(f"{type(self).__name__} index out of range")
         node = self._ps_node(self._ps_body)
+        depth = 0
         while not node.leaf:
             counts = node.counts[:node.n + 1].tolist()
             child = 0
             while index >= counts[child]:
                 index -= counts[child]
                 child += 1
-            node = self._ps_node(node.children[child])
+                if child == len(counts):
+                    raise self._ps_bad(f"the subtree counts of its node {node.offset:#x} do not add up")
+            depth += 1
+            node = self._ps_child(node, child, depth)
+        if index >= node.n:
+            raise self._ps_bad(f"the subtree counts above its leaf {node.offset:#x} do not add up")
         return node, index
 
     def peekitem(self, index=-1):
@@ -1770,6 +1871,21 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         hash_, data = key_type.store(key)
         value_type = cls._ps_value
         cell = value_type.encode(value)
+        try:
+            self._ps_store(storage, key, data, cell)
+        except (ValueError, IndexError, OverflowError) as exc:
+            if isinstance(exc, PermastructError):
+                raise
+            raise self._ps_damage(exc) from exc
+
+    def _ps_damage(self, exc):
+        """The CorruptStorageError for ``exc``, met while changing the tree: counts or links that do
+        not add up (a subtree count going below zero, a node index past its keys) come from the file."""
+        return self._ps_bad(f"its tree does not add up ({type(exc).__name__}: {exc})")
+
+    def _ps_store(self, storage, key, data, cell):
+        cls = type(self)
+        key_type, value_type = cls._ps_key, cls._ps_value
         if not self._ps_body:
             leaf = self._ps_new_node(storage, leaf=True)
             self._ps_body = leaf.offset
@@ -1867,6 +1983,14 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         self._ps_delete(storage, path, leaf, index)
 
     def _ps_delete(self, storage, path, leaf, index):
+        try:
+            self._ps_remove(storage, path, leaf, index)
+        except (ValueError, IndexError, OverflowError) as exc:
+            if isinstance(exc, PermastructError):
+                raise
+            raise self._ps_damage(exc) from exc
+
+    def _ps_remove(self, storage, path, leaf, index):
         cls = type(self)
         n = leaf.n
         key_cell, value_cell = leaf.keys[index], leaf.values[index]
@@ -1904,20 +2028,28 @@ class PersistentSortedDict(_MappingMixin, _Collection):
                 return
             parent, child = path.pop()
             if child > 0:
-                left = self._ps_node(parent.children[child - 1])
+                left = self._ps_sibling(parent, child - 1, node)
                 if left.n > minimum:
                     self._ps_borrow_left(storage, parent, child, left, node)
                     return
             if child < parent.n:
-                right = self._ps_node(parent.children[child + 1])
+                right = self._ps_sibling(parent, child + 1, node)
                 if right.n > minimum:
                     self._ps_borrow_right(storage, parent, child, node, right)
                     return
             if child > 0:
-                self._ps_merge(storage, parent, child - 1, self._ps_node(parent.children[child - 1]), node)
+                self._ps_merge(storage, parent, child - 1, self._ps_sibling(parent, child - 1, node), node)
             else:
-                self._ps_merge(storage, parent, child, node, self._ps_node(parent.children[child + 1]))
+                self._ps_merge(storage, parent, child, node, self._ps_sibling(parent, child + 1, node))
             node = parent
+
+    def _ps_sibling(self, parent, index, node):
+        """Child ``index`` of ``parent``, a sibling of ``node``: a leaf exactly when ``node`` is one."""
+        sibling = self._ps_node(parent.children[index])
+        if sibling.leaf != node.leaf or sibling is node:
+            raise self._ps_bad(f"its node {parent.offset:#x} has leaves and inner nodes (or one node twice) "
+                               "as children")
+        return sibling
 
     def _ps_borrow_left(self, storage, parent, child, left, node):
         n, ln = node.n, left.n

@@ -10,7 +10,7 @@ stored in the file is a crc32 of the bytes, never Python's ``hash()``.
 import ctypes
 
 from . import _format as F
-from ._types import Persistent
+from ._types import Persistent, _damaged, _from_buffer
 from .errors import CorruptStorageError
 
 __all__ = ["ByteString", "String", "StringRegistry"]
@@ -20,6 +20,18 @@ class _PersistentString(Persistent):
     _fields_ = [("_ps_hash", ctypes.c_uint32), ("_ps_len", ctypes.c_uint32)]
     __slots__ = ()
     _ps_kind = "string"
+
+    @classmethod
+    def from_buffer(cls, source, offset=0):
+        """The proxy of the string at ``offset`` of ``source`` (a map segment); its length is checked
+        once, here, so that reading its bytes never goes past the map (see ``validated_from_buffer``)."""
+        try:
+            proxy = _from_buffer(cls, source, offset)
+        except ValueError:
+            raise _damaged(cls, None, offset, "its header crosses the end of the map") from None
+        if offset + F.STRING.size + proxy._ps_len > len(source):
+            raise _damaged(cls, proxy, offset, f"its length {proxy._ps_len} runs past the end of the map")
+        return proxy
 
     def _ps_bytes(self):
         return ctypes.string_at(ctypes.addressof(self) + F.STRING.size, self._ps_len)
@@ -110,7 +122,12 @@ class String(_PersistentString):
     @property
     def contents(self):
         """The value as ``str``."""
-        return self._ps_bytes().decode("utf-8")
+        try:
+            return self._ps_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            storage = type(self)._storage
+            raise CorruptStorageError(f"{storage.fileName!r}: the String at {self._ps_offset:#x} is not "
+                                      f"UTF-8 ({exc.reason} at byte {exc.start})") from None
 
     def __str__(self):
         return self.contents
@@ -133,13 +150,22 @@ class StringRegistry:
     def _table(self):
         storage = self._storage
         offset = storage._page_file.slots[F.SLOT_REGISTRY]
-        type_id, _, count, capacity = F.REGISTRY.unpack_from(storage._mapping.view(offset, F.REGISTRY.size))
-        if type_id != F.T_REGISTRY or capacity & (capacity - 1) or not capacity:
+        storage._check_offset(offset, F.REGISTRY.size)
+        try:
+            type_id, _, count, capacity = F.REGISTRY.unpack_from(storage._mapping.view(offset, F.REGISTRY.size))
+        except IndexError:  # not in one mapped segment
+            type_id = capacity = 0
+        if type_id != F.T_REGISTRY or capacity & (capacity - 1) or not capacity or count > capacity:
             raise CorruptStorageError(f"{storage!r}: the string registry at {offset:#x} is damaged")
+        storage._check_offset(offset, F.REGISTRY.size + 8 * capacity)
         return offset, count, capacity
 
     def _entries(self, offset, capacity):
-        return self._storage._mapping.view(offset + F.REGISTRY.size, capacity * 8).cast("Q")
+        try:
+            return self._storage._mapping.view(offset + F.REGISTRY.size, capacity * 8).cast("Q")
+        except IndexError:
+            raise CorruptStorageError(f"{self._storage!r}: the string registry at {offset:#x} crosses the end "
+                                      "of a mapped segment") from None
 
     def _find(self, type_id, data):
         """``(entry index, string offset or 0)`` for ``data`` of string type ``type_id``."""
@@ -149,14 +175,15 @@ class StringRegistry:
         want = F.string_hash(type_id, data)
         mask = capacity - 1
         index = want & mask
+        equals = storage._string_equals  # bounded by the map: a damaged entry cannot read past it
         for _ in range(capacity):
             target = entries[index]
             if not target:
                 return index, 0
-            kind, _, stored_hash, length = storage._string_header(target)
-            if kind == type_id and stored_hash == want and length == len(data) \
-                    and storage._mapping.view(target + F.STRING.size, length) == data:
-                return index, target
+            if equals(target, data):
+                kind, _, stored_hash, _ = storage._string_header(target)
+                if kind == type_id and stored_hash == want:
+                    return index, target
             index = (index + 1) & mask
         raise CorruptStorageError(f"{storage!r}: the string registry is full without a free entry")
 

@@ -29,6 +29,9 @@ __all__ = ["Structure", "StructureMeta"]
 
 _local = threading.local()
 
+#: What ctypes offers on structure classes (``from_buffer`` makes every proxy): not field names.
+_CLASS_API = frozenset(name for name in dir(type(ctypes.Structure)) if not name.startswith("__"))
+
 
 def populating():
     """The storage whose ``populateSchema`` is running in this thread, or None."""
@@ -50,6 +53,7 @@ class StructureMeta(PersistentMeta):
     def __new__(mcls, name, bases, namespace, **kwargs):
         if namespace.get("_ps_template") or namespace.get("_ps_closed"):  # Structure itself, dead variants
             return super().__new__(mcls, name, bases, namespace)
+        from_file = "_ps_storage" in namespace  # built from a stored schema: every name is a field
         storage = namespace.pop("_ps_storage", None) or populating()
         if storage is None:
             raise SchemaError(f"structure {name!r} must be defined inside a Storage's populateSchema()")
@@ -61,12 +65,18 @@ class StructureMeta(PersistentMeta):
             raise SchemaError(f"structure {name!r} derives from {base.__name__!r} of another storage")
         own = []
         for attr, value in list(namespace.items()):
+            if from_file and attr.startswith("__") and attr != "__module__":
+                raise SchemaError(f"{name}.{attr}: names starting with '__' cannot be fields")
             ftype = storage._field_type(value) if not attr.startswith("__") else None
             if ftype is not None:
                 if attr.startswith("_ps_"):
                     raise SchemaError(f"{name}.{attr}: field names starting with '_ps_' are reserved")
                 if attr in base._ps_field_types:
                     raise SchemaError(f"{name}.{attr}: field already defined in {base.__name__}")
+                if attr in _CLASS_API or any(attr in vars(klass) for klass in base.__mro__):
+                    # _fields_, from_buffer, isSameAs, a method of the base...: a field would hide it
+                    raise SchemaError(f"{name}.{attr}: the name is taken by {base.__name__} "
+                                      "(an attribute or method of the class)")
                 own.append((attr, ftype))
                 del namespace[attr]
         cfields = []
@@ -84,7 +94,10 @@ class StructureMeta(PersistentMeta):
         for attr, ftype in own:
             if not isinstance(ftype, ValueType):
                 namespace[attr] = _ref_property(attr, "_ps_ref_" + attr)
-        cls = super().__new__(mcls, name, bases, namespace)
+        try:
+            cls = super().__new__(mcls, name, bases, namespace)
+        except (TypeError, ValueError, AttributeError) as exc:  # e.g. a bad __slots__ or layout
+            raise SchemaError(f"structure {name!r} cannot be built: {exc}") from None
         cls._ps_size = -(-ctypes.sizeof(cls) // 8) * 8
         cls._ps_setters = _make_setters(cls, storage)
         cls.__setattr__ = _make_setattr(cls, storage.readonly)
