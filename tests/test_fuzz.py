@@ -56,6 +56,7 @@ Replay one case in this process, with its full traceback::
     PYTHONPATH=src python3 tests/test_fuzz.py replay SEED CASE
 """
 
+import contextlib
 import ctypes
 import faulthandler
 import json
@@ -79,7 +80,7 @@ import permastruct
 from permastruct import Dict, List, Set, SortedDict, Storage
 from permastruct import _format as F
 from permastruct import collections as C
-from permastruct.errors import PermastructError
+from permastruct.errors import CorruptStorageError, PermastructError
 
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(permastruct.__file__)))
 THIS_FILE = os.path.abspath(__file__)
@@ -1555,32 +1556,7 @@ def _caller_of_mapping(failure):
 
 
 KNOWN_PENDING = {
-    "root-txn-overflow": (
-        "pages.PageFile._open must refuse a root record whose transaction number cannot grow "
-        "(txn >= 2**63) with CorruptStorageError; today flush() dies in pack_root with struct.error",
-        lambda f: f.get("exc_type") == "error" and ("_format.py", "pack_root") in _frames(f)),
-    "pages-past-the-map": (
-        "pages.PageFile._open must check the page count against the mapped size (the file rounded down "
-        "to the mapping unit), not the file size, and raise CorruptStorageError (truncated); today "
-        "MappedFile.view/segment_of raise IndexError for the unmapped pages (from storage._load_proxy, "
-        "_read_schema, _string_header)",
-        lambda f: f.get("exc_type") == "IndexError" and _frames(f)[-1:] == [("_mapping.py", "segment_of")]
-        and (_caller_of_mapping(f)[0] == "pages.py"
-             or _caller_of_mapping(f) in {("storage.py", name) for name in ("_load_proxy", "_read_schema",
-                                                                          "_string_header")})),
-    "refcounts-of-damaged-references": (
-        "storage.Storage._incref, _decref and _refcount must check the offset (self._check_offset(offset, 8)) "
-        "and raise CorruptStorageError, and Storage.references must check the object it reads; today "
-        "freeing an object whose reference points outside the file (commit, close, clear) raises IndexError "
-        "from MappedFile.view",
-        lambda f: f.get("exc_type") == "IndexError" and _frames(f)[-1:] == [("_mapping.py", "segment_of")]
-        and _caller_of_mapping(f) in {("storage.py", name) for name in ("_incref", "_decref", "_refcount",
-                                                                      "references")}),
-    "schema-parse-errors": (
-        "storage.Storage._read_schema must also turn OverflowError (an id of 1e400 is float infinity) "
-        "and RecursionError (deeply nested JSON) into CorruptStorageError",
-        lambda f: f.get("exc_type") in ("OverflowError", "RecursionError")
-        and ("storage.py", "_read_schema") in _frames(f)),
+    # None today.  An entry: "name": ("the missing fix", lambda failure: matches).
 }
 
 
@@ -1874,15 +1850,15 @@ def test_mutator_is_deterministic(fuzz_bases):
         assert first[0] != data or any("nothing" in note for note in first[2]) or first[2]
 
 
-@pytest.mark.xfail(strict=True, raises=struct.error, reason=KNOWN_PENDING["root-txn-overflow"][0])
-def test_pending_root_record_with_the_last_transaction_number(tmp_path):
+def test_root_record_with_the_last_transaction_number(tmp_path):
+    """A root record whose transaction number cannot grow is damage (it once broke flush())."""
     path = _small_store(str(tmp_path))
     _forge_root(path, txn=(1 << 64) - 1)
     _only_permastruct_errors(path, str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=KNOWN_PENDING["pages-past-the-map"][0])
-def test_pending_truncated_inside_the_last_mapping_unit(tmp_path):
+def test_truncated_inside_the_last_mapping_unit(tmp_path):
+    """Pages in the file but not mappable (the file ends inside a map unit): refused as truncated."""
     path = _small_store(str(tmp_path), page_size=256)
     with FuzzStorage(path, readonly=True) as p:
         end = F.HEADER_BLOCK + p._page_file.page_count * 256
@@ -1892,21 +1868,27 @@ def test_pending_truncated_inside_the_last_mapping_unit(tmp_path):
     _only_permastruct_errors(path, str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=KNOWN_PENDING["refcounts-of-damaged-references"][0])
-def test_pending_freeing_an_object_whose_reference_is_outside_the_file(tmp_path):
+def test_freeing_an_object_whose_reference_is_outside_the_file(tmp_path):
+    """Freeing follows references: one outside the file is damage (it once raised IndexError)."""
     path = _small_store(str(tmp_path))
     [left] = _offsets(path, "pair.left")  # referenced by nothing else
     with FuzzStorage(path, readonly=True) as p:
         field = type(p.root.pair.left)._ps_ref_raw.offset
     _damage(path, left + field, F.UINT64.pack(os.path.getsize(path) + 4096))
-    with FuzzStorage(path) as p:
+    p = FuzzStorage(path)
+    try:
         p.root.pair.left = None
-        p.commit()  # frees it: what it referenced loses a reference
+        with pytest.raises(CorruptStorageError, match="outside"):
+            p.commit()  # frees it: what it referenced loses a reference
+        p.rollback()
+    finally:
+        with contextlib.suppress(PermastructError):
+            p.close()
 
 
 @pytest.mark.parametrize("text", [b'{"format":1,"types":[{"id":1e400}]}', b"[" * 1200], ids=["infinity", "nested"])
-@pytest.mark.xfail(strict=True, raises=(OverflowError, RecursionError), reason=KNOWN_PENDING["schema-parse-errors"][0])
-def test_pending_schema_text_that_json_cannot_turn_into_types(tmp_path, text):
+def test_schema_text_that_json_cannot_turn_into_types(tmp_path, text):
+    """Ids JSON reads as infinity, or nesting deeper than the parser goes: damage, not a crash."""
     path = _small_store(str(tmp_path))
     with FuzzStorage(path, readonly=True) as p:
         offset = p._page_file.slots[F.SLOT_SCHEMA]

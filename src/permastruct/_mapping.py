@@ -29,7 +29,7 @@ import struct
 import sys
 import time
 
-from .errors import StorageFullError
+from .errors import CorruptStorageError, StorageFullError
 
 OS_PAGE = mmap.PAGESIZE
 GRANULE = max(mmap.ALLOCATIONGRANULARITY, OS_PAGE)
@@ -71,6 +71,14 @@ else:  # pragma: no cover - BSD and macOS order
 _BUSY_ERRNOS = (errno.EAGAIN, errno.EACCES)
 #: fdatasync where there is one: it syncs the data and the size, not the times.
 _datasync = getattr(os, "fdatasync", os.fsync)
+
+
+class OutsideMapError(CorruptStorageError, IndexError):
+    """An offset or range outside the mapped file.
+
+    Offsets come from the file, so in a damaged file this is damage
+    (``CorruptStorageError``); callers that probe ranges catch ``IndexError``.
+    """
 
 
 def _full_error(exc, what, path):
@@ -342,7 +350,8 @@ class MappedFile:
     def segment_of(self, offset):
         segment = self.segments[bisect.bisect_right(self._starts, offset) - 1]
         if offset >= segment.start + segment.length or offset < 0:
-            raise IndexError(f"offset {offset:#x} is outside the mapped file ({self.size:#x} bytes)")
+            raise OutsideMapError(f"{self.io.path!r}: offset {offset:#x} is outside the mapped file "
+                                  f"({self.size:#x} bytes)")
         return segment
 
     def view(self, offset, length):
@@ -363,7 +372,8 @@ class MappedFile:
         """
         end = offset + length
         if not self.readonly or offset < 0 or length < 0 or end > self.size:
-            raise IndexError(f"range {offset:#x}+{length} crosses the end of a segment")
+            raise OutsideMapError(f"{self.io.path!r}: range {offset:#x}+{length} crosses the end of a "
+                                  "segment of the map")
         for extra in self._extras:
             if extra.start <= offset and end <= extra.start + extra.length:
                 return extra.view[offset - extra.start:end - extra.start]
@@ -406,7 +416,11 @@ class MappedFile:
     def from_buffer(self, ctype, offset):
         """A ctypes instance of ``ctype`` living in the map at file ``offset``."""
         segment = self.segment_of(offset)
-        return ctype.from_buffer(segment.map, offset - segment.start)
+        try:
+            return ctype.from_buffer(segment.map, offset - segment.start)
+        except ValueError as exc:  # the object would cross the end of the segment
+            raise OutsideMapError(f"{self.io.path!r}: an object at {offset:#x} crosses the end of a "
+                                  f"segment of the map ({exc})") from None
 
     def offset_of_address(self, address):
         for segment in self.segments:

@@ -392,6 +392,9 @@ class PageFile:
         if not candidates:
             raise CorruptStorageError(f"{self.path!r}: both root records are damaged")
         txn, index = max(candidates)
+        if txn >= 1 << 62:
+            raise CorruptStorageError(f"{self.path!r}: root record {index} names transaction {txn}, "
+                                      "beyond any a store can reach")
         self.main_txn, self._current_root = txn, index
         return roots[index][1:]
 
@@ -452,7 +455,8 @@ class PageFile:
         """Take the state of the last whole commit and check it against the file."""
         page_count, free_head, slots = pending[-1].root if pending else root
         self.txn = pending[-1].txn if pending else self.main_txn
-        capacity = (self.io.size() - F.HEADER_BLOCK) // self.page_size
+        unit = max(GRANULE, self.page_size)  # what can be mapped: whole map units
+        capacity = (self.io.size() - F.HEADER_BLOCK) // unit * unit // self.page_size
         if page_count > capacity and self.readonly:
             raise CorruptStorageError(f"{self.path!r} is truncated: the last commit has {page_count} pages "
                                       f"but the file holds {capacity}" + (

@@ -302,8 +302,9 @@ class Storage:
                     int(entry["base"]), [(str(name), int(type_id)) for name, type_id in entry["fields"]])
                 if entry.get("kind") != "structure":
                     raise ValueError(f"unknown kind {entry.get('kind')!r}")
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptStorageError(f"{self.fileName!r}: the stored schema is damaged ({exc})") from None
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            raise CorruptStorageError(f"{self.fileName!r}: the stored schema is damaged "
+                                      f"({type(exc).__name__}: {exc})") from None
         return types
 
     def _stored_field_type(self, type_id, where):
