@@ -336,3 +336,24 @@ def test_second_writer_is_refused_and_reader_allowed(tmp_path):
     assert reader.refresh() is False
     reader.close()
     p.close()
+
+
+def test_a_reader_proxy_of_an_object_the_writer_freed_dies_at_refresh(tmp_path):
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.name = "first"
+    p.root.items = [1, 2, 3]
+    p.commit()
+    reader = LogStorage(path, readonly=True)
+    items, root = reader.root.items, reader.root
+    assert list(items) == [1, 2, 3]
+    p.root.items = None  # the list is freed at this commit
+    p.root.n = 9
+    p.commit()
+    assert list(items) == [1, 2, 3]  # the reader's snapshot still has it
+    assert reader.refresh() is True
+    assert root.n == 9 and root.items is None  # a proxy of a live object moves on
+    with pytest.raises(PermastructError, match="freed by the writer"):
+        len(items)
+    reader.close()
+    p.close()

@@ -199,7 +199,9 @@ def closed_class(cls, rolled_back=False):
     """The variant of proxy class ``cls`` that proxies are switched to when they die.
 
     At ``close()`` every proxy of the storage dies; at ``rollback()`` the
-    proxies of objects created in the rolled-back transaction do.
+    proxies of objects created in the rolled-back transaction do
+    (``rolled_back=True``); at a reader's ``refresh()`` the proxies of objects
+    the writer has freed since (``rolled_back="freed"``).
     """
     cache = cls.__dict__.get("_ps_dead_classes")
     if cache is None:
@@ -208,7 +210,11 @@ def closed_class(cls, rolled_back=False):
     if rolled_back in cache:
         return cache[rolled_back]
     storage_name = repr(cls._storage)
-    if rolled_back:
+    if rolled_back == "freed":
+        error, message = PermastructError, (
+            f"this persistent {cls.__name__} object was freed by the writer of {storage_name}; "
+            "it is not in the commit this reader moved to")
+    elif rolled_back:
         error, message = PermastructError, (
             f"this persistent {cls.__name__} object was created in a transaction of {storage_name} "
             "that was rolled back; it no longer exists")

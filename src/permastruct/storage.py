@@ -764,7 +764,7 @@ class Storage:
         for offset, ref in list(self._proxies.items()):
             proxy = ref()
             if proxy is not None and self._type_at(offset) != type(proxy)._ps_type_id:
-                self._kill_proxy(offset, rolled_back=True)
+                self._kill_proxy(offset, rolled_back="freed")
         return True
 
     def _type_at(self, offset):
