@@ -156,6 +156,10 @@ Locks (byte-range locks on the main file, far past its end, never data):
 ``LOCK_WRITER`` is held exclusively by the one writable open.
 ``LOCK_CHECKPOINT`` is held exclusively while a checkpoint writes the main
 file, and shared while a reader takes a snapshot (reads the root and the log).
+``LOCK_INTENT`` gives the checkpoint precedence: a checkpoint takes it
+exclusively before it waits for ``LOCK_CHECKPOINT``, and a reader takes and
+drops it (shared) before it takes ``LOCK_CHECKPOINT``, so readers that
+refresh all the time cannot keep a checkpoint waiting.
 A reader whose snapshot is transaction ``t`` holds a shared lock on
 ``LOCK_READERS + t``; a checkpoint copies only transactions no newer than the
 oldest such lock, because a reader reads every page the log does not
@@ -195,7 +199,8 @@ FRAME_PAGE, FRAME_COMMIT = 1, 2
 COMMIT = struct.Struct("<Qq8Q")  # page count, free-page head, root slots
 LOCK_WRITER = 1 << 62
 LOCK_CHECKPOINT = LOCK_WRITER + 1
-LOCK_READERS = LOCK_WRITER + 2
+LOCK_INTENT = LOCK_WRITER + 2
+LOCK_READERS = LOCK_WRITER + 3
 
 # -- pages -------------------------------------------------------------------
 PAGE_HEADER = struct.Struct("<i")

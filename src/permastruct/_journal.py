@@ -79,8 +79,8 @@ class Journal:
         return journal
 
     @classmethod
-    def create(cls, store_path, unit, base, sync):
-        """Create an empty log whose base is transaction ``base``."""
+    def create(cls, store_path, unit, base):
+        """Create an empty log whose base is transaction ``base`` (not synced: see make_durable)."""
         path = cls.path_for(store_path)
         try:
             io = FileIO.open(path, readonly=False, create=True)
@@ -90,8 +90,6 @@ class Journal:
         journal.name_durable = False
         try:
             journal.reset(base, truncate=True)
-            if sync:
-                journal.make_durable()
         except BaseException:
             io.close()
             raise
@@ -219,10 +217,14 @@ class Journal:
         head = F.WAL_HEADER.pack(F.WAL_MAGIC, F.WAL_VERSION, self.unit, salt, base, 0)
         head = head[:60] + F.UINT32.pack(zlib.crc32(head[:60]))
         self.io.pwrite(head, 0)
-        if truncate and self.io.size() > F.WAL_HEADER.size:
-            self.io.truncate(F.WAL_HEADER.size)
+        # The header is out: from here on the log is the new one, whatever follows.
         self.salt, self.base, self.commits, self.end, self.valid = salt, base, [], F.WAL_HEADER.size, True
         self.chain = salt
+        if truncate and self.io.size() > F.WAL_HEADER.size:
+            try:
+                self.io.truncate(F.WAL_HEADER.size)
+            except OSError:
+                pass  # only space is lost: frames after the header are dead under the new salt
 
     def make_durable(self):
         """fsync the log, and its directory the first time, so that what it holds survives a power loss."""

@@ -127,7 +127,13 @@ class FileIO:
                 FileIO.hook("create", path)
             flags |= os.O_CREAT | os.O_EXCL
         flags |= getattr(os, "O_CLOEXEC", 0)
-        return cls(os.open(path, flags, 0o666), path)
+        try:
+            return cls(os.open(path, flags, 0o666), path)
+        except OSError as exc:
+            error = _full_error(exc, "creating" if create else "opening", path)
+            if error is exc:
+                raise
+            raise error from exc
 
     def _before(self, operation, *args):
         if FileIO.hook is not None:
@@ -151,8 +157,8 @@ class FileIO:
     def pwrite(self, data, offset):
         """Write all of ``data`` at ``offset``, completing short writes."""
         view = memoryview(data).cast("B")
-        self._before("pwrite", view, offset)
         try:
+            self._before("pwrite", view, offset)
             while view:
                 written = os.pwrite(self.fd, view, offset)
                 if written <= 0:
@@ -185,8 +191,8 @@ class FileIO:
 
     def fallocate(self, offset, length):
         """Reserve disk space so that touching the range can never SIGBUS."""
-        self._before("fallocate", offset, length)
         try:
+            self._before("fallocate", offset, length)
             if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(self.fd, offset, length)
             else:  # pragma: no cover - platforms without posix_fallocate
@@ -195,8 +201,8 @@ class FileIO:
             raise _full_error(exc, "growing", self.path) from exc
 
     def truncate(self, length):
-        self._before("truncate", length)
         try:
+            self._before("truncate", length)
             os.ftruncate(self.fd, length)
         except OSError as exc:
             raise _full_error(exc, "resizing", self.path) from exc
@@ -291,7 +297,7 @@ class MappedFile:
         self.size = 0
         self._pagemap = None
         self._written = []
-        self._extras = []  # a reader's maps of ranges that cross its segments
+        self._retired = []  # a reader's earlier maps, still used by proxies
         #: offset -> length of page images written into this map only (a reader's log pages)
         self.private = {}
         if os.environ.get("PERMASTRUCT_DIRTY", "pagemap") == "pagemap":
@@ -359,57 +365,55 @@ class MappedFile:
         segment = self.segment_of(offset)
         local = offset - segment.start
         if local + length > segment.length:
-            return self._view_across(offset, length)
-        return segment.view[local:local + length]
-
-    def _view_across(self, offset, length):
-        """A view that crosses a boundary of this map's segments.
-
-        The writer never needs one: its allocator keeps every run inside one
-        of its segments.  A reader maps the file in its own pieces (the file
-        grew while it was open), so a run can cross one of them: it gets an
-        extra map of just that range, with the same private page images.
-        """
-        end = offset + length
-        if not self.readonly or offset < 0 or length < 0 or end > self.size:
             raise OutsideMapError(f"{self.io.path!r}: range {offset:#x}+{length} crosses the end of a "
                                   "segment of the map")
-        for extra in self._extras:
-            if extra.start <= offset and end <= extra.start + extra.length:
-                return extra.view[offset - extra.start:end - extra.start]
-        start = offset // GRANULE * GRANULE
-        extra = Segment(start, min(-(-end // GRANULE) * GRANULE, self.size) - start, self.io.fd)
-        for page, size in self.private.items():
-            if start <= page < extra.start + extra.length:
-                extra.view[page - start:page - start + size] = self._primary_view(page, size)
-        self._extras.append(extra)
-        return extra.view[offset - start:end - start]
+        return segment.view[local:local + length]
 
     def _primary_view(self, offset, length):
         segment = self.segment_of(offset)
         return segment.view[offset - segment.start:offset - segment.start + length]
 
     def extend(self):
-        """Map what the file has grown by since it was mapped (for readers; the writer uses grow)."""
+        """(Readers) Map the whole file again when it has grown; return whether it had.
+
+        A reader cannot map only the new part, as the writer does: a later
+        writer maps the file in one piece and may put an object across the
+        reader's boundary.  So the new map covers the whole file; the old
+        ones stay (for the proxies that still point into them) until nothing
+        uses them.  Call it with no private page images (after drop_private).
+        """
         physical = self._round_down(self.io.size())
-        if physical > self.size:
-            self._map(self.size, physical - self.size)
+        if physical <= self.size:
+            return False
+        self._retired += self.segments
+        self.segments, self._starts, self.size = [], [], 0
+        self._map(0, physical)
+        still = []
+        for segment in self._retired:
+            segment.view.release()
+            try:
+                segment.map.close()
+            except BufferError:  # a proxy or view still uses it
+                segment.view = memoryview(segment.map)
+                still.append(segment)
+        self._retired = still
+        return True
 
     # -- private page images (a reader's view of the log) ------------------------
     def write_private(self, offset, data):
         """Store ``data`` at ``offset`` in this process's map only (every map covering it)."""
         length = len(data)
         self._primary_view(offset, length)[:] = data
-        for extra in self._extras:
-            if extra.start <= offset < extra.start + extra.length:
-                extra.view[offset - extra.start:offset - extra.start + length] = data
+        for old in self._retired:
+            if old.start <= offset and offset + length <= old.start + old.length:
+                old.view[offset - old.start:offset - old.start + length] = data
         self.private[offset] = length
 
     def drop_private(self):
         """Forget every private page image: the map shows the file again."""
         for offset, length in self.private.items():
-            for segment in self.segments + self._extras:
-                if segment.start <= offset < segment.start + segment.length:
+            for segment in self.segments + self._retired:
+                if segment.start <= offset and offset + length <= segment.start + segment.length:
                     segment.map.madvise(mmap.MADV_DONTNEED, offset - segment.start, length)
         self.private.clear()
 
@@ -491,14 +495,14 @@ class MappedFile:
 
     def close(self):
         """Unmap what can be unmapped; segments still referenced by proxies stay until collected."""
-        for segment in self.segments + self._extras:
+        for segment in self.segments + self._retired:
             segment.view.release()
             try:
                 segment.map.close()
             except BufferError:
                 pass
         self.segments = []
-        self._extras = []
+        self._retired = []
         self._starts = []
         if self._pagemap is not None:
             os.close(self._pagemap)

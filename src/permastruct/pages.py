@@ -336,7 +336,7 @@ class PageFile:
     def _lock_writer(self, timeout):
         """Become the one writer of the file, waiting up to ``timeout`` seconds (None: forever)."""
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
-                                    or timeout < 0):
+                                    or not timeout >= 0):  # refuses NaN too
             raise ValueError(f"timeout must be a non-negative number of seconds or None, not {timeout!r}")
         if not self.io.lock_waiting(F.LOCK_WRITER, True, timeout):
             waited = f" after waiting {timeout} s" if timeout else ""
@@ -482,9 +482,25 @@ class PageFile:
             mapping.write_private(offset, self.journal.page_data(position))
         return latest
 
+    def _lock_snapshot(self):
+        """(Reader) Hold the checkpoint lock shared, behind any checkpoint that is waiting for it."""
+        self.io.lock(F.LOCK_INTENT, False, wait=True)
+        try:
+            self.io.lock(F.LOCK_CHECKPOINT, False, wait=True)
+        finally:
+            self.io.unlock(F.LOCK_INTENT)
+
+    def _lock_checkpoint(self):
+        """(Writer) Hold the checkpoint lock exclusively; new readers wait behind this call."""
+        self.io.lock(F.LOCK_INTENT, True, wait=True)
+        try:
+            self.io.lock(F.LOCK_CHECKPOINT, True, wait=True)
+        finally:
+            self.io.unlock(F.LOCK_INTENT)
+
     def _open(self):
         if self.readonly:
-            self.io.lock(F.LOCK_CHECKPOINT, False, wait=True)
+            self._lock_snapshot()
             try:
                 self._take_snapshot()
             finally:
@@ -501,11 +517,11 @@ class PageFile:
             self._logged[offset] = [position, None]
         self.mapping.private.clear()  # the writer tracks them in _logged
         if pending:
-            self._checkpoint()
+            self._try_checkpoint()  # if it cannot, the log keeps the commits (and so does the map)
         if self.journal is not None and self.main_txn == self.txn and self.journal.valid:
             # Nothing in the log is needed: start it over under a new salt, so
             # that no frame written before this open can follow the new ones.
-            self.io.lock(F.LOCK_CHECKPOINT, True, wait=True)  # no reader is reading it meanwhile
+            self._lock_checkpoint()  # no reader is reading it meanwhile
             try:
                 self.journal.reset(self.main_txn)
             finally:
@@ -558,7 +574,7 @@ class PageFile:
         """
         self._check_open()
         if self.readonly:  # read the main file and the log without a checkpoint in between
-            self.io.lock(F.LOCK_CHECKPOINT, False, wait=True)
+            self._lock_snapshot()
         try:
             return self._check_files()
         finally:
@@ -620,7 +636,7 @@ class PageFile:
         if not self.readonly:
             return False
         before = self.txn
-        self.io.lock(F.LOCK_CHECKPOINT, False, wait=True)
+        self._lock_snapshot()
         try:
             self._take_snapshot()
         finally:
@@ -800,23 +816,32 @@ class PageFile:
         if not pages and root == self._committed:
             return  # nothing changed: no transaction to write
         if self.journal is None:
-            self.journal = Journal.create(self.path, OS_PAGE, self.main_txn, self.sync)
+            self.journal = Journal.create(self.path, OS_PAGE, self.main_txn)
+            if self.sync:  # kept even if this fails: then sync_failed refuses further commits
+                self.journal.make_durable()
         elif not self.journal.valid:  # a log whose header never made it: nothing in it counts
             self.journal.reset(self.main_txn, truncate=True)
         journal = self.journal
+        if journal.size() > self.checkpoint_bytes:
+            # Before this commit goes in: readers that refresh between commits
+            # have all seen the last one now, so the log can start over.
+            self._try_checkpoint()
         keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
         commit = journal.append(self.txn + 1, pages, root, self.sync)
         for (offset, image), (_, position) in zip(pages, commit.frames):
             self._logged[offset] = [position, bytes(image) if keep else None]
         self.txn = commit.txn
         self._committed = root
-        if journal.size() > self.checkpoint_bytes:
-            try:
-                self._checkpoint()
-            except OSError:
-                if self.sync_failed:
-                    raise
-                # The commit is safe in the log; the next commit checkpoints again.
+        if journal.size() > 2 * self.checkpoint_bytes:  # a big commit, or a reader behind
+            self._try_checkpoint()
+
+    def _try_checkpoint(self):
+        try:
+            self._checkpoint()
+        except OSError:
+            if self.sync_failed:
+                raise
+            # The commits are safe in the log; a later commit checkpoints again.
 
     def _flush_in_place(self):
         """Commit of a volatile file (no log: nothing survives the process anyway)."""
@@ -851,10 +876,13 @@ class PageFile:
 
     def _checkpoint(self, truncate=False):
         journal = self.journal
-        if journal is None or self.main_txn >= self.txn:
+        if journal is None or (self.main_txn >= self.txn and not (truncate and journal.io.size() > journal.size())):
             return self.main_txn
-        self.io.lock(F.LOCK_CHECKPOINT, True, wait=True)
+        self._lock_checkpoint()
         try:
+            if self.main_txn >= self.txn:  # all in the main file: only shrink the log file
+                journal.reset(self.main_txn, truncate=True)
+                return self.main_txn
             target = self._oldest_reader(self.txn)
             if target <= self.main_txn:
                 return self.main_txn
