@@ -16,8 +16,7 @@
   random: everything still round-trips.
 
 The sweeps inject each failure twice: at the system call the I/O layer makes
-(what a real disk does), and through ``FileIO.hook``.  Tests marked
-``xfail(strict=True)`` show engine bugs; each names its bug.
+(what a real disk does), and through ``FileIO.hook``.
 """
 
 import errno
@@ -262,10 +261,8 @@ HOOK_BUG = ("bug: FileIO calls the hook before its try block, so an error the ho
             "I/O layer's handling: ENOSPC is not turned into StorageFullError and a failed fsync does "
             "not set sync_failed")
 #: The sweeps inject at the system call (what a real disk does) and through FileIO.hook.
-FULL_LAYERS = ["syscall", pytest.param("hook", marks=pytest.mark.xfail(strict=True, reason=HOOK_BUG,
-                                                                        raises=OSError))]
-FSYNC_LAYERS = ["syscall", pytest.param("hook", marks=pytest.mark.xfail(strict=True, reason=HOOK_BUG,
-                                                                         raises=AssertionError))]
+FULL_LAYERS = ["syscall", "hook"]
+FSYNC_LAYERS = ["syscall", "hook"]
 
 
 @pytest.mark.parametrize("layer", FULL_LAYERS)
@@ -396,9 +393,6 @@ def test_a_failed_fsync_refuses_further_commits(tmp_path, expected, small_checkp
           f"{sorted(set(places.values()), key=lambda w: (len(w), w))}")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: when the commit that creates the log fails its fsync, "
-                   "Journal.create closes the log's FileIO, and its sync_failed flag goes with it: "
-                   "the storage goes on committing", raises=pytest.fail.Exception)
 @pytest.mark.parametrize("operation", ["fsync", "fsync_dir"])
 def test_a_failed_fsync_while_creating_the_log_refuses_further_commits(tmp_path, monkeypatch, operation):
     path = str(tmp_path / "newlog.ps")
@@ -418,9 +412,6 @@ def test_a_failed_fsync_while_creating_the_log_refuses_further_commits(tmp_path,
         p.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: FileIO.open does not turn ENOSPC/EDQUOT from creating the "
-                   "log file into StorageFullError, so the first commit on a full disk raises a plain OSError",
-                   raises=OSError)
 def test_a_full_disk_when_creating_the_log_raises_storage_full(tmp_path, monkeypatch):
     path = str(tmp_path / "nolog.ps")
     new_vault(path)
@@ -444,7 +435,6 @@ def test_a_full_disk_when_creating_the_log_raises_storage_full(tmp_path, monkeyp
         p.close()
 
 
-@pytest.mark.xfail(strict=True, reason=HOOK_BUG, raises=OSError)
 @pytest.mark.parametrize("operation", ["fallocate", "pwrite"])
 def test_a_full_disk_injected_by_the_hook_raises_storage_full(tmp_path, monkeypatch, operation):
     """FileIO.hook raising ENOSPC stands for the system call failing: the same StorageFullError."""
@@ -462,7 +452,6 @@ def test_a_full_disk_injected_by_the_hook_raises_storage_full(tmp_path, monkeypa
 
 
 
-@pytest.mark.xfail(strict=True, reason=HOOK_BUG, raises=pytest.fail.Exception)
 def test_a_failed_fsync_injected_by_the_hook_refuses_further_commits(tmp_path, monkeypatch):
     path = str(tmp_path / "hook.ps")
     new_vault(path)
@@ -480,10 +469,6 @@ def test_a_failed_fsync_injected_by_the_hook_refuses_further_commits(tmp_path, m
         p.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Journal.reset writes the new header (new salt) before it "
-                   "truncates the log; when the truncate fails, the Journal keeps the old salt and end, "
-                   "so the following commits are appended with a salt the header no longer names and "
-                   "recovery ignores them", raises=AssertionError)
 def test_a_failed_log_truncate_loses_no_later_commit(tmp_path, no_hook, small_checkpoints):
     path = str(tmp_path / "trunc.ps")
     new_vault(path)

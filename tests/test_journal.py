@@ -357,3 +357,37 @@ def test_a_reader_proxy_of_an_object_the_writer_freed_dies_at_refresh(tmp_path):
         len(items)
     reader.close()
     p.close()
+
+
+def test_a_commit_that_fails_after_its_checkpoint_keeps_its_changes_pending(tmp_path):
+    """A commit checkpoints before it logs itself; if logging then fails, nothing is lost or half-done.
+
+    (The reader test of R4 is what caught a checkpoint copying the pending
+    changes into the main file; this checks the writer's side of that path.)
+    """
+    import errno
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p._page_file.checkpoint_bytes = 1  # every commit checkpoints first
+    p.root.n = 1
+    p.commit()
+    p.root.n = 2
+
+    def fail_the_append(operation, name, *args):
+        if operation == "pwrite" and name.endswith(F.WAL_SUFFIX) and args[1] > 0:
+            raise OSError(errno.ENOSPC, "injected: the disk is full")
+
+    FileIO.hook = fail_the_append
+    try:
+        with pytest.raises(OSError):
+            p.commit()
+    finally:
+        FileIO.hook = None
+    assert p.root.n == 2  # the change is still pending, not lost
+    p.rollback()
+    assert p.root.n == 1
+    p.check()
+    p.root.n = 3
+    p.commit()
+    p.close()
+    assert committed_values(path)[0] == 3

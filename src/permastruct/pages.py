@@ -23,9 +23,10 @@ b'hello'
 """
 
 import collections
-import zlib
 import contextlib
 import os
+import time
+import zlib
 
 from . import _format as F
 from ._journal import Journal
@@ -287,6 +288,8 @@ class PageFile:
 
     #: A commit checkpoints the log into the main file when the log is larger than this.
     checkpoint_bytes = 4 << 20
+    #: Seconds a commit waits for readers to refresh when the log is four times that size.
+    checkpoint_wait = 0.1
 
     def __init__(self, path, pageSize=F.DEFAULT_PAGE_SIZE, *, readonly=False, sync=True,
                  initial_size=None, timeout=0, journal=True):
@@ -824,8 +827,11 @@ class PageFile:
         journal = self.journal
         if journal.size() > self.checkpoint_bytes:
             # Before this commit goes in: readers that refresh between commits
-            # have all seen the last one now, so the log can start over.
-            self._try_checkpoint()
+            # have all seen the last one now, so the log can start over.  When
+            # it has grown far past its size, wait a little for readers that
+            # are behind to refresh.
+            self._try_checkpoint(self.checkpoint_wait if journal.size() > 4 * self.checkpoint_bytes else 0,
+                                 changing={offset for offset, _ in pages})
         keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
         commit = journal.append(self.txn + 1, pages, root, self.sync)
         for (offset, image), (_, position) in zip(pages, commit.frames):
@@ -835,9 +841,12 @@ class PageFile:
         if journal.size() > 2 * self.checkpoint_bytes:  # a big commit, or a reader behind
             self._try_checkpoint()
 
-    def _try_checkpoint(self):
+    def _try_checkpoint(self, wait=0, changing=()):
+        deadline = time.monotonic() + wait
+        while self._oldest_reader(self.txn) < self.txn and time.monotonic() < deadline:
+            time.sleep(0.002)
         try:
-            self._checkpoint()
+            self._checkpoint(changing=changing)
         except OSError:
             if self.sync_failed:
                 raise
@@ -874,7 +883,8 @@ class PageFile:
         self._check_writable()
         return self._checkpoint(truncate)
 
-    def _checkpoint(self, truncate=False):
+    def _checkpoint(self, truncate=False, changing=()):
+        """The checkpoint; ``changing``: offsets whose map bytes hold changes not yet committed."""
         journal = self.journal
         if journal is None or (self.main_txn >= self.txn and not (truncate and journal.io.size() > journal.size())):
             return self.main_txn
@@ -889,8 +899,9 @@ class PageFile:
             commit = next(commit for commit in journal.commits if commit.txn == target)
             everything = target == self.txn
             mapping = self.mapping
-            if everything:  # the map holds exactly the last commit: copy from it
-                images = ((offset, mapping.view(offset, journal.unit)) for offset in self._logged)
+            if everything:  # the newest image of every logged page (not the map: it may hold changes)
+                images = ((offset, entry[1] if entry[1] is not None else journal.page_data(entry[0]))
+                          for offset, entry in self._logged.items())
             else:
                 images = ((offset, journal.page_data(position)) for offset, position
                           in journal.latest_frames(self.main_txn, target).items())
@@ -909,7 +920,8 @@ class PageFile:
             self.main_txn = target
             if everything:
                 journal.reset(target, truncate=truncate or journal.size() > 4 * self.checkpoint_bytes)
-                mapping.discard_changes([(offset, journal.unit) for offset in self._logged])
+                mapping.discard_changes([(offset, journal.unit) for offset in self._logged
+                                         if offset not in changing])
                 self._logged.clear()
         finally:
             self.io.unlock(F.LOCK_CHECKPOINT)
