@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: run the benchmark suite and print (and optionally write) the results.
+"""python -m benchmarks: run the benchmark suite and print (and optionally write) the results.
 
     python -m benchmarks                  # --quick: every workload, small sizes, < 2 minutes
     python -m benchmarks --full           # the sizes of DESIGN.md section 7 (about half an hour)

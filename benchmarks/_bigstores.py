@@ -23,6 +23,7 @@ from ._context import remove
 from .harness import OURS
 
 BUILD_VERSION = 1
+_BUILT_THIS_RUN = set()  # markers of stores this process built (--fresh rebuilds each store once per run)
 PAYLOAD = 4000
 RECORD_BYTES = 4096
 HEAD = struct.Struct("<qd")
@@ -58,7 +59,7 @@ def ensure(ctx, store, size):
     n = record_count(size)
     marker = path + ".built"
     wanted = {"version": BUILD_VERSION, "n": n, "store": store, "settings": SETTINGS.get(store, "")}
-    if ctx.reuse and os.path.exists(marker):
+    if (ctx.reuse or marker in _BUILT_THIS_RUN) and os.path.exists(marker):
         try:
             with open(marker) as source:
                 if json.load(source) == wanted:
@@ -75,6 +76,7 @@ def ensure(ctx, store, size):
             os.fsync(source.fileno())
     with open(marker, "w") as out:
         json.dump(wanted, out)
+    _BUILT_THIS_RUN.add(marker)
     return path, n, seconds
 
 
