@@ -2,6 +2,11 @@
 
     python3 benchmarks/collections.py            # 1,000,000 elements
     python3 benchmarks/collections.py --n 100000 # quicker
+    python3 -m benchmarks.collections --n 100000 # the same
+
+This is a close-up of permastruct alone; ``python -m benchmarks`` (the
+``lookup``, ``rangescan`` and ``listiter`` workloads) sets the same
+operations side by side with other stores.
 
 Each figure is the wall time of one pass over all n elements divided by n
 (keys in random order where the operation is a lookup), with a plain Python

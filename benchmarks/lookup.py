@@ -1,0 +1,375 @@
+"""Random key lookup (P4) at 10^4..10^7 keys: 16-byte keys to int values.
+
+Run alone: ``python3 -m benchmarks.lookup [--quick|--full]``.  Each store is
+grown once from empty through every size (10^4, 10^5 in ``--quick``; up to
+10^7 in ``--full``), committed at each size, and at each size looks up random
+existing keys (the same keys for every store): one untimed pass to warm
+caches, then timed passes.  Keys are ``b"key-%012d" % i``, values ``i``.
+
+- permastruct: ``Dict[ByteString, Int]``, ``d[key]``;
+- sqlite3: ``SELECT v FROM kv WHERE k=?`` on ``k BLOB PRIMARY KEY``;
+- lmdb: ``txn.get(key)`` in one read transaction, the value ``struct``-unpacked;
+- ZODB: an ``OOBTree``, ``tree[key]`` (after its commit, default cache);
+- diskcache: ``cache[key]``; shelve: ``shelf[str_key]``;
+- pickle: a dict pickled to a file at each size and loaded back (the load
+  time is in the note), then ``d[key]``; plain: a ``dict``.
+- ctypes has no keyed lookup (n/a).
+
+A second table gives the cost of building each store (microseconds per key
+inserted, commits included), since that is what a larger size costs.
+"""
+
+if __package__ in (None, ""):  # run as a script
+    import os as _os
+    import sys as _sys
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    __package__ = "benchmarks"
+    import benchmarks  # noqa: F401
+
+import pickle
+import random
+import struct
+import time
+
+from . import _stores as S
+from .harness import OURS, Bar, Stats, Table, count_text, fmt, fmt_ratio, measure
+
+NAME = "lookup"
+TITLE = "Random key lookup"
+VALUE = struct.Struct("<q")
+CHUNK = 1_000_000  # keys per write transaction while growing
+
+
+def key(i):
+    return b"key-%012d" % i
+
+
+# -- one builder per store: grow(lo, hi), then lookups(sample) -> fn(number) ------------------
+class Ours:
+    def __init__(self, ctx):
+        self.path = ctx.fresh(NAME, "ours.ps")
+        self.p = S.open_ours(self.path)
+        self.p.root.keys = self.p.schema.KeyIndex()
+        self.d = self.p.root.keys
+
+    def grow(self, lo, hi):
+        d, p = self.d, self.p
+        for start in range(lo, hi, CHUNK):
+            for i in range(start, min(hi, start + CHUNK)):
+                d[key(i)] = i
+            p.commit()
+
+    def lookups(self, sample):
+        d = self.d
+
+        def go(number):
+            for k in sample:
+                d[k]
+        return go
+
+    def close(self):
+        self.p.close()
+        S.remove(self.path)
+
+
+class Sqlite:
+    def __init__(self, ctx):
+        self.path = ctx.fresh(NAME, "sqlite.db")
+        self.conn = S.open_sqlite(self.path)
+        self.conn.execute("CREATE TABLE kv (k BLOB PRIMARY KEY, v INTEGER)")
+
+    def grow(self, lo, hi):
+        for start in range(lo, hi, CHUNK):
+            self.conn.executemany("INSERT INTO kv VALUES (?, ?)",
+                                  ((key(i), i) for i in range(start, min(hi, start + CHUNK))))
+            self.conn.commit()
+
+    def lookups(self, sample):
+        execute = self.conn.cursor().execute
+
+        def go(number):
+            for k in sample:
+                execute("SELECT v FROM kv WHERE k=?", (k,)).fetchone()[0]
+        return go
+
+    def close(self):
+        self.conn.close()
+        S.remove(self.path)
+
+
+class Lmdb:
+    def __init__(self, ctx):
+        self.path = ctx.fresh(NAME, "lmdb")
+        self.env = S.open_lmdb(self.path)
+        self.txn = None
+
+    def grow(self, lo, hi):
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn = None
+        pack = VALUE.pack
+        for start in range(lo, hi, CHUNK):
+            with self.env.begin(write=True) as txn:
+                put = txn.put
+                for i in range(start, min(hi, start + CHUNK)):
+                    put(key(i), pack(i))
+
+    def lookups(self, sample):
+        self.txn = self.env.begin()
+        get, unpack = self.txn.get, VALUE.unpack
+
+        def go(number):
+            for k in sample:
+                unpack(get(k))[0]
+        return go
+
+    def close(self):
+        if self.txn is not None:
+            self.txn.abort()
+        self.env.close()
+        S.remove(self.path)
+
+
+class Zodb:
+    def __init__(self, ctx):
+        import transaction
+        from BTrees.OOBTree import OOBTree
+        self.transaction = transaction
+        self.path = ctx.path(NAME, "zodb.fs")
+        S.zodb_remove(self.path)
+        self.z = S.open_zodb(self.path)
+        self.tree = self.z.root["keys"] = OOBTree()
+        transaction.commit()
+
+    def grow(self, lo, hi):
+        tree = self.tree
+        for start in range(lo, hi, CHUNK):
+            for i in range(start, min(hi, start + CHUNK)):
+                tree[key(i)] = i
+            self.transaction.commit()
+
+    def lookups(self, sample):
+        tree = self.tree
+
+        def go(number):
+            for k in sample:
+                tree[k]
+        return go
+
+    def close(self):
+        self.z.close()
+        S.zodb_remove(self.path)
+
+
+class Diskcache:
+    def __init__(self, ctx):
+        self.path = ctx.fresh(NAME, "diskcache")
+        self.cache = S.open_diskcache(self.path)
+
+    def grow(self, lo, hi):
+        cache = self.cache
+        for start in range(lo, hi, CHUNK):
+            with cache.transact():
+                for i in range(start, min(hi, start + CHUNK)):
+                    cache[key(i)] = i
+
+    def lookups(self, sample):
+        cache = self.cache
+
+        def go(number):
+            for k in sample:
+                cache[k]
+        return go
+
+    def close(self):
+        self.cache.close()
+        S.remove(self.path)
+
+
+class Shelve:
+    def __init__(self, ctx):
+        self.path = ctx.path(NAME, "shelf")
+        S.shelve_remove(self.path)
+        self.shelf = S.open_shelve(self.path, "n")
+
+    def grow(self, lo, hi):
+        shelf = self.shelf
+        for i in range(lo, hi):
+            shelf[key(i).decode()] = i
+        shelf.sync()
+
+    def lookups(self, sample):
+        shelf = self.shelf
+        keys = [k.decode() for k in sample]
+
+        def go(number):
+            for k in keys:
+                shelf[k]
+        return go
+
+    def close(self):
+        self.shelf.close()
+        S.shelve_remove(self.path)
+
+
+class Pickle:
+    def __init__(self, ctx):
+        self.path = ctx.fresh(NAME, "keys.pickle")
+        self.d = {}
+        self.loaded = None
+
+    def grow(self, lo, hi):
+        self.loaded = None
+        d = self.d
+        for i in range(lo, hi):
+            d[key(i)] = i
+        with open(self.path, "wb") as out:
+            pickle.dump(d, out, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def lookups(self, sample):
+        start = time.perf_counter()
+        with open(self.path, "rb") as source:
+            self.loaded = d = pickle.load(source)
+        self.load_seconds = time.perf_counter() - start
+
+        def go(number):
+            for k in sample:
+                d[k]
+        return go
+
+    def close(self):
+        S.remove(self.path)
+
+
+class Plain:
+    def __init__(self, ctx):
+        self.d = {}
+
+    def grow(self, lo, hi):
+        d = self.d
+        for i in range(lo, hi):
+            d[key(i)] = i
+
+    def lookups(self, sample):
+        d = self.d
+
+        def go(number):
+            for k in sample:
+                d[k]
+        return go
+
+    def close(self):
+        self.d = None
+
+
+BUILDERS = {OURS: Ours, "sqlite3": Sqlite, "shelve": Shelve, "pickle": Pickle, "lmdb": Lmdb, "ZODB": Zodb,
+            "diskcache": Diskcache, "plain": Plain, "ctypes": "n/a: ctypes has no keyed lookup"}
+
+
+def limits(ctx):
+    """The largest size each store is grown to (the slow builders stop earlier; the note says so)."""
+    if ctx.mode == "full":
+        return {"shelve": 10 ** 6, "diskcache": 10 ** 6}
+    if ctx.mode == "quick":
+        return {"shelve": 10 ** 4, "diskcache": 10 ** 4, "ZODB": 10 ** 5}
+    return {}
+
+
+def run(ctx):
+    sizes = ctx.pick(smoke=[100, 1000], quick=[10 ** 4, 10 ** 5], full=[10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7])
+    lookups = ctx.pick(smoke=200, quick=5000, full=50_000)
+    repeat = ctx.pick(smoke=2, quick=3, full=5)
+    table = Table(NAME, "Random key lookup (ns per lookup)", "ns/lookup", 1e9)
+    table.notes.append(f"{lookups:,} random existing keys per timed pass, one warm-up pass, {repeat} timed passes")
+    build = Table(f"{NAME}-build", "Building the lookup stores (us per key inserted, commits included)",
+                  "us/key", 1e6)
+    rng = random.Random(7)
+    samples = {n: [key(rng.randrange(n)) for _ in range(lookups)] for n in sizes}
+    cap = limits(ctx)
+    for store in ctx.stores:
+        builder_class = BUILDERS.get(store, "n/a")
+        skip = builder_class if isinstance(builder_class, str) else ctx.skipped(store)
+        if skip:
+            for n in sizes:
+                table.add(f"{count_text(n)} keys", store, note=skip)
+                build.add(f"{count_text(n)} keys", store, note=skip)
+            continue
+        _run_store(ctx, store, builder_class, sizes, samples, repeat, cap.get(store), table, build)
+    for note in [f"{store} stops at {count_text(limit)} keys in this mode (building it further takes too long)"
+                 for store, limit in cap.items() if limit < sizes[-1] and store in ctx.stores]:
+        table.notes.append(note)
+    return [table, build], _bars(table, sizes)
+
+
+def _run_store(ctx, store, builder_class, sizes, samples, repeat, limit, table, build):
+    builder = None
+    try:
+        builder = builder_class(ctx)
+        grown = 0
+        for n in sizes:
+            case = f"{count_text(n)} keys"
+            if limit is not None and n > limit:
+                note = f"not run at this size: building {store} to {count_text(n)} keys takes too long"
+                table.add(case, store, note=note)
+                build.add(case, store, note=note)
+                continue
+            start = time.perf_counter()
+            builder.grow(grown, n)
+            elapsed = time.perf_counter() - start
+            build.add(case, store, Stats.of([elapsed / (n - grown)]), n=n)
+            grown = n
+            go = builder.lookups(samples[n])
+            stats = measure(go, repeat=repeat, warmup=1)
+            stats = Stats.of([s / len(samples[n]) for s in stats.samples])
+            note = ""
+            if store == "pickle":
+                note = f"after loading the whole pickle: {fmt(builder.load_seconds * 1e3)} ms"
+            table.add(case, store, stats, note, n=n)
+            ctx.log(f"lookup {case} {store}: {stats.median * 1e9:,.0f} ns (built at "
+                    f"{elapsed / max(1, n) * 1e6:,.1f} us/key)")
+    except Exception as exc:
+        import traceback
+        ctx.log(f"{store} failed in lookup:\n" + traceback.format_exc())
+        done = {row.case for row in table.rows if row.store == store}
+        for n in sizes:
+            if f"{count_text(n)} keys" not in done:
+                table.add(f"{count_text(n)} keys", store, note=f"failed: {type(exc).__name__}: {str(exc)[:80]}")
+    finally:
+        if builder is not None:
+            try:
+                builder.close()
+            except Exception:  # noqa: BLE001 - cleanup of a failed peer
+                pass
+
+
+def _bars(table, sizes):
+    target = 10 ** 6 if 10 ** 6 in sizes else sizes[-1]
+    case = f"{count_text(target)} keys"
+    ours = table.value(case, OURS)
+    if ours is None:
+        return []
+    parts, holds = [], []
+    lmdb, sqlite = table.value(case, "lmdb"), table.value(case, "sqlite3")
+    if lmdb is not None:
+        parts.append(("lmdb", table.ratio(case, "lmdb"), lmdb))
+        holds.append(table.ratio(case, "lmdb") < 1)
+    if sqlite is not None:
+        parts.append(("sqlite3", table.ratio(case, "sqlite3"), sqlite))
+        holds.append(table.ratio(case, "sqlite3") <= 1 / 3)
+    if not parts:
+        return []
+    note = "" if target == 10 ** 6 else f"measured at {count_text(target)} keys (--full measures 10^6)"
+    if len(parts) < 2:
+        note = (note + "; " if note else "") + "only " + parts[0][0] + " could run"
+    return [Bar("P4", "random key lookup in a Dict of 1M keys", "faster than lmdb get; 3x faster than sqlite3",
+                f"{fmt(ours)} ns", ", ".join(f"{name} {fmt(value)} ns" for name, _, value in parts),
+                " / ".join(f"{fmt_ratio(r)} vs {name}" for name, r, _ in parts), all(holds), note)]
+
+
+def main(argv=None):
+    from .__main__ import main as suite
+    return suite(["--only", NAME, *(argv if argv is not None else __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    main()
