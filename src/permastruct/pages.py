@@ -460,13 +460,10 @@ class PageFile:
         self.txn = pending[-1].txn if pending else self.main_txn
         unit = max(GRANULE, self.page_size)  # what can be mapped: whole map units
         capacity = (self.io.size() - F.HEADER_BLOCK) // unit * unit // self.page_size
-        if page_count > capacity and self.readonly:
+        if page_count > capacity and (self.readonly or not pending):  # a writer regrows what the log names
             raise CorruptStorageError(f"{self.path!r} is truncated: the last commit has {page_count} pages "
                                       f"but the file holds {capacity}" + (
                                           "; open it writable once to recover it" if pending else ""))
-        if page_count > capacity and not pending:
-            raise CorruptStorageError(f"{self.path!r} is truncated: the last commit has {page_count} pages "
-                                      f"but the file holds {capacity}")
         if not (free_head == F.NO_NEXT_FREE_PAGE or 0 <= free_head < page_count):
             raise CorruptStorageError(f"{self.path!r}: free-page list head {free_head} is out of range")
         self.page_count, self.free_head, self.slots = page_count, free_head, list(slots)
@@ -541,12 +538,18 @@ class PageFile:
 
     def _take_snapshot(self):
         """(Reader, holding the checkpoint lock shared) move to the last whole commit."""
-        root = self._read_main()
-        pending = self._read_log()
-        if getattr(self, "mapping", None) is not None and (pending[-1].txn if pending else self.main_txn) == self.txn:
-            self.journal.close() if self.journal is not None else None
-            self.journal = None
-            return  # nothing was committed since this snapshot
+        try:
+            root = self._read_main()
+            pending = self._read_log()
+            latest = pending[-1].txn if pending else self.main_txn
+            if getattr(self, "mapping", None) is None or latest != self.txn:
+                self._move_snapshot(root, pending)
+        finally:
+            if self.journal is not None:  # a reader reads the log only while taking a snapshot
+                self.journal.close()
+                self.journal = None
+
+    def _move_snapshot(self, root, pending):
         self._adopt_state(root, pending)
         if getattr(self, "mapping", None) is None:
             self.mapping = MappedFile(self.io, True, F.HEADER_BLOCK, self.page_size)
@@ -557,9 +560,6 @@ class PageFile:
             raise CorruptStorageError(f"{self.path!r}: the last commit has {self.page_count} pages but only "
                                       f"{self.mapping.size} bytes of the file could be mapped")
         self._apply_log(pending)
-        if self.journal is not None:  # a reader reads the log only while taking a snapshot
-            self.journal.close()
-            self.journal = None
         if self._mark != self.txn:
             self.io.lock(F.LOCK_READERS + self.txn, False, wait=True)
             if self._mark is not None:
@@ -768,22 +768,25 @@ class PageFile:
         return self.buffer_manager.get_page(pid)
 
     # -- durability ----------------------------------------------------------
+    def _private_units(self):
+        """File offsets of the log units this process's map holds privately (changed or logged)."""
+        unit = self.journal.unit if self.journal is not None else OS_PAGE
+        size = self.mapping.size
+        for offset, length in self.mapping.dirty_ranges():
+            for page in range(offset // unit * unit, min(offset + length, size - unit + 1), unit):
+                yield page, unit
+
+    def _logged_image(self, entry):
+        """The committed image of a logged page: its copy, else read back from the log."""
+        return entry[1] if entry[1] is not None else self.journal.page_data(entry[0])
+
     def _changed_pages(self):
         """``(offset, image)`` of every log unit changed since the last commit."""
-        unit = self.journal.unit if self.journal is not None else OS_PAGE
-        mapping = self.mapping
         logged = self._logged
-        for offset, length in mapping.dirty_ranges():
-            first = offset // unit * unit
-            for page in range(first, offset + length, unit):
-                if page + unit > mapping.size:
-                    break
-                image = mapping.view(page, unit)
-                entry = logged.get(page)
-                if entry is not None:
-                    before = entry[1] if entry[1] is not None else self.journal.page_data(entry[0])
-                    if image == before:
-                        continue
+        for page, unit in self._private_units():
+            image = self.mapping.view(page, unit)
+            entry = logged.get(page)
+            if entry is None or image != self._logged_image(entry):
                 yield page, image
 
     def uncommitted(self):
@@ -900,8 +903,7 @@ class PageFile:
             everything = target == self.txn
             mapping = self.mapping
             if everything:  # the newest image of every logged page (not the map: it may hold changes)
-                images = ((offset, entry[1] if entry[1] is not None else journal.page_data(entry[0]))
-                          for offset, entry in self._logged.items())
+                images = ((offset, self._logged_image(entry)) for offset, entry in self._logged.items())
             else:
                 images = ((offset, journal.page_data(position)) for offset, position
                           in journal.latest_frames(self.main_txn, target).items())
@@ -932,16 +934,13 @@ class PageFile:
         self._check_writable()
         self.buffer_manager.forget()
         mapping = self.mapping
-        unit = self.journal.unit if self.journal is not None else OS_PAGE
         drop = []
-        for offset, length in mapping.dirty_ranges():
-            for page in range(offset // unit * unit, offset + length, unit):
-                entry = self._logged.get(page)
-                if entry is None:
-                    drop.append((page, unit))
-                else:
-                    image = entry[1] if entry[1] is not None else self.journal.page_data(entry[0])
-                    mapping.view(page, unit)[:] = image
+        for page, unit in list(self._private_units()):
+            entry = self._logged.get(page)
+            if entry is None:
+                drop.append((page, unit))
+            else:
+                mapping.view(page, unit)[:] = self._logged_image(entry)
         mapping.discard_changes(drop)
         self.page_count, self.free_head, slots = self._committed
         self.slots = list(slots)
