@@ -1409,14 +1409,31 @@ def worker(job_path):
             progress.write(json.dumps({"start": case_id}) + "\n")
             progress.flush()
             base, fmap, data, wal = bases[base_index]
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak = _peak_rss(resource)
             result = run_case(base, fmap, data, wal, seed, folder, sabotage=sabotage.get(case_id))
-            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak
+            grown = _peak_rss(resource) - peak
             if grown > HUGE_ALLOCATION and "failure" not in result:
                 result["failure"] = f"huge allocation: the peak resident memory grew by {grown >> 20} MiB"
             result["end"] = case_id
             progress.write(json.dumps(result) + "\n")
             progress.flush()
+
+
+def _peak_rss(resource):
+    """This process's peak resident memory in bytes since it started.
+
+    ``VmHWM`` where there is one: ``ru_maxrss`` survives ``exec``, so a worker
+    started by a large pytest process would begin at the parent's peak and a
+    big allocation in it could stay below that and go unnoticed.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _sabotage(what):

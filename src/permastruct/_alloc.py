@@ -39,6 +39,8 @@ class Allocator:
         self.page_size = page_file.page_size
         self.classes = F.size_classes(self.page_size)
         self.max_small = self.classes[-1]
+        self._zeros = [bytes(size) for size in self.classes]
+        self._slots = [(self.page_size - F.SLAB_FIRST_SLOT) // size for size in self.classes]
         if state_pid is None:
             state_pid = page_file.allocate_pid()
             view = page_file.view(state_pid)
@@ -105,7 +107,7 @@ class Allocator:
             index = bisect.bisect_left(self.classes, size)
             offset = self._alloc_small(index)
             if zero:
-                self.pf.mapping.view(offset, self.classes[index])[:] = bytes(self.classes[index])
+                self.pf.mapping.view(offset, self.classes[index])[:] = self._zeros[index]
             return offset
         pages = -(-(F.RUN_OBJECT + size) // self.page_size)
         pid = self._alloc_run(pages)
@@ -151,7 +153,7 @@ class Allocator:
 
     # -- slabs ---------------------------------------------------------------
     def slots_per_page(self, index):
-        return (self.page_size - F.SLAB_FIRST_SLOT) // self.classes[index]
+        return self._slots[index]
 
     def _alloc_small(self, index):
         pf = self.pf
@@ -160,12 +162,12 @@ class Allocator:
             pid = self._alloc_page()
             F.SLAB.pack_into(pf.view(pid), F.SLAB_AT, F.KIND_SLAB, index, 0, 0, 0, -1, -1)
             self._set_head(index, pid)
-        page = self._page(pid, f"the partial list of size class {index}")
+        page = self._page(pid, "the partial list of size class", index)
         kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
         if kind != F.KIND_SLAB or cls != index:
             raise CorruptStorageError(f"{pf.path!r}: page {pid} on the size-class {index} list is not a slab of it")
         size = self.classes[index]
-        nslots = self.slots_per_page(index)
+        nslots = self._slots[index]
         if used >= nslots or bump > nslots:
             raise CorruptStorageError(f"{pf.path!r}: slab {pid} on the partial list has {used} used and "
                                       f"{bump} handed-out slots of {nslots}")
@@ -185,7 +187,7 @@ class Allocator:
         F.SLAB.pack_into(page, F.SLAB_AT, kind, cls, used, free_head, bump, nxt, prv)
         if used == nslots:
             self._unlink(index, pid, nxt, prv)
-        return pf.offset(pid) + F.SLAB_FIRST_SLOT + slot * size
+        return F.HEADER_BLOCK + pid * self.page_size + F.SLAB_FIRST_SLOT + slot * size  # pf.offset, inline
 
     def _free_small(self, pid, page, offset):
         kind, index, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
@@ -209,16 +211,18 @@ class Allocator:
             self.pf.free_pid(pid)
             self._count_added(self._state())
 
-    def _page(self, pid, what):
-        """The view of page ``pid``, which ``what`` names: a page of the file, or CorruptStorageError."""
-        if not 0 <= pid < self.pf.page_count:
-            raise CorruptStorageError(f"{self.pf.path!r}: {what} names page {pid}, outside the "
-                                      f"{self.pf.page_count} pages")
-        try:
-            return self.pf.view(pid)
-        except IndexError:
-            raise CorruptStorageError(f"{self.pf.path!r}: {what} names page {pid}, which is not in the "
-                                      "mapped file") from None
+    def _page(self, pid, what, index=None):
+        """The view of page ``pid``, which ``what`` (of size class ``index``) names, or CorruptStorageError."""
+        pf = self.pf
+        if 0 <= pid < pf.page_count:
+            try:
+                return pf.mapping.view(F.HEADER_BLOCK + pid * self.page_size, self.page_size)  # pf.view, inline
+            except IndexError:
+                where = "which is not in the mapped file"
+        else:
+            where = f"outside the {pf.page_count} pages"
+        what = what if index is None else f"{what} {index}"
+        raise CorruptStorageError(f"{pf.path!r}: {what} names page {pid}, {where}") from None
 
     def _set_links(self, pid, nxt=None, prv=None):
         page = self._page(pid, "a partial-list link")

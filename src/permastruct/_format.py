@@ -310,12 +310,12 @@ def unpack_root(data):
     return fields[0], fields[1], fields[2], list(fields[3:3 + ROOT_SLOTS])
 
 
-_STRING_SEED, _BYTES_SEED = zlib.crc32(b"s"), zlib.crc32(b"b")
+STRING_SEED, BYTES_SEED = zlib.crc32(b"s"), zlib.crc32(b"b")
 
 
 def string_hash(kind, data):
     """The hash stored for a string: crc32 of a kind byte and the bytes, the same in every process."""
-    return zlib.crc32(data, _STRING_SEED if kind == T_STRING else _BYTES_SEED)
+    return zlib.crc32(data, STRING_SEED if kind == T_STRING else BYTES_SEED)
 
 
 DOUBLE = struct.Struct("<d")

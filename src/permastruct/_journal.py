@@ -15,6 +15,12 @@ from ._mapping import FileIO
 
 #: Bytes read at a time while scanning the log.
 _CHUNK = 1 << 22
+#: A small commit that runs past the end of the log file grows the file to a
+#: multiple of this, with zeros written (not merely allocated) after its
+#: frames: later commits then overwrite blocks the file already has, and an
+#: ``fdatasync`` need not also write the file's new size (which doubles its
+#: cost on ext4).  Commits larger than this grow the file by what they write.
+GROW_STEP = 1 << 20
 
 
 class Commit:
@@ -50,6 +56,8 @@ class Journal:
         self.unit = unit
         self.salt = 0
         self.base = 0
+        #: The log file's size as this process last wrote or read it.
+        self.file_size = 0
         self.commits = []
         self.end = F.WAL_HEADER.size
         #: The checksum of the last frame of the last whole commit (the salt when there is none).
@@ -101,7 +109,7 @@ class Journal:
         self.commits = []
         self.end = F.WAL_HEADER.size
         self.valid = False
-        size = self.io.size()
+        self.file_size = size = self.io.size()
         head = self.io.pread(F.WAL_HEADER.size, 0)
         if len(head) < F.WAL_HEADER.size:
             return
@@ -200,7 +208,12 @@ class Journal:
         chain = _frame_crc(header, body, chain)
         batch += [header, F.UINT32.pack(chain), body]
         position += F.FRAME.size + len(body)
-        self.io.pwrite(b"".join(batch), write_at)
+        if position > self.file_size and position - self.end < GROW_STEP:
+            padded = -(-position // GROW_STEP) * GROW_STEP
+            batch.append(bytes(padded - position))  # dead frames: their salt and txn are zero
+        data = b"".join(batch)
+        self.io.pwrite(data, write_at)
+        self.file_size = max(self.file_size, write_at + len(data))
         if sync:
             self.io.fsync()
         commit = Commit(txn, page_count, free_head, list(slots), frames, position)
@@ -220,9 +233,11 @@ class Journal:
         # The header is out: from here on the log is the new one, whatever follows.
         self.salt, self.base, self.commits, self.end, self.valid = salt, base, [], F.WAL_HEADER.size, True
         self.chain = salt
+        self.file_size = max(self.file_size, F.WAL_HEADER.size)
         if truncate and self.io.size() > F.WAL_HEADER.size:
             try:
                 self.io.truncate(F.WAL_HEADER.size)
+                self.file_size = F.WAL_HEADER.size
             except OSError:
                 pass  # only space is lost: frames after the header are dead under the new salt
 

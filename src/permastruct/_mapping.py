@@ -294,6 +294,7 @@ class MappedFile:
         self.unit = max(unit, GRANULE)
         self.segments = []
         self._starts = []
+        self._hot = None
         self.size = 0
         self._pagemap = None
         self._written = []
@@ -354,15 +355,21 @@ class MappedFile:
             pass
 
     def segment_of(self, offset):
+        segment = self._hot  # the segment of the previous look-up: most look-ups hit it
+        if segment is not None and segment.start <= offset < segment.start + segment.length:
+            return segment
         segment = self.segments[bisect.bisect_right(self._starts, offset) - 1]
         if offset >= segment.start + segment.length or offset < 0:
             raise OutsideMapError(f"{self.io.path!r}: offset {offset:#x} is outside the mapped file "
                                   f"({self.size:#x} bytes)")
+        self._hot = segment
         return segment
 
     def view(self, offset, length):
         """A writable memoryview of ``length`` bytes at file ``offset`` (within one segment)."""
-        segment = self.segment_of(offset)
+        segment = self._hot
+        if segment is None or not segment.start <= offset < segment.start + segment.length:
+            segment = self.segment_of(offset)
         local = offset - segment.start
         if local + length > segment.length:
             raise OutsideMapError(f"{self.io.path!r}: range {offset:#x}+{length} crosses the end of a "
@@ -386,7 +393,7 @@ class MappedFile:
         if physical <= self.size:
             return False
         self._retired += self.segments
-        self.segments, self._starts, self.size = [], [], 0
+        self.segments, self._starts, self.size, self._hot = [], [], 0, None
         self._map(0, physical)
         still = []
         for segment in self._retired:
@@ -504,6 +511,7 @@ class MappedFile:
         self.segments = []
         self._retired = []
         self._starts = []
+        self._hot = None
         if self._pagemap is not None:
             os.close(self._pagemap)
             self._pagemap = None

@@ -26,6 +26,7 @@ import ctypes
 import math
 import struct
 from array import array
+from zlib import crc32 as _crc32
 
 from . import _format as F
 from . import _types as T
@@ -212,7 +213,7 @@ class _Key(_Cell):
         kind = type(key)
         if kind is self.exact:  # the common case first: bytes, str or int
             if kind is bytes:
-                return F.string_hash(F.T_BYTESTRING, key), key
+                return _crc32(key, F.BYTES_SEED), key  # F.string_hash, inline
             if kind is str:
                 try:
                     data = key.encode("utf-8")
@@ -901,8 +902,20 @@ class _HashCollection(_Collection):
         if not body:
             _unhashable(key)
             raise _Missing
-        hash_, data = type(self)._ps_key.lookup(key)
-        table = type(self)._storage._views.get(body) or self._ps_table()
+        cls = type(self)
+        if type(key) is bytes and cls._ps_key.exact is bytes:  # _Key.lookup's first case, inline
+            hash_, data = _crc32(key, F.BYTES_SEED), key
+        else:
+            hash_, data = cls._ps_key.lookup(key)
+        table = cls._storage._views.get(body) or self._ps_table()
+        # The first probe, inline: with the table at most 2/3 full it usually decides.
+        slot = hash_ & table.mask
+        index = table.indices[slot]
+        if 0 < index <= table.capacity:
+            fields = cls._ps_entry.unpack_from(table.entries, (index - 1) * cls._ps_esize)
+            equals = cls._ps_equals
+            if fields[0] == hash_ and (fields[2] == data if equals is None else equals(fields[2], data)):
+                return table, slot, index - 1, fields
         slot, entry, fields = self._ps_find(table, hash_, data)
         if entry < 0:
             raise _Missing

@@ -38,6 +38,10 @@ from .errors import (CorruptStorageError, PermastructError, IncompatibleFormatEr
 __all__ = ["PageId", "PageHeader", "PageData", "Page", "BufferManager", "PageFile"]
 
 
+#: Bytes of the map copied at a time to compare logged pages with their committed images.
+_COMPARE_CHUNK = 1 << 20
+
+
 class PageId(int):
     """The id of a page: its index in the page file.
 
@@ -682,7 +686,7 @@ class PageFile:
         """A memoryview of (part of) page ``pid`` in the map."""
         if length is None:
             length = self.page_size - start
-        return self.mapping.view(self.offset(pid) + start, length)
+        return self.mapping.view(F.HEADER_BLOCK + int(pid) * self.page_size + start, length)  # offset(), inline
 
     def _link(self, pid):
         return F.INT32.unpack_from(self.view(pid, 0, 4))[0]
@@ -768,26 +772,40 @@ class PageFile:
         return self.buffer_manager.get_page(pid)
 
     # -- durability ----------------------------------------------------------
-    def _private_units(self):
-        """File offsets of the log units this process's map holds privately (changed or logged)."""
+    def _private_runs(self):
+        """``(offset, length)``: runs of whole log units this process's map holds privately (changed or logged)."""
         unit = self.journal.unit if self.journal is not None else OS_PAGE
-        size = self.mapping.size
+        last = self.mapping.size // unit * unit  # a unit must lie wholly inside the map
         for offset, length in self.mapping.dirty_ranges():
-            for page in range(offset // unit * unit, min(offset + length, size - unit + 1), unit):
-                yield page, unit
+            start, end = offset // unit * unit, min(-(-(offset + length) // unit) * unit, last)
+            if end > start:
+                yield start, end - start, unit
 
     def _logged_image(self, entry):
         """The committed image of a logged page: its copy, else read back from the log."""
         return entry[1] if entry[1] is not None else self.journal.page_data(entry[0])
 
     def _changed_pages(self):
-        """``(offset, image)`` of every log unit changed since the last commit."""
-        logged = self._logged
-        for page, unit in self._private_units():
-            image = self.mapping.view(page, unit)
-            entry = logged.get(page)
-            if entry is None or image != self._logged_image(entry):
-                yield page, image
+        """``(offset, image)`` of every log unit changed since the last commit (images are views of the map).
+
+        Every logged page is still private, so each is compared with its
+        committed image: a copy of the mapped bytes (at most 1 MiB at a time)
+        and a ``memcmp`` per unit through ``startswith`` (comparing
+        memoryviews goes byte by byte, 13 us a page).
+        """
+        logged, view, image_of = self._logged, self.mapping.view, self._logged_image
+        for start, length, unit in self._private_runs():
+            for at in range(start, start + length, _COMPARE_CHUNK):
+                mapped = view(at, min(_COMPARE_CHUNK, start + length - at))
+                copy = None
+                for local in range(0, len(mapped), unit):
+                    entry = logged.get(at + local)
+                    if entry is not None:
+                        if copy is None:
+                            copy = mapped.tobytes()
+                        if copy.startswith(image_of(entry), local):
+                            continue  # committed, unchanged since
+                    yield at + local, mapped[local:local + unit]
 
     def uncommitted(self):
         """The file offsets of the log units changed since the last commit, in order.
@@ -935,12 +953,13 @@ class PageFile:
         self.buffer_manager.forget()
         mapping = self.mapping
         drop = []
-        for page, unit in list(self._private_units()):
-            entry = self._logged.get(page)
-            if entry is None:
-                drop.append((page, unit))
-            else:
-                mapping.view(page, unit)[:] = self._logged_image(entry)
+        for start, length, unit in list(self._private_runs()):
+            for page in range(start, start + length, unit):
+                entry = self._logged.get(page)
+                if entry is None:
+                    drop.append((page, unit))
+                else:
+                    mapping.view(page, unit)[:] = self._logged_image(entry)
         mapping.discard_changes(drop)
         self.page_count, self.free_head, slots = self._committed
         self.slots = list(slots)

@@ -15,6 +15,7 @@ The seed's module name is kept: ``from permastruct.storage import Storage,
 Structure, StructureMeta``.
 """
 
+import bisect
 import contextlib
 import ctypes
 import json
@@ -130,6 +131,7 @@ class Storage:
         self._created = set()
         self._exports = weakref.WeakValueDictionary()
         self._views = {}  # offset of a collection's internal object -> its cached views
+        self._blanks = {}  # (type id, size) -> the bytes of a new object: header and zeros
         self._classes_by_id = {}
         self._user_types = []  # structures and collections, in definition order
         self.schema = Schema(self)
@@ -430,10 +432,19 @@ class Storage:
     def _offset(self, proxy):
         return self._mapping.offset_of_address(ctypes.addressof(proxy))
 
-    def _new_object(self, cls, size, zero=True):
+    def _new_object(self, cls, size):
+        """A new zeroed object of ``cls`` (``size`` bytes, header included), not yet referenced."""
         self._check_writable()
-        offset = self._allocator.alloc(size, zero)
-        F.OBJECT_HEADER.pack_into(self._mapping.view(offset, 8), 0, cls._ps_type_id, 0)
+        blank = self._blanks.get((cls._ps_type_id, size))
+        if blank is None and size <= 1024:  # made once per type and size: the header, then zeros
+            blank = self._blanks[cls._ps_type_id, size] = (F.OBJECT_HEADER.pack(cls._ps_type_id, 0)
+                                                           + bytes(size - F.OBJECT_HEADER.size))
+        if blank is not None:
+            offset = self._allocator.alloc(size, zero=False)
+            self._mapping.view(offset, size)[:] = blank
+        else:  # a large object: the allocator zeroes it a piece at a time
+            offset = self._allocator.alloc(size)
+            F.OBJECT_HEADER.pack_into(self._mapping.view(offset, 8), 0, cls._ps_type_id, 0)
         self._created.add(offset)
         self._unreferenced.add(offset)
         return offset
@@ -468,16 +479,18 @@ class Storage:
         offset = self._coerce(cls, args[0], f"{cls.__name__}()")
         return self._adopt(offset, self._mapping.from_buffer(cls, offset))
 
-    def _new_string(self, type_id, data):
+    def _new_string(self, type_id, data, references=0):
+        """A new string object holding ``data``; with ``references=1`` the caller stores it at once."""
         if len(data) >= 1 << 32:
             raise OverflowError(f"a persistent string holds at most 4 GiB, not {len(data)} bytes")
         self._check_writable()
         offset = self._allocator.alloc(F.STRING.size + len(data), zero=False)
         view = self._mapping.view(offset, F.STRING.size + len(data))
-        F.STRING.pack_into(view, 0, type_id, 0, F.string_hash(type_id, data), len(data))
+        F.STRING.pack_into(view, 0, type_id, references, F.string_hash(type_id, data), len(data))
         view[F.STRING.size:] = data
         self._created.add(offset)
-        self._unreferenced.add(offset)
+        if not references:
+            self._unreferenced.add(offset)
         return offset
 
     def _new_buffer(self, obj):
@@ -582,11 +595,11 @@ class Storage:
         An object never spans two segments, so bounding the read by the
         segment keeps a damaged offset from reading outside the map.
         """
-        try:
-            segment = self._mapping.segment_of(offset)
-        except IndexError:
-            raise CorruptStorageError(f"{self.fileName!r}: string {offset:#x} is outside the file") from None
+        mapping = self._mapping  # MappedFile.segment_of, inline (an offset below 0 gives local < 0)
+        segment = mapping.segments[bisect.bisect_right(mapping._starts, offset) - 1]
         local = offset - segment.start
+        if local < 0 or local >= segment.length:
+            raise CorruptStorageError(f"{self.fileName!r}: string {offset:#x} is outside the file")
         if local + F.STRING.size > segment.length:
             raise CorruptStorageError(f"{self.fileName!r}: string {offset:#x} crosses the end of a segment")
         length = F.UINT32.unpack_from(segment.map, local + 12)[0]
@@ -608,12 +621,21 @@ class Storage:
         get, put = hidden.__get__, hidden.__set__
         where = f"{cls.__name__}.{name}"
 
-        reference_to = self._reference_to
+        reference_to, new_string = self._reference_to, self._new_string
+        # A plain str (String) or bytes (ByteString) becomes a new string object
+        # that starts with its one reference: the common case, without _coerce.
+        exact = None
+        if ftype._ps_kind == "string":
+            exact = str if ftype._ps_type_id == F.T_STRING else bytes if ftype._ps_type_id == F.T_BYTESTRING else None
+        type_id = ftype._ps_type_id
 
         def set_reference(proxy, value):
-            new = reference_to(ftype, value, where)
-            if new:
-                self._incref(new)
+            if type(value) is exact:
+                new = new_string(type_id, value if exact is bytes else value.encode("utf-8"), 1)
+            else:
+                new = reference_to(ftype, value, where)
+                if new:
+                    self._incref(new)
             old = get(proxy)
             put(proxy, new)
             if old:
