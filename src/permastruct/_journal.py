@@ -13,7 +13,8 @@ import zlib
 from . import _format as F
 from ._mapping import FileIO
 
-#: Bytes read at a time while scanning the log.
+#: Bytes read at a time while scanning the log: the first read, and the most.
+_FIRST_READ = 1 << 16
 _CHUNK = 1 << 22
 #: A small commit that runs past the end of the log file grows the file to a
 #: multiple of this, with zeros written (not merely allocated) after its
@@ -125,9 +126,13 @@ class Journal:
         position = F.WAL_HEADER.size
         txn = base + 1
         frames = []
+        # Reads start small and double: the file may be much longer than its live
+        # frames (its space is reused after a reset), and readers read it often.
+        read_size = _FIRST_READ
         while position + frame_size <= size:
             if position + frame_size > chunk_at + len(chunk):
-                chunk_at, chunk = position, self.io.pread(min(_CHUNK, size - position), position)
+                chunk_at, chunk = position, self.io.pread(min(read_size, size - position), position)
+                read_size = min(2 * read_size, _CHUNK)
             local = position - chunk_at
             header = chunk[local:local + frame_size]
             kind, frame_salt, frame_txn, where, length, crc = F.FRAME.unpack(header)
@@ -138,7 +143,8 @@ class Journal:
                 break
             data_at = position + frame_size
             if data_at + length > chunk_at + len(chunk):
-                chunk_at, chunk = data_at, self.io.pread(min(max(_CHUNK, length), size - data_at), data_at)
+                chunk_at, chunk = data_at, self.io.pread(min(max(read_size, length), size - data_at), data_at)
+                read_size = min(2 * read_size, _CHUNK)
             data = chunk[data_at - chunk_at:data_at - chunk_at + length]
             if len(data) != length or _frame_crc(header[:28], data, chain) != crc:
                 break
