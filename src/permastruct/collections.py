@@ -342,14 +342,14 @@ class _Collection(T.Persistent):
         """The storage, for a change: refuses read-only storages."""
         storage = type(self)._storage
         if storage.readonly:
-            raise ReadOnlyError(f"{storage!r} is open read-only: cannot change a {type(self).__name__}")
+            raise ReadOnlyError(f"{storage!r} is open read-only: cannot change this {type(self).__name__}")
         return storage
 
     @classmethod
     def _ps_from_python(cls, storage, value, where):
         """A new collection holding the elements of plain Python ``value`` (a field assignment)."""
         if not cls._ps_accepts(value):
-            raise TypeError(f"{where} holds {cls.__name__}: cannot store a {type(value).__name__}")
+            raise TypeError(f"{where} holds {cls.__name__}: cannot store a value of type {type(value).__name__}")
         return cls._ps_build(storage, value)
 
     @classmethod

@@ -533,7 +533,7 @@ class Storage:
             return self._new_buffer(value)
         elif kind in C.KINDS:
             return ftype._ps_from_python(self, value, where)
-        raise TypeError(f"{where} holds {ftype.__name__}: cannot store a {type(value).__name__}")
+        raise TypeError(f"{where} holds {ftype.__name__}: cannot store a value of type {type(value).__name__}")
 
     def _coerce_check(self, ftype, value, where):
         """Raise the TypeError ``_coerce`` would raise for ``value``, without creating anything."""
@@ -547,7 +547,7 @@ class Storage:
             return
         elif kind in C.KINDS and ftype._ps_accepts(value):
             return
-        raise TypeError(f"{where} holds {ftype.__name__}: cannot store a {type(value).__name__}")
+        raise TypeError(f"{where} holds {ftype.__name__}: cannot store a value of type {type(value).__name__}")
 
     def _reference_check(self, ftype, value, where):
         """Check that proxy ``value`` may be stored where ``ftype`` is expected; return its offset."""
