@@ -116,3 +116,15 @@ def test_smoke_run_of_one_workload_and_its_report(tmp_path, capsys):
     again = (docs / "performance.rst").read_text()
     assert "Our reading." in again and again.count(_report.BEGIN) == 1
     assert not os.path.exists(tmp_path / "run" / "lookup" / "ours.ps")
+
+
+def test_floors_measure_every_way_of_building_a_field():
+    from benchmarks import floors
+    rows = floors.measure(number=200, repeat=1)
+    labels = [label for label, _, _ in rows]
+    assert labels[0] == "__slots__ attribute" and labels[-1] == "permastruct Int field"
+    assert set(floors.HOOKS) <= set(labels) and "ctypes field (no range check)" in labels
+    assert all(write is not None and write >= 0 for _, _, write in rows)
+    assert [label for label, read, _ in rows if read is None] == list(floors.HOOKS)
+    text = floors.report(rows)
+    assert len(text.splitlines()) == len(rows) + 1 and "permastruct Int field" in text
