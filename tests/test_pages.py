@@ -794,3 +794,47 @@ def test_opening_a_truncated_page_file_raises_and_leaves_it_unchanged(tmp_path):
         with pytest.raises((NotAStorageError, CorruptStorageError)):
             PageFile(path)
         assert path.read_bytes() == whole[:length]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_three_ways_of_finding_changed_pages_agree(tmp_path, seed):
+    """PAGEMAP_SCAN runs, pagemap entries and comparing with the file find the same pages,
+    across segments and with more runs than one scan call returns (512)."""
+    import random
+    from permastruct import _mapping
+    io = FileIO.open(str(tmp_path / "m"), readonly=False, create=True)
+    m = _mapping.MappedFile(io, readonly=False)
+    try:
+        m.grow(1 << 20)
+        m.grow(9 << 20)  # a second segment
+        rng = random.Random(seed)
+
+        def pages(ranges):
+            return {offset + i * _mapping.OS_PAGE for offset, length in ranges
+                    for i in range(length // _mapping.OS_PAGE)}
+
+        for round_ in range(3):
+            written = set()
+            for _ in range(rng.choice([1, 40, 1500])):
+                offset = rng.randrange(m.size - 4)
+                m.view(offset, 1)[:] = bytes([rng.randrange(1, 256)])
+                written.add(offset // _mapping.OS_PAGE * _mapping.OS_PAGE)
+            scan_state, pagemap = m._scan, m._pagemap
+            found = {}
+            if pagemap is not None:
+                found["first choice"] = pages(m.dirty_ranges())
+                m._scan = None
+                found["pagemap entries"] = pages(m.dirty_ranges())
+                m._scan = scan_state
+            m._pagemap = None
+            found["compare"] = pages(m.dirty_ranges())
+            m._pagemap = pagemap
+            for way, result in found.items():
+                assert result >= written, way  # every written page (a page may be written twice)
+                assert result == found["compare"], way
+            m.write_back(m.dirty_ranges())
+            m.release_private()
+            assert m.dirty_ranges() == []
+    finally:
+        m.close()
+        io.close()

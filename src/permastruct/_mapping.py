@@ -14,8 +14,11 @@ never a SIGBUS.
 
 Which pages changed is asked of the kernel (``/proc/self/pagemap``: a page of
 a private file mapping that was written is no longer a file page), so writes
-through proxies cost nothing extra.  Where pagemap is not available the pages
-are compared with the file instead.  After write-back, ``MADV_DONTNEED``
+through proxies cost nothing extra.  The ``PAGEMAP_SCAN`` ioctl (Linux 6.7)
+returns the runs of such pages; older kernels give one entry per page, read
+and sifted here (8 bytes a page: 8 MB for each commit in a 4 GB map).  Where
+pagemap is not available the pages are compared with the file instead.
+``PERMASTRUCT_DIRTY=pagemap`` skips the ioctl and ``=compare`` both (tests).  After write-back, ``MADV_DONTNEED``
 drops the private copies; the map then shows the file again.
 """
 
@@ -41,6 +44,24 @@ _FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 # A page is dirty when it is present and not a file page, or swapped out.
 _DIRTY_TABLE = bytes(
     1 if ((b & 0x80 and not b & 0x20) or b & 0x40) else 0 for b in range(256))
+
+
+class _ScanArg(ctypes.Structure):
+    """``struct pm_scan_arg`` of the ``PAGEMAP_SCAN`` ioctl (Linux 6.7 and later)."""
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class _PageRegion(ctypes.Structure):
+    """``struct page_region``: the pages ``start .. end`` (addresses) share ``categories``."""
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+# _IOWR('f', 16, struct pm_scan_arg); categories PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED.
+_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_ScanArg) << 16) | (ord("f") << 8) | 16
+_PAGE_IS_FILE, _PAGE_IS_PRESENT, _PAGE_IS_SWAPPED = 1 << 2, 1 << 3, 1 << 4
+_SCAN_REGIONS = 512
 
 
 # Byte-range locks: open-file-description locks where the system has them (Linux),
@@ -301,11 +322,21 @@ class MappedFile:
         self._retired = []  # a reader's earlier maps, still used by proxies
         #: offset -> length of page images written into this map only (a reader's log pages)
         self.private = {}
-        if os.environ.get("PERMASTRUCT_DIRTY", "pagemap") == "pagemap":
+        #: ``(scan argument, result regions)`` while PAGEMAP_SCAN is to be tried; None: read the entries.
+        self._scan = None
+        mode = os.environ.get("PERMASTRUCT_DIRTY", "scan")
+        if mode in ("scan", "pagemap"):
             try:
                 self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError:
                 self._pagemap = None
+        if self._pagemap is not None and mode == "scan":
+            regions = (_PageRegion * _SCAN_REGIONS)()
+            arg = _ScanArg(size=ctypes.sizeof(_ScanArg), vec=ctypes.addressof(regions), vec_len=_SCAN_REGIONS,
+                           category_inverted=_PAGE_IS_FILE, category_mask=_PAGE_IS_FILE,
+                           category_anyof_mask=_PAGE_IS_PRESENT | _PAGE_IS_SWAPPED,
+                           return_mask=_PAGE_IS_FILE | _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED)
+            self._scan = (arg, regions)
         physical = io.size()
         if physical >= origin:
             self._map(0, self._round_down(physical))
@@ -445,13 +476,36 @@ class MappedFile:
         ranges = []
         for segment in self.segments:
             pages = segment.length // OS_PAGE
-            if self._pagemap is not None:
+            if self._pagemap is not None and self._scan is not None:
+                try:
+                    dirty = list(self._dirty_scan(segment))
+                except OSError:  # no PAGEMAP_SCAN (before Linux 6.7): read the pagemap entries
+                    self._scan = None
+            if self._pagemap is not None and self._scan is None:
                 dirty = self._dirty_pagemap(segment, pages)
-            else:
+            elif self._pagemap is None:
                 dirty = self._dirty_compare(segment, pages)
             for first, count in dirty:
                 ranges.append((segment.start + first * OS_PAGE, count * OS_PAGE))
         return ranges
+
+    def _dirty_scan(self, segment):
+        """The same answer as :meth:`_dirty_pagemap`, from the kernel's ``PAGEMAP_SCAN``.
+
+        The kernel returns runs of matching pages (not a flag per page), so a
+        commit in a large map no longer reads and sifts 8 bytes per page.
+        """
+        arg, regions = self._scan
+        end = segment.address + segment.length
+        arg.start = segment.address
+        while True:
+            arg.end, arg.walk_end = end, 0
+            found = fcntl.ioctl(self._pagemap, _PAGEMAP_SCAN, arg)
+            for region in regions[:found]:
+                yield (region.start - segment.address) // OS_PAGE, (region.end - region.start) // OS_PAGE
+            if found < _SCAN_REGIONS or not arg.start < arg.walk_end < end:
+                return  # the walk reached the end (a full result array stops it early, at walk_end)
+            arg.start = arg.walk_end
 
     def _dirty_pagemap(self, segment, pages):
         step = 1 << 20
