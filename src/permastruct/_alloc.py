@@ -216,7 +216,7 @@ class Allocator:
         pf = self.pf
         if 0 <= pid < pf.page_count:
             try:
-                return pf.mapping.view(F.HEADER_BLOCK + pid * self.page_size, self.page_size)  # pf.view, inline
+                return pf.view(pid)
             except IndexError:
                 where = "which is not in the mapped file"
         else:

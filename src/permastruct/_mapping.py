@@ -475,19 +475,21 @@ class MappedFile:
         """``(offset, length)`` ranges of OS pages changed in the map since the last write-back."""
         ranges = []
         for segment in self.segments:
-            pages = segment.length // OS_PAGE
-            if self._pagemap is not None and self._scan is not None:
-                try:
-                    dirty = list(self._dirty_scan(segment))
-                except OSError:  # no PAGEMAP_SCAN (before Linux 6.7): read the pagemap entries
-                    self._scan = None
-            if self._pagemap is not None and self._scan is None:
-                dirty = self._dirty_pagemap(segment, pages)
-            elif self._pagemap is None:
-                dirty = self._dirty_compare(segment, pages)
-            for first, count in dirty:
+            for first, count in self._dirty(segment):
                 ranges.append((segment.start + first * OS_PAGE, count * OS_PAGE))
         return ranges
+
+    def _dirty(self, segment):
+        """``(first page, count)`` runs of changed pages of ``segment``, the best way the system offers."""
+        pages = segment.length // OS_PAGE
+        if self._pagemap is None:
+            return self._dirty_compare(segment, pages)
+        if self._scan is not None:
+            try:
+                return list(self._dirty_scan(segment))
+            except OSError:  # no PAGEMAP_SCAN (before Linux 6.7): read the pagemap entries
+                self._scan = None
+        return self._dirty_pagemap(segment, pages)
 
     def _dirty_scan(self, segment):
         """The same answer as :meth:`_dirty_pagemap`, from the kernel's ``PAGEMAP_SCAN``.

@@ -903,10 +903,7 @@ class _HashCollection(_Collection):
             _unhashable(key)
             raise _Missing
         cls = type(self)
-        if type(key) is bytes and cls._ps_key.exact is bytes:  # _Key.lookup's first case, inline
-            hash_, data = _crc32(key, F.BYTES_SEED), key
-        else:
-            hash_, data = cls._ps_key.lookup(key)
+        hash_, data = cls._ps_key.lookup(key)
         table = cls._storage._views.get(body) or self._ps_table()
         # The first probe, inline: with the table at most 2/3 full it usually decides.
         slot = hash_ & table.mask

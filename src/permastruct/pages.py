@@ -836,7 +836,16 @@ class PageFile:
         if not self._use_journal:
             return self._flush_in_place()
         root = (self.page_count, self.free_head, list(self.slots))
-        pages = list(self._changed_pages())
+        end = F.HEADER_BLOCK + self.page_count * self.page_size
+        pages, beyond = [], []
+        for offset, image in self._changed_pages():
+            (pages if offset < end else beyond).append((offset, image))
+        if beyond:
+            # Units wholly past the last page: the allocator dropped free pages at
+            # the end after writing to them.  They hold nothing, and recovery
+            # refuses a commit that writes past its pages: show their committed
+            # images again instead of logging them.
+            self._restore([(offset, len(image)) for offset, image in beyond])
         if not pages and root == self._committed:
             return  # nothing changed: no transaction to write
         if self.journal is None:
@@ -961,20 +970,23 @@ class PageFile:
         if run:
             self.io.pwrite(b"".join(run), run_at)
 
+    def _restore(self, units):
+        """Make the map show the committed image of these ``(offset, unit)`` again."""
+        drop = []
+        for page, unit in units:
+            entry = self._logged.get(page)
+            if entry is None:
+                drop.append((page, unit))  # the file holds it
+            else:
+                self.mapping.view(page, unit)[:] = self._logged_image(entry)
+        self.mapping.discard_changes(drop)
+
     def discard(self):
         """Forget every change since the last commit (the map shows the committed pages again)."""
         self._check_writable()
         self.buffer_manager.forget()
-        mapping = self.mapping
-        drop = []
-        for start, length, unit in list(self._private_runs()):
-            for page in range(start, start + length, unit):
-                entry = self._logged.get(page)
-                if entry is None:
-                    drop.append((page, unit))
-                else:
-                    mapping.view(page, unit)[:] = self._logged_image(entry)
-        mapping.discard_changes(drop)
+        self._restore([(page, unit) for start, length, unit in list(self._private_runs())
+                       for page in range(start, start + length, unit)])
         self.page_count, self.free_head, slots = self._committed
         self.slots = list(slots)
 
