@@ -277,6 +277,8 @@ class Recorder:
         if operation == "pwrite":
             data, offset = args
             args = (bytes(data) if self.with_data else len(data), offset)
+        elif operation == "link":
+            args = (os.path.relpath(args[0], self.base),)
         self._write(("op", operation, key) + tuple(args))
 
     def mark(self, what, k, state):
@@ -850,6 +852,13 @@ def _apply(files, op, fate=None):
     if kind == "create":
         files.setdefault(key, bytearray())
         return
+    if kind == "unlink":
+        files.pop(key, None)
+        return
+    if kind == "link":  # a new file gets its name; its temporary name (if any) goes right after
+        if key in files:
+            files[op[2]] = files.pop(key)
+        return
     data = files.get(key)
     if data is None:
         return  # the file vanished (power loss) and the operation went with it
@@ -904,6 +913,7 @@ class PowerLossFiles:
         self.durable = {}
         self.pending = {}
         self.name_durable = {}
+        self.unlinked = set()  # removed, but the removal's directory was not synced: it may come back
 
     def apply(self, op):
         kind, key = op[0], op[1]
@@ -911,6 +921,17 @@ class PowerLossFiles:
             self.durable[key] = bytearray()
             self.pending[key] = []
             self.name_durable[key] = False
+            self.unlinked.discard(key)
+        elif kind == "unlink":
+            self.unlinked.add(key)
+        elif kind == "link" and key in self.durable:
+            # The name is new (durable after its directory's fsync); the bytes are the file's.
+            target = op[2]
+            self.durable[target] = self.durable.pop(key)
+            self.pending[target] = self.pending.pop(key)
+            self.name_durable.pop(key)
+            self.name_durable[target] = False
+            self.unlinked.discard(target)
         elif kind == "fsync":
             if key in self.current:
                 self.durable[key] = bytearray(self.current[key])
@@ -919,6 +940,12 @@ class PowerLossFiles:
             for name in self.name_durable:
                 if os.path.dirname(name) == os.path.dirname(key):
                     self.name_durable[name] = True
+            for name in list(self.unlinked):
+                if os.path.dirname(name) == os.path.dirname(key):
+                    self.unlinked.discard(name)
+                    self.durable.pop(name, None)
+                    self.pending.pop(name, None)
+                    self.name_durable.pop(name, None)
         elif kind in ("pwrite", "fallocate", "truncate"):
             if key not in self.pending:  # a file that existed before the log began
                 self.durable[key] = bytearray(self.current.get(key, b""))
@@ -929,7 +956,7 @@ class PowerLossFiles:
 
     def uncertain(self):
         """Whether a power loss now can leave anything but the synced state."""
-        return any(self.pending.values()) or not all(self.name_durable.values())
+        return any(self.pending.values()) or not all(self.name_durable.values()) or bool(self.unlinked)
 
     def image(self, rng, drop_all=False):
         """One possible state of the disk; ``drop_all``: nothing unsynced survives."""
@@ -937,6 +964,8 @@ class PowerLossFiles:
         for key, durable in self.durable.items():
             if not self.name_durable[key] and (drop_all or rng.random() < VANISH):
                 continue
+            if key in self.unlinked and not drop_all and rng.random() < 0.5:
+                continue  # the removal reached the disk
             files[key] = bytearray(durable)
             if drop_all:
                 continue

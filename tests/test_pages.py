@@ -771,6 +771,8 @@ def test_readonly_open_of_a_missing_file(tmp_path):
 ], ids=["empty", "text", "zeros", "binary", "short-magic", "sqlite"])
 @pytest.mark.parametrize("readonly", [False, True], ids=["rw", "ro"])
 def test_opening_a_non_page_file_raises_and_leaves_it_unchanged(tmp_path, content, readonly):
+    if content == b"" and not readonly:
+        pytest.skip("an empty file opened writable becomes a page file: test_an_empty_file_becomes_a_page_file")
     path = tmp_path / "other.bin"
     path.write_bytes(content)
     stat = os.stat(path)
@@ -780,6 +782,25 @@ def test_opening_a_non_page_file_raises_and_leaves_it_unchanged(tmp_path, conten
     assert path.read_bytes() == content
     assert os.stat(path).st_size == stat.st_size
     assert os.stat(path).st_mtime_ns == stat.st_mtime_ns
+
+
+def test_an_empty_file_becomes_a_page_file(tmp_path):
+    """An existing empty file (tempfile.mkstemp) opened writable is created in place, same inode."""
+    path = tmp_path / "empty.pf"
+    path.write_bytes(b"")
+    inode = os.stat(path).st_ino
+    pf = PageFile(path, pageSize=512)
+    assert pf.created == "in place"
+    page = pf.allocate_page()
+    with page.pinned():
+        page.set_content(0, b"kept")
+    pf.close()
+    assert os.stat(path).st_ino == inode
+    pf = PageFile(path)
+    assert (pf.page_size, pf.page_count, pf.created) == (512, 1, None)
+    with pf.get_page(0).pinned() as page:
+        assert bytes(page.get_content(0, 4)) == b"kept"
+    pf.close()
 
 
 def test_opening_a_truncated_page_file_raises_and_leaves_it_unchanged(tmp_path):

@@ -526,7 +526,7 @@ def test_not_a_store_file_is_refused_and_unchanged(tmp_path, kind):
     path = tmp_path / f"{kind}.bin"
     data = _not_a_store_files()[kind]
     path.write_bytes(data)
-    for cls in (MyStorage, Storage):
+    for cls in (MyStorage, Storage) if kind != "empty" else ():  # empty: test_an_empty_file_becomes_a_store
         with pytest.raises((NotAStorageError, CorruptStorageError)) as info:
             cls(path)
         assert str(path.name) in str(info.value)
@@ -838,3 +838,148 @@ def test_a_forked_child_refuses_the_parents_storage(tmp_path):
     p.close()
     with permastruct.Storage(tmp_path / "fork.ps") as again:
         assert "after the fork" in again.stringRegistry
+
+
+# -- the files of a store (issue 17 items 1, 2; issue 16 items 11, 12) ---------------------------
+def test_a_clean_close_leaves_only_the_store(tmp_path):
+    path = tmp_path / "only.ps"
+    with MyStorage(path) as p:
+        p.root.count = 1
+        p.commit()
+        assert os.path.exists(f"{path}-wal")  # the commit went through the log
+        p.root.count = 2
+    assert sorted(os.listdir(tmp_path)) == ["only.ps"]
+    with MyStorage(path) as p:
+        assert p.root.count == 2
+
+
+def test_the_log_stays_while_a_reader_holds_an_older_snapshot(tmp_path):
+    path = tmp_path / "held.ps"
+    p = MyStorage(path)
+    p.root.count = 1
+    p.commit()
+    reader = MyStorage(path, readonly=True)
+    p.root.count = 2
+    p.close()  # the reader's snapshot (transaction of count=1) keeps the last commit in the log
+    assert os.path.exists(f"{path}-wal")
+    assert reader.root.count == 1
+    reader.refresh()
+    assert reader.root.count == 2
+    reader.close()
+    with MyStorage(path) as p:
+        assert p.root.count == 2
+    assert sorted(os.listdir(tmp_path)) == ["held.ps"]
+
+
+def test_an_empty_file_becomes_a_store(tmp_path):
+    """tempfile.mkstemp() users: an existing empty file is taken as a new store, in place."""
+    import tempfile
+    handle, name = tempfile.mkstemp(dir=tmp_path, suffix=".ps")
+    os.close(handle)
+    inode = os.stat(name).st_ino
+    with MyStorage(name) as p:
+        p.root.name = b"kept"
+    assert os.stat(name).st_ino == inode
+    with MyStorage(name) as p:
+        assert p.root.name == b"kept"
+        p.check()
+
+
+def test_an_empty_file_is_refused_by_a_reader_and_left_empty(tmp_path):
+    path = tmp_path / "empty.ps"
+    path.write_bytes(b"")
+    with pytest.raises(NotAStorageError):
+        MyStorage(path, readonly=True)
+    assert path.read_bytes() == b""
+
+
+def test_an_unfinished_creation_in_an_empty_file_is_created_again(tmp_path):
+    """Creation in place writes the header block without its magic, syncs, then the magic."""
+    path = tmp_path / "half.ps"
+    with MyStorage(tmp_path / "model.ps") as p:
+        pass
+    block = (tmp_path / "model.ps").read_bytes()[:4096]
+    path.write_bytes(bytes(8) + block[8:])  # everything but the magic reached the disk
+    with pytest.raises(NotAStorageError):
+        MyStorage(path, readonly=True)
+    with MyStorage(path) as p:
+        p.root.count = 3
+    with MyStorage(path) as p:
+        assert p.root.count == 3
+
+
+def test_a_failed_schema_on_a_new_path_leaves_nothing(tmp_path):
+    class Broken(Storage):
+        def populateSchema(self):
+            class Root(self.schema.Structure):
+                count = self.schema.Int
+            raise RuntimeError("a mistake in populateSchema")
+
+    with pytest.raises(RuntimeError):
+        Broken(tmp_path / "new.ps")
+    assert os.listdir(tmp_path) == []
+    # the same process can try again at once: no lock or descriptor was left behind
+    with MyStorage(tmp_path / "new.ps") as p:
+        p.root.count = 1
+    (tmp_path / "empty.ps").write_bytes(b"")
+    with pytest.raises(RuntimeError):
+        Broken(tmp_path / "empty.ps")
+    assert (tmp_path / "empty.ps").read_bytes() == b""  # an empty file is empty again
+
+
+def test_a_failed_creation_can_be_retried_in_the_same_process(tmp_path):
+    path = tmp_path / "big.ps"
+    with pytest.raises((OverflowError, OSError, ValueError)):
+        MyStorage(path, fileSize=2 ** 50)  # no file system holds this
+    assert os.listdir(tmp_path) == []
+    with MyStorage(path) as p:
+        p.root.count = 5
+    with MyStorage(path) as p:
+        assert p.root.count == 5
+
+
+def test_two_processes_creating_one_path_make_one_store(tmp_path):
+    """Creation is atomic (a file with a name is linked whole): of two processes racing to
+    create a store, one creates it and the other opens that store (waiting for its lock)."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {SRC_DIR!r})
+        from permastruct import Storage
+        class Race(Storage):
+            def populateSchema(self):
+                class Root(self.schema.Structure):
+                    who = self.schema.String
+                    count = self.schema.Int
+        start = float(sys.argv[2])
+        while time.time() < start:
+            pass
+        with Race(sys.argv[1], timeout=30) as p:
+            if p.root.who is None:
+                p.root.who = sys.argv[3]
+            p.root.count += 1
+        print("ok")
+    """)
+    for round_ in range(6):
+        path = str(tmp_path / f"race{round_}.ps")
+        start = __import__("time").time() + 0.5
+        children = [subprocess.Popen([sys.executable, "-c", script, path, str(start), name],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for name in ("a", "b")]
+        for child in children:
+            out, err = child.communicate(timeout=120)
+            assert child.returncode == 0 and out.strip() == "ok", err[-2000:]
+        with Storage(path) as p:
+            assert p.root.count == 2 and str(p.root.who) in ("a", "b")
+            p.check()
+        assert sorted(os.listdir(tmp_path))[-1] == f"race{round_}.ps"
+    assert not [name for name in os.listdir(tmp_path) if "creating" in name]
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "fifo.ps"
+    os.mkfifo(path)
+    for readonly in (True, False):
+        with pytest.raises(NotAStorageError, match="FIFO"):
+            MyStorage(path, readonly=readonly)
+    with pytest.raises(NotAStorageError, match="directory"):
+        MyStorage(tmp_path)

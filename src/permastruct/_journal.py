@@ -257,5 +257,10 @@ class Journal:
     def size(self):
         return self.end
 
+    def remove(self):
+        """Delete the log file and close it (a clean close of a store whose main file holds every commit)."""
+        FileIO.unlink(self.io.path)
+        self.io.close()
+
     def close(self):
         self.io.close()

@@ -23,16 +23,18 @@ drops the private copies; the map then shows the file again.
 """
 
 import bisect
+import contextlib
 import ctypes
 import errno
 import fcntl
 import mmap
 import os
+import stat
 import struct
 import sys
 import time
 
-from .errors import CorruptStorageError, StorageFullError
+from .errors import CorruptStorageError, NotAStorageError, StorageFullError
 
 OS_PAGE = mmap.PAGESIZE
 GRANULE = max(mmap.ALLOCATIONGRANULARITY, OS_PAGE)
@@ -124,6 +126,8 @@ class FileIO:
     ``"fsync_dir"`` ()              the directory holding ``path``
     ``"fallocate"`` (offset, length)
     ``"truncate"`` (length,)
+    ``"unlink"`` ()                 the file is about to be removed (:meth:`unlink`)
+    ``"link"`` (new path,)          a new file gets its name (:meth:`publish_as`)
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "f")
@@ -139,22 +143,111 @@ class FileIO:
         self.fd = fd
         self.path = path
         self.sync_failed = False
+        #: True for a file of :meth:`create_unnamed` that has no name yet
+        self.unnamed = False
 
     @classmethod
     def open(cls, path, readonly, create):
+        """Open (or with ``create``, create exclusively) the regular file at ``path``.
+
+        Anything but a regular file there (a FIFO, a directory, a device) is
+        refused with :class:`NotAStorageError` before a byte is read or
+        written; the open itself never blocks (``O_NONBLOCK``, cleared after).
+        """
         flags = os.O_RDONLY if readonly else os.O_RDWR
         if create:
             if FileIO.hook is not None:
                 FileIO.hook("create", path)
             flags |= os.O_CREAT | os.O_EXCL
-        flags |= getattr(os, "O_CLOEXEC", 0)
+        flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            return cls(os.open(path, flags, 0o666), path)
+            fd = os.open(path, flags, 0o666)
+        except IsADirectoryError:
+            raise NotAStorageError(f"{path!r} is a directory, not a permastruct store") from None
         except OSError as exc:
             error = _full_error(exc, "creating" if create else "opening", path)
             if error is exc:
                 raise
             raise error from exc
+        return cls._regular(fd, path)
+
+    @classmethod
+    def _regular(cls, fd, path):
+        """A FileIO for ``fd``, which must be a regular file (else it is closed and refused)."""
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(
+                    mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+                raise NotAStorageError(f"{path!r} is {kind}, not a permastruct store or log; "
+                                       "nothing was read from it or written to it")
+            if hasattr(os, "O_NONBLOCK"):
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, path)
+
+    @classmethod
+    def create_unnamed(cls, path):
+        """A new, empty file in the folder of ``path`` that has no name yet (see :meth:`publish_as`).
+
+        Linux's ``O_TMPFILE`` makes a file without a name, so a crash leaves
+        nothing behind; elsewhere (or on a file system without it) a file
+        with a unique temporary name beside ``path``.  The hook sees a
+        ``"create"`` of the temporary name.
+        """
+        folder = os.path.dirname(os.path.abspath(path))
+        temporary = f"{path}.creating-{os.getpid()}-{os.urandom(4).hex()}"
+        if hasattr(os, "O_TMPFILE"):
+            if FileIO.hook is not None:
+                FileIO.hook("create", temporary)
+            try:
+                fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise _full_error(exc, "creating", path) from exc
+            else:
+                io = cls(fd, temporary)
+                io.unnamed = True
+                return io
+        io = cls.open(temporary, readonly=False, create=True)
+        io.unnamed = False
+        return io
+
+    def publish_as(self, path):
+        """Give a file made by :meth:`create_unnamed` the name ``path``, atomically.
+
+        Raises ``FileExistsError`` (and leaves ``path`` alone) when something
+        is there already.  The hook sees ``"link"`` (the new name), and for a
+        named temporary file an ``"unlink"`` of it afterwards.
+        """
+        self._before("link", path)
+        try:
+            if self.unnamed:  # linkat(2) of /proc/self/fd/N, following the link to the file itself
+                folder = os.open("/proc/self/fd", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    os.link(str(self.fd), path, src_dir_fd=folder, follow_symlinks=True)
+                finally:
+                    os.close(folder)
+            else:
+                os.link(self.path, path)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise _full_error(exc, "creating", path) from exc
+        if not self.unnamed:
+            FileIO.unlink(self.path)
+        self.path = path
+        self.unnamed = False
+
+    def discard_unnamed(self):
+        """Close a file made by :meth:`create_unnamed` that was never published, and remove it."""
+        temporary, named = self.path, not getattr(self, "unnamed", True)
+        self.close()
+        if named:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
     def _before(self, operation, *args):
         if FileIO.hook is not None:
@@ -227,6 +320,16 @@ class FileIO:
             os.ftruncate(self.fd, length)
         except OSError as exc:
             raise _full_error(exc, "resizing", self.path) from exc
+
+    @staticmethod
+    def unlink(path):
+        """Remove the file at ``path`` (a store's log at a clean close); a missing file is no error."""
+        if FileIO.hook is not None:
+            FileIO.hook("unlink", path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     # -- byte-range locks (on bytes far past the end of the file, see _format) --
     def lock(self, start, exclusive, wait=False, length=1):

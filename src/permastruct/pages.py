@@ -24,6 +24,7 @@ b'hello'
 
 import collections
 import contextlib
+import errno
 import os
 import time
 import zlib
@@ -308,25 +309,27 @@ class PageFile:
         self._logged = {}  # writer: file offset -> [log position, image or None] not yet checkpointed
         self._mark = None  # reader: the transaction whose reader lock this open holds
         self._owner = os.getpid()  # the process whose locks these are (not a forked child)
-        exists = os.path.exists(self.path)
-        if not exists and readonly:
-            raise FileNotFoundError(f"no such store: {self.path!r} (cannot create it read-only)")
-        if not exists:
-            _check_page_size(pageSize)
-            self.io = FileIO.open(self.path, readonly=False, create=True)
+        #: Whether this open created the store: None, "new" (a new file) or "in place" (an empty file).
+        self.created = None
+        if not readonly:
+            _check_timeout(timeout)
+        while True:
             try:
-                self._lock_writer(0)
-                self._create(pageSize)
-            except BaseException:
-                self.io.close()
-                os.unlink(self.path)
-                raise
-        else:
-            self.io = FileIO.open(self.path, readonly=readonly, create=False)
+                self.io = FileIO.open(self.path, readonly=readonly, create=False)
+            except FileNotFoundError:
+                if readonly:
+                    raise FileNotFoundError(errno.ENOENT, f"no such store: {self.path!r} (a read-only "
+                                            "open cannot create it)", self.path) from None
+                if self._create_new(pageSize):
+                    break
+                continue  # another process created it first: open theirs
             try:
                 if not readonly:
                     self._lock_writer(timeout)
-                self._open()
+                if not readonly and self._empty():
+                    self._create_in_place(pageSize)
+                else:
+                    self._open()
             except BaseException:
                 if self.journal is not None:
                     self.journal.close()
@@ -334,39 +337,109 @@ class PageFile:
                     self.mapping.close()
                 self.io.close()
                 raise
+            break
         self.closed = False
         self.buffer_manager = BufferManager(self)
-        if initial_size and not readonly:
-            self.mapping.grow(initial_size)
+        if initial_size and self.created:
+            try:
+                self.mapping.grow(initial_size)
+            except BaseException:
+                self.abandon()
+                raise
 
-    # -- opening -------------------------------------------------------------
-    def _lock_writer(self, timeout):
-        """Become the one writer of the file, waiting up to ``timeout`` seconds (None: forever)."""
-        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
-                                    or not timeout >= 0):  # refuses NaN too
-            raise ValueError(f"timeout must be a non-negative number of seconds or None, not {timeout!r}")
-        if not self.io.lock_waiting(F.LOCK_WRITER, True, timeout):
-            waited = f" after waiting {timeout} s" if timeout else ""
-            raise StorageLockedError(f"{self.path!r} is open for writing by another process or "
-                                     f"storage{waited}; close it there, open this one with readonly=True, "
-                                     "or pass timeout= to wait")
+    # -- creating ------------------------------------------------------------
+    def _create_new(self, page_size):
+        """Create the store at a path where there is no file; False if another process got there first.
 
-    def _create(self, page_size):
+        The file is made without a name (or under a temporary one), locked,
+        given its header block, synced (whatever ``sync`` says), and only then linked at ``path``: a
+        file with the permastruct magic at a store's name always has a whole
+        header block, and two processes creating one path never both succeed.
+        """
+        _check_page_size(page_size)
+        io = FileIO.create_unnamed(self.path)
+        try:
+            io.lock(F.LOCK_WRITER, True)  # no one else can know this file yet: granted at once
+            io.pwrite(self._header_block(page_size), 0)
+            io.fsync()  # even with sync=False: a name must never come back from a power loss without its header
+            try:
+                io.publish_as(self.path)
+            except FileExistsError:
+                io.discard_unnamed()
+                return False
+            if self.sync:
+                io.fsync_directory()
+        except BaseException:
+            if io.fd >= 0 and io.path != self.path:
+                io.discard_unnamed()
+            elif io.fd >= 0:  # published, then a failure (a failed directory sync): take it back
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                io.close()
+            raise
+        self.io = io
+        self._start_new(page_size, "new")
+        return True
+
+    def _empty(self):
+        """(Writer, locked) Whether the file holds no store yet: empty, or an unfinished in-place creation.
+
+        :meth:`_create_in_place` writes the header block without the magic
+        first and the magic last, so a file it did not finish is at most one
+        header block long and starts with eight zero bytes, followed by zeros
+        or by a header whose checksum (magic included) holds.
+        """
+        size = self.io.size()
+        if size == 0:
+            return True
+        if size > F.HEADER_BLOCK:
+            return False
+        head = self.io.pread(F.HEADER_BLOCK, 0)
+        if head[:8] != bytes(8):
+            return False
+        if not any(head):
+            return True
+        if len(head) < F.HEADER.size:
+            return False
+        whole = F.MAGIC + head[8:F.HEADER.size]
+        return F.UINT32.unpack_from(whole, 60)[0] == zlib.crc32(whole[:60])
+
+    def _create_in_place(self, page_size):
+        """Make a store of an existing empty file (``tempfile.mkstemp()``), under the writer lock."""
+        _check_page_size(page_size)
+        block = self._header_block(page_size)
+        self.io.pwrite(block[len(F.MAGIC):], len(F.MAGIC))
+        self.io.fsync()  # even with sync=False: the magic must never reach the disk before the rest
+        self.io.pwrite(block[:len(F.MAGIC)], 0)
+        self._start_new(page_size, "in place")
+
+    def _header_block(self, page_size):
+        """The first ``HEADER_BLOCK`` bytes of a new store: the static header and root record A."""
+        block = bytearray(F.HEADER_BLOCK)
+        block[:F.HEADER.size] = F.pack_header(page_size)
+        block[F.ROOT_OFFSETS[0]:F.ROOT_OFFSETS[0] + F.ROOT.size] = F.pack_root(1, 0, F.NO_NEXT_FREE_PAGE,
+                                                                               [0] * F.ROOT_SLOTS)
+        return bytes(block)
+
+    def _start_new(self, page_size, how):
+        """The state of a store just created: transaction 1, no pages."""
+        self.created = how
         self.page_size = page_size
         self.txn = self.main_txn = 1
         self.page_count, self.free_head = 0, F.NO_NEXT_FREE_PAGE
         self.slots = [0] * F.ROOT_SLOTS
         self._committed = (0, F.NO_NEXT_FREE_PAGE, list(self.slots))
         self._current_root = 0
-        block = bytearray(F.HEADER_BLOCK)  # the header and the first root record in one write
-        block[:F.HEADER.size] = F.pack_header(page_size)
-        block[F.ROOT_OFFSETS[0]:F.ROOT_OFFSETS[0] + F.ROOT.size] = F.pack_root(1, 0, F.NO_NEXT_FREE_PAGE,
-                                                                               self.slots)
-        self.io.pwrite(block, 0)
-        if self.sync:
-            self.io.fsync()
-            self.io.fsync_directory()
         self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, page_size)
+
+    # -- opening -------------------------------------------------------------
+    def _lock_writer(self, timeout):
+        """Become the one writer of the file, waiting up to ``timeout`` seconds (None: forever)."""
+        if not self.io.lock_waiting(F.LOCK_WRITER, True, timeout):
+            waited = f" after waiting {timeout} s" if timeout else ""
+            raise StorageLockedError(f"{self.path!r} is open for writing by another process or "
+                                     f"storage{waited}; close it there, open this one with readonly=True, "
+                                     "or pass timeout= to wait")
 
     def _read_main(self):
         """Check the static header and pick the newer valid root record of the main file."""
@@ -382,20 +455,13 @@ class PageFile:
                 f"{F.FORMAT_VERSION}: upgrade permastruct to open it")
         if crc != zlib.crc32(head[:60]):
             raise CorruptStorageError(f"{self.path!r}: the file header checksum does not match")
-        unfinished = self._unfinished(head)
-        if len(head) < F.HEADER_BLOCK and not unfinished:
+        if len(head) < F.HEADER_BLOCK:  # creation writes the whole block before the magic shows
             raise CorruptStorageError(f"{self.path!r} is truncated: {size} bytes, shorter than its header")
         if block != F.HEADER_BLOCK or not _valid_page_size(page_size):
             raise CorruptStorageError(f"{self.path!r}: invalid header block {block} or page size {page_size}")
         self.page_size = page_size
         roots = [F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
         candidates = [(root[0], index) for index, root in enumerate(roots) if root is not None]
-        if unfinished:
-            # The file's creation did not finish: it holds nothing; it is the
-            # state of a new file (the writer completes its header block).
-            roots, candidates = [(1, 0, F.NO_NEXT_FREE_PAGE, [0] * F.ROOT_SLOTS)], [(1, 0)]
-            if len(head) < F.HEADER_BLOCK and not self.readonly:
-                self.io.fallocate(0, F.HEADER_BLOCK)
         if not candidates:
             raise CorruptStorageError(f"{self.path!r}: both root records are damaged")
         txn, index = max(candidates)
@@ -404,32 +470,6 @@ class PageFile:
                                       "beyond any a store can reach")
         self.main_txn, self._current_root = txn, index
         return roots[index][1:]
-
-    def _unfinished(self, head):
-        """Whether a header block (valid static header) is one whose creation never finished.
-
-        Creation writes the static header and root record A (transaction 1,
-        no pages) in one write; a crash can keep any of its sectors.  So the
-        file is unfinished when neither root record holds more than that -
-        and no log says that a checkpoint has been made (then the file was
-        cut short, which is damage, not an unfinished creation).
-        """
-        roots = [head[offset:offset + F.ROOT.size] for offset in F.ROOT_OFFSETS]
-        for raw in roots:
-            if any(raw):
-                record = F.unpack_root(raw)
-                if record is None or record[0] != 1 or record[1] != 0:
-                    return False
-        try:
-            with open(Journal.path_for(self.path), "rb") as log:
-                log_head = log.read(F.WAL_HEADER.size)
-        except OSError:
-            return True
-        if len(log_head) == F.WAL_HEADER.size and log_head[:8] == F.WAL_MAGIC:
-            *_, base, crc = F.WAL_HEADER.unpack(log_head)
-            if crc == zlib.crc32(log_head[:60]) and base > 1:
-                return False
-        return True
 
     def _read_log(self):
         """The whole commits of the log that the main file lacks (the log is opened afresh)."""
@@ -595,7 +635,7 @@ class PageFile:
         head = self.io.pread(F.HEADER_BLOCK, 0)
         roots = [F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
         valid = [root for root in roots if root is not None]
-        if not valid and not self._unfinished(head):
+        if not valid:
             fail("both root records are damaged")
         newest = max(root[0] for root in valid) if valid else 1
         if newest != self.main_txn and not self.readonly:  # a reader's writer may have moved on
@@ -954,6 +994,28 @@ class PageFile:
             self.io.unlock(F.LOCK_CHECKPOINT)
         return self.main_txn
 
+    def _remove_log(self):
+        """(Writer, closing) Delete the log when the main file holds every commit.
+
+        The checkpoint lock is held exclusively, so no reader is reading the
+        log: readers read it only while taking a snapshot, under that lock
+        shared, and one that opens meanwhile waits and then finds no log
+        (the main file alone is the latest commit).  When a reader's old
+        snapshot kept the last checkpoint from copying everything, the log
+        stays.  The directory is not synced: a log that comes back after a
+        power loss holds only commits the main file has (it was reset after
+        the checkpoint's fsyncs), and is skipped.
+        """
+        journal = self.journal
+        if journal is None or self.main_txn != self.txn:
+            return
+        self._lock_checkpoint()
+        try:
+            self.journal = None
+            journal.remove()
+        finally:
+            self.io.unlock(F.LOCK_CHECKPOINT)
+
     def _write_pages(self, sources, load):
         """Write pages into the main file: ``sources`` are ``(offset, source)`` in offset order,
         ``load(source)`` the image; neighbours go out in one ``pwrite`` (up to 4 MiB each)."""
@@ -990,6 +1052,22 @@ class PageFile:
         self.page_count, self.free_head, slots = self._committed
         self.slots = list(slots)
 
+    def abandon(self):
+        """(Writer) Undo this open's creation of the store and close: a new file and its log are
+        removed, an empty file is made empty again.  Still under the writer lock while it does."""
+        if self.closed or not self.created:
+            return self.close(flush=False)
+        try:
+            if self.journal is not None:
+                journal, self.journal = self.journal, None
+                journal.remove()
+            if self.created == "new":
+                FileIO.unlink(self.path)
+            else:
+                self.io.truncate(0)
+        finally:
+            self.close(flush=False)
+
     def close(self, flush=True):
         """Commit (when writable), checkpoint if no reader needs the log, and release the file.
 
@@ -1001,6 +1079,7 @@ class PageFile:
             if flush and not self.readonly and not self.sync_failed:
                 self.flush()
                 self.checkpoint(truncate=True)
+                self._remove_log()
         finally:
             self.closed = True
             self.buffer_manager.forget()
@@ -1031,6 +1110,12 @@ class PageFile:
 def _valid_page_size(size):
     return (isinstance(size, int) and F.MIN_PAGE_SIZE <= size <= F.MAX_PAGE_SIZE
             and size & (size - 1) == 0)
+
+
+def _check_timeout(timeout):
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                or not timeout >= 0):  # refuses NaN too
+        raise ValueError(f"timeout must be a non-negative number of seconds or None, not {timeout!r}")
 
 
 def _check_page_size(size):

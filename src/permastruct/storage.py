@@ -110,11 +110,10 @@ class Storage:
             raise TypeError(f"fileName must be a str or os.PathLike, not {type(fileName).__name__}")
         self.fileName = os.path.abspath(path)
         self.sync = sync
-        created = not os.path.exists(self.fileName)
         size = max(fileSize or DEFAULT_FILE_SIZE, F.HEADER_BLOCK + pageSize)
         self._page_file = PageFile(self.fileName, pageSize, readonly=self.readonly, sync=sync,
-                                   initial_size=size if created else None, timeout=timeout,
-                                   journal=not self._volatile)
+                                   initial_size=size, timeout=timeout, journal=not self._volatile)
+        created = self._page_file.created
         if not created and self._page_file.txn == 1:
             # Created but never committed (a crash while creating it): nothing to lose.
             # A class with a schema creates it again; a reader or the bare Storage cannot.
@@ -145,10 +144,10 @@ class Storage:
                 self._load()
         except BaseException:
             self._closed = True
-            self._page_file.close(flush=False)
-            if created and not self._volatile:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.fileName)
+            if self._page_file.created:
+                self._page_file.abandon()  # a new file goes, an empty one is empty again
+            else:
+                self._page_file.close(flush=False)
             raise
         self.stringRegistry = StringRegistry(self)
         _OPEN.add(self)
@@ -821,8 +820,7 @@ class Storage:
         try:
             if not self.readonly and not self._page_file.sync_failed and not self._forked:
                 self._collect_unreferenced(everything=True)
-                self._page_file.flush()
-                self._page_file.checkpoint(truncate=True)
+                self._page_file.close()  # commits, checkpoints, removes the log if it can
         finally:
             self._closed = True
             self._root = None
