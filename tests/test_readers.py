@@ -29,7 +29,7 @@ import traceback
 import pytest
 
 from permastruct import Dict, List, Storage
-from permastruct.errors import (PermastructError, ReadOnlyError, StorageClosedError,
+from permastruct.errors import (ForkedProcessError, PermastructError, ReadOnlyError, StorageClosedError,
                                 StorageLockedError)
 from permastruct.pages import PageFile
 
@@ -1014,16 +1014,16 @@ def test_a_forked_child_cannot_use_the_parents_storages_and_the_parent_keeps_its
     if pid == 0:  # the child: report through the pipe, never run pytest code
         os.close(read)
         outcomes = []
-        # A field write through a proxy has no check (it costs nothing): it reaches only
-        # the child's copy of the memory, and the commit after it is refused.
-        account.balance = 1
-        for what, action in (("commit", w.commit), ("root", lambda: w.root),
+        # Every proxy of the parent's storages refuses too, a field write or read included.
+        for what, action in (("field write", lambda: setattr(account, "balance", 1)),
+                             ("field read", lambda: account.balance),
+                             ("commit", w.commit), ("root", lambda: w.root),
                              ("new object", lambda: w.schema.Account()),
                              ("refresh", r.refresh)):
             try:
                 action()
                 outcomes.append(f"{what}: no error")
-            except PermastructError as exc:
+            except ForkedProcessError as exc:
                 outcomes.append(f"{what}: {'forked' in str(exc)}")
             except BaseException as exc:
                 outcomes.append(f"{what}: {type(exc).__name__}")
@@ -1039,7 +1039,8 @@ def test_a_forked_child_cannot_use_the_parents_storages_and_the_parent_keeps_its
     with os.fdopen(read, "rb") as pipe:
         outcomes = pipe.read().decode().splitlines()
     os.waitpid(pid, 0)
-    assert outcomes == ["commit: True", "root: True", "new object: True", "refresh: True", "closed"], outcomes
+    assert outcomes == ["field write: True", "field read: True", "commit: True", "root: True",
+                        "new object: True", "refresh: True", "closed"], outcomes
     assert account.balance == INITIAL_BALANCE  # the child's write stayed in the child
     # The parent still holds the writer lock ...
     result = run_python(f"""

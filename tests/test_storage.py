@@ -983,3 +983,115 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
             MyStorage(path, readonly=readonly)
     with pytest.raises(NotAStorageError, match="directory"):
         MyStorage(tmp_path)
+
+
+# -- lifecycle and error classes (issue 17 items 5, 6) ---------------------------------------------
+def test_a_storage_dropped_without_close_warns_and_releases_its_lock(tmp_path):
+    import gc
+    import warnings
+    path = tmp_path / "dropped.ps"
+    with MyStorage(path) as p:
+        p.root.count = 1
+    p = MyStorage(path)
+    p.root.count = 2  # never committed: lost, as documented
+    proxy = p.root
+    del p, proxy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert any(issubclass(w.category, ResourceWarning) and "dropped.ps" in str(w.message) for w in caught)
+    with MyStorage(path) as p:  # the lock was released: the same process can open it again
+        assert p.root.count == 1
+
+
+def test_a_closed_storage_gives_no_warning(tmp_path):
+    import gc
+    import warnings
+    p = MyStorage(tmp_path / "closed.ps")
+    p.close()
+    del p
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_opening_twice_for_writing_in_one_process_says_so(tmp_path):
+    from permastruct.errors import StorageLockedError
+    path = tmp_path / "twice.ps"
+    p = MyStorage(path)
+    try:
+        with pytest.raises(StorageLockedError, match="already open for writing in this process"):
+            MyStorage(path)
+        link = tmp_path / "link.ps"
+        os.symlink(path, link)
+        with pytest.raises(StorageLockedError, match="already open for writing in this process"):
+            MyStorage(link)
+        with pytest.raises(StorageLockedError, match="already open for writing in this process"):
+            MyStorage(path, timeout=0.05)
+    finally:
+        p.close()
+
+
+def test_a_lock_held_by_another_process_names_the_wait_only_when_there_was_one(tmp_path):
+    from permastruct.errors import StorageLockedError
+    path = tmp_path / "other.ps"
+    MyStorage(path).close()
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {SRC_DIR!r})
+        from permastruct import Storage
+        p = Storage({str(path)!r})
+        print("open", flush=True)
+        sys.stdin.readline()
+        p.close()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "open"
+        with pytest.raises(StorageLockedError) as info:
+            MyStorage(path)
+        assert "another process" in str(info.value) and "pass timeout=" in str(info.value)
+        with pytest.raises(StorageLockedError) as info:
+            MyStorage(path, timeout=0.05)
+        assert "after waiting 0.05 s" in str(info.value) and "pass timeout=" not in str(info.value)
+    finally:
+        child.communicate("\n", timeout=60)
+
+
+def test_each_condition_has_its_own_error_class():
+    from permastruct import errors
+    assert issubclass(errors.SyncFailedError, OSError) and issubclass(errors.SyncFailedError, PermastructError)
+    assert issubclass(errors.ForkedProcessError, RuntimeError)
+    assert issubclass(errors.DeadProxyError, ReferenceError)
+    for name in errors.__all__:
+        assert getattr(permastruct, name) is getattr(errors, name)
+
+
+def test_a_proxy_of_a_rolled_back_object_raises_dead_proxy_error(tmp_path):
+    from permastruct.errors import DeadProxyError
+    with MyStorage(tmp_path / "dead.ps") as p:
+        agent = p.schema.Agent(age=3)
+        p.rollback()
+        with pytest.raises(DeadProxyError, match="rolled back"):
+            agent.age
+
+
+def test_a_failed_fsync_refuses_commits_with_sync_failed_error(tmp_path, monkeypatch):
+    import errno
+    from permastruct._mapping import FileIO
+    from permastruct.errors import SyncFailedError
+    path = tmp_path / "sync.ps"
+    MyStorage(path).close()
+    p = MyStorage(path)
+    p.root.count = 1
+
+    def fail(operation, file, *args):
+        if operation == "fsync":
+            raise OSError(errno.EIO, "injected")
+    monkeypatch.setattr(FileIO, "hook", fail)
+    with pytest.raises(OSError):
+        p.commit()
+    monkeypatch.setattr(FileIO, "hook", None)
+    with pytest.raises(SyncFailedError):
+        p.commit()
+    p.close()

@@ -19,9 +19,9 @@
 from ._types import (Bool, Float, Float32, Float64, Int, Int8, Int16, Int32, Int64, UInt8, UInt16,
                      UInt32, UInt64)
 from .buffer import Buffer
-from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError,
-                     PermastructError, ReadOnlyError, SchemaError, StorageClosedError,
-                     StorageFullError, StorageLockedError, UnpinnedPageError)
+from .errors import (CorruptStorageError, DeadProxyError, ForkedProcessError, IncompatibleFormatError,
+                     NotAStorageError, PermastructError, ReadOnlyError, SchemaError, StorageClosedError,
+                     StorageFullError, StorageLockedError, SyncFailedError, UnpinnedPageError)
 from .collections import Dict, List, Set, SortedDict
 from .storage import Storage
 from .strings import ByteString, String
@@ -36,5 +36,5 @@ __all__ = [
     "UInt64", "Float32", "Float64",
     "PermastructError", "StorageClosedError", "ReadOnlyError", "StorageLockedError",
     "NotAStorageError", "CorruptStorageError", "IncompatibleFormatError", "SchemaError",
-    "UnpinnedPageError", "StorageFullError",
+    "UnpinnedPageError", "StorageFullError", "SyncFailedError", "ForkedProcessError", "DeadProxyError",
 ]

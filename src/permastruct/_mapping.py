@@ -26,7 +26,6 @@ import bisect
 import contextlib
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import stat
@@ -35,6 +34,12 @@ import sys
 import time
 
 from .errors import CorruptStorageError, NotAStorageError, StorageFullError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no fcntl, no byte-range locks of this kind
+    raise ImportError(f"permastruct needs a POSIX system: its locks use fcntl, which Python on {sys.platform} "
+                      "does not have (Linux is what is tested; see the platforms section of README.md)") from None
 
 OS_PAGE = mmap.PAGESIZE
 GRANULE = max(mmap.ALLOCATIONGRANULARITY, OS_PAGE)
@@ -255,6 +260,11 @@ class FileIO:
 
     def size(self):
         return os.fstat(self.fd).st_size
+
+    def identity(self):
+        """``(device, inode)``: the same for every name (path, symlink, hard link) of the file."""
+        info = os.fstat(self.fd)
+        return info.st_dev, info.st_ino
 
     def pread(self, length, offset):
         """Read exactly ``length`` bytes (fewer only at the end of the file)."""

@@ -16,7 +16,7 @@ import struct
 import sys
 
 from . import _format as F
-from .errors import CorruptStorageError, PermastructError, StorageClosedError
+from .errors import CorruptStorageError, DeadProxyError, StorageClosedError
 
 CStruct = ctypes.LittleEndianStructure
 CMeta = type(CStruct)
@@ -195,6 +195,20 @@ _GUARDED = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash_
             "__format__", "__call__", "__enter__", "__exit__", "__fspath__")
 
 
+def refuse_all(cls, error, message):
+    """Make every use of proxy class ``cls`` (one of a storage's own classes) raise ``error(message)``.
+
+    Used in a forked child, where the parent's storages must not be used:
+    the class is changed in place, so every proxy of it refuses at once.
+    """
+    def refuse(self, *args, **kwargs):
+        raise error(message)
+
+    for name in ("__getattribute__", "__setattr__", "__delattr__") + _GUARDED:
+        if name == "__getattribute__" or any(name in vars(base) for base in cls.__mro__[:-1]):
+            setattr(cls, name, refuse)
+
+
 def closed_class(cls, rolled_back=False):
     """The variant of proxy class ``cls`` that proxies are switched to when they die.
 
@@ -211,11 +225,11 @@ def closed_class(cls, rolled_back=False):
         return cache[rolled_back]
     storage_name = repr(cls._storage)
     if rolled_back == "freed":
-        error, message = PermastructError, (
+        error, message = DeadProxyError, (
             f"this persistent {cls.__name__} object was freed by the writer of {storage_name}; "
             "it is not in the commit this reader moved to")
     elif rolled_back:
-        error, message = PermastructError, (
+        error, message = DeadProxyError, (
             f"this persistent {cls.__name__} object was created in a transaction of {storage_name} "
             "that was rolled back; it no longer exists")
     else:

@@ -21,6 +21,9 @@ __all__ = [
     "SchemaError",
     "UnpinnedPageError",
     "StorageFullError",
+    "SyncFailedError",
+    "ForkedProcessError",
+    "DeadProxyError",
 ]
 
 
@@ -62,3 +65,25 @@ class UnpinnedPageError(PermastructError, RuntimeError):
 
 class StorageFullError(PermastructError, OSError):
     """The disk is full or a file-size limit was reached while the file grew or committed."""
+
+
+class SyncFailedError(PermastructError, OSError):
+    """An fsync of the store or its log failed earlier: this open refuses to commit.
+
+    The system may have dropped the written pages, so a retry could report
+    success for data that is not on disk.  Close the storage and open it
+    again: it reopens at its last durable commit.
+    """
+
+
+class ForkedProcessError(PermastructError, RuntimeError):
+    """A storage opened before ``os.fork()`` was used in the child process.
+
+    The parent owns the storage's locks and its uncommitted changes; open the
+    file again in the child instead.
+    """
+
+
+class DeadProxyError(PermastructError, ReferenceError):
+    """A proxy whose object no longer exists: created in a transaction that was rolled back,
+    or (in a reader) freed by the writer in a commit the reader has since moved to."""

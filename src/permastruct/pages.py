@@ -27,14 +27,14 @@ import contextlib
 import errno
 import os
 import time
+import weakref
 import zlib
 
 from . import _format as F
 from ._journal import Journal
 from ._mapping import GRANULE, OS_PAGE, FileIO, MappedFile
-from .errors import (CorruptStorageError, PermastructError, IncompatibleFormatError, NotAStorageError,
-                     ReadOnlyError, StorageClosedError, StorageLockedError,
-                     UnpinnedPageError)
+from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError, ReadOnlyError,
+                     StorageClosedError, StorageLockedError, SyncFailedError, UnpinnedPageError)
 
 __all__ = ["PageId", "PageHeader", "PageData", "Page", "BufferManager", "PageFile"]
 
@@ -338,6 +338,8 @@ class PageFile:
                 self.io.close()
                 raise
             break
+        if not readonly:
+            _WRITERS[self.io.identity()] = self
         self.closed = False
         self.buffer_manager = BufferManager(self)
         if initial_size and self.created:
@@ -435,11 +437,20 @@ class PageFile:
     # -- opening -------------------------------------------------------------
     def _lock_writer(self, timeout):
         """Become the one writer of the file, waiting up to ``timeout`` seconds (None: forever)."""
-        if not self.io.lock_waiting(F.LOCK_WRITER, True, timeout):
-            waited = f" after waiting {timeout} s" if timeout else ""
-            raise StorageLockedError(f"{self.path!r} is open for writing by another process or "
-                                     f"storage{waited}; close it there, open this one with readonly=True, "
-                                     "or pass timeout= to wait")
+        if self.io.lock_waiting(F.LOCK_WRITER, True, timeout):
+            return
+        mine = _WRITERS.get(self.io.identity())
+        if mine is not None and not mine.closed and mine._owner == os.getpid():
+            waited = f", still after waiting {timeout} s" if timeout else ""
+            raise StorageLockedError(f"{self.path!r} is already open for writing in this process "
+                                     f"(as {mine.path!r}){waited}; close that storage first, or open this "
+                                     "one with readonly=True")
+        if timeout:
+            raise StorageLockedError(f"{self.path!r} is still open for writing by another process after "
+                                     f"waiting {timeout} s; close it there, or open this one with "
+                                     "readonly=True")
+        raise StorageLockedError(f"{self.path!r} is open for writing by another process; close it there, "
+                                 "open this one with readonly=True, or pass timeout= to wait for it")
 
     def _read_main(self):
         """Check the static header and pick the newer valid root record of the main file."""
@@ -710,7 +721,7 @@ class PageFile:
         if self.readonly:
             raise ReadOnlyError(f"{self.path!r} is open read-only")
         if self.sync_failed:
-            raise PermastructError(f"{self.path!r}: an fsync failed earlier, so the system may have "
+            raise SyncFailedError(f"{self.path!r}: an fsync failed earlier, so the system may have "
                                    "dropped written data; this open refuses to commit. Close it and "
                                    "open the file again: it reopens at its last durable commit")
 
@@ -1110,6 +1121,10 @@ class PageFile:
 def _valid_page_size(size):
     return (isinstance(size, int) and F.MIN_PAGE_SIZE <= size <= F.MAX_PAGE_SIZE
             and size & (size - 1) == 0)
+
+
+#: (device, inode) -> the PageFile of this process that holds the file's writer lock.
+_WRITERS = weakref.WeakValueDictionary()
 
 
 def _check_timeout(timeout):

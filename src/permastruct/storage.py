@@ -21,6 +21,7 @@ import ctypes
 import json
 import os
 import tempfile
+import warnings
 import weakref
 
 from . import _format as F
@@ -28,8 +29,8 @@ from . import _types as T
 from . import collections as C
 from ._alloc import Allocator
 from .buffer import Buffer, buffer_source
-from .errors import (CorruptStorageError, NotAStorageError, PermastructError, ReadOnlyError, SchemaError,
-                     StorageClosedError)
+from .errors import (CorruptStorageError, ForkedProcessError, NotAStorageError, PermastructError,
+                     ReadOnlyError, SchemaError, StorageClosedError)
 from .pages import PageFile
 from .strings import ByteString, String, StringRegistry, create_registry
 from .structure import Structure, StructureMeta, pop_populating, populating, push_populating
@@ -151,6 +152,11 @@ class Storage:
             raise
         self.stringRegistry = StringRegistry(self)
         _OPEN.add(self)
+        # Dropped without close(): warn, and give back the file, its locks and its map (what
+        # was not committed is lost, as after a crash).  Not at interpreter exit: the process's
+        # end releases them anyway.
+        self._finalizer = weakref.finalize(self, _collected, self._page_file, repr(self))
+        self._finalizer.atexit = False
 
     @classmethod
     def memory(cls, **kwargs):
@@ -715,7 +721,7 @@ class Storage:
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
         if self._forked:
-            raise PermastructError(f"{self!r} was opened before this process was forked: a forked child "
+            raise ForkedProcessError(f"{self!r} was opened before this process was forked: a forked child "
                                    "cannot use it (the parent owns its lock and its changes); open the "
                                    "file again in the child, after the parent has closed it")
 
@@ -817,6 +823,7 @@ class Storage:
             return
         self._closing = True
         _OPEN.discard(self)
+        self._finalizer.detach()
         try:
             if not self.readonly and not self._page_file.sync_failed and not self._forked:
                 self._collect_unreferenced(everything=True)
@@ -862,9 +869,26 @@ class Storage:
 _OPEN = weakref.WeakSet()  # the open storages of this process
 
 
+def _collected(page_file, name):
+    """The finalizer of a storage that was dropped without ``close()``."""
+    if page_file.closed:
+        return
+    warnings.warn(f"unclosed storage {name}: it was garbage-collected without close(); what it had "
+                  "not committed is lost", ResourceWarning, stacklevel=2)
+    with contextlib.suppress(Exception):
+        page_file.close(flush=False)
+
+
 def _after_fork_in_child():
+    """Every storage open in the parent refuses to be used in the child, and so do its proxies."""
     for storage in list(_OPEN):
         storage._forked = True
+        storage._finalizer.detach()  # the parent owns the file, its locks and its log
+        message = (f"{storage!r} was opened before this process was forked: a forked child cannot use "
+                   "it or its objects (the parent owns its locks and its changes); open the file again "
+                   "in the child, after the parent has closed it")
+        for cls in list(storage._classes_by_id.values()):
+            T.refuse_all(cls, ForkedProcessError, message)
 
 
 if hasattr(os, "register_at_fork"):
