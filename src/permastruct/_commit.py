@@ -1,0 +1,839 @@
+"""The transaction engine: a store's main file and its log, commits, checkpoints, readers.
+
+:class:`Engine` owns everything that makes changes atomic and durable and
+lets one writer and many readers share a file.  It knows the file as a
+header block, pages of ``page_size`` bytes and a root state ``(page_count,
+free_head, slots)``; it knows nothing of what the pages hold (the page layer,
+:mod:`permastruct.pages`, and the object layers above it do).  The byte
+layout of the header, root records, log frames and lock bytes is in
+:mod:`permastruct._format`.
+
+Theory of operation
+===================
+
+*State.*  A writer maps the main file privately (:class:`~._mapping.MappedFile`):
+its stores stay in its own memory.  The root state of the last commit is
+``_committed``; ``txn`` is that commit's number and ``main_txn`` the newest
+one the main file itself holds (its valid root record with the higher
+number, ``_current_root`` says which of the two).  Commits after
+``main_txn`` are in the log; ``_logged`` maps each log unit they changed to
+its newest image (kept in memory for small commits, else its position in
+the log).
+
+*Commit* (:meth:`Engine.commit`): the changed units are the private pages of
+the map whose bytes differ from their committed image; they are appended to
+the log as page frames, then one commit frame with the new root state, and
+(with ``sync``) the log is fsynced.  The commit frame is the point of no
+return: recovery accepts a transaction only with its commit frame.  Until
+the commit has been published in memory, any exception (an interrupt at any
+bytecode, a MemoryError, a failed write) undoes it: the commit frame is
+overwritten on disk and the in-memory state put back, so a commit that
+raised is never found again, by this process or by recovery.
+
+*Checkpoint* (:meth:`Engine.checkpoint`): copies the newest image of every
+logged unit of transactions up to ``target`` into the main file, fsyncs,
+writes the root record that does not hold ``main_txn`` (so a torn write
+leaves the other, whose log is still there), fsyncs again, and only then
+records the new ``main_txn`` and, when everything is in, starts the log over
+(a new salt).  Each step leaves a file that recovery reads correctly, and
+the in-memory state changes only after the disk does; an exception in
+between leaves a checkpoint to do again, never a wrong state.  ``target`` is
+the oldest transaction a reader still reads (its reader lock): a reader
+reads every unit the log does not give it from the main file.
+
+*Readers* map the file privately too, take the checkpoint lock shared while
+they read the root record and the log (so no checkpoint writes the main
+file meanwhile), lay the log's units of their snapshot over their map, and
+hold a shared lock on ``LOCK_READERS + txn`` while they keep that snapshot.
+
+*Close* commits what is pending, checkpoints, and removes the log when the
+main file holds every commit and no reader is taking a snapshot.
+
+*Creation* writes the header block into a file without a name, syncs it and
+links it at the store's path, or (an existing empty file) writes it with the
+magic last: a file with the magic always has a whole header block.
+"""
+
+import contextlib
+import errno
+import os
+import time
+import weakref
+import zlib
+
+from . import _format as F
+from ._journal import Journal
+from ._mapping import GRANULE, OS_PAGE, FileIO, MappedFile
+from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError, ReadOnlyError,
+                     StorageClosedError, StorageLockedError, SyncFailedError)
+
+__all__ = ["Engine"]
+
+#: Bytes of the map copied at a time to compare logged pages with their committed images.
+_COMPARE_CHUNK = 1 << 20
+
+
+class Engine:
+    """A store's main file, its log and its locks: commits, checkpoints, recovery and snapshots.
+
+    ``Engine(path, page_size)`` creates the file if it is missing or empty and
+    opens it otherwise (the page size is then read from the file).  One
+    writable open at a time (a second one raises ``StorageLockedError``, or
+    waits up to ``timeout`` seconds); any number of ``readonly=True`` opens,
+    each seeing the last commit made before it opened or last called
+    :meth:`refresh`.  :class:`permastruct.pages.PageFile` is the page layer
+    on top of it.
+    """
+
+    #: A commit checkpoints the log into the main file when the log is larger than this.
+    checkpoint_bytes = 4 << 20
+    #: Seconds a commit waits for readers to refresh when the log is four times that size.
+    checkpoint_wait = 0.1
+
+    def __init__(self, path, page_size=F.DEFAULT_PAGE_SIZE, *, readonly=False, sync=True,
+                 initial_size=None, timeout=0, journal=True):
+        self.path = os.fspath(path)
+        if not isinstance(self.path, str):
+            raise TypeError(f"file name must be str or os.PathLike, not {type(path).__name__}")
+        self.readonly = readonly
+        self.sync = sync
+        self.closed = True
+        self.journal = None
+        self._use_journal = journal
+        self._logged = {}  # writer: file offset -> [log position, image or None] not yet checkpointed
+        self._mark = None  # reader: the transaction whose reader lock this open holds
+        self._owner = os.getpid()  # the process whose locks these are (not a forked child)
+        #: Whether this open created the store: None, "new" (a new file) or "in place" (an empty file).
+        self.created = None
+        if not readonly:
+            _check_timeout(timeout)
+        while True:
+            try:
+                self.io = FileIO.open(self.path, readonly=readonly, create=False)
+            except FileNotFoundError:
+                if readonly:
+                    raise FileNotFoundError(errno.ENOENT, f"no such store: {self.path!r} (a read-only "
+                                            "open cannot create it)", self.path) from None
+                if self._create_new(page_size):
+                    break
+                continue  # another process created it first: open theirs
+            try:
+                if not readonly:
+                    self._lock_writer(timeout)
+                if not readonly and self._empty():
+                    self._create_in_place(page_size)
+                else:
+                    self._open()
+            except BaseException:
+                if self.journal is not None:
+                    self.journal.close()
+                if getattr(self, "mapping", None) is not None:
+                    self.mapping.close()
+                self.io.close()
+                raise
+            break
+        if not readonly:
+            _WRITERS[self.io.identity()] = self
+        self.closed = False
+        if initial_size and self.created:
+            try:
+                self.mapping.grow(initial_size)
+            except BaseException:
+                self.abandon()
+                raise
+
+    # -- creating ------------------------------------------------------------
+    def _create_new(self, page_size):
+        """Create the store at a path where there is no file; False if another process got there first.
+
+        The file is made without a name (or under a temporary one), locked,
+        given its header block, synced (whatever ``sync`` says), and only then linked at ``path``: a
+        file with the permastruct magic at a store's name always has a whole
+        header block, and two processes creating one path never both succeed.
+        """
+        _check_page_size(page_size)
+        io = FileIO.create_unnamed(self.path)
+        try:
+            io.lock(F.LOCK_WRITER, True)  # no one else can know this file yet: granted at once
+            io.pwrite(self._header_block(page_size), 0)
+            io.fsync()  # even with sync=False: a name must never come back from a power loss without its header
+            try:
+                io.publish_as(self.path)
+            except FileExistsError:
+                io.discard_unnamed()
+                return False
+            if self.sync:
+                io.fsync_directory()
+        except BaseException:
+            if io.fd >= 0 and io.path != self.path:
+                io.discard_unnamed()
+            elif io.fd >= 0:  # published, then a failure (a failed directory sync): take it back
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                io.close()
+            raise
+        self.io = io
+        self._start_new(page_size, "new")
+        return True
+
+    def _empty(self):
+        """(Writer, locked) Whether the file holds no store yet: empty, or an unfinished in-place creation.
+
+        :meth:`_create_in_place` writes the header block without the magic
+        first and the magic last, so a file it did not finish is at most one
+        header block long and starts with eight zero bytes, followed by zeros
+        or by a header whose checksum (magic included) holds.
+        """
+        size = self.io.size()
+        if size == 0:
+            return True
+        if size > F.HEADER_BLOCK:
+            return False
+        head = self.io.pread(F.HEADER_BLOCK, 0)
+        if head[:8] != bytes(8):
+            return False
+        if not any(head):
+            return True
+        if len(head) < F.HEADER.size:
+            return False
+        whole = F.MAGIC + head[8:F.HEADER.size]
+        return F.UINT32.unpack_from(whole, 60)[0] == zlib.crc32(whole[:60])
+
+    def _create_in_place(self, page_size):
+        """Make a store of an existing empty file (``tempfile.mkstemp()``), under the writer lock."""
+        _check_page_size(page_size)
+        block = self._header_block(page_size)
+        self.io.pwrite(block[len(F.MAGIC):], len(F.MAGIC))
+        self.io.fsync()  # even with sync=False: the magic must never reach the disk before the rest
+        self.io.pwrite(block[:len(F.MAGIC)], 0)
+        self._start_new(page_size, "in place")
+
+    def _header_block(self, page_size):
+        """The first ``HEADER_BLOCK`` bytes of a new store: the static header and root record A."""
+        block = bytearray(F.HEADER_BLOCK)
+        block[:F.HEADER.size] = F.pack_header(page_size)
+        block[F.ROOT_OFFSETS[0]:F.ROOT_OFFSETS[0] + F.ROOT.size] = F.pack_root(1, 0, F.NO_NEXT_FREE_PAGE,
+                                                                               [0] * F.ROOT_SLOTS)
+        return bytes(block)
+
+    def _start_new(self, page_size, how):
+        """The state of a store just created: transaction 1, no pages."""
+        self.created = how
+        self.page_size = page_size
+        self.txn = self.main_txn = 1
+        self.page_count, self.free_head = 0, F.NO_NEXT_FREE_PAGE
+        self.slots = [0] * F.ROOT_SLOTS
+        self._committed = (0, F.NO_NEXT_FREE_PAGE, list(self.slots))
+        self._current_root = 0
+        self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, page_size)
+
+    # -- opening -------------------------------------------------------------
+    def _lock_writer(self, timeout):
+        """Become the one writer of the file, waiting up to ``timeout`` seconds (None: forever)."""
+        if self.io.lock_waiting(F.LOCK_WRITER, True, timeout):
+            return
+        mine = _WRITERS.get(self.io.identity())
+        if mine is not None and not mine.closed and mine._owner == os.getpid():
+            waited = f", still after waiting {timeout} s" if timeout else ""
+            raise StorageLockedError(f"{self.path!r} is already open for writing in this process "
+                                     f"(as {mine.path!r}){waited}; close that storage first, or open this "
+                                     "one with readonly=True")
+        if timeout:
+            raise StorageLockedError(f"{self.path!r} is still open for writing by another process after "
+                                     f"waiting {timeout} s; close it there, or open this one with "
+                                     "readonly=True")
+        raise StorageLockedError(f"{self.path!r} is open for writing by another process; close it there, "
+                                 "open this one with readonly=True, or pass timeout= to wait for it")
+
+    def _read_main(self):
+        """Check the static header and pick the newer valid root record of the main file."""
+        size = self.io.size()
+        head = self.io.pread(F.HEADER_BLOCK, 0)
+        if len(head) < F.HEADER.size or head[:8] != F.MAGIC:
+            raise NotAStorageError(f"{self.path!r} is not a permastruct store (no permastruct magic "
+                                   f"at the start of its {size} bytes)")
+        magic, version, flags, page_size, block, crc = F.HEADER.unpack_from(head)
+        if version > F.FORMAT_VERSION:
+            raise IncompatibleFormatError(
+                f"{self.path!r} has format version {version}; this permastruct reads versions up to "
+                f"{F.FORMAT_VERSION}: upgrade permastruct to open it")
+        if crc != zlib.crc32(head[:60]):
+            raise CorruptStorageError(f"{self.path!r}: the file header checksum does not match")
+        if len(head) < F.HEADER_BLOCK:  # creation writes the whole block before the magic shows
+            raise CorruptStorageError(f"{self.path!r} is truncated: {size} bytes, shorter than its header")
+        if block != F.HEADER_BLOCK or not _valid_page_size(page_size):
+            raise CorruptStorageError(f"{self.path!r}: invalid header block {block} or page size {page_size}")
+        self.page_size = page_size
+        roots = [F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
+        candidates = [(root[0], index) for index, root in enumerate(roots) if root is not None]
+        if not candidates:
+            raise CorruptStorageError(f"{self.path!r}: both root records are damaged")
+        txn, index = max(candidates)
+        if txn >= 1 << 62:
+            raise CorruptStorageError(f"{self.path!r}: root record {index} names transaction {txn}, "
+                                      "beyond any a store can reach")
+        self.main_txn, self._current_root = txn, index
+        return roots[index][1:]
+
+    def _read_log(self):
+        """The whole commits of the log that the main file lacks (the log is opened afresh)."""
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        if not self._use_journal:
+            return []
+        self.journal = Journal.open(self.path, self.readonly, OS_PAGE)
+        if self.journal is None:
+            return []
+        pending = [commit for commit in self.journal.commits if commit.txn > self.main_txn]
+        if pending and pending[0].txn != self.main_txn + 1:
+            raise CorruptStorageError(
+                f"{self.path!r}: its log starts at transaction {pending[0].txn} but the main file "
+                f"holds transaction {self.main_txn}: commits in between are missing")
+        for commit in pending:
+            end = F.HEADER_BLOCK + commit.page_count * self.page_size
+            if commit.page_count >= 1 << 40 or not (
+                    commit.free_head == F.NO_NEXT_FREE_PAGE or 0 <= commit.free_head < commit.page_count):
+                raise CorruptStorageError(f"{self.path!r}: log transaction {commit.txn} has an impossible "
+                                          f"root state ({commit.page_count} pages, free head {commit.free_head})")
+            for offset, _ in commit.frames:
+                if not F.HEADER_BLOCK <= offset < end:
+                    raise CorruptStorageError(f"{self.path!r}: log transaction {commit.txn} writes a page at "
+                                              f"{offset:#x}, past the end of its {commit.page_count} pages")
+        return pending
+
+    def _adopt_state(self, root, pending):
+        """Take the state of the last whole commit and check it against the file."""
+        page_count, free_head, slots = pending[-1].root if pending else root
+        self.txn = pending[-1].txn if pending else self.main_txn
+        unit = max(GRANULE, self.page_size)  # what can be mapped: whole map units
+        capacity = (self.io.size() - F.HEADER_BLOCK) // unit * unit // self.page_size
+        if page_count > capacity and (self.readonly or not pending):  # a writer regrows what the log names
+            raise CorruptStorageError(f"{self.path!r} is truncated: the last commit has {page_count} pages "
+                                      f"but the file holds {capacity}" + (
+                                          "; open it writable once to recover it" if pending else ""))
+        if not (free_head == F.NO_NEXT_FREE_PAGE or 0 <= free_head < page_count):
+            raise CorruptStorageError(f"{self.path!r}: free-page list head {free_head} is out of range")
+        self.page_count, self.free_head, self.slots = page_count, free_head, list(slots)
+        self._committed = (page_count, free_head, list(slots))
+
+    def _apply_log(self, pending):
+        """Write the newest image of every logged page into this process's map."""
+        if not pending:
+            return {}
+        latest = self.journal.latest_frames(self.main_txn, pending[-1].txn)
+        mapping = self.mapping
+        for offset, position in latest.items():
+            if offset + self.journal.unit > mapping.size:
+                raise CorruptStorageError(f"{self.path!r}: the log holds a page at {offset:#x}, past the "
+                                          f"end of the file ({mapping.size:#x} bytes mapped)")
+            mapping.write_private(offset, self.journal.page_data(position))
+        return latest
+
+    def _lock_snapshot(self):
+        """(Reader) Hold the checkpoint lock shared, behind any checkpoint that is waiting for it."""
+        self.io.lock(F.LOCK_INTENT, False, wait=True)
+        try:
+            self.io.lock(F.LOCK_CHECKPOINT, False, wait=True)
+        finally:
+            self.io.unlock(F.LOCK_INTENT)
+
+    def _lock_checkpoint(self):
+        """(Writer) Hold the checkpoint lock exclusively; new readers wait behind this call."""
+        self.io.lock(F.LOCK_INTENT, True, wait=True)
+        try:
+            self.io.lock(F.LOCK_CHECKPOINT, True, wait=True)
+        finally:
+            self.io.unlock(F.LOCK_INTENT)
+
+    def _open(self):
+        if self.readonly:
+            self._lock_snapshot()
+            try:
+                self._take_snapshot()
+            finally:
+                self.io.unlock(F.LOCK_CHECKPOINT)
+            return
+        root = self._read_main()
+        pending = self._read_log()
+        self._adopt_state(root, pending)
+        needed = self._covering_size(self.page_count, pending)
+        if self.io.size() < needed:  # a crash lost the growth; the missing pages were never written
+            self.io.fallocate(0, needed)
+        self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, self.page_size)
+        for offset, position in self._apply_log(pending).items():
+            self._logged[offset] = [position, None]
+        self.mapping.private.clear()  # the writer tracks them in _logged
+        if pending:
+            self._try_checkpoint()  # if it cannot, the log keeps the commits (and so does the map)
+        if self.journal is not None and self.main_txn == self.txn and self.journal.valid:
+            # Nothing in the log is needed: start it over under a new salt, so
+            # that no frame written before this open can follow the new ones.
+            self._lock_checkpoint()  # no reader is reading it meanwhile
+            try:
+                self.journal.reset(self.main_txn)
+            finally:
+                self.io.unlock(F.LOCK_CHECKPOINT)
+
+    def _covering_size(self, page_count, commits):
+        """The file size that holds ``page_count`` pages and every logged unit, in whole map units."""
+        end = F.HEADER_BLOCK + page_count * self.page_size
+        for commit in commits:
+            for offset, _ in commit.frames:
+                end = max(end, offset + self.journal.unit)
+        unit = max(GRANULE, self.page_size)
+        return F.HEADER_BLOCK + -(-(end - F.HEADER_BLOCK) // unit) * unit
+
+    def _take_snapshot(self):
+        """(Reader, holding the checkpoint lock shared) move to the last whole commit."""
+        try:
+            root = self._read_main()
+            pending = self._read_log()
+            latest = pending[-1].txn if pending else self.main_txn
+            if getattr(self, "mapping", None) is None or latest != self.txn:
+                self._move_snapshot(root, pending)
+        finally:
+            if self.journal is not None:  # a reader reads the log only while taking a snapshot
+                self.journal.close()
+                self.journal = None
+
+    def _move_snapshot(self, root, pending):
+        self._adopt_state(root, pending)
+        if getattr(self, "mapping", None) is None:
+            self.mapping = MappedFile(self.io, True, F.HEADER_BLOCK, self.page_size)
+        else:
+            self.mapping.drop_private()
+            self.mapping.extend()
+        if self.mapping.size < F.HEADER_BLOCK + self.page_count * self.page_size:
+            raise CorruptStorageError(f"{self.path!r}: the last commit has {self.page_count} pages but only "
+                                      f"{self.mapping.size} bytes of the file could be mapped")
+        self._apply_log(pending)
+        if self._mark != self.txn:
+            self.io.lock(F.LOCK_READERS + self.txn, False, wait=True)
+            if self._mark is not None:
+                self.io.unlock(F.LOCK_READERS + self._mark)
+            self._mark = self.txn
+
+    def check_files(self):
+        """Verify the root records and the log against this open's state; return a summary.
+
+        The main file must have its newest valid root record at the
+        transaction this open believes it holds (``main_txn``); the log, when
+        there is one, must be readable and its whole commits must continue
+        the main file without a gap, name pages inside the file, and end at
+        this open's transaction.  Raises CorruptStorageError naming the problem.
+        """
+        self._check_open()
+        if self.readonly:  # read the main file and the log without a checkpoint in between
+            self._lock_snapshot()
+        try:
+            return self._check_files()
+        finally:
+            if self.readonly:
+                self.io.unlock(F.LOCK_CHECKPOINT)
+
+    def _check_files(self):
+        def fail(message):
+            raise CorruptStorageError(f"{self.path!r}: {message}")
+
+        head = self.io.pread(F.HEADER_BLOCK, 0)
+        roots = [F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
+        valid = [root for root in roots if root is not None]
+        if not valid:
+            fail("both root records are damaged")
+        newest = max(root[0] for root in valid) if valid else 1
+        if newest != self.main_txn and not self.readonly:  # a reader's writer may have moved on
+            fail(f"the main file's newest root record is transaction {newest}, but this open read "
+                 f"{self.main_txn}")
+        main_txn = newest
+        summary = {"transaction": self.txn, "main_transaction": self.main_txn,
+                   "root_records_valid": len(valid), "log_commits": 0, "log_bytes": 0}
+        if not self._use_journal:
+            return summary
+        journal = Journal.open(self.path, True, OS_PAGE)
+        if journal is None:
+            if self.txn != main_txn and not self.readonly:
+                fail(f"transaction {self.txn} is not in the main file and there is no log")
+            return summary
+        try:
+            pending = [commit for commit in journal.commits if commit.txn > main_txn]
+            if journal.valid and journal.base > main_txn:
+                fail(f"the log starts after transaction {journal.base}, but the main file holds "
+                     f"{main_txn}")
+            last = pending[-1].txn if pending else main_txn
+            if not self.readonly and last != self.txn:
+                fail(f"the log ends at transaction {last}, but the last commit was {self.txn}")
+            size = self.io.size()
+            for commit in pending:
+                if commit.page_count > (size - F.HEADER_BLOCK) // self.page_size:
+                    fail(f"log transaction {commit.txn} has {commit.page_count} pages, more than the file")
+                for offset, _ in commit.frames:
+                    if offset < F.HEADER_BLOCK or offset + journal.unit > size:
+                        fail(f"log transaction {commit.txn} writes at {offset:#x}, outside the file")
+            summary["log_commits"] = len(pending)
+            summary["log_bytes"] = journal.size()
+        finally:
+            journal.close()
+        return summary
+
+    def refresh(self):
+        """(Read-only opens) Move to the last commit; return whether anything changed.
+
+        Hold on to a snapshot only as long as needed: while a reader keeps an
+        old one, checkpoints cannot copy newer commits into the main file and
+        the log grows.
+        """
+        self._check_open()
+        if not self.readonly:
+            return False
+        before = self.txn
+        self._lock_snapshot()
+        try:
+            self._take_snapshot()
+        finally:
+            self.io.unlock(F.LOCK_CHECKPOINT)
+        return self.txn != before
+
+    # -- state ---------------------------------------------------------------
+    def _check_open(self):
+        if self.closed:
+            raise StorageClosedError(f"page file {self.path!r} is closed")
+
+    @property
+    def sync_failed(self):
+        """Whether an fsync of the file or its log failed (then no more commits)."""
+        return self.io.sync_failed or (self.journal is not None and self.journal.io.sync_failed)
+
+    def _check_writable(self):
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path!r} is open read-only")
+        if self.sync_failed:
+            raise SyncFailedError(f"{self.path!r}: an fsync failed earlier, so the system may have "
+                                   "dropped written data; this open refuses to commit. Close it and "
+                                   "open the file again: it reopens at its last durable commit")
+
+    def _private_runs(self):
+        """``(offset, length)``: runs of whole log units this process's map holds privately (changed or logged)."""
+        unit = self.journal.unit if self.journal is not None else OS_PAGE
+        last = self.mapping.size // unit * unit  # a unit must lie wholly inside the map
+        for offset, length in self.mapping.dirty_ranges():
+            start, end = offset // unit * unit, min(-(-(offset + length) // unit) * unit, last)
+            if end > start:
+                yield start, end - start, unit
+
+    def _logged_image(self, entry):
+        """The committed image of a logged page: its copy, else read back from the log."""
+        return entry[1] if entry[1] is not None else self.journal.page_data(entry[0])
+
+    def _changed_pages(self):
+        """``(offset, image)`` of every log unit changed since the last commit (images are views of the map).
+
+        Every logged page is still private, so each is compared with its
+        committed image: a copy of the mapped bytes (at most 1 MiB at a time)
+        and a ``memcmp`` per unit through ``startswith`` (comparing
+        memoryviews goes byte by byte, 13 us a page).
+        """
+        logged, view, image_of = self._logged, self.mapping.view, self._logged_image
+        for start, length, unit in self._private_runs():
+            for at in range(start, start + length, _COMPARE_CHUNK):
+                mapped = view(at, min(_COMPARE_CHUNK, start + length - at))
+                copy = None
+                for local in range(0, len(mapped), unit):
+                    entry = logged.get(at + local)
+                    if entry is not None:
+                        if copy is None:
+                            copy = mapped.tobytes()
+                        if copy.startswith(image_of(entry), local):
+                            continue  # committed, unchanged since
+                    yield at + local, mapped[local:local + unit]
+
+    def uncommitted(self):
+        """The file offsets of the log units changed since the last commit, in order.
+
+        >>> import os, tempfile
+        >>> from permastruct.pages import PageFile
+        >>> pf = PageFile(os.path.join(tempfile.mkdtemp(), "u.pf"), pageSize=256)
+        >>> page = pf.allocate_page(); pf.flush(); pf.uncommitted()
+        []
+        >>> with page.pinned(): page.set_content(0, b"x")
+        >>> pf.uncommitted()
+        [4096]
+        >>> pf.close()
+        """
+        self._check_open()
+        if self.readonly:
+            return []
+        return [offset for offset, _ in self._changed_pages()]
+
+    def commit(self):
+        """Commit: log every changed page and the new root state, then maybe checkpoint.
+
+        With ``sync`` the log is synced before this returns, so the commit
+        survives a power loss; without, a crash keeps the file consistent but
+        may lose the latest commits.
+        """
+        self._check_writable()
+        self._before_commit()
+        if not self._use_journal:
+            return self._flush_in_place()
+        root = (self.page_count, self.free_head, list(self.slots))
+        end = F.HEADER_BLOCK + self.page_count * self.page_size
+        pages, beyond = [], []
+        for offset, image in self._changed_pages():
+            (pages if offset < end else beyond).append((offset, image))
+        if beyond:
+            # Units wholly past the last page: the allocator dropped free pages at
+            # the end after writing to them.  They hold nothing, and recovery
+            # refuses a commit that writes past its pages: show their committed
+            # images again instead of logging them.
+            self._restore([(offset, len(image)) for offset, image in beyond])
+        if not pages and root == self._committed:
+            return  # nothing changed: no transaction to write
+        if self.journal is None:
+            self.journal = Journal.create(self.path, OS_PAGE, self.main_txn)
+            if self.sync:  # kept even if this fails: then sync_failed refuses further commits
+                self.journal.make_durable()
+        elif not self.journal.valid:  # a log whose header never made it: nothing in it counts
+            self.journal.reset(self.main_txn, truncate=True)
+        journal = self.journal
+        if journal.size() > self.checkpoint_bytes:
+            # Before this commit goes in: readers that refresh between commits
+            # have all seen the last one now, so the log can start over.  When
+            # it has grown far past its size, wait a little for readers that
+            # are behind to refresh.
+            self._try_checkpoint(self.checkpoint_wait if journal.size() > 4 * self.checkpoint_bytes else 0,
+                                 changing={offset for offset, _ in pages})
+        keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
+        commit = journal.append(self.txn + 1, pages, root, self.sync)
+        for (offset, image), (_, position) in zip(pages, commit.frames):
+            self._logged[offset] = [position, bytes(image) if keep else None]
+        self.txn = commit.txn
+        self._committed = root
+        if journal.size() > 2 * self.checkpoint_bytes:  # a big commit, or a reader behind
+            self._try_checkpoint()
+
+    def _try_checkpoint(self, wait=0, changing=()):
+        deadline = time.monotonic() + wait
+        while self._oldest_reader(self.txn) < self.txn and time.monotonic() < deadline:
+            time.sleep(0.002)
+        try:
+            self._checkpoint(changing=changing)
+        except OSError:
+            if self.sync_failed:
+                raise
+            # The commits are safe in the log; a later commit checkpoints again.
+
+    def _flush_in_place(self):
+        """Commit of a volatile file (no log: nothing survives the process anyway)."""
+        mapping = self.mapping
+        mapping.write_back(mapping.dirty_ranges())
+        self.txn += 1
+        self.main_txn = self.txn
+        self._current_root ^= 1
+        self.io.pwrite(F.pack_root(self.txn, self.page_count, self.free_head, self.slots),
+                       F.ROOT_OFFSETS[self._current_root])
+        mapping.release_private()
+        self._committed = (self.page_count, self.free_head, list(self.slots))
+
+    def _oldest_reader(self, upto):
+        """The oldest transaction a reader holds (``upto`` when no reader holds an older one)."""
+        oldest = upto
+        while oldest > 0:
+            found = self.io.first_conflict(F.LOCK_READERS, oldest)
+            if found is None:
+                break
+            oldest = found - F.LOCK_READERS
+        return oldest
+
+    def checkpoint(self, truncate=False):
+        """Copy committed transactions from the log into the main file; reset the log when all are in.
+
+        Only transactions that no reader still needs the old pages for are
+        copied.  Returns the transaction the main file now holds.
+        """
+        self._check_writable()
+        return self._checkpoint(truncate)
+
+    def _checkpoint(self, truncate=False, changing=()):
+        """The checkpoint; ``changing``: offsets whose map bytes hold changes not yet committed."""
+        journal = self.journal
+        if journal is None or (self.main_txn >= self.txn and not (truncate and journal.io.size() > journal.size())):
+            return self.main_txn
+        self._lock_checkpoint()
+        try:
+            if self.main_txn >= self.txn:  # all in the main file: only shrink the log file
+                journal.reset(self.main_txn, truncate=True)
+                return self.main_txn
+            target = self._oldest_reader(self.txn)
+            if target <= self.main_txn:
+                return self.main_txn
+            commit = next(commit for commit in journal.commits if commit.txn == target)
+            everything = target == self.txn
+            mapping = self.mapping
+            if everything:  # the newest image of every logged page (not the map: it may hold changes)
+                sources, load = sorted(self._logged.items()), self._logged_image
+            else:
+                sources, load = sorted(journal.latest_frames(self.main_txn, target).items()), journal.page_data
+            if not self.sync:  # the log must hold the commits before the main file changes
+                journal.make_durable()
+            needed = self._covering_size(commit.page_count, journal.commits)
+            if self.io.size() < needed:
+                self.io.fallocate(0, needed)
+            self._write_pages(sources, load)
+            self.io.fsync()  # the pages before the root record that names them
+            self._current_root ^= 1
+            self.io.pwrite(F.pack_root(target, commit.page_count, commit.free_head, commit.slots),
+                           F.ROOT_OFFSETS[self._current_root])
+            self.io.fsync()
+            self.main_txn = target
+            if everything:
+                journal.reset(target, truncate=truncate or journal.size() > 4 * self.checkpoint_bytes)
+                mapping.discard_changes([(offset, journal.unit) for offset in self._logged
+                                         if offset not in changing])
+                self._logged.clear()
+        finally:
+            self.io.unlock(F.LOCK_CHECKPOINT)
+        return self.main_txn
+
+    def _remove_log(self):
+        """(Writer, closing) Delete the log when the main file holds every commit.
+
+        The checkpoint lock is held exclusively, so no reader is reading the
+        log: readers read it only while taking a snapshot, under that lock
+        shared, and one that opens meanwhile waits and then finds no log
+        (the main file alone is the latest commit).  When a reader's old
+        snapshot kept the last checkpoint from copying everything, the log
+        stays.  The directory is not synced: a log that comes back after a
+        power loss holds only commits the main file has (it was reset after
+        the checkpoint's fsyncs), and is skipped.
+        """
+        journal = self.journal
+        if journal is None or self.main_txn != self.txn:
+            return
+        self._lock_checkpoint()
+        try:
+            self.journal = None
+            journal.remove()
+        finally:
+            self.io.unlock(F.LOCK_CHECKPOINT)
+
+    def _write_pages(self, sources, load):
+        """Write pages into the main file: ``sources`` are ``(offset, source)`` in offset order,
+        ``load(source)`` the image; neighbours go out in one ``pwrite`` (up to 4 MiB each)."""
+        run, run_at, run_end, run_bytes = [], 0, -1, 0
+        for offset, source in sources:
+            if offset != run_end or run_bytes >= 1 << 22:
+                if run:
+                    self.io.pwrite(b"".join(run), run_at)
+                run, run_at, run_bytes = [], offset, 0
+            image = load(source)
+            run.append(image)
+            run_bytes += len(image)
+            run_end = offset + len(image)
+        if run:
+            self.io.pwrite(b"".join(run), run_at)
+
+    def _restore(self, units):
+        """Make the map show the committed image of these ``(offset, unit)`` again."""
+        drop = []
+        for page, unit in units:
+            entry = self._logged.get(page)
+            if entry is None:
+                drop.append((page, unit))  # the file holds it
+            else:
+                self.mapping.view(page, unit)[:] = self._logged_image(entry)
+        self.mapping.discard_changes(drop)
+
+    def rollback(self):
+        """Forget every change since the last commit (the map shows the committed pages again)."""
+        self._check_writable()
+        self._forget_pages()
+        self._restore([(page, unit) for start, length, unit in list(self._private_runs())
+                       for page in range(start, start + length, unit)])
+        self.page_count, self.free_head, slots = self._committed
+        self.slots = list(slots)
+
+    def abandon(self):
+        """(Writer) Undo this open's creation of the store and close: a new file and its log are
+        removed, an empty file is made empty again.  Still under the writer lock while it does."""
+        if self.closed or not self.created:
+            return self.close(flush=False)
+        try:
+            if self.journal is not None:
+                journal, self.journal = self.journal, None
+                journal.remove()
+            if self.created == "new":
+                FileIO.unlink(self.path)
+            else:
+                self.io.truncate(0)
+        finally:
+            self.close(flush=False)
+
+    def close(self, flush=True):
+        """Commit (when writable), checkpoint if no reader needs the log, and release the file.
+
+        Calling it again does nothing.
+        """
+        if self.closed:
+            return
+        try:
+            if flush and not self.readonly and not self.sync_failed:
+                self.commit()
+                self.checkpoint(truncate=True)
+                self._remove_log()
+        finally:
+            self.closed = True
+            self._forget_pages()
+            self.mapping.close()
+            if self._owner == os.getpid():
+                # A map still referenced by a live view keeps mmap's duplicate of
+                # the descriptor open, and with it the open file and its locks:
+                # release them by hand.  A forked child shares the parent's open
+                # file and must not release the parent's locks.
+                self.io.unlock(F.LOCK_WRITER, 2)
+                if self._mark is not None:
+                    self.io.unlock(F.LOCK_READERS + self._mark)
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
+            self.io.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- what the layer above adds ----------------------------------------------
+    def _before_commit(self):
+        """Called at the start of every commit (the page layer hands its dirty pages over)."""
+
+    def _forget_pages(self):
+        """Called when the pages seen so far may have changed (rollback, refresh, close)."""
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.path!r} at transaction {getattr(self, 'txn', '?')}>"
+
+
+def _valid_page_size(size):
+    return (isinstance(size, int) and F.MIN_PAGE_SIZE <= size <= F.MAX_PAGE_SIZE
+            and size & (size - 1) == 0)
+
+
+#: (device, inode) -> the Engine of this process that holds the file's writer lock.
+_WRITERS = weakref.WeakValueDictionary()
+
+
+def _check_timeout(timeout):
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                or not timeout >= 0):  # refuses NaN too
+        raise ValueError(f"timeout must be a non-negative number of seconds or None, not {timeout!r}")
+
+
+def _check_page_size(size):
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise TypeError(f"pageSize must be an int, not {type(size).__name__}")
+    if not _valid_page_size(size):
+        raise ValueError(f"pageSize must be a power of two from {F.MIN_PAGE_SIZE} to "
+                         f"{F.MAX_PAGE_SIZE}, not {size}")
