@@ -484,16 +484,18 @@ def test_a_failed_log_truncate_loses_no_later_commit(tmp_path, no_hook, small_ch
     FileIO.hook = hook
     p.root.text = "x" * (2 * MB)  # a log over 4 x checkpoint_bytes: the reset truncates it
     p.root.step = 1
-    p.commit()  # the checkpoint fails after the commit; the commit stands
+    p.commit()
+    p.root.step = 2
+    p.commit()  # the checkpoint before this commit fails to truncate the log; both commits stand
     FileIO.hook = None
     assert failed
     reader = Vault(path, readonly=True)  # holds back later checkpoints
-    for step in (2, 3):
+    for step in (3, 4):
         p.root.step = step
         p.commit()
     try:
         with Vault(crash_copy(path, str(tmp_path / "crash.ps"))) as copy:
-            assert copy.root.step == 3
+            assert copy.root.step == 4
     finally:
         reader.close()
         p.close()

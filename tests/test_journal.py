@@ -431,3 +431,156 @@ def test_free_pages_dropped_at_the_end_are_not_logged(tmp_path):
     with Names(path) as again:
         assert list(again.root.items) == [b"again" * 50] * 40
         again.check()
+
+
+# -- a commit that raises is not made (issue 16 item 1; R7) ------------------------------------------
+def crash_image(path, into):
+    """The files as a crash now would leave them."""
+    import shutil
+    for suffix in ("", F.WAL_SUFFIX):
+        if os.path.exists(f"{path}{suffix}"):
+            shutil.copyfile(f"{path}{suffix}", f"{into}{suffix}")
+    return into
+
+
+@pytest.mark.parametrize("where", ["after the frames", "in the fsync", "after the fsync"])
+def test_a_commit_interrupted_after_its_log_write_is_undone(tmp_path, where):
+    """KeyboardInterrupt after the commit frame reached the log: the commit is taken out of the log
+    (a crash finds the previous one), the changes stay pending, and a retry commits them."""
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.n = 1
+    p.commit()
+    p.root.n = 2
+    p.root.name = "two"
+    fired = []
+
+    def interrupt(operation, name, *args):
+        if fired or not name.endswith(F.WAL_SUFFIX):
+            return
+        if (where == "after the frames" and operation == "fsync") or (where == "in the fsync" and operation == "fsync"):
+            fired.append(operation)
+            raise KeyboardInterrupt
+    if where == "after the fsync":
+        real = Journal.append
+
+        def append(self, *args, **kwargs):
+            commit = real(self, *args, **kwargs)
+            if not fired:
+                fired.append("append")
+                raise KeyboardInterrupt
+            return commit
+        Journal.append = append
+    else:
+        FileIO.hook = interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            p.commit()
+    finally:
+        FileIO.hook = None
+        if where == "after the fsync":
+            Journal.append = real
+    assert fired
+    assert committed_values(crash_image(path, tmp_path / "crash.ps"))[:2] == (1, None)
+    assert p.root.n == 2  # still pending
+    p.check()
+    p.commit()  # the retry commits them
+    assert committed_values(crash_image(path, tmp_path / "crash2.ps"))[:2] == (2, "two")
+    p.root.n = 3
+    p.commit()
+    p.close()
+    assert committed_values(path)[:2] == (3, "two")
+
+
+def test_an_interrupt_between_the_engine_and_the_storage_bookkeeping_undoes_the_commit(tmp_path, monkeypatch):
+    """The commit returns only when the storage has recorded it too: an exception after the
+    engine published it (here: making the storage's new set of created objects) undoes it."""
+    import permastruct.storage as storage_module
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.n = 1
+    p.commit()
+    p.root.n = 2
+    calls = []
+
+    def failing_set(*args):
+        calls.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(storage_module, "set", failing_set, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        p.commit()
+    monkeypatch.undo()
+    assert calls
+    assert committed_values(crash_image(path, tmp_path / "crash.ps"))[0] == 1
+    p.rollback()
+    assert p.root.n == 1
+    p.check()
+    p.close()
+    assert committed_values(path)[0] == 1
+
+
+def test_a_commit_never_acknowledged_is_undone_by_the_next_call(tmp_path):
+    """If the storage never confirms a commit the engine published (an exception came first and
+    even the undo in its handler could not run), the next operation undoes it before anything."""
+    path = tmp_path / "s.ps"
+    p = LogStorage(path)
+    p.root.n = 1
+    p.commit()
+    p.root.n = 2
+    pf = p._page_file
+    pf.commit(acknowledge=False)  # published, never acknowledged
+    assert pf._unacknowledged is not None
+    p.rollback()  # settles it first: the commit is undone, then the changes are rolled back
+    assert p.root.n == 1 and pf._unacknowledged is None
+    assert committed_values(crash_image(path, tmp_path / "crash.ps"))[0] == 1
+    p.root.n = 5
+    pf.commit(acknowledge=False)
+    pf.close(flush=False)  # (what close() does when its commit fails) settles: not kept
+    p._closed = True
+    p._finalizer.detach()
+    assert committed_values(path)[0] == 1
+
+
+def test_a_checkpoint_interrupted_at_every_step_leaves_a_store_that_recovers(tmp_path):
+    """An exception at each I/O step of a checkpoint: the live store carries on and commits, and the
+    files as they are after it (a crash) reopen at the last commit."""
+    base = tmp_path / "base.ps"
+    p = LogStorage(base)
+    p.root.items = list(range(3000))
+    p.commit()
+    p.close()
+    steps = 0
+    while True:
+        path = tmp_path / f"s{steps}.ps"
+        import shutil
+        shutil.copyfile(base, path)
+        p = LogStorage(path)
+        for i in range(3):
+            p.root.n = i + 1
+            p.root.items[i] = -i
+            p.commit()
+        seen = []
+
+        def interrupt(operation, name, *args):
+            seen.append(operation)
+            if len(seen) == steps + 1:
+                raise KeyboardInterrupt
+        FileIO.hook = interrupt
+        try:
+            p._page_file.checkpoint()
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        finally:
+            FileIO.hook = None
+        assert committed_values(crash_image(path, tmp_path / f"c{steps}.ps"))[0] == 3
+        p.root.n = 4
+        p.commit()
+        p.check()
+        assert committed_values(crash_image(path, tmp_path / f"d{steps}.ps"))[0] == 4
+        p.close()
+        assert committed_values(path)[0] == 4
+        if finished:
+            break
+        steps += 1
+    assert steps >= 4  # pages, fsync, root record, fsync, log header at least

@@ -57,7 +57,8 @@ magic last: a file with the magic always has a whole header block.
 import contextlib
 import errno
 import os
-import time
+import signal
+import threading
 import weakref
 import zlib
 
@@ -86,9 +87,8 @@ class Engine:
     """
 
     #: A commit checkpoints the log into the main file when the log is larger than this.
+    #: (A reader on an old snapshot holds the checkpoint back; the log grows, the writer never waits.)
     checkpoint_bytes = 4 << 20
-    #: Seconds a commit waits for readers to refresh when the log is four times that size.
-    checkpoint_wait = 0.1
 
     def __init__(self, path, page_size=F.DEFAULT_PAGE_SIZE, *, readonly=False, sync=True,
                  initial_size=None, timeout=0, journal=True):
@@ -103,6 +103,9 @@ class Engine:
         self._logged = {}  # writer: file offset -> [log position, image or None] not yet checkpointed
         self._mark = None  # reader: the transaction whose reader lock this open holds
         self._owner = os.getpid()  # the process whose locks these are (not a forked child)
+        self._unacknowledged = None  # the _Undo of a commit its caller has not confirmed yet
+        self._undoing = None  # the _Undo of an undo that did not finish
+        self._undo_failed = False  # an undo could not write the log: no more commits
         #: Whether this open created the store: None, "new" (a new file) or "in place" (an empty file).
         self.created = None
         if not readonly:
@@ -441,10 +444,12 @@ class Engine:
         valid = [root for root in roots if root is not None]
         if not valid:
             fail("both root records are damaged")
-        newest = max(root[0] for root in valid) if valid else 1
-        if newest != self.main_txn and not self.readonly:  # a reader's writer may have moved on
-            fail(f"the main file's newest root record is transaction {newest}, but this open read "
-                 f"{self.main_txn}")
+        newest = max(root[0] for root in valid)
+        # A reader's writer may have moved on; a writer's checkpoint may have written its root
+        # record and been interrupted before it took note (the log still has those commits).
+        if not self.readonly and not self.main_txn <= newest <= self.txn:
+            fail(f"the main file's newest root record is transaction {newest}, but this open has "
+                 f"{self.main_txn} in the main file and {self.txn} in all")
         main_txn = newest
         summary = {"transaction": self.txn, "main_transaction": self.main_txn,
                    "root_records_valid": len(valid), "log_commits": 0, "log_bytes": 0}
@@ -566,14 +571,26 @@ class Engine:
             return []
         return [offset for offset, _ in self._changed_pages()]
 
-    def commit(self):
-        """Commit: log every changed page and the new root state, then maybe checkpoint.
+    def commit(self, acknowledge=True):
+        """Commit: log every changed page and the new root state.
 
         With ``sync`` the log is synced before this returns, so the commit
         survives a power loss; without, a crash keeps the file consistent but
-        may lose the latest commits.
+        may lose the latest commits.  An exception from here (a failed write,
+        an interrupt at any point) means the commit did not happen: on disk and
+        in memory, everything is as before the call.
+
+        ``acknowledge=False`` leaves the commit to be confirmed by the caller:
+        until it sets ``_unacknowledged = None``, the next call of any
+        operation (or :meth:`settle`) undoes it.  The storage layer uses that
+        to make its own bookkeeping part of the commit.
         """
         self._check_writable()
+        if self._undo_failed:
+            raise SyncFailedError(f"{self.path!r}: a commit that failed could not be taken out of the log "
+                                  "(writing the log failed), so this open refuses to commit. Close it and "
+                                  "open the file again: it reopens at a whole commit")
+        self.settle()
         self._before_commit()
         if not self._use_journal:
             return self._flush_in_place()
@@ -588,35 +605,72 @@ class Engine:
             # refuses a commit that writes past its pages: show their committed
             # images again instead of logging them.
             self._restore([(offset, len(image)) for offset, image in beyond])
-        if not pages and root == self._committed:
-            return  # nothing changed: no transaction to write
+        if not pages and root == self._committed:  # nothing changed: no transaction to write,
+            if self.journal is not None and self.journal.size() > self.checkpoint_bytes:
+                self._try_checkpoint()  # but a checkpoint a big commit left to do
+            return
         if self.journal is None:
-            self.journal = Journal.create(self.path, OS_PAGE, self.main_txn)
+            journal = Journal.create(self.path, OS_PAGE, self.main_txn)
+            self.journal = journal
             if self.sync:  # kept even if this fails: then sync_failed refuses further commits
-                self.journal.make_durable()
+                journal.make_durable()
         elif not self.journal.valid:  # a log whose header never made it: nothing in it counts
             self.journal.reset(self.main_txn, truncate=True)
         journal = self.journal
         if journal.size() > self.checkpoint_bytes:
-            # Before this commit goes in: readers that refresh between commits
-            # have all seen the last one now, so the log can start over.  When
-            # it has grown far past its size, wait a little for readers that
-            # are behind to refresh.
-            self._try_checkpoint(self.checkpoint_wait if journal.size() > 4 * self.checkpoint_bytes else 0,
-                                 changing={offset for offset, _ in pages})
+            # Before this commit goes in (an exception here leaves it undone):
+            # readers that refresh between commits have all seen the last one
+            # now, so the log can start over.
+            self._try_checkpoint(changing={offset for offset, _ in pages})
         keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
-        commit = journal.append(self.txn + 1, pages, root, self.sync)
-        for (offset, image), (_, position) in zip(pages, commit.frames):
-            self._logged[offset] = [position, bytes(image) if keep else None]
-        self.txn = commit.txn
-        self._committed = root
-        if journal.size() > 2 * self.checkpoint_bytes:  # a big commit, or a reader behind
-            self._try_checkpoint()
+        logged = self._logged
+        undo = _Undo(self, journal, {offset: logged.get(offset) for offset, _ in pages})
+        try:
+            commit = journal.append(self.txn + 1, pages, root, self.sync)
+            for (offset, image), (_, position) in zip(pages, commit.frames):
+                logged[offset] = [position, bytes(image) if keep else None]
+            # Published in one step (no call in between, so no interrupt either).
+            self.txn, self._committed, self._unacknowledged = commit.txn, root, None if acknowledge else undo
+        except BaseException:
+            self._undo(undo)
+            raise
 
-    def _try_checkpoint(self, wait=0, changing=()):
-        deadline = time.monotonic() + wait
-        while self._oldest_reader(self.txn) < self.txn and time.monotonic() < deadline:
-            time.sleep(0.002)
+    def settle(self):
+        """Undo a commit that was never acknowledged (see :meth:`commit`), or finish an undo
+        that was itself interrupted; then there is none."""
+        undo = self._undoing or self._unacknowledged
+        if undo is not None:
+            self._undo(undo)
+
+    def _undo(self, undo):
+        """Put the state before ``undo``'s commit back, in memory and on disk.
+
+        Idempotent, and run with interrupts held back: ``_undoing`` says that
+        it is not finished, and :meth:`settle` finishes it.  If the log cannot
+        be written, the commit may still be on disk: this open then refuses
+        further commits (the next open finds the log as it is).
+        """
+        with _interrupts_held():
+            self._undoing = undo
+            journal = undo.journal
+            del journal.commits[undo.commits:]
+            journal.end, journal.chain = undo.end, undo.chain
+            logged = self._logged
+            for offset, entry in undo.logged.items():
+                if entry is None:
+                    logged.pop(offset, None)
+                else:
+                    logged[offset] = entry
+            self.txn, self._committed = undo.txn, undo.committed
+            try:
+                journal.invalidate(undo.end, self.sync)
+            except BaseException:
+                self._undo_failed = True
+                raise
+            finally:
+                self._undoing = self._unacknowledged = None
+
+    def _try_checkpoint(self, changing=()):
         try:
             self._checkpoint(changing=changing)
         except OSError:
@@ -653,13 +707,21 @@ class Engine:
         copied.  Returns the transaction the main file now holds.
         """
         self._check_writable()
+        self.settle()
         return self._checkpoint(truncate)
 
     def _checkpoint(self, truncate=False, changing=()):
-        """The checkpoint; ``changing``: offsets whose map bytes hold changes not yet committed."""
+        """The checkpoint; ``changing``: offsets whose map bytes hold changes not yet committed.
+
+        Every step leaves files that recovery reads right, and the in-memory
+        state follows the disk only after the disk has changed: an exception
+        anywhere leaves a checkpoint to do again (see the module's theory of
+        operation).
+        """
         journal = self.journal
         if journal is None or (self.main_txn >= self.txn and not (truncate and journal.io.size() > journal.size())):
             return self.main_txn
+        self._unacknowledged = None  # a checkpointed commit cannot be undone: the caller has it
         self._lock_checkpoint()
         try:
             if self.main_txn >= self.txn:  # all in the main file: only shrink the log file
@@ -670,7 +732,6 @@ class Engine:
                 return self.main_txn
             commit = next(commit for commit in journal.commits if commit.txn == target)
             everything = target == self.txn
-            mapping = self.mapping
             if everything:  # the newest image of every logged page (not the map: it may hold changes)
                 sources, load = sorted(self._logged.items()), self._logged_image
             else:
@@ -682,16 +743,20 @@ class Engine:
                 self.io.fallocate(0, needed)
             self._write_pages(sources, load)
             self.io.fsync()  # the pages before the root record that names them
-            self._current_root ^= 1
+            # The record that does not hold main_txn: if this write is torn, the other one
+            # (main_txn, whose commits are all still in the log) is the one recovery takes.
+            slot = self._current_root ^ 1
             self.io.pwrite(F.pack_root(target, commit.page_count, commit.free_head, commit.slots),
-                           F.ROOT_OFFSETS[self._current_root])
+                           F.ROOT_OFFSETS[slot])
             self.io.fsync()
-            self.main_txn = target
+            self._current_root, self.main_txn = slot, target
             if everything:
+                # The logged images are in the main file now; forget them before the
+                # log starts over (its positions mean nothing afterwards).
+                logged, self._logged = self._logged, {}
                 journal.reset(target, truncate=truncate or journal.size() > 4 * self.checkpoint_bytes)
-                mapping.discard_changes([(offset, journal.unit) for offset in self._logged
-                                         if offset not in changing])
-                self._logged.clear()
+                self.mapping.discard_changes([(offset, journal.unit) for offset in logged
+                                              if offset not in changing])
         finally:
             self.io.unlock(F.LOCK_CHECKPOINT)
         return self.main_txn
@@ -748,6 +813,7 @@ class Engine:
     def rollback(self):
         """Forget every change since the last commit (the map shows the committed pages again)."""
         self._check_writable()
+        self.settle()
         self._forget_pages()
         self._restore([(page, unit) for start, length, unit in list(self._private_runs())
                        for page in range(start, start + length, unit)])
@@ -782,6 +848,8 @@ class Engine:
                 self.commit()
                 self.checkpoint(truncate=True)
                 self._remove_log()
+            elif not self.readonly:
+                self.settle()  # a commit nobody acknowledged is not kept
         finally:
             self.closed = True
             self._forget_pages()
@@ -837,3 +905,37 @@ def _check_page_size(size):
     if not _valid_page_size(size):
         raise ValueError(f"pageSize must be a power of two from {F.MIN_PAGE_SIZE} to "
                          f"{F.MAX_PAGE_SIZE}, not {size}")
+
+
+class _Undo:
+    """What :meth:`Engine._undo` needs to take one commit back: the state before it."""
+
+    __slots__ = ("journal", "commits", "end", "chain", "logged", "txn", "committed")
+
+    def __init__(self, engine, journal, logged):
+        self.journal = journal
+        self.commits, self.end, self.chain = len(journal.commits), journal.end, journal.chain
+        #: offset -> the ``_logged`` entry before the commit (None: there was none)
+        self.logged = logged
+        self.txn, self.committed = engine.txn, engine._committed
+
+
+#: Signals that arrive from outside (Ctrl-C, alarms, kill, a child's end), never from the
+#: code itself: held back while an undo runs (blocking SIGSEGV and its kin is undefined).
+_ASYNC_SIGNALS = frozenset(signal.valid_signals()) - {
+    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL",
+                                       "SIGTRAP", "SIGSYS", "SIGABRT") if hasattr(signal, name)}
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold asynchronous signals back (in the main thread, the one that runs Python's signal
+    handlers) for the duration; they are delivered when it ends."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

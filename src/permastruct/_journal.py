@@ -67,6 +67,10 @@ class Journal:
         self.valid = False
         #: Whether the log's name is known to be on disk (its directory synced since it was created).
         self.name_durable = True
+        #: Whether :meth:`reset` took a new state that its header does not show yet (see there).
+        self.header_pending = False
+        #: Whether the last :meth:`append` wrote its commit frame whole (then an undo must kill it).
+        self.written_commit = False
 
     @staticmethod
     def path_for(store_path):
@@ -188,64 +192,104 @@ class Journal:
         """Append transaction ``txn`` (``pages``: ``(offset, unit bytes)``) and its commit frame.
 
         Frames go out in a few large writes; with ``sync`` the log is synced
-        before this returns.  Returns the :class:`Commit`.
+        before this returns.  Returns the :class:`Commit`.  The space is
+        reserved first (a full disk fails before anything is written), and
+        the in-memory state changes only at the end.  If this raises after
+        the commit frame was written, the caller undoes the commit: it puts
+        ``commits``, ``end`` and ``chain`` back and calls :meth:`invalidate`.
         """
+        self.written_commit = False
+        if self.header_pending:
+            self._write_header()
         salt, unit, chain = self.salt, self.unit, self.chain
         pack = F.FRAME.pack
         frames = []
+        position = self.end
+        for offset, _ in pages:
+            frames.append((offset, position + F.FRAME.size))
+            position += F.FRAME.size + unit
+        position += F.FRAME.size + F.COMMIT.size
+        padded = position
+        if position > self.file_size and position - self.end < GROW_STEP:
+            padded = -(-position // GROW_STEP) * GROW_STEP
+        if padded > self.file_size:
+            self.io.fallocate(self.file_size, padded - self.file_size)
         batch = []
         batch_bytes = 0
-        position = write_at = self.end
+        write_at = self.end
         for offset, data in pages:
             header = pack(F.FRAME_PAGE, salt, txn, offset, unit, 0)[:28]
             chain = _frame_crc(header, data, chain)
             batch.append(header)
             batch.append(F.UINT32.pack(chain))
             batch.append(data)
-            frames.append((offset, position + F.FRAME.size))
-            position += F.FRAME.size + unit
             batch_bytes += F.FRAME.size + unit
             if batch_bytes >= _CHUNK:
-                self.io.pwrite(b"".join(batch), write_at)
-                write_at, batch, batch_bytes = position, [], 0
+                data = b"".join(batch)
+                self.io.pwrite(data, write_at)
+                write_at, batch, batch_bytes = write_at + len(data), [], 0
         page_count, free_head, slots = root
         body = F.COMMIT.pack(page_count, free_head, *slots)
         header = pack(F.FRAME_COMMIT, salt, txn, len(frames), len(body), 0)[:28]
         chain = _frame_crc(header, body, chain)
         batch += [header, F.UINT32.pack(chain), body]
-        position += F.FRAME.size + len(body)
-        if position > self.file_size and position - self.end < GROW_STEP:
-            padded = -(-position // GROW_STEP) * GROW_STEP
+        whole = position - write_at  # bytes of this last write up to the end of the commit frame
+        if padded > position:
             batch.append(bytes(padded - position))  # dead frames: their salt and txn are zero
-        data = b"".join(batch)
-        self.io.pwrite(data, write_at)
-        self.file_size = max(self.file_size, write_at + len(data))
+        try:
+            self.io.pwrite(b"".join(batch), write_at)
+        except BaseException:
+            self.written_commit = self.io.written >= whole
+            raise
+        self.written_commit = True
         if sync:
             self.io.fsync()
         commit = Commit(txn, page_count, free_head, list(slots), frames, position)
-        self.commits.append(commit)
-        self.end = position
-        self.chain = chain
+        self.commits.append(commit)  # the caller's undo (Engine) truncates it again
+        self.end, self.chain, self.file_size = position, chain, max(self.file_size, padded)
         return commit
 
+    def invalidate(self, position, sync):
+        """Make the frames from ``position`` on dead on disk (a commit written there is undone).
+
+        The first frame header at ``position`` is zeroed: recovery stops
+        before it, and a later commit written at ``position`` overwrites the
+        rest.  Nothing to do when the last :meth:`append` never wrote its
+        commit frame whole (without it, recovery never takes the frames
+        before), or past the end of the file.
+        """
+        if self.written_commit and position + F.FRAME.size <= self.io.size():
+            self.io.pwrite(bytes(F.FRAME.size), position)
+            if sync:
+                self.io.fsync()
+
     def reset(self, base, truncate=False):
-        """Start the log again after a checkpoint: a new salt, nothing in it, ``base`` = ``txn``."""
+        """Start the log again after a checkpoint: a new salt, nothing in it, ``base`` = ``txn``.
+
+        The new state is taken in memory first, in one step, and the header
+        written after: if that write does not happen (an exception, a failed
+        write), ``header_pending`` says so and the next :meth:`append` writes
+        it before any frame.  Until then the file keeps the old header, whose
+        commits the main file already holds.
+        """
         salt = self.salt
         while salt == self.salt:
             salt = int.from_bytes(os.urandom(4), "little")
-        head = F.WAL_HEADER.pack(F.WAL_MAGIC, F.WAL_VERSION, self.unit, salt, base, 0)
-        head = head[:60] + F.UINT32.pack(zlib.crc32(head[:60]))
-        self.io.pwrite(head, 0)
-        # The header is out: from here on the log is the new one, whatever follows.
-        self.salt, self.base, self.commits, self.end, self.valid = salt, base, [], F.WAL_HEADER.size, True
-        self.chain = salt
-        self.file_size = max(self.file_size, F.WAL_HEADER.size)
+        self.salt, self.base, self.commits, self.end, self.chain, self.valid, self.header_pending = (
+            salt, base, [], F.WAL_HEADER.size, salt, True, True)
+        self._write_header()
         if truncate and self.io.size() > F.WAL_HEADER.size:
             try:
                 self.io.truncate(F.WAL_HEADER.size)
                 self.file_size = F.WAL_HEADER.size
             except OSError:
                 pass  # only space is lost: frames after the header are dead under the new salt
+
+    def _write_header(self):
+        head = F.WAL_HEADER.pack(F.WAL_MAGIC, F.WAL_VERSION, self.unit, self.salt, self.base, 0)
+        self.io.pwrite(head[:60] + F.UINT32.pack(zlib.crc32(head[:60])), 0)
+        self.file_size = max(self.file_size, F.WAL_HEADER.size)
+        self.header_pending = False
 
     def make_durable(self):
         """fsync the log, and its directory the first time, so that what it holds survives a power loss."""

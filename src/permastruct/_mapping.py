@@ -150,6 +150,8 @@ class FileIO:
         self.sync_failed = False
         #: True for a file of :meth:`create_unnamed` that has no name yet
         self.unnamed = False
+        #: Bytes the last :meth:`pwrite` wrote (all of them, unless it raised)
+        self.written = 0
 
     @classmethod
     def open(cls, path, readonly, create):
@@ -279,8 +281,13 @@ class FileIO:
         return b"".join(chunks)
 
     def pwrite(self, data, offset):
-        """Write all of ``data`` at ``offset``, completing short writes."""
+        """Write all of ``data`` at ``offset``, completing short writes.
+
+        When it raises, ``written`` says how many bytes of ``data`` did reach
+        the file (a short write, then an error).
+        """
         view = memoryview(data).cast("B")
+        self.written = 0
         try:
             self._before("pwrite", view, offset)
             while view:
@@ -289,6 +296,7 @@ class FileIO:
                     raise OSError(errno.EIO, "pwrite wrote nothing")
                 view = view[written:]
                 offset += written
+                self.written += written
         except OSError as exc:
             raise _full_error(exc, "writing", self.path) from exc
 

@@ -758,11 +758,24 @@ class Storage:
         return self._closed
 
     def commit(self):
-        """Make every change since the last commit durable."""
+        """Make every change since the last commit durable.
+
+        Either it returns and the commit is made, or it raises (a full disk,
+        an interrupt at any moment) and nothing of it is: the store is at its
+        last commit, with the changes still pending (``rollback()`` or commit
+        again).
+        """
         self._check_writable()
         self._collect_unreferenced()
-        self._page_file.flush()
-        self._created.clear()
+        pf = self._page_file
+        try:
+            pf.commit(acknowledge=False)
+            # The commit returns here: the storage's own bookkeeping and the engine's
+            # confirmation in one step (no call in between, so no interrupt either).
+            self._created, pf._unacknowledged = set(), None
+        except BaseException:
+            pf.settle()  # not confirmed: taken back
+            raise
 
     def rollback(self):
         """Return to the last committed state; proxies of objects created since then die."""
