@@ -15,6 +15,7 @@ placement.  Damage that makes reading itself fail (a view outside the map, a
 struct that does not fit) is reported as a CorruptStorageError too.
 """
 
+import contextlib
 import ctypes
 import struct
 import zlib
@@ -31,14 +32,146 @@ _READ_ERRORS = (IndexError, KeyError, ValueError, OverflowError, struct.error, R
 
 
 def check_storage(storage, progress=None):
-    """Verify every invariant of ``storage``; raise CorruptStorageError naming the first broken one."""
-    try:
+    """Verify every invariant of ``storage``; raise CorruptStorageError naming the first broken one.
+
+    ``progress``, if given, is called as ``progress(done, total, what)`` while
+    the check advances: over the pages (``what`` is ``"pages"``), then over
+    the objects (``"objects"``); each phase ends with a call where ``done``
+    equals ``total``.  It is called every few dozen pages or objects, so a
+    caller that draws something should throttle itself.
+    """
+    with _damage_reported(storage, "the check"):
         return _check_storage(storage, progress)
+
+
+def iter_objects(storage, progress=None):
+    """Every allocated object of ``storage`` in file order, as ``(offset, capacity, type_id)``.
+
+    The one object walker: it reads the pages of the last commit (or of the
+    writer's current state), not the references, so it also yields objects
+    nothing refers to any more (they are freed at the next commit).  The
+    coming ``_heap`` module will own it; ``check_storage``, ``info`` and
+    every later whole-store pass (``pack``, ``backup``, ``objects()``,
+    ``dump``) use it.  ``capacity`` is the space the object has (its slot or
+    run), ``type_id`` the one in its header.  Pages that do not add up raise
+    CorruptStorageError with the messages of ``check()``; ``progress`` is
+    called as in :func:`check_storage` (phase ``"pages"``).
+
+    >>> import os, tempfile
+    >>> from permastruct import Storage
+    >>> class Notes(Storage):
+    ...     def populateSchema(self):
+    ...         class Root(self.schema.Structure):
+    ...             title = self.schema.String
+    >>> with Notes(os.path.join(tempfile.mkdtemp(), "notes.ps")) as p:
+    ...     p.root.title = "first"
+    ...     p.commit()
+    ...     sorted(_type_name(p._classes_by_id, type_id) for _, _, type_id in iter_objects(p))
+    ['(registry)', '(schema)', 'Root', 'String']
+    """
+    with _damage_reported(storage, "the object walk"):
+        yield from _PageScan(storage).objects(progress)
+
+
+@contextlib.contextmanager
+def _damage_reported(storage, what):
+    """Report what reading damaged bytes raises (_READ_ERRORS) as a CorruptStorageError."""
+    try:
+        yield
     except _READ_ERRORS as exc:
         if isinstance(exc, PermastructError):
             raise
-        raise CorruptStorageError(f"{storage.fileName!r}: damage stopped the check: {type(exc).__name__}: "
+        raise CorruptStorageError(f"{storage.fileName!r}: damage stopped {what}: {type(exc).__name__}: "
                                   f"{exc}") from exc
+
+
+class _PageScan:
+    """What every page of a store is, checked page by page; :meth:`objects` yields what the pages hold.
+
+    Afterwards ``owner[pid]`` says what page ``pid`` is (``"free"``,
+    ``"allocator state"``, ``"free run P"``, ``"slab"``, ``"run P"``) and
+    ``slabs_with_room`` maps each slab with a free slot to its size class.
+    """
+
+    def __init__(self, storage):
+        self.storage = storage
+        self.owner = []
+        self.slabs_with_room = {}
+
+    def fail(self, message):
+        raise CorruptStorageError(f"{self.storage.fileName!r}: {message}")
+
+    def claim(self, pid, what):
+        owner, count = self.owner, len(self.owner)
+        if not 0 <= pid < count:
+            self.fail(f"{what} names page {pid}, outside the {count} pages")
+        if owner[pid] is not None:
+            self.fail(f"page {pid} is both {owner[pid]} and {what}")
+        owner[pid] = what
+
+    def objects(self, progress=None):
+        """Claim every page, checking as it goes; yield ``(offset, capacity, type_id)`` of each object."""
+        pf = self.storage._page_file
+        alloc = self.storage._allocator
+        fail, claim = self.fail, self.claim
+        view_at, header = pf.mapping.view, F.OBJECT_HEADER
+        count = pf.page_count
+        owner = self.owner = [None] * count
+        slabs_with_room = self.slabs_with_room = {}
+        for pid in pf.free_pages():
+            claim(pid, "free")
+        claim(alloc.state_pid, "allocator state")
+        for pid, length in alloc.free_runs():
+            for member in range(pid, pid + length):
+                claim(member, f"free run {pid}")
+        for pid in range(count):
+            if progress is not None and not pid & 63:
+                progress(pid, count, "pages")
+            if owner[pid] is not None:
+                if owner[pid] == "free" and pf._link(pid) == F.NOT_IN_FREE_PAGE_LIST:
+                    fail(f"free page {pid} is marked in use")
+                continue
+            if pf._link(pid) != F.NOT_IN_FREE_PAGE_LIST:
+                fail(f"page {pid} is in use but its header says {pf._link(pid)}")
+            page = pf.view(pid)
+            kind = page[F.SLAB_AT]
+            if kind == F.KIND_SLAB:
+                claim(pid, "slab")
+                _, index, used, free_head, bump, _, _ = F.SLAB.unpack_from(page, F.SLAB_AT)
+                if index >= len(alloc.classes):
+                    fail(f"slab {pid} has size class {index}")
+                size = alloc.classes[index]
+                nslots = alloc.slots_per_page(index)
+                if bump > nslots or used > bump:
+                    fail(f"slab {pid}: used {used}, bump {bump}, {nslots} slots")
+                free = set()
+                slot = free_head
+                while slot:
+                    if slot - 1 >= bump or slot - 1 in free:
+                        fail(f"slab {pid}: broken slot free list at {slot - 1}")
+                    free.add(slot - 1)
+                    slot = F.UINT32.unpack_from(page, F.SLAB_FIRST_SLOT + (slot - 1) * size)[0]
+                if len(free) != bump - used:
+                    fail(f"slab {pid}: {used} used and {len(free)} free of {bump} handed-out slots")
+                if used < nslots:
+                    slabs_with_room[pid] = index
+                base = pf.offset(pid) + F.SLAB_FIRST_SLOT
+                for slot in range(bump):
+                    if slot not in free:
+                        offset = base + slot * size
+                        yield offset, size, header.unpack_from(view_at(offset, 8))[0]
+            elif kind == F.KIND_RUN:
+                length = F.RUN.unpack_from(page, F.RUN_AT)[1]
+                if length < 1 or pid + length > count:
+                    fail(f"run at page {pid} has {length} pages")
+                for member in range(pid, pid + length):
+                    claim(member, f"run {pid}")
+                offset = pf.offset(pid) + F.RUN_OBJECT
+                yield offset, length * pf.page_size - F.RUN_OBJECT, header.unpack_from(view_at(offset, 8))[0]
+            else:
+                fail(f"page {pid} is in use but has unknown kind {kind}")
+        if progress is not None:
+            progress(count, count, "pages")
 
 
 def _check_storage(storage, progress):
@@ -56,68 +189,9 @@ def _check_storage(storage, progress):
     # (the root records and the log: PageFile.check_files, called by Storage.check)
 
     # -- pages ------------------------------------------------------------------
-    count = pf.page_count
-    owner = [None] * count
-
-    def claim(pid, what):
-        if not 0 <= pid < count:
-            fail(f"{what} names page {pid}, outside the {count} pages")
-        if owner[pid] is not None:
-            fail(f"page {pid} is both {owner[pid]} and {what}")
-        owner[pid] = what
-
-    for pid in pf.free_pages():
-        claim(pid, "free")
-    claim(alloc.state_pid, "allocator state")
-    for pid, length in alloc.free_runs():
-        for member in range(pid, pid + length):
-            claim(member, f"free run {pid}")
-    objects = {}  # offset -> capacity
-    slabs_with_room = {}
-    for pid in range(count):
-        if progress is not None and pid % 4096 == 0:
-            progress(pid, count)
-        if owner[pid] is not None:
-            if owner[pid] == "free" and pf._link(pid) == F.NOT_IN_FREE_PAGE_LIST:
-                fail(f"free page {pid} is marked in use")
-            continue
-        if pf._link(pid) != F.NOT_IN_FREE_PAGE_LIST:
-            fail(f"page {pid} is in use but its header says {pf._link(pid)}")
-        page = pf.view(pid)
-        kind = page[F.SLAB_AT]
-        if kind == F.KIND_SLAB:
-            claim(pid, "slab")
-            _, index, used, free_head, bump, _, _ = F.SLAB.unpack_from(page, F.SLAB_AT)
-            if index >= len(alloc.classes):
-                fail(f"slab {pid} has size class {index}")
-            size = alloc.classes[index]
-            nslots = alloc.slots_per_page(index)
-            if bump > nslots or used > bump:
-                fail(f"slab {pid}: used {used}, bump {bump}, {nslots} slots")
-            free = set()
-            slot = free_head
-            while slot:
-                if slot - 1 >= bump or slot - 1 in free:
-                    fail(f"slab {pid}: broken slot free list at {slot - 1}")
-                free.add(slot - 1)
-                slot = F.UINT32.unpack_from(page, F.SLAB_FIRST_SLOT + (slot - 1) * size)[0]
-            if len(free) != bump - used:
-                fail(f"slab {pid}: {used} used and {len(free)} free of {bump} handed-out slots")
-            base = pf.offset(pid) + F.SLAB_FIRST_SLOT
-            for slot in range(bump):
-                if slot not in free:
-                    objects[base + slot * size] = size
-            if used < nslots:
-                slabs_with_room[pid] = index
-        elif kind == F.KIND_RUN:
-            length = F.RUN.unpack_from(page, F.RUN_AT)[1]
-            if length < 1 or pid + length > count:
-                fail(f"run at page {pid} has {length} pages")
-            for member in range(pid, pid + length):
-                claim(member, f"run {pid}")
-            objects[pf.offset(pid) + F.RUN_OBJECT] = length * pf.page_size - F.RUN_OBJECT
-        else:
-            fail(f"page {pid} is in use but has unknown kind {kind}")
+    scan = _PageScan(storage)
+    objects = {offset: (capacity, type_id) for offset, capacity, type_id in scan.objects(progress)}
+    count, owner, slabs_with_room = pf.page_count, scan.owner, scan.slabs_with_room
     for index in range(len(alloc.classes)):
         pid, previous, seen = alloc._head(index), -1, 0
         while pid != -1:
@@ -145,8 +219,10 @@ def _check_storage(storage, progress):
                 fail(f"{where} refers to {target:#x}, which is not a {expected.__name__}")
         incoming[target] += 1
 
-    for offset, capacity in objects.items():
-        type_id, refs = F.OBJECT_HEADER.unpack_from(pf.mapping.view(offset, 8))
+    total = len(objects)
+    for done, (offset, (capacity, type_id)) in enumerate(objects.items()):
+        if progress is not None and not done & 255:
+            progress(done, total, "objects")
         if type_id in (F.T_SCHEMA, F.T_BYTESTRING, F.T_STRING):
             needed = F.STRING.size + storage._string_header(offset)[3]
             if type_id == F.T_STRING and needed <= capacity:
@@ -231,6 +307,8 @@ def _check_storage(storage, progress):
     for offset, refs in ((o, F.UINT32.unpack_from(pf.mapping.view(o + 4, 4))[0]) for o in objects):
         if refs != incoming[offset]:
             fail(f"object {offset:#x} stores {refs} references but {incoming[offset]} were found")
+    if progress is not None:
+        progress(total, total, "objects")
     return {
         "file": path,
         "pages": count,

@@ -864,11 +864,17 @@ class Storage:
     def __repr__(self):
         return f"<{type(self).__name__} {self.fileName!r}>"
 
-    def check(self):
-        """Verify the whole file; raise CorruptStorageError naming the first problem, or return a summary."""
+    def check(self, progress=None):
+        """Verify the whole file; raise CorruptStorageError naming the first problem, or return a summary.
+
+        ``progress``, if given, is called as ``progress(done, total, what)``
+        as the check advances, first over the pages (``what == "pages"``),
+        then over the objects (``"objects"``); each phase ends with
+        ``done == total``.  The root records and the log are checked last.
+        """
         self._check_open()
         from ._check import check_storage
-        summary = check_storage(self)
+        summary = check_storage(self, progress)
         summary.update(self._page_file.check_files())
         return summary
 
