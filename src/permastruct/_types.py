@@ -192,7 +192,10 @@ def _damaged(cls, proxy, local, problem):
 _GUARDED = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__len__",
             "__iter__", "__reversed__", "__contains__", "__getitem__", "__setitem__", "__delitem__",
             "__bytes__", "__str__", "__bool__", "__int__", "__float__", "__index__", "__buffer__",
-            "__format__", "__call__", "__enter__", "__exit__", "__fspath__")
+            "__format__", "__call__", "__enter__", "__exit__", "__fspath__",
+            "__add__", "__radd__", "__iadd__", "__mul__", "__rmul__", "__imul__", "__mod__", "__rmod__",
+            "__or__", "__ror__", "__ior__", "__and__", "__rand__", "__iand__", "__sub__", "__rsub__",
+            "__isub__", "__xor__", "__rxor__", "__ixor__")
 
 
 def closed_class(cls, rolled_back=False):

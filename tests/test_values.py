@@ -1,0 +1,343 @@
+"""Proxies that act like their values (issue 17, item 4).
+
+String and ByteString proxies used as ``str``/``bytes``; ``+``, ``*``, ``|``
+and the set operators on collections; collection previews in ``repr``;
+``permastruct.to_python``; ``dir()`` of proxies; ``help()`` of structure
+classes.  The generic protocol suites of CPython are in test_protocol_suites.py.
+"""
+
+import array
+import hashlib
+import inspect
+import json
+import pprint
+import pydoc
+import re
+import sys
+
+import pytest
+
+import permastruct
+from permastruct import Dict, List, Set, SortedDict, Storage
+from permastruct.errors import CorruptStorageError, PermastructError, ReadOnlyError, StorageClosedError
+
+
+class ValuesStorage(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Agent(s.Structure):
+            """A field agent.
+
+            >>> 1 + 1
+            2
+            """
+            name = s.ByteString
+            age = s.Int
+            weight = s.Float
+
+            def greeting(self):
+                return b"Hello, " + self.name
+
+            @property
+            def double_age(self):
+                return 2 * self.age
+
+        class Spy(Agent):
+            code = s.String
+            licensed = s.Bool
+
+        class Item(s.Structure):
+            value = s.Int
+
+        Items = self.define(List("Items")[Item])
+
+        class Holder(Item):
+            items = Items
+            label = s.String
+
+        class Link(Item):
+            next = Item
+
+        class Pair(Item):
+            left = Item
+            right = Item
+
+        self.define(List("Ints")[s.Int])
+        self.define(List("Texts")[s.String])
+        Agents = self.define(List("Agents")[Agent])
+        self.define(Dict("ByName")[s.ByteString, Agent])
+        self.define(Dict("Ages")[s.String, s.Int])
+        self.define(Dict("Teams")[s.String, Agents])
+        self.define(SortedDict("ByAge")[s.Int, Agent])
+        self.define(Set("Tags")[s.String])
+        self.define(Set("Numbers")[s.Int])
+
+        class Root(s.Structure):
+            name = s.ByteString
+            title = s.String
+            agent = Agent
+            items = Items
+            ints = s.Ints
+            ages = s.Ages
+            buf = s.Buffer
+            count = s.Int
+
+
+@pytest.fixture
+def p(tmp_path):
+    store = ValuesStorage(tmp_path / "values.ps")
+    yield store
+    if not store.closed:
+        store.check()
+        store.close()
+
+
+# == strings ===================================================================================
+TEXTS = ["", "Moneypenny", "h\u00e9llo w\u00f6rld \u2764 \U0001f600", "a,b,,c", "  Tab\tbed \n lines\r\n",
+         "Title Case", "12345", "x" * 300]
+BLOBS = [b"", b"Felix,Leiter", b"\x00\xff\x10", b"a,b,,c", b"  spaced \n", b"12345", b"y" * 300]
+
+#: (method, args) calls tried on every sample; the proxy must answer what the value answers.
+STR_CALLS = [
+    ("capitalize", ()), ("casefold", ()), ("center", (20, "*")), ("count", ("a",)), ("encode", ()),
+    ("encode", ("utf-16",)), ("endswith", ("y",)), ("endswith", (("a", "y"),)), ("expandtabs", (4,)),
+    ("find", ("e",)), ("format", ()), ("format_map", ({},)), ("index", ("",)), ("isalnum", ()),
+    ("isalpha", ()), ("isascii", ()), ("isdecimal", ()), ("isdigit", ()), ("isidentifier", ()),
+    ("islower", ()), ("isnumeric", ()), ("isprintable", ()), ("isspace", ()), ("istitle", ()),
+    ("isupper", ()), ("join", (["1", "2"],)), ("ljust", (15, ".")), ("lower", ()), ("lstrip", ()),
+    ("partition", (",",)), ("removeprefix", ("Mo",)), ("removesuffix", ("ny",)), ("replace", ("a", "A")),
+    ("replace", ("e", "E", 1)), ("rfind", ("e",)), ("rindex", ("",)), ("rjust", (12,)), ("rpartition", (",",)),
+    ("rsplit", (",", 1)), ("rstrip", ()), ("split", ()), ("split", (",",)), ("split", (), {"sep": ",", "maxsplit": 1}),
+    ("splitlines", ()), ("splitlines", (True,)), ("startswith", ("M",)), ("startswith", ("y", 1, 5)),
+    ("strip", (" \n",)), ("swapcase", ()), ("title", ()), ("translate", ({ord("a"): "4"},)), ("upper", ()),
+    ("zfill", (10,)),
+]
+BYTES_CALLS = [
+    ("capitalize", ()), ("center", (20, b"*")), ("count", (b"a",)), ("decode", ()), ("decode", ("latin-1",)),
+    ("endswith", (b"r",)), ("endswith", ((b"a", b"r"),)), ("expandtabs", (4,)), ("find", (b"e",)),
+    ("find", (101,)), ("hex", ()), ("hex", (":",)), ("index", (b"",)), ("isalnum", ()), ("isalpha", ()),
+    ("isascii", ()), ("isdigit", ()), ("islower", ()), ("isspace", ()), ("istitle", ()), ("isupper", ()),
+    ("join", ([b"1", b"2"],)), ("ljust", (15, b".")), ("lower", ()), ("lstrip", ()), ("partition", (b",",)),
+    ("removeprefix", (b"Fe",)), ("removesuffix", (b"er",)), ("replace", (b"e", b"E")), ("rfind", (b"e",)),
+    ("rindex", (b"",)), ("rjust", (12,)), ("rpartition", (b",",)), ("rsplit", (b",", 1)), ("rstrip", ()),
+    ("split", ()), ("split", (b",",)), ("splitlines", ()), ("startswith", (b"F",)), ("strip", ()),
+    ("swapcase", ()), ("title", ()), ("translate", (bytes.maketrans(b"a", b"4"),)), ("upper", ()),
+    ("zfill", (10,)),
+]
+
+
+def _call(target, name, args, kwargs):
+    try:
+        return "ok", getattr(target, name)(*args, **kwargs)
+    except Exception as exc:  # the proxy must fail where the value fails, with the same exception type
+        return "error", type(exc)
+
+
+def _calls(table):
+    for entry in table:
+        name, args = entry[0], entry[1]
+        yield name, args, entry[2] if len(entry) > 2 else {}
+
+
+def test_every_public_str_and_bytes_method_is_on_the_proxies(p):
+    title, raw = p.schema.String("Bond"), p.schema.ByteString(b"Bond")
+    for python, proxy in ((str, title), (bytes, raw)):
+        for name in dir(python):
+            if name.startswith("_") or name == "fromhex":
+                continue
+            assert callable(getattr(proxy, name)), f"{type(proxy).__name__}.{name}"
+    assert {name for name, _, _ in _calls(STR_CALLS)} == {n for n in dir(str) if not n.startswith("_")} - {
+        "maketrans"}
+    assert {name for name, _, _ in _calls(BYTES_CALLS)} == {n for n in dir(bytes) if not n.startswith("_")} - {
+        "maketrans", "fromhex"}
+
+
+@pytest.mark.parametrize("value", TEXTS)
+def test_string_methods_answer_like_str(p, value):
+    proxy = p.schema.String(value)
+    for name, args, kwargs in _calls(STR_CALLS):
+        expected = _call(value, name, args, kwargs)
+        got = _call(proxy, name, args, kwargs)
+        assert got == expected, f"{value!r}.{name}{args}"
+        if got[0] == "ok":
+            assert type(got[1]) is type(expected[1])
+    assert proxy.maketrans("a", "b") == str.maketrans("a", "b")
+
+
+@pytest.mark.parametrize("value", BLOBS)
+def test_bytestring_methods_answer_like_bytes(p, value):
+    proxy = p.schema.ByteString(value)
+    for name, args, kwargs in _calls(BYTES_CALLS):
+        expected = _call(value, name, args, kwargs)
+        got = _call(proxy, name, args, kwargs)
+        assert got == expected, f"{value!r}.{name}{args}"
+        if got[0] == "ok":
+            assert type(got[1]) is type(expected[1])
+    assert proxy.maketrans(b"a", b"b") == bytes.maketrans(b"a", b"b")
+
+
+@pytest.mark.parametrize("value", TEXTS)
+def test_string_operators_answer_like_str(p, value):
+    t = p.schema.String(value)
+    assert t + "!" == value + "!" and type(t + "!") is str
+    assert "!" + t == "!" + value and type("!" + t) is str
+    assert t + t == value + value and type(t + t) is str
+    assert t * 3 == value * 3 == 3 * t and type(t * 3) is str
+    assert t * 0 == "" and t * -1 == ""
+    assert f"{t}" == value and f"{t:>30}" == f"{value:>30}" and format(t, "^9") == format(value, "^9")
+    assert "{}|{:<5}".format(t, t) == "{}|{:<5}".format(value, value)
+    assert "%s" % t == value and "%r" % (t.contents,) == repr(value)
+    assert ("x" in t) == ("x" in value) and ("" in t)
+    assert list(t) == list(value) and list(reversed(t)) == list(reversed(value))
+    assert len(t) == len(value)  # characters, not bytes
+    if value:
+        assert t[0] == value[0] and t[-1] == value[-1] and type(t[0]) is str
+        with pytest.raises(IndexError):
+            t[len(value)]
+    assert t[1:3] == value[1:3] and t[::-1] == value[::-1] and type(t[1:3]) is str
+    assert p.schema.String("%s-%d") % ("a", 3) == "a-3"
+    assert p.schema.String("%(x)s") % {"x": t} == value
+
+
+@pytest.mark.parametrize("value", BLOBS)
+def test_bytestring_operators_answer_like_bytes(p, value):
+    raw = p.schema.ByteString(value)
+    assert raw + b"d" == value + b"d" and type(raw + b"d") is bytes
+    assert b"d" + raw == b"d" + value and type(b"d" + raw) is bytes
+    assert raw + bytearray(b"e") == value + b"e" and raw + memoryview(b"f") == value + b"f"
+    assert bytearray(b"g") + raw == bytearray(b"g" + value)
+    assert raw + raw == value + value
+    assert raw * 2 == value * 2 == 2 * raw and type(raw * 2) is bytes
+    assert (b"," in raw) == (b"," in value) and (44 in raw) == (44 in value)
+    assert list(raw) == list(value)
+    assert raw[1:3] == value[1:3] and type(raw[1:3]) is bytes
+    if value:
+        assert raw[0] == value[0] and type(raw[0]) is int
+    assert str(raw) == str(value) and f"{raw}" == f"{value}"
+    assert p.schema.ByteString(b"%s=%d") % (b"k", 5) == b"k=5"
+    assert b"%s" % raw == value
+    assert int(p.schema.ByteString(b"42")) == 42  # through the buffer protocol, as int(b"42")
+
+
+def test_string_proxies_as_arguments_count_as_their_values(p):
+    t = p.schema.String("Moneypenny")
+    penny, bags = p.schema.String("penny"), p.schema.String("bags")
+    assert t.replace(penny, bags) == "Moneybags"
+    assert t.endswith(penny) and t.endswith(("x", penny)) and t.find(penny) == 5
+    assert p.schema.String(", ").join([t, penny, "x"]) == "Moneypenny, penny, x"
+    assert penny in t and t.split(sep=penny) == ["Money", ""]
+    assert t + penny == "Moneypennypenny"
+    raw = p.schema.ByteString(b"a,b")
+    comma = p.schema.ByteString(b",")
+    assert raw.split(comma) == [b"a", b"b"] and comma.join([raw, raw]) == b"a,b,a,b"
+    assert b"-".join([raw, comma]) == b"a,b-,"  # bytes.join reads the proxies' buffers
+
+
+def test_mixing_kinds_and_types_raises_type_error(p):
+    t, raw = p.schema.String("x"), p.schema.ByteString(b"x")
+    for bad in (lambda: t + 5, lambda: 5 + t, lambda: t + raw, lambda: raw + t, lambda: raw + 5,
+                lambda: t * 1.5, lambda: raw * "2", lambda: b"x" + t, lambda: t.startswith(b"x"),
+                lambda: raw.startswith("x"), lambda: memoryview(b"x") + raw, lambda: (1,) + t):
+        with pytest.raises(TypeError):
+            bad()
+
+    class Right:
+        def __radd__(self, other):
+            return ("radd", other)
+
+        def __rmul__(self, other):
+            return ("rmul", other)
+
+    assert t + Right() == ("radd", t)  # NotImplemented lets the other operand answer
+    assert raw * Right() == ("rmul", raw)
+
+
+def test_proxy_api_is_not_shadowed(p):
+    t, raw = p.schema.String("Bond"), p.schema.ByteString(b"Bond")
+    for proxy in (t, raw):
+        assert proxy.isSameAs(proxy) and not proxy.isSameAs(proxy.contents)
+        cls = type(proxy)
+        assert isinstance(cls.__dict__.get("contents") or inspect.getattr_static(proxy, "contents"), property)
+        assert re.fullmatch(rf"<persistent {cls.__name__} object @offset 0x[0-9a-f]+>", repr(proxy))
+        assert proxy == proxy.contents and hash(proxy) == hash(proxy.contents)
+    assert not hasattr(raw, "fromhex") and not hasattr(type(raw), "fromhex")
+    assert t.contents == "Bond" and raw.contents == b"Bond"
+    assert t.upper.__doc__.startswith("``s.upper(...)`` is ``s.contents.upper(...)``")
+
+
+def test_bytestring_exports_its_bytes_read_only(p):
+    raw = p.schema.ByteString(b"Felix")
+    m = memoryview(raw)
+    assert (m.format, m.itemsize, m.shape, m.readonly, m.nbytes) == ("B", 1, (5,), True, 5)
+    assert m.tobytes() == b"Felix" and m[0] == ord("F")
+    with pytest.raises(TypeError):
+        m[0] = 1
+    assert bytearray(raw) == bytearray(b"Felix")
+    assert b"".join([raw, b"!"]) == b"Felix!"
+    assert hashlib.sha256(raw).digest() == hashlib.sha256(b"Felix").digest()
+    assert array.array("B", raw).tobytes() == b"Felix"
+    # a Buffer made from a ByteString holds its bytes (it used to copy the proxy's header)
+    assert bytes(p.schema.Buffer(raw)) == b"Felix"
+    m.release()
+    empty = p.schema.ByteString(b"")
+    assert memoryview(empty).tobytes() == b"" and bytearray(empty) == bytearray()
+    import ctypes
+    with pytest.raises((TypeError, BufferError)):
+        ctypes.c_char.from_buffer(raw)  # wants writable memory
+    p.check()
+
+
+def test_bytestring_export_in_a_read_only_storage(tmp_path):
+    path = tmp_path / "ro.ps"
+    with ValuesStorage(path) as w:
+        w.root.name = b"James"
+    reader = ValuesStorage(path, readonly=True)
+    try:
+        name = reader.root.name
+        assert bytes(memoryview(name)) == b"James" and name.upper() == b"JAMES"
+    finally:
+        reader.close()
+
+
+def test_string_has_no_buffer_protocol(p):
+    t = p.schema.String("text")
+    with pytest.raises(TypeError, match="bytes-like object is required"):
+        memoryview(t)
+    with pytest.raises(TypeError):
+        b"".join([t])
+    with pytest.raises(TypeError):
+        bytearray(t)
+    with pytest.raises(TypeError):
+        p.schema.Buffer(t)
+    assert bytes(t) == b"text"  # its UTF-8, through __bytes__, as before
+
+
+def test_views_outlive_close_and_dead_proxies_refuse(tmp_path):
+    store = ValuesStorage(tmp_path / "dead.ps")
+    raw, t = store.schema.ByteString(b"Felix"), store.schema.String("Bond")
+    kept = memoryview(raw)
+    store.close()
+    assert kept.tobytes() == b"Felix"  # the map stays while a view uses it
+    for use in (lambda: raw.upper(), lambda: raw + b"x", lambda: b"x" + raw, lambda: raw * 2, lambda: memoryview(raw),
+                lambda: bytearray(raw), lambda: t.upper(), lambda: t + "x", lambda: "x" + t, lambda: t[0],
+                lambda: list(t), lambda: "B" in t, lambda: f"{t:>3}", lambda: str(raw), lambda: t % ()):
+        with pytest.raises(StorageClosedError):
+            use()
+    with pytest.raises(TypeError):  # bytes.join replaces any buffer error with its own TypeError
+        b"".join([raw])
+    kept.release()
+
+
+def test_rolled_back_strings_refuse(tmp_path):
+    store = ValuesStorage(tmp_path / "rb.ps")
+    store.commit()
+    raw = store.schema.ByteString(b"gone")
+    store.rollback()
+    with pytest.raises(PermastructError):
+        raw.upper()
+    with pytest.raises(PermastructError):
+        memoryview(raw)
+    store.check()
+    store.close()
+
