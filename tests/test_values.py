@@ -341,3 +341,202 @@ def test_rolled_back_strings_refuse(tmp_path):
     store.check()
     store.close()
 
+
+# == collections: + * | & ======================================================================
+def test_list_add_and_mul_return_plain_lists(p):
+    lst = p.schema.Ints([1, 2])
+    other = p.schema.Ints([3])
+    for result, expected in ((lst + [4], [1, 2, 4]), ([0] + lst, [0, 1, 2]), (lst * 2, [1, 2, 1, 2]),
+                             (2 * lst, [1, 2, 1, 2]), (lst + other, [1, 2, 3]), (other + lst, [3, 1, 2]),
+                             (lst * 0, []), (lst * -3, []), (lst + [], [1, 2]), (lst * Idx(2), [1, 2, 1, 2])):
+        assert type(result) is list and result == expected
+    for bad in (lambda: lst + (4,), lambda: (4,) + lst, lambda: lst + 4, lambda: lst * 1.5, lambda: lst * "2",
+                lambda: lst + {4}):
+        with pytest.raises(TypeError):
+            bad()
+    assert lst == [1, 2] and other == [3]
+    agents = p.schema.Agents([p.schema.Agent(age=1)])
+    joined = agents + agents
+    assert joined[0].isSameAs(joined[1]) and type(joined) is list
+    assert lst.copy() == [1, 2] and type(lst.copy()) is list
+    p.check()
+
+
+class Idx:
+    def __init__(self, i):
+        self.i = i
+
+    def __index__(self):
+        return self.i
+
+
+def test_list_iadd_and_imul_change_the_list_in_place(p):
+    lst = same = p.schema.Ints([1, 2])
+    lst += [3]
+    lst += (4, 5)
+    lst += range(6, 7)
+    lst += p.schema.Ints([7])
+    assert lst is same and lst == [1, 2, 3, 4, 5, 6, 7]
+    lst *= 2
+    assert lst is same and lst == [1, 2, 3, 4, 5, 6, 7] * 2
+    lst *= 1
+    assert len(lst) == 14
+    lst *= Idx(0)
+    assert lst is same and lst == []
+    lst += [9]
+    lst *= -2
+    assert lst == []
+    lst *= 5
+    assert lst == []
+    p.root.ints = [1]
+    p.root.ints += [2]
+    p.root.ints *= 3
+    assert p.root.ints == [1, 2] * 3
+    p.check()
+
+
+def test_list_in_place_operators_change_nothing_on_error(p):
+    lst = p.schema.Ints([1, 2])
+    for bad in (lambda: lst.__iadd__([3, "x"]), lambda: lst.__iadd__([3, 2 ** 64]), lambda: lst.__iadd__(5),
+                lambda: lst.__iadd__(None)):
+        with pytest.raises((TypeError, OverflowError)):
+            bad()
+        assert lst == [1, 2]
+    assert lst.__imul__(1.5) is NotImplemented
+    with pytest.raises(TypeError):
+        lst *= "2"
+    assert lst == [1, 2]
+    p.check()
+
+
+def test_list_imul_counts_references(p):
+    bond = p.schema.Agent(name=b"Bond")
+    agents = p.schema.Agents([bond, None])
+    p.root.agent = bond
+    agents *= 3
+    assert len(agents) == 6 and all(agents[i].isSameAs(bond) for i in (0, 2, 4)) and agents[5] is None
+    p.check()
+    p.commit()
+    p.check()
+    agents *= 0
+    del bond
+    p.commit()
+    p.check()
+    assert p.root.agent.name == b"Bond"
+
+
+def test_in_place_operators_on_a_read_only_storage(tmp_path):
+    path = tmp_path / "ro.ps"
+    with ValuesStorage(path) as w:
+        w.root.ints = [1, 2]
+        w.root.ages = {"a": 1}
+    reader = ValuesStorage(path, readonly=True)
+    try:
+        ints, ages = reader.root.ints, reader.root.ages
+        with pytest.raises(ReadOnlyError):
+            ints *= 2
+        with pytest.raises(ReadOnlyError):
+            ints += [3]
+        with pytest.raises(ReadOnlyError):
+            ages |= {"b": 2}
+        assert ints + [3] == [1, 2, 3] and ages | {"b": 2} == {"a": 1, "b": 2}
+    finally:
+        reader.close()
+
+
+def test_sort_that_changes_the_list_raises_value_error(p):
+    lst = p.schema.Ints([3, 1, 2])
+
+    def key(value):
+        lst.append(0)
+        return value
+
+    with pytest.raises(ValueError, match="modified during sort"):
+        lst.sort(key=key)
+    assert lst == [3, 1, 2, 0, 0, 0]  # as the key left it; the sort was not applied
+    p.check()
+
+
+@pytest.mark.parametrize("kind", ["Ages", "ByAgeLike"])
+def test_mapping_or_operators(p, kind):
+    if kind == "Ages":
+        d = same = p.schema.Ages({"b": 2, "a": 1})
+        order = ["b", "a", "c"]
+    else:
+        d = same = p.schema.ByAge({2: None, 1: None})
+        order = None
+    if kind == "Ages":
+        merged = d | {"c": 3, "a": 0}
+        assert type(merged) is dict and merged == {"b": 2, "a": 0, "c": 3} and list(merged) == order
+        left = {"c": 3, "a": 0} | d
+        assert type(left) is dict and left == {"c": 3, "a": 1, "b": 2} and list(left) == ["c", "a", "b"]
+        assert d | p.schema.Ages({"z": 26}) == {"b": 2, "a": 1, "z": 26}
+        for bad in (lambda: d | [("c", 3)], lambda: [("c", 3)] | d, lambda: d | 1):
+            with pytest.raises(TypeError):
+                bad()
+        d |= {"c": 3}
+        d |= [("e", 5)]
+        d |= p.schema.Ages({"f": 6})
+        assert d is same and d == {"b": 2, "a": 1, "c": 3, "e": 5, "f": 6}
+        for bad in ({"g": "x"}, {1: 1}, [("g", 1, 2)], 5):
+            with pytest.raises((TypeError, ValueError)):
+                d |= bad
+            assert d is same and len(d) == 5 and "g" not in d
+    else:
+        bond = p.schema.Agent(name=b"Bond")
+        merged = d | {0: bond}
+        assert type(merged) is dict and list(merged) == [1, 2, 0] and merged[0].isSameAs(bond)
+        d |= {0: bond}
+        assert d is same and list(d) == [0, 1, 2]
+        with pytest.raises(TypeError):
+            d |= {"x": None}
+        assert list(d) == [0, 1, 2]
+    p.check()
+
+
+def test_set_operators_return_plain_sets(p):
+    tags = p.schema.Tags(["spy", "boss"])
+    numbers = p.schema.Numbers([1, 2, 3])
+    cases = [
+        (tags | {"cook"}, {"spy", "boss", "cook"}), ({"cook"} | tags, {"spy", "boss", "cook"}),
+        (tags & {"spy", "x"}, {"spy"}), ({"spy", "x"} & tags, {"spy"}), (tags - {"spy"}, {"boss"}),
+        ({"spy", "x"} - tags, {"x"}), (tags ^ {"spy", "x"}, {"boss", "x"}), (frozenset({"x"}) ^ tags,
+                                                                              {"spy", "boss", "x"}),
+        (numbers | numbers, {1, 2, 3}), (numbers & range(2) if False else numbers & {0, 1}, {1}),
+        (tags.union(["x"], ("y",)), {"spy", "boss", "x", "y"}), (tags.intersection(["spy"], ["spy", "z"]), {"spy"}),
+        (tags.difference(["spy"], ["q"]), {"boss"}), (tags.symmetric_difference(["spy", "q"]), {"boss", "q"}),
+        (numbers.union(), {1, 2, 3}), (tags.copy(), {"spy", "boss"}),
+    ]
+    for result, expected in cases:
+        assert type(result) in (set, frozenset) and result == expected
+    assert type({"cook"} | tags) is set
+    assert tags.issubset(["spy", "boss", "x"]) and not tags.issubset(["spy"])
+    assert tags.issuperset(["spy"]) and not tags.issuperset(["x"])
+    assert tags <= {"spy", "boss"} and tags < {"spy", "boss", "x"} and tags.isdisjoint({"x"})
+    for bad in (lambda: tags | ["x"], lambda: ["x"] | tags, lambda: tags & "spy", lambda: tags - 1):
+        with pytest.raises(TypeError):
+            bad()
+    assert tags == {"spy", "boss"} and numbers == {1, 2, 3}
+    p.check()
+
+
+def test_set_update_methods_change_in_place_and_nothing_on_error(p):
+    tags = same = p.schema.Tags(["a", "b", "c"])
+    tags.intersection_update(["a", "b", "x"], ("b", "a"))
+    assert tags == {"a", "b"}
+    tags.difference_update(["a"], ["q"])
+    assert tags == {"b"}
+    tags.symmetric_difference_update(["b", "c", "d"])
+    assert tags is same and tags == {"c", "d"}
+    tags |= {"e"}
+    tags &= {"c", "d", "e"}
+    tags -= {"c"}
+    tags ^= {"z", "d"}
+    assert tags is same and tags == {"e", "z"}
+    for bad in (lambda: tags.symmetric_difference_update(["k", 1]), lambda: tags.intersection_update([["x"]]),
+                lambda: tags.difference_update([["x"]]), lambda: tags.symmetric_difference_update(5)):
+        with pytest.raises(TypeError):
+            bad()
+        assert tags == {"e", "z"}
+    p.check()
+

@@ -9,7 +9,11 @@ turns it into a proxy class of the storage::
     ByAge = self.define(SortedDict("ByAge")[self.schema.Int, Agent])
 
 The proxies behave like ``list``, ``dict`` (insertion ordered), ``set``
-(insertion ordered) and a sorted dict (a B+tree of pages).  The byte layout
+(insertion ordered) and a sorted dict (a B+tree of pages).  What builds a
+new value builds a plain one, as slicing does: ``lst + [4]``, ``2 * lst``,
+``d | {...}``, ``tags & {...}`` and ``copy()`` return a ``list``, ``dict`` or
+``set``; the in-place forms (``lst += ...``, ``lst *= n``, ``d |= ...``,
+``tags |= ...``) change the persistent collection.  The byte layout
 of the collection objects and their internal arrays, hash tables and tree
 nodes is in :mod:`permastruct._format`.
 
@@ -24,6 +28,7 @@ import bisect
 import collections.abc as abc
 import ctypes
 import math
+import operator
 import struct
 from array import array
 from zlib import crc32 as _crc32
@@ -554,6 +559,61 @@ class PersistentList(_Collection):
         result = self.__eq__(other)
         return result if result is NotImplemented else not result
 
+    # -- new plain lists, as slicing makes --
+    def copy(self):
+        """A plain ``list`` of the elements (a shallow copy, like ``lst[:]``).
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> p.schema.Ints([1, 2]).copy()
+        [1, 2]
+        """
+        return self._ps_values()
+
+    def __add__(self, other):
+        """``lst + other``: a plain ``list`` (``other`` a list or a persistent List), like ``lst[:] + other``.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = p.schema.Ints([1, 2])
+        >>> numbers + [3], [0] + numbers, numbers + numbers
+        ([1, 2, 3], [0, 1, 2], [1, 2, 1, 2])
+        """
+        if isinstance(other, PersistentList):
+            return self._ps_values() + other._ps_values()
+        if isinstance(other, list):
+            return self._ps_values() + other
+        return NotImplemented
+
+    def __radd__(self, other):
+        if isinstance(other, list):
+            return other + self._ps_values()
+        return NotImplemented
+
+    def __mul__(self, count):
+        """``lst * n`` and ``n * lst``: a plain ``list``, like ``lst[:] * n``.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = p.schema.Ints([1, 2])
+        >>> numbers * 2, 2 * numbers, numbers * 0
+        ([1, 2, 1, 2], [1, 2, 1, 2], [])
+        """
+        if not hasattr(type(count), "__index__"):
+            return NotImplemented
+        return self._ps_values() * count
+
+    __rmul__ = __mul__
+
     # -- changing --
     def _ps_write_all(self, storage, cells):
         """Replace every element by ``cells`` (already encoded and increfed by the caller)."""
@@ -683,12 +743,16 @@ class PersistentList(_Collection):
         storage = self._ps_storage()
         if isinstance(values, PersistentList):
             values = values._ps_values()
-        new = self._ps_encode_all(values)
+        self._ps_append_cells(storage, self._ps_encode_all(values))
+
+    def _ps_append_cells(self, storage, new):
+        """Append encoded cells ``new`` (by-reference ones gain a reference each)."""
         if not new:
             return
         count = self._ps_count
+        packed = memoryview(array(type(self)._ps_cell.code, new))
         cells = self._ps_reserve(storage, count + len(new))
-        cells[count:count + len(new)] = memoryview(array(type(self)._ps_cell.code, new))
+        cells[count:count + len(new)] = packed
         self._ps_count = count + len(new)
         if type(self)._ps_cell.is_ref:
             for cell in new:
@@ -696,7 +760,44 @@ class PersistentList(_Collection):
                     storage._incref(cell)
 
     def __iadd__(self, values):
+        """``lst += values``: ``lst.extend(values)``, in place (nothing is added if one has a wrong type).
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = same = p.schema.Ints([1])
+        >>> numbers += (2, 3); numbers[:], numbers is same
+        ([1, 2, 3], True)
+        """
         self.extend(values)
+        return self
+
+    def __imul__(self, count):
+        """``lst *= n``: repeat the elements in place, like ``list`` (``n <= 0`` empties the list).
+
+        Runtime: O(n * len(lst)); by-reference elements gain a reference per copy.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = same = p.schema.Ints([1, 2])
+        >>> numbers *= 2; numbers[:], numbers is same
+        ([1, 2, 1, 2], True)
+        """
+        if not hasattr(type(count), "__index__"):
+            return NotImplemented
+        storage = self._ps_storage()
+        count = operator.index(count)
+        size = self._ps_count
+        if count <= 0:
+            self.clear()
+        elif count > 1 and size:
+            cells = self._ps_cells()[:size].tolist()
+            self._ps_append_cells(storage, cells * (count - 1))
         return self
 
     def pop(self, index=-1):
@@ -743,16 +844,23 @@ class PersistentList(_Collection):
             cells[:count] = memoryview(array(type(self)._ps_cell.code, reversed(cells[:count].tolist())))
 
     def sort(self, *, key=None, reverse=False):
-        """Sort in place, like ``list.sort`` (stable; unchanged if a comparison fails)."""
+        """Sort in place, like ``list.sort`` (stable; unchanged if a comparison fails).
+
+        A list that ``key`` or a comparison changes meanwhile is left as they
+        left it, and ``ValueError`` is raised (as ``list.sort`` does).
+        """
         self._ps_storage()
         count = self._ps_count
         if count < 2:
             return
+        before = self._ps_cells()[:count].tolist()
         values = self._ps_values()
         keys = values if key is None else [key(v) for v in values]
         order = sorted(range(count), key=keys.__getitem__, reverse=reverse)
         cells = self._ps_cells()
         current = cells[:count].tolist()
+        if self._ps_count != count or current != before:
+            raise ValueError("list modified during sort")
         cells[:count] = memoryview(array(type(self)._ps_cell.code, [current[i] for i in order]))
 
     # -- storage hooks --
@@ -1245,6 +1353,49 @@ class _MappingMixin:
     def _ps_fill(self, source):
         self.update(source)
 
+    def __or__(self, other):
+        """``d | other``: a plain ``dict`` of this mapping's items updated with ``other``'s (any mapping).
+
+        >>> from permastruct import Storage, Dict
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Dict("Ages")[self.schema.String, self.schema.Int])
+        >>> p = S(None)
+        >>> ages = p.schema.Ages({"Bond": 37})
+        >>> merged = ages | {"M": 60}
+        >>> type(merged).__name__, merged == {"Bond": 37, "M": 60}, {"Q": 80} | ages == {"Q": 80, "Bond": 37}
+        ('dict', True, True)
+        """
+        if not isinstance(other, abc.Mapping):
+            return NotImplemented
+        result = dict(self._ps_items())
+        result.update(other)
+        return result
+
+    def __ror__(self, other):
+        if not isinstance(other, abc.Mapping):
+            return NotImplemented
+        result = dict(other)
+        result.update(self._ps_items())
+        return result
+
+    def __ior__(self, other):
+        """``d |= other``: ``d.update(other)`` in place (a mapping or ``(key, value)`` pairs, as for ``dict``).
+
+        Every key and value is checked before the first is stored.
+
+        >>> from permastruct import Storage, Dict
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Dict("Ages")[self.schema.String, self.schema.Int])
+        >>> p = S(None)
+        >>> ages = same = p.schema.Ages({"Bond": 37})
+        >>> ages |= [("M", 60)]; len(ages), ages is same
+        (2, True)
+        """
+        self.update(other)
+        return self
+
     def __eq__(self, other):
         if not isinstance(other, abc.Mapping):
             return NotImplemented
@@ -1501,6 +1652,125 @@ class PersistentSet(_HashCollection):
     def copy(self):
         """A plain ``set`` with the same elements."""
         return set(self)
+
+    # -- set's named methods: new plain sets, or changes in place --
+    def union(self, *others):
+        """A plain ``set`` of the elements of this set and of every iterable in ``others`` (``set.union``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy"]).union(["boss"], ("spy",)) == {"boss", "spy"}
+        True
+        """
+        return set(self).union(*others)
+
+    def intersection(self, *others):
+        """A plain ``set`` of the elements also in every iterable of ``others`` (``set.intersection``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy", "boss"]).intersection(["boss", "cook"])
+        {'boss'}
+        """
+        return set(self).intersection(*others)
+
+    def difference(self, *others):
+        """A plain ``set`` of the elements in none of the iterables ``others`` (``set.difference``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy", "boss"]).difference(["boss"]) == {"spy"}
+        True
+        """
+        return set(self).difference(*others)
+
+    def symmetric_difference(self, other):
+        """A plain ``set`` of the elements in exactly one of this set and ``other`` (``set.symmetric_difference``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy", "boss"]).symmetric_difference(["boss", "cook"]) == {"cook", "spy"}
+        True
+        """
+        return set(self).symmetric_difference(other)
+
+    def issubset(self, other):
+        """Whether every element is in iterable ``other`` (``set.issubset``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy"]).issubset(["spy", "boss"]), p.schema.Tags(["spy"]).issuperset([])
+        (True, True)
+        """
+        return set(self).issubset(other)
+
+    def issuperset(self, other):
+        """Whether every element of iterable ``other`` is in this set (``set.issuperset``; see ``issubset``)."""
+        return set(self).issuperset(other)
+
+    def intersection_update(self, *others):
+        """Keep only the elements also in every iterable of ``others``, in place.
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> tags = p.schema.Tags(["spy", "boss"]); tags.intersection_update(["boss"]); tags == {"boss"}
+        True
+        """
+        self._ps_storage()
+        keep = set(self).intersection(*others)  # every iterable is read before the first change
+        for key in [k for k in self if k not in keep]:
+            self.discard(key)
+
+    def difference_update(self, *others):
+        """Remove the elements of every iterable in ``others``, in place.
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> tags = p.schema.Tags(["spy", "boss"]); tags.difference_update(["boss"], ["cook"]); tags == {"spy"}
+        True
+        """
+        self._ps_storage()
+        drop = set().union(*others)  # every iterable is read before the first change
+        for key in [k for k in self if k in drop]:
+            self.discard(key)
+
+    def symmetric_difference_update(self, other):
+        """Keep the elements in exactly one of this set and iterable ``other``, in place (``tags ^= set(other)``).
+
+        Nothing changes if an element of ``other`` cannot be stored.
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> tags = p.schema.Tags(["spy", "boss"]); tags.symmetric_difference_update(["boss", "cook"])
+        >>> tags == {"spy", "cook"}
+        True
+        """
+        self._ps_storage()
+        self.__ixor__(set(other))
 
 
 def _set_operator(name):
