@@ -540,3 +540,86 @@ def test_set_update_methods_change_in_place_and_nothing_on_error(p):
         assert tags == {"e", "z"}
     p.check()
 
+
+# == repr / str / pprint =========================================================================
+HEAD = r"<persistent {} object @offset 0x[0-9a-f]+"
+
+
+def test_collection_reprs_preview_the_first_elements(p):
+    ints = p.schema.Ints(range(1000))
+    text = repr(ints)
+    assert re.fullmatch(HEAD.format("Ints") + r": \[0, 1, 2, 3, 4, \.\.\.\] \(1000 items\)>", text)
+    assert str(ints) == text and pprint.pformat(ints) == text
+    assert re.fullmatch(HEAD.format("Ints") + r": \[\] \(0 items\)>", repr(p.schema.Ints()))
+    assert re.fullmatch(HEAD.format("Ints") + r": \[7\] \(1 item\)>", repr(p.schema.Ints([7])))
+    bond = p.schema.Agent(name=b"Bond")
+    by_name = p.schema.ByName({b"Bond": bond, b"M": None})
+    assert re.fullmatch(HEAD.format("ByName") + r": \{b'Bond': " + HEAD.format("Agent") + r">, b'M': None\} "
+                        r"\(2 items\)>", repr(by_name))
+    assert re.fullmatch(HEAD.format("Ages") + r": \{'a': 1\} \(1 item\)>", repr(p.schema.Ages({"a": 1})))
+    assert re.fullmatch(HEAD.format("Ages") + r": \{\} \(0 items\)>", repr(p.schema.Ages()))
+    assert re.fullmatch(HEAD.format("ByAge") + r": \{1: None, 2: None\} \(2 items\)>",
+                        repr(p.schema.ByAge({2: None, 1: None})))
+    assert re.fullmatch(HEAD.format("Tags") + r": \{'x'\} \(1 item\)>", repr(p.schema.Tags(["x"])))
+    assert re.fullmatch(HEAD.format("Tags") + r": set\(\) \(0 items\)>", repr(p.schema.Tags()))
+    # structures and strings keep the DESIGN 3.4 form
+    assert re.fullmatch(HEAD.format("Agent") + ">", repr(bond))
+    assert re.fullmatch(HEAD.format("ByteString") + ">", repr(bond.name))
+
+
+def test_previews_are_short(p):
+    texts = p.schema.Texts(["x" * 1000, "\u00e9" * 1000, "short"])
+    text = repr(texts)
+    assert "'" + "x" * 40 + "...'" in text and "'" + "\u00e9" * 40 + "...'" in text and "'short'" in text
+    assert len(text) < 400
+    many = p.schema.Texts(["y" * 60] * 50)
+    assert repr(many).count("'y") <= 5 and len(repr(many)) < 500 and repr(many).endswith(", ...] (50 items)>")
+    teams = p.schema.Teams({"00": [p.schema.Agent()] * 3})
+    # a collection inside a preview shows only its size
+    assert re.fullmatch(HEAD.format("Teams") + r": \{'00': " + HEAD.format("Agents") + r" \(3 items\)>\} "
+                        r"\(1 item\)>", repr(teams))
+
+
+def test_preview_reads_only_what_it_shows(p, monkeypatch):
+    agents = p.schema.Agents([p.schema.Agent(age=i) for i in range(2000)])
+    by_name = p.schema.ByName({b"%d" % i: None for i in range(2000)})
+    p.commit()
+    made = []
+    real = p._load_proxy  # called for every proxy made (none of the elements has a live one)
+    monkeypatch.setattr(p, "_load_proxy", lambda offset: made.append(offset) or real(offset))
+    assert repr(agents).endswith(", ...] (2000 items)>")
+    assert 0 < len(made) <= 5
+    made.clear()
+    assert repr(by_name).endswith(", ...} (2000 items)>")
+    assert 0 < len(made) <= 5
+
+
+def test_previews_do_not_recurse(p):
+    items = p.schema.Items()
+    holder = p.schema.Holder(items=items, value=1)
+    items.append(holder)
+    items.append(p.schema.Item(value=2))
+    text = repr(items)  # a List that contains itself, through a structure
+    assert re.fullmatch(HEAD.format("Items") + r": \[" + HEAD.format("Holder") + ">, " + HEAD.format("Item")
+                        + r">\] \(2 items\)>", text)
+
+    # a structure whose __repr__ shows its collection: the cycle is cut at the second collection
+    type(holder).__repr__ = lambda self: f"Holder({self.items!r})"
+    try:
+        text = repr(items)
+        assert re.fullmatch(HEAD.format("Items") + r": \[Holder\(" + HEAD.format("Items") + r" \(2 items\)>\), "
+                            + HEAD.format("Item") + r">\] \(2 items\)>", text)
+        assert repr(holder).startswith("Holder(<persistent Items object")
+    finally:
+        del type(holder).__repr__
+    p.check()
+
+
+def test_damaged_collection_repr_does_not_raise(p, monkeypatch):
+    ints = p.schema.Ints([1, 2])
+
+    def broken(self, start=0, stop=None):
+        raise CorruptStorageError("damaged for the test")
+    monkeypatch.setattr(type(ints), "_ps_values", broken)
+    assert re.fullmatch(HEAD.format("Ints") + r" \(2 items\), damaged>", repr(ints))
+

@@ -13,7 +13,9 @@ The proxies behave like ``list``, ``dict`` (insertion ordered), ``set``
 new value builds a plain one, as slicing does: ``lst + [4]``, ``2 * lst``,
 ``d | {...}``, ``tags & {...}`` and ``copy()`` return a ``list``, ``dict`` or
 ``set``; the in-place forms (``lst += ...``, ``lst *= n``, ``d |= ...``,
-``tags |= ...``) change the persistent collection.  The byte layout
+``tags |= ...``) change the persistent collection.  Their ``repr`` (and so
+``str`` and ``pprint``) previews the first few elements (see
+:meth:`_Collection.__repr__`).  The byte layout
 of the collection objects and their internal arrays, hash tables and tree
 nodes is in :mod:`permastruct._format`.
 
@@ -27,9 +29,11 @@ long as the string registry holds them.
 import bisect
 import collections.abc as abc
 import ctypes
+import itertools
 import math
 import operator
 import struct
+import threading
 from array import array
 from zlib import crc32 as _crc32
 
@@ -110,6 +114,27 @@ class _Missing(Exception):
 def _unhashable(key):
     if type(key).__hash__ is None:
         raise TypeError(f"unhashable type: '{type(key).__name__}'")
+
+
+# -- previews: what repr() shows of a collection ----------------------------------------
+_PREVIEW_ITEMS = 5  # elements (or key: value pairs) shown at most
+_PREVIEW_CHARS = 200  # about how long the shown elements get, together
+_ITEM_CHARS = 80  # one element's repr is cut to this
+_STRING_CHARS = 40  # strings are shown cut to this many characters
+_previewing = threading.local()  # .active: a collection's preview is being built in this thread
+
+
+def _preview_value(value):
+    """One element as a preview shows it: strings (persistent ones too) by their value, cut short."""
+    if isinstance(value, T.Persistent) and type(value)._ps_kind == "string":
+        value, cut = value._ps_prefix(_STRING_CHARS)
+    elif isinstance(value, (str, bytes)):
+        value, cut = value[:_STRING_CHARS], len(value) > _STRING_CHARS
+    else:
+        text = repr(value)
+        return text if len(text) <= _ITEM_CHARS else text[:_ITEM_CHARS - 3] + "..."
+    text = repr(value)
+    return text[:-1] + "..." + text[-1] if cut else text
 
 
 # -- cells: how one element type is stored in 8 bytes ------------------------------------
@@ -343,6 +368,61 @@ class _Collection(T.Persistent):
     def __len__(self):
         return self._ps_count
 
+    _ps_brackets = ("[", "]", "[]")  # around a preview's elements; what an empty one shows
+
+    def __repr__(self):
+        """``<persistent Name object @offset 0x...: [first elements, ...] (n items)>``.
+
+        The preview shows at most 5 elements (``key: value`` pairs for
+        mappings) and stops adding once they pass about 200 characters;
+        strings show by their value, cut at 40 characters, and other
+        elements by their own repr, cut at 80.  It reads only the elements
+        it shows (a Dict also passes over the deleted entries before them),
+        never the whole collection.  A collection inside another's preview
+        shows only its size (``<persistent Tags object @offset 0x... (3
+        items)>``), so a collection that contains itself, through a
+        structure whose ``__repr__`` shows it, is shown without recursing.
+        A damaged collection shows ``damaged`` instead of elements.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> p.schema.Ints(range(100))
+        <persistent Ints object @offset 0x...: [0, 1, 2, 3, 4, ...] (100 items)>
+        >>> print(p.schema.Ints([7]))
+        <persistent Ints object @offset 0x...: [7] (1 item)>
+        """
+        head = T.Persistent.__repr__(self)[:-1]
+        count = self._ps_count
+        size = f"({count} item{'' if count == 1 else 's'})"
+        state = _previewing.__dict__
+        if state.get("active"):
+            return f"{head} {size}>"
+        state["active"] = True
+        shown, total = [], 0
+        try:
+            for text in itertools.islice(self._ps_preview(), _PREVIEW_ITEMS):
+                shown.append(text)
+                total += len(text) + 2
+                if total >= _PREVIEW_CHARS:
+                    break
+        except PermastructError:
+            return f"{head} {size}, damaged>"
+        finally:
+            state["active"] = False
+        opening, closing, empty = self._ps_brackets
+        if not shown:
+            body = empty if not count else f"{opening}...{closing}"
+        else:
+            body = opening + ", ".join(shown) + (", ..." if len(shown) < count else "") + closing
+        return f"{head}: {body} {size}>"
+
+    def _ps_preview(self):
+        """The preview texts of the first elements, lazily (see ``__repr__``)."""
+        return map(_preview_value, self)
+
     def _ps_storage(self):
         """The storage, for a change: refuses read-only storages."""
         storage = type(self)._storage
@@ -493,6 +573,9 @@ class PersistentList(_Collection):
 
     def _ps_fill(self, source):
         self.extend(source)
+
+    def _ps_preview(self):
+        return map(_preview_value, self._ps_values(0, _PREVIEW_ITEMS))
 
     # -- reading --
     def __getitem__(self, index):
@@ -883,23 +966,24 @@ class PersistentList(_Collection):
         return F.ARRAY.size + F.CELL * F.ARRAY.unpack_from(storage._mapping.view(offset, F.ARRAY.size))[4]
 
     def _ps_check(self, referenced, fail):
+        me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
         count, body, capacity = self._ps_count, self._ps_body, self._ps_aux
         if not body:
             if count or capacity:
-                fail(f"{self!r} has {count} elements and capacity {capacity} but no array")
+                fail(f"{me} has {count} elements and capacity {capacity} but no array")
             return
-        referenced(body, None, f"{self!r}")
+        referenced(body, None, me)
         self._ps_cells()
         if count > capacity:
-            fail(f"{self!r} has {count} elements in an array of {capacity}")
+            fail(f"{me} has {count} elements in an array of {capacity}")
         cells = self._ps_cells()
         if any(cells[count:capacity].tolist()):
-            fail(f"{self!r}: cells after the last element are not empty")
+            fail(f"{me}: cells after the last element are not empty")
         cell_type = type(self)._ps_cell
         if cell_type.is_ref:
             for index, cell in enumerate(cells[:count].tolist()):
                 if cell:
-                    referenced(cell, cell_type.type, f"{self!r}[{index}]")
+                    referenced(cell, cell_type.type, f"{me}[{index}]")
 
 
 # -- Dict and Set: an insertion-ordered hash table ------------------------------------------
@@ -1212,13 +1296,14 @@ class _HashCollection(_Collection):
         return F.TABLE.size + -(-4 * nslots // 8) * 8 + cls._ps_esize * capacity
 
     def _ps_check(self, referenced, fail):
+        me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
         cls = type(self)
         count, body = self._ps_count, self._ps_body
         if not body:
             if count:
-                fail(f"{self!r} has {count} elements but no table")
+                fail(f"{me} has {count} elements but no table")
             return
-        referenced(body, None, f"{self!r}")
+        referenced(body, None, me)
         table = self._ps_table()
         used = table.head[3]
         unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
@@ -1228,20 +1313,20 @@ class _HashCollection(_Collection):
         for slot, index in enumerate(table.indices):
             if index not in (F.TABLE_EMPTY, F.TABLE_DELETED):
                 if index - 1 >= used or index - 1 in slots_of:
-                    fail(f"{self!r}: hash slot {slot} names entry {index - 1} (used {used})")
+                    fail(f"{me}: hash slot {slot} names entry {index - 1} (used {used})")
                 slots_of[index - 1] = slot
         for entry in range(table.capacity):
             fields = unpack(table.entries, entry * esize)
             if entry >= used or not fields[1]:
                 if any(table.entries[entry * esize:(entry + 1) * esize]):
-                    fail(f"{self!r}: unused entry {entry} is not empty")
+                    fail(f"{me}: unused entry {entry} is not empty")
                 if entry in slots_of:
-                    fail(f"{self!r}: hash slot {slots_of[entry]} names the unused entry {entry}")
+                    fail(f"{me}: hash slot {slots_of[entry]} names the unused entry {entry}")
                 continue
             live += 1
             if entry not in slots_of:
-                fail(f"{self!r}: entry {entry} has no hash slot")
-            where = f"{self!r} entry {entry}"
+                fail(f"{me}: entry {entry} has no hash slot")
+            where = f"{me} entry {entry}"
             if key_type.is_ref:
                 referenced(fields[2], key_type.type, where + " key")
                 data = type(self)._storage._string_data(fields[2])
@@ -1259,10 +1344,10 @@ class _HashCollection(_Collection):
             if cls._ps_has_values and cls._ps_value.is_ref and fields[3]:
                 referenced(fields[3], cls._ps_value.type, where + " value")
         if live != count:
-            fail(f"{self!r} counts {count} elements but its table holds {live}")
+            fail(f"{me} counts {count} elements but its table holds {live}")
         filled = sum(1 for index in table.indices if index != F.TABLE_EMPTY)
         if filled != table.head[4] or filled > table.capacity:
-            fail(f"{self!r}: {filled} hash slots are in use, the table says {table.head[4]} "
+            fail(f"{me}: {filled} hash slots are in use, the table says {table.head[4]} "
                  f"(capacity {table.capacity})")
 
 
@@ -1352,6 +1437,12 @@ class _MappingMixin:
 
     def _ps_fill(self, source):
         self.update(source)
+
+    _ps_brackets = ("{", "}", "{}")
+
+    def _ps_preview(self):
+        for key, value in self._ps_items():
+            yield f"{_preview_value(key)}: {_preview_value(value)}"
 
     def __or__(self, other):
         """``d | other``: a plain ``dict`` of this mapping's items updated with ``other``'s (any mapping).
@@ -1544,6 +1635,7 @@ class PersistentSet(_HashCollection):
 
     __slots__ = ()
     _ps_kind = "set"
+    _ps_brackets = ("{", "}", "set()")
 
     def _ps_fill(self, source):
         self._ps_add_all(source)
@@ -2493,14 +2585,15 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         return node_size(storage) if type_id == F.T_NODE else None
 
     def _ps_check(self, referenced, fail):
+        me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
         cls = type(self)
         storage = cls._storage
         count, body = self._ps_count, self._ps_body
         if not body:
             if count:
-                fail(f"{self!r} has {count} items but no tree")
+                fail(f"{me} has {count} items but no tree")
             return
-        referenced(body, None, f"{self!r} root")
+        referenced(body, None, f"{me} root")
         key_type = cls._ps_key
         order, minimum = cls._ps_order, cls._ps_order // 2
         leaves = []
@@ -2511,10 +2604,10 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         def walk(offset, low, high, depth, is_root):
             """Check the subtree at ``offset``; return (element count, leaf depth)."""
             if depth > 64:
-                fail(f"{self!r}: the tree is deeper than 64 levels (a cycle?)")
+                fail(f"{me}: the tree is deeper than 64 levels (a cycle?)")
             node = self._ps_node(offset)
             n = node.n
-            where = f"{self!r} node {offset:#x}"
+            where = f"{me} node {offset:#x}"
             if n > order or (not is_root and n < minimum) or (is_root and not node.leaf and n < 1):
                 fail(f"{where} holds {n} keys (order {order})")
             keys = [sort_key(c) for c in node.keys[:n].tolist()]
@@ -2551,17 +2644,17 @@ class PersistentSortedDict(_MappingMixin, _Collection):
 
         total, _ = walk(body, None, None, 0, True)
         if total != count:
-            fail(f"{self!r} counts {count} items but its tree holds {total}")
+            fail(f"{me} counts {count} items but its tree holds {total}")
         previous = 0
         for offset in leaves:
             node = self._ps_node(offset)
             if node.head64[3] != previous:
-                fail(f"{self!r}: leaf {offset:#x} links back to {node.head64[3]:#x}, not {previous:#x}")
+                fail(f"{me}: leaf {offset:#x} links back to {node.head64[3]:#x}, not {previous:#x}")
             if previous and self._ps_node(previous).head64[2] != offset:
-                fail(f"{self!r}: leaf {previous:#x} does not link to {offset:#x}")
+                fail(f"{me}: leaf {previous:#x} does not link to {offset:#x}")
             previous = offset
         if self._ps_node(previous).head64[2]:
-            fail(f"{self!r}: the last leaf links onwards")
+            fail(f"{me}: the last leaf links onwards")
 
 
 def _zeros(view, count):

@@ -54,6 +54,18 @@ class _PersistentString(Persistent):
     def __bytes__(self):
         return self._ps_bytes()
 
+    def _ps_prefix(self, limit):
+        """``(the first `limit` characters or bytes of the value, whether it is longer)``, reading no more
+        of the map than that needs (4 bytes a character at most)."""
+        length = self._ps_len
+        if self._ps_type_id != F.T_STRING:
+            return ctypes.string_at(ctypes.addressof(self) + F.STRING.size, min(length, limit)), length > limit
+        if length <= limit:
+            return self.contents, False
+        head = ctypes.string_at(ctypes.addressof(self) + F.STRING.size, min(length, 4 * limit + 4))
+        text = head.decode("utf-8", "ignore")  # a character cut at the end is dropped
+        return text[:limit], len(text) > limit or len(head) < length
+
     def __hash__(self):
         return hash(self.contents)
 
