@@ -18,7 +18,7 @@ import sys
 import pytest
 
 import permastruct
-from permastruct import Dict, List, Set, SortedDict, Storage
+from permastruct import Dict, List, Set, SortedDict, Storage, to_python
 from permastruct.errors import CorruptStorageError, PermastructError, ReadOnlyError, StorageClosedError
 
 
@@ -622,4 +622,128 @@ def test_damaged_collection_repr_does_not_raise(p, monkeypatch):
         raise CorruptStorageError("damaged for the test")
     monkeypatch.setattr(type(ints), "_ps_values", broken)
     assert re.fullmatch(HEAD.format("Ints") + r" \(2 items\), damaged>", repr(ints))
+
+
+# == to_python ==================================================================================
+def test_to_python_converts_every_kind(p):
+    import numpy as np
+
+    bond = p.schema.Agent(name=b"Bond", age=37, weight=80.5)
+    spy = p.schema.Spy(name=b"Mata", code="H21", licensed=True)
+    assert to_python(bond) == {"name": b"Bond", "age": 37, "weight": 80.5}
+    assert to_python(spy) == {"name": b"Mata", "age": 0, "weight": 0.0, "code": "H21", "licensed": True}
+    assert to_python(p.schema.Agent()) == {"name": None, "age": 0, "weight": 0.0}
+    assert to_python(p.schema.Ints([1, 2])) == [1, 2]
+    assert to_python(p.schema.Texts(["a", "b"])) == ["a", "b"]
+    converted = to_python(p.schema.ByName({b"Bond": bond, b"M": None}))
+    assert converted == {b"Bond": {"name": b"Bond", "age": 37, "weight": 80.5}, b"M": None}
+    assert all(type(k) is bytes for k in converted)
+    ages = to_python(p.schema.Ages({"b": 2, "a": 1}))
+    assert ages == {"b": 2, "a": 1} and list(ages) == ["b", "a"] and all(type(k) is str for k in ages)
+    assert list(to_python(p.schema.ByAge({3: None, 1: bond, 2: None}))) == [1, 2, 3]
+    tags = to_python(p.schema.Tags(["x", "y"]))
+    assert tags == {"x", "y"} and type(tags) is set and all(type(e) is str for e in tags)
+    assert to_python(p.schema.Numbers([3, 4])) == {3, 4}
+    assert to_python(p.schema.String("s")) == "s" and type(to_python(p.schema.String("s"))) is str
+    assert type(to_python(p.schema.ByteString(b"b"))) is bytes
+    assert to_python(p.schema.Buffer(array.array("d", [1.5, 2.0]))) == [1.5, 2.0]
+    assert to_python(p.schema.Buffer(b"ab")) == [97, 98]
+    assert to_python(p.schema.Buffer(np.arange(6).reshape(2, 3))) == [[0, 1, 2], [3, 4, 5]]
+    big_endian = np.arange(3, dtype=">i4")
+    assert to_python(p.schema.Buffer(big_endian)) == big_endian.tobytes()  # a format memoryview cannot unpack
+    for plain in (None, 1, 2.5, "s", b"b", [p.schema.Ints([1])], {"k": 1}):
+        assert to_python(plain) is plain  # plain values, plain containers included, pass through
+    p.check()
+
+
+def test_to_python_depth(p):
+    bond = p.schema.Agent(name=b"Bond", age=37)
+    teams = p.schema.Teams({"00": [bond]})
+    assert to_python(teams, depth=0) is teams
+    one = to_python(teams, depth=1)
+    assert type(one) is dict and list(one) == ["00"] and one["00"].isSameAs(teams["00"])
+    two = to_python(teams, depth=2)
+    assert type(two["00"]) is list and two["00"][0].isSameAs(bond)
+    three = to_python(teams, depth=3)
+    assert three["00"][0]["age"] == 37 and three["00"][0]["name"].isSameAs(bond.name)
+    assert to_python(teams, depth=4) == to_python(teams) == {"00": [{"name": b"Bond", "age": 37, "weight": 0.0}]}
+    with pytest.raises(ValueError):
+        to_python(teams, depth=-1)
+    with pytest.raises(TypeError):
+        to_python(teams, depth=1.5)
+    assert to_python(teams, depth=Idx(1)) == one
+
+
+def test_to_python_depth_is_the_shortest_path(p):
+    far = p.schema.Link(value=10)
+    x = p.schema.Link(value=9, next=far)
+    pair = p.schema.Pair(left=p.schema.Link(value=1, next=x), right=x)
+    result = to_python(pair, depth=2)
+    # x is two levels down through `right`: converted, and the same dict where `left.next` reaches it
+    assert result["right"]["value"] == 9 and result["left"]["next"] is result["right"]
+    assert result["right"]["next"].isSameAs(far)  # three levels down by every path: a proxy
+
+
+def test_to_python_keeps_sharing_and_cycles(p):
+    bond = p.schema.Agent(name=b"Bond")
+    agents = p.schema.Agents([bond, bond])
+    converted = to_python(agents)
+    assert converted[0] is converted[1]
+    items = p.schema.Items()
+    holder = p.schema.Holder(items=items, value=1, label="h")
+    items.append(holder)
+    items.append(holder)
+    result = to_python(items)
+    assert result[0] is result[1] and result[0]["items"] is result and result[0]["label"] == "h"
+    again = to_python(holder)
+    assert again["items"][0] is again
+    p.check()
+
+
+def test_to_python_long_chains_do_not_recurse(p):
+    head = node = p.schema.Link(value=0)
+    for i in range(1, 100_000):
+        nxt = p.schema.Link(value=i)
+        node.next = nxt
+        node = nxt
+    p.root.items = [head]  # kept: Storage frees an unreferenced chain one object per pass at commit
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)
+    try:
+        result = to_python(head)
+    finally:
+        sys.setrecursionlimit(limit)
+    count = 0
+    while result is not None:
+        assert result["value"] == count
+        count += 1
+        result = result["next"]
+    assert count == 100_000
+
+
+def test_to_python_is_json_ready(p):
+    p.root.title = "root"
+    p.root.ages = {"Bond": 37, "M": 60}
+    p.root.items = [p.schema.Item(value=3)]
+    p.root.count = 2
+    text = json.dumps(to_python(p.root.ages))
+    assert json.loads(text) == {"Bond": 37, "M": 60}
+    teams = p.schema.Teams({"00": []})
+    assert json.loads(json.dumps(to_python(teams))) == {"00": []}
+    plain = to_python(p.root)
+    assert plain["ages"] == {"Bond": 37, "M": 60} and plain["items"] == [{"value": 3}] and plain["agent"] is None
+
+
+def test_to_python_of_dead_proxies_raises(tmp_path):
+    store = ValuesStorage(tmp_path / "dead.ps")
+    ints = store.schema.Ints([1])
+    store.close()
+    with pytest.raises(StorageClosedError):
+        to_python(ints)
+
+
+def test_to_python_is_exported():
+    assert "to_python" in permastruct.__all__ and permastruct.to_python is to_python
+    import permastruct._convert as convert
+    assert convert.__doc__.startswith("One job:")
 
