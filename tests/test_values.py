@@ -747,3 +747,26 @@ def test_to_python_is_exported():
     import permastruct._convert as convert
     assert convert.__doc__.startswith("One job:")
 
+
+# == dir() ======================================================================================
+def test_dir_lists_the_proxy_api(p):
+    spy = p.schema.Spy(name=b"x")
+    names = dir(spy)
+    for expected in ("name", "age", "weight", "code", "licensed", "greeting", "double_age", "isSameAs",
+                     "__eq__", "__class__", "__doc__"):
+        assert expected in names
+    for hidden in ("_b_base_", "_b_needsfree_", "_objects", "from_buffer", "_fields_", "_ps_ref_name",
+                   "_ps_type", "_storage", "__ctypes_from_outparam__", "__setstate__", "__slots__"):
+        assert hidden not in names
+    assert names == sorted(names)
+    ints = dir(p.schema.Ints())
+    assert {"append", "extend", "copy", "sort", "__add__", "__iadd__", "__len__", "isSameAs"} <= set(ints)
+    assert not any(n.startswith("_ps_") or n.startswith("_b_") for n in ints)
+    assert {"keys", "items", "update", "__or__"} <= set(dir(p.schema.Ages()))
+    assert {"union", "add", "isdisjoint"} <= set(dir(p.schema.Tags()))
+    strings = dir(p.schema.String("s"))
+    assert {"contents", "upper", "isSameAs", "__add__"} <= set(strings) and "from_buffer" not in strings
+    assert {"contents", "decode", "hex"} <= set(dir(p.schema.ByteString(b"b")))
+    assert {"format", "shape", "isSameAs"} <= set(dir(p.schema.Buffer(b"x")))
+    assert "_ps_dir" in type(spy).__dict__  # worked out once per class
+
