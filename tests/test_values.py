@@ -770,3 +770,44 @@ def test_dir_lists_the_proxy_api(p):
     assert {"format", "shape", "isSameAs"} <= set(dir(p.schema.Buffer(b"x")))
     assert "_ps_dir" in type(spy).__dict__  # worked out once per class
 
+
+# == help() =====================================================================================
+def test_help_shows_fields_and_types(p):
+    text = pydoc.render_doc(p.schema.Spy, renderer=pydoc.plaintext)
+    for line in ("name: ByteString (from Agent)", "age: Int (from Agent)", "weight: Float (from Agent)",
+                 "code: String", "licensed: Bool"):
+        assert line in text
+    assert "name: ByteString (by reference; None until set)" in text
+    agent_text = pydoc.render_doc(p.schema.Agent, renderer=pydoc.plaintext)
+    sections = {part.strip(" |\n").split("\n")[0]: part for part in re.split(r"\n \|  -{20,}\n", agent_text)}
+    assert "double_age" in sections["Readonly properties defined here:"]  # the user's own read-only property
+    assert "name" not in sections["Readonly properties defined here:"]
+    assert "name: ByteString (by reference" in sections["Data descriptors defined here:"]
+    assert str(inspect.signature(p.schema.Spy)) == (
+        "(*, name: ByteString = None, age: Int = 0, weight: Float = 0.0, code: String = None, "
+        "licensed: Bool = False)")
+    root_doc = p.schema.Root.__doc__
+    assert "A persistent Root structure." in root_doc and "items: Items (List[Item])" in root_doc
+    assert "ages: Ages (Dict[String, Int])" in root_doc
+    agent_doc = p.schema.Agent.__doc__
+    assert agent_doc.startswith("A field agent.\n\n>>> 1 + 1\n2\n\nFields:\n    name: ByteString\n")
+
+
+def test_reference_field_setter_goes_through_the_checks(p, tmp_path):
+    agent = p.schema.Agent()
+    prop = type(agent).name
+    prop.__set__(agent, b"Bond")
+    assert agent.name == b"Bond"
+    with pytest.raises(TypeError):
+        prop.__set__(agent, 5)
+    assert agent.name == b"Bond"
+    p.root.agent = agent
+    p.close()
+    with pytest.raises(StorageClosedError):
+        prop.__set__(agent, b"x")
+    reader = ValuesStorage(tmp_path / "values.ps", readonly=True)
+    try:
+        with pytest.raises(ReadOnlyError):
+            type(reader.root).title.__set__(reader.root, "x")
+    finally:
+        reader.close()
