@@ -6,7 +6,8 @@ types.  :class:`StructureMeta` turns them, once, at class creation, into a
 Python code), a property per by-reference field, and one ``__setattr__`` that
 checks every write before it reaches the map.  It also writes the fields and
 their types into the class docstring, and gives the class a signature
-(``Agent(*, name=None, age=0)``), so that ``help(p.schema.Agent)`` shows them.
+(``Agent(*, name: ByteString = None, age: Int = 0)``), so that
+``help(p.schema.Agent)`` shows them.
 
 Structure classes are created inside ``Storage.populateSchema`` and belong to
 that storage; calling one creates a persistent object in it::
@@ -37,7 +38,7 @@ _CLASS_API = frozenset(name for name in dir(type(ctypes.Structure)) if not name.
 _KIND_NAMES = {"list": "List", "dict": "Dict", "set": "Set", "sorteddict": "SortedDict"}
 
 
-def type_label(ftype):
+def _type_label(ftype):
     """How field type ``ftype`` reads in documentation: ``Int``, ``Agent``, ``Agents (List[Agent])``."""
     if isinstance(ftype, ValueType):
         return ftype.name
@@ -71,7 +72,7 @@ def _class_doc(name, doc, fields, base):
     lines = []
     for field, ftype in fields.items():
         where = f" (from {origin[field]})" if field in origin else ""
-        lines.append(f"    {field}: {type_label(ftype)}{where}")
+        lines.append(f"    {field}: {_type_label(ftype)}{where}")
     text = _cleandoc(doc) if isinstance(doc, str) and doc.strip() else f"A persistent {name} structure."
     return text + "\n\nFields:\n" + ("\n".join(lines) if lines else "    (none)")
 
@@ -169,12 +170,30 @@ class StructureMeta(PersistentMeta):
 
     @property
     def __signature__(cls):
-        """The signature of creating one: the fields as keyword-only parameters with their defaults."""
+        """The signature of creating one: the fields as keyword-only parameters with their defaults.
+
+        >>> import inspect
+        >>> from permastruct import Storage
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         class Agent(self.schema.Structure):
+        ...             name = self.schema.ByteString
+        ...             age = self.schema.Int
+        >>> p = S(None)
+        >>> inspect.signature(p.schema.Agent)
+        <Signature (*, name: ByteString = None, age: Int = 0)>
+        >>> print(p.schema.Agent.__doc__)
+        A persistent Agent structure.
+        <BLANKLINE>
+        Fields:
+            name: ByteString
+            age: Int
+        """
         import inspect
 
         defaults = {"int": 0, "float": 0.0, "bool": False}
         return inspect.Signature([
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_Label(type_label(ftype)),
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_Label(_type_label(ftype)),
                               default=defaults[ftype.kind] if isinstance(ftype, ValueType) else None)
             for name, ftype in cls._ps_field_types.items()])
 
@@ -196,7 +215,7 @@ def _ref_property(name, hidden, ftype):
     def set(self, value):
         type(self).__setattr__(self, name, value)
     get.__name__ = set.__name__ = name
-    return property(get, set, doc=f"{name}: {type_label(ftype)} (by reference; None until set)")
+    return property(get, set, doc=f"{name}: {_type_label(ftype)} (by reference; None until set)")
 
 
 def _make_setters(cls, storage):
