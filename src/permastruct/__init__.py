@@ -16,6 +16,7 @@
 ('hello', 1)
 """
 
+from ._convert import to_python
 from ._types import (Bool, Float, Float32, Float64, Int, Int8, Int16, Int32, Int64, UInt8, UInt16,
                      UInt32, UInt64)
 from .buffer import Buffer
@@ -37,4 +38,5 @@ __all__ = [
     "PermastructError", "StorageClosedError", "ReadOnlyError", "StorageLockedError",
     "NotAStorageError", "CorruptStorageError", "IncompatibleFormatError", "SchemaError",
     "UnpinnedPageError", "StorageFullError", "SyncFailedError", "ForkedProcessError", "DeadProxyError",
+    "to_python",
 ]

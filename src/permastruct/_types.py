@@ -148,9 +148,48 @@ class Persistent(CStruct, metaclass=PersistentMeta):
     def __repr__(self):
         return f"<persistent {type(self).__name__} object @offset {self._ps_offset:#x}>"
 
+    def __dir__(self):
+        """The proxy's API: fields, the type's methods and properties, ``isSameAs``... (not ctypes' internals).
+
+        Worked out once per class, at the first ``dir()``.
+
+        >>> from permastruct import Storage
+        >>> p = Storage(None)
+        >>> names = dir(p.schema.String("Bond"))
+        >>> "contents" in names, "isSameAs" in names, "upper" in names, "_objects" in names
+        (True, True, True, False)
+        """
+        cls = type(self)
+        names = cls.__dict__.get("_ps_dir")
+        if names is None:
+            names = _api_names(cls)
+            cls._ps_dir = names
+        return list(names)
+
     def __reduce_ex__(self, protocol):
         raise TypeError(f"persistent {type(self).__name__} objects cannot be pickled; "
                         "copy the values you need")
+
+
+#: ctypes' class API and class-building names: machinery of every proxy class, not its API.
+_NOT_API = frozenset({"from_buffer", "from_buffer_copy", "from_address", "from_param", "in_dll", "__slots__",
+                      "__module__", "__qualname__", "__weakref__", "__dict__", "__reduce_ex__", "__signature__",
+                      "__release_buffer__", "__init_subclass__", "__subclasshook__", "__abstractmethods__"})
+
+
+def _api_names(cls):
+    """The sorted names ``dir()`` shows for proxies of ``cls``: what the classes of its MRO define (but
+    ``object``'s and ctypes'), without private names, ctypes' API and attributes set to None."""
+    names = {"__class__", "__doc__", "__dir__"}
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__ in ("_ctypes", "ctypes"):
+            continue
+        for name, value in vars(klass).items():
+            dunder = name.startswith("__") and name.endswith("__")
+            if (name.startswith("_") and not dunder) or name in _NOT_API or value is None:
+                continue
+            names.add(name)
+    return tuple(sorted(names))
 
 
 def validated_from_buffer(cls, source, offset=0):
@@ -192,7 +231,10 @@ def _damaged(cls, proxy, local, problem):
 _GUARDED = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__len__",
             "__iter__", "__reversed__", "__contains__", "__getitem__", "__setitem__", "__delitem__",
             "__bytes__", "__str__", "__bool__", "__int__", "__float__", "__index__", "__buffer__",
-            "__format__", "__call__", "__enter__", "__exit__", "__fspath__")
+            "__format__", "__call__", "__enter__", "__exit__", "__fspath__",
+            "__add__", "__radd__", "__iadd__", "__mul__", "__rmul__", "__imul__", "__mod__", "__rmod__",
+            "__or__", "__ror__", "__ior__", "__and__", "__rand__", "__iand__", "__sub__", "__rsub__",
+            "__isub__", "__xor__", "__rxor__", "__ixor__")
 
 
 def refuse_all(cls, error, message):

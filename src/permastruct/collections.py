@@ -9,7 +9,13 @@ turns it into a proxy class of the storage::
     ByAge = self.define(SortedDict("ByAge")[self.schema.Int, Agent])
 
 The proxies behave like ``list``, ``dict`` (insertion ordered), ``set``
-(insertion ordered) and a sorted dict (a B+tree of pages).  The byte layout
+(insertion ordered) and a sorted dict (a B+tree of pages).  What builds a
+new value builds a plain one, as slicing does: ``lst + [4]``, ``2 * lst``,
+``d | {...}``, ``tags & {...}`` and ``copy()`` return a ``list``, ``dict`` or
+``set``; the in-place forms (``lst += ...``, ``lst *= n``, ``d |= ...``,
+``tags |= ...``) change the persistent collection.  Their ``repr`` (and so
+``str`` and ``pprint``) previews the first few elements (see
+:meth:`_Collection.__repr__`).  The byte layout
 of the collection objects and their internal arrays, hash tables and tree
 nodes is in :mod:`permastruct._format`.
 
@@ -23,8 +29,11 @@ long as the string registry holds them.
 import bisect
 import collections.abc as abc
 import ctypes
+import itertools
 import math
+import operator
 import struct
+import threading
 from array import array
 from zlib import crc32 as _crc32
 
@@ -105,6 +114,27 @@ class _Missing(Exception):
 def _unhashable(key):
     if type(key).__hash__ is None:
         raise TypeError(f"unhashable type: '{type(key).__name__}'")
+
+
+# -- previews: what repr() shows of a collection ----------------------------------------
+_PREVIEW_ITEMS = 5  # elements (or key: value pairs) shown at most
+_PREVIEW_CHARS = 200  # about how long the shown elements get, together
+_ITEM_CHARS = 80  # one element's repr is cut to this
+_STRING_CHARS = 40  # strings are shown cut to this many characters
+_previewing = threading.local()  # .active: a collection's preview is being built in this thread
+
+
+def _preview_value(value):
+    """One element as a preview shows it: strings (persistent ones too) by their value, cut short."""
+    if isinstance(value, T.Persistent) and type(value)._ps_kind == "string":
+        value, cut = value._ps_prefix(_STRING_CHARS)
+    elif isinstance(value, (str, bytes)):
+        value, cut = value[:_STRING_CHARS], len(value) > _STRING_CHARS
+    else:
+        text = repr(value)
+        return text if len(text) <= _ITEM_CHARS else text[:_ITEM_CHARS - 3] + "..."
+    text = repr(value)
+    return text[:-1] + "..." + text[-1] if cut else text
 
 
 # -- cells: how one element type is stored in 8 bytes ------------------------------------
@@ -338,6 +368,61 @@ class _Collection(T.Persistent):
     def __len__(self):
         return self._ps_count
 
+    _ps_brackets = ("[", "]", "[]")  # around a preview's elements; what an empty one shows
+
+    def __repr__(self):
+        """``<persistent Name object @offset 0x...: [first elements, ...] (n items)>``.
+
+        The preview shows at most 5 elements (``key: value`` pairs for
+        mappings) and stops adding once they pass about 200 characters;
+        strings show by their value, cut at 40 characters, and other
+        elements by their own repr, cut at 80.  It reads only the elements
+        it shows (a Dict also passes over the deleted entries before them),
+        never the whole collection.  A collection inside another's preview
+        shows only its size (``<persistent Tags object @offset 0x... (3
+        items)>``), so a collection that contains itself, through a
+        structure whose ``__repr__`` shows it, is shown without recursing.
+        A damaged collection shows ``damaged`` instead of elements.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> p.schema.Ints(range(100))
+        <persistent Ints object @offset 0x...: [0, 1, 2, 3, 4, ...] (100 items)>
+        >>> print(p.schema.Ints([7]))
+        <persistent Ints object @offset 0x...: [7] (1 item)>
+        """
+        head = T.Persistent.__repr__(self)[:-1]
+        count = self._ps_count
+        size = f"({count} item{'' if count == 1 else 's'})"
+        state = _previewing.__dict__
+        if state.get("active"):
+            return f"{head} {size}>"
+        state["active"] = True
+        shown, total = [], 0
+        try:
+            for text in itertools.islice(self._ps_preview(), _PREVIEW_ITEMS):
+                shown.append(text)
+                total += len(text) + 2
+                if total >= _PREVIEW_CHARS:
+                    break
+        except PermastructError:
+            return f"{head} {size}, damaged>"
+        finally:
+            state["active"] = False
+        opening, closing, empty = self._ps_brackets
+        if not shown:
+            body = empty if not count else f"{opening}...{closing}"
+        else:
+            body = opening + ", ".join(shown) + (", ..." if len(shown) < count else "") + closing
+        return f"{head}: {body} {size}>"
+
+    def _ps_preview(self):
+        """The preview texts of the first elements, lazily (see ``__repr__``)."""
+        return map(_preview_value, self)
+
     def _ps_storage(self):
         """The storage, for a change: refuses read-only storages."""
         storage = type(self)._storage
@@ -489,6 +574,9 @@ class PersistentList(_Collection):
     def _ps_fill(self, source):
         self.extend(source)
 
+    def _ps_preview(self):
+        return map(_preview_value, self._ps_values(0, _PREVIEW_ITEMS))
+
     # -- reading --
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -553,6 +641,61 @@ class PersistentList(_Collection):
     def __ne__(self, other):
         result = self.__eq__(other)
         return result if result is NotImplemented else not result
+
+    # -- new plain lists, as slicing makes --
+    def copy(self):
+        """A plain ``list`` of the elements (a shallow copy, like ``lst[:]``).
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> p.schema.Ints([1, 2]).copy()
+        [1, 2]
+        """
+        return self._ps_values()
+
+    def __add__(self, other):
+        """``lst + other``: a plain ``list`` (``other`` a list or a persistent List), like ``lst[:] + other``.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = p.schema.Ints([1, 2])
+        >>> numbers + [3], [0] + numbers, numbers + numbers
+        ([1, 2, 3], [0, 1, 2], [1, 2, 1, 2])
+        """
+        if isinstance(other, PersistentList):
+            return self._ps_values() + other._ps_values()
+        if isinstance(other, list):
+            return self._ps_values() + other
+        return NotImplemented
+
+    def __radd__(self, other):
+        if isinstance(other, list):
+            return other + self._ps_values()
+        return NotImplemented
+
+    def __mul__(self, count):
+        """``lst * n`` and ``n * lst``: a plain ``list``, like ``lst[:] * n``.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = p.schema.Ints([1, 2])
+        >>> numbers * 2, 2 * numbers, numbers * 0
+        ([1, 2, 1, 2], [1, 2, 1, 2], [])
+        """
+        if not hasattr(type(count), "__index__"):
+            return NotImplemented
+        return self._ps_values() * count
+
+    __rmul__ = __mul__
 
     # -- changing --
     def _ps_write_all(self, storage, cells):
@@ -683,12 +826,16 @@ class PersistentList(_Collection):
         storage = self._ps_storage()
         if isinstance(values, PersistentList):
             values = values._ps_values()
-        new = self._ps_encode_all(values)
+        self._ps_append_cells(storage, self._ps_encode_all(values))
+
+    def _ps_append_cells(self, storage, new):
+        """Append encoded cells ``new`` (by-reference ones gain a reference each)."""
         if not new:
             return
         count = self._ps_count
+        packed = memoryview(array(type(self)._ps_cell.code, new))
         cells = self._ps_reserve(storage, count + len(new))
-        cells[count:count + len(new)] = memoryview(array(type(self)._ps_cell.code, new))
+        cells[count:count + len(new)] = packed
         self._ps_count = count + len(new)
         if type(self)._ps_cell.is_ref:
             for cell in new:
@@ -696,7 +843,44 @@ class PersistentList(_Collection):
                     storage._incref(cell)
 
     def __iadd__(self, values):
+        """``lst += values``: ``lst.extend(values)``, in place (nothing is added if one has a wrong type).
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = same = p.schema.Ints([1])
+        >>> numbers += (2, 3); numbers[:], numbers is same
+        ([1, 2, 3], True)
+        """
         self.extend(values)
+        return self
+
+    def __imul__(self, count):
+        """``lst *= n``: repeat the elements in place, like ``list`` (``n <= 0`` empties the list).
+
+        Runtime: O(n * len(lst)); by-reference elements gain a reference per copy.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = same = p.schema.Ints([1, 2])
+        >>> numbers *= 2; numbers[:], numbers is same
+        ([1, 2, 1, 2], True)
+        """
+        if not hasattr(type(count), "__index__"):
+            return NotImplemented
+        storage = self._ps_storage()
+        count = operator.index(count)
+        size = self._ps_count
+        if count <= 0:
+            self.clear()
+        elif count > 1 and size:
+            cells = self._ps_cells()[:size].tolist()
+            self._ps_append_cells(storage, cells * (count - 1))
         return self
 
     def pop(self, index=-1):
@@ -743,16 +927,23 @@ class PersistentList(_Collection):
             cells[:count] = memoryview(array(type(self)._ps_cell.code, reversed(cells[:count].tolist())))
 
     def sort(self, *, key=None, reverse=False):
-        """Sort in place, like ``list.sort`` (stable; unchanged if a comparison fails)."""
+        """Sort in place, like ``list.sort`` (stable; unchanged if a comparison fails).
+
+        A list that ``key`` or a comparison changes meanwhile is left as they
+        left it, and ``ValueError`` is raised (as ``list.sort`` does).
+        """
         self._ps_storage()
         count = self._ps_count
         if count < 2:
             return
+        before = self._ps_cells()[:count].tolist()
         values = self._ps_values()
         keys = values if key is None else [key(v) for v in values]
         order = sorted(range(count), key=keys.__getitem__, reverse=reverse)
         cells = self._ps_cells()
         current = cells[:count].tolist()
+        if self._ps_count != count or current != before:
+            raise ValueError("list modified during sort")
         cells[:count] = memoryview(array(type(self)._ps_cell.code, [current[i] for i in order]))
 
     # -- storage hooks --
@@ -775,23 +966,24 @@ class PersistentList(_Collection):
         return F.ARRAY.size + F.CELL * F.ARRAY.unpack_from(storage._mapping.view(offset, F.ARRAY.size))[4]
 
     def _ps_check(self, referenced, fail):
+        me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
         count, body, capacity = self._ps_count, self._ps_body, self._ps_aux
         if not body:
             if count or capacity:
-                fail(f"{self!r} has {count} elements and capacity {capacity} but no array")
+                fail(f"{me} has {count} elements and capacity {capacity} but no array")
             return
-        referenced(body, None, f"{self!r}")
+        referenced(body, None, me)
         self._ps_cells()
         if count > capacity:
-            fail(f"{self!r} has {count} elements in an array of {capacity}")
+            fail(f"{me} has {count} elements in an array of {capacity}")
         cells = self._ps_cells()
         if any(cells[count:capacity].tolist()):
-            fail(f"{self!r}: cells after the last element are not empty")
+            fail(f"{me}: cells after the last element are not empty")
         cell_type = type(self)._ps_cell
         if cell_type.is_ref:
             for index, cell in enumerate(cells[:count].tolist()):
                 if cell:
-                    referenced(cell, cell_type.type, f"{self!r}[{index}]")
+                    referenced(cell, cell_type.type, f"{me}[{index}]")
 
 
 # -- Dict and Set: an insertion-ordered hash table ------------------------------------------
@@ -1104,13 +1296,14 @@ class _HashCollection(_Collection):
         return F.TABLE.size + -(-4 * nslots // 8) * 8 + cls._ps_esize * capacity
 
     def _ps_check(self, referenced, fail):
+        me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
         cls = type(self)
         count, body = self._ps_count, self._ps_body
         if not body:
             if count:
-                fail(f"{self!r} has {count} elements but no table")
+                fail(f"{me} has {count} elements but no table")
             return
-        referenced(body, None, f"{self!r}")
+        referenced(body, None, me)
         table = self._ps_table()
         used = table.head[3]
         unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
@@ -1120,20 +1313,20 @@ class _HashCollection(_Collection):
         for slot, index in enumerate(table.indices):
             if index not in (F.TABLE_EMPTY, F.TABLE_DELETED):
                 if index - 1 >= used or index - 1 in slots_of:
-                    fail(f"{self!r}: hash slot {slot} names entry {index - 1} (used {used})")
+                    fail(f"{me}: hash slot {slot} names entry {index - 1} (used {used})")
                 slots_of[index - 1] = slot
         for entry in range(table.capacity):
             fields = unpack(table.entries, entry * esize)
             if entry >= used or not fields[1]:
                 if any(table.entries[entry * esize:(entry + 1) * esize]):
-                    fail(f"{self!r}: unused entry {entry} is not empty")
+                    fail(f"{me}: unused entry {entry} is not empty")
                 if entry in slots_of:
-                    fail(f"{self!r}: hash slot {slots_of[entry]} names the unused entry {entry}")
+                    fail(f"{me}: hash slot {slots_of[entry]} names the unused entry {entry}")
                 continue
             live += 1
             if entry not in slots_of:
-                fail(f"{self!r}: entry {entry} has no hash slot")
-            where = f"{self!r} entry {entry}"
+                fail(f"{me}: entry {entry} has no hash slot")
+            where = f"{me} entry {entry}"
             if key_type.is_ref:
                 referenced(fields[2], key_type.type, where + " key")
                 data = type(self)._storage._string_data(fields[2])
@@ -1151,10 +1344,10 @@ class _HashCollection(_Collection):
             if cls._ps_has_values and cls._ps_value.is_ref and fields[3]:
                 referenced(fields[3], cls._ps_value.type, where + " value")
         if live != count:
-            fail(f"{self!r} counts {count} elements but its table holds {live}")
+            fail(f"{me} counts {count} elements but its table holds {live}")
         filled = sum(1 for index in table.indices if index != F.TABLE_EMPTY)
         if filled != table.head[4] or filled > table.capacity:
-            fail(f"{self!r}: {filled} hash slots are in use, the table says {table.head[4]} "
+            fail(f"{me}: {filled} hash slots are in use, the table says {table.head[4]} "
                  f"(capacity {table.capacity})")
 
 
@@ -1244,6 +1437,55 @@ class _MappingMixin:
 
     def _ps_fill(self, source):
         self.update(source)
+
+    _ps_brackets = ("{", "}", "{}")
+
+    def _ps_preview(self):
+        for key, value in self._ps_items():
+            yield f"{_preview_value(key)}: {_preview_value(value)}"
+
+    def __or__(self, other):
+        """``d | other``: a plain ``dict`` of this mapping's items updated with ``other``'s (any mapping).
+
+        >>> from permastruct import Storage, Dict
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Dict("Ages")[self.schema.String, self.schema.Int])
+        >>> p = S(None)
+        >>> ages = p.schema.Ages({"Bond": 37})
+        >>> merged = ages | {"M": 60}
+        >>> type(merged).__name__, merged == {"Bond": 37, "M": 60}, {"Q": 80} | ages == {"Q": 80, "Bond": 37}
+        ('dict', True, True)
+        """
+        if not isinstance(other, abc.Mapping):
+            return NotImplemented
+        result = dict(self._ps_items())
+        result.update(other)
+        return result
+
+    def __ror__(self, other):
+        if not isinstance(other, abc.Mapping):
+            return NotImplemented
+        result = dict(other)
+        result.update(self._ps_items())
+        return result
+
+    def __ior__(self, other):
+        """``d |= other``: ``d.update(other)`` in place (a mapping or ``(key, value)`` pairs, as for ``dict``).
+
+        Every key and value is checked before the first is stored.
+
+        >>> from permastruct import Storage, Dict
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Dict("Ages")[self.schema.String, self.schema.Int])
+        >>> p = S(None)
+        >>> ages = same = p.schema.Ages({"Bond": 37})
+        >>> ages |= [("M", 60)]; len(ages), ages is same
+        (2, True)
+        """
+        self.update(other)
+        return self
 
     def __eq__(self, other):
         if not isinstance(other, abc.Mapping):
@@ -1393,6 +1635,7 @@ class PersistentSet(_HashCollection):
 
     __slots__ = ()
     _ps_kind = "set"
+    _ps_brackets = ("{", "}", "set()")
 
     def _ps_fill(self, source):
         self._ps_add_all(source)
@@ -1501,6 +1744,125 @@ class PersistentSet(_HashCollection):
     def copy(self):
         """A plain ``set`` with the same elements."""
         return set(self)
+
+    # -- set's named methods: new plain sets, or changes in place --
+    def union(self, *others):
+        """A plain ``set`` of the elements of this set and of every iterable in ``others`` (``set.union``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy"]).union(["boss"], ("spy",)) == {"boss", "spy"}
+        True
+        """
+        return set(self).union(*others)
+
+    def intersection(self, *others):
+        """A plain ``set`` of the elements also in every iterable of ``others`` (``set.intersection``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy", "boss"]).intersection(["boss", "cook"])
+        {'boss'}
+        """
+        return set(self).intersection(*others)
+
+    def difference(self, *others):
+        """A plain ``set`` of the elements in none of the iterables ``others`` (``set.difference``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy", "boss"]).difference(["boss"]) == {"spy"}
+        True
+        """
+        return set(self).difference(*others)
+
+    def symmetric_difference(self, other):
+        """A plain ``set`` of the elements in exactly one of this set and ``other`` (``set.symmetric_difference``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy", "boss"]).symmetric_difference(["boss", "cook"]) == {"cook", "spy"}
+        True
+        """
+        return set(self).symmetric_difference(other)
+
+    def issubset(self, other):
+        """Whether every element is in iterable ``other`` (``set.issubset``).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy"]).issubset(["spy", "boss"]), p.schema.Tags(["spy"]).issuperset([])
+        (True, True)
+        """
+        return set(self).issubset(other)
+
+    def issuperset(self, other):
+        """Whether every element of iterable ``other`` is in this set (``set.issuperset``; see ``issubset``)."""
+        return set(self).issuperset(other)
+
+    def intersection_update(self, *others):
+        """Keep only the elements also in every iterable of ``others``, in place.
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> tags = p.schema.Tags(["spy", "boss"]); tags.intersection_update(["boss"]); tags == {"boss"}
+        True
+        """
+        self._ps_storage()
+        keep = set(self).intersection(*others)  # every iterable is read before the first change
+        for key in [k for k in self if k not in keep]:
+            self.discard(key)
+
+    def difference_update(self, *others):
+        """Remove the elements of every iterable in ``others``, in place.
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> tags = p.schema.Tags(["spy", "boss"]); tags.difference_update(["boss"], ["cook"]); tags == {"spy"}
+        True
+        """
+        self._ps_storage()
+        drop = set().union(*others)  # every iterable is read before the first change
+        for key in [k for k in self if k in drop]:
+            self.discard(key)
+
+    def symmetric_difference_update(self, other):
+        """Keep the elements in exactly one of this set and iterable ``other``, in place (``tags ^= set(other)``).
+
+        Nothing changes if an element of ``other`` cannot be stored.
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> tags = p.schema.Tags(["spy", "boss"]); tags.symmetric_difference_update(["boss", "cook"])
+        >>> tags == {"spy", "cook"}
+        True
+        """
+        self._ps_storage()
+        self.__ixor__(set(other))
 
 
 def _set_operator(name):
@@ -2223,14 +2585,15 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         return node_size(storage) if type_id == F.T_NODE else None
 
     def _ps_check(self, referenced, fail):
+        me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
         cls = type(self)
         storage = cls._storage
         count, body = self._ps_count, self._ps_body
         if not body:
             if count:
-                fail(f"{self!r} has {count} items but no tree")
+                fail(f"{me} has {count} items but no tree")
             return
-        referenced(body, None, f"{self!r} root")
+        referenced(body, None, f"{me} root")
         key_type = cls._ps_key
         order, minimum = cls._ps_order, cls._ps_order // 2
         leaves = []
@@ -2241,10 +2604,10 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         def walk(offset, low, high, depth, is_root):
             """Check the subtree at ``offset``; return (element count, leaf depth)."""
             if depth > 64:
-                fail(f"{self!r}: the tree is deeper than 64 levels (a cycle?)")
+                fail(f"{me}: the tree is deeper than 64 levels (a cycle?)")
             node = self._ps_node(offset)
             n = node.n
-            where = f"{self!r} node {offset:#x}"
+            where = f"{me} node {offset:#x}"
             if n > order or (not is_root and n < minimum) or (is_root and not node.leaf and n < 1):
                 fail(f"{where} holds {n} keys (order {order})")
             keys = [sort_key(c) for c in node.keys[:n].tolist()]
@@ -2281,17 +2644,17 @@ class PersistentSortedDict(_MappingMixin, _Collection):
 
         total, _ = walk(body, None, None, 0, True)
         if total != count:
-            fail(f"{self!r} counts {count} items but its tree holds {total}")
+            fail(f"{me} counts {count} items but its tree holds {total}")
         previous = 0
         for offset in leaves:
             node = self._ps_node(offset)
             if node.head64[3] != previous:
-                fail(f"{self!r}: leaf {offset:#x} links back to {node.head64[3]:#x}, not {previous:#x}")
+                fail(f"{me}: leaf {offset:#x} links back to {node.head64[3]:#x}, not {previous:#x}")
             if previous and self._ps_node(previous).head64[2] != offset:
-                fail(f"{self!r}: leaf {previous:#x} does not link to {offset:#x}")
+                fail(f"{me}: leaf {previous:#x} does not link to {offset:#x}")
             previous = offset
         if self._ps_node(previous).head64[2]:
-            fail(f"{self!r}: the last leaf links onwards")
+            fail(f"{me}: the last leaf links onwards")
 
 
 def _zeros(view, count):

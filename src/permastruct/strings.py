@@ -5,12 +5,27 @@ equivalent ``bytes``/``str``, so either can be used as a key.  The registry
 interns strings: ``p.stringRegistry.get(b"James Bond")`` returns the same
 persistent string for equal contents, in every process, because the hash
 stored in the file is a crc32 of the bytes, never Python's ``hash()``.
+
+String proxies act like their values: every method of ``str`` (on a
+``String``) or ``bytes`` (on a ``ByteString``) and the operators ``+``,
+``*``, ``%``, ``in``, indexing, slicing, iteration and ``format()`` work on
+them and return plain ``str``/``bytes`` results, computed from
+:attr:`~String.contents`.  The delegating methods are made once, when this
+module is imported (``_delegate_methods``); they never hide the proxy's own
+API (``contents``, ``isSameAs``, the ``_ps_`` names).  A ``ByteString``
+exports its stored bytes read-only through the buffer protocol, so
+``memoryview(raw)``, ``bytearray(raw)``, ``b"".join([raw])`` and
+``hashlib.sha256(raw)`` read them in place; a ``String``, like ``str``, has no
+buffer protocol.  What a proxy cannot be is an instance of ``str``/``bytes``:
+an API that insists on one (``", ".join(names)`` with String proxies among
+``names``, ``json.dumps``) needs the values: ``str(name)``, ``name.contents``
+or :func:`permastruct.to_python`.
 """
 
 import ctypes
 
 from . import _format as F
-from ._types import Persistent, _damaged, _from_buffer
+from ._types import BufferExporter, MemoryExporter, Persistent, _damaged, _from_buffer
 from .errors import CorruptStorageError
 
 __all__ = ["ByteString", "String", "StringRegistry"]
@@ -39,6 +54,18 @@ class _PersistentString(Persistent):
     def __bytes__(self):
         return self._ps_bytes()
 
+    def _ps_prefix(self, limit):
+        """``(the first `limit` characters or bytes of the value, whether it is longer)``, reading no more
+        of the map than that needs (4 bytes a character at most)."""
+        length = self._ps_len
+        if self._ps_type_id != F.T_STRING:
+            return ctypes.string_at(ctypes.addressof(self) + F.STRING.size, min(length, limit)), length > limit
+        if length <= limit:
+            return self.contents, False
+        head = ctypes.string_at(ctypes.addressof(self) + F.STRING.size, min(length, 4 * limit + 4))
+        text = head.decode("utf-8", "ignore")  # a character cut at the end is dropped
+        return text[:limit], len(text) > limit or len(head) < length
+
     def __hash__(self):
         return hash(self.contents)
 
@@ -54,6 +81,13 @@ class _PersistentString(Persistent):
     def __ne__(self, other):
         result = self.__eq__(other)
         return result if result is NotImplemented else not result
+
+    def __mul__(self, count):
+        if not hasattr(type(count), "__index__"):
+            return NotImplemented
+        return self.contents * count
+
+    __rmul__ = __mul__
 
     def _ps_order(self, other):
         """``(self's value, other's value)`` for an ordering comparison, or None."""
@@ -82,16 +116,65 @@ class _PersistentString(Persistent):
         return NotImplemented if pair is None else pair[0] >= pair[1]
 
 
-class ByteString(_PersistentString):
-    """An immutable persistent ``bytes`` value.
+def _plain(value):
+    """``value`` with string proxies replaced by their values (also inside a tuple, as ``startswith`` takes)."""
+    if isinstance(value, _PersistentString):
+        return value.contents
+    if type(value) is tuple:
+        return tuple(map(_plain, value))
+    return value
 
-    >>> from permastruct import Storage
-    >>> p = Storage(None)
-    >>> s = p.schema.ByteString(b"Felix")
-    >>> s == b"Felix", hash(s) == hash(b"Felix"), len(s), s.contents
-    (True, True, 5, b'Felix')
-    """
 
+#: The special methods of ``str``/``bytes`` a string proxy takes from its value as they are (``+`` and
+#: ``*`` are written out below, to answer NotImplemented to other types as binary operators should;
+#: ``==``, ``<``, ``hash``, ``len``, ``bytes()``, ``str()`` it has already).
+_OPERATORS = ("__mod__", "__rmod__", "__contains__", "__getitem__", "__iter__", "__format__")
+#: Alternate constructors: ``ByteString.fromhex(...)`` would return plain bytes and read as if it made
+#: a persistent string; ``p.schema.ByteString(bytes.fromhex(...))`` is the way.
+_NOT_DELEGATED = frozenset({"fromhex"})
+
+
+def _delegating(cls, name, impl, python):
+    """A method of ``cls`` that calls ``impl(self.contents, ...)`` (string proxies among its arguments
+    count as their values)."""
+    contents = cls.contents.fget
+    if name == "join":
+        def method(self, iterable):
+            return impl(contents(self), [_plain(item) for item in iterable])
+    else:
+        def method(self, *args, **kwargs):
+            if args:
+                args = tuple(map(_plain, args))
+            if kwargs:
+                kwargs = {key: _plain(value) for key, value in kwargs.items()}
+            return impl(contents(self), *args, **kwargs)
+    method.__name__ = name
+    method.__qualname__ = f"{cls.__qualname__}.{name}"
+    method.__module__ = cls.__module__
+    method.__doc__ = (f"``s.{name}(...)`` is ``s.contents.{name}(...)``: see ``{python.__name__}.{name}``; "
+                      f"the result is a plain Python value.")
+    return method
+
+
+def _delegate_methods(cls, python):
+    """Give string proxy class ``cls`` every public method of ``python`` (``str`` or ``bytes``) and its
+    operators, each calling the method of the value; once, at import.  A name that ``cls`` or a base
+    already defines (``contents``, ``isSameAs``, ``__eq__``, ``__len__``...) is left alone."""
+    taken = {name for klass in cls.__mro__ if klass is not object for name in vars(klass)}
+    names = [name for name in vars(python) if not name.startswith("_")] + list(_OPERATORS)
+    for name in names:
+        if name in taken or name in _NOT_DELEGATED:
+            continue
+        raw = vars(python).get(name)
+        if isinstance(raw, staticmethod):  # maketrans: does not use the value
+            setattr(cls, name, staticmethod(getattr(python, name)))
+        elif isinstance(raw, classmethod) or type(raw).__name__ == "classmethod_descriptor":
+            continue
+        else:
+            setattr(cls, name, _delegating(cls, name, getattr(python, name), python))
+
+
+class _ByteStringBase(_PersistentString):
     __slots__ = ()
     _ps_type_id = F.T_BYTESTRING
     _ps_python_type = (bytes, bytearray, memoryview)
@@ -104,17 +187,56 @@ class ByteString(_PersistentString):
     def __len__(self):
         return self._ps_len
 
+    def __str__(self):
+        return str(self._ps_bytes())  # as str(bytes): "b'...'"
 
-class String(_PersistentString):
-    """An immutable persistent ``str`` value (stored as UTF-8).
+    def __add__(self, other):
+        other = _plain(other)
+        try:
+            return self._ps_bytes() + other  # any bytes-like object, as for bytes
+        except TypeError:
+            return NotImplemented
 
-    >>> from permastruct import Storage
-    >>> p = Storage(None)
-    >>> s = p.schema.String("Moneypenny")
-    >>> s == "Moneypenny", str(s), len(s)
-    (True, 'Moneypenny', 10)
-    """
+    def __radd__(self, other):
+        if isinstance(other, (bytes, bytearray)):
+            return other + self._ps_bytes()
+        return NotImplemented
 
+    def __buffer__(self, flags=0):
+        """A read-only, zero-copy memoryview of the stored bytes (PEP 688; format ``'B'``).
+
+        The exporter holds this proxy, and the proxy holds the segment of
+        the map it lives in (ctypes keeps the export of the segment it was
+        made from), so the bytes stay mapped as long as any view made from
+        it; the proxy also keeps the string from being freed.  The view is
+        read-only even in a writable storage: strings are immutable, and
+        their stored hash and interning depend on it.
+
+        >>> from permastruct import Storage
+        >>> p = Storage(None)
+        >>> raw = p.schema.ByteString(b"Felix")
+        >>> m = memoryview(raw)
+        >>> m.readonly, m.tobytes(), bytearray(raw), b"-".join([raw, raw])
+        (True, b'Felix', bytearray(b'Felix'), b'Felix-Felix')
+        >>> m.release()
+        """
+        storage = type(self)._storage
+        storage._check_open()
+        length = self._ps_len
+        exporter = MemoryExporter(ctypes.addressof(self) + F.STRING.size, length, 1, "B", (length,),
+                                  readonly=True, keep=self)
+        view = memoryview(exporter)
+        storage._exported(view)
+        return view
+
+    def __release_buffer__(self, view):
+        try:
+            view.release()
+        except (BufferError, ValueError):  # still exported elsewhere: its holders release it
+            pass
+
+
+class _StringBase(_PersistentString):
     __slots__ = ()
     _ps_type_id = F.T_STRING
     _ps_python_type = str
@@ -134,6 +256,77 @@ class String(_PersistentString):
 
     def __len__(self):
         return len(self.contents)
+
+    def __add__(self, other):
+        other = _plain(other)
+        if isinstance(other, str):
+            return self.contents + other
+        return NotImplemented
+
+    def __radd__(self, other):
+        if isinstance(other, str):
+            return other + self.contents
+        return NotImplemented
+
+    def __buffer__(self, flags=0):
+        """Refused, as by ``str``: a ``String`` is text, not bytes (``bytes(s)`` gives its UTF-8)."""
+        raise TypeError(f"a bytes-like object is required, not '{type(self).__name__}' "
+                        "(a persistent String is text; bytes(s) gives its UTF-8)")
+
+
+_delegate_methods(_ByteStringBase, bytes)
+_delegate_methods(_StringBase, str)
+
+# Below Python 3.12 a ctypes instance exports its own header bytes through a C slot; the
+# BufferExporter base, first, routes the buffer protocol to __buffer__ instead (as for Buffer).
+_BYTES_BASES = (BufferExporter, _ByteStringBase) if BufferExporter is not None else (_ByteStringBase,)
+_TEXT_BASES = (BufferExporter, _StringBase) if BufferExporter is not None else (_StringBase,)
+
+
+class ByteString(*_BYTES_BASES):
+    """An immutable persistent ``bytes`` value that acts like its value.
+
+    >>> from permastruct import Storage
+    >>> p = Storage(None)
+    >>> s = p.schema.ByteString(b"Felix,Leiter")
+    >>> s == b"Felix,Leiter", hash(s) == hash(b"Felix,Leiter"), len(s), s.contents
+    (True, True, 12, b'Felix,Leiter')
+
+    Every ``bytes`` method and operator works and returns plain ``bytes``
+    (or what the ``bytes`` method returns):
+
+    >>> s.split(b","), s.startswith(b"F"), s.decode(), s + b"!", b">" + s, s[:5], s[0], b"Lei" in s
+    ([b'Felix', b'Leiter'], True, 'Felix,Leiter', b'Felix,Leiter!', b'>Felix,Leiter', b'Felix', 70, True)
+    >>> bytes(s), bytearray(s), str(s), s.hex()[:6]
+    (b'Felix,Leiter', bytearray(b'Felix,Leiter'), "b'Felix,Leiter'", '46656c')
+    """
+
+    __slots__ = ()
+    _ps_plain_base = _ByteStringBase
+
+
+class String(*_TEXT_BASES):
+    """An immutable persistent ``str`` value (stored as UTF-8) that acts like its value.
+
+    >>> from permastruct import Storage
+    >>> p = Storage(None)
+    >>> s = p.schema.String("Moneypenny")
+    >>> s == "Moneypenny", str(s), len(s)
+    (True, 'Moneypenny', 10)
+
+    Every ``str`` method and operator works and returns plain ``str`` (or
+    what the ``str`` method returns):
+
+    >>> s.upper(), s + "!", "Miss " + s, f"[{s:>12}]", s * 2
+    ('MONEYPENNY', 'Moneypenny!', 'Miss Moneypenny', '[  Moneypenny]', 'MoneypennyMoneypenny')
+    >>> "penny" in s, s[1:3], list(s)[:3]
+    (True, 'on', ['M', 'o', 'n'])
+    >>> p.schema.String("%s is %d") % ("M", 60), s.replace("penny", "bags"), s.split("y")
+    ('M is 60', 'Moneybags', ['Mone', 'penn', ''])
+    """
+
+    __slots__ = ()
+    _ps_plain_base = _StringBase
 
 
 class StringRegistry:
@@ -193,7 +386,7 @@ class StringRegistry:
             return F.T_STRING, value.encode("utf-8")
         if isinstance(value, (bytes, bytearray, memoryview)):
             return F.T_BYTESTRING, bytes(value)
-        if isinstance(value, (ByteString, String)):
+        if isinstance(value, _PersistentString):
             return type(value)._ps_type_id, value._ps_bytes()
         raise TypeError(f"the string registry holds bytes and str, not {type(value).__name__}")
 

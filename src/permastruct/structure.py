@@ -4,7 +4,10 @@ A structure class lists its fields as class attributes whose values are
 types.  :class:`StructureMeta` turns them, once, at class creation, into a
 ``ctypes`` layout (by-value fields are C-level ``ctypes`` fields, read without
 Python code), a property per by-reference field, and one ``__setattr__`` that
-checks every write before it reaches the map.
+checks every write before it reaches the map.  It also writes the fields and
+their types into the class docstring, and gives the class a signature
+(``Agent(*, name: ByteString = None, age: Int = 0)``), so that
+``help(p.schema.Agent)`` shows them.
 
 Structure classes are created inside ``Storage.populateSchema`` and belong to
 that storage; calling one creates a persistent object in it::
@@ -31,6 +34,56 @@ _local = threading.local()
 
 #: What ctypes offers on structure classes (``from_buffer`` makes every proxy): not field names.
 _CLASS_API = frozenset(name for name in dir(type(ctypes.Structure)) if not name.startswith("__"))
+
+_KIND_NAMES = {"list": "List", "dict": "Dict", "set": "Set", "sorteddict": "SortedDict"}
+
+
+def _type_label(ftype):
+    """How field type ``ftype`` reads in documentation: ``Int``, ``Agent``, ``Agents (List[Agent])``."""
+    if isinstance(ftype, ValueType):
+        return ftype.name
+    name = getattr(ftype, "__name__", repr(ftype))
+    kind = _KIND_NAMES.get(getattr(ftype, "_ps_kind", None))
+    if kind is None:
+        return name
+    params = ", ".join(p.name if isinstance(p, ValueType) else p.__name__ for p in ftype._ps_params)
+    return f"{name} ({kind}[{params}])"
+
+
+def _cleandoc(doc):
+    """``inspect.cleandoc`` (without importing inspect): the first line stripped, the rest dedented."""
+    lines = doc.expandtabs().split("\n")
+    rest = [line for line in lines[1:] if line.strip()]
+    margin = min((len(line) - len(line.lstrip()) for line in rest), default=0)
+    lines = [lines[0].strip()] + [line[margin:].rstrip() for line in lines[1:]]
+    while lines and not lines[-1]:
+        lines.pop()
+    while lines and not lines[0]:
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+def _class_doc(name, doc, fields, base):
+    """The docstring of structure class ``name``: the user's ``doc`` (or a line) and its fields with types."""
+    origin = {}
+    for klass in reversed(base.__mro__):
+        for field, _ in vars(klass).get("_ps_own_fields", ()):
+            origin[field] = klass.__name__
+    lines = []
+    for field, ftype in fields.items():
+        where = f" (from {origin[field]})" if field in origin else ""
+        lines.append(f"    {field}: {_type_label(ftype)}{where}")
+    text = _cleandoc(doc) if isinstance(doc, str) and doc.strip() else f"A persistent {name} structure."
+    return text + "\n\nFields:\n" + ("\n".join(lines) if lines else "    (none)")
+
+
+class _Label(str):
+    """A type name shown as itself in a signature (``name: ByteString``, not ``name: 'ByteString'``)."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return str(self)
 
 
 def populating():
@@ -91,9 +144,10 @@ class StructureMeta(PersistentMeta):
         namespace["_ps_own_fields"] = tuple(own)
         namespace["_ps_field_types"] = dict(base._ps_field_types, **dict(own))
         namespace["_ps_kind"] = "structure"
+        namespace["__doc__"] = _class_doc(name, namespace.get("__doc__"), namespace["_ps_field_types"], base)
         for attr, ftype in own:
             if not isinstance(ftype, ValueType):
-                namespace[attr] = _ref_property(attr, "_ps_ref_" + attr)
+                namespace[attr] = _ref_property(attr, "_ps_ref_" + attr, ftype)
         try:
             cls = super().__new__(mcls, name, bases, namespace)
         except (TypeError, ValueError, AttributeError) as exc:  # e.g. a bad __slots__ or layout
@@ -114,15 +168,54 @@ class StructureMeta(PersistentMeta):
             raise TypeError("Structure is abstract: define a subclass in populateSchema()")
         return storage._new_structure(cls, fields)
 
+    @property
+    def __signature__(cls):
+        """The signature of creating one: the fields as keyword-only parameters with their defaults.
 
-def _ref_property(name, hidden):
+        >>> import inspect
+        >>> from permastruct import Storage
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         class Agent(self.schema.Structure):
+        ...             name = self.schema.ByteString
+        ...             age = self.schema.Int
+        >>> p = S(None)
+        >>> inspect.signature(p.schema.Agent)
+        <Signature (*, name: ByteString = None, age: Int = 0)>
+        >>> print(p.schema.Agent.__doc__)
+        A persistent Agent structure.
+        <BLANKLINE>
+        Fields:
+            name: ByteString
+            age: Int
+        """
+        import inspect
+
+        defaults = {"int": 0, "float": 0.0, "bool": False}
+        return inspect.Signature([
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_Label(_type_label(ftype)),
+                              default=defaults[ftype.kind] if isinstance(ftype, ValueType) else None)
+            for name, ftype in cls._ps_field_types.items()])
+
+
+def _ref_property(name, hidden, ftype):
+    """The property of by-reference field ``name`` (stored in ctypes field ``hidden``).
+
+    Reading returns the proxy or None.  Assignments go through the class's
+    ``__setattr__`` (which checks and counts references) before they can
+    reach the property; its setter forwards there too, for whoever calls
+    it directly.
+    """
     def get(self, _hidden=hidden):
         offset = getattr(self, _hidden)
         if not offset:
             return None
         return type(self)._storage._proxy(offset)
-    get.__name__ = name
-    return property(get, doc=f"by-reference field {name!r}")
+
+    def set(self, value):
+        type(self).__setattr__(self, name, value)
+    get.__name__ = set.__name__ = name
+    return property(get, set, doc=f"{name}: {_type_label(ftype)} (by reference; None until set)")
 
 
 def _make_setters(cls, storage):
