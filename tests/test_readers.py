@@ -1089,3 +1089,19 @@ def test_close_leaves_no_large_log_behind(tmp_path, monkeypatch):
     p.close()
     assert not os.path.exists(path + "-wal")  # and a clean close removes it
 
+
+
+def test_proxies_made_before_a_growing_refresh_still_know_their_offset(tmp_path):
+    """After a refresh that maps the grown file anew, older proxies (still in the old map) work."""
+    path = str(tmp_path / "grown.ps")
+    w = make_bank(path)
+    r = Bank(path, readonly=True)
+    account = r.root.accounts[0]
+    text = repr(account)
+    for i in range(20):
+        w.root.blobs.append(w.schema.Blob(fill=i, size=200_000, data=bytes([i]) * 200_000))
+    w.commit()
+    assert r.refresh()
+    assert repr(account) == text and account.balance == INITIAL_BALANCE
+    r.close()
+    w.close()

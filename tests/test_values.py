@@ -811,3 +811,28 @@ def test_reference_field_setter_goes_through_the_checks(p, tmp_path):
             type(reader.root).title.__set__(reader.root, "x")
     finally:
         reader.close()
+
+
+def test_structures_and_collections_do_not_export_their_raw_bytes():
+    """A ctypes object would hand out its own bytes (header, counts, offsets) writably: refused."""
+    from permastruct import List, Storage
+
+    class S(Storage):
+        def populateSchema(self):
+            Numbers = self.define(List("Numbers")[self.schema.Int])
+
+            class Root(self.schema.Structure):
+                n = self.schema.Int
+                numbers = Numbers
+
+    p = S(None)
+    p.root.numbers = [1, 2]
+    for proxy in (p.root, p.root.numbers):
+        with pytest.raises(TypeError, match="bytes-like object is required"):
+            memoryview(proxy)
+        with pytest.raises(TypeError):
+            p.schema.Buffer(proxy)
+    p.root.n = 7  # field writes do not need the buffer protocol
+    assert p.root.n == 7
+    p.check()
+    p.close()

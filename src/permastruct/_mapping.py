@@ -586,7 +586,8 @@ class MappedFile:
                                   f"segment of the map ({exc})") from None
 
     def offset_of_address(self, address):
-        for segment in self.segments:
+        """The file offset of a memory address inside this map (or a reader's earlier map of it)."""
+        for segment in self.segments + self._retired:
             if segment.address <= address < segment.address + segment.length:
                 return segment.start + address - segment.address
         raise ValueError("address is not inside this file's map")

@@ -115,194 +115,6 @@ VALUE_TYPES = (Int, Float, Bool, Int8, Int16, Int32, Int64, UInt8, UInt16, UInt3
 VALUE_TYPES_BY_ID = {t.type_id: t for t in VALUE_TYPES}
 
 
-# -- proxies ---------------------------------------------------------------------
-class PersistentMeta(CMeta):
-    """Metaclass of proxy classes: calling a storage's class creates a persistent object."""
-
-    def __call__(cls, *args, **kwargs):
-        storage = cls._storage
-        if storage is None:
-            raise TypeError(f"{cls.__name__} is not bound to a storage: use p.schema.{cls.__name__}(...)")
-        return storage._construct(cls, *args, **kwargs)
-
-
-class Persistent(CStruct, metaclass=PersistentMeta):
-    """Base class of every proxy: a view of a persistent object's header in the map."""
-
-    _fields_ = [("_ps_type", ctypes.c_uint32), ("_ps_refs", ctypes.c_uint32)]
-    __slots__ = ("__weakref__",)
-    _storage = None
-    _ps_type_id = 0
-    _ps_kind = "abstract"
-    _ps_closed = False  # True on the dead variants made by closed_class()
-
-    @property
-    def _ps_offset(self):
-        return type(self)._storage._mapping.offset_of_address(ctypes.addressof(self))
-
-    def isSameAs(self, other):
-        """Whether ``other`` is a proxy of the same persistent object."""
-        return (isinstance(other, Persistent) and type(other)._storage is type(self)._storage
-                and ctypes.addressof(other) == ctypes.addressof(self))
-
-    def __repr__(self):
-        return f"<persistent {type(self).__name__} object @offset {self._ps_offset:#x}>"
-
-    def __dir__(self):
-        """The proxy's API: fields, the type's methods and properties, ``isSameAs``... (not ctypes' internals).
-
-        Worked out once per class, at the first ``dir()``.
-
-        >>> from permastruct import Storage
-        >>> p = Storage(None)
-        >>> names = dir(p.schema.String("Bond"))
-        >>> "contents" in names, "isSameAs" in names, "upper" in names, "_objects" in names
-        (True, True, True, False)
-        """
-        cls = type(self)
-        names = cls.__dict__.get("_ps_dir")
-        if names is None:
-            names = _api_names(cls)
-            cls._ps_dir = names
-        return list(names)
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError(f"persistent {type(self).__name__} objects cannot be pickled; "
-                        "copy the values you need")
-
-
-#: ctypes' class API and class-building names: machinery of every proxy class, not its API.
-_NOT_API = frozenset({"from_buffer", "from_buffer_copy", "from_address", "from_param", "in_dll", "__slots__",
-                      "__module__", "__qualname__", "__weakref__", "__dict__", "__reduce_ex__", "__signature__",
-                      "__release_buffer__", "__init_subclass__", "__subclasshook__", "__abstractmethods__"})
-
-
-def _api_names(cls):
-    """The sorted names ``dir()`` shows for proxies of ``cls``: what the classes of its MRO define (but
-    ``object``'s and ctypes'), without private names, ctypes' API and attributes set to None."""
-    names = {"__class__", "__doc__", "__dir__"}
-    for klass in cls.__mro__:
-        if klass is object or klass.__module__ in ("_ctypes", "ctypes"):
-            continue
-        for name, value in vars(klass).items():
-            dunder = name.startswith("__") and name.endswith("__")
-            if (name.startswith("_") and not dunder) or name in _NOT_API or value is None:
-                continue
-            names.add(name)
-    return tuple(sorted(names))
-
-
-def validated_from_buffer(cls, source, offset=0):
-    """``from_buffer`` of proxy classes whose extent the file says (strings, buffers, collections).
-
-    The proxy of the object at ``offset`` of ``source`` (a segment of the
-    map), refused with CorruptStorageError when ``cls._ps_validate(proxy,
-    room)`` names a problem (``room``: the bytes left in the segment).  What
-    the file says about the object's extent is so checked once, when the
-    proxy is made, and no later read (``ctypes.string_at`` of a length read
-    from the file, a shape, a format) can go past the map.  Structures, whose
-    size the schema fixes, keep ctypes' own ``from_buffer``.
-    """
-    try:
-        proxy = _from_buffer(cls, source, offset)
-    except ValueError:
-        raise _damaged(cls, None, offset, f"its {ctypes.sizeof(cls)} bytes cross the end of the map") from None
-    problem = cls._ps_validate(proxy, len(source) - offset)
-    if problem is not None:
-        raise _damaged(cls, proxy, offset, problem)
-    return proxy
-
-
-def _damaged(cls, proxy, local, problem):
-    """The CorruptStorageError for a damaged object of class ``cls`` (``local``: offset in its segment)."""
-    storage = cls._storage
-    name = getattr(storage, "fileName", "?")
-    where = f"at segment offset {local:#x}"
-    if proxy is not None:
-        try:
-            where = f"at {storage._mapping.offset_of_address(ctypes.addressof(proxy)):#x}"
-        except (AttributeError, ValueError):
-            pass
-    return CorruptStorageError(f"{name!r}: the {cls.__name__} {where} is damaged: {problem}")
-
-
-# Special methods that a closed proxy must refuse (the interpreter looks them up
-# on the type, bypassing __getattribute__).
-_GUARDED = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__len__",
-            "__iter__", "__reversed__", "__contains__", "__getitem__", "__setitem__", "__delitem__",
-            "__bytes__", "__str__", "__bool__", "__int__", "__float__", "__index__", "__buffer__",
-            "__format__", "__call__", "__enter__", "__exit__", "__fspath__",
-            "__add__", "__radd__", "__iadd__", "__mul__", "__rmul__", "__imul__", "__mod__", "__rmod__",
-            "__or__", "__ror__", "__ior__", "__and__", "__rand__", "__iand__", "__sub__", "__rsub__",
-            "__isub__", "__xor__", "__rxor__", "__ixor__")
-
-
-def refuse_all(cls, error, message):
-    """Make every use of proxy class ``cls`` (one of a storage's own classes) raise ``error(message)``.
-
-    Used in a forked child, where the parent's storages must not be used:
-    the class is changed in place, so every proxy of it refuses at once.
-    """
-    def refuse(self, *args, **kwargs):
-        raise error(message)
-
-    for name in ("__getattribute__", "__setattr__", "__delattr__") + _GUARDED:
-        if name == "__getattribute__" or any(name in vars(base) for base in cls.__mro__[:-1]):
-            setattr(cls, name, refuse)
-
-
-def closed_class(cls, rolled_back=False):
-    """The variant of proxy class ``cls`` that proxies are switched to when they die.
-
-    At ``close()`` every proxy of the storage dies; at ``rollback()`` the
-    proxies of objects created in the rolled-back transaction do
-    (``rolled_back=True``); at a reader's ``refresh()`` the proxies of objects
-    the writer has freed since (``rolled_back="freed"``).
-    """
-    cache = cls.__dict__.get("_ps_dead_classes")
-    if cache is None:
-        cache = {}
-        cls._ps_dead_classes = cache
-    if rolled_back in cache:
-        return cache[rolled_back]
-    storage_name = repr(cls._storage)
-    if rolled_back == "freed":
-        error, message = DeadProxyError, (
-            f"this persistent {cls.__name__} object was freed by the writer of {storage_name}; "
-            "it is not in the commit this reader moved to")
-    elif rolled_back:
-        error, message = DeadProxyError, (
-            f"this persistent {cls.__name__} object was created in a transaction of {storage_name} "
-            "that was rolled back; it no longer exists")
-    else:
-        error, message = StorageClosedError, (
-            f"{storage_name} is closed: this persistent {cls.__name__} object can no longer be used")
-
-    def refuse(self, *args, **kwargs):
-        raise error(message)
-
-    def closed_repr(self):
-        return f"<dead persistent {cls.__name__} object of {storage_name}>"
-
-    namespace = {"__slots__": (), "__getattribute__": refuse, "__setattr__": refuse,
-                 "__delattr__": refuse, "__repr__": closed_repr, "_ps_closed": True}
-    for name in _GUARDED:
-        if any(name in vars(base) for base in cls.__mro__[:-1]):
-            namespace[name] = refuse
-    if "__hash__" in namespace:
-        namespace["__hash__"] = refuse
-    bases = (cls,)
-    if BufferExporter is not None:
-        # Below 3.12 a ctypes instance exports its own bytes through a C slot
-        # that __getattribute__ cannot stop; the exporter slot, first in the
-        # MRO, refuses closed proxies instead (the caller sees StorageClosedError).
-        bases = (BufferExporter, getattr(cls, "_ps_plain_base", cls))
-    closed = PersistentMeta(("rolled-back " if rolled_back else "closed ") + cls.__name__, bases, namespace)
-    closed.__qualname__ = f"closed {cls.__qualname__}"
-    cache[rolled_back] = closed
-    return closed
-
-
 # -- the buffer protocol through ctypes ------------------------------------------------
 #
 # Two heap types are built with ``PyType_FromSpecWithBases`` whose
@@ -644,3 +456,198 @@ def _make_exporter():
 
 
 BufferExporter = _make_exporter()
+
+
+# -- proxies ---------------------------------------------------------------------
+class PersistentMeta(CMeta):
+    """Metaclass of proxy classes: calling a storage's class creates a persistent object."""
+
+    def __call__(cls, *args, **kwargs):
+        storage = cls._storage
+        if storage is None:
+            raise TypeError(f"{cls.__name__} is not bound to a storage: use p.schema.{cls.__name__}(...)")
+        return storage._construct(cls, *args, **kwargs)
+
+
+class Persistent(*((BufferExporter,) if BufferExporter is not None else ()), CStruct, metaclass=PersistentMeta):
+    """Base class of every proxy: a view of a persistent object's header in the map.
+
+    A ctypes instance would export its own bytes (here: the object's header and
+    fields, writable) through the buffer protocol; proxies route the protocol to
+    ``__buffer__`` instead (PEP 688; below Python 3.12 through the
+    ``BufferExporter`` base), which refuses unless the type exports its
+    contents (``Buffer``, ``ByteString``).
+    """
+
+    _fields_ = [("_ps_type", ctypes.c_uint32), ("_ps_refs", ctypes.c_uint32)]
+    __slots__ = ("__weakref__",)
+    _storage = None
+    _ps_type_id = 0
+    _ps_kind = "abstract"
+    _ps_closed = False  # True on the dead variants made by closed_class()
+
+    @property
+    def _ps_offset(self):
+        return type(self)._storage._mapping.offset_of_address(ctypes.addressof(self))
+
+    def __buffer__(self, flags=0):
+        raise TypeError(f"a bytes-like object is required, not a persistent {type(self).__name__} "
+                        "(only Buffer and ByteString objects export their bytes)")
+
+    def isSameAs(self, other):
+        """Whether ``other`` is a proxy of the same persistent object."""
+        return (isinstance(other, Persistent) and type(other)._storage is type(self)._storage
+                and ctypes.addressof(other) == ctypes.addressof(self))
+
+    def __repr__(self):
+        return f"<persistent {type(self).__name__} object @offset {self._ps_offset:#x}>"
+
+    def __dir__(self):
+        """The proxy's API: fields, the type's methods and properties, ``isSameAs``... (not ctypes' internals).
+
+        Worked out once per class, at the first ``dir()``.
+
+        >>> from permastruct import Storage
+        >>> p = Storage(None)
+        >>> names = dir(p.schema.String("Bond"))
+        >>> "contents" in names, "isSameAs" in names, "upper" in names, "_objects" in names
+        (True, True, True, False)
+        """
+        cls = type(self)
+        names = cls.__dict__.get("_ps_dir")
+        if names is None:
+            names = _api_names(cls)
+            cls._ps_dir = names
+        return list(names)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"persistent {type(self).__name__} objects cannot be pickled; "
+                        "copy the values you need")
+
+
+#: ctypes' class API and class-building names: machinery of every proxy class, not its API.
+_NOT_API = frozenset({"from_buffer", "from_buffer_copy", "from_address", "from_param", "in_dll", "__slots__",
+                      "__module__", "__qualname__", "__weakref__", "__dict__", "__reduce_ex__", "__signature__",
+                      "__release_buffer__", "__init_subclass__", "__subclasshook__", "__abstractmethods__"})
+
+
+def _api_names(cls):
+    """The sorted names ``dir()`` shows for proxies of ``cls``: what the classes of its MRO define (but
+    ``object``'s and ctypes'), without private names, ctypes' API and attributes set to None."""
+    names = {"__class__", "__doc__", "__dir__"}
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__ in ("_ctypes", "ctypes"):
+            continue
+        for name, value in vars(klass).items():
+            dunder = name.startswith("__") and name.endswith("__")
+            if (name.startswith("_") and not dunder) or name in _NOT_API or value is None:
+                continue
+            names.add(name)
+    return tuple(sorted(names))
+
+
+def validated_from_buffer(cls, source, offset=0):
+    """``from_buffer`` of proxy classes whose extent the file says (strings, buffers, collections).
+
+    The proxy of the object at ``offset`` of ``source`` (a segment of the
+    map), refused with CorruptStorageError when ``cls._ps_validate(proxy,
+    room)`` names a problem (``room``: the bytes left in the segment).  What
+    the file says about the object's extent is so checked once, when the
+    proxy is made, and no later read (``ctypes.string_at`` of a length read
+    from the file, a shape, a format) can go past the map.  Structures, whose
+    size the schema fixes, keep ctypes' own ``from_buffer``.
+    """
+    try:
+        proxy = _from_buffer(cls, source, offset)
+    except ValueError:
+        raise _damaged(cls, None, offset, f"its {ctypes.sizeof(cls)} bytes cross the end of the map") from None
+    problem = cls._ps_validate(proxy, len(source) - offset)
+    if problem is not None:
+        raise _damaged(cls, proxy, offset, problem)
+    return proxy
+
+
+def _damaged(cls, proxy, local, problem):
+    """The CorruptStorageError for a damaged object of class ``cls`` (``local``: offset in its segment)."""
+    storage = cls._storage
+    name = getattr(storage, "fileName", "?")
+    where = f"at segment offset {local:#x}"
+    if proxy is not None:
+        try:
+            where = f"at {storage._mapping.offset_of_address(ctypes.addressof(proxy)):#x}"
+        except (AttributeError, ValueError):
+            pass
+    return CorruptStorageError(f"{name!r}: the {cls.__name__} {where} is damaged: {problem}")
+
+
+# Special methods that a closed proxy must refuse (the interpreter looks them up
+# on the type, bypassing __getattribute__).
+_GUARDED = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__len__",
+            "__iter__", "__reversed__", "__contains__", "__getitem__", "__setitem__", "__delitem__",
+            "__bytes__", "__str__", "__bool__", "__int__", "__float__", "__index__", "__buffer__",
+            "__format__", "__call__", "__enter__", "__exit__", "__fspath__",
+            "__add__", "__radd__", "__iadd__", "__mul__", "__rmul__", "__imul__", "__mod__", "__rmod__",
+            "__or__", "__ror__", "__ior__", "__and__", "__rand__", "__iand__", "__sub__", "__rsub__",
+            "__isub__", "__xor__", "__rxor__", "__ixor__")
+
+
+def refuse_all(cls, error, message):
+    """Make every use of proxy class ``cls`` (one of a storage's own classes) raise ``error(message)``.
+
+    Used in a forked child, where the parent's storages must not be used:
+    the class is changed in place, so every proxy of it refuses at once.
+    """
+    def refuse(self, *args, **kwargs):
+        raise error(message)
+
+    for name in ("__getattribute__", "__setattr__", "__delattr__") + _GUARDED:
+        if name == "__getattribute__" or any(name in vars(base) for base in cls.__mro__[:-1]):
+            setattr(cls, name, refuse)
+
+
+def closed_class(cls, rolled_back=False):
+    """The variant of proxy class ``cls`` that proxies are switched to when they die.
+
+    At ``close()`` every proxy of the storage dies; at ``rollback()`` the
+    proxies of objects created in the rolled-back transaction do
+    (``rolled_back=True``); at a reader's ``refresh()`` the proxies of objects
+    the writer has freed since (``rolled_back="freed"``).
+    """
+    cache = cls.__dict__.get("_ps_dead_classes")
+    if cache is None:
+        cache = {}
+        cls._ps_dead_classes = cache
+    if rolled_back in cache:
+        return cache[rolled_back]
+    storage_name = repr(cls._storage)
+    if rolled_back == "freed":
+        error, message = DeadProxyError, (
+            f"this persistent {cls.__name__} object was freed by the writer of {storage_name}; "
+            "it is not in the commit this reader moved to")
+    elif rolled_back:
+        error, message = DeadProxyError, (
+            f"this persistent {cls.__name__} object was created in a transaction of {storage_name} "
+            "that was rolled back; it no longer exists")
+    else:
+        error, message = StorageClosedError, (
+            f"{storage_name} is closed: this persistent {cls.__name__} object can no longer be used")
+
+    def refuse(self, *args, **kwargs):
+        raise error(message)
+
+    def closed_repr(self):
+        return f"<dead persistent {cls.__name__} object of {storage_name}>"
+
+    namespace = {"__slots__": (), "__getattribute__": refuse, "__setattr__": refuse,
+                 "__delattr__": refuse, "__repr__": closed_repr, "_ps_closed": True}
+    for name in _GUARDED:
+        if any(name in vars(base) for base in cls.__mro__[:-1]):
+            namespace[name] = refuse
+    if "__hash__" in namespace:
+        namespace["__hash__"] = refuse
+    # (Below 3.12 the buffer protocol reaches __buffer__ through the BufferExporter base of
+    # every proxy class: refused here too, like every attribute.)
+    closed = PersistentMeta(("rolled-back " if rolled_back else "closed ") + cls.__name__, (cls,), namespace)
+    closed.__qualname__ = f"closed {cls.__qualname__}"
+    cache[rolled_back] = closed
+    return closed

@@ -33,7 +33,7 @@ import ctypes
 import struct
 
 from . import _format as F
-from ._types import BufferExporter, MemoryExporter, Persistent, validated_from_buffer
+from ._types import MemoryExporter, Persistent, validated_from_buffer
 from .errors import CorruptStorageError
 
 __all__ = ["Buffer"]
@@ -97,7 +97,9 @@ def _validate(proxy, room):
                           shape_bytes, room)
 
 
-class _BufferBase(Persistent):
+class Buffer(Persistent):
+    """A persistent buffer (see the module documentation)."""
+
     _fields_ = [("_ps_nbytes", ctypes.c_uint64), ("_ps_data_offset", ctypes.c_uint32),
                 ("_ps_itemsize", ctypes.c_uint32), ("_ps_ndim", ctypes.c_uint8),
                 ("_ps_fmtlen", ctypes.c_uint8)]
@@ -135,7 +137,7 @@ class _BufferBase(Persistent):
         return ctypes.string_at(ctypes.addressof(self) + self._ps_data_offset, self._ps_nbytes)
 
     def __eq__(self, other):
-        if isinstance(other, _BufferBase):
+        if isinstance(other, Buffer):
             return self.isSameAs(other) or (self.format == other.format and self.shape == other.shape
                                             and bytes(self) == bytes(other))
         return NotImplemented
@@ -184,17 +186,3 @@ class _BufferBase(Persistent):
     def __release_buffer__(self, view):
         with contextlib.suppress(BufferError, ValueError):  # still exported elsewhere: its holders release it
             view.release()
-
-
-if BufferExporter is not None:
-    class Buffer(BufferExporter, _BufferBase):
-        """A persistent buffer (see the module documentation)."""
-
-        __slots__ = ()
-        _ps_plain_base = _BufferBase
-else:  # pragma: no cover - Python 3.12+: __buffer__ is called by the interpreter
-    class Buffer(_BufferBase):
-        """A persistent buffer (see the module documentation)."""
-
-        __slots__ = ()
-        _ps_plain_base = _BufferBase

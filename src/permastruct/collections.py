@@ -30,7 +30,6 @@ import bisect
 import collections.abc as abc
 import ctypes
 import itertools
-import math
 import operator
 import struct
 import threading

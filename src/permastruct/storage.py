@@ -702,16 +702,16 @@ class Storage:
         Freeing is deferred to commit so that an object can move between
         fields (``a.x, a.y = a.y, a.x``) inside a transaction.
         """
-        while self._unreferenced:
-            progress = False
-            for offset in list(self._unreferenced):
-                if self._refcount(offset):
-                    self._unreferenced.discard(offset)
-                elif everything or self._live_proxy(offset) is None:
-                    self._free_object(offset)
-                    progress = True
-            if not progress:
-                return
+        pending, held = self._unreferenced, []
+        while pending:  # freeing an object may add what it referenced: one pass, like a worklist
+            offset = pending.pop()
+            if self._refcount(offset):
+                continue  # stored somewhere again
+            if not everything and self._live_proxy(offset) is not None:
+                held.append(offset)
+                continue
+            self._free_object(offset)
+        pending.update(held)
 
     def _exported(self, view):
         self._exports[id(view)] = view

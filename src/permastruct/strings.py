@@ -25,7 +25,7 @@ or :func:`permastruct.to_python`.
 import ctypes
 
 from . import _format as F
-from ._types import BufferExporter, MemoryExporter, Persistent, _damaged, _from_buffer
+from ._types import MemoryExporter, Persistent, _damaged, _from_buffer
 from .errors import CorruptStorageError
 
 __all__ = ["ByteString", "String", "StringRegistry"]
@@ -277,13 +277,9 @@ class _StringBase(_PersistentString):
 _delegate_methods(_ByteStringBase, bytes)
 _delegate_methods(_StringBase, str)
 
-# Below Python 3.12 a ctypes instance exports its own header bytes through a C slot; the
-# BufferExporter base, first, routes the buffer protocol to __buffer__ instead (as for Buffer).
-_BYTES_BASES = (BufferExporter, _ByteStringBase) if BufferExporter is not None else (_ByteStringBase,)
-_TEXT_BASES = (BufferExporter, _StringBase) if BufferExporter is not None else (_StringBase,)
 
 
-class ByteString(*_BYTES_BASES):
+class ByteString(_ByteStringBase):
     """An immutable persistent ``bytes`` value that acts like its value.
 
     >>> from permastruct import Storage
@@ -302,10 +298,9 @@ class ByteString(*_BYTES_BASES):
     """
 
     __slots__ = ()
-    _ps_plain_base = _ByteStringBase
 
 
-class String(*_TEXT_BASES):
+class String(_StringBase):
     """An immutable persistent ``str`` value (stored as UTF-8) that acts like its value.
 
     >>> from permastruct import Storage
@@ -326,7 +321,6 @@ class String(*_TEXT_BASES):
     """
 
     __slots__ = ()
-    _ps_plain_base = _StringBase
 
 
 class StringRegistry:

@@ -21,7 +21,6 @@ that storage; calling one creates a persistent object in it::
 
 import ctypes
 import math
-import struct
 import threading
 
 from . import _format as F
@@ -246,21 +245,19 @@ def _make_setters(cls, storage):
 def _make_setattr(cls, readonly):
     """The ``__setattr__`` of structure class ``cls``.
 
-    An exact ``int`` in range (or a ``float`` for a double) is written with
-    ``struct.pack_into`` on the proxy itself (a ctypes object is a writable
-    buffer).  Every other value goes through the field's checker first:
-    ``pack_into`` zeroes its target before it fails, so it must only see
-    values that fit.
+    An exact ``int`` in range (or a ``float`` for a double) goes straight to
+    the ctypes field's setter (C code); every other value goes through the
+    field's checker first: ctypes wraps an integer that does not fit without
+    a word, so it must only see values that fit.
     """
     setters = cls._ps_setters
     fields = cls._ps_field_types
-    fast = {}  # name -> (pack_into, offset, exact type, low, high)
+    fast = {}  # name -> (ctypes field setter, exact type, low, high)
     for name, ftype in fields.items():
         if isinstance(ftype, ValueType) and ftype.code and ftype.pack is None:
             exact = int if ftype.kind == "int" else float
             low, high = (ftype.low, ftype.high) if ftype.kind == "int" else (-math.inf, math.inf)
-            fast[name] = (struct.Struct("<" + ftype.code).pack_into, getattr(cls, name).offset,
-                          exact, low, high)
+            fast[name] = (getattr(cls, name).__set__, exact, low, high)
     owner = cls.__name__
     fallback = object.__setattr__
 
@@ -279,8 +276,8 @@ def _make_setattr(cls, readonly):
 
     def __setattr__(self, name, value):
         entry = fast.get(name)
-        if entry is not None and type(value) is entry[2] and entry[3] <= value <= entry[4]:
-            entry[0](self, entry[1], value)
+        if entry is not None and type(value) is entry[1] and entry[2] <= value <= entry[3]:
+            entry[0](self, value)
             return
         setter = setters.get(name)
         if setter is None:
