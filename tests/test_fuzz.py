@@ -355,11 +355,12 @@ def describe(path):
                         ref(offset + 24 + 8 * k, f"registry entry {k}")
             elif type_id == F.T_BUFFER:
                 kind = "buffer"
-                _, _, nbytes, data_offset, itemsize, ndim, fmtlen = F.BUFFER.unpack_from(view(offset, 32))
+                _, _, nbytes, data_offset, itemsize, ndim, fmtlen, high = F.BUFFER.unpack_from(view(offset, 32))
+                fmtlen |= high << 8
                 for at, width, what in ((8, 8, "nbytes"), (16, 4, "data offset"), (20, 4, "itemsize"),
                                         (24, 1, "ndim"), (25, 1, "format length")):
                     field(offset + at, width, f"buffer {what}")
-                shape_at = offset + -(-(F.BUFFER.size + fmtlen) // 8) * 8
+                shape_at = offset + F.buffer_layout(fmtlen, ndim)[0]
                 for k in range(ndim):
                     field(shape_at + 8 * k, 8, f"buffer shape[{k}]")
                 fmap["buffers"].append([offset, fmtlen, ndim, data_offset, nbytes])

@@ -1095,3 +1095,56 @@ def test_a_failed_fsync_refuses_commits_with_sync_failed_error(tmp_path, monkeyp
     with pytest.raises(SyncFailedError):
         p.commit()
     p.close()
+
+
+# -- bad arguments and use after close (issue 16 items 14, 16) ------------------------------------
+@pytest.mark.parametrize("kwargs, error", [
+    ({"pageSize": "4096"}, TypeError), ({"pageSize": 1000}, ValueError), ({"pageSize": True}, TypeError),
+    ({"timeout": -1}, ValueError), ({"timeout": float("nan")}, ValueError), ({"timeout": "1"}, ValueError),
+])
+def test_bad_arguments_are_refused_alike_on_create_reopen_and_read(tmp_path, kwargs, error):
+    path = tmp_path / "args.ps"
+    with pytest.raises(error):
+        MyStorage(path, **kwargs)  # create
+    assert not path.exists()
+    MyStorage(path).close()
+    with pytest.raises(error):
+        MyStorage(path, **kwargs)  # reopen
+    with pytest.raises(error):
+        MyStorage(path, readonly=True, **kwargs)
+    with pytest.raises(error):
+        MyStorage(None, **kwargs)
+
+
+def test_the_string_registry_of_a_closed_storage_says_closed(tmp_path):
+    p = MyStorage(tmp_path / "reg.ps")
+    registry = p.stringRegistry
+    registry.get("x")
+    p.close()
+    for use in (lambda: len(registry), lambda: registry.get("y"), lambda: "x" in registry,
+                lambda: list(registry)):
+        with pytest.raises(StorageClosedError):
+            use()
+
+
+def test_deleting_a_field_is_an_attribute_error(tmp_path):
+    with MyStorage(tmp_path / "del.ps") as p:
+        for name in ("count", "name", "agent", "nothing"):
+            with pytest.raises(AttributeError):
+                delattr(p.root, name)
+        assert p.root.count == 0
+
+
+def test_a_dict_size_hint_beyond_what_a_table_holds_is_refused(tmp_path):
+    from permastruct import Dict
+
+    class D(Storage):
+        def populateSchema(self):
+            self.define(Dict("Counts")[self.schema.Int, self.schema.Int])
+
+    with D(tmp_path / "d.ps") as p:
+        with pytest.raises(OverflowError):
+            p.schema.Counts(size=2 ** 40)
+        with pytest.raises(TypeError):
+            p.schema.Counts(size=-1)
+        p.check()

@@ -1032,3 +1032,30 @@ def test_numpy_structured_writes_persist(tmp_path):
     assert not a.flags.writeable
     del a
     p.close()
+
+
+def test_a_buffer_with_a_long_format_round_trips(tmp_path):
+    """A numpy structured dtype of 40 fields has a format of several hundred characters
+    (the format length used to be one byte)."""
+    numpy = pytest.importorskip("numpy")
+    from permastruct import Storage
+
+    class S(Storage):
+        def populateSchema(self):
+            class Root(self.schema.Structure):
+                table = self.schema.Buffer
+
+    dtype = numpy.dtype([(f"column_{i:02d}", "<f8" if i % 2 else "<i4") for i in range(40)])
+    rows = numpy.zeros(5, dtype=dtype)
+    for i in range(40):
+        rows[f"column_{i:02d}"] = numpy.arange(5) * (i + 1)
+    assert len(memoryview(rows).format) > 255
+    path = tmp_path / "wide.ps"
+    with S(path) as p:
+        p.root.table = rows
+    with S(path) as p:
+        back = numpy.asarray(p.root.table)
+        assert back.dtype == dtype and (back == rows).all()
+        assert p.root.table.format == memoryview(rows).format
+        p.check()
+        del back

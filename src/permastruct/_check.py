@@ -237,12 +237,13 @@ def _check_storage(storage, progress):
         elif type_id == F.T_BUFFER:
             if capacity < F.BUFFER.size:
                 fail(f"buffer {offset:#x} is in a slot of {capacity} bytes")
-            _, _, nbytes, data_offset, itemsize, ndim, fmtlen = F.BUFFER.unpack_from(
+            _, _, nbytes, data_offset, itemsize, ndim, fmtlen, high = F.BUFFER.unpack_from(
                 pf.mapping.view(offset, F.BUFFER.size))
+            fmtlen |= high << 8
             if F.BUFFER.size + fmtlen > capacity:
                 fail(f"buffer {offset:#x}: its format runs past its {capacity} bytes")
             fmt = bytes(pf.mapping.view(offset + F.BUFFER.size, fmtlen))
-            shape_at = -(-(F.BUFFER.size + fmtlen) // 8) * 8
+            shape_at = F.buffer_layout(fmtlen, ndim)[0]
             shape = bytes(pf.mapping.view(offset + shape_at, max(0, min(8 * ndim, capacity - shape_at))))
             problem = buffer_problem(nbytes, data_offset, itemsize, ndim, fmt, shape, capacity)
             if problem is not None:

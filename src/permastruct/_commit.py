@@ -108,8 +108,7 @@ class Engine:
         self._undo_failed = False  # an undo could not write the log: no more commits
         #: Whether this open created the store: None, "new" (a new file) or "in place" (an empty file).
         self.created = None
-        if not readonly:
-            _check_timeout(timeout)
+        check_timeout(timeout)
         while True:
             try:
                 self.io = FileIO.open(self.path, readonly=readonly, create=False)
@@ -154,7 +153,7 @@ class Engine:
         file with the permastruct magic at a store's name always has a whole
         header block, and two processes creating one path never both succeed.
         """
-        _check_page_size(page_size)
+        check_page_size(page_size)
         io = FileIO.create_unnamed(self.path)
         try:
             io.lock(F.LOCK_WRITER, True)  # no one else can know this file yet: granted at once
@@ -204,7 +203,7 @@ class Engine:
 
     def _create_in_place(self, page_size):
         """Make a store of an existing empty file (``tempfile.mkstemp()``), under the writer lock."""
-        _check_page_size(page_size)
+        check_page_size(page_size)
         block = self._header_block(page_size)
         self.io.pwrite(block[len(F.MAGIC):], len(F.MAGIC))
         self.io.fsync()  # even with sync=False: the magic must never reach the disk before the rest
@@ -893,13 +892,15 @@ def _valid_page_size(size):
 _WRITERS = weakref.WeakValueDictionary()
 
 
-def _check_timeout(timeout):
+def check_timeout(timeout):
+    """Refuse a ``timeout`` that is not None or a non-negative number of seconds."""
     if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                 or not timeout >= 0):  # refuses NaN too
         raise ValueError(f"timeout must be a non-negative number of seconds or None, not {timeout!r}")
 
 
-def _check_page_size(size):
+def check_page_size(size):
+    """Refuse a page size that is not a power of two in the range the format allows."""
     if not isinstance(size, int) or isinstance(size, bool):
         raise TypeError(f"pageSize must be an int, not {type(size).__name__}")
     if not _valid_page_size(size):

@@ -76,8 +76,9 @@ aligned (64 in runs).
 
 ``STRING``  (ByteString, String): header, crc32 of the bytes, length, bytes.
 ``BUFFER``: header, nbytes, data offset (from the object start), itemsize,
-            ndim, length of the format; then the format (ASCII), the shape
-            (uint64 each), padding, the C-contiguous data.
+            ndim, length of the format (a low byte, then 16 high bits); then
+            the format (ASCII), the shape (uint64 each, 8-aligned), padding,
+            the C-contiguous data (see ``buffer_layout``).
 ``REGISTRY`` (interned strings): header, count, capacity, then ``capacity``
             references in an open-addressing table (linear probing by the
             string's crc32).
@@ -255,7 +256,9 @@ assert MERGE_AT + MERGE.size <= MIN_PAGE_SIZE
 # -- objects -----------------------------------------------------------------
 OBJECT_HEADER = struct.Struct("<II")  # type id, reference count
 STRING = struct.Struct("<IIII")  # type, refs, crc32, length
-BUFFER = struct.Struct("<IIQIIBB6x")  # type, refs, nbytes, data offset, itemsize, ndim, fmtlen
+# type, refs, nbytes, data offset, itemsize, ndim, format length: its low byte, then its high 16 bits
+# (files written before formats could be longer than 255 bytes have zeros there)
+BUFFER = struct.Struct("<IIQIIBBH4x")
 assert BUFFER.size == 32
 REGISTRY = struct.Struct("<IIQQ")  # type, refs, count, capacity
 COLLECTION = struct.Struct("<IIQQQ")  # type, refs, count, body, aux
@@ -265,7 +268,7 @@ NODE = struct.Struct("<IIIBxHQQ")  # type, refs, owner type, leaf, n, next leaf,
 assert (COLLECTION.size, ARRAY.size, TABLE.size, NODE.size) == (32, 24, 48, 32)
 CELL = 8
 TABLE_EMPTY, TABLE_DELETED = 0, 0xFFFFFFFF
-MAX_FORMAT = 255
+MAX_FORMAT = (1 << 24) - 1
 MAX_NDIM = 64
 
 # -- type ids ----------------------------------------------------------------
@@ -281,6 +284,17 @@ T_SCHEMA, T_REGISTRY = 30, 31
 T_ARRAY, T_TABLE, T_NODE = 32, 33, 34  # internal objects of collections
 FIRST_USER_TYPE = 64
 MAX_TYPE_ID = 1 << 20
+
+
+def buffer_layout(format_length, ndim):
+    """``(shape_at, data_at)``: where a buffer's shape and data start, from the object's start.
+
+    The format (ASCII) follows the ``BUFFER`` header; the shape (``ndim``
+    uint64) starts at the next multiple of 8 after it; the data at the next
+    multiple of 16 after the shape.
+    """
+    shape_at = -(-(BUFFER.size + format_length) // 8) * 8
+    return shape_at, -(-(shape_at + 8 * ndim) // 16) * 16
 
 
 def page_offset(pid, page_size):

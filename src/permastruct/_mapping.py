@@ -497,6 +497,12 @@ class MappedFile:
             self._map(start, length)
         except (OSError, ValueError) as exc:
             self._restore_length(start)
+            if getattr(exc, "errno", None) == errno.ENOMEM:
+                error = StorageFullError(errno.ENOMEM, f"mapping {length} more bytes of {self.io.path!r} "
+                                         "failed: out of memory or address space; the storage is still "
+                                         "at its last commit")
+                error.filename = self.io.path
+                raise error from exc
             raise _full_error(exc, "mapping", self.io.path) from exc
 
     def _restore_length(self, length):

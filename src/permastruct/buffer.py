@@ -63,7 +63,7 @@ def buffer_problem(nbytes, data_offset, itemsize, ndim, fmt, shape_bytes, room):
     """
     if ndim > F.MAX_NDIM:
         return f"{ndim} dimensions (at most {F.MAX_NDIM})"
-    shape_at = -(-(F.BUFFER.size + len(fmt)) // 8) * 8
+    shape_at = F.buffer_layout(len(fmt), ndim)[0]
     if data_offset < shape_at + 8 * ndim:
         return f"its data at {data_offset} overlaps its format and shape ({shape_at + 8 * ndim} bytes)"
     if data_offset + nbytes > room:
@@ -86,12 +86,12 @@ def buffer_problem(nbytes, data_offset, itemsize, ndim, fmt, shape_bytes, room):
 
 def _validate(proxy, room):
     """``_ps_validate`` of buffers (see ``validated_from_buffer``): the metadata, read from the proxy's address."""
-    fmtlen, ndim = proxy._ps_fmtlen, proxy._ps_ndim
+    fmtlen, ndim = proxy._ps_format_length, proxy._ps_ndim
     start = ctypes.addressof(proxy)
     if F.BUFFER.size + fmtlen > room:
         return "its format runs past the end of the map"
     fmt = ctypes.string_at(start + F.BUFFER.size, fmtlen)
-    shape_at = -(-(F.BUFFER.size + fmtlen) // 8) * 8
+    shape_at = F.buffer_layout(fmtlen, ndim)[0]
     shape_bytes = ctypes.string_at(start + shape_at, max(0, min(8 * ndim, room - shape_at)))
     return buffer_problem(proxy._ps_nbytes, proxy._ps_data_offset, proxy._ps_itemsize, ndim, fmt,
                           shape_bytes, room)
@@ -102,7 +102,7 @@ class Buffer(Persistent):
 
     _fields_ = [("_ps_nbytes", ctypes.c_uint64), ("_ps_data_offset", ctypes.c_uint32),
                 ("_ps_itemsize", ctypes.c_uint32), ("_ps_ndim", ctypes.c_uint8),
-                ("_ps_fmtlen", ctypes.c_uint8)]
+                ("_ps_fmtlen", ctypes.c_uint8), ("_ps_fmtlen_high", ctypes.c_uint16)]
     __slots__ = ()
     _ps_kind = "buffer"
     _ps_type_id = F.T_BUFFER
@@ -110,10 +110,14 @@ class Buffer(Persistent):
     from_buffer = classmethod(validated_from_buffer)
 
     @property
+    def _ps_format_length(self):
+        return self._ps_fmtlen | self._ps_fmtlen_high << 8
+
+    @property
     def format(self):
         """The struct-syntax format of the items, as given by the source."""
         start = ctypes.addressof(self) + F.BUFFER.size
-        return ctypes.string_at(start, self._ps_fmtlen).decode("ascii")
+        return ctypes.string_at(start, self._ps_format_length).decode("ascii")
 
     @property
     def itemsize(self):
@@ -122,8 +126,7 @@ class Buffer(Persistent):
     @property
     def shape(self):
         """The shape of the source (a tuple of ints)."""
-        start = ctypes.addressof(self) + F.BUFFER.size + self._ps_fmtlen
-        start = -(-start // 8) * 8
+        start = ctypes.addressof(self) + F.buffer_layout(self._ps_format_length, self._ps_ndim)[0]
         return tuple((ctypes.c_uint64 * self._ps_ndim).from_address(start))
 
     @property
@@ -151,8 +154,8 @@ class Buffer(Persistent):
         start = ctypes.addressof(self)
         offset = storage._mapping.offset_of_address(start)
         nbytes, data_offset, itemsize, ndim, fmtlen = (self._ps_nbytes, self._ps_data_offset, self._ps_itemsize,
-                                                       self._ps_ndim, self._ps_fmtlen)
-        shape_at = -(-(F.BUFFER.size + fmtlen) // 8) * 8
+                                                       self._ps_ndim, self._ps_format_length)
+        shape_at = F.buffer_layout(fmtlen, ndim)[0]
         if data_offset < shape_at + 8 * ndim or ndim > F.MAX_NDIM:
             raise CorruptStorageError(f"{storage.fileName!r}: the Buffer at {offset:#x} has its data at "
                                       f"{data_offset}, inside its metadata, or {ndim} dimensions")

@@ -986,6 +986,10 @@ class PersistentList(_Collection):
 
 
 # -- Dict and Set: an insertion-ordered hash table ------------------------------------------
+#: Entries a hash table can hold: its indices are uint32 (entry number + 1, and 0xFFFFFFFF for deleted).
+_MAX_ENTRIES = (1 << 32) * 2 // 3 - 2
+
+
 def _table_shape(wanted):
     """``(nslots, capacity)`` of a table for at least ``wanted`` entries (load <= 2/3)."""
     nslots = 8
@@ -1044,6 +1048,9 @@ class _HashCollection(_Collection):
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise TypeError(f"size must be a non-negative int, not {size!r}")
+            if size > _MAX_ENTRIES:
+                raise OverflowError(f"a {type(self).__name__} holds at most {_MAX_ENTRIES} entries; "
+                                    f"size={size} is more")
             if size:
                 self._ps_rebuild(type(self)._storage, size)
         super()._ps_init(source, **options)

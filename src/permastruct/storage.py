@@ -31,6 +31,7 @@ from ._alloc import Allocator
 from .buffer import Buffer, buffer_source
 from .errors import (CorruptStorageError, ForkedProcessError, NotAStorageError, PermastructError,
                      ReadOnlyError, SchemaError, StorageClosedError)
+from ._commit import check_page_size, check_timeout
 from .pages import PageFile
 from .strings import ByteString, String, StringRegistry, create_registry
 from .structure import Structure, StructureMeta, pop_populating, populating, push_populating
@@ -95,6 +96,8 @@ class Storage:
                 raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative, not {value}")
+        check_page_size(pageSize)  # the same arguments are refused the same way on every open
+        check_timeout(timeout)
         if fileName is None:
             if readonly:
                 raise ValueError("a volatile storage (fileName=None) cannot be read-only")
@@ -502,17 +505,17 @@ class Storage:
         source = buffer_source(obj)
         fmt = source.format.encode("ascii", "replace")
         if len(fmt) > F.MAX_FORMAT or source.ndim > F.MAX_NDIM:
-            raise ValueError(f"buffer format {source.format!r} or ndim {source.ndim} is too large to store")
-        meta = -(-(F.BUFFER.size + len(fmt)) // 8) * 8 + 8 * source.ndim
-        data_offset = -(-meta // 16) * 16
+            raise ValueError(f"a buffer's format is at most {F.MAX_FORMAT} characters and its ndim at most "
+                             f"{F.MAX_NDIM}, not {len(fmt)} and {source.ndim}")
+        shape_at, data_offset = F.buffer_layout(len(fmt), source.ndim)
         nbytes = source.nbytes
         self._check_writable()
         offset = self._allocator.alloc(data_offset + nbytes, zero=False)
         view = self._mapping.view(offset, data_offset + nbytes)
         view[:data_offset] = bytes(data_offset)
-        F.BUFFER.pack_into(view, 0, F.T_BUFFER, 0, nbytes, data_offset, source.itemsize, source.ndim, len(fmt))
+        F.BUFFER.pack_into(view, 0, F.T_BUFFER, 0, nbytes, data_offset, source.itemsize, source.ndim,
+                           len(fmt) & 0xFF, len(fmt) >> 8)
         view[F.BUFFER.size:F.BUFFER.size + len(fmt)] = fmt
-        shape_at = -(-(F.BUFFER.size + len(fmt)) // 8) * 8
         for index, extent in enumerate(source.shape or ()):
             F.UINT64.pack_into(view, shape_at + 8 * index, extent)
         if source.c_contiguous:

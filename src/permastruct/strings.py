@@ -336,6 +336,7 @@ class StringRegistry:
     # The table object lives at the offset in the root record's registry slot.
     def _table(self):
         storage = self._storage
+        storage._check_open()
         offset = storage._page_file.slots[F.SLOT_REGISTRY]
         storage._check_offset(offset, F.REGISTRY.size)
         try:

@@ -267,6 +267,13 @@ def _make_setattr(cls, readonly):
                                  f"{', '.join(fields) or 'none'})") from None
         fallback(self, name, value)
 
+    def __delattr__(self, name):
+        if name in fields:
+            raise AttributeError(f"cannot delete field {name!r} of {owner}: a field always exists; "
+                                 "set it to None (a reference) or to a value")
+        raise AttributeError(f"{owner!r} has no field {name!r} (fields: {', '.join(fields) or 'none'})")
+    cls.__delattr__ = __delattr__
+
     if readonly:
         def __setattr__(self, name, value):
             if name in fields:
