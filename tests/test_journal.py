@@ -18,7 +18,7 @@ from permastruct import List, Storage
 from permastruct import _format as F
 from permastruct._journal import GROW_STEP, Journal
 from permastruct._mapping import FileIO
-from permastruct.errors import CorruptStorageError, PermastructError, StorageLockedError
+from permastruct.errors import CorruptStorageError, NotAStorageError, PermastructError, StorageLockedError
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -584,3 +584,81 @@ def test_a_checkpoint_interrupted_at_every_step_leaves_a_store_that_recovers(tmp
             break
         steps += 1
     assert steps >= 4  # pages, fsync, root record, fsync, log header at least
+
+
+# -- hostile neighbours (issue 16 items 9, 10) ----------------------------------------------------
+def test_a_forged_commit_claiming_many_pages_makes_no_huge_file(tmp_path):
+    """A 176-byte log with one well-formed commit frame claiming 262,144 pages: refused, and
+    neither file grows (it used to allocate 1 GiB of disk)."""
+    path = tmp_path / "s.ps"
+    with LogStorage(path) as p:
+        p.root.n = 1
+    size = os.path.getsize(path)
+    head = open(path, "rb").read(F.HEADER_BLOCK)
+    roots = [F.unpack_root(head[o:o + F.ROOT.size]) for o in F.ROOT_OFFSETS]
+    txn, _, _, slots = max(r for r in roots if r is not None)
+    salt = 0x5EED
+    header = F.WAL_HEADER.pack(F.WAL_MAGIC, F.WAL_VERSION, 4096, salt, txn, 0)
+    body = F.COMMIT.pack(262_144, F.NO_NEXT_FREE_PAGE, *slots)
+    frame = F.FRAME.pack(F.FRAME_COMMIT, salt, txn + 1, 0, len(body), 0)[:28]
+    log = (header[:60] + F.UINT32.pack(zlib.crc32(header[:60]))
+           + frame + F.UINT32.pack(zlib.crc32(body, zlib.crc32(frame, salt))) + body)
+    assert len(log) == 176
+    with open(wal_of(path), "wb") as f:
+        f.write(log)
+    for readonly in (False, True):
+        with pytest.raises(CorruptStorageError, match="262144 pages"):
+            LogStorage(path, readonly=readonly)
+    assert os.path.getsize(path) == size and os.path.getsize(wal_of(path)) == 176
+
+
+def test_a_foreign_file_at_the_logs_name_is_never_written(tmp_path):
+    path = tmp_path / "notes.txt"
+    with LogStorage(path) as p:
+        p.root.n = 1
+    other = b"my own notes, nothing to do with permastruct\n" * 10
+    with open(wal_of(path), "wb") as f:
+        f.write(other)
+    for readonly in (False, True):
+        with pytest.raises(NotAStorageError, match="not a permastruct log"):
+            LogStorage(path, readonly=readonly)
+    assert open(wal_of(path), "rb").read() == other
+    # ... also when it appears while the store is open (the log is made at the first commit)
+    os.unlink(wal_of(path))
+    p = LogStorage(path)
+    with open(wal_of(path), "wb") as f:
+        f.write(other)
+    p.root.n = 2
+    with pytest.raises(NotAStorageError):
+        p.commit()
+    assert open(wal_of(path), "rb").read() == other
+    p.rollback()
+    p._page_file.journal = None
+    os.unlink(wal_of(path))
+    p.close()
+    assert committed_values(path)[0] == 1
+
+
+def test_a_fifo_at_the_logs_name_does_not_hang_an_open(tmp_path):
+    path = tmp_path / "s.ps"
+    with LogStorage(path) as p:
+        p.root.n = 1
+    os.mkfifo(wal_of(path))
+    for readonly in (True, False):
+        with pytest.raises(NotAStorageError, match="FIFO"):
+            LogStorage(path, readonly=readonly)
+    os.unlink(wal_of(path))
+    assert committed_values(path)[0] == 1
+
+
+def test_a_log_whose_first_header_never_reached_the_disk_is_the_stores_own(tmp_path):
+    """A log of zeros (created, its header lost in a power loss) holds nothing and is reused."""
+    path = tmp_path / "s.ps"
+    with LogStorage(path) as p:
+        p.root.n = 1
+    with open(wal_of(path), "wb") as f:
+        f.write(bytes(64))
+    with LogStorage(path) as p:
+        assert p.root.n == 1
+        p.root.n = 2
+    assert committed_values(path)[0] == 2

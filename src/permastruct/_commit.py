@@ -292,6 +292,10 @@ class Engine:
             raise CorruptStorageError(
                 f"{self.path!r}: its log starts at transaction {pending[0].txn} but the main file "
                 f"holds transaction {self.main_txn}: commits in between are missing")
+        # Every page below a commit's page count was written when it was allocated (its
+        # header): it is in the main file or in a frame of the log.  A page count past both
+        # is a forged or damaged log, and must not make the file grow (to 1 TB, say).
+        written = max(0, (self.io.size() - F.HEADER_BLOCK) // self.page_size)
         for commit in pending:
             end = F.HEADER_BLOCK + commit.page_count * self.page_size
             if commit.page_count >= 1 << 40 or not (
@@ -302,6 +306,10 @@ class Engine:
                 if not F.HEADER_BLOCK <= offset < end:
                     raise CorruptStorageError(f"{self.path!r}: log transaction {commit.txn} writes a page at "
                                               f"{offset:#x}, past the end of its {commit.page_count} pages")
+                written = max(written, -(-(offset + self.journal.unit - F.HEADER_BLOCK) // self.page_size))
+            if commit.page_count > written:
+                raise CorruptStorageError(f"{self.path!r}: log transaction {commit.txn} has {commit.page_count} "
+                                          f"pages, but the file and the log hold only {written}")
         return pending
 
     def _adopt_state(self, root, pending):

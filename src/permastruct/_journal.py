@@ -12,6 +12,7 @@ import zlib
 
 from . import _format as F
 from ._mapping import FileIO
+from .errors import NotAStorageError
 
 #: Bytes read at a time while scanning the log: the first read, and the most.
 _FIRST_READ = 1 << 16
@@ -78,13 +79,18 @@ class Journal:
 
     @classmethod
     def open(cls, store_path, readonly, unit):
-        """Open the log of ``store_path`` and read it, or return None when there is none."""
+        """Open the log of ``store_path`` and read it, or return None when there is none.
+
+        Something at the log's name that is not a log (a FIFO, another
+        program's file) is refused with NotAStorageError and never written.
+        """
         try:
             io = FileIO.open(cls.path_for(store_path), readonly=readonly, create=False)
         except FileNotFoundError:
             return None
         journal = cls(io, unit)
         try:
+            journal._refuse_foreign()
             journal.read()
         except BaseException:
             io.close()
@@ -97,16 +103,29 @@ class Journal:
         path = cls.path_for(store_path)
         try:
             io = FileIO.open(path, readonly=False, create=True)
+            exists = False
         except FileExistsError:
             io = FileIO.open(path, readonly=False, create=False)
+            exists = True
         journal = cls(io, unit)
         journal.name_durable = False
         try:
+            if exists:
+                journal._refuse_foreign()
             journal.reset(base, truncate=True)
         except BaseException:
             io.close()
             raise
         return journal
+
+    def _refuse_foreign(self):
+        """Raise NotAStorageError unless the file is a log: empty, or starting with the log's
+        magic, or with a zero header (a log whose first header never reached the disk)."""
+        head = self.io.pread(F.WAL_HEADER.size, 0)
+        if head and head[:len(F.WAL_MAGIC)] != F.WAL_MAGIC and any(head):
+            raise NotAStorageError(
+                f"{self.io.path!r} is not a permastruct log, but a store's log must have that name: "
+                "move that file away (it was not changed)")
 
     # -- reading ---------------------------------------------------------------
     def read(self):
