@@ -242,7 +242,7 @@ def test_check_verifies_the_log_and_root_records_too_not_only_the_pages(tmp_path
     # A log that claims to start after transaction main_txn + 5: the commits
     # between are missing.  Opening reads no commit from it, and the page and
     # object checks see nothing wrong; Storage.check() reads the log.
-    Journal.create(str(store), OS_PAGE, main_txn + 5).close()
+    Journal.create(str(store) + "-wal", OS_PAGE, main_txn + 5, 0, (0, 0, 0)).close()
     with Storage(store, readonly=True) as p:
         check_storage(p)
         with pytest.raises(CorruptStorageError, match="the log starts after"):

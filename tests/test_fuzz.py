@@ -265,8 +265,7 @@ def write_handmade_wal(path, frames=3):
     txn, page_count, free_head, slots = max(r for r in roots if r is not None)
     unit = mmap.PAGESIZE
     salt = 0x5A17C0DE
-    header = F.WAL_HEADER.pack(F.WAL_MAGIC, F.WAL_VERSION, unit, salt, txn, 0)
-    out = [header[:60] + F.UINT32.pack(zlib.crc32(header[:60]))]
+    out = [F.pack_wal_header(unit, salt, txn)]
     size = len(data) // unit * unit
     offsets = sorted({F.HEADER_BLOCK + k * unit for k in range(frames)} | {size - unit})
     offsets = [o for o in offsets if F.HEADER_BLOCK <= o <= size - unit]

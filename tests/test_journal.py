@@ -94,7 +94,7 @@ def wal_of(path):
 
 
 def commit_ends(path):
-    journal = Journal.open(str(path), True, 4096)
+    journal = Journal.open(wal_of(path), True, 4096)
     try:
         return [commit.end for commit in journal.commits], journal
     finally:
@@ -186,7 +186,7 @@ def test_commits_in_the_log_survive_a_crash(tmp_path):
     assert len(ends) >= 5  # still in the log: the child never closed
     assert committed_values(path) == (5, "name 5", [1, 2, 3, 4, 5])
     # the open checkpointed them, and its clean close removed the log
-    assert Journal.open(str(path), True, 4096) is None
+    assert Journal.open(wal_of(path), True, 4096) is None
 
 
 @pytest.mark.parametrize("cut", ["inside_commit_frame", "inside_page_frame", "after_page_frames",
@@ -257,7 +257,7 @@ def test_a_log_newer_than_the_main_file_is_refused_untouched(tmp_path):
 def test_a_forged_commit_naming_a_page_past_the_file_is_refused(tmp_path):
     path = tmp_path / "s.ps"
     make_commits(path, 1)
-    journal = Journal.open(str(path), True, 4096)
+    journal = Journal.open(wal_of(path), True, 4096)
     salt, txn, end, unit = journal.salt, journal.last_txn + 1, journal.end, journal.unit
     last = journal.commits[-1]
     journal.close()
@@ -598,10 +598,9 @@ def test_a_forged_commit_claiming_many_pages_makes_no_huge_file(tmp_path):
     roots = [F.unpack_root(head[o:o + F.ROOT.size]) for o in F.ROOT_OFFSETS]
     txn, _, _, slots = max(r for r in roots if r is not None)
     salt = 0x5EED
-    header = F.WAL_HEADER.pack(F.WAL_MAGIC, F.WAL_VERSION, 4096, salt, txn, 0)
     body = F.COMMIT.pack(262_144, F.NO_NEXT_FREE_PAGE, *slots)
     frame = F.FRAME.pack(F.FRAME_COMMIT, salt, txn + 1, 0, len(body), 0)[:28]
-    log = (header[:60] + F.UINT32.pack(zlib.crc32(header[:60]))
+    log = (F.pack_wal_header(4096, salt, txn)
            + frame + F.UINT32.pack(zlib.crc32(body, zlib.crc32(frame, salt))) + body)
     assert len(log) == 176
     with open(wal_of(path), "wb") as f:
@@ -662,3 +661,110 @@ def test_a_log_whose_first_header_never_reached_the_disk_is_the_stores_own(tmp_p
         assert p.root.n == 1
         p.root.n = 2
     assert committed_values(path)[0] == 2
+
+
+# -- one store whatever names it (issue 16 item 2; R8) ----------------------------------------------
+def commit_and_die(path, n):
+    """In a child: open the store at ``path``, set n, commit, and die without closing."""
+    result = run_child(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_journal import LogStorage
+        p = LogStorage({str(path)!r})
+        p.root.n = {n}
+        p.root.items = list(range({n}))
+        p.commit()
+        os._exit(0)
+    """)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hard link", "hard link elsewhere"])
+def test_a_store_is_one_store_through_any_of_its_names(tmp_path, kind):
+    """Commits a killed writer left in the log are found through every name of the store,
+    and never replayed over newer data."""
+    path = tmp_path / "real.ps"
+    with LogStorage(path) as p:
+        p.root.n = 1
+    folder = tmp_path / ("elsewhere" if kind.endswith("elsewhere") else "")
+    folder.mkdir(exist_ok=True)
+    other = folder / "other.ps"
+    (os.symlink if kind == "symlink" else os.link)(path, other)
+    commit_and_die(other, 2)  # its log is left behind, named after `other`
+    assert committed_values(path)[0] == 2  # found through the real name (and checkpointed there)
+    commit_and_die(path, 3)
+    assert committed_values(other)[0] == 3
+    commit_and_die(other, 4)
+    with LogStorage(path) as p:
+        assert p.root.n == 4 and list(p.root.items) == list(range(4))
+        p.check()
+        p.root.n = 5
+    with LogStorage(other) as p:
+        assert p.root.n == 5
+        p.check()
+    assert not [name for name in os.listdir(tmp_path) if name.endswith("-wal")]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hard link"])
+def test_two_names_do_not_make_two_writers(tmp_path, kind):
+    path = tmp_path / "real.ps"
+    with LogStorage(path) as p:
+        p.root.n = 1
+    other = tmp_path / "other.ps"
+    (os.symlink if kind == "symlink" else os.link)(path, other)
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {SRC!r})
+        from test_journal import LogStorage
+        p = LogStorage({str(other)!r})
+        print("open", flush=True)
+        sys.stdin.readline()
+        p.close()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "open"
+        with pytest.raises(StorageLockedError):
+            LogStorage(path)
+    finally:
+        child.communicate("\n", timeout=60)
+
+
+def test_a_copy_of_both_files_is_a_store_and_a_copy_of_one_never_reads_the_others_log(tmp_path):
+    import shutil
+    path = tmp_path / "a.ps"
+    with LogStorage(path) as p:
+        p.root.n = 1
+    commit_and_die(path, 2)  # a log with transaction n=2 beside a.ps
+    both = tmp_path / "both.ps"
+    shutil.copyfile(path, both)
+    shutil.copyfile(wal_of(path), wal_of(both))
+    alone = tmp_path / "alone.ps"
+    shutil.copyfile(path, alone)  # its header block names a.ps-wal, which is not its log
+    assert committed_values(both)[0] == 2
+    assert committed_values(alone)[0] == 1
+    with LogStorage(alone) as p:  # it lives its own life from there
+        p.root.n = 10
+    assert committed_values(path)[0] == 2 and committed_values(alone)[0] == 10
+
+
+def test_a_stale_log_of_the_store_is_never_replayed_over_newer_data(tmp_path):
+    """A log that does not continue the main file's history (here: saved aside, while the store went
+    on through other commits and checkpoints, then put back) is ignored and then overwritten."""
+    import shutil
+    path = tmp_path / "s.ps"
+    with LogStorage(path) as p:
+        p.root.n = 1
+    commit_and_die(path, 2)
+    shutil.copyfile(wal_of(path), tmp_path / "saved-wal")
+    with LogStorage(path) as p:  # recovers n=2, then goes on
+        assert p.root.n == 2
+        for n in range(3, 6):
+            p.root.n = n
+            p.root.items = [n]
+            p.commit()
+    shutil.copyfile(tmp_path / "saved-wal", wal_of(path))
+    with LogStorage(path) as p:
+        assert p.root.n == 5 and list(p.root.items) == [5]
+        p.check()
+    assert committed_values(path)[0] == 5

@@ -211,9 +211,11 @@ class Engine:
         self._start_new(page_size, "in place")
 
     def _header_block(self, page_size):
-        """The first ``HEADER_BLOCK`` bytes of a new store: the static header and root record A."""
+        """The first ``HEADER_BLOCK`` bytes of a new store: the static header (with a new random
+        store id) and root record A."""
+        self.store_id = int.from_bytes(os.urandom(8), "little") or 1
         block = bytearray(F.HEADER_BLOCK)
-        block[:F.HEADER.size] = F.pack_header(page_size)
+        block[:F.HEADER.size] = F.pack_header(page_size, store_id=self.store_id)
         block[F.ROOT_OFFSETS[0]:F.ROOT_OFFSETS[0] + F.ROOT.size] = F.pack_root(1, 0, F.NO_NEXT_FREE_PAGE,
                                                                                [0] * F.ROOT_SLOTS)
         return bytes(block)
@@ -222,6 +224,7 @@ class Engine:
         """The state of a store just created: transaction 1, no pages."""
         self.created = how
         self.page_size = page_size
+        self._main_chain, self._log_at = 0, None
         self.txn = self.main_txn = 1
         self.page_count, self.free_head = 0, F.NO_NEXT_FREE_PAGE
         self.slots = [0] * F.ROOT_SLOTS
@@ -254,7 +257,7 @@ class Engine:
         if len(head) < F.HEADER.size or head[:8] != F.MAGIC:
             raise NotAStorageError(f"{self.path!r} is not a permastruct store (no permastruct magic "
                                    f"at the start of its {size} bytes)")
-        magic, version, flags, page_size, block, crc = F.HEADER.unpack_from(head)
+        magic, version, flags, page_size, block, store_id, crc = F.HEADER.unpack_from(head)
         if version > F.FORMAT_VERSION:
             raise IncompatibleFormatError(
                 f"{self.path!r} has format version {version}; this permastruct reads versions up to "
@@ -265,8 +268,8 @@ class Engine:
             raise CorruptStorageError(f"{self.path!r} is truncated: {size} bytes, shorter than its header")
         if block != F.HEADER_BLOCK or not _valid_page_size(page_size):
             raise CorruptStorageError(f"{self.path!r}: invalid header block {block} or page size {page_size}")
-        self.page_size = page_size
-        roots = [F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
+        self.page_size, self.store_id = page_size, store_id
+        roots = [F.unpack_root_chain(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
         candidates = [(root[0], index) for index, root in enumerate(roots) if root is not None]
         if not candidates:
             raise CorruptStorageError(f"{self.path!r}: both root records are damaged")
@@ -274,8 +277,9 @@ class Engine:
         if txn >= 1 << 62:
             raise CorruptStorageError(f"{self.path!r}: root record {index} names transaction {txn}, "
                                       "beyond any a store can reach")
-        self.main_txn, self._current_root = txn, index
-        return roots[index][1:]
+        self.main_txn, self._current_root, self._main_chain = txn, index, roots[index][4]
+        self._log_at = F.unpack_log_at(head)
+        return roots[index][1:4]
 
     def _read_log(self):
         """The whole commits of the log that the main file lacks (the log is opened afresh)."""
@@ -284,8 +288,8 @@ class Engine:
             self.journal = None
         if not self._use_journal:
             return []
-        self.journal = Journal.open(self.path, self.readonly, OS_PAGE)
-        if self.journal is None:
+        self.journal = self._find_log(self.readonly)
+        if self.journal is None or not self.journal.valid:
             return []
         pending = [commit for commit in self.journal.commits if commit.txn > self.main_txn]
         if pending and pending[0].txn != self.main_txn + 1:
@@ -311,6 +315,65 @@ class Engine:
                 raise CorruptStorageError(f"{self.path!r}: log transaction {commit.txn} has {commit.page_count} "
                                           f"pages, but the file and the log hold only {written}")
         return pending
+
+    # -- the log's name --------------------------------------------------------------
+    def _identity(self):
+        """``(store id, device, inode)``: what a log of this store records about it."""
+        return (self.store_id,) + self.io.identity()
+
+    def _own_log_path(self):
+        return Journal.path_for(self.path)
+
+    def _find_log(self, readonly):
+        """The log of this store (read), or None.
+
+        The main file's header block names the log a writer last created (a
+        store may be opened through any of its names: hard links, renames);
+        that log counts if it records this very file (store id, device and
+        inode).  Otherwise the log at this name's own place counts if its store
+        id is this store's (a copy of both files is a store too).  Either must
+        continue this main file's history (``Journal.continues``): a stale log
+        is left alone and not read.  A log of another store at our name is
+        refused, for a writer would have to overwrite it.
+        """
+        own = self._own_log_path()
+        identity = self._identity()
+        recorded = self._log_at
+        for path in ([recorded] if recorded and recorded != own else []) + [own]:
+            try:
+                journal = Journal.open(path, readonly, OS_PAGE)
+            except (NotAStorageError, OSError):
+                if path == own:
+                    raise
+                continue  # a recorded name that is now something else: not our log
+            if journal is None:
+                continue
+            mine = journal.store_id in (0, self.store_id) if path == own else (
+                journal.valid and self.store_id and (journal.store_id, journal.device, journal.inode) == identity)
+            if path == own and journal.valid and journal.store_id and self.store_id \
+                    and journal.store_id != self.store_id and not readonly:
+                journal.close()
+                raise NotAStorageError(f"{path!r} is the log of another store (id {journal.store_id:#x}, "
+                                       f"this one is {self.store_id:#x}): move it away (it was not changed)")
+            if not mine:
+                journal.close()
+                continue
+            if journal.valid and journal.base <= self.main_txn and not journal.continues(
+                    self.main_txn, self._main_chain):
+                journal.valid = False  # a stale log of this store: nothing in it counts
+            return journal
+        return None
+
+    def _record_log_path(self, path):
+        """(Writer, creating its log) Make the main file name the log's path, durably, first."""
+        if path == self._log_at:
+            return
+        record = F.pack_log_at(path)
+        if record is None:  # too long to record: then only this name finds the log
+            record = bytes(F.LOG_AT_RECORD.size)
+        self.io.pwrite(record, F.LOG_AT)
+        self.io.fsync()
+        self._log_at = path
 
     def _adopt_state(self, root, pending):
         """Take the state of the last whole commit and check it against the file."""
@@ -381,7 +444,7 @@ class Engine:
             # that no frame written before this open can follow the new ones.
             self._lock_checkpoint()  # no reader is reading it meanwhile
             try:
-                self.journal.reset(self.main_txn)
+                self.journal.reset(self.main_txn, self._main_chain)
             finally:
                 self.io.unlock(F.LOCK_CHECKPOINT)
 
@@ -462,7 +525,11 @@ class Engine:
                    "root_records_valid": len(valid), "log_commits": 0, "log_bytes": 0}
         if not self._use_journal:
             return summary
-        journal = Journal.open(self.path, True, OS_PAGE)
+        self._log_at = F.unpack_log_at(head)
+        journal = self._find_log(True)
+        if journal is not None and not journal.valid:
+            journal.close()
+            journal = None
         if journal is None:
             if self.txn != main_txn and not self.readonly:
                 fail(f"transaction {self.txn} is not in the main file and there is no log")
@@ -617,12 +684,18 @@ class Engine:
                 self._try_checkpoint()  # but a checkpoint a big commit left to do
             return
         if self.journal is None:
-            journal = Journal.create(self.path, OS_PAGE, self.main_txn)
+            path = self._own_log_path()
+            self._lock_checkpoint()  # a reader takes the log's name and the log together
+            try:
+                self._record_log_path(path)
+                journal = Journal.create(path, OS_PAGE, self.main_txn, self._main_chain, self._identity())
+            finally:
+                self.io.unlock(F.LOCK_CHECKPOINT)
             self.journal = journal
             if self.sync:  # kept even if this fails: then sync_failed refuses further commits
                 journal.make_durable()
-        elif not self.journal.valid:  # a log whose header never made it: nothing in it counts
-            self.journal.reset(self.main_txn, truncate=True)
+        elif not self.journal.valid:  # a log whose header never made it, or a stale one: nothing counts
+            self.journal.reset(self.main_txn, self._main_chain, truncate=True)
         journal = self.journal
         if journal.size() > self.checkpoint_bytes:
             # Before this commit goes in (an exception here leaves it undone):
@@ -732,7 +805,7 @@ class Engine:
         self._lock_checkpoint()
         try:
             if self.main_txn >= self.txn:  # all in the main file: only shrink the log file
-                journal.reset(self.main_txn, truncate=True)
+                journal.reset(self.main_txn, self._main_chain, truncate=True)
                 return self.main_txn
             target = self._oldest_reader(self.txn)
             if target <= self.main_txn:
@@ -753,15 +826,15 @@ class Engine:
             # The record that does not hold main_txn: if this write is torn, the other one
             # (main_txn, whose commits are all still in the log) is the one recovery takes.
             slot = self._current_root ^ 1
-            self.io.pwrite(F.pack_root(target, commit.page_count, commit.free_head, commit.slots),
+            self.io.pwrite(F.pack_root(target, commit.page_count, commit.free_head, commit.slots, commit.chain),
                            F.ROOT_OFFSETS[slot])
             self.io.fsync()
-            self._current_root, self.main_txn = slot, target
+            self._current_root, self.main_txn, self._main_chain = slot, target, commit.chain
             if everything:
                 # The logged images are in the main file now; forget them before the
                 # log starts over (its positions mean nothing afterwards).
                 logged, self._logged = self._logged, {}
-                journal.reset(target, truncate=truncate or journal.size() > 4 * self.checkpoint_bytes)
+                journal.reset(target, commit.chain, truncate=truncate or journal.size() > 4 * self.checkpoint_bytes)
                 self.mapping.discard_changes([(offset, journal.unit) for offset in logged
                                               if offset not in changing])
         finally:

@@ -12,18 +12,22 @@ File::
       0    .. 63    static header   (HEADER struct, crc32 over bytes 0..59)
       512  .. 639   root record A   (ROOT struct, crc32 over its first 124 bytes)
       1024 .. 1151  root record B
+      2048 .. 4095  where the log is (LOG_AT_RECORD, then the path)
     offset 4096   page 0, page 1, ... each ``page_size`` bytes
 
     A page id ``pid`` lives at ``HEADER_BLOCK + pid * page_size``.
 
 Static header: magic ``b"PSTRUCT\\x00"``, format version, flags, page size,
-header block size.  It is written once, when the file is created.
+header block size, a random 64-bit store id (0 in files made before it
+existed).  It is written once, when the file is created.
 
 Root records: two alternating copies of the state that a commit moves
 forward: transaction number, the logical page count (the allocator lowers
-it when a merge finds the last pages free), the head of the free-page list
-and eight slots for the layers above the page file (schema, root object,
-string registry, allocator state page).  Opening picks the valid record with
+it when a merge finds the last pages free), the head of the free-page list,
+eight slots for the layers above the page file (schema, root object,
+string registry, allocator state page) and the *chain* of that transaction:
+the checksum of its commit frame in the log it came from (0 for the first
+transaction and in files made before it was kept).  Opening picks the valid record with
 the higher transaction number; a commit writes the *other* one, so a torn
 write of a root record leaves the previous one intact.
 
@@ -133,8 +137,20 @@ record, fsyncs again and only then *resets* the log: a new header with a new
 salt and the transaction number the main file now holds.
 
 ``WAL_HEADER`` (64 bytes at offset 0): magic ``b"PSTWAL\x00\x00"``, version,
-unit, salt, base transaction (the main file's transaction at the reset), crc32
-of the first 60 bytes.  Frames follow from offset 64, each ``FRAME`` (32
+unit, salt, base transaction (the main file's transaction at the reset), the
+store id, the base transaction's chain, the main file's device and inode,
+crc32 of the first 60 bytes.  A log counts for a main file only if it
+continues its history: it starts at the main file's transaction with the same
+chain, or holds that transaction with that chain (zeros, not recorded, pass).
+
+Where the log is: a store can be opened through several names (symlinks,
+hard links, renames); its log is named after the name the writer that made
+it used, ``<real path>-wal``, and that path is recorded in the main file's
+header block (``LOG_AT_RECORD`` at ``LOG_AT``: magic, length, crc32 of the
+UTF-8 path, then the path) before the log gets its first commit.  An open
+looks there first (and takes that log only if it records this very file:
+store id, device, inode), then at its own name's log (which must have this
+store's id: a copy of both files is a store too).  Frames follow from offset 64, each ``FRAME`` (32
 bytes) then its data: kind (1 page, 2 commit), salt, transaction, for a page
 the file offset of its data and for a commit the number of page frames of the
 transaction, data length, crc32 of the first 28 header bytes and the data,
@@ -178,21 +194,28 @@ MAX_PAGE_SIZE = 65536
 DEFAULT_PAGE_SIZE = 4096
 
 # -- static header -----------------------------------------------------------
-HEADER = struct.Struct("<8sIIII36xI")  # magic, version, flags, page_size, block, pad, crc
+HEADER = struct.Struct("<8sIIIIQ28xI")  # magic, version, flags, page_size, block, store id, pad, crc
 assert HEADER.size == 64
 
 # -- root records ------------------------------------------------------------
 ROOT_OFFSETS = (512, 1024)
 ROOT_SLOTS = 8
-ROOT = struct.Struct("<QQq8Q36xI")  # txn, page_count, free_head, slots[8], pad, crc
+ROOT = struct.Struct("<QQq8QI32xI")  # txn, page_count, free_head, slots[8], chain, pad, crc
 assert ROOT.size == 128
 SLOT_SCHEMA, SLOT_ROOT, SLOT_REGISTRY, SLOT_ALLOC = 0, 1, 2, 3
+
+# -- where the log is ---------------------------------------------------------
+LOG_AT = 2048
+LOG_AT_MAGIC = b"PSTLOGAT"
+LOG_AT_RECORD = struct.Struct("<8sHHI")  # magic, length of the path, pad, crc32 of the path
+MAX_LOG_PATH = 4096 - LOG_AT - LOG_AT_RECORD.size
 
 # -- write-ahead log and locks ------------------------------------------------
 WAL_SUFFIX = "-wal"
 WAL_MAGIC = b"PSTWAL\x00\x00"
 WAL_VERSION = 1
-WAL_HEADER = struct.Struct("<8sIIIQ32xI")  # magic, version, unit, salt, base txn, pad, crc
+# magic, version, unit, salt, base txn, store id, base chain, device and inode of the main file, pad, crc
+WAL_HEADER = struct.Struct("<8sIIIQQIQQ4xI")
 assert WAL_HEADER.size == 64
 FRAME = struct.Struct("<IIQQII")  # kind, salt, txn, offset or page-frame count, length, crc
 assert FRAME.size == 32
@@ -302,26 +325,58 @@ def page_offset(pid, page_size):
     return HEADER_BLOCK + pid * page_size
 
 
-def pack_header(page_size, flags=0):
+def pack_header(page_size, flags=0, store_id=0):
     """The 64-byte static header for a new file."""
-    body = HEADER.pack(MAGIC, FORMAT_VERSION, flags, page_size, HEADER_BLOCK, 0)
+    body = HEADER.pack(MAGIC, FORMAT_VERSION, flags, page_size, HEADER_BLOCK, store_id, 0)
     return body[:60] + UINT32.pack(zlib.crc32(body[:60]))
 
 
-def pack_root(txn, page_count, free_head, slots):
+def pack_root(txn, page_count, free_head, slots, chain=0):
     """A 128-byte root record with its checksum."""
-    body = ROOT.pack(txn, page_count, free_head, *slots, 0)
+    body = ROOT.pack(txn, page_count, free_head, *slots, chain, 0)
     return body[:124] + UINT32.pack(zlib.crc32(body[:124]))
 
 
 def unpack_root(data):
     """``(txn, page_count, free_head, slots)`` of a root record, or None if its checksum fails."""
+    record = unpack_root_chain(data)
+    return None if record is None else record[:4]
+
+
+def unpack_root_chain(data):
+    """``(txn, page_count, free_head, slots, chain)`` of a root record, or None if its checksum fails."""
     if len(data) < ROOT.size:
         return None
     fields = ROOT.unpack_from(data)
     if fields[-1] != zlib.crc32(bytes(data[:124])) or fields[0] == 0:
         return None
-    return fields[0], fields[1], fields[2], list(fields[3:3 + ROOT_SLOTS])
+    return fields[0], fields[1], fields[2], list(fields[3:3 + ROOT_SLOTS]), fields[3 + ROOT_SLOTS]
+
+
+def pack_wal_header(unit, salt, base, store_id=0, base_chain=0, device=0, inode=0):
+    """The 64-byte header of a log, with its checksum."""
+    body = WAL_HEADER.pack(WAL_MAGIC, WAL_VERSION, unit, salt, base, store_id, base_chain, device, inode, 0)
+    return body[:60] + UINT32.pack(zlib.crc32(body[:60]))
+
+
+def pack_log_at(path):
+    """The record in the header block that names the store's log (``path``: str), or None if too long."""
+    data = path.encode("utf-8", "surrogateescape")
+    if len(data) > MAX_LOG_PATH:
+        return None
+    return LOG_AT_RECORD.pack(LOG_AT_MAGIC, len(data), 0, zlib.crc32(data)) + data
+
+
+def unpack_log_at(block):
+    """The log path a header block names, or None (no record, or a damaged one)."""
+    if len(block) < LOG_AT + LOG_AT_RECORD.size:
+        return None
+    magic, length, _, crc = LOG_AT_RECORD.unpack_from(block, LOG_AT)
+    start = LOG_AT + LOG_AT_RECORD.size
+    data = bytes(block[start:start + length])
+    if magic != LOG_AT_MAGIC or length > MAX_LOG_PATH or len(data) != length or zlib.crc32(data) != crc:
+        return None
+    return data.decode("utf-8", "surrogateescape")
 
 
 STRING_SEED, BYTES_SEED = zlib.crc32(b"s"), zlib.crc32(b"b")

@@ -28,9 +28,9 @@ GROW_STEP = 1 << 20
 class Commit:
     """One whole transaction found in (or appended to) the log."""
 
-    __slots__ = ("txn", "page_count", "free_head", "slots", "frames", "end")
+    __slots__ = ("txn", "page_count", "free_head", "slots", "frames", "end", "chain")
 
-    def __init__(self, txn, page_count, free_head, slots, frames, end):
+    def __init__(self, txn, page_count, free_head, slots, frames, end, chain):
         self.txn = txn
         self.page_count = page_count
         self.free_head = free_head
@@ -39,6 +39,9 @@ class Commit:
         self.frames = frames
         #: Log position just after the commit frame.
         self.end = end
+        #: The checksum of its commit frame: it names this commit in this history (a checkpoint
+        #: writes it into the main file's root record, the next log's header repeats it).
+        self.chain = chain
 
     @property
     def root(self):
@@ -53,11 +56,16 @@ def _frame_crc(header28, data, previous):
 class Journal:
     """The log file beside a store; ``commits`` are the whole transactions after ``base``."""
 
-    def __init__(self, io, unit):
+    def __init__(self, io, unit, identity=(0, 0, 0)):
         self.io = io
         self.unit = unit
         self.salt = 0
         self.base = 0
+        #: The store's id and its main file's device and inode (a log written before they
+        #: were recorded has zeros).
+        self.store_id, self.device, self.inode = identity
+        #: The chain value of the commit the main file held at ``base`` (0: unknown).
+        self.base_chain = 0
         #: The log file's size as this process last wrote or read it.
         self.file_size = 0
         self.commits = []
@@ -75,17 +83,27 @@ class Journal:
 
     @staticmethod
     def path_for(store_path):
-        return store_path + F.WAL_SUFFIX
+        """The log's own name for the store at ``store_path`` (its real path, symlinks resolved)."""
+        return os.path.realpath(store_path) + F.WAL_SUFFIX
+
+    def continues(self, txn, chain):
+        """Whether this log continues the history of a main file that holds ``txn`` with ``chain``:
+        it starts there, or one of its commits is that one.  Zeros (not recorded) pass."""
+        if not self.base_chain or not chain:
+            return True
+        if self.base == txn:
+            return self.base_chain == chain
+        return any(commit.txn == txn and commit.chain == chain for commit in self.commits)
 
     @classmethod
-    def open(cls, store_path, readonly, unit):
-        """Open the log of ``store_path`` and read it, or return None when there is none.
+    def open(cls, path, readonly, unit):
+        """Open the log at ``path`` and read it, or return None when there is none.
 
         Something at the log's name that is not a log (a FIFO, another
         program's file) is refused with NotAStorageError and never written.
         """
         try:
-            io = FileIO.open(cls.path_for(store_path), readonly=readonly, create=False)
+            io = FileIO.open(path, readonly=readonly, create=False)
         except FileNotFoundError:
             return None
         journal = cls(io, unit)
@@ -98,21 +116,21 @@ class Journal:
         return journal
 
     @classmethod
-    def create(cls, store_path, unit, base):
-        """Create an empty log whose base is transaction ``base`` (not synced: see make_durable)."""
-        path = cls.path_for(store_path)
+    def create(cls, path, unit, base, base_chain, identity):
+        """Create an empty log at ``path`` whose base is transaction ``base`` (not synced: see
+        make_durable); ``identity``: the store id and the main file's device and inode."""
         try:
             io = FileIO.open(path, readonly=False, create=True)
             exists = False
         except FileExistsError:
             io = FileIO.open(path, readonly=False, create=False)
             exists = True
-        journal = cls(io, unit)
+        journal = cls(io, unit, identity)
         journal.name_durable = False
         try:
             if exists:
                 journal._refuse_foreign()
-            journal.reset(base, truncate=True)
+            journal.reset(base, base_chain, truncate=True)
         except BaseException:
             io.close()
             raise
@@ -137,12 +155,13 @@ class Journal:
         head = self.io.pread(F.WAL_HEADER.size, 0)
         if len(head) < F.WAL_HEADER.size:
             return
-        magic, version, unit, salt, base, crc = F.WAL_HEADER.unpack(head)
+        magic, version, unit, salt, base, store_id, base_chain, device, inode, crc = F.WAL_HEADER.unpack(head)
         if (magic != F.WAL_MAGIC or crc != zlib.crc32(head[:60]) or version != F.WAL_VERSION
                 or unit < 512 or unit > 1 << 20 or unit & (unit - 1)):
             return
         self.valid = True
         self.unit, self.salt, self.base = unit, salt, base
+        self.store_id, self.base_chain, self.device, self.inode = store_id, base_chain, device, inode
         self.chain = chain = salt
         frame_size = F.FRAME.size
         chunk, chunk_at = b"", 0
@@ -181,7 +200,7 @@ class Journal:
             if where != len(frames):
                 break
             page_count, free_head, *slots = F.COMMIT.unpack(data)
-            self.commits.append(Commit(txn, page_count, free_head, slots, frames, position))
+            self.commits.append(Commit(txn, page_count, free_head, slots, frames, position, chain))
             self.end = position
             self.chain = chain
             frames = []
@@ -263,7 +282,7 @@ class Journal:
         self.written_commit = True
         if sync:
             self.io.fsync()
-        commit = Commit(txn, page_count, free_head, list(slots), frames, position)
+        commit = Commit(txn, page_count, free_head, list(slots), frames, position, chain)
         self.commits.append(commit)  # the caller's undo (Engine) truncates it again
         self.end, self.chain, self.file_size = position, chain, max(self.file_size, padded)
         return commit
@@ -282,7 +301,7 @@ class Journal:
             if sync:
                 self.io.fsync()
 
-    def reset(self, base, truncate=False):
+    def reset(self, base, base_chain, truncate=False):
         """Start the log again after a checkpoint: a new salt, nothing in it, ``base`` = ``txn``.
 
         The new state is taken in memory first, in one step, and the header
@@ -294,8 +313,8 @@ class Journal:
         salt = self.salt
         while salt == self.salt:
             salt = int.from_bytes(os.urandom(4), "little")
-        self.salt, self.base, self.commits, self.end, self.chain, self.valid, self.header_pending = (
-            salt, base, [], F.WAL_HEADER.size, salt, True, True)
+        self.salt, self.base, self.base_chain, self.commits, self.end, self.chain, self.valid, self.header_pending = (
+            salt, base, base_chain, [], F.WAL_HEADER.size, salt, True, True)
         self._write_header()
         if truncate and self.io.size() > F.WAL_HEADER.size:
             try:
@@ -305,8 +324,8 @@ class Journal:
                 pass  # only space is lost: frames after the header are dead under the new salt
 
     def _write_header(self):
-        head = F.WAL_HEADER.pack(F.WAL_MAGIC, F.WAL_VERSION, self.unit, self.salt, self.base, 0)
-        self.io.pwrite(head[:60] + F.UINT32.pack(zlib.crc32(head[:60])), 0)
+        self.io.pwrite(F.pack_wal_header(self.unit, self.salt, self.base, self.store_id, self.base_chain,
+                                         self.device, self.inode), 0)
         self.file_size = max(self.file_size, F.WAL_HEADER.size)
         self.header_pending = False
 
