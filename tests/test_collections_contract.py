@@ -2722,3 +2722,74 @@ def test_define_returns_the_type_and_types_are_reachable(tmp_path):
         assert pc.List is List and pc.Dict is Dict and pc.Set is Set and pc.SortedDict is SortedDict
     finally:
         p.close()
+
+
+def test_update_with_a_bad_nested_value_changes_nothing(tmp_path):
+    """issue 16 item 7: d.update({1: [10], 2: ["x"]}) raised TypeError but left {1: [10]}."""
+    from permastruct import Dict, List, SortedDict, Storage
+
+    class Nested(Storage):
+        def populateSchema(self):
+            s = self.schema
+            Ints = self.define(List("Ints")[s.Int])
+            self.define(Dict("ByNumber")[s.Int, Ints])
+            self.define(SortedDict("Sorted")[s.Int, Ints])
+
+            class Root(s.Structure):
+                n = s.Int
+
+    with Nested(tmp_path / "nested.ps") as p:
+        before = p.check()["objects"]
+        for kind in ("ByNumber", "Sorted"):
+            d = getattr(p.schema, kind)({0: [0]})
+            with pytest.raises(TypeError):
+                d.update({1: [10], 2: ["x"]})
+            assert {k: list(v) for k, v in d.items()} == {0: [0]}
+            with pytest.raises(TypeError):
+                d.update([(3, [30]), (4, [1.5])])
+            assert list(d) == [0]
+            del d
+        p.commit()
+        assert p.check()["objects"] == before  # what the failed updates made was freed
+
+
+def test_float_keys_are_looked_up_as_they_are_stored(tmp_path):
+    """issue 16 item 4: Float32 keys (and Float keys holding ints past 2**53) were rounded when
+    stored and looked up exactly: d[0.1] = 1; d[0.1] raised KeyError, a Set never found 0.1."""
+    from permastruct import Dict, Set, SortedDict, Storage
+
+    class Floats(Storage):
+        def populateSchema(self):
+            s = self.schema
+            self.define(Dict("Single")[s.Float32, s.Int])
+            self.define(Set("SingleSet")[s.Float32])
+            self.define(SortedDict("SingleSorted")[s.Float32, s.Int])
+            self.define(Dict("Double")[s.Float, s.Int])
+
+            class Root(s.Structure):
+                n = s.Int
+
+    with Floats(tmp_path / "f.ps") as p:
+        for name in ("Single", "SingleSorted"):
+            d = getattr(p.schema, name)()
+            d[0.1] = 1
+            assert d[0.1] == 1 and 0.1 in d and d.get(0.1) == 1
+            d[0.1] = 2
+            assert len(d) == 1 and d[0.1] == 2
+            del d[0.1]
+            assert len(d) == 0
+        s = p.schema.SingleSet()
+        s.add(0.1)
+        assert 0.1 in s and len(s) == 1
+        s.discard(0.1)
+        assert len(s) == 0
+        big = 2 ** 53 + 1
+        d = p.schema.Double()
+        with pytest.raises(ValueError, match="no exact Float value"):
+            d[big] = 5  # it would be stored as 2.0**53: another key than the one given
+        assert len(d) == 0
+        d[2 ** 53] = 5
+        assert d[2 ** 53] == 5 and d[2.0 ** 53] == 5 and big not in d
+        with pytest.raises(KeyError):
+            d[float("nan")]
+        p.check()

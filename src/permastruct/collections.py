@@ -204,7 +204,14 @@ class _Key(_Cell):
 
     # -- numbers --
     def _number(self, key):
-        """``key`` as the stored Python number, or _Missing."""
+        """``key`` as the stored Python number, or _Missing.
+
+        Keys of a Float type are the keys a ``dict`` would find: an int equal
+        to the stored double (an int no double equals, like 2**53 + 1, is never
+        stored: see :meth:`store`).  Keys of a Float32 type are looked up as
+        they are stored, rounded to single precision, so ``d[0.1] = 1; d[0.1]``
+        finds what it stored (0.1 has no exact Float32 value).
+        """
         kind = self.number_kind
         if type(key) is bool or isinstance(key, (int, float)):
             if kind == "float":
@@ -212,15 +219,15 @@ class _Key(_Cell):
                     value = float(key)
                 except OverflowError:
                     raise _Missing from None
-                if value != key:  # NaN, or an int no double equals (2**53 + 1)
+                if value != value:  # NaN is never a key
                     raise _Missing
                 if self.f32 is not None:
                     try:
                         value = struct.unpack("<f", self.f32(value))[0]
                     except (OverflowError, struct.error):
                         raise _Missing from None
-                    if value != key:
-                        raise _Missing
+                elif value != key:  # an int no double equals (2**53 + 1)
+                    raise _Missing
                 return value
             if isinstance(key, float):
                 if not key.is_integer():
@@ -274,6 +281,10 @@ class _Key(_Cell):
             value = self.encode(key)
             if value != value:
                 raise ValueError(f"{self.type.name} NaN cannot be a key")
+            if self.number_kind == "float" and self.f32 is None and value != key:
+                raise ValueError(f"{key} has no exact {self.type.name} value (it would be stored as "
+                                 f"{value!r}, another key): a {self.type.name} key must be a float or an "
+                                 "int a float equals")
             if self.decode is bool:
                 value = int(value)
             return F.number_hash(value), value
@@ -1429,6 +1440,14 @@ class _MappingMixin:
                 pairs.append(item)
         pairs.extend(kwargs.items())
         self._ps_validate_pairs(pairs)
+        cls = type(self)
+        if cls._ps_value.is_ref:
+            # Make every new value object first (a nested collection is checked only as it is
+            # built); one that fails leaves the mapping as it was, and the objects made before
+            # it, stored nowhere, are freed at the next commit.
+            storage, encode = cls._storage, cls._ps_value.encode
+            pairs = [(key, value if value is None or isinstance(value, T.Persistent)
+                      else storage._proxy(encode(value))) for key, value in pairs]
         for key, value in pairs:
             self[key] = value
 
