@@ -20,9 +20,10 @@ from ._convert import to_python
 from ._types import (Bool, Float, Float32, Float64, Int, Int8, Int16, Int32, Int64, UInt8, UInt16,
                      UInt32, UInt64)
 from .buffer import Buffer
-from .errors import (CorruptStorageError, DeadProxyError, ForkedProcessError, IncompatibleFormatError,
-                     NotAStorageError, PermastructError, ReadOnlyError, SchemaError, StorageClosedError,
-                     StorageFullError, StorageLockedError, SyncFailedError, UnpinnedPageError)
+from .errors import (ConcurrentUseError, CorruptStorageError, DeadProxyError, ForkedProcessError,
+                     IncompatibleFormatError, IncompleteChangeError, NotAStorageError, PermastructError,
+                     ReadOnlyError, SchemaError, StorageClosedError, StorageFullError, StorageLockedError,
+                     SyncFailedError, UnpinnedPageError)
 from .collections import Dict, List, Set, SortedDict
 from .storage import Storage
 from .strings import ByteString, String
@@ -38,5 +39,6 @@ __all__ = [
     "PermastructError", "StorageClosedError", "ReadOnlyError", "StorageLockedError",
     "NotAStorageError", "CorruptStorageError", "IncompatibleFormatError", "SchemaError",
     "UnpinnedPageError", "StorageFullError", "SyncFailedError", "ForkedProcessError", "DeadProxyError",
+    "IncompleteChangeError", "ConcurrentUseError",
     "to_python",
 ]

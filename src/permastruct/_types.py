@@ -11,12 +11,14 @@ silently truncates integers that do not fit, which the contract forbids.
 """
 
 import ctypes
+import functools
 import operator
 import struct
 import sys
+import threading
 
 from . import _format as F
-from .errors import CorruptStorageError, DeadProxyError, StorageClosedError
+from .errors import ConcurrentUseError, CorruptStorageError, DeadProxyError, StorageClosedError
 
 CStruct = ctypes.LittleEndianStructure
 CMeta = type(CStruct)
@@ -113,6 +115,83 @@ Float64 = ValueType("Float64", F.T_FLOAT64, ctypes.c_double, "float", code="d")
 VALUE_TYPES = (Int, Float, Bool, Int8, Int16, Int32, Int64, UInt8, UInt16, UInt32, UInt64,
                Float32, Float64)
 VALUE_TYPES_BY_ID = {t.type_id: t for t in VALUE_TYPES}
+
+
+# -- changes: one at a time, and never half of one committed -----------------------
+#
+# A change to a storage's objects (a collection method, setting a reference
+# field, making an object) is a sequence of writes that only together leave
+# the file consistent.  ``storage._changing`` holds the id of the thread that
+# is in the middle of one (0: none); calls nested inside it (a Dict insert
+# that makes its key string) pass through.  A change that ends with an
+# ordinary exception (TypeError, KeyError, a full disk...) has left things as
+# they were, by the contract of every change; one that is cut short by an
+# exception that can strike anywhere (KeyboardInterrupt from a signal,
+# MemoryError, RecursionError) leaves ``_changing`` set: the storage then
+# refuses to commit until ``rollback()`` (IncompleteChangeError), and a second
+# thread that starts a change meanwhile gets ConcurrentUseError.
+
+_get_ident = threading.get_ident
+#: Exceptions that can strike in the middle of anything: a change they cut short is half done.
+_CUT_SHORT = (MemoryError, RecursionError)
+
+
+def begin_change(storage):
+    """Enter a change of ``storage``; False if one is running in this thread (a nested call)."""
+    changing = storage._changing
+    if changing:
+        if changing != _get_ident():
+            raise ConcurrentUseError(
+                f"{storage!r} is in the middle of a change made by another thread (or one that was "
+                "cut short there): a storage and its objects belong to one thread at a time; use a "
+                "lock around its use, or a storage per thread")
+        return False
+    storage._changing = _get_ident()
+    return True
+
+
+def end_change(storage, exc):
+    """Leave a change (``exc``: the exception it ended with, or None)."""
+    if exc is None or not isinstance(exc, _CUT_SHORT):
+        storage._changing = 0
+
+
+def change(method):
+    """Decorate a proxy method that changes its storage (see above); done once per class."""
+    @functools.wraps(method)
+    def changing(self, *args, **kwargs):
+        storage = type(self)._storage
+        if not begin_change(storage):
+            return method(self, *args, **kwargs)
+        try:
+            result = method(self, *args, **kwargs)
+        except Exception as exc:
+            end_change(storage, exc)
+            raise
+        storage._changing = 0
+        return result
+    return changing
+
+
+def run_change(storage, function, *args, **kwargs):
+    """Call ``function(*args, **kwargs)`` as one change of ``storage`` (see :func:`change`)."""
+    if not begin_change(storage):
+        return function(*args, **kwargs)
+    try:
+        result = function(*args, **kwargs)
+    except Exception as exc:
+        end_change(storage, exc)
+        raise
+    storage._changing = 0
+    return result
+
+
+def storage_change(method):
+    """:func:`change` for the storage's own methods that change objects (making one)."""
+    @functools.wraps(method)
+    def changing(storage, *args, **kwargs):
+        return run_change(storage, method, storage, *args, **kwargs)
+    return changing
 
 
 # -- the buffer protocol through ctypes ------------------------------------------------

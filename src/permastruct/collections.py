@@ -2704,3 +2704,20 @@ def make_class(storage, kind, name, params):
     cls._ps_type_id = 0
     cls._ps_prepare(storage)
     return cls
+
+
+# Every method that changes a collection is one change (see _types.change): done here, once.
+_CHANGES = {
+    PersistentList: ("__setitem__", "__delitem__", "insert", "append", "extend", "__iadd__", "__imul__",
+                     "pop", "remove", "clear", "reverse", "sort"),
+    _HashCollection: ("clear",),
+    _MappingMixin: ("setdefault", "pop", "update", "__ior__"),
+    PersistentDict: ("__setitem__", "__delitem__", "popitem", "pop"),
+    PersistentSet: ("add", "discard", "remove", "pop", "__ior__", "update", "__iand__", "__isub__",
+                    "__ixor__", "intersection_update", "difference_update", "symmetric_difference_update"),
+    PersistentSortedDict: ("__setitem__", "__delitem__", "popitem", "pop", "clear"),
+}
+for _cls, _names in _CHANGES.items():
+    for _name in _names:
+        setattr(_cls, _name, T.change(_cls.__dict__[_name]))
+del _cls, _names, _name

@@ -24,6 +24,8 @@ __all__ = [
     "SyncFailedError",
     "ForkedProcessError",
     "DeadProxyError",
+    "IncompleteChangeError",
+    "ConcurrentUseError",
 ]
 
 
@@ -87,3 +89,16 @@ class ForkedProcessError(PermastructError, RuntimeError):
 class DeadProxyError(PermastructError, ReferenceError):
     """A proxy whose object no longer exists: created in a transaction that was rolled back,
     or (in a reader) freed by the writer in a commit the reader has since moved to."""
+
+
+class IncompleteChangeError(PermastructError, RuntimeError):
+    """A change was interrupted before it finished (a KeyboardInterrupt, a MemoryError at any
+    point inside it): the transaction holds half of it and cannot be committed.
+
+    Call ``rollback()``; the store is at its last commit.
+    """
+
+
+class ConcurrentUseError(PermastructError, RuntimeError):
+    """A storage was changed (or committed) from a second thread while another thread was
+    in the middle of a change: a storage and its objects belong to one thread at a time."""

@@ -29,8 +29,8 @@ from . import _types as T
 from . import collections as C
 from ._alloc import Allocator
 from .buffer import Buffer, buffer_source
-from .errors import (CorruptStorageError, ForkedProcessError, NotAStorageError, PermastructError,
-                     ReadOnlyError, SchemaError, StorageClosedError)
+from .errors import (CorruptStorageError, ForkedProcessError, IncompleteChangeError, NotAStorageError,
+                     PermastructError, ReadOnlyError, SchemaError, StorageClosedError)
 from ._commit import check_page_size, check_timeout
 from .pages import PageFile
 from .strings import ByteString, String, StringRegistry, create_registry
@@ -90,6 +90,7 @@ class Storage:
         self._closed = True
         self._closing = False
         self._forked = False
+        self._changing = 0  # the thread in the middle of a change (see _types.change)
         self.readonly = bool(readonly)
         for name, value in (("fileSize", fileSize), ("stringRegistrySize", stringRegistrySize)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -458,6 +459,7 @@ class Storage:
         return offset
 
 
+    @T.storage_change
     def _new_structure(self, cls, fields):
         unknown = [name for name in fields if name not in cls._ps_field_types]
         if unknown:
@@ -473,6 +475,7 @@ class Storage:
             raise
         return self._adopt(offset, proxy)
 
+    @T.storage_change
     def _construct(self, cls, *args, **kwargs):
         """``p.schema.ByteString(b"...")``, ``p.schema.String("...")``, ``p.schema.Buffer(obj)``,
         ``p.schema.Agents([...])`` and the other collections."""
@@ -648,7 +651,7 @@ class Storage:
             put(proxy, new)
             if old:
                 self._decref(old)
-        return set_reference
+        return T.change(set_reference)
 
     # -- reference counts -----------------------------------------------------------
     def _incref(self, offset):
@@ -769,26 +772,42 @@ class Storage:
         again).
         """
         self._check_writable()
-        self._collect_unreferenced()
+        self._check_whole()
+        self._changing = T._get_ident()  # a commit is one change: no other thread's meanwhile
+        self._collect_unreferenced()  # (cut short, this leaves _changing set: a rollback is due)
         pf = self._page_file
         try:
             pf.commit(acknowledge=False)
             # The commit returns here: the storage's own bookkeeping and the engine's
             # confirmation in one step (no call in between, so no interrupt either).
-            self._created, pf._unacknowledged = set(), None
+            self._created, pf._unacknowledged, self._changing = set(), None, 0
         except BaseException:
-            pf.settle()  # not confirmed: taken back
+            pf.settle()  # not confirmed: taken back; the changes are pending as before
+            self._changing = 0
             raise
+
+    def _check_whole(self):
+        """Refuse to commit while a change is running in another thread or was cut short here."""
+        if self._changing:
+            if self._changing != T._get_ident():
+                T.begin_change(self)  # raises ConcurrentUseError
+            raise IncompleteChangeError(
+                f"{self!r}: a change was interrupted before it finished (a KeyboardInterrupt or a "
+                "MemoryError inside it), so this transaction holds half of it and cannot be committed; "
+                "call rollback(): the store is at its last commit")
 
     def rollback(self):
         """Return to the last committed state; proxies of objects created since then die."""
         self._check_writable()
+        if self._changing and self._changing != T._get_ident():
+            T.begin_change(self)  # raises ConcurrentUseError
         created = self._created
         self._page_file.discard()
         self._views.clear()
         self._unreferenced.clear()
         self._created = set()
         self._root = None
+        self._changing = 0
         for offset in created:
             self._kill_proxy(offset, rolled_back=True)
 
@@ -837,13 +856,18 @@ class Storage:
         """Commit what is pending and release the file; calling it again does nothing."""
         if self._closed:
             return
+        if self._changing and self._changing != T._get_ident():
+            T.begin_change(self)  # another thread is in the middle of a change: ConcurrentUseError
+        incomplete = bool(self._changing)
         self._closing = True
         _OPEN.discard(self)
         self._finalizer.detach()
         try:
-            if not self.readonly and not self._page_file.sync_failed and not self._forked:
+            if not self.readonly and not self._page_file.sync_failed and not self._forked and not incomplete:
+                self._changing = T._get_ident()
                 self._collect_unreferenced(everything=True)
                 self._page_file.close()  # commits, checkpoints, removes the log if it can
+                self._changing = 0
         finally:
             self._closed = True
             self._root = None
@@ -853,7 +877,11 @@ class Storage:
             for view in list(self._exports.values()):
                 with contextlib.suppress(BufferError, ValueError):
                     view.release()
-            self._page_file.close(flush=False)
+            self._page_file.close(flush=False)  # (after an exception: what was not committed is not)
+        if incomplete:
+            raise IncompleteChangeError(
+                f"{self!r} was closed without committing: a change had been interrupted before it "
+                "finished (a KeyboardInterrupt or a MemoryError inside it); the store is at its last commit")
 
     def __enter__(self):
         return self

@@ -25,7 +25,7 @@ or :func:`permastruct.to_python`.
 import ctypes
 
 from . import _format as F
-from ._types import MemoryExporter, Persistent, _damaged, _from_buffer
+from ._types import MemoryExporter, Persistent, _damaged, _from_buffer, run_change
 from .errors import CorruptStorageError
 
 __all__ = ["ByteString", "String", "StringRegistry"]
@@ -393,6 +393,10 @@ class StringRegistry:
         if target:
             return storage._proxy(target)
         storage._check_writable()
+        return storage._proxy(run_change(storage, self._add, storage, type_id, data, index))
+
+    def _add(self, storage, type_id, data, index):
+        """Intern a new string at entry ``index`` (one change); its offset."""
         target = storage._new_string(type_id, data)
         storage._incref(target)
         offset, count, capacity = self._table()
@@ -401,7 +405,7 @@ class StringRegistry:
         F.UINT64.pack_into(storage._mapping.view(offset + 8, 8), 0, count)
         if count * 2 > capacity:
             self._resize(capacity * 2)
-        return storage._proxy(target)
+        return target
 
     def _resize(self, capacity):
         storage = self._storage

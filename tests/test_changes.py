@@ -1,0 +1,198 @@
+"""Changes are whole: an interrupted change is never committed, and one thread changes a storage at a time.
+
+Contract: DESIGN.md 3.8 and R7 (an exception at any bytecode inside a
+collection mutation, then retry or rollback: a half-done mutation never
+becomes durable), issue 16 items 1 and 15.  The black-box interrupt harness
+(SIGALRM at random moments) is tests/test_interrupts.py; these tests put the
+exception at chosen places.
+"""
+
+import threading
+
+import pytest
+
+from permastruct import Dict, List, SortedDict, Storage
+from permastruct._alloc import Allocator
+from permastruct.errors import ConcurrentUseError, IncompleteChangeError
+
+
+class Changes(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Item(s.Structure):
+            name = s.String
+            value = s.Int
+
+        Items = self.define(List("Items")[Item])
+        ByName = self.define(Dict("ByName")[s.String, Item])
+        Ranked = self.define(SortedDict("Ranked")[s.Int, s.String])
+
+        class Root(s.Structure):
+            items = Items
+            by_name = ByName
+            ranked = Ranked
+            note = s.String
+
+
+def fill(p, count=50):
+    root = p.root
+    root.items, root.by_name, root.ranked = [], {}, {}
+    for i in range(count):
+        item = p.schema.Item(name=f"item {i}", value=i)
+        root.items.append(item)
+        root.by_name[f"item {i}"] = item
+        root.ranked[i] = f"rank {i}"
+    p.commit()
+
+
+def state(p):
+    root = p.root
+    return ([(str(i.name), i.value) for i in root.items], sorted((str(k), v.value) for k, v in root.by_name.items()),
+            [(k, str(v)) for k, v in root.ranked.items()], None if root.note is None else str(root.note))
+
+
+def interrupt_allocations(monkeypatch, after, exc=KeyboardInterrupt):
+    """Raise ``exc`` from the allocator's ``after``-th allocation from now (inside a change)."""
+    real = Allocator.alloc
+    calls = []
+
+    def alloc(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == after:
+            raise exc()
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Allocator, "alloc", alloc)
+    return calls
+
+
+CHANGES = {
+    "dict insert": lambda p: p.root.by_name.update({f"new {i}": p.schema.Item(value=i) for i in range(40)}),
+    "list append": lambda p: [p.root.items.append(p.schema.Item(name=f"n{i}", value=i)) for i in range(40)],
+    "sorted insert": lambda p: p.root.ranked.update({1000 + i: f"x{i}" for i in range(200)}),
+    "reference field": lambda p: [setattr(p.root, "note", f"note {i}") for i in range(40)],
+    "interning": lambda p: [p.stringRegistry.get(f"interned {i}") for i in range(40)],
+}
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, MemoryError])
+@pytest.mark.parametrize("what", sorted(CHANGES))
+def test_an_interrupted_change_is_never_committed(tmp_path, monkeypatch, what, exc):
+    path = tmp_path / "cut.ps"
+    p = Changes(path)
+    fill(p)
+    committed = state(p)
+    for after in (1, 2, 3, 5, 8):
+        calls = interrupt_allocations(monkeypatch, after, exc)
+        with pytest.raises(exc):
+            CHANGES[what](p)
+        monkeypatch.undo()
+        if len(calls) < after:
+            continue  # the change did not allocate that often
+        with pytest.raises(IncompleteChangeError, match="rollback"):
+            p.commit()
+        p.rollback()
+        assert state(p) == committed
+        p.check()
+    CHANGES[what](p)  # after the rollback, the same change goes through and commits
+    p.commit()
+    p.check()
+    p.close()
+    with Changes(path) as p:
+        p.check()
+
+
+def test_close_after_an_interrupted_change_keeps_the_last_commit(tmp_path, monkeypatch):
+    path = tmp_path / "close.ps"
+    p = Changes(path)
+    fill(p)
+    committed = state(p)
+    interrupt_allocations(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        CHANGES["dict insert"](p)
+    monkeypatch.undo()
+    with pytest.raises(IncompleteChangeError, match="closed without committing"):
+        p.close()
+    assert p.closed
+    with Changes(path) as p:
+        assert state(p) == committed
+        p.check()
+
+
+def test_an_ordinary_error_inside_a_change_leaves_the_storage_committable(tmp_path):
+    with Changes(tmp_path / "ok.ps") as p:
+        fill(p)
+        with pytest.raises(TypeError):
+            p.root.items.append("not an item")
+        with pytest.raises(TypeError):
+            p.root.by_name["x"] = 5
+        with pytest.raises(KeyError):
+            del p.root.ranked[10 ** 6]
+        p.root.note = "fine"
+        p.commit()
+        p.check()
+
+
+def test_a_second_thread_gets_a_clear_error_while_a_change_is_running(tmp_path, monkeypatch):
+    """Four threads writing through one storage corrupted it: now the thread that comes in the
+    middle of another's change gets ConcurrentUseError (and nothing is corrupted)."""
+    p = Changes(tmp_path / "threads.ps")
+    fill(p)
+    inside, go_on = threading.Event(), threading.Event()
+    real = Allocator.alloc
+
+    def slow_alloc(self, *args, **kwargs):
+        if threading.current_thread().name == "first" and not inside.is_set():
+            inside.set()
+            assert go_on.wait(30)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Allocator, "alloc", slow_alloc)
+    first = threading.Thread(target=lambda: p.root.items.append(p.schema.Item(value=-1)), name="first")
+    first.start()
+    try:
+        assert inside.wait(30)
+        seen = []
+        for attempt in (lambda: p.root.items.append(p.schema.Item(value=-2)),
+                        lambda: p.root.by_name.__setitem__("second", None),
+                        lambda: setattr(p.root, "note", "second"),
+                        p.commit, p.rollback, p.close):
+            try:
+                attempt()
+            except ConcurrentUseError as exc:
+                seen.append("thread" in str(exc))
+        assert seen == [True] * 6
+    finally:
+        go_on.set()
+        first.join(30)
+    monkeypatch.undo()
+    assert p.root.items[-1].value == -1
+    p.commit()
+    p.check()
+    p.close()
+
+
+def test_threads_taking_turns_with_a_lock_are_fine(tmp_path):
+    p = Changes(tmp_path / "turns.ps")
+    fill(p, 5)
+    lock = threading.Lock()
+    errors = []
+
+    def work(k):
+        try:
+            for i in range(200):
+                with lock:
+                    p.root.by_name[f"t{k}-{i}"] = p.schema.Item(value=i)
+                    if i % 50 == 0:
+                        p.commit()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    p.commit()
+    assert len(p.root.by_name) == 5 + 800
+    p.check()
+    p.close()
