@@ -1127,10 +1127,13 @@ class Report:
         self.failures = []
         self.started = time.monotonic()
 
-    def add(self, reason, n, where, variant=None):
+    def add(self, reason, n, where, variant=None, at=None):
+        """Count a case; ``reason`` (None: it passed) is kept with where it happened
+        (``at``, by default ``N=n``, and ``where``)."""
         self.cases += 1
         if reason is not None:
-            at = f"N={n}" + (f" variant={variant}" if variant is not None else "")
+            if at is None:
+                at = f"N={n}" + (f" variant={variant}" if variant is not None else "")
             self.failures.append((at, where, reason))
 
     def finish(self, counts):
