@@ -81,6 +81,8 @@ SEEDS = LONG_SEEDS if _long_run() else (0, 1, 2)
 ITERATIONS = 600 if _long_run() else 300
 #: Cases per seed by default (every case with PERMASTRUCT_STRESS=1).
 SAMPLE = 24
+#: A case for one checkpoint write in this many.
+CHECKPOINT_EVERY = 5
 TOTALS = collections.defaultdict(collections.Counter)
 STORE = "store"
 BALLAST = "ballast"
@@ -403,14 +405,18 @@ def calibration(tmpfs, scratch):
             if peak > TMPFS_SIZE - 64 * 1024:
                 pytest.fail(f"seed {seed}: the workload of {iterations} iterations needs {peak} bytes, the "
                             f"tmpfs has {TMPFS_SIZE}: fewer --iterations", pytrace=False)
+            checkpoint_writes = 0
             for n in range(len(timeline.ops)):
                 grows = usage[n + 1] - usage[n]
                 phase = _phase(timeline, n)
                 if grows <= 0:
                     # A checkpoint writes into space the main file has (the growth allocated it):
-                    # full from here on, the checkpoint goes on and a later write fails.
+                    # full from here on, the checkpoint goes on and a later write fails.  (One in
+                    # CHECKPOINT_EVERY of them: they are many, and much alike.)
                     if phase.startswith("checkpoint") and timeline.ops[n][0] == "pwrite":
-                        cases.append(Case(n, 0, ("free", "kill")[len(cases) % 2], phase, 0))
+                        if checkpoint_writes % CHECKPOINT_EVERY == 0:
+                            cases.append(Case(n, 0, ("free", "kill")[len(cases) % 2], phase, 0))
+                        checkpoint_writes += 1
                     continue
                 frees = [0]
                 if grows > PAGE:
