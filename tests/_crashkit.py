@@ -39,7 +39,13 @@ Three parts:
   whose directory was not fsynced after its creation possibly gone), and
   :class:`Verifier`, which writes such files to a scratch directory, opens them
   with ``CrashStorage(path)`` or the bare ``Storage(path)``, runs ``check()``,
-  reads the state and :func:`judge`-s it.
+  reads the state and :func:`judge`-s it.  A ``("mark", "failed", k)`` (a commit
+  that raised, :meth:`Recorder.failed`) takes commit k out of what is
+  acceptable: only the last returned commit is.  :class:`Report` collects a
+  test's failures and fails it with the first case of each kind.
+
+Also used by tests/test_diskfull.py (the workload on a full tmpfs) and
+tests/_interruptkit.py (the schema, the model and the canonical state, for R7).
 """
 
 import copy

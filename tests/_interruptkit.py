@@ -339,7 +339,7 @@ class Program:
         except Problem as exc:
             self.inj.heat(False)
             self.inj.disarm()
-            self.note("problem", str(exc))
+            self.note("problem", str(exc).replace(os.path.dirname(self.folder) + os.sep, ""))
         os.kill(os.getpid(), signal.SIGKILL)
 
     def transaction(self, style, count):
