@@ -367,6 +367,7 @@ class Program:
             state = self.live_state(f"after commit {self.k + 1} returned")
             expected = K.dumps(K.model_state(self.m))
             if state != expected:
+                self.note("returned", self.k + 1, self.sid(state))
                 raise Problem(f"commit {self.k + 1} returned, but the live store differs from the model (not an "
                               f"interrupt's doing: this commit was not interrupted): "
                               f"{K.describe_diff(state, expected)}")
@@ -443,6 +444,7 @@ class Program:
         state = self.live_state(f"after commit() returned (after an exception in {where})")
         states = [K.dumps(K.model_state(c)) for c in candidates]
         if state not in states:
+            self.note("returned", self.k + 1, self.sid(state))  # it did return: the files should hold it
             what = ("the state before the interrupted call nor the state after it" if len(states) == 2 else
                     "exactly the transaction's changes")
             raise Problem(f"after an exception in {where}, commit() returned (attempt {attempts}) but committed "
