@@ -39,7 +39,13 @@ Three parts:
   whose directory was not fsynced after its creation possibly gone), and
   :class:`Verifier`, which writes such files to a scratch directory, opens them
   with ``CrashStorage(path)`` or the bare ``Storage(path)``, runs ``check()``,
-  reads the state and :func:`judge`-s it.
+  reads the state and :func:`judge`-s it.  A ``("mark", "failed", k)`` (a commit
+  that raised, :meth:`Recorder.failed`) takes commit k out of what is
+  acceptable: only the last returned commit is.  :class:`Report` collects a
+  test's failures and fails it with the first case of each kind.
+
+Also used by tests/test_diskfull.py (the workload on a full tmpfs) and
+tests/_interruptkit.py (the schema, the model and the canonical state, for R7).
 """
 
 import copy
@@ -48,15 +54,17 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import struct
 import sys
+import time
 import traceback
 import zlib
 from array import array
 
-from permastruct import Dict, List, SortedDict, Storage
+from permastruct import Dict, List, Set, SortedDict, Storage
 from permastruct._mapping import FileIO
 from permastruct.errors import NotAStorageError
 
@@ -81,6 +89,7 @@ class CrashStorage(Storage):
         ByName = self.define(Dict("ByName")[s.String, Item])
         Ranked = self.define(SortedDict("Ranked")[s.Int, s.ByteString])
         Items = self.define(List("Items")[Item])
+        Tags = self.define(Set("Tags")[s.String])
 
         class Root(s.Structure):
             count = s.Int
@@ -92,6 +101,7 @@ class CrashStorage(Storage):
             ranked = Ranked
             items = Items
             blob = s.Buffer
+            tags = Tags  # (not used by Workload; the interrupt workload of _interruptkit uses it)
 
 
 COLLECTIONS = ("numbers", "byname", "ranked", "items")
@@ -121,6 +131,7 @@ class Model:
         self.ranked = None    # dict int -> bytes
         self.items = None     # list of ItemM
         self.blob = None      # BlobM
+        self.tags = None      # dict str -> None (an insertion-ordered set)
 
 
 def _item_state(name, value, weight, note):
@@ -143,6 +154,7 @@ def model_state(m):
         "ranked": None if m.ranked is None else [[k, v.hex()] for k, v in sorted(m.ranked.items())],
         "items": None if m.items is None else [item(it) for it in m.items],
         "blob": None if m.blob is None else _blob_state(bytes(m.blob.data), m.blob.format, m.blob.shape),
+        "tags": None if m.tags is None else list(m.tags),
     }
 
 
@@ -160,6 +172,7 @@ def store_state(p):
         return _item_state(text(it.name), it.value, it.weight, None if it.note is None else bytes(it.note))
 
     numbers, byname, ranked, items, blob = root.numbers, root.byname, root.ranked, root.items, root.blob
+    tags = root.tags
     state = {
         "count": root.count, "ratio": root.ratio, "title": text(root.title), "tag": raw(root.tag),
         "numbers": None if numbers is None else list(numbers),
@@ -167,6 +180,7 @@ def store_state(p):
         "ranked": None if ranked is None else [[k, raw(v)] for k, v in ranked.items()],
         "items": None if items is None else [item(it) for it in items],
         "blob": None,
+        "tags": None if tags is None else [str(t) for t in tags],
     }
     if blob is not None:
         with memoryview(blob) as view:
@@ -209,6 +223,8 @@ def model_from_store(p):
     if root.blob is not None:
         with memoryview(root.blob) as view:
             m.blob = BlobM(view.tobytes(), view.format, view.shape)
+    if root.tags is not None:
+        m.tags = dict.fromkeys(str(t) for t in root.tags)
     return m
 
 
@@ -286,6 +302,10 @@ class Recorder:
         self._write(("mark", what, k, None if state == self._last_state else state))
         self._last_state = state
 
+    def failed(self, k):
+        """The commit in flight (number ``k``) raised: it did not return, so it must not be found."""
+        self._write(("mark", "failed", k, None))
+
     def note(self, *event):
         self._write(event)
 
@@ -342,7 +362,7 @@ class Workload:
 
     def _returned(self, p, m):
         self.commits += 1
-        state = dumps(model_state(m))
+        state = self.last_state = dumps(model_state(m))
         self.rec.mark("returned", self.commits, state)
         if self.self_check and p is not None:
             actual = dumps(store_state(p))
@@ -356,20 +376,28 @@ class Workload:
         return CrashStorage(self.path, sync=self.sync)
 
     def run(self):
+        """Run the workload.  The live storage, the model and the model of the last returned
+        commit are kept in ``self.p``, ``self.m`` and ``self.committed`` (and that commit's
+        canonical state in ``self.last_state``), so that a caller that catches an exception
+        out of ``run()`` (test_diskfull: a full disk) knows where the workload stood."""
         rng = self.rng
+        self.p = None
         if os.path.exists(self.path):  # loop mode: go on from what a killed run left
-            p = self.open()
-            m = model_from_store(p)
-            self.rec.mark("returned", 0, dumps(model_state(m)))
+            self.p = self.open()
+            self.m = model_from_store(self.p)
+            self.last_state = dumps(model_state(self.m))
+            self.rec.mark("returned", 0, self.last_state)
         else:
-            m = Model()
+            self.m = Model()
+            self.last_state = DEFAULT_STATE
             self.rec.mark("inflight", 0, DEFAULT_STATE)
-            p = CrashStorage(self.path, fileSize=8192, stringRegistrySize=8, sync=self.sync,
-                             pageSize=self.page_size)
+            self.p = CrashStorage(self.path, fileSize=8192, stringRegistrySize=8, sync=self.sync,
+                                  pageSize=self.page_size)
             self.rec.mark("returned", 0, DEFAULT_STATE)
-        committed = copy.deepcopy(m)
+        self.committed = copy.deepcopy(self.m)
         done = 0
         while self.iterations is None or done < self.iterations:
+            p, m = self.p, self.m
             style = rng.choices(("commit", "rollback", "with", "raise", "reopen", "empty"),
                                 (48, 12, 20, 10, 6, 4))[0]
             count = 0 if style == "empty" else rng.randint(1, 6)
@@ -383,30 +411,30 @@ class Workload:
                             raise Boom()
                         self._inflight(m)
                 except Boom:
-                    m = copy.deepcopy(committed)
+                    self.m = copy.deepcopy(self.committed)
                 else:
                     self._returned(p, m)
-                    committed = copy.deepcopy(m)
+                    self.committed = copy.deepcopy(m)
                 continue
             for _ in range(count):
                 self.step(p, m)
             if style == "rollback":
                 p.rollback()
-                m = copy.deepcopy(committed)
+                self.m = copy.deepcopy(self.committed)
             elif style == "reopen":
                 self._inflight(m)
                 p.close()
-                p = self.open()
+                self.p = p = self.open()
                 self._returned(p, m)
-                committed = copy.deepcopy(m)
+                self.committed = copy.deepcopy(m)
             else:
                 self._inflight(m)
                 p.commit()
                 self._returned(p, m)
-                committed = copy.deepcopy(m)
-        self._inflight(m)
-        p.close()
-        self._returned(None, m)
+                self.committed = copy.deepcopy(m)
+        self._inflight(self.m)
+        self.p.close()
+        self._returned(None, self.m)
 
     def step(self, p, m):
         what = self.rng.choices(self.names, self.weights)[0]
@@ -747,6 +775,7 @@ class Timeline:
         self.states = []          # state id -> canonical JSON
         self._ids = {}
         self.returned_list = []   # (k, state id) in order
+        self.failed_list = []     # (k, state id) of commits that raised, in order
         self.at = []              # N -> Expect
         self.ended = False
         returned = inflight = None
@@ -758,6 +787,10 @@ class Timeline:
             if event[0] == "op":
                 self.at.append(Expect(returned, inflight, len(self.returned_list)))
                 self.ops.append(event[1:])
+            elif event[0] == "mark" and event[1] == "failed":
+                if inflight is not None:
+                    self.failed_list.append(inflight)
+                inflight = None  # a commit that raised is no commit: only the last returned one counts
             elif event[0] == "mark":
                 _, what, k, state = event
                 if state is None:
@@ -838,7 +871,10 @@ def judge(outcome, timeline, expect, lossy=False):
     if expect.inflight is not None:
         wanted.append(f"commit {expect.inflight[0]} (in flight)")
     equal = timeline.commits_with(outcome.state)
-    found = f"the state of commit(s) {equal}" if equal else "a state no commit had"
+    raised = [k for k, s in timeline.failed_list if s == sid and k not in equal]
+    found = (f"the state of commit(s) {equal}" if equal else
+             f"the state of commit {raised[-1]}, whose commit() RAISED (it never returned)" if raised else
+             "a state no commit had")
     closest = expect.returned or expect.inflight
     diff = describe_diff(outcome.state, timeline.states[closest[1]]) if closest else ""
     return (f"found {found}; wanted {' or '.join(wanted) or 'no store'}"
@@ -1079,6 +1115,62 @@ def open_and_read(path, bare=False, reopen=False):
         return Outcome("error", detail="the second open found another state than the first: "
                                        + describe_diff(states[1], states[0]))
     return Outcome("ok", states[0])
+
+
+# == the parent side: reporting ===========================================================
+class Report:
+    """The failures of one test; ``finish()`` prints the counts and fails with the first few cases.
+
+    ``totals``, when given, is a ``{mode: Counter}`` that ``finish()`` adds its
+    counts of cases and failures to.  At most ``shown`` kinds of failure are
+    shown, each with its first case.
+    """
+
+    def __init__(self, mode, seed, rerun, totals=None, shown=8):
+        self.mode, self.seed, self.rerun = mode, seed, rerun
+        self.totals, self.shown = totals, shown
+        self.cases = 0
+        self.failures = []
+        self.started = time.monotonic()
+
+    def add(self, reason, n, where, variant=None, at=None):
+        """Count a case; ``reason`` (None: it passed) is kept with where it happened
+        (``at``, by default ``N=n``, and ``where``)."""
+        self.cases += 1
+        if reason is not None:
+            if at is None:
+                at = f"N={n}" + (f" variant={variant}" if variant is not None else "")
+            self.failures.append((at, where, reason))
+
+    def finish(self, counts):
+        elapsed = time.monotonic() - self.started
+        if self.totals is not None:
+            self.totals[self.mode].update(cases=self.cases, failed=len(self.failures))
+        print(f"\n[{self.mode}] seed={self.seed}: {counts}; {len(self.failures)} failed; {elapsed:.1f} s")
+        if not self.failures:
+            return
+        import pytest
+        kinds = {}
+        for failure in self.failures:
+            kinds.setdefault(failure_kind(failure[2]), []).append(failure)
+        at, where, reason = self.failures[0]
+        lines = [f"{self.mode}, seed {self.seed}: {len(self.failures)} of {self.cases} cases failed",
+                 f"first: {at} ({where}): {reason}",
+                 f"{len(kinds)} kinds of failure, by count, each with its first case:"]
+        for kind, cases in sorted(kinds.items(), key=lambda item: -len(item[1]))[:self.shown]:
+            at, where, reason = cases[0]
+            lines.append(f"  {len(cases):5d} x  {at} ({where}): {reason}")
+        if len(kinds) > self.shown:
+            lines.append(f"  ... and {len(kinds) - self.shown} more kinds")
+        lines.append(f"rerun: {self.rerun}")
+        pytest.fail("\n".join(lines), pytrace=False)
+
+
+def failure_kind(reason):
+    """A failure reason without its numbers, paths and details: for counting kinds of failure."""
+    reason = re.sub(r"'[^']*'", "'...'", reason.split("; differences")[0])
+    reason = re.sub(r"0x[0-9a-f]+|-?\d+", "#", reason)
+    return reason[:150]
 
 
 if __name__ == "__main__":

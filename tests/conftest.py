@@ -4,6 +4,9 @@
                     fixed set of seeds, so every run of the suite is the same).
 ``--iterations N``  steps per seeded test (default: small, so the suite is fast).
 
+``--case TEXT``      run only this case of a seeded sweep (the failure message of
+                    a sweep names its cases: test_diskfull's ``op=152,free=4096,kill``).
+
 ``PERMASTRUCT_STRESS=1`` in the environment raises the defaults for long runs
 (more seeds, more steps).  A failure message always names the seed, so a
 failing case can be rerun alone with ``--seed``::
@@ -34,6 +37,9 @@ def pytest_addoption(parser):
     group.addoption("--iterations", type=int, default=None,
                     help=f"steps per seeded stress test (default {DEFAULT_ITERATIONS}, "
                          f"or {LONG_ITERATIONS} with PERMASTRUCT_STRESS=1)")
+    group.addoption("--case", default=None,
+                    help="run only this case of a seeded sweep, as its failure message names it "
+                         "(test_diskfull: op=N,free=BYTES,kill|free)")
 
 
 def _seeds(config):

@@ -39,7 +39,6 @@ import collections
 import json
 import os
 import random
-import re
 import selectors
 import shutil
 import signal
@@ -134,50 +133,6 @@ def totals():
                                              for mode, c in TOTALS.items()))
 
 
-class Report:
-    """The failures of one test; ``finish()`` prints the counts and fails with the first few cases."""
-
-    def __init__(self, mode, seed, rerun):
-        self.mode, self.seed, self.rerun = mode, seed, rerun
-        self.cases = 0
-        self.failures = []
-        self.started = time.monotonic()
-
-    def add(self, reason, n, where, variant=None):
-        self.cases += 1
-        if reason is not None:
-            at = f"N={n}" + (f" variant={variant}" if variant is not None else "")
-            self.failures.append((at, where, reason))
-
-    def finish(self, counts):
-        elapsed = time.monotonic() - self.started
-        TOTALS[self.mode].update(cases=self.cases, failed=len(self.failures))
-        print(f"\n[{self.mode}] seed={self.seed}: {counts}; {len(self.failures)} failed; {elapsed:.1f} s")
-        if not self.failures:
-            return
-        kinds = {}
-        for failure in self.failures:
-            kinds.setdefault(_kind(failure[2]), []).append(failure)
-        at, where, reason = self.failures[0]
-        lines = [f"{self.mode}, seed {self.seed}: {len(self.failures)} of {self.cases} cases failed",
-                 f"first: {at} ({where}): {reason}",
-                 f"{len(kinds)} kinds of failure, by count, each with its first case:"]
-        for kind, cases in sorted(kinds.items(), key=lambda item: -len(item[1]))[:SHOWN]:
-            at, where, reason = cases[0]
-            lines.append(f"  {len(cases):5d} x  {at} ({where}): {reason}")
-        if len(kinds) > SHOWN:
-            lines.append(f"  ... and {len(kinds) - SHOWN} more kinds")
-        lines.append(f"rerun: {self.rerun}")
-        pytest.fail("\n".join(lines), pytrace=False)
-
-
-def _kind(reason):
-    """A failure reason without its numbers, paths and details: for counting kinds of failure."""
-    reason = re.sub(r"'[^']*'", "'...'", reason.split("; differences")[0])
-    reason = re.sub(r"0x[0-9a-f]+|-?\d+", "#", reason)
-    return reason[:150]
-
-
 def _rerun(node, seed, iterations=None):
     extra = f" --iterations {iterations}" if iterations is not None else ""
     return (f"PYTHONPATH=src python3 -m pytest -p no:cacheprovider 'tests/test_crash.py::{node}' -s "
@@ -201,9 +156,9 @@ def _creating(expect):
 def test_process_crash_at_every_operation(stress_seed, stress_iterations, recording, verifier, sync):
     """The files as a process crash just before each operation leaves them: the last returned commit or the one in flight."""
     timeline, final_files = recording(stress_seed, stress_iterations, sync)
-    report = Report(f"process crash, sync={sync}", stress_seed,
+    report = K.Report(f"process crash, sync={sync}", stress_seed,
                     _rerun(f"test_process_crash_at_every_operation[seed{stress_seed}-{'sync' if sync else 'nosync'}]",
-                           stress_seed, stress_iterations))
+                           stress_seed, stress_iterations), TOTALS, SHOWN)
     files = K.CrashFiles()
     for n in range(len(timeline.ops) + 1):
         if n:
@@ -222,7 +177,7 @@ def test_process_crash_at_every_operation(stress_seed, stress_iterations, record
 # == power loss, simulated =================================================================
 def _power_loss(seed, iterations, recording, verifier, sync, lossy, test):
     timeline, _ = recording(seed, iterations, sync)
-    report = Report(f"power loss, sync={sync}", seed, _rerun(test, seed, iterations))
+    report = K.Report(f"power loss, sync={sync}", seed, _rerun(test, seed, iterations), TOTALS, SHOWN)
     files = K.PowerLossFiles()
     uncertain_points = 0
     for n in range(len(timeline.ops) + 1):
@@ -321,7 +276,8 @@ def test_kill_at_every_operation(request, scratch, recording, verifier):
 def _kill_at_every_operation(seed, iterations, scratch, recording, verifier):
     timeline, _ = recording(seed, iterations, True)
     total = len(timeline.ops)
-    report = Report("kill at every operation", seed, _rerun("test_kill_at_every_operation", seed, iterations))
+    report = K.Report("kill at every operation", seed, _rerun("test_kill_at_every_operation", seed, iterations),
+                      TOTALS, SHOWN)
     base = os.path.join(scratch, f"kill-{seed}")
     servers = KillServers(2, seed=seed, iterations=iterations, sync=True, page_size=page_size_for(seed))
     statuses = collections.Counter()
@@ -372,7 +328,7 @@ def test_kill_at_random_times(request, tmp_path, verifier):
     folder = str(tmp_path)
     store = os.path.join(folder, "store")
     os.makedirs(store)
-    report = Report("kill at random times", seed, _rerun("test_kill_at_random_times", seed))
+    report = K.Report("kill at random times", seed, _rerun("test_kill_at_random_times", seed), TOTALS, SHOWN)
     prior = None
     operations = commits = 0
     for round_ in range(KILL_ROUNDS):
