@@ -91,6 +91,7 @@ from array import array
 
 import _crashkit as K
 import permastruct
+from permastruct.errors import IncompleteChangeError
 from permastruct.pages import PageFile
 
 PACKAGE = os.path.dirname(os.path.abspath(permastruct.__file__)) + os.sep
@@ -226,6 +227,7 @@ class Program:
         self.snapshot_dir = args["snapshot_dir"]
         self.sids = {}
         self.k = 0
+        self.interrupted_change = False
         self.pending = None
 
     # -- the log ---------------------------------------------------------------------
@@ -277,7 +279,8 @@ class Program:
         return result
 
     def attempt(self, fn, scope, armed, where):
-        """One try of ``commit``/``rollback``: None when it returned, else the injected exception."""
+        """One try of ``commit``/``rollback``: None when it returned, else the injected exception
+        (or the IncompleteChangeError of a commit the engine refuses after a change it interrupted)."""
         try:
             if armed:
                 self.call(fn, scope)
@@ -285,12 +288,19 @@ class Program:
                 fn()
         except Interrupted as exc:
             return self.injected(exc.args[0])
+        except IncompleteChangeError as exc:
+            if fn.__name__ != "commit" or not self.interrupted_change:
+                raise Problem(f"{where}: {fn.__name__}() raised {_describe(exc)}, but no change had been "
+                              "interrupted since the last commit or rollback") from exc
+            self.note("refused", where)
+            return exc
         except Exception as exc:
             raise Problem(f"{where}: {fn.__name__}() raised {_describe(exc)} (no exception was injected "
                           f"into this call)") from exc
         return None
 
     def injected(self, exc):
+        self.interrupted_change = True  # until the next commit that returns or rollback
         if not isinstance(exc, INJECTED):
             self.note("surfaced", type(exc).__name__, _describe(exc))
         return exc
@@ -309,6 +319,7 @@ class Program:
             raise Problem(f"the live store's check() {when} raised {_describe(exc)}") from exc
 
     def returned(self, state, when):
+        self.interrupted_change = False
         self.k += 1
         self.last = state
         self.committed = copy.deepcopy(self.m)
@@ -388,6 +399,7 @@ class Program:
                     raise K.Boom()
                 self.note("inflight", self.k + 1, [self.sid(K.dumps(K.model_state(self.m)))])
         except K.Boom:
+            self.inj.armed = False  # first, with no call before it: no signal handler runs until here
             self.inj.disarm()
             self.m = copy.deepcopy(self.committed)
             state = self.live_state("after a with block rolled back")
@@ -397,6 +409,7 @@ class Program:
             self.note("rolledback", self.k)
             return None
         except BaseException as exc:
+            self.inj.armed = False
             self.inj.disarm()
             if isinstance(exc, Interrupted):
                 exc = exc.args[0]
@@ -438,6 +451,9 @@ class Program:
             if exc is None:
                 break
             self.note("failed", self.k + 1, f"commit() after {where}")
+            if isinstance(exc, IncompleteChangeError):  # refused: a rollback is due
+                action = "rollback"
+                continue
             self.note("interrupt", f"commit() after {where}", type(exc).__name__, attempts)
             self.maybe_snapshot(f"right after an interrupted retry of commit() after {where}", 0.3)
             action = rng.choice(("commit", "rollback"))
@@ -476,6 +492,7 @@ class Program:
             if plain:
                 where, plain = "rollback()", False
         self.m = copy.deepcopy(self.committed)
+        self.interrupted_change = False
         when = "after rollback()" if plain else f"after rollback() (after an exception in {where})"
         state = self.live_state(when)
         if state != self.last:

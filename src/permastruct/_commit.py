@@ -55,6 +55,7 @@ magic last: a file with the magic always has a whole header block.
 """
 
 import contextlib
+import ctypes
 import errno
 import os
 import signal
@@ -660,7 +661,7 @@ class Engine:
         to make its own bookkeeping part of the commit.
         """
         self._check_writable()
-        if self._undo_failed:
+        if self._undo_failed and not self.sync_failed:
             raise SyncFailedError(f"{self.path!r}: a commit that failed could not be taken out of the log "
                                   "(writing the log failed), so this open refuses to commit. Close it and "
                                   "open the file again: it reopens at a whole commit")
@@ -725,13 +726,15 @@ class Engine:
     def _undo(self, undo):
         """Put the state before ``undo``'s commit back, in memory and on disk.
 
-        Idempotent, and run with interrupts held back: ``_undoing`` says that
-        it is not finished, and :meth:`settle` finishes it.  If the log cannot
-        be written, the commit may still be on disk: this open then refuses
-        further commits (the next open finds the log as it is).
+        Idempotent: ``_undoing`` is set first, so an undo cut short (an
+        interrupt that was already on its way) is finished by the next call
+        of :meth:`settle`; signals that arrive meanwhile are held back.  If the
+        log cannot be written, the commit may still be on disk: this open then
+        refuses further commits (the next open finds the log as it is).
         """
-        with _interrupts_held():
-            self._undoing = undo
+        self._undoing = undo
+        held = _hold_interrupts()
+        try:
             journal = undo.journal
             del journal.commits[undo.commits:]
             journal.end, journal.chain = undo.end, undo.chain
@@ -744,11 +747,11 @@ class Engine:
             self.txn, self._committed = undo.txn, undo.committed
             try:
                 journal.invalidate(undo.end, self.sync)
-            except BaseException:
-                self._undo_failed = True
-                raise
-            finally:
-                self._undoing = self._unacknowledged = None
+            except OSError:
+                self._undo_failed = True  # the caller's own exception says what went wrong first
+            self._undoing = self._unacknowledged = None
+        finally:
+            _release_interrupts(held)
 
     def _try_checkpoint(self, changing=()):
         try:
@@ -1009,15 +1012,43 @@ _ASYNC_SIGNALS = frozenset(signal.valid_signals()) - {
                                        "SIGTRAP", "SIGSYS", "SIGABRT") if hasattr(signal, name)}
 
 
-@contextlib.contextmanager
-def _interrupts_held():
-    """Hold asynchronous signals back (in the main thread, the one that runs Python's signal
-    handlers) for the duration; they are delivered when it ends."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+class _SignalSet(ctypes.Structure):
+    """A ``sigset_t`` (1024 bits on Linux, larger than anywhere else)."""
+    _fields_ = [("bits", ctypes.c_uint8 * 128)]
+
+
+def _signal_mask_calls():
+    """libc's ``pthread_sigmask`` and the set of _ASYNC_SIGNALS, or None where there is none.
+
+    Not ``signal.pthread_sigmask``: it runs the Python handlers of signals already
+    pending as it returns, so the KeyboardInterrupt would come from inside it."""
     try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        libc = ctypes.CDLL(None, use_errno=True)
+        mask = libc.pthread_sigmask
+    except (OSError, AttributeError):
+        return None
+    held = _SignalSet()
+    libc.sigemptyset(ctypes.byref(held))
+    for number in _ASYNC_SIGNALS:
+        libc.sigaddset(ctypes.byref(held), int(number))
+    return mask, held
+
+
+_MASK = _signal_mask_calls()
+
+
+def _hold_interrupts():
+    """Block asynchronous signals in this thread (the main thread is the one whose Python handlers
+    raise KeyboardInterrupt); returns what :func:`_release_interrupts` needs.  Never raises."""
+    if _MASK is None or threading.current_thread() is not threading.main_thread():
+        return None
+    previous = _SignalSet()
+    if _MASK[0](signal.SIG_BLOCK, ctypes.byref(_MASK[1]), ctypes.byref(previous)) != 0:
+        return None
+    return previous
+
+
+def _release_interrupts(previous):
+    """Restore the signal mask; held signals are delivered (their handlers run at Python's next check)."""
+    if previous is not None:
+        _MASK[0](signal.SIG_SETMASK, ctypes.byref(previous), None)

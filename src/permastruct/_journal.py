@@ -133,6 +133,8 @@ class Journal:
             journal.reset(base, base_chain, truncate=True)
         except BaseException:
             io.close()
+            if not exists:  # a log that never got its header is no log: leave nothing behind
+                FileIO.unlink(path)
             raise
         return journal
 
@@ -276,8 +278,11 @@ class Journal:
             batch.append(bytes(padded - position))  # dead frames: their salt and txn are zero
         try:
             self.io.pwrite(b"".join(batch), write_at)
-        except BaseException:
+        except OSError:  # the write failed: FileIO says how much of it is on disk
             self.written_commit = self.io.written >= whole
+            raise
+        except BaseException:  # cut short anywhere: it may all be there
+            self.written_commit = True
             raise
         self.written_commit = True
         if sync:

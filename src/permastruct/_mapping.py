@@ -473,9 +473,9 @@ class MappedFile:
         if length <= 0:
             return
         segment = Segment(start, length, self.io.fd)
-        self.segments.append(segment)
-        self._starts.append(start)
-        self.size = start + length
+        # One step (no call in between, so no interrupt either): a segment the lists do
+        # not show is only unmapped memory, a half-recorded one would be a hole in the map.
+        self.segments, self._starts, self.size = self.segments + [segment], self._starts + [start], start + length
 
     def grow(self, minimum):
         """Make the mapped size at least ``minimum`` bytes, in one new segment.

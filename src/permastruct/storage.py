@@ -409,7 +409,7 @@ class Storage:
         ref = self._proxies.get(offset)
         if ref is not None:
             proxy = ref()
-            if proxy is not None:
+            if proxy is not None and not type(proxy)._ps_closed:
                 return proxy
         if self._closed:
             raise StorageClosedError(f"{self!r} is closed")
@@ -782,8 +782,8 @@ class Storage:
             # confirmation in one step (no call in between, so no interrupt either).
             self._created, pf._unacknowledged, self._changing = set(), None, 0
         except BaseException:
-            pf.settle()  # not confirmed: taken back; the changes are pending as before
             self._changing = 0
+            pf.settle()  # not confirmed: taken back; the changes are pending as before
             raise
 
     def _check_whole(self):
@@ -802,14 +802,14 @@ class Storage:
         if self._changing and self._changing != T._get_ident():
             T.begin_change(self)  # raises ConcurrentUseError
         created = self._created
+        for offset in list(created):  # first; each one leaves the set only once it is dead, so a
+            self._kill_proxy(offset, rolled_back=True)  # rollback cut short kills the rest on retry
+            created.discard(offset)
         self._page_file.discard()
         self._views.clear()
         self._unreferenced.clear()
-        self._created = set()
         self._root = None
         self._changing = 0
-        for offset in created:
-            self._kill_proxy(offset, rolled_back=True)
 
     def refresh(self):
         """(``readonly=True``) Move to the latest commit; return whether anything changed.
@@ -847,10 +847,11 @@ class Storage:
         self.commit()
 
     def _kill_proxy(self, offset, rolled_back=False):
-        ref = self._proxies.pop(offset, None)
+        ref = self._proxies.get(offset)
         proxy = ref() if ref is not None else None
-        if proxy is not None:
+        if proxy is not None:  # dead first, then forgotten (_proxy takes a dead one for none)
             object.__setattr__(proxy, "__class__", T.closed_class(type(proxy), rolled_back))
+        self._proxies.pop(offset, None)
 
     def close(self):
         """Commit what is pending and release the file; calling it again does nothing."""
