@@ -196,3 +196,50 @@ def test_threads_taking_turns_with_a_lock_are_fine(tmp_path):
     assert len(p.root.by_name) == 5 + 800
     p.check()
     p.close()
+
+
+# -- objects held only by a live proxy (issue 16 item 8) ----------------------------------------
+def test_an_object_held_only_by_a_proxy_is_freed_after_a_rollback(tmp_path):
+    """A buffer that nothing in the file references, held by a proxy across a commit, used to be
+    forgotten by rollback() and kept for ever (a 10 MB leak)."""
+    path = tmp_path / "held.ps"
+    p = Changes(path)
+    fill(p, 3)
+    baseline = p.check()["objects"]
+    blob = p.schema.Buffer(bytes(10 << 20))
+    p.commit()  # nothing references it, but the proxy holds it: it stays, and the file says so
+    assert p.check()["objects"] == baseline + 2  # the buffer and the list that records it
+    p.rollback()
+    del blob
+    p.commit()
+    assert p.check()["objects"] == baseline
+    p.close()
+
+
+def test_an_object_held_only_by_a_proxy_is_freed_after_a_crash(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    path = tmp_path / "crash.ps"
+    p = Changes(path)
+    fill(p, 3)
+    baseline = p.check()["objects"]
+    p.close()
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_changes import Changes
+        p = Changes({str(path)!r})
+        blob = p.schema.Buffer(bytes(1 << 20))
+        p.commit()
+        os._exit(0)
+    """)], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert result.returncode == 0, result.stderr
+    with Changes(path, readonly=True) as r:
+        assert r.check()["objects"] == baseline + 2  # the buffer and the list that records it
+    with Changes(path) as p:  # a writer's open frees it (at its first commit: here, the close)
+        pass
+    with Changes(path) as p:
+        assert p.check()["objects"] == baseline

@@ -230,6 +230,10 @@ def _check_storage(storage, progress):
                     bytes(pf.mapping.view(offset + F.STRING.size, needed - F.STRING.size)).decode("utf-8")
                 except UnicodeDecodeError as exc:
                     fail(f"String {offset:#x} is not UTF-8 ({exc.reason} at byte {exc.start})")
+        elif type_id == F.T_HELD:
+            if capacity < F.HELD.size:
+                fail(f"the list of held objects {offset:#x} is in a slot of {capacity} bytes")
+            needed = F.HELD.size + 8 * F.HELD.unpack_from(pf.mapping.view(offset, F.HELD.size))[2]
         elif type_id == F.T_REGISTRY:
             if capacity < F.REGISTRY.size:
                 fail(f"registry {offset:#x} is in a slot of {capacity} bytes")
@@ -305,9 +309,24 @@ def _check_storage(storage, progress):
             probe = (probe + 1) & (capacity - 1)
     if found != stored_count:
         fail(f"the registry counts {stored_count} strings but holds {found}")
+    held = set()
+    if slots[F.SLOT_HELD]:
+        referenced(slots[F.SLOT_HELD], None, f"root slot {F.SLOT_HELD}")
+        if F.UINT32.unpack_from(pf.mapping.view(slots[F.SLOT_HELD], 4))[0] != F.T_HELD:
+            fail(f"root slot {F.SLOT_HELD} does not hold the list of held objects")
+        held = set(storage._held_objects())
+        for target in held:
+            if target not in objects:
+                fail(f"the list of held objects names {target:#x}, which is not an allocated object")
+    # Objects nothing references: the writer's pending ones (freed at its next commit) and the
+    # ones the file records as held; any other is space lost for good.
+    pending = held | set(getattr(storage, "_unreferenced", ()))
     for offset, refs in ((o, F.UINT32.unpack_from(pf.mapping.view(o + 4, 4))[0]) for o in objects):
         if refs != incoming[offset]:
             fail(f"object {offset:#x} stores {refs} references but {incoming[offset]} were found")
+        if not refs and offset not in pending:
+            fail(f"object {offset:#x} ({_type_name(classes, F.UINT32.unpack_from(pf.mapping.view(offset, 4))[0])}) "
+                 "is referenced by nothing and recorded nowhere: its space is lost")
     if progress is not None:
         progress(total, total, "objects")
     return {
@@ -325,5 +344,6 @@ def _check_storage(storage, progress):
 def _type_name(classes, type_id):
     if type_id in classes:
         return classes[type_id].__name__
-    return {F.T_SCHEMA: "(schema)", F.T_REGISTRY: "(registry)", F.T_ARRAY: "(list arrays)",
+    return {F.T_SCHEMA: "(schema)", F.T_REGISTRY: "(registry)", F.T_HELD: "(held objects)",
+            F.T_ARRAY: "(list arrays)",
             F.T_TABLE: "(hash tables)", F.T_NODE: "(tree nodes)"}.get(type_id, str(type_id))

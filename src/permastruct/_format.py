@@ -88,6 +88,12 @@ aligned (64 in runs).
             string's crc32).
 Structures: header, then the fields in declaration order (base class first),
             each aligned to its size; by-reference fields are uint64 offsets.
+``HELD``    (the object in root slot 4, or none): the objects that nothing in
+            the file referenced at this commit but that the writer's program
+            still held (a proxy of a new buffer, say): header, count, then
+            their offsets.  They are not references.  A writer that opens
+            the file, and a rollback, free them unless something refers to
+            them by then; every other object with no reference is damage.
 
 Collections (``COLLECTION``, 32 bytes): header, ``count`` (elements),
 ``body`` (offset of the internal object holding the elements, 0 when there
@@ -202,7 +208,7 @@ ROOT_OFFSETS = (512, 1024)
 ROOT_SLOTS = 8
 ROOT = struct.Struct("<QQq8QI32xI")  # txn, page_count, free_head, slots[8], chain, pad, crc
 assert ROOT.size == 128
-SLOT_SCHEMA, SLOT_ROOT, SLOT_REGISTRY, SLOT_ALLOC = 0, 1, 2, 3
+SLOT_SCHEMA, SLOT_ROOT, SLOT_REGISTRY, SLOT_ALLOC, SLOT_HELD = 0, 1, 2, 3, 4
 
 # -- where the log is ---------------------------------------------------------
 LOG_AT = 2048
@@ -284,6 +290,7 @@ STRING = struct.Struct("<IIII")  # type, refs, crc32, length
 BUFFER = struct.Struct("<IIQIIBBH4x")
 assert BUFFER.size == 32
 REGISTRY = struct.Struct("<IIQQ")  # type, refs, count, capacity
+HELD = struct.Struct("<IIQ")  # type, refs, count; then count uint64 offsets
 COLLECTION = struct.Struct("<IIQQQ")  # type, refs, count, body, aux
 ARRAY = struct.Struct("<IIIIQ")  # type, refs, owner type, pad, capacity
 TABLE = struct.Struct("<IIIIQQQQ")  # type, refs, owner type, pad, nslots, used, filled, capacity
@@ -303,7 +310,7 @@ T_FLOAT32, T_FLOAT64 = 12, 13
 # Predefined by-reference types.
 T_BYTESTRING, T_STRING, T_BUFFER, T_STRUCTURE = 16, 17, 18, 19
 # Internal objects.
-T_SCHEMA, T_REGISTRY = 30, 31
+T_SCHEMA, T_REGISTRY, T_HELD = 30, 31, 35
 T_ARRAY, T_TABLE, T_NODE = 32, 33, 34  # internal objects of collections
 FIRST_USER_TYPE = 64
 MAX_TYPE_ID = 1 << 20

@@ -17,6 +17,7 @@ Structure, StructureMeta``.
 
 import bisect
 import contextlib
+import struct
 import ctypes
 import json
 import os
@@ -197,6 +198,8 @@ class Storage:
             self._bind_schema(stored)
         else:
             self._build_schema(stored)
+        if not self.readonly:  # what the last writer's program held has no holder now
+            self._unreferenced.update(self._held_objects())
 
     def _bind_predefined(self):
         for type_id, base in _PREDEFINED.items():
@@ -719,6 +722,44 @@ class Storage:
             self._free_object(offset)
         pending.update(held)
 
+    def _held_objects(self):
+        """The offsets the committed file records as held by a program and referenced by nothing."""
+        offset = self._page_file.slots[F.SLOT_HELD]
+        if not offset:
+            return []
+        self._check_offset(offset, F.HELD.size)
+        type_id, _, count = F.HELD.unpack_from(self._mapping.view(offset, F.HELD.size))
+        if type_id != F.T_HELD:
+            raise CorruptStorageError(f"{self.fileName!r}: root slot {F.SLOT_HELD} does not name the list of "
+                                      f"held objects (type {type_id} at {offset:#x})")
+        self._check_offset(offset, F.HELD.size + 8 * count)
+        held = list(self._mapping.view(offset + F.HELD.size, 8 * count).cast("Q"))
+        for target in held:
+            self._check_offset(target)
+        return held
+
+    def _record_held(self):
+        """(Commit) Record in the file the objects nothing references that live proxies still hold.
+
+        Without it they would outlive a crash or a rollback as allocated space
+        nothing knows of; recorded, the next writer's open (or the rollback)
+        frees them.  Nothing is written when the set did not change.
+        """
+        held = sorted(self._unreferenced)
+        pf = self._page_file
+        old = pf.slots[F.SLOT_HELD]
+        if held == self._held_objects():
+            return
+        new = 0
+        if held:
+            new = self._allocator.alloc(F.HELD.size + 8 * len(held), zero=False)
+            view = self._mapping.view(new, F.HELD.size + 8 * len(held))
+            F.HELD.pack_into(view, 0, F.T_HELD, 1, len(held))
+            view[F.HELD.size:] = struct.pack(f"<{len(held)}Q", *held)
+        pf.slots[F.SLOT_HELD] = new
+        if old:
+            self._allocator.free(old)
+
     def _exported(self, view):
         self._exports[id(view)] = view
 
@@ -775,6 +816,7 @@ class Storage:
         self._check_whole()
         self._changing = T._get_ident()  # a commit is one change: no other thread's meanwhile
         self._collect_unreferenced()  # (cut short, this leaves _changing set: a rollback is due)
+        self._record_held()
         pf = self._page_file
         try:
             pf.commit(acknowledge=False)
@@ -807,7 +849,7 @@ class Storage:
             created.discard(offset)
         self._page_file.discard()
         self._views.clear()
-        self._unreferenced.clear()
+        self._unreferenced = set(self._held_objects())  # the committed state's: freed at the next commit
         self._root = None
         self._changing = 0
 
@@ -867,6 +909,7 @@ class Storage:
             if not self.readonly and not self._page_file.sync_failed and not self._forked and not incomplete:
                 self._changing = T._get_ident()
                 self._collect_unreferenced(everything=True)
+                self._record_held()  # (now nothing)
                 self._page_file.close()  # commits, checkpoints, removes the log if it can
                 self._changing = 0
         finally:
