@@ -305,7 +305,9 @@ def test_info_names_the_log_a_writer_and_a_reader_behind(tmp_path):
             fields = info_fields(run("info", store).stdout)
             assert fields["writer"] == "the store is open for writing"
             assert re.fullmatch(r"s\.ps-wal, \d+ bytes; 2 commits not yet copied into the main file", fields["log"])
-            assert fields["readers"].startswith(f"the oldest holds transaction {behind}, 2 commits behind")
+            assert re.match(rf"1; the oldest, process {os.getpid()}, holds transaction {behind} \(committed "
+                            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\), 2 commits behind, keeping \d+ bytes of log",
+                            fields["readers"]), fields["readers"]
         finally:
             reader.close()
         assert info_fields(run("info", store).stdout)["readers"].startswith("none")

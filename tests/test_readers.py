@@ -1105,3 +1105,59 @@ def test_proxies_made_before_a_growing_refresh_still_know_their_offset(tmp_path)
     assert repr(account) == text and account.balance == INITIAL_BALANCE
     r.close()
     w.close()
+
+
+# -- long readers are reported, never waited for (issue 16 item 13) ------------------------------------
+def test_a_reader_that_never_refreshes_is_reported_and_never_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(PageFile, "checkpoint_bytes", 64 << 10)
+    path = str(tmp_path / "long.ps")
+    make_bank(path).close()
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {SRC_DIR!r})
+        from test_readers import Bank
+        r = Bank({path!r}, readonly=True)
+        print(r._page_file.txn, flush=True)
+        sys.stdin.readline()  # holds its snapshot until told
+        r.close()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        snapshot = int(child.stdout.readline())
+        w = Bank(path, sync=False)
+        before = time.time()
+        slept = []
+        monkeypatch.setattr(time, "sleep", lambda seconds: slept.append(seconds))
+        sizes = []
+        for i in range(60):
+            w.root.notes.append(note_text(20_000 + i))  # 60 x 20 KB: far past the checkpoint size
+            w.commit()
+            sizes.append(w.readers()[0]["log_bytes"])
+        monkeypatch.undo()
+        assert not slept  # the writer never waited for the reader
+        (reader,) = w.readers()
+        assert reader["pid"] == child.pid and reader["transaction"] == snapshot
+        assert reader["behind"] == 60 and reader["since"] is not None and reader["since"] <= before + 1
+        assert reader["log_bytes"] > 60 * 20_000 and sizes == sorted(sizes)
+        w.close()
+    finally:
+        child.communicate("\n", timeout=60)
+    with Bank(path) as w:
+        assert w.readers() == []
+        assert len(w.root.notes) == 60
+
+
+def test_readers_lists_every_reader_and_follows_refresh(tmp_path):
+    path = str(tmp_path / "many.ps")
+    w = make_bank(path)
+    readers = [Bank(path, readonly=True) for _ in range(3)]
+    w.root.generation += 1
+    w.commit()
+    listed = w.readers()  # one entry per process and snapshot
+    assert [(r["pid"], r["behind"]) for r in listed] == [(os.getpid(), 1)]
+    readers[1].refresh()
+    assert [(r["pid"], r["behind"]) for r in w.readers()] == [(os.getpid(), 1), (os.getpid(), 0)]
+    for r in readers:
+        r.close()
+    assert w.readers() == []
+    w.close()

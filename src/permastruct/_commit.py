@@ -60,6 +60,7 @@ import errno
 import os
 import signal
 import threading
+import time
 import weakref
 import zlib
 
@@ -365,6 +366,18 @@ class Engine:
             return journal
         return None
 
+    def log_path(self):
+        """The path of this store's log file, or None when it has none (after a clean close)."""
+        self._check_open()
+        if self.journal is not None:
+            return self.journal.io.path
+        self._log_at = F.unpack_log_at(self.io.pread(F.HEADER_BLOCK, 0))
+        journal = self._find_log(True)
+        if journal is None:
+            return None
+        journal.close()
+        return journal.io.path
+
     def _record_log_path(self, path):
         """(Writer, creating its log) Make the main file name the log's path, durably, first."""
         if path == self._log_at:
@@ -484,8 +497,10 @@ class Engine:
         self._apply_log(pending)
         if self._mark != self.txn:
             self.io.lock(F.LOCK_READERS + self.txn, False, wait=True)
+            self.io.lock(_who_lock(self.txn), False, wait=True)
             if self._mark is not None:
                 self.io.unlock(F.LOCK_READERS + self._mark)
+                self.io.unlock(_who_lock(self._mark))
             self._mark = self.txn
 
     def check_files(self):
@@ -684,6 +699,8 @@ class Engine:
             if self.journal is not None and self.journal.size() > self.checkpoint_bytes:
                 self._try_checkpoint()  # but a checkpoint a big commit left to do
             return
+        self.slots[F.SLOT_TIME] = int(time.time() * 1e6)  # when: readers() tells a snapshot's age
+        root = (self.page_count, self.free_head, list(self.slots))
         if self.journal is None:
             path = self._own_log_path()
             self._lock_checkpoint()  # a reader takes the log's name and the log together
@@ -782,6 +799,56 @@ class Engine:
                 break
             oldest = found - F.LOCK_READERS
         return oldest
+
+    def readers(self):
+        """The snapshots other read-only opens hold: a list of dicts, oldest first.
+
+        Each has ``pid`` (the reader's process), ``transaction`` (its
+        snapshot), ``behind`` (commits made since), ``since`` (when that commit
+        was made, epoch seconds, or None if the file does not say) and
+        ``log_bytes`` (log the snapshot keeps from being copied into the main
+        file and reset: a reader that never refreshes makes the log grow).
+        Readers of one process at one snapshot are one entry; this open's own
+        snapshot is not listed.  Costs a few ``fcntl`` calls
+        per reader and, in a reader, one read of the log.
+        """
+        self._check_open()
+        found = []
+        _find_locks(self.io, F.LOCK_WHO, F.LOCK_WHO + (1 << (22 + F.WHO_TXN_BITS)), found)
+        mask = (1 << F.WHO_TXN_BITS) - 1
+        held = []
+        for start in found:
+            pid, low = (start - F.LOCK_WHO) >> F.WHO_TXN_BITS, (start - F.LOCK_WHO) & mask
+            held.append((pid, self.txn - ((self.txn - low) & mask)))  # the txn whose low bits these are
+        if not held:
+            return []
+        if self.readonly:
+            head = self.io.pread(F.HEADER_BLOCK, 0)
+            self._log_at = F.unpack_log_at(head)
+            journal = self._find_log(True)
+        else:
+            journal = self.journal
+        try:
+            commits = {commit.txn: commit for commit in journal.commits} if journal is not None else {}
+            end = journal.size() if journal is not None else 0
+            latest = max([self.txn] + list(commits))
+            head = self.io.pread(F.HEADER_BLOCK, 0)  # the root records: the main file's last two commits
+            stamps = {root[0]: root[3][F.SLOT_TIME] for root in (
+                F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS) if root}
+            result = []
+            for pid, txn in sorted(held, key=lambda item: (item[1], item[0])):
+                commit = commits.get(txn)
+                if commit is not None:
+                    stamp, log_bytes = commit.slots[F.SLOT_TIME], end - commit.end
+                else:
+                    stamp = stamps.get(txn, 0)
+                    log_bytes = end - F.WAL_HEADER.size if journal is not None and txn < latest else 0
+                result.append({"pid": pid, "transaction": txn, "behind": latest - txn,
+                               "since": stamp / 1e6 if stamp else None, "log_bytes": max(0, log_bytes)})
+            return result
+        finally:
+            if self.readonly and journal is not None:
+                journal.close()
 
     def checkpoint(self, truncate=False):
         """Copy committed transactions from the log into the main file; reset the log when all are in.
@@ -945,6 +1012,7 @@ class Engine:
                 self.io.unlock(F.LOCK_WRITER, 2)
                 if self._mark is not None:
                     self.io.unlock(F.LOCK_READERS + self._mark)
+                    self.io.unlock(_who_lock(self._mark))
             if self.journal is not None:
                 self.journal.close()
                 self.journal = None
@@ -970,6 +1038,23 @@ class Engine:
 def _valid_page_size(size):
     return (isinstance(size, int) and F.MIN_PAGE_SIZE <= size <= F.MAX_PAGE_SIZE
             and size & (size - 1) == 0)
+
+
+def _who_lock(txn):
+    """The lock byte that says this process reads snapshot ``txn`` (see ``_format.LOCK_WHO``)."""
+    return F.LOCK_WHO + (os.getpid() << F.WHO_TXN_BITS) + (txn & ((1 << F.WHO_TXN_BITS) - 1))
+
+
+def _find_locks(io, low, high, found, depth=0):
+    """Append to ``found`` the start of every lock other opens hold in ``[low, high)``."""
+    if low >= high or depth > 64:
+        return
+    start = io.first_conflict(low, high - low)
+    if start is None or not low <= start < high:
+        return
+    found.append(start)
+    _find_locks(io, low, start, found, depth + 1)
+    _find_locks(io, start + 1, high, found, depth + 1)
 
 
 #: (device, inode) -> the Engine of this process that holds the file's writer lock.

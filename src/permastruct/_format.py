@@ -186,7 +186,10 @@ refresh all the time cannot keep a checkpoint waiting.
 A reader whose snapshot is transaction ``t`` holds a shared lock on
 ``LOCK_READERS + t``; a checkpoint copies only transactions no newer than the
 oldest such lock, because a reader reads every page the log does not
-override from the main file.
+override from the main file.  It also holds ``LOCK_WHO`` plus its process id
+and ``t`` (see there), so that anyone can list the readers (open-file-
+description locks do not say their process).  Root slot 5 holds the time of
+each commit (microseconds since the epoch), so a snapshot's age is known.
 """
 
 import struct
@@ -208,7 +211,7 @@ ROOT_OFFSETS = (512, 1024)
 ROOT_SLOTS = 8
 ROOT = struct.Struct("<QQq8QI32xI")  # txn, page_count, free_head, slots[8], chain, pad, crc
 assert ROOT.size == 128
-SLOT_SCHEMA, SLOT_ROOT, SLOT_REGISTRY, SLOT_ALLOC, SLOT_HELD = 0, 1, 2, 3, 4
+SLOT_SCHEMA, SLOT_ROOT, SLOT_REGISTRY, SLOT_ALLOC, SLOT_HELD, SLOT_TIME = 0, 1, 2, 3, 4, 5
 
 # -- where the log is ---------------------------------------------------------
 LOG_AT = 2048
@@ -231,6 +234,9 @@ LOCK_WRITER = 1 << 62
 LOCK_CHECKPOINT = LOCK_WRITER + 1
 LOCK_INTENT = LOCK_WRITER + 2
 LOCK_READERS = LOCK_WRITER + 3
+#: A reader also holds ``LOCK_WHO + (pid << WHO_TXN_BITS) + (txn mod 2**WHO_TXN_BITS)``: who holds what.
+LOCK_WHO = LOCK_WRITER + (1 << 61)
+WHO_TXN_BITS = 38
 
 # -- pages -------------------------------------------------------------------
 PAGE_HEADER = struct.Struct("<i")

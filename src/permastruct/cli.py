@@ -215,10 +215,10 @@ def info(path, out=print):
             out(f"           {file_pages - committed} more preallocated: room at the end of the file "
                 "for the store to grow into, not in use yet")
         out(f"commit:    transaction {pf.txn}")
-        out(f"log:       {_log_text(p.fileName, pf.txn - pf.main_txn)}")
+        out(f"log:       {_log_text(pf, pf.txn - pf.main_txn)}")
         writing = pf.io.first_conflict(F.LOCK_WRITER, 1) is not None
         out(f"writer:    {'the store is open for writing' if writing else 'none'}")
-        out(f"readers:   {_readers_text(pf)}")
+        out(f"readers:   {_readers_text(p)}")
         out(f"strings:   {len(p.stringRegistry)} interned")
         out("schema:")
         for line in _schema_lines(p):
@@ -268,28 +268,31 @@ def _size(n):
     return f"{n} bytes"
 
 
-def _log_text(path, pending):
+def _log_text(pf, pending):
     """The log's size and whether the main file holds every commit; ``pending``: commits only in the log."""
-    wal = path + F.WAL_SUFFIX
-    try:
-        wal_size = os.path.getsize(wal)
-    except FileNotFoundError:
+    wal = pf.log_path()
+    if wal is None:
         return "none (as after every clean close: the main file holds every commit)"
     held = (f"{pending} commit{'s' if pending != 1 else ''} not yet copied into the main file" if pending
             else "the main file holds every commit")
-    return f"{os.path.basename(wal)}, {wal_size} bytes; {held}"
+    return f"{os.path.basename(wal)}, {os.path.getsize(wal)} bytes; {held}"
 
 
-def _readers_text(pf):
-    """Whether other read-only opens hold a snapshot, and how far behind the oldest one is."""
-    oldest = pf._oldest_reader(pf.txn + 1)  # this open's own reader lock is not seen
-    if oldest > pf.txn:
+def _readers_text(storage):
+    """Which other read-only opens hold a snapshot: the oldest, how far behind, how much log it keeps."""
+    readers = storage.readers()  # this command's own snapshot is not listed
+    if not readers:
         return "none (besides this command)"
-    if oldest == pf.txn:
-        return f"at the last commit (transaction {pf.txn})"
-    behind = pf.txn - oldest
-    return (f"the oldest holds transaction {oldest}, {behind} commit{'s' if behind != 1 else ''} behind: "
-            "the log keeps the commits after it until it refreshes or closes")
+    oldest = readers[0]
+    if not oldest["behind"]:
+        return f"{len(readers)}, all at the last commit (transaction {oldest['transaction']})"
+    since = ""
+    if oldest["since"] is not None:
+        since = f" (committed {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(oldest['since']))})"
+    behind = oldest["behind"]
+    return (f"{len(readers)}; the oldest, process {oldest['pid']}, holds transaction {oldest['transaction']}"
+            f"{since}, {behind} commit{'s' if behind != 1 else ''} behind, keeping {_size(oldest['log_bytes'])} "
+            "of log until it refreshes or closes")
 
 
 def _schema_lines(storage):

@@ -953,6 +953,30 @@ class Storage:
         summary.update(self._page_file.check_files())
         return summary
 
+    def readers(self):
+        """The snapshots that read-only opens (in any process) hold, oldest first.
+
+        A list of dicts with ``pid``, ``transaction``, ``behind`` (commits made
+        since), ``since`` (when that snapshot's commit was made, in epoch
+        seconds) and ``log_bytes`` (what the snapshot keeps in the log: the
+        writer never waits for a reader, but cannot copy commits newer than
+        the oldest snapshot into the main file, so a reader that never calls
+        ``refresh()`` makes the log grow).  Readers of one process at one
+        snapshot are one entry; this storage's own snapshot is not listed.
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "r.ps")
+        >>> w = Storage(path); w.commit()
+        >>> w.readers()
+        []
+        >>> r = Storage(path, readonly=True)
+        >>> [(reader["pid"] == os.getpid(), reader["behind"]) for reader in w.readers()]
+        [(True, 0)]
+        >>> r.close(); w.close()
+        """
+        self._check_open()
+        return self._page_file.readers()
+
     @property
     def fileSize(self):
         """The size of the file in bytes."""
