@@ -29,7 +29,7 @@ import traceback
 import pytest
 
 from permastruct import Dict, List, Storage
-from permastruct.errors import (ForkedProcessError, PermastructError, ReadOnlyError, StorageClosedError,
+from permastruct.errors import (DeadProxyError, ForkedProcessError, PermastructError, ReadOnlyError, StorageClosedError,
                                 StorageLockedError)
 from permastruct.pages import PageFile
 
@@ -1161,3 +1161,54 @@ def test_readers_lists_every_reader_and_follows_refresh(tmp_path):
         r.close()
     assert w.readers() == []
     w.close()
+
+
+class Points(Storage):
+    def populateSchema(self):
+        class Point(self.schema.Structure):
+            x = self.schema.Int
+            y = self.schema.Int
+
+        Line = self.define(List("Line")[Point])
+
+        class Root(self.schema.Structure):
+            line = Line
+
+
+def test_a_readers_proxy_of_a_freed_object_dies_even_when_a_new_one_took_its_place(tmp_path):
+    """issue 16 item 5: the new object has the same type (and here the very same place), so only
+    the commit's list of freed objects tells the reader: before, its proxy silently read the new one."""
+    path = str(tmp_path / "reuse.ps")
+    w = Points(path)
+    w.root.line = [w.schema.Point(x=i, y=-i) for i in range(10)]
+    w.commit()
+    r = Points(path, readonly=True)
+    victim, kept = r.root.line[5], r.root.line[6]
+    offset = victim._ps_offset
+    del w.root.line[5]
+    w.commit()  # frees the point
+    w.root.line.append(w.schema.Point(x=100, y=100))  # takes the place it left
+    w.commit()
+    assert w.root.line[-1]._ps_offset == offset  # (what makes this test mean something)
+    assert r.refresh()
+    with pytest.raises(DeadProxyError, match="freed by the writer"):
+        victim.x
+    assert (kept.x, kept.y) == (6, -6)
+    assert r.root.line[-1].x == 100
+    r.close()
+    w.close()
+
+
+def test_a_reader_hears_of_objects_freed_at_the_writers_close(tmp_path):
+    path = str(tmp_path / "closing.ps")
+    w = make_bank(path)
+    w.root.notes.append("short-lived")
+    w.commit()
+    r = Bank(path, readonly=True)
+    note = r.root.notes[0]
+    del w.root.notes[0]
+    w.close()  # the note is freed by the close's own commit
+    r.refresh()
+    with pytest.raises(DeadProxyError):
+        str(note)
+    r.close()

@@ -108,6 +108,8 @@ class Engine:
         self._unacknowledged = None  # the _Undo of a commit its caller has not confirmed yet
         self._undoing = None  # the _Undo of an undo that did not finish
         self._undo_failed = False  # an undo could not write the log: no more commits
+        #: (Reader) the offsets of the objects freed by the commits its last refresh moved past
+        self.freed = set()
         #: Whether this open created the store: None, "new" (a new file) or "in place" (an empty file).
         self.created = None
         check_timeout(timeout)
@@ -472,12 +474,19 @@ class Engine:
         return F.HEADER_BLOCK + -(-(end - F.HEADER_BLOCK) // unit) * unit
 
     def _take_snapshot(self):
-        """(Reader, holding the checkpoint lock shared) move to the last whole commit."""
+        """(Reader, holding the checkpoint lock shared) move to the last whole commit.
+
+        ``freed`` becomes the offsets of the objects the commits moved past
+        freed (they are all in the log: no checkpoint copies past a reader's
+        snapshot, nor starts the log over).
+        """
         try:
             root = self._read_main()
             pending = self._read_log()
             latest = pending[-1].txn if pending else self.main_txn
             if getattr(self, "mapping", None) is None or latest != self.txn:
+                before = getattr(self, "txn", latest)
+                self.freed = {offset for commit in pending if commit.txn > before for offset in commit.freed}
                 self._move_snapshot(root, pending)
         finally:
             if self.journal is not None:  # a reader reads the log only while taking a snapshot
@@ -661,7 +670,7 @@ class Engine:
             return []
         return [offset for offset, _ in self._changed_pages()]
 
-    def commit(self, acknowledge=True):
+    def commit(self, acknowledge=True, freed=()):
         """Commit: log every changed page and the new root state.
 
         With ``sync`` the log is synced before this returns, so the commit
@@ -673,7 +682,8 @@ class Engine:
         ``acknowledge=False`` leaves the commit to be confirmed by the caller:
         until it sets ``_unacknowledged = None``, the next call of any
         operation (or :meth:`settle`) undoes it.  The storage layer uses that
-        to make its own bookkeeping part of the commit.
+        to make its own bookkeeping part of the commit.  ``freed``: the offsets
+        of the objects the transaction freed, for readers (see ``_format``).
         """
         self._check_writable()
         if self._undo_failed and not self.sync_failed:
@@ -695,7 +705,7 @@ class Engine:
             # refuses a commit that writes past its pages: show their committed
             # images again instead of logging them.
             self._restore([(offset, len(image)) for offset, image in beyond])
-        if not pages and root == self._committed:  # nothing changed: no transaction to write,
+        if not pages and root == self._committed and not freed:  # nothing changed: no transaction,
             if self.journal is not None and self.journal.size() > self.checkpoint_bytes:
                 self._try_checkpoint()  # but a checkpoint a big commit left to do
             return
@@ -724,7 +734,7 @@ class Engine:
         logged = self._logged
         undo = _Undo(self, journal, {offset: logged.get(offset) for offset, _ in pages})
         try:
-            commit = journal.append(self.txn + 1, pages, root, self.sync)
+            commit = journal.append(self.txn + 1, pages, root, self.sync, freed)
             for (offset, image), (_, position) in zip(pages, commit.frames):
                 logged[offset] = [position, bytes(image) if keep else None]
             # Published in one step (no call in between, so no interrupt either).

@@ -164,7 +164,10 @@ transaction, data length, crc32 of the first 28 header bytes and the data,
 first frame), so that a frame left over from before a rewrite of the log's
 tail never continues the new frames.  A writer that opens a log whose
 commits the main file already holds starts it over with a new salt.  A
-commit frame's data is ``COMMIT`` (page count, free-page head, root slots).
+commit frame's data is ``COMMIT`` (page count, free-page head, root slots),
+then (version 2) the uint64 offsets of the objects the transaction freed: a
+reader that moves past the commit knows which of its proxies died, even where
+a new object of the same type took the place.
 
 Recovery reads frames from the start and accepts a transaction only when its
 commit frame and all its page frames are whole: right salt, right checksum,
@@ -222,7 +225,7 @@ MAX_LOG_PATH = 4096 - LOG_AT - LOG_AT_RECORD.size
 # -- write-ahead log and locks ------------------------------------------------
 WAL_SUFFIX = "-wal"
 WAL_MAGIC = b"PSTWAL\x00\x00"
-WAL_VERSION = 1
+WAL_VERSION = 2  # 2: a commit frame lists the objects freed (version 1 logs are read too)
 # magic, version, unit, salt, base txn, store id, base chain, device and inode of the main file, pad, crc
 WAL_HEADER = struct.Struct("<8sIIIQQIQQ4xI")
 assert WAL_HEADER.size == 64

@@ -8,6 +8,7 @@ decides when to commit, when to checkpoint and what readers may see.
 """
 
 import os
+import struct
 import zlib
 
 from . import _format as F
@@ -28,9 +29,9 @@ GROW_STEP = 1 << 20
 class Commit:
     """One whole transaction found in (or appended to) the log."""
 
-    __slots__ = ("txn", "page_count", "free_head", "slots", "frames", "end", "chain")
+    __slots__ = ("txn", "page_count", "free_head", "slots", "frames", "end", "chain", "freed")
 
-    def __init__(self, txn, page_count, free_head, slots, frames, end, chain):
+    def __init__(self, txn, page_count, free_head, slots, frames, end, chain, freed=()):
         self.txn = txn
         self.page_count = page_count
         self.free_head = free_head
@@ -42,6 +43,8 @@ class Commit:
         #: The checksum of its commit frame: it names this commit in this history (a checkpoint
         #: writes it into the main file's root record, the next log's header repeats it).
         self.chain = chain
+        #: The offsets of the objects the transaction freed.
+        self.freed = freed
 
     @property
     def root(self):
@@ -158,7 +161,7 @@ class Journal:
         if len(head) < F.WAL_HEADER.size:
             return
         magic, version, unit, salt, base, store_id, base_chain, device, inode, crc = F.WAL_HEADER.unpack(head)
-        if (magic != F.WAL_MAGIC or crc != zlib.crc32(head[:60]) or version != F.WAL_VERSION
+        if (magic != F.WAL_MAGIC or crc != zlib.crc32(head[:60]) or version not in (1, F.WAL_VERSION)
                 or unit < 512 or unit > 1 << 20 or unit & (unit - 1)):
             return
         self.valid = True
@@ -182,8 +185,12 @@ class Journal:
             kind, frame_salt, frame_txn, where, length, crc = F.FRAME.unpack(header)
             if frame_salt != salt or frame_txn != txn:
                 break
-            expected = unit if kind == F.FRAME_PAGE else F.COMMIT.size if kind == F.FRAME_COMMIT else -1
-            if length != expected or position + frame_size + length > size:
+            if kind == F.FRAME_PAGE:
+                whole = length == unit
+            else:  # a commit: its root state, and (version 2) the offsets of the objects it freed
+                whole = kind == F.FRAME_COMMIT and (length == F.COMMIT.size or (
+                    version > 1 and length > F.COMMIT.size and (length - F.COMMIT.size) % 8 == 0))
+            if not whole or position + frame_size + length > size:
                 break
             data_at = position + frame_size
             if data_at + length > chunk_at + len(chunk):
@@ -201,8 +208,9 @@ class Journal:
                 continue
             if where != len(frames):
                 break
-            page_count, free_head, *slots = F.COMMIT.unpack(data)
-            self.commits.append(Commit(txn, page_count, free_head, slots, frames, position, chain))
+            page_count, free_head, *slots = F.COMMIT.unpack_from(data)
+            freed = memoryview(data)[F.COMMIT.size:].cast("Q").tolist() if length > F.COMMIT.size else ()
+            self.commits.append(Commit(txn, page_count, free_head, slots, frames, position, chain, freed))
             self.end = position
             self.chain = chain
             frames = []
@@ -228,7 +236,7 @@ class Journal:
         return latest
 
     # -- writing ---------------------------------------------------------------
-    def append(self, txn, pages, root, sync):
+    def append(self, txn, pages, root, sync, freed=()):
         """Append transaction ``txn`` (``pages``: ``(offset, unit bytes)``) and its commit frame.
 
         Frames go out in a few large writes; with ``sync`` the log is synced
@@ -248,7 +256,7 @@ class Journal:
         for offset, _ in pages:
             frames.append((offset, position + F.FRAME.size))
             position += F.FRAME.size + unit
-        position += F.FRAME.size + F.COMMIT.size
+        position += F.FRAME.size + F.COMMIT.size + 8 * len(freed)
         padded = position
         if position > self.file_size and position - self.end < GROW_STEP:
             padded = -(-position // GROW_STEP) * GROW_STEP
@@ -270,6 +278,8 @@ class Journal:
                 write_at, batch, batch_bytes = write_at + len(data), [], 0
         page_count, free_head, slots = root
         body = F.COMMIT.pack(page_count, free_head, *slots)
+        if freed:
+            body += struct.pack(f"<{len(freed)}Q", *freed)
         header = pack(F.FRAME_COMMIT, salt, txn, len(frames), len(body), 0)[:28]
         chain = _frame_crc(header, body, chain)
         batch += [header, F.UINT32.pack(chain), body]
@@ -287,7 +297,7 @@ class Journal:
         self.written_commit = True
         if sync:
             self.io.fsync()
-        commit = Commit(txn, page_count, free_head, list(slots), frames, position, chain)
+        commit = Commit(txn, page_count, free_head, list(slots), frames, position, chain, tuple(freed))
         self.commits.append(commit)  # the caller's undo (Engine) truncates it again
         self.end, self.chain, self.file_size = position, chain, max(self.file_size, padded)
         return commit

@@ -133,6 +133,7 @@ class Storage:
         self._root = None
         self._proxies = {}  # offset -> _ProxyRef: at most one live proxy per object
         self._unreferenced = set()  # objects whose reference count is 0: freed at commit
+        self._freed = []  # objects freed since the last commit (the commit tells readers)
         self._created = set()
         self._exports = weakref.WeakValueDictionary()
         self._views = {}  # offset of a collection's internal object -> its cached views
@@ -704,6 +705,7 @@ class Storage:
         self._views.pop(offset, None)
         self._kill_proxy(offset, rolled_back=not self._closing)
         self._allocator.free(offset)
+        self._freed.append(offset)
 
     def _collect_unreferenced(self, everything=False):
         """Free the objects that nothing in the file references and no live proxy holds.
@@ -819,10 +821,10 @@ class Storage:
         self._record_held()
         pf = self._page_file
         try:
-            pf.commit(acknowledge=False)
+            pf.commit(acknowledge=False, freed=self._freed)
             # The commit returns here: the storage's own bookkeeping and the engine's
             # confirmation in one step (no call in between, so no interrupt either).
-            self._created, pf._unacknowledged, self._changing = set(), None, 0
+            self._created, self._freed, pf._unacknowledged, self._changing = set(), [], None, 0
         except BaseException:
             self._changing = 0
             pf.settle()  # not confirmed: taken back; the changes are pending as before
@@ -849,6 +851,7 @@ class Storage:
             created.discard(offset)
         self._page_file.discard()
         self._views.clear()
+        self._freed = []
         self._unreferenced = set(self._held_objects())  # the committed state's: freed at the next commit
         self._root = None
         self._changing = 0
@@ -865,9 +868,10 @@ class Storage:
             return False
         self._views.clear()
         self._root = None
+        freed = self._page_file.freed
         for offset, ref in list(self._proxies.items()):
             proxy = ref()
-            if proxy is not None and self._type_at(offset) != type(proxy)._ps_type_id:
+            if proxy is not None and (offset in freed or self._type_at(offset) != type(proxy)._ps_type_id):
                 self._kill_proxy(offset, rolled_back="freed")
         return True
 
@@ -910,7 +914,9 @@ class Storage:
                 self._changing = T._get_ident()
                 self._collect_unreferenced(everything=True)
                 self._record_held()  # (now nothing)
-                self._page_file.close()  # commits, checkpoints, removes the log if it can
+                self._page_file.commit(freed=self._freed)
+                self._freed = []
+                self._page_file.close()  # checkpoints, removes the log if it can
                 self._changing = 0
         finally:
             self._closed = True
