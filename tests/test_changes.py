@@ -243,3 +243,146 @@ def test_an_object_held_only_by_a_proxy_is_freed_after_a_crash(tmp_path):
         pass
     with Changes(path) as p:
         assert p.check()["objects"] == baseline
+
+
+# -- nested transactions are savepoints (issue 16 item 6) ---------------------------------------------
+class Boom(Exception):
+    pass
+
+
+def crash_state(p, tmp_path, name):
+    """The state a crash now would leave (the files copied, opened elsewhere)."""
+    import shutil
+    copy = tmp_path / name
+    for suffix in ("", "-wal"):
+        if (p.fileName + suffix) and __import__("os").path.exists(p.fileName + suffix):
+            shutil.copyfile(p.fileName + suffix, str(copy) + suffix)
+    with Changes(copy) as c:
+        return state(c)
+
+
+def test_a_failing_inner_block_undoes_only_itself(tmp_path):
+    p = Changes(tmp_path / "nested.ps")
+    fill(p, 5)
+    before = state(p)
+    with p.transaction():
+        p.root.note = "outer"
+        p.root.items[0].value = 100
+        try:
+            with p.transaction():
+                p.root.note = "inner"
+                made = p.schema.Item(name="inner item", value=7)
+                p.root.items.append(made)
+                p.root.by_name["inner"] = made
+                p.root.ranked.update({1000 + i: "x" * 50 for i in range(500)})  # grows the file
+                del p.root.items[1]
+                raise Boom()
+        except Boom:
+            pass
+        with pytest.raises(Exception, match="rolled back"):
+            made.value  # its object was taken back with the inner block
+        assert str(p.root.note) == "outer" and p.root.items[0].value == 100
+        assert len(p.root.items) == 5 and "inner" not in p.root.by_name and len(p.root.ranked) == 5
+        p.check()
+        assert crash_state(p, tmp_path, "during.ps") == before  # nothing committed yet
+    after = state(p)
+    assert after[3] == "outer" and after[0][0] == ("item 0", 100)
+    assert crash_state(p, tmp_path, "after.ps") == after
+    p.check()
+    p.close()
+
+
+def test_a_succeeding_inner_block_does_not_commit_the_outer_work(tmp_path):
+    p = Changes(tmp_path / "inner-ok.ps")
+    fill(p, 3)
+    before = state(p)
+    try:
+        with p.transaction():
+            p.root.note = "outer"
+            with p.transaction():
+                p.root.items.append(p.schema.Item(name="inner", value=1))
+            assert crash_state(p, tmp_path, "mid.ps") == before  # the inner block committed nothing
+            raise Boom()
+    except Boom:
+        pass
+    assert state(p) == before
+    p.check()
+    p.close()
+
+
+def test_savepoints_nest_three_deep(tmp_path):
+    p = Changes(tmp_path / "deep.ps")
+    fill(p, 2)
+    with p.transaction():
+        p.root.items[0].value = 1
+        with p.transaction():
+            p.root.items[0].value = 2
+            try:
+                with p.transaction():
+                    p.root.items[0].value = 3
+                    p.root.note = "deepest"
+                    raise Boom()
+            except Boom:
+                pass
+            assert p.root.items[0].value == 2 and p.root.note is None
+            try:
+                with p.transaction():
+                    p.root.items[1].value = 30
+                    raise Boom()
+            except Boom:
+                pass
+        assert p.root.items[0].value == 2 and p.root.items[1].value == 1
+    p.close()
+    with Changes(tmp_path / "deep.ps") as p:
+        assert (p.root.items[0].value, p.root.items[1].value, p.root.note) == (2, 1, None)
+        p.check()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_nested_blocks_match_a_model(tmp_path, seed):
+    import random
+    rng = random.Random(seed)
+    p = Changes(tmp_path / f"model{seed}.ps")
+    fill(p, 3)
+
+    def block(depth, model):
+        for _ in range(rng.randint(1, 4)):
+            choice = rng.random()
+            if choice < 0.3 and depth < 4:
+                inner = {"items": list(model["items"]), "note": model["note"]}
+                try:
+                    with p.transaction():
+                        block(depth + 1, inner)
+                        if rng.random() < 0.4:
+                            raise Boom()
+                except Boom:
+                    continue
+                model.update(inner)
+            elif choice < 0.6:
+                value = rng.randrange(1000)
+                p.root.items.append(p.schema.Item(name=f"v{value}", value=value))
+                model["items"].append(value)
+            elif choice < 0.8 and model["items"]:
+                index = rng.randrange(len(model["items"]))
+                del p.root.items[index]
+                del model["items"][index]
+            else:
+                note = f"note {rng.randrange(100)}" * rng.randint(1, 30)
+                p.root.note = note
+                model["note"] = note
+            assert [item.value for item in p.root.items] == model["items"]
+    committed = {"items": [item.value for item in p.root.items], "note": None}
+    for _ in range(8):
+        model = {"items": list(committed["items"]), "note": committed["note"]}
+        try:
+            with p.transaction():
+                block(1, model)
+                if rng.random() < 0.2:
+                    raise Boom()
+        except Boom:
+            model = committed
+        assert [item.value for item in p.root.items] == model["items"]
+        assert (None if p.root.note is None else str(p.root.note)) == model["note"]
+        p.check()
+        committed = model
+    p.close()

@@ -980,6 +980,34 @@ class Engine:
         self.page_count, self.free_head, slots = self._committed
         self.slots = list(slots)
 
+    def savepoint(self):
+        """The pending state now, for :meth:`rollback_to`: a copy of every log unit the transaction
+        has changed so far, and the root state.  Costs a copy of what the transaction changed."""
+        self._check_writable()
+        self.settle()
+        images = {offset: bytes(view) for offset, view in self._changed_pages()}
+        return images, (self.page_count, self.free_head, list(self.slots)), self.txn
+
+    def rollback_to(self, savepoint):
+        """Return to a :meth:`savepoint` of the current transaction (the map shows its bytes again).
+
+        Idempotent; a commit since the savepoint made it void: then this rolls the
+        transaction back to that commit instead.
+        """
+        self._check_writable()
+        self.settle()
+        images, root, txn = savepoint
+        if txn != self.txn:
+            return self.rollback()
+        self._forget_pages()
+        changed = [offset for offset, _ in self._changed_pages()]
+        unit = self.journal.unit if self.journal is not None else OS_PAGE
+        self._restore([(offset, unit) for offset in changed if offset not in images])
+        for offset, image in images.items():
+            self.mapping.view(offset, len(image))[:] = image
+        page_count, free_head, slots = root
+        self.page_count, self.free_head, self.slots = page_count, free_head, list(slots)
+
     def abandon(self):
         """(Writer) Undo this open's creation of the store and close: a new file and its log are
         removed, an empty file is made empty again.  Still under the writer lock while it does."""

@@ -92,6 +92,7 @@ class Storage:
         self._closing = False
         self._forked = False
         self._changing = 0  # the thread in the middle of a change (see _types.change)
+        self._depth = 0  # nested with p.transaction() blocks open
         self.readonly = bool(readonly)
         for name, value in (("fileSize", fileSize), ("stringRegistrySize", stringRegistrySize)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -883,14 +884,75 @@ class Storage:
 
     @contextlib.contextmanager
     def transaction(self):
-        """``with p.transaction():`` commits on success and rolls back on an exception."""
+        """``with p.transaction():`` commits on success and rolls back on an exception.
+
+        Nested blocks are savepoints: a failing inner block undoes only what it
+        did (and its objects' proxies die), a succeeding one keeps its changes
+        for the outer block; only the outermost block commits.  Entering a
+        nested block copies the pages the transaction has changed so far.
+
+        >>> import os, tempfile
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         class Root(self.schema.Structure):
+        ...             a = self.schema.Int
+        ...             b = self.schema.Int
+        >>> p = S(os.path.join(tempfile.mkdtemp(), "t.ps"))
+        >>> with p.transaction():
+        ...     p.root.a = 1
+        ...     try:
+        ...         with p.transaction():
+        ...             p.root.b = 2
+        ...             raise ValueError("the inner block fails")
+        ...     except ValueError:
+        ...         pass
+        >>> p.root.a, p.root.b
+        (1, 0)
+        >>> p.close()
+        """
         self._check_writable()
+        if self._depth:
+            point = self._savepoint()
+            self._depth += 1
+            try:
+                yield self
+            except BaseException:
+                self._depth -= 1
+                self._rollback_to(point)
+                raise
+            self._depth -= 1
+            return
+        self._depth = 1
         try:
             yield self
         except BaseException:
+            self._depth = 0
             self.rollback()
             raise
+        self._depth = 0
         self.commit()
+
+    def _savepoint(self):
+        """Everything :meth:`_rollback_to` needs to return to this moment of the transaction."""
+        self._check_whole()
+        return (self._page_file.savepoint(), set(self._created), set(self._unreferenced), list(self._freed))
+
+    def _rollback_to(self, point):
+        """Return to a :meth:`_savepoint` (one change: cut short, a rollback is due)."""
+        self._check_writable()
+        if self._changing and self._changing != T._get_ident():
+            T.begin_change(self)  # raises ConcurrentUseError
+        engine_point, created, unreferenced, freed = point
+        if engine_point[2] != self._page_file.txn:  # a commit() inside the block: the point is gone
+            return self.rollback()
+        self._changing = T._get_ident()
+        for offset in list(self._created - created):  # objects made since die first (as in rollback)
+            self._kill_proxy(offset, rolled_back=True)
+            self._created.discard(offset)
+        self._page_file.rollback_to(engine_point)
+        self._views.clear()
+        self._root = None
+        self._unreferenced, self._freed, self._changing = set(unreferenced), list(freed), 0
 
     def _kill_proxy(self, offset, rolled_back=False):
         ref = self._proxies.get(offset)
