@@ -39,6 +39,8 @@ import ctypes
 import struct
 import weakref
 
+_weakref = weakref.ref
+
 from . import _format as F
 from . import _types as T
 from .errors import CorruptStorageError, ReadOnlyError, StorageClosedError
@@ -66,7 +68,7 @@ class Heap:
         self.classes = {}
         #: offset -> weak reference to the one live proxy of the object there
         self.proxies = {}
-        self._remembered = 0  # proxies remembered since the map was last pruned of dead ones
+        self._prune_at = 1024  # the size of ``proxies`` at which dead entries are dropped
         self.unreferenced = set()  # objects whose count is 0: freed at the next commit
         self.created = set()  # objects made in this transaction (their proxies die at rollback)
         self.freed = []  # objects freed in this transaction (the commit tells readers)
@@ -75,6 +77,8 @@ class Heap:
         self._blanks = {}  # (type id, size) -> a new object's bytes: the header, then zeros
         self._changing = 0
         self.closing = False
+        self.closed = False
+        self.proxy = self._proxy_function()
 
     def __repr__(self):
         return repr(self.storage)
@@ -112,25 +116,58 @@ class Heap:
             return None
 
     # -- proxies -----------------------------------------------------------------------
-    def proxy(self, offset):
-        """The proxy of the object at ``offset``: the live one, or a new one of its stored type."""
-        ref = self.proxies.get(offset)
-        if ref is not None:
-            proxy = ref()
-            if proxy is not None and not type(proxy)._ps_closed:
-                return proxy
-        if self.storage._closed:
+    def _proxy_function(self):
+        """``proxy(offset)``: the proxy of the object at ``offset`` (None for 0, the null reference) -
+        the live one, or a new one of the type its header names.
+
+        The hot path of every read of a reference, so a closure made once per
+        heap, with what it needs bound: it takes the common case (a
+        fixed-size object in the segment of the last look-up) in a dozen
+        C-level steps and leaves the rest to :meth:`_proxy_slow`.
+        """
+        proxies, classes, mapping = self.proxies, self.classes, self.mapping
+        get, weak, set_oid, unpack, header_block = proxies.get, _weakref, _set_oid, _TYPE, F.HEADER_BLOCK
+        slow = self._proxy_slow
+        heap = self
+
+        def proxy(offset):
+            if not offset:
+                return None
+            ref = get(offset)
+            if ref is not None:
+                proxy = ref()
+                if proxy is not None and not type(proxy)._ps_closed:
+                    return proxy
+            segment = mapping._hot
+            if segment is None or not segment.start <= offset < segment.end or offset & 7 or offset < header_block:
+                return slow(offset)
+            local = offset - segment.start
+            cls = classes.get(unpack(segment.map, local)[0])
+            if cls is None or cls._ps_validate is not None or local + cls._ps_extent > segment.length:
+                return slow(offset)
+            proxy = cls.from_address(segment.address + local)
+            set_oid(proxy, offset)
+            proxies[offset] = weak(proxy)
+            if len(proxies) > heap._prune_at:
+                heap._prune()
+            return proxy
+        return proxy
+
+    def _proxy_slow(self, offset):
+        """:meth:`proxy` for what its fast path leaves: another segment, damage, types whose extent
+        the file says (checked here), a closed storage."""
+        if self.closed:
             raise StorageClosedError(f"{self.storage!r} is closed")
         segment, local = self.locate(offset, 8)
-        type_id = _TYPE(segment.map, local)[0]
-        cls = self.classes.get(type_id)
+        cls = self.classes.get(_TYPE(segment.map, local)[0])
         if cls is None:
-            raise CorruptStorageError(f"{self.name!r}: the object at {offset:#x} has unknown type {type_id}")
+            raise CorruptStorageError(f"{self.name!r}: the object at {offset:#x} has unknown type "
+                                      f"{_TYPE(segment.map, local)[0]}")
         return self.remember(offset, cls._ps_make(segment, local))
 
     def at(self, cls, offset):
         """A new proxy of class ``cls`` for the object just made at ``offset`` (remembered)."""
-        segment, local = self.locate(offset, ctypes.sizeof(cls))
+        segment, local = self.locate(offset, cls._ps_extent)
         return self.remember(offset, cls.from_address(segment.address + local))
 
     def view_of(self, cls, offset):
@@ -145,16 +182,18 @@ class Heap:
         """Make ``proxy`` the live proxy of the object at ``offset``; return it."""
         _set_oid(proxy, offset)
         proxies = self.proxies
-        proxies[offset] = weakref.ref(proxy)
-        self._remembered += 1
-        if self._remembered > 1024 and self._remembered > len(proxies):
+        proxies[offset] = _weakref(proxy)
+        if len(proxies) > self._prune_at:
             self._prune()
         return proxy
 
     def _prune(self):
-        """Drop the entries of proxies that died (kept cheap: about once per len(proxies) new ones)."""
-        self.proxies = {offset: ref for offset, ref in self.proxies.items() if ref() is not None}
-        self._remembered = 0
+        """Drop the entries of proxies that died: about once per doubling of the map, so O(1) each."""
+        proxies = self.proxies
+        live = {offset: ref for offset, ref in proxies.items() if ref() is not None}
+        proxies.clear()
+        proxies.update(live)
+        self._prune_at = 2 * len(live) + 1024
 
     def live_proxy(self, offset):
         ref = self.proxies.get(offset)
@@ -174,7 +213,6 @@ class Heap:
 
     def addresses_in_use(self):
         """The addresses of every live proxy (a reader keeps the maps they point into)."""
-        self._prune()
         return [ctypes.addressof(proxy) for proxy in (ref() for ref in self.proxies.values())
                 if proxy is not None]
 

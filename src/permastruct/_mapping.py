@@ -398,11 +398,12 @@ class FileIO:
 class Segment:
     """A fixed range of the file mapped once: ``start`` and ``length`` in bytes."""
 
-    __slots__ = ("start", "length", "map", "address", "view")
+    __slots__ = ("start", "length", "end", "map", "address", "view")
 
     def __init__(self, start, length, fileno):
         self.start = start
         self.length = length
+        self.end = start + length
         self.map = mmap.mmap(fileno, length, access=mmap.ACCESS_COPY, offset=start)
         anchor = ctypes.c_char.from_buffer(self.map)
         self.address = ctypes.addressof(anchor)

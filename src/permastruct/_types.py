@@ -541,6 +541,10 @@ BufferExporter = _make_exporter()
 class PersistentMeta(CMeta):
     """Metaclass of proxy classes: calling a storage's class creates a persistent object."""
 
+    def __init__(cls, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cls._ps_extent = ctypes.sizeof(cls)  # the bytes a proxy covers (worked out once per class)
+
     def __call__(cls, *args, **kwargs):
         heap = cls._heap
         if heap is None:
@@ -579,8 +583,8 @@ class Persistent(*((BufferExporter,) if BufferExporter is not None else ()), CSt
         check it here, once, with ``_ps_validate``: no later read can then go
         past the map.
         """
-        if local + ctypes.sizeof(cls) > segment.length:
-            raise _damaged(cls, None, local, f"its {ctypes.sizeof(cls)} bytes cross the end of the map")
+        if local + cls._ps_extent > segment.length:
+            raise _damaged(cls, None, local, f"its {cls._ps_extent} bytes cross the end of the map")
         proxy = cls.from_address(segment.address + local)
         validate = cls._ps_validate
         if validate is not None:

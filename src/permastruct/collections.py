@@ -152,14 +152,11 @@ class _Cell:
         where = f"{owner} {role}"
         if self.is_ref:
             self.code = "Q"
-            reference, proxy = heap.reference_to, heap.proxy
+            reference = heap.reference_to
 
             def encode(value):
                 return reference(ftype, value, where)
-
-            def decode(cell):
-                return proxy(cell) if cell else None
-            self.encode, self.decode = encode, decode
+            self.encode, self.decode = encode, heap.proxy  # (proxy(0) is None)
             return
         check = ftype.checker(role, owner)
         if ftype.kind == "float":

@@ -374,7 +374,7 @@ class Storage:
                 self._page_file.close()  # checkpoints, removes the log if it can
                 heap._changing = 0
         finally:
-            self._closed = True
+            self._closed = heap.closed = True
             self._root = None
             heap.views.clear()
             message = f"{self!r} is closed: its objects can no longer be used"
