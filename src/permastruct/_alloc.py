@@ -58,13 +58,27 @@ class Allocator:
         kind, flags, count, _ = F.ALLOC.unpack_from(view, F.ALLOC_AT)
         if kind != F.KIND_ALLOC or count != len(self.classes) or flags not in (0, F.ALLOC_BINNED):
             raise CorruptStorageError(f"{page_file.path!r}: page {state_pid} is not the allocator page")
+        #: The size class of each small size, by (size - 1) >> 4: one list index instead of a bisect.
+        self._class_of = [bisect.bisect_left(self.classes, size) for size in range(16, self.max_small + 16, 16)]
+        #: The allocator page, and per size class the last slab allocated from: ``(pid, view)``.
+        #: Views of the map stay valid (its memory never moves while open; a rollback restores
+        #: the bytes in place); :meth:`release` gives them back before the map is closed.
+        self._state_view = view
+        self._slab_views = [None] * len(self.classes)
+
+    def release(self):
+        """Let go of the views of the map this allocator keeps (before the map is closed)."""
+        self._state_view = None
+        self._slab_views = [None] * len(self.classes)
 
     # -- allocator page ------------------------------------------------------
     def _head(self, index):
-        return F.INT32.unpack_from(self.pf.view(self.state_pid), F.ALLOC_HEADS_AT + 4 * index)[0]
+        view = self._state_view or self.pf.view(self.state_pid)
+        return F.INT32.unpack_from(view, F.ALLOC_HEADS_AT + 4 * index)[0]
 
     def _set_head(self, index, pid):
-        F.INT32.pack_into(self.pf.view(self.state_pid), F.ALLOC_HEADS_AT + 4 * index, pid)
+        view = self._state_view or self.pf.view(self.state_pid)
+        F.INT32.pack_into(view, F.ALLOC_HEADS_AT + 4 * index, pid)
 
     def _state(self):
         """The allocator page, with the free-run bins and merge counters set up (writer only).
@@ -104,7 +118,7 @@ class Allocator:
     def alloc(self, size, zero=True):
         """The offset of a new object of ``size`` bytes (zeroed unless ``zero`` is False)."""
         if size <= self.max_small:
-            index = bisect.bisect_left(self.classes, size)
+            index = self._class_of[(size - 1) >> 4] if size > 0 else 0
             offset = self._alloc_small(index)
             if zero:
                 self.pf.mapping.view(offset, self.classes[index])[:] = self._zeros[index]
@@ -162,7 +176,12 @@ class Allocator:
             pid = self._alloc_page()
             F.SLAB.pack_into(pf.view(pid), F.SLAB_AT, F.KIND_SLAB, index, 0, 0, 0, -1, -1)
             self._set_head(index, pid)
-        page = self._page(pid, "the partial list of size class", index)
+        hot = self._slab_views[index]
+        if hot is not None and hot[0] == pid:
+            page = hot[1]
+        else:
+            page = self._page(pid, "the partial list of size class", index)
+            self._slab_views[index] = (pid, page)
         kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
         if kind != F.KIND_SLAB or cls != index:
             raise CorruptStorageError(f"{pf.path!r}: page {pid} on the size-class {index} list is not a slab of it")

@@ -50,6 +50,7 @@ __all__ = ["Heap"]
 _OID = T.Persistent.__dict__["_ps_oid"]  # the slot that holds a proxy's file offset (its object id)
 _set_oid = _OID.__set__
 _TYPE = F.UINT32.unpack_from
+_PUT = F.UINT32.pack_into
 _REFS_AT = 4
 _INTERNAL = (F.T_ARRAY, F.T_TABLE, F.T_NODE)
 
@@ -78,6 +79,9 @@ class Heap:
         self._changing = 0
         self.closing = False
         self.closed = False
+        #: Whether objects may be made and changed now: open, writable, not in a forked child
+        #: (kept by the storage; False sends the check to the storage for the error that says why).
+        self.writable = not storage.readonly
         self.proxy = self._proxy_function()
 
     def __repr__(self):
@@ -218,11 +222,14 @@ class Heap:
 
     # -- making and freeing --------------------------------------------------------------
     def check_writable(self):
-        self.storage._check_writable()
+        """Refuse to make or change objects unless the storage is open, writable and this process's."""
+        if not self.writable:
+            self.storage._check_writable()  # raises the error that says why
 
     def new_object(self, cls, size):
         """A new zeroed object of ``cls`` (``size`` bytes, header included), not yet referenced."""
-        self.storage._check_writable()
+        if not self.writable:
+            self.storage._check_writable()
         type_id = cls._ps_type_id
         blank = self._blanks.get((type_id, size))
         if blank is None and size <= 1024:  # made once per type and size: the header, then zeros
@@ -271,18 +278,24 @@ class Heap:
 
     # -- reference counts ------------------------------------------------------------------
     def incref(self, offset):
-        segment, local = self.locate(offset, 8)
-        count = _TYPE(segment.map, local + _REFS_AT)[0]
+        segment = self.mapping._hot
+        if segment is None or not segment.start <= offset < segment.end or offset & 7:
+            segment, _ = self.locate(offset, 8)
+        at = offset - segment.start + _REFS_AT
+        count = _TYPE(segment.map, at)[0]
         if count == 0xFFFFFFFF:
             raise OverflowError(f"the object at {offset:#x} has too many references")
-        F.UINT32.pack_into(segment.map, local + _REFS_AT, count + 1)
+        _PUT(segment.map, at, count + 1)
 
     def decref(self, offset):
-        segment, local = self.locate(offset, 8)
-        count = _TYPE(segment.map, local + _REFS_AT)[0]
+        segment = self.mapping._hot
+        if segment is None or not segment.start <= offset < segment.end or offset & 7:
+            segment, _ = self.locate(offset, 8)
+        at = offset - segment.start + _REFS_AT
+        count = _TYPE(segment.map, at)[0]
         if count == 0:
             raise CorruptStorageError(f"{self.name!r}: reference count of {offset:#x} is already 0")
-        F.UINT32.pack_into(segment.map, local + _REFS_AT, count - 1)
+        _PUT(segment.map, at, count - 1)
         if count == 1:
             self.unreferenced.add(offset)
 

@@ -697,10 +697,10 @@ class MappedFile:
     def close(self):
         """Unmap what can be unmapped; segments still referenced by proxies stay until collected."""
         for segment in self.segments + self._retired:
-            segment.view.release()
             try:
+                segment.view.release()
                 segment.map.close()
-            except BufferError:
+            except BufferError:  # a view of it is still out there: it stays mapped until that goes
                 pass
         self.segments = []
         self._retired = []

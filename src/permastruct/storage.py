@@ -375,6 +375,7 @@ class Storage:
                 heap._changing = 0
         finally:
             self._closed = heap.closed = True
+            heap.writable = False
             self._root = None
             heap.views.clear()
             message = f"{self!r} is closed: its objects can no longer be used"
@@ -385,6 +386,8 @@ class Storage:
             for view in list(heap.exports.values()):
                 with contextlib.suppress(BufferError, ValueError):
                     view.release()
+            if heap.allocator is not None:
+                heap.allocator.release()
             self._page_file.close(flush=False)  # (after an exception: what was not committed is not)
         if incomplete:
             raise IncompleteChangeError(
@@ -465,6 +468,7 @@ def _after_fork_in_child():
     """Every storage open in the parent refuses to be used in the child, and so do its proxies."""
     for storage in list(_OPEN):
         storage._forked = True
+        storage._heap.writable = False
         storage._finalizer.detach()  # the parent owns the file, its locks and its log
         message = (f"{storage!r} was opened before this process was forked: a forked child cannot use "
                    "it or its objects (the parent owns its locks and its changes); open the file again "

@@ -23,12 +23,16 @@ or :func:`permastruct.to_python`.
 """
 
 import ctypes
+from zlib import crc32 as _crc32
 
 from . import _format as F
 from ._types import MemoryExporter, Persistent, run_change
 from .errors import CorruptStorageError
 
 __all__ = ["ByteString", "String", "StringRegistry"]
+
+_PACK_STRING = F.STRING.pack_into
+_STRING_SEED, _BYTES_SEED = F.STRING_SEED, F.BYTES_SEED
 
 
 class _PersistentString(Persistent):
@@ -467,14 +471,20 @@ def new_string(heap, type_id, data, references=0):
     one reference); with 0 it is unreferenced until stored (freed at the next
     commit if it never is).
     """
-    if len(data) >= 1 << 32:
-        raise OverflowError(f"a persistent string holds at most 4 GiB, not {len(data)} bytes")
-    heap.check_writable()
-    size = F.STRING.size + len(data)
+    length = len(data)
+    if length >= 1 << 32:
+        raise OverflowError(f"a persistent string holds at most 4 GiB, not {length} bytes")
+    if not heap.writable:
+        heap.check_writable()
+    size = 16 + length  # F.STRING.size
     offset = heap.allocator.alloc(size, zero=False)
-    view = heap.mapping.view(offset, size)
-    F.STRING.pack_into(view, 0, type_id, references, F.string_hash(type_id, data), len(data))
-    view[F.STRING.size:] = data
+    segment = heap.mapping._hot
+    if segment is None or not segment.start <= offset < segment.end - size:
+        segment, _ = heap.locate(offset, size)
+    local = offset - segment.start
+    _PACK_STRING(segment.map, local, type_id, references,
+                 _crc32(data, _STRING_SEED if type_id == F.T_STRING else _BYTES_SEED), length)
+    segment.map[local + 16:local + size] = data
     heap.created.add(offset)
     if not references:
         heap.unreferenced.add(offset)
