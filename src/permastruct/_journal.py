@@ -286,15 +286,15 @@ class Journal:
         whole = position - write_at  # bytes of this last write up to the end of the commit frame
         if padded > position:
             batch.append(bytes(padded - position))  # dead frames: their salt and txn are zero
+        # From here on the commit frame may be on disk, whatever cuts this short: an
+        # interrupt can land on any bytecode, the jump past a handler too, so the flag is
+        # set before the write and cleared only by a failed write that says it did not get there.
+        self.written_commit = True
         try:
             self.io.pwrite(b"".join(batch), write_at)
         except OSError:  # the write failed: FileIO says how much of it is on disk
             self.written_commit = self.io.written >= whole
             raise
-        except BaseException:  # cut short anywhere: it may all be there
-            self.written_commit = True
-            raise
-        self.written_commit = True
         if sync:
             self.io.fsync()
         commit = Commit(txn, page_count, free_head, list(slots), frames, position, chain, tuple(freed))
