@@ -54,15 +54,17 @@ def state(p):
 
 def interrupt_allocations(monkeypatch, after, exc=KeyboardInterrupt):
     """Raise ``exc`` from the allocator's ``after``-th allocation from now (inside a change)."""
-    real = Allocator.alloc
     calls = []
 
-    def alloc(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == after:
-            raise exc()
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(Allocator, "alloc", alloc)
+    def interrupting(real):
+        def allocate(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == after:
+                raise exc()
+            return real(self, *args, **kwargs)
+        return allocate
+    for name in ("alloc", "place"):  # place() is the fast path of new objects
+        monkeypatch.setattr(Allocator, name, interrupting(getattr(Allocator, name)))
     return calls
 
 
@@ -139,14 +141,14 @@ def test_a_second_thread_gets_a_clear_error_while_a_change_is_running(tmp_path, 
     p = Changes(tmp_path / "threads.ps")
     fill(p)
     inside, go_on = threading.Event(), threading.Event()
-    real = Allocator.alloc
+    real = Allocator.place
 
-    def slow_alloc(self, *args, **kwargs):
+    def slow_place(self, *args, **kwargs):
         if threading.current_thread().name == "first" and not inside.is_set():
             inside.set()
             assert go_on.wait(30)
         return real(self, *args, **kwargs)
-    monkeypatch.setattr(Allocator, "alloc", slow_alloc)
+    monkeypatch.setattr(Allocator, "place", slow_place)
     first = threading.Thread(target=lambda: p.root.items.append(p.schema.Item(value=-1)), name="first")
     first.start()
     try:

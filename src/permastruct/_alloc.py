@@ -24,6 +24,8 @@ _BIN_MIN = F.RUN_BIN_MIN
 _LAST_BIN = len(_BIN_MIN) - 1
 _BIN_HEADS = struct.Struct(f"<{_LAST_BIN}i")
 _FREE_RUN_END = F.RUN_AT + F.FREE_RUN.size
+_HEAD = F.INT32.unpack_from
+_SLAB_FIELDS, _SLAB_PUT = F.SLAB.unpack_from, F.SLAB.pack_into
 
 
 def _bin_of(pages):
@@ -60,9 +62,10 @@ class Allocator:
             raise CorruptStorageError(f"{page_file.path!r}: page {state_pid} is not the allocator page")
         #: The size class of each small size, by (size - 1) >> 4: one list index instead of a bisect.
         self._class_of = [bisect.bisect_left(self.classes, size) for size in range(16, self.max_small + 16, 16)]
-        #: The allocator page, and per size class the last slab allocated from: ``(pid, view)``.
-        #: Views of the map stay valid (its memory never moves while open; a rollback restores
-        #: the bytes in place); :meth:`release` gives them back before the map is closed.
+        #: The allocator page, and per size class the last slab allocated from: ``(pid, view,
+        #: address)``.  Views of the map stay valid (its memory never moves while open; a
+        #: rollback restores the bytes in place); :meth:`release` gives them back before the map
+        #: is closed.
         self._state_view = view
         self._slab_views = [None] * len(self.classes)
 
@@ -133,6 +136,32 @@ class Allocator:
             self._zero(offset, min(size, 64))
         return offset
 
+    def place(self, size):
+        """``(offset, view, local, base)`` of a new object of ``size`` bytes, not zeroed.
+
+        The object is ``view[local:local + size]``, at address ``base + local``:
+        its maker writes it through the view it is handed, without looking the
+        offset up again.  The common case (the size class's current slab has a
+        never-used slot and stays partial) is handled here in a few C calls;
+        everything else goes through :meth:`alloc`.
+        """
+        if 0 < size <= self.max_small:
+            index = self._class_of[(size - 1) >> 4]
+            hot = self._slab_views[index]
+            state = self._state_view
+            if hot is not None and state is not None:
+                pid, page, base = hot
+                if _HEAD(state, F.ALLOC_HEADS_AT + 4 * index)[0] == pid:
+                    kind, cls, used, free_head, bump, nxt, prv = _SLAB_FIELDS(page, F.SLAB_AT)
+                    if not free_head and used == bump < self._slots[index] - 1 and kind == F.KIND_SLAB \
+                            and cls == index:
+                        _SLAB_PUT(page, F.SLAB_AT, kind, cls, used + 1, 0, bump + 1, nxt, prv)
+                        local = F.SLAB_FIRST_SLOT + bump * self.classes[index]
+                        return F.HEADER_BLOCK + pid * self.page_size + local, page, local, base
+        offset = self.alloc(size, zero=False)
+        segment = self.pf.mapping.segment_of(offset)
+        return offset, segment.map, offset - segment.start, segment.address
+
     def _zero(self, offset, size):
         mapping = self.pf.mapping
         step = 1 << 20
@@ -181,7 +210,8 @@ class Allocator:
             page = hot[1]
         else:
             page = self._page(pid, "the partial list of size class", index)
-            self._slab_views[index] = (pid, page)
+            segment = pf.mapping.segment_of(pf.offset(pid))
+            self._slab_views[index] = (pid, page, segment.address + pf.offset(pid) - segment.start)
         kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
         if kind != F.KIND_SLAB or cls != index:
             raise CorruptStorageError(f"{pf.path!r}: page {pid} on the size-class {index} list is not a slab of it")

@@ -235,8 +235,8 @@ class Heap:
         if blank is None and size <= 1024:  # made once per type and size: the header, then zeros
             blank = self._blanks[type_id, size] = F.OBJECT_HEADER.pack(type_id, 0) + bytes(size - 8)
         if blank is not None:
-            offset = self.allocator.alloc(size, zero=False)
-            self.mapping.view(offset, size)[:] = blank
+            offset, view, local, _ = self.allocator.place(size)
+            view[local:local + size] = blank
         else:  # a large object: the allocator zeroes it a piece at a time
             offset = self.allocator.alloc(size)
             F.OBJECT_HEADER.pack_into(self.mapping.view(offset, 8), 0, type_id, 0)

@@ -136,15 +136,19 @@ _get_ident = threading.get_ident
 _CUT_SHORT = (MemoryError, RecursionError)
 
 
+def _concurrent(storage):
+    return ConcurrentUseError(
+        f"{storage!r} is in the middle of a change made by another thread (or one that was "
+        "cut short there): a storage and its objects belong to one thread at a time; use a "
+        "lock around its use, or a storage per thread")
+
+
 def begin_change(storage):
     """Enter a change of ``storage``; False if one is running in this thread (a nested call)."""
     changing = storage._changing
     if changing:
         if changing != _get_ident():
-            raise ConcurrentUseError(
-                f"{storage!r} is in the middle of a change made by another thread (or one that was "
-                "cut short there): a storage and its objects belong to one thread at a time; use a "
-                "lock around its use, or a storage per thread")
+            raise _concurrent(storage)
         return False
     storage._changing = _get_ident()
     return True
@@ -156,17 +160,24 @@ def end_change(storage, exc):
         storage._changing = 0
 
 
+# change() and run_change() are begin_change/end_change written out: they are
+# on the path of every append and insert, where a call more is felt.
+
 def change(method):
     """Decorate a proxy method that changes its storage (see above); done once per class."""
     @functools.wraps(method)
     def changing(self, *args, **kwargs):
         storage = type(self)._heap
-        if not begin_change(storage):
+        if storage._changing:
+            if storage._changing != _get_ident():
+                raise _concurrent(storage)
             return method(self, *args, **kwargs)
+        storage._changing = _get_ident()
         try:
             result = method(self, *args, **kwargs)
         except Exception as exc:
-            end_change(storage, exc)
+            if not isinstance(exc, _CUT_SHORT):
+                storage._changing = 0
             raise
         storage._changing = 0
         return result
@@ -175,12 +186,16 @@ def change(method):
 
 def run_change(storage, function, *args, **kwargs):
     """Call ``function(*args, **kwargs)`` as one change of ``storage`` (see :func:`change`)."""
-    if not begin_change(storage):
+    if storage._changing:
+        if storage._changing != _get_ident():
+            raise _concurrent(storage)
         return function(*args, **kwargs)
+    storage._changing = _get_ident()
     try:
         result = function(*args, **kwargs)
     except Exception as exc:
-        end_change(storage, exc)
+        if not isinstance(exc, _CUT_SHORT):
+            storage._changing = 0
         raise
     storage._changing = 0
     return result

@@ -477,14 +477,10 @@ def new_string(heap, type_id, data, references=0):
     if not heap.writable:
         heap.check_writable()
     size = 16 + length  # F.STRING.size
-    offset = heap.allocator.alloc(size, zero=False)
-    segment = heap.mapping._hot
-    if segment is None or not segment.start <= offset < segment.end - size:
-        segment, _ = heap.locate(offset, size)
-    local = offset - segment.start
-    _PACK_STRING(segment.map, local, type_id, references,
+    offset, view, local, _ = heap.allocator.place(size)
+    _PACK_STRING(view, local, type_id, references,
                  _crc32(data, _STRING_SEED if type_id == F.T_STRING else _BYTES_SEED), length)
-    segment.map[local + 16:local + size] = data
+    view[local + 16:local + size] = data
     heap.created.add(offset)
     if not references:
         heap.unreferenced.add(offset)

@@ -321,7 +321,8 @@ def _make_constructor(cls):
     float32 = struct.Struct("<f")
 
     def new(given):
-        heap.check_writable()
+        if not heap.writable:
+            heap.check_writable()
         values = list(defaults)
         references = []  # (position, value) of reference fields, checked below, made after
         for name, value in given.items():
@@ -355,16 +356,15 @@ def _make_constructor(cls):
                     heap.incref(offset)
                 made.append(offset)
                 values[position] = offset
-            offset = heap.allocator.alloc(packer.size, zero=False)
+            offset, view, local, base = heap.allocator.place(packer.size)
         except BaseException:
             for target in made:  # nothing refers to them after all: freed at the next commit
                 heap.decref(target)
             raise
-        segment, local = heap.locate(offset, packer.size)
-        packer.pack_into(segment.map, local, cls._ps_type_id, 0, *values)
+        packer.pack_into(view, local, cls._ps_type_id, 0, *values)
         heap.created.add(offset)
         heap.unreferenced.add(offset)
-        return heap.remember(offset, cls.from_address(segment.address + local))
+        return heap.remember(offset, cls.from_address(base + local))
     return new
 
 
