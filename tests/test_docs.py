@@ -39,15 +39,31 @@ PREFIXES = {"storage": "p", "list": "lst", "dict": "d", "set": "s", "sorteddict"
             "PageFile": "pf", "Page": "page", "BufferManager": "bm", "PageHeader": "header"}
 
 
+_TABLE_BORDER = re.compile(r"^=+( +=+)+$")  # two columns or more: not a heading's underline
+
+
 def _entries(text):
-    """``{term line: body}`` of every definition-list item at the left margin of ``text``."""
+    """``{term line: body}`` of every definition-list item at the left margin of ``text``.
+
+    Rows of simple tables (between ``=== ===`` borders) are not entries, even
+    where a row starts with a literal and continues on an indented line.
+    """
     lines = text.splitlines()
     entries = {}
     index = 0
+    in_table = False
     while index < len(lines):
         line = lines[index]
-        if line.startswith("``") and index + 1 < len(lines) and lines[index + 1].startswith("    ") \
-                and lines[index + 1].strip():
+        if _TABLE_BORDER.match(line):
+            # A table starts at a border and ends at a border followed by a blank line.
+            if not in_table:
+                in_table = True
+            elif index + 1 == len(lines) or not lines[index + 1].strip():
+                in_table = False
+            index += 1
+            continue
+        if not in_table and line.startswith("``") and index + 1 < len(lines) \
+                and lines[index + 1].startswith("    ") and lines[index + 1].strip():
             body = []
             index += 1
             while index < len(lines) and (not lines[index] or lines[index].startswith(" ")):
@@ -219,3 +235,6 @@ def test_the_entry_finder_sees_a_deleted_entry():
     without = text.replace("``p.close()``\n    Close.\n", "")
     assert "p.close" not in set().union(*map(_names, _entries(without)))
     assert "p.close" not in set().union(*map(_names, _entries("Prose that mentions ``p.close()``.\n")))
+    table = "=======  ====\n``List``  a list;\n         more\n=======  ====\n\n"
+    assert not _entries(table), "a table row is not an entry"
+    assert _entries(table + "``List``\n    A list.\n")
