@@ -222,7 +222,7 @@ def test_check_draws_no_bar_when_stderr_is_not_a_terminal(tmp_path):
 def test_damage_found_midway_ends_the_bar_line_before_the_one_line_message(tmp_path):
     store = make_store(tmp_path / "s.ps")
     with AgentStorage(store, readonly=True) as p:  # the page of an Agent: not read when the store opens
-        pid = p._page_file.page_of(p._offset(p.root.agents[0]))
+        pid = p._page_file.page_of(p.root.agents[0]._ps_oid)
         page_size = p._page_file.page_size
     with open(store, "r+b") as f:
         f.seek(F.HEADER_BLOCK + pid * page_size + F.SLAB_AT)

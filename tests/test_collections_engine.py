@@ -201,8 +201,8 @@ def test_tree_height_and_peekitem_at_scale(store):
 
 # -- check() finds damage -------------------------------------------------------------
 def _damage(p, offset, fmt, value):
-    struct.pack_into(fmt, p._mapping.view(offset, struct.calcsize(fmt)), 0, value)
-    p._views.clear()
+    struct.pack_into(fmt, p._heap.mapping.view(offset, struct.calcsize(fmt)), 0, value)
+    p._heap.views.clear()
 
 
 def test_check_finds_a_wrong_list_count(store):

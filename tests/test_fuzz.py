@@ -77,6 +77,7 @@ from array import array
 import pytest
 
 import permastruct
+from permastruct._schema import type_label
 from permastruct import Dict, List, Set, SortedDict, Storage
 from permastruct import _format as F
 from permastruct import collections as C
@@ -287,7 +288,7 @@ def describe(path):
     """Pages, objects, reference slots and length fields of the store at ``path`` (JSON-able)."""
     with FuzzStorage(path, readonly=True) as p:
         pf = p._page_file
-        alloc = p._allocator
+        alloc = p._heap.allocator
         view = pf.mapping.view
         u32 = lambda at: F.UINT32.unpack_from(view(at, 4))[0]  # noqa: E731
         u64 = lambda at: F.UINT64.unpack_from(view(at, 8))[0]  # noqa: E731
@@ -295,7 +296,7 @@ def describe(path):
         fmap = {"file_size": os.path.getsize(path), "page_size": page_size, "page_count": pf.page_count,
                 "alloc_pid": alloc.state_pid, "slabs": [], "runs": [], "free": pf.free_pages(),
                 "free_runs": [list(r) for r in alloc.free_runs()], "objects": [], "refs": [],
-                "fields": [], "lists": [], "nodes": [], "type_ids": sorted(p._classes_by_id),
+                "fields": [], "lists": [], "nodes": [], "type_ids": sorted(p._heap.classes),
                 "strings": [], "buffers": []}
         skip = set(fmap["free"]) | {alloc.state_pid}
         for pid, length in fmap["free_runs"]:
@@ -327,7 +328,7 @@ def describe(path):
                 pid += length
             else:
                 pid += 1
-        classes = p._classes_by_id
+        classes = p._heap.classes
         for offset, capacity in objects:
             type_id = u32(offset)
             refs, fields = fmap["refs"], fmap["fields"]
@@ -1263,15 +1264,15 @@ def _write_some(p, seed):
             return None
         value = getattr(root, name)
         if value is None or type(value).__name__ != want[0] or \
-                [p._type_name(t) for t in type(value)._ps_params] != want[1]:
+                [type_label(t) for t in type(value)._ps_params] != want[1]:
             return None
         return value
 
-    if p._type_name(fields.get("count", type(None))) == "Int":
+    if type_label(fields.get("count", type(None))) == "Int":
         root.count = rng.randrange(1000)
-    if p._type_name(fields.get("title", type(None))) == "String":
+    if type_label(fields.get("title", type(None))) == "String":
         root.title = "written " * rng.randrange(1, 40)
-    if p._type_name(fields.get("big", type(None))) == "Buffer":
+    if type_label(fields.get("big", type(None))) == "Buffer":
         root.big = bytes(rng.randrange(100, 20000))
     ints = field("ints")
     if ints is not None:
@@ -1712,7 +1713,7 @@ def _offsets(path, *names):
             value = p.root
             for part in name.split("."):
                 value = getattr(value, part)
-            found.append(p._offset(value))
+            found.append(value._ps_oid)
     return found
 
 
@@ -1792,8 +1793,8 @@ def test_sorted_child_that_is_an_ancestor(tmp_path):
 def test_stored_field_name_that_ctypes_owns(small):
     with FuzzStorage(small, readonly=True) as p:
         offset = p._page_file.slots[F.SLOT_SCHEMA]
-        length = p._string_header(offset)[3]
-        text = bytes(p._mapping.view(offset + F.STRING.size, length))
+        length = p._heap.string_header(offset)[3]
+        text = bytes(p._heap.mapping.view(offset + F.STRING.size, length))
     damaged = text.replace(b'["raw",16]', b'["_fields_",16]')  # was: TypeError from ctypes
     assert len(damaged) == len(text) + 5
     _damage(small, offset + 12, F.UINT32.pack(len(damaged)) + damaged)

@@ -413,8 +413,8 @@ def test_free_pages_dropped_at_the_end_are_not_logged(tmp_path):
         p.commit()
         grown = p._page_file.page_count
         p.root.items = []
-        p._collect_unreferenced()  # frees the strings' pages now: their headers are written
-        released = p._allocator.merge()["released"]
+        p._heap.collect_unreferenced()  # frees the strings' pages now: their headers are written
+        released = p._heap.allocator.merge()["released"]
         assert released > 0 and p._page_file.page_count < grown
         p.commit()
         end = F.HEADER_BLOCK + p._page_file.page_count * p._page_file.page_size

@@ -683,7 +683,7 @@ def test_a_reader_reads_an_object_that_crosses_its_own_map_pieces(tmp_path, kind
         p.root.fill = []
         p.commit()
         r = S(path, readonly=True)          # maps the file as it is now: one piece
-        end = r._mapping.size
+        end = r._heap.mapping.size
         for i in range(40):                 # the first writer grows the file past the reader's piece
             p.root.fill.append(bytes(100_000))
         p.commit()
@@ -694,10 +694,10 @@ def test_a_reader_reads_an_object_that_crosses_its_own_map_pieces(tmp_path, kind
         n = 3_000_000
         if {kind!r} == "String":
             p.root.text = "s" * n
-            offset = p._offset(p.root.text)
+            offset = p.root.text._ps_oid
         else:
             p.root.data = bytes(range(256)) * (n // 256)
-            offset = p._offset(p.root.data)
+            offset = p.root.data._ps_oid
         p.commit()
         assert offset < end < offset + n, (offset, end)  # the object crosses the reader's piece end
         assert r.refresh()

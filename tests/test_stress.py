@@ -25,6 +25,7 @@ from permastruct import Storage
 from permastruct import _format as F
 from permastruct._alloc import Allocator
 from permastruct.pages import PageFile, PageHeader
+from permastruct.strings import new_string
 
 PAGE_SIZES = [256, 512, 4096]
 
@@ -190,7 +191,7 @@ class Driver:
             return m.value
         if choice == 1:
             return p.schema.ByteString(m.value)
-        return p._proxy(p._new_string(F.T_BYTESTRING, m.value))
+        return p._heap.proxy(new_string(p._heap, F.T_BYTESTRING, m.value))
 
     def make_text(self, m):
         if m.interned:
@@ -424,7 +425,7 @@ class Driver:
         # distinct model objects are distinct persistent objects
         offsets = {}
         for key, proxy in proxies.items():
-            offset = self.p._offset(proxy)
+            offset = proxy._ps_oid
             assert offset not in offsets, "two distinct objects share the offset %#x" % offset
             offsets[offset] = key
 
@@ -772,7 +773,7 @@ def test_large_object_after_rollback_near_a_segment_end(tmp_path):
     try:
         root = p.root
         p.commit()
-        pf, mapping = p._page_file, p._mapping
+        pf, mapping = p._page_file, p._heap.mapping
         keep = []
         # fill until the last mapped segment has exactly one unused page left
         while pf.offset(pf.page_count) + pf.page_size < mapping.size:

@@ -869,7 +869,7 @@ def test_close_while_a_view_is_exported(tmp_path):
     p.root.buf = exported(struct.pack(">3i", 1, 2, 3), ">i", 4, (3,))
     p.commit()
     m = memoryview(p.root.buf)
-    assert len(p._exports) == 1  # what close() tries to release: it cannot while m uses it
+    assert len(p._heap.exports) == 1  # what close() tries to release: it cannot while m uses it
     p.close()  # the view keeps its (private) memory mapped; nothing of it reaches the file
     assert m.tobytes() == struct.pack(">3i", 1, 2, 3)
     m.cast("B")[3] = 99
@@ -877,7 +877,7 @@ def test_close_while_a_view_is_exported(tmp_path):
     with pytest.raises(ValueError):
         m.tobytes()
     gc.collect()
-    assert len(p._exports) == 0 and live_exporters() == before
+    assert len(p._heap.exports) == 0 and live_exporters() == before
     p = MyStorage(path)
     assert bytes(p.root.buf) == struct.pack(">3i", 1, 2, 3)
     p.close()

@@ -585,8 +585,8 @@ def test_preview_reads_only_what_it_shows(p, monkeypatch):
     by_name = p.schema.ByName({b"%d" % i: None for i in range(2000)})
     p.commit()
     made = []
-    real = p._load_proxy  # called for every proxy made (none of the elements has a live one)
-    monkeypatch.setattr(p, "_load_proxy", lambda offset: made.append(offset) or real(offset))
+    real = p._heap.remember  # called for every proxy made (none of the elements has a live one)
+    monkeypatch.setattr(p._heap, "remember", lambda offset, proxy: made.append(offset) or real(offset, proxy))
     assert repr(agents).endswith(", ...] (2000 items)>")
     assert 0 < len(made) <= 5
     made.clear()

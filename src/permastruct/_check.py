@@ -66,7 +66,7 @@ def iter_objects(storage, progress=None):
     >>> with Notes(os.path.join(tempfile.mkdtemp(), "notes.ps")) as p:
     ...     p.root.title = "first"
     ...     p.commit()
-    ...     sorted(_type_name(p._classes_by_id, type_id) for _, _, type_id in iter_objects(p))
+    ...     sorted(_type_name(p._heap.classes, type_id) for _, _, type_id in iter_objects(p))
     ['(registry)', '(schema)', 'Root', 'String']
     """
     with _damage_reported(storage, "the object walk"):
@@ -112,7 +112,7 @@ class _PageScan:
     def objects(self, progress=None):
         """Claim every page, checking as it goes; yield ``(offset, capacity, type_id)`` of each object."""
         pf = self.storage._page_file
-        alloc = self.storage._allocator
+        alloc = self.storage._heap.allocator
         fail, claim = self.fail, self.claim
         view_at, header = pf.mapping.view, F.OBJECT_HEADER
         count = pf.page_count
@@ -176,7 +176,7 @@ class _PageScan:
 
 def _check_storage(storage, progress):
     pf = storage._page_file
-    alloc = storage._allocator
+    alloc = storage._heap.allocator
     path = storage.fileName
 
     def fail(message):
@@ -206,7 +206,7 @@ def _check_storage(storage, progress):
         fail(f"slab {next(iter(slabs_with_room))} has free slots but is on no partial list")
 
     # -- objects and references ---------------------------------------------------
-    classes = storage._classes_by_id
+    classes = storage._heap.classes
     incoming = dict.fromkeys(objects, 0)
     kinds = {}
 
@@ -224,7 +224,7 @@ def _check_storage(storage, progress):
         if progress is not None and not done & 255:
             progress(done, total, "objects")
         if type_id in (F.T_SCHEMA, F.T_BYTESTRING, F.T_STRING):
-            needed = F.STRING.size + storage._string_header(offset)[3]
+            needed = F.STRING.size + storage._heap.string_header(offset)[3]
             if type_id == F.T_STRING and needed <= capacity:
                 try:
                     bytes(pf.mapping.view(offset + F.STRING.size, needed - F.STRING.size)).decode("utf-8")
@@ -257,7 +257,7 @@ def _check_storage(storage, progress):
             owner_type = classes.get(F.UINT32.unpack_from(pf.mapping.view(offset + 8, 4))[0])
             if owner_type is None or owner_type._ps_kind not in C.KINDS:
                 fail(f"internal object {offset:#x} names an owner that is not a collection type")
-            needed = owner_type._ps_internal_size(storage, offset, type_id)
+            needed = owner_type._ps_internal_size(storage._heap, offset, type_id)
             if needed is None:
                 fail(f"internal object {offset:#x} of type {type_id} does not belong to a {owner_type.__name__}")
         elif type_id in classes:
@@ -269,14 +269,14 @@ def _check_storage(storage, progress):
         kinds[type_id] = kinds.get(type_id, 0) + 1
         cls = classes.get(type_id)
         if cls is not None and cls._ps_kind == "structure":
-            proxy = pf.mapping.from_buffer(cls, offset)
+            proxy = storage._heap.view_of(cls, offset)
             for name, ftype in cls._ps_field_types.items():
                 if not isinstance(ftype, T.ValueType):
                     target = getattr(proxy, "_ps_ref_" + name)
                     if target:
                         referenced(target, ftype, f"{cls.__name__}.{name} of {offset:#x}")
         elif cls is not None and cls._ps_kind in C.KINDS:
-            pf.mapping.from_buffer(cls, offset)._ps_check(referenced, fail)
+            storage._heap.view_of(cls, offset)._ps_check(referenced, fail)
     slots = pf.slots
     referenced(slots[F.SLOT_SCHEMA], None, "the schema slot")
     if F.UINT32.unpack_from(pf.mapping.view(slots[F.SLOT_SCHEMA], 4))[0] != F.T_SCHEMA:
@@ -296,7 +296,7 @@ def _check_storage(storage, progress):
             continue
         found += 1
         referenced(target, None, f"registry entry {index}")
-        kind, _, stored_hash, length = storage._string_header(target)
+        kind, _, stored_hash, length = storage._heap.string_header(target)
         if kind not in (F.T_BYTESTRING, F.T_STRING):
             fail(f"registry entry {index} is not a string")
         data = bytes(pf.mapping.view(target + F.STRING.size, length))
@@ -314,13 +314,13 @@ def _check_storage(storage, progress):
         referenced(slots[F.SLOT_HELD], None, f"root slot {F.SLOT_HELD}")
         if F.UINT32.unpack_from(pf.mapping.view(slots[F.SLOT_HELD], 4))[0] != F.T_HELD:
             fail(f"root slot {F.SLOT_HELD} does not hold the list of held objects")
-        held = set(storage._held_objects())
+        held = set(storage._heap.held_objects())
         for target in held:
             if target not in objects:
                 fail(f"the list of held objects names {target:#x}, which is not an allocated object")
     # Objects nothing references: the writer's pending ones (freed at its next commit) and the
     # ones the file records as held; any other is space lost for good.
-    pending = held | set(getattr(storage, "_unreferenced", ()))
+    pending = held | set(storage._heap.unreferenced)
     for offset, refs in ((o, F.UINT32.unpack_from(pf.mapping.view(o + 4, 4))[0]) for o in objects):
         if refs != incoming[offset]:
             fail(f"object {offset:#x} stores {refs} references but {incoming[offset]} were found")

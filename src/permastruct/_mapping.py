@@ -544,25 +544,34 @@ class MappedFile:
         A reader cannot map only the new part, as the writer does: a later
         writer maps the file in one piece and may put an object across the
         reader's boundary.  So the new map covers the whole file; the old
-        ones stay (for the proxies that still point into them) until nothing
-        uses them.  Call it with no private page images (after drop_private).
+        ones stay (for the proxies that still point into them) until
+        :meth:`close_retired` finds nothing uses them.  Call it with no
+        private page images (after drop_private).
         """
         physical = self._round_down(self.io.size())
         if physical <= self.size:
             return False
-        self._retired += self.segments
-        self.segments, self._starts, self.size, self._hot = [], [], 0, None
+        retired = self._retired + self.segments
+        self.segments, self._starts, self.size, self._hot, self._retired = [], [], 0, None, retired
         self._map(0, physical)
+        return True
+
+    def close_retired(self, addresses):
+        """Unmap the earlier maps of a reader that no proxy points into (``addresses``: every live
+        proxy's) and no view of the program holds."""
         still = []
         for segment in self._retired:
+            low, high = segment.address, segment.address + segment.length
+            if any(low <= address < high for address in addresses):
+                still.append(segment)
+                continue
             segment.view.release()
             try:
                 segment.map.close()
-            except BufferError:  # a proxy or view still uses it
+            except BufferError:  # a view of it is still out there
                 segment.view = memoryview(segment.map)
                 still.append(segment)
         self._retired = still
-        return True
 
     # -- private page images (a reader's view of the log) ------------------------
     def write_private(self, offset, data):

@@ -160,7 +160,7 @@ def change(method):
     """Decorate a proxy method that changes its storage (see above); done once per class."""
     @functools.wraps(method)
     def changing(self, *args, **kwargs):
-        storage = type(self)._storage
+        storage = type(self)._heap
         if not begin_change(storage):
             return method(self, *args, **kwargs)
         try:
@@ -542,10 +542,10 @@ class PersistentMeta(CMeta):
     """Metaclass of proxy classes: calling a storage's class creates a persistent object."""
 
     def __call__(cls, *args, **kwargs):
-        storage = cls._storage
-        if storage is None:
+        heap = cls._heap
+        if heap is None:
             raise TypeError(f"{cls.__name__} is not bound to a storage: use p.schema.{cls.__name__}(...)")
-        return storage._construct(cls, *args, **kwargs)
+        return run_change(heap, cls._ps_construct, *args, **kwargs)
 
 
 class Persistent(*((BufferExporter,) if BufferExporter is not None else ()), CStruct, metaclass=PersistentMeta):
@@ -559,15 +559,61 @@ class Persistent(*((BufferExporter,) if BufferExporter is not None else ()), CSt
     """
 
     _fields_ = [("_ps_type", ctypes.c_uint32), ("_ps_refs", ctypes.c_uint32)]
-    __slots__ = ("__weakref__",)
+    #: ``_ps_oid``: the object's file offset (set by the heap when it makes the proxy)
+    __slots__ = ("__weakref__", "_ps_oid")
     _storage = None
+    _heap = None
     _ps_type_id = 0
     _ps_kind = "abstract"
     _ps_closed = False  # True on the dead variants made by closed_class()
 
     @property
     def _ps_offset(self):
-        return type(self)._storage._mapping.offset_of_address(ctypes.addressof(self))
+        return self._ps_oid
+
+    @classmethod
+    def _ps_make(cls, segment, local):
+        """The proxy of the object of this class at ``local`` in map ``segment`` (its bytes there).
+
+        Types whose extent the file says (strings, buffers, collections)
+        check it here, once, with ``_ps_validate``: no later read can then go
+        past the map.
+        """
+        if local + ctypes.sizeof(cls) > segment.length:
+            raise _damaged(cls, None, local, f"its {ctypes.sizeof(cls)} bytes cross the end of the map")
+        proxy = cls.from_address(segment.address + local)
+        validate = cls._ps_validate
+        if validate is not None:
+            problem = validate(proxy, segment.length - local)
+            if problem is not None:
+                raise _damaged(cls, None, segment.start + local, problem, absolute=True)
+        return proxy
+
+    #: ``(proxy, room) -> problem or None``: what is wrong with an object whose extent the file says
+    _ps_validate = None
+
+    @classmethod
+    def _ps_construct(cls, *args, **kwargs):
+        """``cls(...)``: a new object made from plain Python values (each type says how)."""
+        if kwargs or len(args) != 1:
+            raise TypeError(f"{cls.__name__}() takes exactly one positional argument")
+        heap = cls._heap
+        return heap.at(cls, cls._ps_from_python(heap, args[0], f"{cls.__name__}()"))
+
+    @classmethod
+    def _ps_from_python(cls, heap, value, where):
+        """The offset of a new object of this type made from plain Python ``value`` (not yet referenced)."""
+        raise TypeError(f"{where} holds {cls.__name__}: cannot store a value of type {type(value).__name__}")
+
+    @classmethod
+    def _ps_check_python(cls, value, where):
+        """Raise the error ``_ps_from_python`` would raise for ``value``, without making anything."""
+        raise TypeError(f"{where} holds {cls.__name__}: cannot store a value of type {type(value).__name__}")
+
+    @classmethod
+    def _ps_references(cls, heap, offset, type_id):
+        """The offsets the object at ``offset`` references (none, unless the type says otherwise)."""
+        return []
 
     def __buffer__(self, flags=0):
         raise TypeError(f"a bytes-like object is required, not a persistent {type(self).__name__} "
@@ -575,8 +621,8 @@ class Persistent(*((BufferExporter,) if BufferExporter is not None else ()), CSt
 
     def isSameAs(self, other):
         """Whether ``other`` is a proxy of the same persistent object."""
-        return (isinstance(other, Persistent) and type(other)._storage is type(self)._storage
-                and ctypes.addressof(other) == ctypes.addressof(self))
+        return (isinstance(other, Persistent) and type(other)._heap is type(self)._heap
+                and other._ps_oid == self._ps_oid)
 
     def __repr__(self):
         return f"<persistent {type(self).__name__} object @offset {self._ps_offset:#x}>"
@@ -625,36 +671,16 @@ def _api_names(cls):
     return tuple(sorted(names))
 
 
-def validated_from_buffer(cls, source, offset=0):
-    """``from_buffer`` of proxy classes whose extent the file says (strings, buffers, collections).
-
-    The proxy of the object at ``offset`` of ``source`` (a segment of the
-    map), refused with CorruptStorageError when ``cls._ps_validate(proxy,
-    room)`` names a problem (``room``: the bytes left in the segment).  What
-    the file says about the object's extent is so checked once, when the
-    proxy is made, and no later read (``ctypes.string_at`` of a length read
-    from the file, a shape, a format) can go past the map.  Structures, whose
-    size the schema fixes, keep ctypes' own ``from_buffer``.
-    """
-    try:
-        proxy = _from_buffer(cls, source, offset)
-    except ValueError:
-        raise _damaged(cls, None, offset, f"its {ctypes.sizeof(cls)} bytes cross the end of the map") from None
-    problem = cls._ps_validate(proxy, len(source) - offset)
-    if problem is not None:
-        raise _damaged(cls, proxy, offset, problem)
-    return proxy
-
-
-def _damaged(cls, proxy, local, problem):
-    """The CorruptStorageError for a damaged object of class ``cls`` (``local``: offset in its segment)."""
-    storage = cls._storage
-    name = getattr(storage, "fileName", "?")
-    where = f"at segment offset {local:#x}"
+def _damaged(cls, proxy, local, problem, absolute=False):
+    """The CorruptStorageError for a damaged object of class ``cls`` (``local``: offset in its segment,
+    or in the file with ``absolute``)."""
+    heap = cls._heap
+    name = getattr(heap, "name", "?")
+    where = f"at {local:#x}" if absolute else f"at segment offset {local:#x}"
     if proxy is not None:
         try:
-            where = f"at {storage._mapping.offset_of_address(ctypes.addressof(proxy)):#x}"
-        except (AttributeError, ValueError):
+            where = f"at {proxy._ps_oid:#x}"
+        except AttributeError:
             pass
     return CorruptStorageError(f"{name!r}: the {cls.__name__} {where} is damaged: {problem}")
 

@@ -33,7 +33,7 @@ import ctypes
 import struct
 
 from . import _format as F
-from ._types import MemoryExporter, Persistent, validated_from_buffer
+from ._types import MemoryExporter, Persistent
 from .errors import CorruptStorageError
 
 __all__ = ["Buffer"]
@@ -107,7 +107,18 @@ class Buffer(Persistent):
     _ps_kind = "buffer"
     _ps_type_id = F.T_BUFFER
     _ps_validate = staticmethod(_validate)  # metadata checked once, when the proxy is made
-    from_buffer = classmethod(validated_from_buffer)
+
+    @classmethod
+    def _ps_from_python(cls, heap, value, where):
+        if isinstance(value, str):
+            return super()._ps_from_python(heap, value, where)
+        return new_buffer(heap, value)
+
+    @classmethod
+    def _ps_check_python(cls, value, where):
+        if isinstance(value, str):
+            super()._ps_check_python(value, where)
+        buffer_source(value).release()
 
     @property
     def _ps_format_length(self):
@@ -149,30 +160,30 @@ class Buffer(Persistent):
 
     def _ps_exporter(self):
         """A MemoryExporter of the stored bytes, holding this proxy and a view of the object in the map."""
-        storage = type(self)._storage
-        storage._check_open()
+        heap = type(self)._heap
+        heap.storage._check_open()
         start = ctypes.addressof(self)
-        offset = storage._mapping.offset_of_address(start)
+        offset = self._ps_oid
         nbytes, data_offset, itemsize, ndim, fmtlen = (self._ps_nbytes, self._ps_data_offset, self._ps_itemsize,
                                                        self._ps_ndim, self._ps_format_length)
         shape_at = F.buffer_layout(fmtlen, ndim)[0]
         if data_offset < shape_at + 8 * ndim or ndim > F.MAX_NDIM:
-            raise CorruptStorageError(f"{storage.fileName!r}: the Buffer at {offset:#x} has its data at "
+            raise CorruptStorageError(f"{heap.name!r}: the Buffer at {offset:#x} has its data at "
                                       f"{data_offset}, inside its metadata, or {ndim} dimensions")
-        storage._check_offset(offset, data_offset + nbytes)
+        heap.check_offset(offset, data_offset + nbytes)
         try:
-            pin = storage._mapping.view(offset, data_offset + nbytes)  # holds the segment's map
+            pin = heap.mapping.view(offset, data_offset + nbytes)  # holds the segment's map
         except IndexError as exc:
-            raise CorruptStorageError(f"{storage.fileName!r}: the Buffer at {offset:#x} ({data_offset + nbytes} "
+            raise CorruptStorageError(f"{heap.name!r}: the Buffer at {offset:#x} ({data_offset + nbytes} "
                                       "bytes) crosses the end of a mapped segment") from exc
         fmt = pin[F.BUFFER.size:F.BUFFER.size + fmtlen].tobytes()
         shape = struct.unpack_from(f"<{ndim}Q", pin, shape_at)
         try:
-            return MemoryExporter(start + data_offset, nbytes, itemsize, fmt, shape, storage.readonly,
+            return MemoryExporter(start + data_offset, nbytes, itemsize, fmt, shape, heap.readonly,
                                   keep=(self, pin))
         except ValueError as exc:
             pin.release()
-            raise CorruptStorageError(f"{storage.fileName!r}: the Buffer at {offset:#x} is inconsistent: "
+            raise CorruptStorageError(f"{heap.name!r}: the Buffer at {offset:#x} is inconsistent: "
                                       f"{exc}") from None
 
     def __buffer__(self, flags=0):
@@ -183,9 +194,40 @@ class Buffer(Persistent):
         storage gets a BufferError).
         """
         view = memoryview(self._ps_exporter())
-        type(self)._storage._exported(view)
+        type(self)._heap.exported(view)
         return view
 
     def __release_buffer__(self, view):
         with contextlib.suppress(BufferError, ValueError):  # still exported elsewhere: its holders release it
             view.release()
+
+
+def new_buffer(heap, obj):
+    """The offset of a new Buffer object holding a copy of ``obj`` (anything with the buffer protocol),
+    with its format, itemsize and shape; unreferenced until stored."""
+    source = buffer_source(obj)
+    fmt = source.format.encode("ascii", "replace")
+    if len(fmt) > F.MAX_FORMAT or source.ndim > F.MAX_NDIM:
+        raise ValueError(f"a buffer's format is at most {F.MAX_FORMAT} characters and its ndim at most "
+                         f"{F.MAX_NDIM}, not {len(fmt)} and {source.ndim}")
+    shape_at, data_offset = F.buffer_layout(len(fmt), source.ndim)
+    nbytes = source.nbytes
+    heap.check_writable()
+    offset = heap.allocator.alloc(data_offset + nbytes, zero=False)
+    view = heap.mapping.view(offset, data_offset + nbytes)
+    view[:data_offset] = bytes(data_offset)
+    F.BUFFER.pack_into(view, 0, F.T_BUFFER, 0, nbytes, data_offset, source.itemsize, source.ndim,
+                       len(fmt) & 0xFF, len(fmt) >> 8)
+    view[F.BUFFER.size:F.BUFFER.size + len(fmt)] = fmt
+    for index, extent in enumerate(source.shape or ()):
+        F.UINT64.pack_into(view, shape_at + 8 * index, extent)
+    if source.c_contiguous:
+        try:
+            view[data_offset:] = source.cast("B") if source.ndim else source.tobytes()
+        except (TypeError, ValueError):
+            view[data_offset:] = source.tobytes()
+    else:
+        view[data_offset:] = source.tobytes()
+    heap.created.add(offset)
+    heap.unreferenced.add(offset)
+    return offset

@@ -29,6 +29,7 @@ from . import __version__
 from . import _format as F
 from . import collections as C
 from ._check import _type_name, iter_objects
+from ._schema import type_label
 from .errors import NotAStorageError, PermastructError
 from .storage import Storage
 
@@ -226,7 +227,7 @@ def info(path, out=print):
         counts = _count_objects(p)
         live = sum(nbytes for _, nbytes in counts.values())
         out(f"objects:   {sum(n for n, _ in counts.values())} objects, {live} bytes")
-        rows = [(_type_name(p._classes_by_id, type_id), str(n), str(nbytes))
+        rows = [(_type_name(p._heap.classes, type_id), str(n), str(nbytes))
                 for type_id, (n, nbytes) in sorted(counts.items())]
         widths = [max(map(len, column), default=0) for column in zip(*rows)]
         for name, n, nbytes in rows:
@@ -257,7 +258,7 @@ def _count_objects(storage):
 
 def _free_pages(storage):
     """The free pages of the last commit: on the free-page list and in the allocator's free runs."""
-    return storage._page_file.free_page_count() + sum(length for _, length in storage._allocator.free_runs())
+    return storage._page_file.free_page_count() + sum(length for _, length in storage._heap.allocator.free_runs())
 
 
 def _size(n):
@@ -298,13 +299,13 @@ def _readers_text(storage):
 def _schema_lines(storage):
     """One line per type the store defines: ``Agent(Structure): name: ByteString, age: Int``."""
     lines = []
-    for cls in storage._classes_by_id.values():
+    for cls in storage._heap.classes.values():
         if cls._ps_kind == "structure":
             base = cls.__bases__[0].__name__
-            fields = ", ".join(f"{name}: {storage._type_name(ftype)}" for name, ftype in cls._ps_own_fields)
+            fields = ", ".join(f"{name}: {type_label(ftype)}" for name, ftype in cls._ps_own_fields)
             lines.append(f"{cls.__name__}({base}): {fields or 'no fields'}")
         elif cls._ps_kind in C.KINDS:
-            params = ", ".join(storage._type_name(t) for t in cls._ps_params)
+            params = ", ".join(type_label(t) for t in cls._ps_params)
             lines.append(f"{cls.__name__} = {C.DESCRIPTORS[cls._ps_kind].__name__}[{params}]")
     return lines
 

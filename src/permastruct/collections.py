@@ -1,7 +1,7 @@
 """Persistent collections: ``List``, ``Dict``, ``Set`` and ``SortedDict``.
 
 A *descriptor* names a collection type and its element types; ``define``
-turns it into a proxy class of the storage::
+turns it into a proxy class of the heap::
 
     Agents = self.define(List("Agents")[Agent])
     ByName = self.define(Dict("ByName")[self.schema.ByteString, Agent])
@@ -38,12 +38,12 @@ from zlib import crc32 as _crc32
 
 from . import _format as F
 from . import _types as T
+from .strings import new_string
 from .errors import CorruptStorageError, PermastructError, ReadOnlyError, SchemaError
 
 __all__ = ["List", "Dict", "Set", "SortedDict"]
 
 _INTERNAL_HEADER = struct.Struct("<III")  # type, refs, owner type: the start of ARRAY, TABLE, NODE
-_from_buffer = T.CMeta.from_buffer
 
 
 # -- descriptors ------------------------------------------------------------------
@@ -146,13 +146,13 @@ class _Cell:
     cell already is the Python value.
     """
 
-    def __init__(self, storage, ftype, owner, role):
+    def __init__(self, heap, ftype, owner, role):
         self.type = ftype
         self.is_ref = not isinstance(ftype, T.ValueType)
         where = f"{owner} {role}"
         if self.is_ref:
             self.code = "Q"
-            reference, proxy = storage._reference_to, storage._proxy
+            reference, proxy = heap.reference_to, heap.proxy
 
             def encode(value):
                 return reference(ftype, value, where)
@@ -186,12 +186,12 @@ class _Cell:
 class _Key(_Cell):
     """A cell used as a key: hashing, normalising lookups, comparing."""
 
-    def __init__(self, storage, ftype, owner, role):
+    def __init__(self, heap, ftype, owner, role):
         if not isinstance(ftype, T.ValueType) and getattr(ftype, "_ps_kind", None) != "string":
             raise SchemaError(f"{owner}: {role}s must be numbers, ByteString or String, "
                               f"not {getattr(ftype, '__name__', ftype)}")
-        super().__init__(storage, ftype, owner, role)
-        self.storage = storage
+        super().__init__(heap, ftype, owner, role)
+        self.heap = heap
         if self.is_ref:
             self.string_type = ftype._ps_type_id
             self.python = str if self.string_type == F.T_STRING else (bytes, bytearray, memoryview)
@@ -289,7 +289,7 @@ class _Key(_Cell):
                 value = int(value)
             return F.number_hash(value), value
         if isinstance(key, T.Persistent):
-            self.encode(key)  # storage, type and liveness checks
+            self.encode(key)  # heap, type and liveness checks
             return key._ps_hash, key._ps_bytes()
         if not isinstance(key, self.python):
             self.encode(key)  # raises the TypeError of a wrong type
@@ -301,8 +301,8 @@ class _Key(_Cell):
         if not self.is_ref:
             return data
         if isinstance(key, T.Persistent):
-            return self.storage._offset(key)
-        return self.storage._new_string(self.string_type, data)
+            return key._ps_oid
+        return new_string(self.heap, self.string_type, data)
 
     def bound(self, key):
         """A comparable form of ``key`` for bisect and irange (TypeError if not comparable)."""
@@ -324,17 +324,17 @@ def _collection_problem(proxy):
     """What is wrong with a collection's header, or None: a count the file can hold, a body of the
     right kind and owner, and for a list an array that its count and capacity fit.
 
-    Checked once, when the proxy is made (``_Collection.from_buffer``); the
+    Checked once, when the proxy is made (``_Collection._ps_validate``); the
     collection's own changes keep it true.  Internal objects are cached by
-    offset (``storage._views``): a body of another kind or owner must never be
+    offset (``heap.views``): a body of another kind or owner must never be
     looked up there, and lists that share an array must all fit in it.
     """
     cls = type(proxy)
-    storage = cls._storage
+    heap = cls._heap
     count, body = proxy._ps_count, proxy._ps_body
     if not body:
         return f"it counts {count} elements but has no {_BODY_NAMES[cls._ps_body_type]}" if count else None
-    mapping = storage._mapping
+    mapping = heap.mapping
     if count > mapping.size >> 3:  # every element takes at least one 8-byte cell
         return f"it counts {count} elements, more than the file can hold"
     segments = mapping.segments
@@ -361,19 +361,12 @@ class _Collection(T.Persistent):
     _ps_params = ()
     _ps_readonly = False
 
-    @classmethod
-    def from_buffer(cls, source, offset=0):
-        """The proxy of the collection at ``offset`` of ``source`` (a map segment), refused with
-        CorruptStorageError if its header is damaged (see ``_collection_problem``)."""
-        try:
-            proxy = _from_buffer(cls, source, offset)
-        except ValueError:
-            raise T._damaged(cls, None, offset, "its header crosses the end of the map") from None
+    @staticmethod
+    def _ps_validate(proxy, room):
+        """Its header, checked once when the proxy is made (see ``_collection_problem``)."""
         if proxy._ps_body or proxy._ps_count:
-            problem = _collection_problem(proxy)
-            if problem is not None:
-                raise T._damaged(cls, proxy, offset, problem)
-        return proxy
+            return _collection_problem(proxy)
+        return None
 
     def __len__(self):
         return self._ps_count
@@ -434,27 +427,39 @@ class _Collection(T.Persistent):
         return map(_preview_value, self)
 
     def _ps_storage(self):
-        """The storage, for a change: refuses read-only storages."""
-        storage = type(self)._storage
-        if storage.readonly:
-            raise ReadOnlyError(f"{storage!r} is open read-only: cannot change this {type(self).__name__}")
-        return storage
+        """The heap, for a change: refuses read-only storages."""
+        heap = type(self)._heap
+        if heap.readonly:
+            raise ReadOnlyError(f"{heap!r} is open read-only: cannot change this {type(self).__name__}")
+        return heap
 
     @classmethod
-    def _ps_from_python(cls, storage, value, where):
+    def _ps_from_python(cls, heap, value, where):
         """A new collection holding the elements of plain Python ``value`` (a field assignment)."""
         if not cls._ps_accepts(value):
             raise TypeError(f"{where} holds {cls.__name__}: cannot store a value of type {type(value).__name__}")
-        return cls._ps_build(storage, value)
+        return cls._ps_build(heap, value)
 
     @classmethod
-    def _ps_build(cls, storage, source, **options):
-        offset = storage._new_object(cls, F.COLLECTION.size)
-        proxy = storage._mapping.from_buffer(cls, offset)
+    def _ps_construct(cls, source=None, **options):
+        """``Kind(source, **options)``: a new collection (of ``source``'s elements, if given)."""
+        heap = cls._heap
+        heap.check_writable()
+        return heap.proxy(cls._ps_build(heap, source, **options))
+
+    @classmethod
+    def _ps_check_python(cls, value, where):
+        if not cls._ps_accepts(value):
+            super()._ps_check_python(value, where)
+
+    @classmethod
+    def _ps_build(cls, heap, source, **options):
+        offset = heap.new_object(cls, F.COLLECTION.size)
+        proxy = heap.at(cls, offset)
         try:
             proxy._ps_init(source, **options)
         except BaseException:
-            storage._free_object(offset)
+            heap.free_object(offset)
             raise
         return offset
 
@@ -465,22 +470,22 @@ class _Collection(T.Persistent):
         if source is not None:
             self._ps_fill(source)
 
-    def _ps_internal(self, storage, type_id, size):
+    def _ps_internal(self, heap, type_id, size):
         """A new zeroed internal object of this collection (reference count 1)."""
-        offset = storage._allocator.alloc(size)
-        _INTERNAL_HEADER.pack_into(storage._mapping.view(offset, _INTERNAL_HEADER.size), 0,
+        offset = heap.allocator.alloc(size)
+        _INTERNAL_HEADER.pack_into(heap.mapping.view(offset, _INTERNAL_HEADER.size), 0,
                                    type_id, 1, type(self)._ps_type_id)
         return offset
 
     def _ps_bad(self, what):
-        storage = type(self)._storage
-        return CorruptStorageError(f"{storage.fileName!r}: {type(self).__name__} at {self._ps_offset:#x}: {what}")
+        heap = type(self)._heap
+        return CorruptStorageError(f"{heap.name!r}: {type(self).__name__} at {self._ps_offset:#x}: {what}")
 
     def _ps_check_internal(self, offset, type_id, size):
-        storage = type(self)._storage
-        storage._check_offset(offset, size)
+        heap = type(self)._heap
+        heap.check_offset(offset, size)
         try:
-            kind, _, owner = _INTERNAL_HEADER.unpack_from(storage._mapping.view(offset, _INTERNAL_HEADER.size))
+            kind, _, owner = _INTERNAL_HEADER.unpack_from(heap.mapping.view(offset, _INTERNAL_HEADER.size))
         except IndexError:
             raise self._ps_bad(f"its internal object at {offset:#x} is not in the map") from None
         if kind != type_id or owner != type(self)._ps_type_id:
@@ -510,8 +515,8 @@ class PersistentList(_Collection):
     _ps_body_type = F.T_ARRAY
 
     @classmethod
-    def _ps_prepare(cls, storage):
-        cls._ps_cell = _Cell(storage, cls._ps_params[0], cls.__name__, "element")
+    def _ps_prepare(cls, heap):
+        cls._ps_cell = _Cell(heap, cls._ps_params[0], cls.__name__, "element")
 
     @staticmethod
     def _ps_accepts(value):
@@ -522,50 +527,50 @@ class PersistentList(_Collection):
     def _ps_cells(self):
         """A memoryview of the array's cells (cast to the cell code), cached per array."""
         body = self._ps_body
-        storage = type(self)._storage
-        cells = storage._views.get(body)
+        heap = type(self)._heap
+        cells = heap.views.get(body)
         if cells is None:
             capacity = self._ps_aux
             self._ps_check_internal(body, F.T_ARRAY, F.ARRAY.size + F.CELL * capacity)
-            if F.ARRAY.unpack_from(storage._mapping.view(body, F.ARRAY.size))[4] != capacity:
+            if F.ARRAY.unpack_from(heap.mapping.view(body, F.ARRAY.size))[4] != capacity:
                 raise self._ps_bad("its array has another capacity than the list says")
             if self._ps_count > capacity:
                 raise self._ps_bad(f"{self._ps_count} elements in an array of {capacity}")
             try:
-                cells = storage._mapping.view(body + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
+                cells = heap.mapping.view(body + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
             except IndexError:
                 raise self._ps_bad(f"its array at {body:#x} crosses the end of a mapped segment") from None
-            storage._views[body] = cells
+            heap.views[body] = cells
         return cells
 
-    def _ps_resize(self, storage, capacity):
+    def _ps_resize(self, heap, capacity):
         """Move the elements to a new array of ``capacity`` cells (0: no array)."""
         count, old = self._ps_count, self._ps_body
         new = 0
         if capacity:
-            new = self._ps_internal(storage, F.T_ARRAY, F.ARRAY.size + F.CELL * capacity)
-            F.UINT64.pack_into(storage._mapping.view(new + 16, 8), 0, capacity)
+            new = self._ps_internal(heap, F.T_ARRAY, F.ARRAY.size + F.CELL * capacity)
+            F.UINT64.pack_into(heap.mapping.view(new + 16, 8), 0, capacity)
             if count:
-                fresh = storage._mapping.view(new + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
+                fresh = heap.mapping.view(new + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
                 fresh[:count] = self._ps_cells()[:count]
                 fresh.release()
         self._ps_body, self._ps_aux = new, capacity
         if old:
-            storage._drop_internal(old)
+            heap.drop_internal(old)
 
-    def _ps_reserve(self, storage, needed):
+    def _ps_reserve(self, heap, needed):
         capacity = self._ps_aux
         if needed > capacity:
-            self._ps_resize(storage, max(needed, 8, capacity + (capacity >> 1)))
+            self._ps_resize(heap, max(needed, 8, capacity + (capacity >> 1)))
         return self._ps_cells()
 
-    def _ps_maybe_shrink(self, storage):
+    def _ps_maybe_shrink(self, heap):
         count, capacity = self._ps_count, self._ps_aux
         if count == 0:
             if capacity:
-                self._ps_resize(storage, 0)
+                self._ps_resize(heap, 0)
         elif capacity > 16 and count < capacity >> 2:
-            self._ps_resize(storage, max(8, count * 2))
+            self._ps_resize(heap, max(8, count * 2))
 
     def _ps_values(self, start=0, stop=None):
         """The Python values of elements ``start:stop``."""
@@ -708,25 +713,25 @@ class PersistentList(_Collection):
     __rmul__ = __mul__
 
     # -- changing --
-    def _ps_write_all(self, storage, cells):
+    def _ps_write_all(self, heap, cells):
         """Replace every element by ``cells`` (already encoded and increfed by the caller)."""
         cells_array = array(type(self)._ps_cell.code, cells)
         count = len(cells_array)
         if not count and not self._ps_body:
             return
-        view = self._ps_reserve(storage, count)
+        view = self._ps_reserve(heap, count)
         old = self._ps_count
         view[:count] = memoryview(cells_array)
         if old > count:
             view[count:old] = array(type(self)._ps_cell.code, bytes(F.CELL * (old - count)))
         self._ps_count = count
-        self._ps_maybe_shrink(storage)
+        self._ps_maybe_shrink(heap)
 
     def __setitem__(self, index, value):
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         cell_type = type(self)._ps_cell
         if isinstance(index, slice):
-            return self._ps_set_slice(storage, index, value)
+            return self._ps_set_slice(heap, index, value)
         try:
             index = index.__index__()
         except AttributeError:
@@ -742,11 +747,11 @@ class PersistentList(_Collection):
         cells[index] = cell
         if cell_type.is_ref:
             if cell:
-                storage._incref(cell)
+                heap.incref(cell)
             if old:
-                storage._decref(old)
+                heap.decref(old)
 
-    def _ps_set_slice(self, storage, index, value):
+    def _ps_set_slice(self, heap, index, value):
         if isinstance(value, PersistentList) and value.isSameAs(self):
             value = value[:]
         values = list(value) if not isinstance(value, list) else value
@@ -758,26 +763,26 @@ class PersistentList(_Collection):
         cells = self._ps_cells()[:self._ps_count].tolist() if self._ps_count else []
         removed = cells[index]
         cells[index] = new
-        self._ps_replace(storage, cells, new, removed)
+        self._ps_replace(heap, cells, new, removed)
 
-    def _ps_replace(self, storage, cells, added, removed):
+    def _ps_replace(self, heap, cells, added, removed):
         if type(self)._ps_cell.is_ref:
             for cell in added:
                 if cell:
-                    storage._incref(cell)
-        self._ps_write_all(storage, cells)
+                    heap.incref(cell)
+        self._ps_write_all(heap, cells)
         if type(self)._ps_cell.is_ref:
             for cell in removed:
                 if cell:
-                    storage._decref(cell)
+                    heap.decref(cell)
 
     def __delitem__(self, index):
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         if isinstance(index, slice):
             cells = self._ps_cells()[:self._ps_count].tolist() if self._ps_count else []
             removed = cells[index]
             del cells[index]
-            return self._ps_replace(storage, cells, (), removed)
+            return self._ps_replace(heap, cells, (), removed)
         try:
             index = index.__index__()
         except AttributeError:
@@ -787,23 +792,23 @@ class PersistentList(_Collection):
             index += count
         if not 0 <= index < count:
             raise IndexError("list assignment index out of range")
-        self._ps_remove_at(storage, index)
+        self._ps_remove_at(heap, index)
 
-    def _ps_remove_at(self, storage, index):
+    def _ps_remove_at(self, heap, index):
         cells = self._ps_cells()
         count = self._ps_count
         old = cells[index]
         cells[index:count - 1] = cells[index + 1:count]
         cells[count - 1] = 0
         self._ps_count = count - 1
-        self._ps_maybe_shrink(storage)
+        self._ps_maybe_shrink(heap)
         if old and type(self)._ps_cell.is_ref:
-            storage._decref(old)
+            heap.decref(old)
         return old
 
     def insert(self, index, value):
         """Insert ``value`` before ``index`` (clamped like ``list.insert``)."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         try:
             index = index.__index__()
         except AttributeError:
@@ -812,45 +817,45 @@ class PersistentList(_Collection):
         cell = cell_type.encode(value)
         count = self._ps_count
         index = min(max(index + count if index < 0 else index, 0), count)
-        cells = self._ps_reserve(storage, count + 1)
+        cells = self._ps_reserve(heap, count + 1)
         cells[index + 1:count + 1] = cells[index:count]
         cells[index] = cell
         self._ps_count = count + 1
         if cell and cell_type.is_ref:
-            storage._incref(cell)
+            heap.incref(cell)
 
     def append(self, value):
         """Add ``value`` at the end (amortised O(1))."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         cell_type = type(self)._ps_cell
         cell = cell_type.encode(value)
         count = self._ps_count
-        cells = self._ps_cells() if count < self._ps_aux else self._ps_reserve(storage, count + 1)
+        cells = self._ps_cells() if count < self._ps_aux else self._ps_reserve(heap, count + 1)
         cells[count] = cell
         self._ps_count = count + 1
         if cell and cell_type.is_ref:
-            storage._incref(cell)
+            heap.incref(cell)
 
     def extend(self, values):
         """Append every element of ``values``; nothing is added if one of them has a wrong type."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         if isinstance(values, PersistentList):
             values = values._ps_values()
-        self._ps_append_cells(storage, self._ps_encode_all(values))
+        self._ps_append_cells(heap, self._ps_encode_all(values))
 
-    def _ps_append_cells(self, storage, new):
+    def _ps_append_cells(self, heap, new):
         """Append encoded cells ``new`` (by-reference ones gain a reference each)."""
         if not new:
             return
         count = self._ps_count
         packed = memoryview(array(type(self)._ps_cell.code, new))
-        cells = self._ps_reserve(storage, count + len(new))
+        cells = self._ps_reserve(heap, count + len(new))
         cells[count:count + len(new)] = packed
         self._ps_count = count + len(new)
         if type(self)._ps_cell.is_ref:
             for cell in new:
                 if cell:
-                    storage._incref(cell)
+                    heap.incref(cell)
 
     def __iadd__(self, values):
         """``lst += values``: ``lst.extend(values)``, in place (nothing is added if one has a wrong type).
@@ -883,19 +888,19 @@ class PersistentList(_Collection):
         """
         if not hasattr(type(count), "__index__"):
             return NotImplemented
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         count = operator.index(count)
         size = self._ps_count
         if count <= 0:
             self.clear()
         elif count > 1 and size:
             cells = self._ps_cells()[:size].tolist()
-            self._ps_append_cells(storage, cells * (count - 1))
+            self._ps_append_cells(heap, cells * (count - 1))
         return self
 
     def pop(self, index=-1):
         """Remove and return the element at ``index`` (the last by default)."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         count = self._ps_count
         if not count:
             raise IndexError("pop from empty list")
@@ -908,25 +913,25 @@ class PersistentList(_Collection):
         if not 0 <= index < count:
             raise IndexError("pop index out of range")
         value = self[index]  # a proxy keeps the object alive past its decref
-        self._ps_remove_at(storage, index)
+        self._ps_remove_at(heap, index)
         return value
 
     def remove(self, value):
         """Remove the first element equal to ``value`` (``ValueError`` if absent)."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         try:
             index = self._ps_values().index(value)
         except ValueError:
             raise ValueError("list.remove(x): x not in list") from None
-        self._ps_remove_at(storage, index)
+        self._ps_remove_at(heap, index)
 
     def clear(self):
         """Remove every element."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         if not self._ps_count:
             return
         removed = self._ps_cells()[:self._ps_count].tolist()
-        self._ps_replace(storage, [], (), removed)
+        self._ps_replace(heap, [], (), removed)
 
     def reverse(self):
         """Reverse the elements in place."""
@@ -956,24 +961,24 @@ class PersistentList(_Collection):
             raise ValueError("list modified during sort")
         cells[:count] = memoryview(array(type(self)._ps_cell.code, [current[i] for i in order]))
 
-    # -- storage hooks --
+    # -- heap hooks --
     @classmethod
-    def _ps_references(cls, storage, offset, type_id):
+    def _ps_references(cls, heap, offset, type_id):
         """Offsets the object at ``offset`` (this list or its array) references."""
-        header = F.COLLECTION.unpack_from(storage._mapping.view(offset, F.COLLECTION.size))
+        header = F.COLLECTION.unpack_from(heap.mapping.view(offset, F.COLLECTION.size))
         if type_id != F.T_ARRAY:
             return [header[3]] if header[3] else []
         if not cls._ps_cell.is_ref:
             return []
-        capacity = F.ARRAY.unpack_from(storage._mapping.view(offset, F.ARRAY.size))[4]
-        storage._check_offset(offset, F.ARRAY.size + F.CELL * capacity)
-        return [c for c in storage._mapping.view(offset + F.ARRAY.size, F.CELL * capacity).cast("Q") if c]
+        capacity = F.ARRAY.unpack_from(heap.mapping.view(offset, F.ARRAY.size))[4]
+        heap.check_offset(offset, F.ARRAY.size + F.CELL * capacity)
+        return [c for c in heap.mapping.view(offset + F.ARRAY.size, F.CELL * capacity).cast("Q") if c]
 
     @classmethod
-    def _ps_internal_size(cls, storage, offset, type_id):
+    def _ps_internal_size(cls, heap, offset, type_id):
         if type_id != F.T_ARRAY:
             return None
-        return F.ARRAY.size + F.CELL * F.ARRAY.unpack_from(storage._mapping.view(offset, F.ARRAY.size))[4]
+        return F.ARRAY.size + F.CELL * F.ARRAY.unpack_from(heap.mapping.view(offset, F.ARRAY.size))[4]
 
     def _ps_check(self, referenced, fail):
         me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
@@ -1014,17 +1019,17 @@ class _TableView:
 
     __slots__ = ("head", "indices", "entries", "mask", "capacity", "entries_at")
 
-    def __init__(self, storage, offset, esize):
+    def __init__(self, heap, offset, esize):
         type_id, _, _, _, nslots, used, filled, capacity = F.TABLE.unpack_from(
-            storage._mapping.view(offset, F.TABLE.size))
+            heap.mapping.view(offset, F.TABLE.size))
         if not nslots or nslots & (nslots - 1) or capacity >= nslots or used > capacity or filled > capacity:
-            raise CorruptStorageError(f"{storage.fileName!r}: hash table at {offset:#x} has {nslots} slots, "
+            raise CorruptStorageError(f"{heap.name!r}: hash table at {offset:#x} has {nslots} slots, "
                                       f"{used} of {capacity} entries used")
         entries_at = F.TABLE.size + -(-4 * nslots // 8) * 8
-        storage._check_offset(offset, entries_at + esize * capacity)
-        self.head = storage._mapping.view(offset, F.TABLE.size).cast("Q")
-        self.indices = storage._mapping.view(offset + F.TABLE.size, 4 * nslots).cast("I")
-        self.entries = storage._mapping.view(offset + entries_at, esize * capacity)
+        heap.check_offset(offset, entries_at + esize * capacity)
+        self.head = heap.mapping.view(offset, F.TABLE.size).cast("Q")
+        self.indices = heap.mapping.view(offset + F.TABLE.size, 4 * nslots).cast("I")
+        self.entries = heap.mapping.view(offset + entries_at, esize * capacity)
         self.mask = nslots - 1
         self.capacity = capacity
         self.entries_at = entries_at
@@ -1038,14 +1043,14 @@ class _HashCollection(_Collection):
     _ps_body_type = F.T_TABLE
 
     @classmethod
-    def _ps_prepare(cls, storage):
-        cls._ps_key = _Key(storage, cls._ps_params[0], cls.__name__, "key")
+    def _ps_prepare(cls, heap):
+        cls._ps_key = _Key(heap, cls._ps_params[0], cls.__name__, "key")
         code = cls._ps_key.code
         if cls._ps_has_values:
-            cls._ps_value = _Cell(storage, cls._ps_params[1], cls.__name__, "value")
+            cls._ps_value = _Cell(heap, cls._ps_params[1], cls.__name__, "value")
             code += cls._ps_value.code
         cls._ps_entry = struct.Struct("<II" + code)
-        cls._ps_equals = storage._string_equals if cls._ps_key.is_ref else None
+        cls._ps_equals = heap.string_equals if cls._ps_key.is_ref else None
         cls._ps_esize = cls._ps_entry.size
         cls._ps_blank = bytes(cls._ps_esize)
 
@@ -1063,20 +1068,20 @@ class _HashCollection(_Collection):
                 raise OverflowError(f"a {type(self).__name__} holds at most {_MAX_ENTRIES} entries; "
                                     f"size={size} is more")
             if size:
-                self._ps_rebuild(type(self)._storage, size)
+                self._ps_rebuild(type(self)._heap, size)
         super()._ps_init(source, **options)
 
     def _ps_table(self):
         body = self._ps_body
-        storage = type(self)._storage
-        view = storage._views.get(body)
+        heap = type(self)._heap
+        view = heap.views.get(body)
         if view is None:
             self._ps_check_internal(body, F.T_TABLE, F.TABLE.size)
             try:
-                view = _TableView(storage, body, type(self)._ps_esize)
+                view = _TableView(heap, body, type(self)._ps_esize)
             except IndexError:
                 raise self._ps_bad(f"its hash table at {body:#x} crosses the end of a mapped segment") from None
-            storage._views[body] = view
+            heap.views[body] = view
         return view
 
     def _ps_find(self, table, hash_, data):
@@ -1113,7 +1118,7 @@ class _HashCollection(_Collection):
             raise _Missing
         cls = type(self)
         hash_, data = cls._ps_key.lookup(key)
-        table = cls._storage._views.get(body) or self._ps_table()
+        table = cls._heap.views.get(body) or self._ps_table()
         # The first probe, inline: with the table at most 2/3 full it usually decides.
         slot = hash_ & table.mask
         index = table.indices[slot]
@@ -1127,15 +1132,15 @@ class _HashCollection(_Collection):
             raise _Missing
         return table, slot, entry, fields
 
-    def _ps_rebuild(self, storage, wanted):
+    def _ps_rebuild(self, heap, wanted):
         """Move the live entries to a new table with room for ``wanted`` entries (compacting)."""
         cls = type(self)
         nslots, capacity = _table_shape(max(wanted, self._ps_count))
         entries_at = F.TABLE.size + -(-4 * nslots // 8) * 8
-        new = self._ps_internal(storage, F.T_TABLE, entries_at + cls._ps_esize * capacity)
-        F.TABLE.pack_into(storage._mapping.view(new, F.TABLE.size), 0, F.T_TABLE, 1, cls._ps_type_id, 0,
+        new = self._ps_internal(heap, F.T_TABLE, entries_at + cls._ps_esize * capacity)
+        F.TABLE.pack_into(heap.mapping.view(new, F.TABLE.size), 0, F.T_TABLE, 1, cls._ps_type_id, 0,
                           nslots, 0, 0, capacity)
-        view = _TableView(storage, new, cls._ps_esize)
+        view = _TableView(heap, new, cls._ps_esize)
         used = 0
         esize, mask = cls._ps_esize, nslots - 1
         old = self._ps_body
@@ -1154,13 +1159,13 @@ class _HashCollection(_Collection):
                 view.indices[slot] = used + 1
                 used += 1
         view.head[3] = view.head[4] = used
-        storage._views[new] = view
+        heap.views[new] = view
         self._ps_body = new
         if old:
-            storage._drop_internal(old)
+            heap.drop_internal(old)
         return view
 
-    def _ps_insert(self, storage, key, value_cell=None, stored=None):
+    def _ps_insert(self, heap, key, value_cell=None, stored=None):
         """Add ``key``; ``stored`` is ``_ps_key.store(key)`` if the caller has it already.
 
         Returns ``(table, -1)`` for a new key, ``(table, entry)`` for one already present.
@@ -1168,13 +1173,13 @@ class _HashCollection(_Collection):
         cls = type(self)
         key_type = cls._ps_key
         hash_, data = stored or key_type.store(key)
-        table = self._ps_table() if self._ps_body else self._ps_rebuild(storage, 1)
+        table = self._ps_table() if self._ps_body else self._ps_rebuild(heap, 1)
         slot, entry, _ = self._ps_find(table, hash_, data)
         if entry >= 0:
             return table, entry
         used = table.head[3]
         if used >= table.capacity or (table.head[4] >= table.capacity and table.indices[slot] == F.TABLE_EMPTY):
-            table = self._ps_rebuild(storage, self._ps_count * 2 + 1)
+            table = self._ps_rebuild(heap, self._ps_count * 2 + 1)
             slot, _, _ = self._ps_find(table, hash_, data)
             used = table.head[3]
         if table.indices[slot] == F.TABLE_EMPTY:
@@ -1187,12 +1192,12 @@ class _HashCollection(_Collection):
         self._ps_count += 1
         self._ps_aux += 1
         if key_type.is_ref:
-            storage._incref(cell)
+            heap.incref(cell)
         if value_cell and cls._ps_has_values and cls._ps_value.is_ref:
-            storage._incref(value_cell)
+            heap.incref(value_cell)
         return table, -1
 
-    def _ps_delete(self, storage, table, slot, entry, fields):
+    def _ps_delete(self, heap, table, slot, entry, fields):
         cls = type(self)
         esize = cls._ps_esize
         table.indices[slot] = F.TABLE_DELETED
@@ -1206,16 +1211,16 @@ class _HashCollection(_Collection):
         self._ps_count -= 1
         self._ps_aux += 1
         if cls._ps_key.is_ref:
-            storage._decref(fields[2])
+            heap.decref(fields[2])
         if cls._ps_has_values and cls._ps_value.is_ref and fields[3]:
-            storage._decref(fields[3])
+            heap.decref(fields[3])
         count = self._ps_count
         if count == 0:
             old = self._ps_body
             self._ps_body = 0
-            storage._drop_internal(old)
+            heap.drop_internal(old)
         elif table.capacity > 16 and count * 8 < table.capacity:
-            self._ps_rebuild(storage, count * 2)
+            self._ps_rebuild(heap, count * 2)
 
     def _ps_last_entry(self):
         """``(table, slot, entry, fields)`` of the newest entry (the collection is not empty)."""
@@ -1267,7 +1272,7 @@ class _HashCollection(_Collection):
 
     def clear(self):
         """Remove every element."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         if not self._ps_body:
             return
         cls = type(self)
@@ -1276,22 +1281,22 @@ class _HashCollection(_Collection):
         self._ps_body = 0
         self._ps_count = 0
         self._ps_aux += 1
-        storage._drop_internal(old)
+        heap.drop_internal(old)
         key_ref = cls._ps_key.is_ref
         value_ref = cls._ps_has_values and cls._ps_value.is_ref
         for fields in removed:
             if key_ref:
-                storage._decref(fields[2])
+                heap.decref(fields[2])
             if value_ref and fields[3]:
-                storage._decref(fields[3])
+                heap.decref(fields[3])
 
-    # -- storage hooks --
+    # -- heap hooks --
     @classmethod
-    def _ps_references(cls, storage, offset, type_id):
-        header = F.COLLECTION.unpack_from(storage._mapping.view(offset, F.COLLECTION.size))
+    def _ps_references(cls, heap, offset, type_id):
+        header = F.COLLECTION.unpack_from(heap.mapping.view(offset, F.COLLECTION.size))
         if type_id != F.T_TABLE:
             return [header[3]] if header[3] else []
-        view = _TableView(storage, offset, cls._ps_esize)
+        view = _TableView(heap, offset, cls._ps_esize)
         refs = []
         unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
         key_ref = cls._ps_key.is_ref
@@ -1306,10 +1311,10 @@ class _HashCollection(_Collection):
         return refs
 
     @classmethod
-    def _ps_internal_size(cls, storage, offset, type_id):
+    def _ps_internal_size(cls, heap, offset, type_id):
         if type_id != F.T_TABLE:
             return None
-        _, _, _, _, nslots, _, _, capacity = F.TABLE.unpack_from(storage._mapping.view(offset, F.TABLE.size))
+        _, _, _, _, nslots, _, _, capacity = F.TABLE.unpack_from(heap.mapping.view(offset, F.TABLE.size))
         return F.TABLE.size + -(-4 * nslots // 8) * 8 + cls._ps_esize * capacity
 
     def _ps_check(self, referenced, fail):
@@ -1346,7 +1351,7 @@ class _HashCollection(_Collection):
             where = f"{me} entry {entry}"
             if key_type.is_ref:
                 referenced(fields[2], key_type.type, where + " key")
-                data = type(self)._storage._string_data(fields[2])
+                data = type(self)._heap.string_data(fields[2])
                 expected = F.string_hash(key_type.string_type, data)
             else:
                 value = fields[2]
@@ -1445,9 +1450,9 @@ class _MappingMixin:
             # Make every new value object first (a nested collection is checked only as it is
             # built); one that fails leaves the mapping as it was, and the objects made before
             # it, stored nowhere, are freed at the next commit.
-            storage, encode = cls._storage, cls._ps_value.encode
+            heap, encode = cls._heap, cls._ps_value.encode
             pairs = [(key, value if value is None or isinstance(value, T.Persistent)
-                      else storage._proxy(encode(value))) for key, value in pairs]
+                      else heap.proxy(encode(value))) for key, value in pairs]
         for key, value in pairs:
             self[key] = value
 
@@ -1532,15 +1537,15 @@ class _MappingMixin:
         return result if result is NotImplemented else not result
 
 
-def _value_checker(storage, ftype, where):
+def _value_checker(heap, ftype, where):
     """Validate a by-reference value without creating anything."""
     def check(value):
         if value is None:
             return
         if isinstance(value, T.Persistent):
-            storage._reference_check(ftype, value, where)
+            heap.reference_check(ftype, value, where)
             return
-        storage._coerce_check(ftype, value, where)
+        ftype._ps_check_python(value, where)
     return check
 
 
@@ -1562,10 +1567,10 @@ class PersistentDict(_MappingMixin, _HashCollection):
     _ps_has_values = True
 
     @classmethod
-    def _ps_prepare(cls, storage):
-        super()._ps_prepare(storage)
+    def _ps_prepare(cls, heap):
+        super()._ps_prepare(heap)
         if cls._ps_value.is_ref:
-            cls._ps_value_check = staticmethod(_value_checker(storage, cls._ps_params[1], f"{cls.__name__} value"))
+            cls._ps_value_check = staticmethod(_value_checker(heap, cls._ps_params[1], f"{cls.__name__} value"))
 
     def __getitem__(self, key):
         try:
@@ -1576,12 +1581,12 @@ class PersistentDict(_MappingMixin, _HashCollection):
         return fields[3] if decode is None else decode(fields[3])
 
     def __setitem__(self, key, value):
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         cls = type(self)
         stored = cls._ps_key.store(key)  # a wrong key fails before the value creates anything
         value_type = cls._ps_value
         cell = value_type.encode(value)
-        table, entry = self._ps_insert(storage, key, cell, stored)
+        table, entry = self._ps_insert(heap, key, cell, stored)
         if entry >= 0:  # an existing key: replace the value
             at = entry * cls._ps_esize
             fields = list(cls._ps_entry.unpack_from(table.entries, at))
@@ -1589,17 +1594,17 @@ class PersistentDict(_MappingMixin, _HashCollection):
             cls._ps_entry.pack_into(table.entries, at, *fields)
             if value_type.is_ref:
                 if cell:
-                    storage._incref(cell)
+                    heap.incref(cell)
                 if old:
-                    storage._decref(old)
+                    heap.decref(old)
 
     def __delitem__(self, key):
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         try:
             table, slot, entry, fields = self._ps_lookup(key)
         except _Missing:
             raise KeyError(key) from None
-        self._ps_delete(storage, table, slot, entry, fields)
+        self._ps_delete(heap, table, slot, entry, fields)
 
     def _ps_items(self):
         cls = type(self)
@@ -1615,7 +1620,7 @@ class PersistentDict(_MappingMixin, _HashCollection):
 
     def popitem(self):
         """Remove and return the last inserted ``(key, value)``; ``KeyError`` if empty."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         if not self._ps_count:
             raise KeyError("popitem(): dictionary is empty")
         cls = type(self)
@@ -1623,12 +1628,12 @@ class PersistentDict(_MappingMixin, _HashCollection):
         kdecode, vdecode = cls._ps_key.decode, cls._ps_value.decode
         item = (fields[2] if kdecode is None else kdecode(fields[2]),
                 fields[3] if vdecode is None else vdecode(fields[3]))
-        self._ps_delete(storage, table, slot, entry, fields)
+        self._ps_delete(heap, table, slot, entry, fields)
         return item
 
     def pop(self, key, default=_MappingMixin._MARKER):
         """Remove ``key`` and return its value (or ``default``; ``KeyError`` without one)."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         try:
             table, slot, entry, fields = self._ps_lookup(key)
         except _Missing:
@@ -1637,7 +1642,7 @@ class PersistentDict(_MappingMixin, _HashCollection):
             return default
         vdecode = type(self)._ps_value.decode
         value = fields[3] if vdecode is None else vdecode(fields[3])
-        self._ps_delete(storage, table, slot, entry, fields)
+        self._ps_delete(heap, table, slot, entry, fields)
         return value
 
     def copy(self):
@@ -1675,30 +1680,30 @@ class PersistentSet(_HashCollection):
 
     def discard(self, key):
         """Remove ``key`` if present."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         try:
             table, slot, entry, fields = self._ps_lookup(key)
         except _Missing:
             return
-        self._ps_delete(storage, table, slot, entry, fields)
+        self._ps_delete(heap, table, slot, entry, fields)
 
     def remove(self, key):
         """Remove ``key``; ``KeyError`` if absent."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         try:
             table, slot, entry, fields = self._ps_lookup(key)
         except _Missing:
             raise KeyError(key) from None
-        self._ps_delete(storage, table, slot, entry, fields)
+        self._ps_delete(heap, table, slot, entry, fields)
 
     def pop(self):
         """Remove and return the last added element; ``KeyError`` if empty."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         if not self._ps_count:
             raise KeyError("pop from an empty set")
         table, slot, entry, fields = self._ps_last_entry()
         key = self._ps_decode_key(fields[2])
-        self._ps_delete(storage, table, slot, entry, fields)
+        self._ps_delete(heap, table, slot, entry, fields)
         return key
 
     def __ior__(self, other):
@@ -1919,9 +1924,9 @@ class _NodeView:
 
     __slots__ = ("offset", "leaf", "head16", "head64", "keys", "values", "children", "counts", "raw", "tree")
 
-    def __init__(self, storage, offset, order, key_code, value_code, tree=None):
-        storage._check_offset(offset, node_size(storage))
-        raw = storage._mapping.view(offset, node_size(storage))
+    def __init__(self, heap, offset, order, key_code, value_code, tree=None):
+        heap.check_offset(offset, node_size(heap))
+        raw = heap.mapping.view(offset, node_size(heap))
         self.tree = tree  # the proxy class of the SortedDict type owning the node
         self.offset = offset
         self.raw = raw
@@ -1949,8 +1954,8 @@ class _NodeView:
         self.head16[7] = value
 
 
-def node_size(storage):
-    return storage._page_file.page_size - F.RUN_OBJECT
+def node_size(heap):
+    return heap.pf.page_size - F.RUN_OBJECT
 
 
 class _StringKeys:
@@ -1983,16 +1988,16 @@ class PersistentSortedDict(_MappingMixin, _Collection):
     _ps_body_type = F.T_NODE
 
     @classmethod
-    def _ps_prepare(cls, storage):
+    def _ps_prepare(cls, heap):
         key_type = cls._ps_params[0]
-        cls._ps_key = _Key(storage, key_type, cls.__name__, "key")
-        cls._ps_value = _Cell(storage, cls._ps_params[1], cls.__name__, "value")
+        cls._ps_key = _Key(heap, key_type, cls.__name__, "key")
+        cls._ps_value = _Cell(heap, cls._ps_params[1], cls.__name__, "value")
         if cls._ps_value.is_ref:
-            cls._ps_value_check = staticmethod(_value_checker(storage, cls._ps_params[1], f"{cls.__name__} value"))
-        cls._ps_order = tree_order(storage._page_file.page_size)
-        cls._ps_string_data = storage._string_data if cls._ps_key.is_ref else None
+            cls._ps_value_check = staticmethod(_value_checker(heap, cls._ps_params[1], f"{cls.__name__} value"))
+        cls._ps_order = tree_order(heap.pf.page_size)
+        cls._ps_string_data = heap.string_data if cls._ps_key.is_ref else None
         if cls._ps_order < 4:
-            raise SchemaError(f"{cls.__name__}: pages of {storage._page_file.page_size} bytes are too small "
+            raise SchemaError(f"{cls.__name__}: pages of {heap.pf.page_size} bytes are too small "
                               "for a B+tree node")
 
     @staticmethod
@@ -2002,38 +2007,38 @@ class PersistentSortedDict(_MappingMixin, _Collection):
     # -- nodes --
     def _ps_node(self, offset):
         cls = type(self)
-        storage = cls._storage
-        node = storage._views.get(offset)
+        heap = cls._heap
+        node = heap.views.get(offset)
         if type(node) is not _NodeView or node.tree is not cls:
             # children and leaf links are offsets read from the file: what is cached
             # there may be another collection's array, table or node
             if node is not None:
                 raise self._ps_bad(f"its tree links to {offset:#x}, which is not one of its nodes")
-            self._ps_check_internal(offset, F.T_NODE, node_size(storage))
+            self._ps_check_internal(offset, F.T_NODE, node_size(heap))
             try:
-                node = _NodeView(storage, offset, cls._ps_order, cls._ps_key.code, cls._ps_value.code, cls)
+                node = _NodeView(heap, offset, cls._ps_order, cls._ps_key.code, cls._ps_value.code, cls)
             except IndexError:
                 raise self._ps_bad(f"its node at {offset:#x} crosses the end of a mapped segment") from None
             if node.n > cls._ps_order + 1:
                 raise self._ps_bad(f"its node at {offset:#x} has {node.n} keys")
-            storage._views[offset] = node
+            heap.views[offset] = node
         return node
 
-    def _ps_new_node(self, storage, leaf):
-        offset = self._ps_internal(storage, F.T_NODE, node_size(storage))
-        storage._mapping.view(offset + 12, 1)[0] = 1 if leaf else 0
+    def _ps_new_node(self, heap, leaf):
+        offset = self._ps_internal(heap, F.T_NODE, node_size(heap))
+        heap.mapping.view(offset + 12, 1)[0] = 1 if leaf else 0
         return self._ps_node(offset)
 
     def _ps_searchable(self, node):
         """The keys of ``node`` as a sequence bisect can search."""
         if type(self)._ps_key.is_ref:
-            return _StringKeys(node.keys, type(self)._storage._string_data)
+            return _StringKeys(node.keys, type(self)._heap.string_data)
         return node.keys
 
     def _ps_descend(self, probe):
         """``(path, leaf)``: the inner nodes with the child index taken, and the leaf for ``probe``."""
         cls = type(self)
-        views = cls._storage._views
+        views = cls._heap.views
         string_data = cls._ps_string_data
         path = []
         offset = self._ps_body
@@ -2262,14 +2267,14 @@ class PersistentSortedDict(_MappingMixin, _Collection):
 
     # -- changing --
     def __setitem__(self, key, value):
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         cls = type(self)
         key_type = cls._ps_key
         hash_, data = key_type.store(key)
         value_type = cls._ps_value
         cell = value_type.encode(value)
         try:
-            self._ps_store(storage, key, data, cell)
+            self._ps_store(heap, key, data, cell)
         except (ValueError, IndexError, OverflowError) as exc:
             if isinstance(exc, PermastructError):
                 raise
@@ -2280,11 +2285,11 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         not add up (a subtree count going below zero, a node index past its keys) come from the file."""
         return self._ps_bad(f"its tree does not add up ({type(exc).__name__}: {exc})")
 
-    def _ps_store(self, storage, key, data, cell):
+    def _ps_store(self, heap, key, data, cell):
         cls = type(self)
         key_type, value_type = cls._ps_key, cls._ps_value
         if not self._ps_body:
-            leaf = self._ps_new_node(storage, leaf=True)
+            leaf = self._ps_new_node(heap, leaf=True)
             self._ps_body = leaf.offset
         path, leaf = self._ps_descend(data)
         keys = self._ps_searchable(leaf)
@@ -2295,9 +2300,9 @@ class PersistentSortedDict(_MappingMixin, _Collection):
             leaf.values[index] = cell
             if value_type.is_ref:
                 if cell:
-                    storage._incref(cell)
+                    heap.incref(cell)
                 if old:
-                    storage._decref(old)
+                    heap.decref(old)
             return
         key_cell = key_type.new_cell(key, data)
         leaf.keys[index + 1:n + 1] = leaf.keys[index:n]
@@ -2305,23 +2310,23 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         leaf.keys[index], leaf.values[index] = key_cell, cell
         leaf.n = n + 1
         if key_type.is_ref:
-            storage._incref(key_cell)
+            heap.incref(key_cell)
         if value_type.is_ref and cell:
-            storage._incref(cell)
+            heap.incref(cell)
         for node, child in path:
             node.counts[child] += 1
         self._ps_count += 1
         self._ps_aux += 1
         if leaf.n > cls._ps_order:
-            self._ps_split(storage, path, leaf)
+            self._ps_split(heap, path, leaf)
 
-    def _ps_split(self, storage, path, node):
+    def _ps_split(self, heap, path, node):
         """Split the overfull ``node`` and, as needed, its ancestors."""
         key_ref = type(self)._ps_key.is_ref
         while node.n > type(self)._ps_order:
             n = node.n
             half = n // 2
-            right = self._ps_new_node(storage, node.leaf)
+            right = self._ps_new_node(heap, node.leaf)
             if node.leaf:
                 moved = n - half
                 right.keys[:moved] = node.keys[half:n]
@@ -2331,7 +2336,7 @@ class PersistentSortedDict(_MappingMixin, _Collection):
                 right.n, node.n = moved, half
                 separator = right.keys[0]
                 if key_ref:
-                    storage._incref(separator)
+                    heap.incref(separator)
                 following = node.head64[2]
                 right.head64[2], right.head64[3] = following, node.offset
                 node.head64[2] = right.offset
@@ -2363,7 +2368,7 @@ class PersistentSortedDict(_MappingMixin, _Collection):
                 parent.n = n + 1
                 node = parent
             else:
-                root = self._ps_new_node(storage, leaf=False)
+                root = self._ps_new_node(heap, leaf=False)
                 root.keys[0] = separator
                 root.children[0], root.children[1] = node.offset, right.offset
                 root.counts[0], root.counts[1] = left_count, right_count
@@ -2372,22 +2377,22 @@ class PersistentSortedDict(_MappingMixin, _Collection):
                 return
 
     def __delitem__(self, key):
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         try:
             path, leaf, index = self._ps_find(key)
         except _Missing:
             raise KeyError(key) from None
-        self._ps_delete(storage, path, leaf, index)
+        self._ps_delete(heap, path, leaf, index)
 
-    def _ps_delete(self, storage, path, leaf, index):
+    def _ps_delete(self, heap, path, leaf, index):
         try:
-            self._ps_remove(storage, path, leaf, index)
+            self._ps_remove(heap, path, leaf, index)
         except (ValueError, IndexError, OverflowError) as exc:
             if isinstance(exc, PermastructError):
                 raise
             raise self._ps_damage(exc) from exc
 
-    def _ps_remove(self, storage, path, leaf, index):
+    def _ps_remove(self, heap, path, leaf, index):
         cls = type(self)
         n = leaf.n
         key_cell, value_cell = leaf.keys[index], leaf.values[index]
@@ -2401,12 +2406,12 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         self._ps_count -= 1
         self._ps_aux += 1
         if cls._ps_key.is_ref:
-            storage._decref(key_cell)
+            heap.decref(key_cell)
         if cls._ps_value.is_ref and value_cell:
-            storage._decref(value_cell)
-        self._ps_rebalance(storage, path, leaf)
+            heap.decref(value_cell)
+        self._ps_rebalance(heap, path, leaf)
 
-    def _ps_rebalance(self, storage, path, node):
+    def _ps_rebalance(self, heap, path, node):
         """Restore the minimum fill of ``node`` and its ancestors after a removal."""
         cls = type(self)
         minimum = cls._ps_order // 2
@@ -2414,12 +2419,12 @@ class PersistentSortedDict(_MappingMixin, _Collection):
             if not path:  # the root
                 if node.leaf and node.n == 0:
                     self._ps_body = 0
-                    storage._drop_internal(node.offset)
+                    heap.drop_internal(node.offset)
                 elif not node.leaf and node.n == 0:
                     self._ps_body = node.children[0]
                     node.children[0] = 0
                     node.counts[0] = 0
-                    storage._drop_internal(node.offset)
+                    heap.drop_internal(node.offset)
                 return
             if node.n >= minimum:
                 return
@@ -2427,17 +2432,17 @@ class PersistentSortedDict(_MappingMixin, _Collection):
             if child > 0:
                 left = self._ps_sibling(parent, child - 1, node)
                 if left.n > minimum:
-                    self._ps_borrow_left(storage, parent, child, left, node)
+                    self._ps_borrow_left(heap, parent, child, left, node)
                     return
             if child < parent.n:
                 right = self._ps_sibling(parent, child + 1, node)
                 if right.n > minimum:
-                    self._ps_borrow_right(storage, parent, child, node, right)
+                    self._ps_borrow_right(heap, parent, child, node, right)
                     return
             if child > 0:
-                self._ps_merge(storage, parent, child - 1, self._ps_sibling(parent, child - 1, node), node)
+                self._ps_merge(heap, parent, child - 1, self._ps_sibling(parent, child - 1, node), node)
             else:
-                self._ps_merge(storage, parent, child, node, self._ps_sibling(parent, child + 1, node))
+                self._ps_merge(heap, parent, child, node, self._ps_sibling(parent, child + 1, node))
             node = parent
 
     def _ps_sibling(self, parent, index, node):
@@ -2448,7 +2453,7 @@ class PersistentSortedDict(_MappingMixin, _Collection):
                                "as children")
         return sibling
 
-    def _ps_borrow_left(self, storage, parent, child, left, node):
+    def _ps_borrow_left(self, heap, parent, child, left, node):
         n, ln = node.n, left.n
         key_ref = type(self)._ps_key.is_ref
         node.keys[1:n + 1] = node.keys[0:n]
@@ -2459,8 +2464,8 @@ class PersistentSortedDict(_MappingMixin, _Collection):
             old = parent.keys[child - 1]
             parent.keys[child - 1] = node.keys[0]
             if key_ref:
-                storage._incref(node.keys[0])
-                storage._decref(old)
+                heap.incref(node.keys[0])
+                heap.decref(old)
             moved = 1
         else:
             node.children[1:n + 2] = node.children[0:n + 1]
@@ -2475,7 +2480,7 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         parent.counts[child - 1] -= moved
         parent.counts[child] += moved
 
-    def _ps_borrow_right(self, storage, parent, child, node, right):
+    def _ps_borrow_right(self, heap, parent, child, node, right):
         n, rn = node.n, right.n
         key_ref = type(self)._ps_key.is_ref
         if node.leaf:
@@ -2486,8 +2491,8 @@ class PersistentSortedDict(_MappingMixin, _Collection):
             old = parent.keys[child]
             parent.keys[child] = right.keys[0]
             if key_ref:
-                storage._incref(right.keys[0])
-                storage._decref(old)
+                heap.incref(right.keys[0])
+                heap.decref(old)
             moved = 1
         else:
             node.keys[n] = parent.keys[child]
@@ -2503,7 +2508,7 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         parent.counts[child + 1] -= moved
         parent.counts[child] += moved
 
-    def _ps_merge(self, storage, parent, child, left, right):
+    def _ps_merge(self, heap, parent, child, left, right):
         """Merge ``right`` (child ``child + 1`` of ``parent``) into ``left`` (child ``child``)."""
         ln, rn = left.n, right.n
         separator = parent.keys[child]
@@ -2516,7 +2521,7 @@ class PersistentSortedDict(_MappingMixin, _Collection):
             if following:
                 self._ps_node(following).head64[3] = left.offset
             if type(self)._ps_key.is_ref:
-                storage._decref(separator)
+                heap.decref(separator)
         else:
             left.keys[ln] = separator
             left.keys[ln + 1:ln + 1 + rn] = right.keys[:rn]
@@ -2531,22 +2536,22 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         parent.keys[n - 1] = 0
         parent.children[n] = parent.counts[n] = 0
         parent.n = n - 1
-        storage._drop_internal(right.offset)
+        heap.drop_internal(right.offset)
 
     def popitem(self, index=-1):
         """Remove and return the ``(key, value)`` at sorted ``index`` (the largest by default)."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         if not self._ps_count:
             raise KeyError(f"popitem(): {type(self).__name__} is empty")
         leaf, position = self._ps_at(index)
         key, value = self._ps_decode(leaf, position)
         path, leaf, position = self._ps_find(key)
-        self._ps_delete(storage, path, leaf, position)
+        self._ps_delete(heap, path, leaf, position)
         return key, value
 
     def pop(self, key, default=_MappingMixin._MARKER):
         """Remove ``key`` and return its value (or ``default``; ``KeyError`` without one)."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         try:
             path, leaf, index = self._ps_find(key)
         except _Missing:
@@ -2554,12 +2559,12 @@ class PersistentSortedDict(_MappingMixin, _Collection):
                 raise KeyError(key) from None
             return default
         value = self._ps_decode(leaf, index)[1]
-        self._ps_delete(storage, path, leaf, index)
+        self._ps_delete(heap, path, leaf, index)
         return value
 
     def clear(self):
         """Remove every item (the nodes are freed at once, the elements' references dropped)."""
-        storage = self._ps_storage()
+        heap = self._ps_storage()
         if not self._ps_body:
             return
         cls = type(self)
@@ -2576,24 +2581,24 @@ class PersistentSortedDict(_MappingMixin, _Collection):
                     dropped.extend(c for c in node.values[:n].tolist() if c)
             else:
                 stack.extend(node.children[:n + 1].tolist())
-            storage._drop_internal(node.offset)
+            heap.drop_internal(node.offset)
         self._ps_body = 0
         self._ps_count = 0
         self._ps_aux += 1
         for cell in dropped:
-            storage._decref(cell)
+            heap.decref(cell)
 
     def copy(self):
         """A plain ``dict`` with the same items, in key order."""
         return dict(self._ps_items())
 
-    # -- storage hooks --
+    # -- heap hooks --
     @classmethod
-    def _ps_references(cls, storage, offset, type_id):
+    def _ps_references(cls, heap, offset, type_id):
         if type_id != F.T_NODE:
-            header = F.COLLECTION.unpack_from(storage._mapping.view(offset, F.COLLECTION.size))
+            header = F.COLLECTION.unpack_from(heap.mapping.view(offset, F.COLLECTION.size))
             return [header[3]] if header[3] else []
-        node = _NodeView(storage, offset, cls._ps_order, cls._ps_key.code, cls._ps_value.code)
+        node = _NodeView(heap, offset, cls._ps_order, cls._ps_key.code, cls._ps_value.code)
         n = min(node.n, cls._ps_order + 1)
         refs = []
         if cls._ps_key.is_ref:
@@ -2606,13 +2611,13 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         return [r for r in refs if r]
 
     @classmethod
-    def _ps_internal_size(cls, storage, offset, type_id):
-        return node_size(storage) if type_id == F.T_NODE else None
+    def _ps_internal_size(cls, heap, offset, type_id):
+        return node_size(heap) if type_id == F.T_NODE else None
 
     def _ps_check(self, referenced, fail):
         me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
         cls = type(self)
-        storage = cls._storage
+        heap = cls._heap
         count, body = self._ps_count, self._ps_body
         if not body:
             if count:
@@ -2624,7 +2629,7 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         leaves = []
 
         def sort_key(cell):
-            return storage._string_data(cell) if key_type.is_ref else cell
+            return heap.string_data(cell) if key_type.is_ref else cell
 
         def walk(offset, low, high, depth, is_root):
             """Check the subtree at ``offset``; return (element count, leaf depth)."""
@@ -2699,10 +2704,10 @@ abc.MutableMapping.register(PersistentSortedDict)
 def make_class(storage, kind, name, params):
     """The proxy class of collection type ``name`` of ``kind`` with element types ``params``."""
     base = BASES[kind]
-    cls = T.PersistentMeta(name, (base,), {"__slots__": (), "_storage": storage, "_ps_params": tuple(params),
-                                           "__module__": "permastruct.schema"})
+    cls = T.PersistentMeta(name, (base,), {"__slots__": (), "_storage": storage, "_heap": storage._heap,
+                                           "_ps_params": tuple(params), "__module__": "permastruct.schema"})
     cls._ps_type_id = 0
-    cls._ps_prepare(storage)
+    cls._ps_prepare(storage._heap)
     return cls
 
 

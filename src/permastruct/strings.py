@@ -25,7 +25,7 @@ or :func:`permastruct.to_python`.
 import ctypes
 
 from . import _format as F
-from ._types import MemoryExporter, Persistent, _damaged, _from_buffer, run_change
+from ._types import MemoryExporter, Persistent, run_change
 from .errors import CorruptStorageError
 
 __all__ = ["ByteString", "String", "StringRegistry"]
@@ -36,17 +36,23 @@ class _PersistentString(Persistent):
     __slots__ = ()
     _ps_kind = "string"
 
+    @staticmethod
+    def _ps_validate(proxy, room):
+        """Its length, checked once when the proxy is made: no read of its bytes goes past the map."""
+        if F.STRING.size + proxy._ps_len > room:
+            return f"its length {proxy._ps_len} runs past the end of the map"
+        return None
+
     @classmethod
-    def from_buffer(cls, source, offset=0):
-        """The proxy of the string at ``offset`` of ``source`` (a map segment); its length is checked
-        once, here, so that reading its bytes never goes past the map (see ``validated_from_buffer``)."""
-        try:
-            proxy = _from_buffer(cls, source, offset)
-        except ValueError:
-            raise _damaged(cls, None, offset, "its header crosses the end of the map") from None
-        if offset + F.STRING.size + proxy._ps_len > len(source):
-            raise _damaged(cls, proxy, offset, f"its length {proxy._ps_len} runs past the end of the map")
-        return proxy
+    def _ps_from_python(cls, heap, value, where):
+        if isinstance(value, cls._ps_python_type):
+            return new_string(heap, cls._ps_type_id, cls._ps_encode(value))
+        return super()._ps_from_python(heap, value, where)
+
+    @classmethod
+    def _ps_check_python(cls, value, where):
+        if not isinstance(value, cls._ps_python_type):
+            super()._ps_check_python(value, where)
 
     def _ps_bytes(self):
         return ctypes.string_at(ctypes.addressof(self) + F.STRING.size, self._ps_len)
@@ -178,6 +184,7 @@ class _ByteStringBase(_PersistentString):
     __slots__ = ()
     _ps_type_id = F.T_BYTESTRING
     _ps_python_type = (bytes, bytearray, memoryview)
+    _ps_encode = staticmethod(bytes)
 
     @property
     def contents(self):
@@ -220,13 +227,14 @@ class _ByteStringBase(_PersistentString):
         (True, b'Felix', bytearray(b'Felix'), b'Felix-Felix')
         >>> m.release()
         """
-        storage = type(self)._storage
-        storage._check_open()
+        heap = type(self)._heap
+        heap.storage._check_open()
         length = self._ps_len
+        pin = heap.mapping.view(self._ps_oid, F.STRING.size + length)  # keeps the segment mapped
         exporter = MemoryExporter(ctypes.addressof(self) + F.STRING.size, length, 1, "B", (length,),
-                                  readonly=True, keep=self)
+                                  readonly=True, keep=(self, pin))
         view = memoryview(exporter)
-        storage._exported(view)
+        heap.exported(view)
         return view
 
     def __release_buffer__(self, view):
@@ -240,6 +248,7 @@ class _StringBase(_PersistentString):
     __slots__ = ()
     _ps_type_id = F.T_STRING
     _ps_python_type = str
+    _ps_encode = staticmethod(lambda text: text.encode("utf-8"))
 
     @property
     def contents(self):
@@ -247,8 +256,7 @@ class _StringBase(_PersistentString):
         try:
             return self._ps_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
-            storage = type(self)._storage
-            raise CorruptStorageError(f"{storage.fileName!r}: the String at {self._ps_offset:#x} is not "
+            raise CorruptStorageError(f"{type(self)._heap.name!r}: the String at {self._ps_offset:#x} is not "
                                       f"UTF-8 ({exc.reason} at byte {exc.start})") from None
 
     def __str__(self):
@@ -330,50 +338,50 @@ class StringRegistry:
     crc32); it doubles when half full.
     """
 
-    def __init__(self, storage):
-        self._storage = storage
+    def __init__(self, heap):
+        self._heap = heap
 
     # The table object lives at the offset in the root record's registry slot.
     def _table(self):
-        storage = self._storage
-        storage._check_open()
-        offset = storage._page_file.slots[F.SLOT_REGISTRY]
-        storage._check_offset(offset, F.REGISTRY.size)
+        heap = self._heap
+        heap.storage._check_open()
+        offset = heap.pf.slots[F.SLOT_REGISTRY]
+        heap.check_offset(offset, F.REGISTRY.size)
         try:
-            type_id, _, count, capacity = F.REGISTRY.unpack_from(storage._mapping.view(offset, F.REGISTRY.size))
+            type_id, _, count, capacity = F.REGISTRY.unpack_from(heap.mapping.view(offset, F.REGISTRY.size))
         except IndexError:  # not in one mapped segment
             type_id = capacity = 0
         if type_id != F.T_REGISTRY or capacity & (capacity - 1) or not capacity or count > capacity:
-            raise CorruptStorageError(f"{storage!r}: the string registry at {offset:#x} is damaged")
-        storage._check_offset(offset, F.REGISTRY.size + 8 * capacity)
+            raise CorruptStorageError(f"{heap!r}: the string registry at {offset:#x} is damaged")
+        heap.check_offset(offset, F.REGISTRY.size + 8 * capacity)
         return offset, count, capacity
 
     def _entries(self, offset, capacity):
         try:
-            return self._storage._mapping.view(offset + F.REGISTRY.size, capacity * 8).cast("Q")
+            return self._heap.mapping.view(offset + F.REGISTRY.size, capacity * 8).cast("Q")
         except IndexError:
-            raise CorruptStorageError(f"{self._storage!r}: the string registry at {offset:#x} crosses the end "
+            raise CorruptStorageError(f"{self._heap!r}: the string registry at {offset:#x} crosses the end "
                                       "of a mapped segment") from None
 
     def _find(self, type_id, data):
         """``(entry index, string offset or 0)`` for ``data`` of string type ``type_id``."""
-        storage = self._storage
+        heap = self._heap
         offset, count, capacity = self._table()
         entries = self._entries(offset, capacity)
         want = F.string_hash(type_id, data)
         mask = capacity - 1
         index = want & mask
-        equals = storage._string_equals  # bounded by the map: a damaged entry cannot read past it
+        equals = heap.string_equals  # bounded by the map: a damaged entry cannot read past it
         for _ in range(capacity):
             target = entries[index]
             if not target:
                 return index, 0
             if equals(target, data):
-                kind, _, stored_hash, _ = storage._string_header(target)
+                kind, _, stored_hash, _ = heap.string_header(target)
                 if kind == type_id and stored_hash == want:
                     return index, target
             index = (index + 1) & mask
-        raise CorruptStorageError(f"{storage!r}: the string registry is full without a free entry")
+        raise CorruptStorageError(f"{heap!r}: the string registry is full without a free entry")
 
     @staticmethod
     def _key(value):
@@ -387,41 +395,40 @@ class StringRegistry:
 
     def get(self, value):
         """The interned persistent string equal to ``value`` (``bytes`` or ``str``), created if new."""
-        storage = self._storage
+        heap = self._heap
         type_id, data = self._key(value)
         index, target = self._find(type_id, data)
         if target:
-            return storage._proxy(target)
-        storage._check_writable()
-        return storage._proxy(run_change(storage, self._add, storage, type_id, data, index))
+            return heap.proxy(target)
+        heap.check_writable()
+        return heap.proxy(run_change(heap, self._add, heap, type_id, data, index))
 
-    def _add(self, storage, type_id, data, index):
+    def _add(self, heap, type_id, data, index):
         """Intern a new string at entry ``index`` (one change); its offset."""
-        target = storage._new_string(type_id, data)
-        storage._incref(target)
+        target = new_string(heap, type_id, data, 1)
         offset, count, capacity = self._table()
         self._entries(offset, capacity)[index] = target
         count += 1
-        F.UINT64.pack_into(storage._mapping.view(offset + 8, 8), 0, count)
+        F.UINT64.pack_into(heap.mapping.view(offset + 8, 8), 0, count)
         if count * 2 > capacity:
             self._resize(capacity * 2)
         return target
 
     def _resize(self, capacity):
-        storage = self._storage
+        heap = self._heap
         old, count, old_capacity = self._table()
         targets = [t for t in self._entries(old, old_capacity) if t]
-        new = storage._allocator.alloc(F.REGISTRY.size + capacity * 8)
-        F.REGISTRY.pack_into(storage._mapping.view(new, F.REGISTRY.size), 0, F.T_REGISTRY, 1, count, capacity)
+        new = heap.allocator.alloc(F.REGISTRY.size + capacity * 8)
+        F.REGISTRY.pack_into(heap.mapping.view(new, F.REGISTRY.size), 0, F.T_REGISTRY, 1, count, capacity)
         entries = self._entries(new, capacity)
         mask = capacity - 1
         for target in targets:
-            index = storage._string_header(target)[2] & mask
+            index = heap.string_header(target)[2] & mask
             while entries[index]:
                 index = (index + 1) & mask
             entries[index] = target
-        storage._page_file.slots[F.SLOT_REGISTRY] = new
-        storage._allocator.free(old)
+        heap.pf.slots[F.SLOT_REGISTRY] = new
+        heap.allocator.free(old)
 
     def __len__(self):
         return self._table()[1]
@@ -437,17 +444,38 @@ class StringRegistry:
         offset, count, capacity = self._table()
         for target in list(self._entries(offset, capacity)):
             if target:
-                yield self._storage._proxy(target)
+                yield self._heap.proxy(target)
 
     def __repr__(self):
-        return f"<StringRegistry of {self._storage!r}: {len(self)} strings>"
+        return f"<StringRegistry of {self._heap!r}: {len(self)} strings>"
 
 
-def create_registry(storage, size):
+def create_registry(heap, size):
     """Allocate an empty registry table for about ``size`` strings; return its offset."""
     capacity = 8
     while capacity < 2 * size:
         capacity *= 2
-    offset = storage._allocator.alloc(F.REGISTRY.size + capacity * 8)
-    F.REGISTRY.pack_into(storage._mapping.view(offset, F.REGISTRY.size), 0, F.T_REGISTRY, 1, 0, capacity)
+    offset = heap.allocator.alloc(F.REGISTRY.size + capacity * 8)
+    F.REGISTRY.pack_into(heap.mapping.view(offset, F.REGISTRY.size), 0, F.T_REGISTRY, 1, 0, capacity)
+    return offset
+
+
+def new_string(heap, type_id, data, references=0):
+    """The offset of a new string object holding ``data`` (bytes; UTF-8 for a String).
+
+    With ``references=1`` the caller stores it at once (it is born with its
+    one reference); with 0 it is unreferenced until stored (freed at the next
+    commit if it never is).
+    """
+    if len(data) >= 1 << 32:
+        raise OverflowError(f"a persistent string holds at most 4 GiB, not {len(data)} bytes")
+    heap.check_writable()
+    size = F.STRING.size + len(data)
+    offset = heap.allocator.alloc(size, zero=False)
+    view = heap.mapping.view(offset, size)
+    F.STRING.pack_into(view, 0, type_id, references, F.string_hash(type_id, data), len(data))
+    view[F.STRING.size:] = data
+    heap.created.add(offset)
+    if not references:
+        heap.unreferenced.add(offset)
     return offset

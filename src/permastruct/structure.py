@@ -21,11 +21,13 @@ that storage; calling one creates a persistent object in it::
 
 import ctypes
 import math
+import struct
 import threading
 
 from . import _format as F
-from ._types import Persistent, PersistentMeta, ValueType
+from ._types import Persistent, PersistentMeta, ValueType, change, run_change
 from .errors import ReadOnlyError, SchemaError
+from .strings import new_string
 
 __all__ = ["Structure", "StructureMeta"]
 
@@ -119,7 +121,7 @@ class StructureMeta(PersistentMeta):
         for attr, value in list(namespace.items()):
             if from_file and attr.startswith("__") and attr != "__module__":
                 raise SchemaError(f"{name}.{attr}: names starting with '__' cannot be fields")
-            ftype = storage._field_type(value) if not attr.startswith("__") else None
+            ftype = storage.schema._field_type(value) if not attr.startswith("__") else None
             if ftype is not None:
                 if attr.startswith("_ps_"):
                     raise SchemaError(f"{name}.{attr}: field names starting with '_ps_' are reserved")
@@ -140,6 +142,7 @@ class StructureMeta(PersistentMeta):
         namespace["_fields_"] = cfields
         namespace.setdefault("__slots__", ())
         namespace["_storage"] = storage
+        namespace["_heap"] = storage._heap
         namespace["_ps_own_fields"] = tuple(own)
         namespace["_ps_field_types"] = dict(base._ps_field_types, **dict(own))
         namespace["_ps_kind"] = "structure"
@@ -152,20 +155,23 @@ class StructureMeta(PersistentMeta):
         except (TypeError, ValueError, AttributeError) as exc:  # e.g. a bad __slots__ or layout
             raise SchemaError(f"structure {name!r} cannot be built: {exc}") from None
         cls._ps_size = -(-ctypes.sizeof(cls) // 8) * 8
-        cls._ps_setters = _make_setters(cls, storage)
+        cls._ps_setters = _make_setters(cls, storage._heap)
         cls.__setattr__ = _make_setattr(cls, storage.readonly)
+        cls._ps_new = _make_constructor(cls)
+        cls._ps_ref_at = tuple(getattr(cls, "_ps_ref_" + name).offset for name, ftype in
+                               cls._ps_field_types.items() if not isinstance(ftype, ValueType))
         cls._ps_type_id = 0
-        storage._register_type(cls)
+        storage.schema._register(cls)
         return cls
 
     def __call__(cls, *args, **fields):
         """Create a persistent object of this structure in its storage."""
         if args:
             raise TypeError(f"{cls.__name__}() takes field values as keyword arguments only")
-        storage = cls._storage
-        if storage is None:
+        heap = cls._heap
+        if heap is None:
             raise TypeError("Structure is abstract: define a subclass in populateSchema()")
-        return storage._new_structure(cls, fields)
+        return run_change(heap, cls._ps_new, fields)
 
     @property
     def __signature__(cls):
@@ -209,7 +215,7 @@ def _ref_property(name, hidden, ftype):
         offset = getattr(self, _hidden)
         if not offset:
             return None
-        return type(self)._storage._proxy(offset)
+        return type(self)._heap.proxy(offset)
 
     def set(self, value):
         type(self).__setattr__(self, name, value)
@@ -217,7 +223,7 @@ def _ref_property(name, hidden, ftype):
     return property(get, set, doc=f"{name}: {_type_label(ftype)} (by reference; None until set)")
 
 
-def _make_setters(cls, storage):
+def _make_setters(cls, heap):
     """The per-field write functions of ``cls``: ``setter(proxy, value)``."""
     setters = {}
     owner = cls.__name__
@@ -238,8 +244,128 @@ def _make_setters(cls, storage):
                     _set(proxy, _check(value))
                 setters[name] = set_value
         else:
-            setters[name] = storage._ref_setter(cls, name, ftype)
+            setters[name] = _ref_setter(cls, name, ftype, heap)
     return setters
+
+
+def _ref_setter(cls, name, ftype, heap):
+    """The write function of by-reference field ``cls.name`` (reference counts included): one change."""
+    hidden = getattr(cls, "_ps_ref_" + name)
+    get, put = hidden.__get__, hidden.__set__
+    where = f"{cls.__name__}.{name}"
+    reference_to, incref, decref = heap.reference_to, heap.incref, heap.decref
+    # A plain str (String) or bytes (ByteString) becomes a new string object
+    # that starts with its one reference: the common case, without a detour.
+    exact = _exact_string(ftype)
+    type_id = ftype._ps_type_id
+
+    def set_reference(proxy, value):
+        if type(value) is exact:
+            new = new_string(heap, type_id, value if exact is bytes else value.encode("utf-8"), 1)
+        else:
+            new = reference_to(ftype, value, where)
+            if new:
+                incref(new)
+        old = get(proxy)
+        put(proxy, new)
+        if old:
+            decref(old)
+    return change(set_reference)
+
+
+def _exact_string(ftype):
+    """``str`` for a String field type, ``bytes`` for a ByteString one, else None."""
+    if getattr(ftype, "_ps_kind", None) != "string":
+        return None
+    return str if ftype._ps_type_id == F.T_STRING else bytes if ftype._ps_type_id == F.T_BYTESTRING else None
+
+
+def _make_constructor(cls):
+    """``new(fields)``: a new object of structure ``cls`` from keyword values, made once per class.
+
+    Every value is checked before anything is made; then the objects the
+    reference fields need (strings are born with their one reference), then
+    the object itself, written in one ``pack_into`` of a format worked out
+    here from the ctypes layout (header, fields, padding).
+    """
+    heap = cls._heap
+    names = list(cls._ps_field_types)
+    codes, at = ["<II"], 8
+    for name in sorted(names, key=lambda n: getattr(cls, n if isinstance(cls._ps_field_types[n], ValueType)
+                                                    else "_ps_ref_" + n).offset):
+        ftype = cls._ps_field_types[name]
+        cfield = getattr(cls, name if isinstance(ftype, ValueType) else "_ps_ref_" + name)
+        if cfield.offset > at:
+            codes.append(f"{cfield.offset - at}x")
+        if isinstance(ftype, ValueType):
+            codes.append("?" if ftype.kind == "bool" else ftype.code)
+        else:
+            codes.append("Q")
+        at = cfield.offset + cfield.size
+    if cls._ps_size > at:
+        codes.append(f"{cls._ps_size - at}x")
+    order = sorted(names, key=lambda n: getattr(cls, n if isinstance(cls._ps_field_types[n], ValueType)
+                                                else "_ps_ref_" + n).offset)
+    packer = struct.Struct("".join(codes))
+    assert packer.size == cls._ps_size, (packer.size, cls._ps_size)
+    index = {name: position for position, name in enumerate(order)}
+    fields = [cls._ps_field_types[name] for name in order]
+    owner = cls.__name__
+    defaults = [(False if f.kind == "bool" else 0.0 if f.kind == "float" else 0) if isinstance(f, ValueType) else 0
+                for f in fields]
+    checks = [f.checker(name, owner) if isinstance(f, ValueType) else None for name, f in zip(order, fields)]
+    fast = [(int if f.kind == "int" else float if f.kind == "float" and f.pack is None else None, f.low, f.high)
+            if isinstance(f, ValueType) else None for f in fields]
+    exact_strings = [_exact_string(f) if not isinstance(f, ValueType) else None for f in fields]
+    wheres = [f"{owner}.{name}" for name in order]
+    float32 = struct.Struct("<f")
+
+    def new(given):
+        heap.check_writable()
+        values = list(defaults)
+        references = []  # (position, value) of reference fields, checked below, made after
+        for name, value in given.items():
+            position = index.get(name)
+            if position is None:
+                unknown = [n for n in given if n not in index]
+                raise TypeError(f"{owner}() got unexpected field(s) {', '.join(map(repr, unknown))}; "
+                                f"fields are: {', '.join(names) or 'none'}")
+            check = checks[position]
+            if check is None:
+                if value is not None:
+                    if type(value) is not exact_strings[position]:
+                        heap.reference_check_value(fields[position], value, wheres[position])
+                    references.append((position, value))
+                continue
+            exact, low, high = fast[position]
+            if type(value) is not exact or (exact is int and not low <= value <= high):
+                value = check(value)
+                if fields[position].pack is not None:  # Float32: kept in single precision
+                    value = float32.unpack(float32.pack(value))[0]
+            values[position] = value
+        made = []
+        try:
+            for position, value in references:
+                exact = exact_strings[position]
+                if type(value) is exact:
+                    offset = new_string(heap, fields[position]._ps_type_id,
+                                        value if exact is bytes else value.encode("utf-8"), 1)
+                else:
+                    offset = heap.reference_to(fields[position], value, wheres[position])
+                    heap.incref(offset)
+                made.append(offset)
+                values[position] = offset
+            offset = heap.allocator.alloc(packer.size, zero=False)
+        except BaseException:
+            for target in made:  # nothing refers to them after all: freed at the next commit
+                heap.decref(target)
+            raise
+        segment, local = heap.locate(offset, packer.size)
+        packer.pack_into(segment.map, local, cls._ps_type_id, 0, *values)
+        heap.created.add(offset)
+        heap.unreferenced.add(offset)
+        return heap.remember(offset, cls.from_address(segment.address + local))
+    return new
 
 
 def _make_setattr(cls, readonly):
@@ -314,9 +440,19 @@ class Structure(Persistent, metaclass=StructureMeta):
 
     __hash__ = None
 
+    _ps_ref_at = ()  # the offsets of the reference fields in the object (made per class)
+
     def _ps_fields(self):
         """``{field: value}`` of this object (by-reference fields as proxies)."""
         return {name: getattr(self, name) for name in type(self)._ps_field_types}
+
+    @classmethod
+    def _ps_references(cls, heap, offset, type_id):
+        refs = cls._ps_ref_at
+        if not refs:
+            return []
+        segment, local = heap.locate(offset, cls._ps_size)
+        return [target for target in (F.UINT64.unpack_from(segment.map, local + at)[0] for at in refs) if target]
 
 
 del Structure._ps_template

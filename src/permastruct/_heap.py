@@ -1,0 +1,389 @@
+"""The object heap: every persistent object's life, from allocation to free, and the proxies that show it.
+
+Layer 7 of the architecture (``docs/architecture.rst``): the types
+(:mod:`~permastruct.structure`, :mod:`~permastruct.strings`,
+:mod:`~permastruct.buffer`, the collections) make and change their objects
+through a :class:`Heap`, and never reach into the storage; the heap reaches
+down into the allocator (:mod:`._alloc`) and the mapped file only.
+
+Theory of operation
+===================
+
+*Objects.*  Every object starts with ``OBJECT_HEADER`` (``_format``): its
+type id and its reference count, the number of references to it stored in
+the file.  A new object has count 0 and is *unreferenced*; storing it
+somewhere increments the count, replacing or removing it decrements it.  An
+object whose count is 0 is not freed at once (it may be stored again in the
+same transaction: ``a.x, a.y = a.y, a.x``) but at the next commit
+(:meth:`Heap.collect_unreferenced`), unless a live proxy holds it: then the
+file records it as *held* (root slot ``SLOT_HELD``) so that a crash or a
+rollback cannot leak it.  Freeing an object decrements what it referenced.
+
+*Proxies.*  A proxy is a ``ctypes`` structure laid over the object's bytes in
+the map (``from_address``: a read of a by-value field is one C-level read).
+Each proxy records its object's file offset in its ``_ps_oid`` slot.  The heap
+keeps at most one live proxy per object (``proxies``: offset -> weak
+reference, pruned as they die), which is how it knows that an unreferenced
+object is still held, and which proxies to kill when their object goes
+(rollback of its creation, a free, a reader's refresh past its free).  A
+proxy does not keep the map alive: the writer never unmaps while it is open,
+a reader keeps an old map for as long as a proxy points into it, and at
+close every class of the storage refuses to be used, so no proxy touches the
+memory afterwards.
+
+*Changes.*  ``_changing`` is the change guard of ``_types.change``: the
+thread in the middle of a change of this heap, or 0.
+"""
+
+import ctypes
+import struct
+import weakref
+
+from . import _format as F
+from . import _types as T
+from .errors import CorruptStorageError, ReadOnlyError, StorageClosedError
+
+__all__ = ["Heap"]
+
+_OID = T.Persistent.__dict__["_ps_oid"]  # the slot that holds a proxy's file offset (its object id)
+_set_oid = _OID.__set__
+_TYPE = F.UINT32.unpack_from
+_REFS_AT = 4
+_INTERNAL = (F.T_ARRAY, F.T_TABLE, F.T_NODE)
+
+
+class Heap:
+    """The objects of one open storage (see the module documentation)."""
+
+    def __init__(self, storage, page_file, allocator):
+        self.storage = storage
+        self.pf = page_file
+        self.mapping = page_file.mapping
+        self.allocator = allocator
+        self.name = storage.fileName
+        self.readonly = storage.readonly
+        #: type id -> proxy class of this storage (filled by the schema)
+        self.classes = {}
+        #: offset -> weak reference to the one live proxy of the object there
+        self.proxies = {}
+        self._remembered = 0  # proxies remembered since the map was last pruned of dead ones
+        self.unreferenced = set()  # objects whose count is 0: freed at the next commit
+        self.created = set()  # objects made in this transaction (their proxies die at rollback)
+        self.freed = []  # objects freed in this transaction (the commit tells readers)
+        self.views = {}  # offset of a collection's internal object -> its cached views
+        self.exports = weakref.WeakValueDictionary()  # buffer views handed out (released at close)
+        self._blanks = {}  # (type id, size) -> a new object's bytes: the header, then zeros
+        self._changing = 0
+        self.closing = False
+
+    def __repr__(self):
+        return repr(self.storage)
+
+    # -- offsets ---------------------------------------------------------------------
+    def check_offset(self, offset, size=8):
+        """Refuse an offset read from the file that is not an object's place in the committed pages."""
+        pf = self.pf
+        end = F.HEADER_BLOCK + pf.page_count * pf.page_size
+        if offset < F.HEADER_BLOCK or offset % 8 or offset + size > end:
+            raise CorruptStorageError(f"{self.name!r}: reference {offset:#x} (+{size} bytes) is "
+                                      f"outside the file's {pf.page_count} pages")
+
+    def locate(self, offset, size):
+        """``(segment, local)`` of the ``size`` bytes at ``offset``, which must lie in one segment."""
+        mapping = self.mapping
+        segment = mapping._hot
+        if segment is None or not segment.start <= offset < segment.start + segment.length:
+            try:
+                segment = mapping.segment_of(offset)
+            except IndexError:
+                raise CorruptStorageError(f"{self.name!r}: reference {offset:#x} is outside the mapped "
+                                          "file") from None
+        local = offset - segment.start
+        if offset < F.HEADER_BLOCK or offset & 7 or local + size > segment.length:
+            raise CorruptStorageError(f"{self.name!r}: an object at {offset:#x} (+{size} bytes) is not "
+                                      "in the mapped pages, or crosses the end of a segment of the map")
+        return segment, local
+
+    def type_at(self, offset):
+        """The type id stored at ``offset``, or None when the offset is outside the map."""
+        try:
+            return _TYPE(self.mapping.view(offset, 4))[0]
+        except IndexError:
+            return None
+
+    # -- proxies -----------------------------------------------------------------------
+    def proxy(self, offset):
+        """The proxy of the object at ``offset``: the live one, or a new one of its stored type."""
+        ref = self.proxies.get(offset)
+        if ref is not None:
+            proxy = ref()
+            if proxy is not None and not type(proxy)._ps_closed:
+                return proxy
+        if self.storage._closed:
+            raise StorageClosedError(f"{self.storage!r} is closed")
+        segment, local = self.locate(offset, 8)
+        type_id = _TYPE(segment.map, local)[0]
+        cls = self.classes.get(type_id)
+        if cls is None:
+            raise CorruptStorageError(f"{self.name!r}: the object at {offset:#x} has unknown type {type_id}")
+        return self.remember(offset, cls._ps_make(segment, local))
+
+    def at(self, cls, offset):
+        """A new proxy of class ``cls`` for the object just made at ``offset`` (remembered)."""
+        segment, local = self.locate(offset, ctypes.sizeof(cls))
+        return self.remember(offset, cls.from_address(segment.address + local))
+
+    def view_of(self, cls, offset):
+        """A proxy of class ``cls`` at ``offset``, checked like :meth:`proxy` makes them but not
+        remembered (for a walk over every object that keeps none of them)."""
+        segment, local = self.locate(offset, 8)
+        proxy = cls._ps_make(segment, local)
+        _set_oid(proxy, offset)
+        return proxy
+
+    def remember(self, offset, proxy):
+        """Make ``proxy`` the live proxy of the object at ``offset``; return it."""
+        _set_oid(proxy, offset)
+        proxies = self.proxies
+        proxies[offset] = weakref.ref(proxy)
+        self._remembered += 1
+        if self._remembered > 1024 and self._remembered > len(proxies):
+            self._prune()
+        return proxy
+
+    def _prune(self):
+        """Drop the entries of proxies that died (kept cheap: about once per len(proxies) new ones)."""
+        self.proxies = {offset: ref for offset, ref in self.proxies.items() if ref() is not None}
+        self._remembered = 0
+
+    def live_proxy(self, offset):
+        ref = self.proxies.get(offset)
+        return ref() if ref is not None else None
+
+    def kill_proxy(self, offset, rolled_back=False):
+        """Make the live proxy of the object at ``offset`` (if any) refuse every use, then forget it.
+
+        Dead first, then forgotten: cut short in between, :meth:`proxy` takes
+        a dead one for none.
+        """
+        ref = self.proxies.get(offset)
+        proxy = ref() if ref is not None else None
+        if proxy is not None:
+            object.__setattr__(proxy, "__class__", T.closed_class(type(proxy), rolled_back))
+        self.proxies.pop(offset, None)
+
+    def addresses_in_use(self):
+        """The addresses of every live proxy (a reader keeps the maps they point into)."""
+        self._prune()
+        return [ctypes.addressof(proxy) for proxy in (ref() for ref in self.proxies.values())
+                if proxy is not None]
+
+    # -- making and freeing --------------------------------------------------------------
+    def check_writable(self):
+        self.storage._check_writable()
+
+    def new_object(self, cls, size):
+        """A new zeroed object of ``cls`` (``size`` bytes, header included), not yet referenced."""
+        self.storage._check_writable()
+        type_id = cls._ps_type_id
+        blank = self._blanks.get((type_id, size))
+        if blank is None and size <= 1024:  # made once per type and size: the header, then zeros
+            blank = self._blanks[type_id, size] = F.OBJECT_HEADER.pack(type_id, 0) + bytes(size - 8)
+        if blank is not None:
+            offset = self.allocator.alloc(size, zero=False)
+            self.mapping.view(offset, size)[:] = blank
+        else:  # a large object: the allocator zeroes it a piece at a time
+            offset = self.allocator.alloc(size)
+            F.OBJECT_HEADER.pack_into(self.mapping.view(offset, 8), 0, type_id, 0)
+        self.created.add(offset)
+        self.unreferenced.add(offset)
+        return offset
+
+    def drop_internal(self, offset):
+        """Free a collection's internal object at once (it was replaced or emptied)."""
+        self.views.pop(offset, None)
+        self.allocator.free(offset)
+
+    def free_object(self, offset):
+        """Free the object at ``offset`` now; what it referenced loses a reference."""
+        for child in self.references(offset):
+            self.decref(child)
+        self.unreferenced.discard(offset)
+        self.views.pop(offset, None)
+        self.kill_proxy(offset, rolled_back=not self.closing)
+        self.allocator.free(offset)
+        self.freed.append(offset)
+
+    def collect_unreferenced(self, everything=False):
+        """Free the objects that nothing in the file references and no live proxy holds.
+
+        Freeing is deferred to commit so that an object can move between
+        fields (``a.x, a.y = a.y, a.x``) inside a transaction.
+        """
+        pending, held = self.unreferenced, []
+        while pending:  # freeing an object may add what it referenced: one pass, like a worklist
+            offset = pending.pop()
+            if self.refcount(offset):
+                continue  # stored somewhere again
+            if not everything and self.live_proxy(offset) is not None:
+                held.append(offset)
+                continue
+            self.free_object(offset)
+        pending.update(held)
+
+    # -- reference counts ------------------------------------------------------------------
+    def incref(self, offset):
+        segment, local = self.locate(offset, 8)
+        count = _TYPE(segment.map, local + _REFS_AT)[0]
+        if count == 0xFFFFFFFF:
+            raise OverflowError(f"the object at {offset:#x} has too many references")
+        F.UINT32.pack_into(segment.map, local + _REFS_AT, count + 1)
+
+    def decref(self, offset):
+        segment, local = self.locate(offset, 8)
+        count = _TYPE(segment.map, local + _REFS_AT)[0]
+        if count == 0:
+            raise CorruptStorageError(f"{self.name!r}: reference count of {offset:#x} is already 0")
+        F.UINT32.pack_into(segment.map, local + _REFS_AT, count - 1)
+        if count == 1:
+            self.unreferenced.add(offset)
+
+    def refcount(self, offset):
+        segment, local = self.locate(offset, 8)
+        return _TYPE(segment.map, local + _REFS_AT)[0]
+
+    def references(self, offset):
+        """The offsets referenced by the object at ``offset`` (for freeing and checking)."""
+        segment, local = self.locate(offset, 12)
+        type_id = _TYPE(segment.map, local)[0]
+        if type_id in _INTERNAL:
+            owner = self.classes.get(_TYPE(segment.map, local + 8)[0])
+            if owner is None or owner._ps_kind not in ("list", "dict", "set", "sorteddict"):
+                raise CorruptStorageError(f"{self.name!r}: the internal object at {offset:#x} names "
+                                          f"owner type {_TYPE(segment.map, local + 8)[0]}")
+            return owner._ps_references(self, offset, type_id)
+        cls = self.classes.get(type_id)
+        if cls is None:
+            return []
+        return cls._ps_references(self, offset, type_id)
+
+    # -- what is held across a commit -----------------------------------------------------------
+    def held_objects(self):
+        """The offsets the committed file records as held by a program and referenced by nothing."""
+        offset = self.pf.slots[F.SLOT_HELD]
+        if not offset:
+            return []
+        self.check_offset(offset, F.HELD.size)
+        type_id, _, count = F.HELD.unpack_from(self.mapping.view(offset, F.HELD.size))
+        if type_id != F.T_HELD:
+            raise CorruptStorageError(f"{self.name!r}: root slot {F.SLOT_HELD} does not name the list of "
+                                      f"held objects (type {type_id} at {offset:#x})")
+        self.check_offset(offset, F.HELD.size + 8 * count)
+        held = list(self.mapping.view(offset + F.HELD.size, 8 * count).cast("Q"))
+        for target in held:
+            self.check_offset(target)
+        return held
+
+    def record_held(self):
+        """(Commit) Record in the file the objects nothing references that live proxies still hold.
+
+        Without it they would outlive a crash or a rollback as allocated space
+        nothing knows of; recorded, the next writer's open (or the rollback)
+        frees them.  Nothing is written when the set did not change.
+        """
+        held = sorted(self.unreferenced)
+        pf = self.pf
+        old = pf.slots[F.SLOT_HELD]
+        if held == self.held_objects():
+            return
+        new = 0
+        if held:
+            new = self.allocator.alloc(F.HELD.size + 8 * len(held), zero=False)
+            view = self.mapping.view(new, F.HELD.size + 8 * len(held))
+            F.HELD.pack_into(view, 0, F.T_HELD, 1, len(held))
+            view[F.HELD.size:] = struct.pack(f"<{len(held)}Q", *held)
+        pf.slots[F.SLOT_HELD] = new
+        if old:
+            self.allocator.free(old)
+
+    # -- references between objects ------------------------------------------------------------
+    def reference_check(self, ftype, value, where):
+        """Check that proxy ``value`` may be stored where ``ftype`` is expected; return its offset."""
+        cls = type(value)
+        if cls._ps_closed:
+            value._ps_type  # a dead proxy raises its own error here
+        if cls._heap is not self:
+            raise ValueError(f"{where}: {value!r} belongs to {cls._storage!r}, not to {self.storage!r}")
+        if not isinstance(value, ftype):
+            raise TypeError(f"{where} holds {ftype.__name__}, not {cls.__name__}")
+        return value._ps_oid
+
+    def reference_to(self, ftype, value, where):
+        """The offset to store for ``value`` in a by-reference slot of type ``ftype`` (0 for None).
+
+        A proxy is checked; a plain Python value becomes a new object of the
+        type (``ftype._ps_from_python``).  The caller increfs the result once
+        it is stored.
+        """
+        if value is None:
+            return 0
+        if isinstance(value, T.Persistent):
+            return self.reference_check(ftype, value, where)
+        return ftype._ps_from_python(self, value, where)
+
+    def reference_check_value(self, ftype, value, where):
+        """Raise the error :meth:`reference_to` would raise for ``value``, without making anything."""
+        if value is None:
+            return
+        if isinstance(value, T.Persistent):
+            self.reference_check(ftype, value, where)
+            return
+        ftype._ps_check_python(value, where)
+
+    # -- strings, read in place -------------------------------------------------------------------
+    def string_header(self, offset):
+        return F.STRING.unpack_from(self.mapping.view(offset, F.STRING.size))
+
+    def string_data(self, offset):
+        """The bytes of the string object at ``offset`` (a hot path of sorted-key searches).
+
+        An object never spans two segments, so bounding the read by the
+        segment keeps a damaged offset from reading outside the map.
+        """
+        segment, local = self.locate(offset, F.STRING.size)
+        start = local + F.STRING.size
+        end = start + _TYPE(segment.map, local + 12)[0]
+        if end > segment.length:
+            raise CorruptStorageError(f"{self.name!r}: string {offset:#x} crosses the end of a segment")
+        return segment.map[start:end]
+
+    def string_equals(self, offset, data):
+        """Whether the string object at ``offset`` holds ``data`` (a hot path of lookups)."""
+        segment, local = self.locate(offset, F.STRING.size)
+        length = _TYPE(segment.map, local + 12)[0]
+        if length != len(data):
+            return False
+        start = local + F.STRING.size
+        if start + length > segment.length:
+            raise CorruptStorageError(f"{self.name!r}: string {offset:#x} crosses the end of a segment")
+        return segment.map[start:start + length] == data
+
+    # -- buffer views handed out --------------------------------------------------------------------
+    def exported(self, view):
+        """Remember a view of the map handed to the program (released at close)."""
+        self.exports[id(view)] = view
+
+    # -- every object ---------------------------------------------------------------------------------
+    def walk(self, progress=None):
+        """Every allocated object, in file order: ``(offset, capacity, type_id)`` - the one object walker.
+
+        It reads every page header of the committed pages (and every slab's
+        free list); ``progress(done, total, "pages")`` is called as it goes.
+        """
+        from ._check import iter_objects
+        return iter_objects(self.storage, progress)
+
+
+def _refuse_writes(storage):
+    if storage.readonly:
+        raise ReadOnlyError(f"{storage!r} is open read-only")

@@ -1,0 +1,284 @@
+"""The schema of a storage: its types in Python, the same types as data in the file, and binding the two.
+
+Layer 9 of the architecture (``docs/architecture.rst``).  :class:`Schema` is
+``p.schema``, the namespace of a storage's types (the predefined ones and
+every one ``populateSchema`` defines); its underscore methods do the work:
+
+* on a new store, ``populateSchema`` runs, the classes it creates join the
+  schema (in definition order, type ids from ``FIRST_USER_TYPE`` up) and the
+  schema is written as JSON text (``_describe``) into an object in root
+  slot ``SLOT_SCHEMA``;
+* on a later open by a class with a ``populateSchema``, it runs again and
+  its classes are *bound* to the stored types (``_bind``): they must agree
+  with the file, or ``SchemaError`` says how they differ;
+* opened with the bare ``Storage(path)``, plain classes are built from the
+  stored schema alone (``_build``).
+
+Nothing in the file is code: the stored schema is names and type ids, and
+every name read from it is checked (``str.isidentifier``) before it becomes
+a class or a field.
+"""
+
+import json
+
+from . import _format as F
+from . import _types as T
+from . import collections as C
+from .buffer import Buffer
+from .errors import CorruptStorageError, SchemaError
+from .strings import ByteString, String, new_string
+from .structure import Structure, StructureMeta, pop_populating, populating, push_populating
+
+__all__ = ["Schema"]
+
+PREDEFINED = {F.T_BYTESTRING: ByteString, F.T_STRING: String, F.T_BUFFER: Buffer}
+
+
+class Schema:
+    """The types of a storage, as attributes: predefined ones and every defined one.
+
+    >>> from permastruct import Storage
+    >>> p = Storage(None)
+    >>> p.schema.Int, p.schema.ByteString.__name__
+    (<permastruct value type Int>, 'ByteString')
+    """
+
+    def __init__(self, storage):
+        self._storage = storage
+        self._user_types = []  # structures and collections, in definition order
+        for value_type in T.VALUE_TYPES:
+            setattr(self, value_type.name, value_type)
+        self.Structure = Structure
+
+    def __repr__(self):
+        return f"<schema of {self._storage!r}: {', '.join(self._names())}>"
+
+    def _names(self):
+        return sorted(name for name in vars(self) if not name.startswith("_"))
+
+    def __dir__(self):
+        return self._names()
+
+    @property
+    def _classes(self):
+        return self._storage._heap.classes
+
+    # -- describing the schema in Python ---------------------------------------------------
+    def _bind_predefined(self):
+        """The storage's own ByteString, String and Buffer classes."""
+        storage = self._storage
+        for type_id, base in PREDEFINED.items():
+            cls = T.PersistentMeta(base.__name__, (base,), {"__slots__": (), "_storage": storage,
+                                                            "_heap": storage._heap})
+            cls.__module__ = base.__module__
+            self._classes[type_id] = cls
+            setattr(self, base.__name__, cls)
+        if storage.readonly:
+            for cls in self._classes.values():
+                cls._ps_readonly = True
+
+    def _run_populate(self):
+        storage = self._storage
+        push_populating(storage)
+        try:
+            storage.populateSchema()
+        finally:
+            pop_populating()
+
+    def _define(self, type_):
+        """``Storage.define``: a collection descriptor becomes a new type; a predefined type, the
+        storage's own version of it."""
+        if isinstance(type_, C._Descriptor):
+            return self._define_collection(type_)
+        resolved = self._field_type(type_)
+        if resolved is None:
+            raise SchemaError(f"cannot define {type_!r}: expected a permastruct type")
+        return resolved
+
+    def _field_type(self, value):
+        """The field type ``value`` stands for, or None if it is not a type."""
+        storage = self._storage
+        if isinstance(value, T.ValueType):
+            return value
+        if isinstance(value, type) and issubclass(value, T.Persistent):
+            if value._storage is storage:
+                return value
+            if value._storage is None and value._ps_type_id in PREDEFINED:
+                return self._classes[value._ps_type_id]
+            if value._storage is not None:
+                raise SchemaError(f"{value.__name__} belongs to {value._storage!r}, not to {storage!r}")
+        return None
+
+    def _define_collection(self, descriptor):
+        storage = self._storage
+        if populating() is not storage:
+            raise SchemaError(f"{descriptor!r} must be defined inside {storage!r}'s populateSchema()")
+        if descriptor.params is None:
+            raise SchemaError(f"{descriptor!r} needs its element types: {type(descriptor).__name__}"
+                              f"({descriptor.name!r})[{'T' if descriptor.arity == 1 else 'K, V'}]")
+        params = []
+        for param in descriptor.params:
+            resolved = self._field_type(param)
+            if resolved is None:
+                raise SchemaError(f"{descriptor!r}: {param!r} is not a permastruct type")
+            params.append(resolved)
+        cls = C.make_class(storage, descriptor.kind, descriptor.name, params)
+        self._register(cls)
+        return cls
+
+    def _register(self, cls):
+        """Add a structure or collection class to the schema under its name."""
+        if self._classes.get(cls._ps_type_id) is cls:
+            return
+        if hasattr(self, cls.__name__) and cls.__name__ != "Structure":
+            raise SchemaError(f"{self._storage!r}: the schema already has a type named {cls.__name__!r}")
+        self._user_types.append(cls)
+        setattr(self, cls.__name__, cls)
+
+    # -- the schema as data -----------------------------------------------------------------------
+    def _create(self):
+        """(New store) Number the types populateSchema defined and write the schema into the file."""
+        for type_id, cls in enumerate(self._user_types, F.FIRST_USER_TYPE):
+            cls._ps_type_id = type_id
+            self._classes[type_id] = cls
+        text = json.dumps(self._describe(), separators=(",", ":")).encode()
+        return new_string(self._storage._heap, F.T_SCHEMA, text, 1)
+
+    def _describe(self):
+        types = []
+        for cls in self._user_types:
+            if cls._ps_kind in C.KINDS:
+                types.append({"id": cls._ps_type_id, "name": cls.__name__, "kind": cls._ps_kind,
+                              "params": [_type_id_of(t) for t in cls._ps_params]})
+                continue
+            base = cls.__bases__[0]
+            types.append({"id": cls._ps_type_id, "name": cls.__name__, "kind": "structure",
+                          "base": base._ps_type_id if base is not Structure else F.T_STRUCTURE,
+                          "fields": [[name, _type_id_of(ftype)] for name, ftype in cls._ps_own_fields]})
+        return {"format": F.FORMAT_VERSION, "types": types}
+
+    def _read(self):
+        """The stored schema's types (checked that they are what a schema holds, not what they mean)."""
+        heap = self._storage._heap
+        name = heap.name
+        offset = heap.pf.slots[F.SLOT_SCHEMA]
+        heap.check_offset(offset, F.STRING.size)
+        kind, _, _, length = heap.string_header(offset)
+        if kind != F.T_SCHEMA:
+            raise CorruptStorageError(f"{name!r}: no schema at {offset:#x}")
+        heap.check_offset(offset, F.STRING.size + length)
+        try:
+            schema = json.loads(bytes(heap.mapping.view(offset + F.STRING.size, length)))
+            types = schema["types"]
+            for entry in types:
+                entry["id"], entry["name"] = int(entry["id"]), str(entry["name"])
+                if entry.get("kind") in C.KINDS:
+                    entry["params"] = [int(type_id) for type_id in entry["params"]]
+                    if len(entry["params"]) != C.DESCRIPTORS[entry["kind"]].arity:
+                        raise ValueError(f"{entry['name']} has {len(entry['params'])} element types")
+                    continue
+                entry["base"], entry["fields"] = (
+                    int(entry["base"]), [(str(field), int(type_id)) for field, type_id in entry["fields"]])
+                if entry.get("kind") != "structure":
+                    raise ValueError(f"unknown kind {entry.get('kind')!r}")
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            raise CorruptStorageError(f"{name!r}: the stored schema is damaged "
+                                      f"({type(exc).__name__}: {exc})") from None
+        return types
+
+    def _stored_field_type(self, type_id, where):
+        if type_id in T.VALUE_TYPES_BY_ID:
+            return T.VALUE_TYPES_BY_ID[type_id]
+        if type_id in self._classes:
+            return self._classes[type_id]
+        raise CorruptStorageError(f"{self._storage._heap.name!r}: {where} refers to unknown type {type_id}")
+
+    def _build(self, stored):
+        """Build plain classes from the stored schema alone (bare ``Storage(path)``)."""
+        storage, classes = self._storage, self._classes
+        name = storage.fileName
+        for entry in stored:
+            if entry["id"] in classes or entry["id"] < F.FIRST_USER_TYPE \
+                    or not entry["name"].isidentifier() or hasattr(self, entry["name"]):
+                raise CorruptStorageError(f"{name!r}: stored type {entry['name']!r} is inconsistent")
+            if entry["kind"] in C.KINDS:
+                params = [self._stored_field_type(type_id, f"{entry['name']} element") for type_id in entry["params"]]
+                try:
+                    cls = C.make_class(storage, entry["kind"], entry["name"], params)
+                except SchemaError as exc:
+                    raise CorruptStorageError(f"{name!r}: stored schema: {exc}") from None
+                cls._ps_type_id = entry["id"]
+                classes[entry["id"]] = cls
+                setattr(self, entry["name"], cls)
+                continue
+            base = Structure if entry["base"] == F.T_STRUCTURE else classes.get(entry["base"])
+            if base is None or getattr(base, "_ps_kind", None) != "structure":
+                raise CorruptStorageError(f"{name!r}: stored type {entry['name']!r} is inconsistent")
+            namespace = {"_ps_storage": storage, "__module__": "permastruct.schema"}
+            for field, type_id in entry["fields"]:
+                if not field.isidentifier():
+                    raise CorruptStorageError(f"{name!r}: stored field name {field!r} is invalid")
+                namespace[field] = self._stored_field_type(type_id, f"{entry['name']}.{field}")
+            try:
+                cls = StructureMeta(entry["name"], (base,), namespace)
+            except SchemaError as exc:
+                raise CorruptStorageError(f"{name!r}: stored schema: {exc}") from None
+            cls._ps_type_id = entry["id"]
+            classes[entry["id"]] = cls
+
+    def _bind(self, stored):
+        """Check that the classes of populateSchema agree with the stored schema; bind them."""
+        name = self._storage.fileName
+        stored_by_name = {entry["name"]: entry for entry in stored}
+        defined = {cls.__name__: cls for cls in self._user_types}
+        missing = sorted(set(stored_by_name) - set(defined))
+        extra = sorted(set(defined) - set(stored_by_name))
+        if missing or extra:
+            raise SchemaError(f"{name!r}: schema mismatch: "
+                              + "; ".join([f"stored types not defined: {', '.join(missing)}"] * bool(missing)
+                                          + [f"types not in the file: {', '.join(extra)}"] * bool(extra)))
+        names_by_id = {entry["id"]: entry["name"] for entry in stored}
+        names_by_id.update({t.type_id: t.name for t in T.VALUE_TYPES})
+        names_by_id.update({type_id: cls.__name__ for type_id, cls in PREDEFINED.items()})
+        names_by_id[F.T_STRUCTURE] = "Structure"
+        for type_name, cls in defined.items():
+            entry = stored_by_name[type_name]
+            if cls._ps_kind in C.KINDS or entry["kind"] in C.KINDS:
+                python_params = [type_label(t) for t in cls._ps_params] if cls._ps_kind in C.KINDS else None
+                stored_params = [names_by_id.get(type_id, f"type {type_id}") for type_id in entry.get("params", ())]
+                if cls._ps_kind != entry["kind"] or python_params != stored_params:
+                    raise SchemaError(f"{name!r}: {type_name} is {_kind_text(cls._ps_kind, python_params)} "
+                                      f"in Python but {_kind_text(entry['kind'], stored_params)} in the file")
+                continue
+            base = cls.__bases__[0]
+            if names_by_id.get(entry["base"]) != base.__name__:
+                raise SchemaError(f"{name!r}: {type_name} derives from {base.__name__} in Python "
+                                  f"but from {names_by_id.get(entry['base'])} in the file")
+            python_fields = [(field, type_label(ftype)) for field, ftype in cls._ps_own_fields]
+            stored_fields = [(field, names_by_id.get(type_id, f"type {type_id}"))
+                             for field, type_id in entry["fields"]]
+            if python_fields != stored_fields:
+                raise SchemaError(f"{name!r}: fields of {type_name} differ: Python has "
+                                  f"{_fields_text(python_fields)}, the file has {_fields_text(stored_fields)}")
+        for cls in self._user_types:
+            cls._ps_type_id = stored_by_name[cls.__name__]["id"]
+            self._classes[cls._ps_type_id] = cls
+
+
+def type_label(ftype):
+    """The name of a field type: ``Int``, ``ByteString``, ``Agent``."""
+    return ftype.name if isinstance(ftype, T.ValueType) else ftype.__name__
+
+
+def _type_id_of(ftype):
+    return ftype.type_id if isinstance(ftype, T.ValueType) else ftype._ps_type_id
+
+
+def _kind_text(kind, params):
+    if kind not in C.KINDS:
+        return "a structure"
+    return f"a {kind} of ({', '.join(params or ())})"
+
+
+def _fields_text(fields):
+    return "(" + ", ".join(f"{name}: {type_name}" for name, type_name in fields) + ")" if fields else "no fields"
