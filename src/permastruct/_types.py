@@ -1,10 +1,12 @@
 """Persistent types: by-value number types, the proxy base class, closed proxies.
 
-A *proxy* is a ``ctypes`` structure instance that lives in the mapped file
-(``from_buffer``), so reading a by-value field is a C-level ``ctypes`` field
+A *proxy* is a ``ctypes`` structure instance over its object's bytes in the
+mapped file (``from_address``: the heap keeps the map in place while the
+storage is open), so reading a by-value field is a C-level ``ctypes`` field
 read.  Every object starts with the two header fields ``_ps_type`` and
 ``_ps_refs`` (see :mod:`permastruct._format`).  Proxy classes are created per
-storage (the class knows its storage), once, when the schema is built.
+storage (the class knows its heap), once, when the schema is built; closing
+the storage makes every one of them refuse use (``refuse_all``).
 
 Writes are checked in Python before they reach the map: ``ctypes`` itself
 silently truncates integers that do not fit, which the contract forbids.
@@ -22,7 +24,6 @@ from .errors import ConcurrentUseError, CorruptStorageError, DeadProxyError, Sto
 
 CStruct = ctypes.LittleEndianStructure
 CMeta = type(CStruct)
-_from_buffer = CMeta.from_buffer
 
 
 # -- by-value types -------------------------------------------------------------

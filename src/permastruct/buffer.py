@@ -85,7 +85,7 @@ def buffer_problem(nbytes, data_offset, itemsize, ndim, fmt, shape_bytes, room):
 
 
 def _validate(proxy, room):
-    """``_ps_validate`` of buffers (see ``validated_from_buffer``): the metadata, read from the proxy's address."""
+    """``_ps_validate`` of buffers (run when the heap makes a proxy): the metadata, read from the proxy's address."""
     fmtlen, ndim = proxy._ps_format_length, proxy._ps_ndim
     start = ctypes.addressof(proxy)
     if F.BUFFER.size + fmtlen > room:

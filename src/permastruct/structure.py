@@ -33,7 +33,7 @@ __all__ = ["Structure", "StructureMeta"]
 
 _local = threading.local()
 
-#: What ctypes offers on structure classes (``from_buffer`` makes every proxy): not field names.
+#: What ctypes offers on structure classes (``from_address`` makes every proxy): not field names.
 _CLASS_API = frozenset(name for name in dir(type(ctypes.Structure)) if not name.startswith("__"))
 
 _KIND_NAMES = {"list": "List", "dict": "Dict", "set": "Set", "sorteddict": "SortedDict"}
