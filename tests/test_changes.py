@@ -121,6 +121,34 @@ def test_close_after_an_interrupted_change_keeps_the_last_commit(tmp_path, monke
         p.check()
 
 
+def test_an_interrupted_root_creation_is_never_committed(tmp_path, monkeypatch):
+    """The first ``p.root`` makes the root object, counts its reference and records it: one
+    change.  Cut short after the count (found by the timer interrupt suite), the commit was
+    allowed and check() then found an object with a reference nobody held."""
+    from permastruct._heap import Heap
+    p = Changes(tmp_path / "root.ps")
+    real = Heap.incref
+
+    def incref_then_interrupt(self, offset):
+        real(self, offset)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Heap, "incref", incref_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        p.root
+    monkeypatch.undo()
+    with pytest.raises(IncompleteChangeError):
+        p.commit()
+    p.rollback()
+    p.check()
+    fill(p)
+    p.commit()
+    p.check()
+    p.close()
+    with Changes(tmp_path / "root.ps") as p:
+        assert len(p.root.items) == 50
+        p.check()
+
+
 def test_an_ordinary_error_inside_a_change_leaves_the_storage_committable(tmp_path):
     with Changes(tmp_path / "ok.ps") as p:
         fill(p)

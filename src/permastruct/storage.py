@@ -195,10 +195,15 @@ class Storage:
                                   "'class Root(self.schema.Structure)' in populateSchema()")
             if self.readonly:
                 raise ReadOnlyError(f"{self!r} is read-only and its root was never created")
-            root = cls()
-            self._heap.incref(root._ps_oid)
-            self._page_file.slots[F.SLOT_ROOT] = root._ps_oid
+            root = T.run_change(self._heap, self._make_root, cls)
         self._root = root
+        return root
+
+    def _make_root(self, cls):
+        """Make the root object and record it: one change (cut short, the commit is refused)."""
+        root = cls()
+        self._heap.incref(root._ps_oid)
+        self._page_file.slots[F.SLOT_ROOT] = root._ps_oid
         return root
 
     @property
