@@ -155,6 +155,8 @@ class _Cell:
             reference = heap.reference_to
 
             def encode(value):
+                if type(value) is ftype and not ftype._ps_closed:  # a live proxy of this very type
+                    return value._ps_oid
                 return reference(ftype, value, where)
             self.encode, self.decode = encode, heap.proxy  # (proxy(0) is None)
             return
@@ -273,6 +275,8 @@ class _Key(_Cell):
 
     def store(self, key):
         """``(hash, data)`` for a key about to be stored: TypeError/OverflowError/ValueError if it cannot be."""
+        if type(key) is bytes and self.exact is bytes:  # the common case first
+            return _crc32(key, F.BYTES_SEED), key
         _unhashable(key)
         if not self.is_ref:
             value = self.encode(key)
@@ -294,12 +298,14 @@ class _Key(_Cell):
         return F.string_hash(self.string_type, data), data
 
     def new_cell(self, key, data):
-        """The cell for a stored ``key`` (by-reference keys: an existing proxy or a new string)."""
+        """The cell for a stored ``key``, its reference counted (by-reference keys: an existing
+        string object gains a reference; a new one is born with it)."""
         if not self.is_ref:
             return data
         if isinstance(key, T.Persistent):
+            self.heap.incref(key._ps_oid)
             return key._ps_oid
-        return new_string(self.heap, self.string_type, data)
+        return new_string(self.heap, self.string_type, data, 1)
 
     def bound(self, key):
         """A comparable form of ``key`` for bisect and irange (TypeError if not comparable)."""
@@ -823,11 +829,17 @@ class PersistentList(_Collection):
 
     def append(self, value):
         """Add ``value`` at the end (amortised O(1))."""
-        heap = self._ps_storage()
-        cell_type = type(self)._ps_cell
+        cls = type(self)
+        heap = cls._heap
+        if heap.readonly:
+            self._ps_storage()  # raises ReadOnlyError
+        cell_type = cls._ps_cell
         cell = cell_type.encode(value)
         count = self._ps_count
-        cells = self._ps_cells() if count < self._ps_aux else self._ps_reserve(heap, count + 1)
+        if count < self._ps_aux:
+            cells = heap.views.get(self._ps_body) or self._ps_cells()
+        else:
+            cells = self._ps_reserve(heap, count + 1)
         cells[count] = cell
         self._ps_count = count + 1
         if cell and cell_type.is_ref:
@@ -1188,8 +1200,6 @@ class _HashCollection(_Collection):
         table.head[3] = used + 1
         self._ps_count += 1
         self._ps_aux += 1
-        if key_type.is_ref:
-            heap.incref(cell)
         if value_cell and cls._ps_has_values and cls._ps_value.is_ref:
             heap.incref(value_cell)
         return table, -1
@@ -2306,8 +2316,6 @@ class PersistentSortedDict(_MappingMixin, _Collection):
         leaf.values[index + 1:n + 1] = leaf.values[index:n]
         leaf.keys[index], leaf.values[index] = key_cell, cell
         leaf.n = n + 1
-        if key_type.is_ref:
-            heap.incref(key_cell)
         if value_type.is_ref and cell:
             heap.incref(cell)
         for node, child in path:
