@@ -577,3 +577,94 @@ class Allocator:
                 if partial:
                     starts.add(pid + 1)
         return starts
+
+
+class PageScan:
+    """What every page of a store is, checked page by page; :meth:`objects` yields what the pages hold
+    (the one object walker: :meth:`permastruct._heap.Heap.walk` and ``check()`` use it).
+
+    Afterwards ``owner[pid]`` says what page ``pid`` is (``"free"``,
+    ``"allocator state"``, ``"free run P"``, ``"slab"``, ``"run P"``) and
+    ``slabs_with_room`` maps each slab with a free slot to its size class.
+    """
+
+    def __init__(self, page_file, allocator):
+        self.pf = page_file
+        self.allocator = allocator
+        self.owner = []
+        self.slabs_with_room = {}
+
+    def fail(self, message):
+        raise CorruptStorageError(f"{self.pf.path!r}: {message}")
+
+    def claim(self, pid, what):
+        owner, count = self.owner, len(self.owner)
+        if not 0 <= pid < count:
+            self.fail(f"{what} names page {pid}, outside the {count} pages")
+        if owner[pid] is not None:
+            self.fail(f"page {pid} is both {owner[pid]} and {what}")
+        owner[pid] = what
+
+    def objects(self, progress=None):
+        """Claim every page, checking as it goes; yield ``(offset, capacity, type_id)`` of each object."""
+        pf = self.pf
+        alloc = self.allocator
+        fail, claim = self.fail, self.claim
+        view_at, header = pf.mapping.view, F.OBJECT_HEADER
+        count = pf.page_count
+        owner = self.owner = [None] * count
+        slabs_with_room = self.slabs_with_room = {}
+        for pid in pf.free_pages():
+            claim(pid, "free")
+        claim(alloc.state_pid, "allocator state")
+        for pid, length in alloc.free_runs():
+            for member in range(pid, pid + length):
+                claim(member, f"free run {pid}")
+        for pid in range(count):
+            if progress is not None and not pid & 63:
+                progress(pid, count, "pages")
+            if owner[pid] is not None:
+                if owner[pid] == "free" and pf._link(pid) == F.NOT_IN_FREE_PAGE_LIST:
+                    fail(f"free page {pid} is marked in use")
+                continue
+            if pf._link(pid) != F.NOT_IN_FREE_PAGE_LIST:
+                fail(f"page {pid} is in use but its header says {pf._link(pid)}")
+            page = pf.view(pid)
+            kind = page[F.SLAB_AT]
+            if kind == F.KIND_SLAB:
+                claim(pid, "slab")
+                _, index, used, free_head, bump, _, _ = F.SLAB.unpack_from(page, F.SLAB_AT)
+                if index >= len(alloc.classes):
+                    fail(f"slab {pid} has size class {index}")
+                size = alloc.classes[index]
+                nslots = alloc.slots_per_page(index)
+                if bump > nslots or used > bump:
+                    fail(f"slab {pid}: used {used}, bump {bump}, {nslots} slots")
+                free = set()
+                slot = free_head
+                while slot:
+                    if slot - 1 >= bump or slot - 1 in free:
+                        fail(f"slab {pid}: broken slot free list at {slot - 1}")
+                    free.add(slot - 1)
+                    slot = F.UINT32.unpack_from(page, F.SLAB_FIRST_SLOT + (slot - 1) * size)[0]
+                if len(free) != bump - used:
+                    fail(f"slab {pid}: {used} used and {len(free)} free of {bump} handed-out slots")
+                if used < nslots:
+                    slabs_with_room[pid] = index
+                base = pf.offset(pid) + F.SLAB_FIRST_SLOT
+                for slot in range(bump):
+                    if slot not in free:
+                        offset = base + slot * size
+                        yield offset, size, header.unpack_from(view_at(offset, 8))[0]
+            elif kind == F.KIND_RUN:
+                length = F.RUN.unpack_from(page, F.RUN_AT)[1]
+                if length < 1 or pid + length > count:
+                    fail(f"run at page {pid} has {length} pages")
+                for member in range(pid, pid + length):
+                    claim(member, f"run {pid}")
+                offset = pf.offset(pid) + F.RUN_OBJECT
+                yield offset, length * pf.page_size - F.RUN_OBJECT, header.unpack_from(view_at(offset, 8))[0]
+            else:
+                fail(f"page {pid} is in use but has unknown kind {kind}")
+        if progress is not None:
+            progress(count, count, "pages")

@@ -15,21 +15,16 @@ placement.  Damage that makes reading itself fail (a view outside the map, a
 struct that does not fit) is reported as a CorruptStorageError too.
 """
 
-import contextlib
 import ctypes
-import struct
 import zlib
 
 from . import _format as F
 from . import _types as T
 from . import collections as C
+from ._alloc import PageScan
+from ._heap import damage_reported
 from .buffer import buffer_problem
-from .errors import CorruptStorageError, PermastructError
-
-#: What reading damaged bytes can raise below the checks (a view outside the map, a
-#: struct that does not fit, a number too large): reported as damage, like the rest.
-_READ_ERRORS = (IndexError, KeyError, ValueError, OverflowError, struct.error, RecursionError)
-
+from .errors import CorruptStorageError
 
 def check_storage(storage, progress=None):
     """Verify every invariant of ``storage``; raise CorruptStorageError naming the first broken one.
@@ -40,22 +35,12 @@ def check_storage(storage, progress=None):
     equals ``total``.  It is called every few dozen pages or objects, so a
     caller that draws something should throttle itself.
     """
-    with _damage_reported(storage, "the check"):
+    with damage_reported(storage.fileName, "the check"):
         return _check_storage(storage, progress)
 
 
 def iter_objects(storage, progress=None):
-    """Every allocated object of ``storage`` in file order, as ``(offset, capacity, type_id)``.
-
-    The one object walker: it reads the pages of the last commit (or of the
-    writer's current state), not the references, so it also yields objects
-    nothing refers to any more (they are freed at the next commit).  The
-    coming ``_heap`` module will own it; ``check_storage``, ``info`` and
-    every later whole-store pass (``pack``, ``backup``, ``objects()``,
-    ``dump``) use it.  ``capacity`` is the space the object has (its slot or
-    run), ``type_id`` the one in its header.  Pages that do not add up raise
-    CorruptStorageError with the messages of ``check()``; ``progress`` is
-    called as in :func:`check_storage` (phase ``"pages"``).
+    """Every allocated object of ``storage`` in file order: :meth:`permastruct._heap.Heap.walk`.
 
     >>> import os, tempfile
     >>> from permastruct import Storage
@@ -69,109 +54,7 @@ def iter_objects(storage, progress=None):
     ...     sorted(_type_name(p._heap.classes, type_id) for _, _, type_id in iter_objects(p))
     ['(registry)', '(schema)', 'Root', 'String']
     """
-    with _damage_reported(storage, "the object walk"):
-        yield from _PageScan(storage).objects(progress)
-
-
-@contextlib.contextmanager
-def _damage_reported(storage, what):
-    """Report what reading damaged bytes raises (_READ_ERRORS) as a CorruptStorageError."""
-    try:
-        yield
-    except _READ_ERRORS as exc:
-        if isinstance(exc, PermastructError):
-            raise
-        raise CorruptStorageError(f"{storage.fileName!r}: damage stopped {what}: {type(exc).__name__}: "
-                                  f"{exc}") from exc
-
-
-class _PageScan:
-    """What every page of a store is, checked page by page; :meth:`objects` yields what the pages hold.
-
-    Afterwards ``owner[pid]`` says what page ``pid`` is (``"free"``,
-    ``"allocator state"``, ``"free run P"``, ``"slab"``, ``"run P"``) and
-    ``slabs_with_room`` maps each slab with a free slot to its size class.
-    """
-
-    def __init__(self, storage):
-        self.storage = storage
-        self.owner = []
-        self.slabs_with_room = {}
-
-    def fail(self, message):
-        raise CorruptStorageError(f"{self.storage.fileName!r}: {message}")
-
-    def claim(self, pid, what):
-        owner, count = self.owner, len(self.owner)
-        if not 0 <= pid < count:
-            self.fail(f"{what} names page {pid}, outside the {count} pages")
-        if owner[pid] is not None:
-            self.fail(f"page {pid} is both {owner[pid]} and {what}")
-        owner[pid] = what
-
-    def objects(self, progress=None):
-        """Claim every page, checking as it goes; yield ``(offset, capacity, type_id)`` of each object."""
-        pf = self.storage._page_file
-        alloc = self.storage._heap.allocator
-        fail, claim = self.fail, self.claim
-        view_at, header = pf.mapping.view, F.OBJECT_HEADER
-        count = pf.page_count
-        owner = self.owner = [None] * count
-        slabs_with_room = self.slabs_with_room = {}
-        for pid in pf.free_pages():
-            claim(pid, "free")
-        claim(alloc.state_pid, "allocator state")
-        for pid, length in alloc.free_runs():
-            for member in range(pid, pid + length):
-                claim(member, f"free run {pid}")
-        for pid in range(count):
-            if progress is not None and not pid & 63:
-                progress(pid, count, "pages")
-            if owner[pid] is not None:
-                if owner[pid] == "free" and pf._link(pid) == F.NOT_IN_FREE_PAGE_LIST:
-                    fail(f"free page {pid} is marked in use")
-                continue
-            if pf._link(pid) != F.NOT_IN_FREE_PAGE_LIST:
-                fail(f"page {pid} is in use but its header says {pf._link(pid)}")
-            page = pf.view(pid)
-            kind = page[F.SLAB_AT]
-            if kind == F.KIND_SLAB:
-                claim(pid, "slab")
-                _, index, used, free_head, bump, _, _ = F.SLAB.unpack_from(page, F.SLAB_AT)
-                if index >= len(alloc.classes):
-                    fail(f"slab {pid} has size class {index}")
-                size = alloc.classes[index]
-                nslots = alloc.slots_per_page(index)
-                if bump > nslots or used > bump:
-                    fail(f"slab {pid}: used {used}, bump {bump}, {nslots} slots")
-                free = set()
-                slot = free_head
-                while slot:
-                    if slot - 1 >= bump or slot - 1 in free:
-                        fail(f"slab {pid}: broken slot free list at {slot - 1}")
-                    free.add(slot - 1)
-                    slot = F.UINT32.unpack_from(page, F.SLAB_FIRST_SLOT + (slot - 1) * size)[0]
-                if len(free) != bump - used:
-                    fail(f"slab {pid}: {used} used and {len(free)} free of {bump} handed-out slots")
-                if used < nslots:
-                    slabs_with_room[pid] = index
-                base = pf.offset(pid) + F.SLAB_FIRST_SLOT
-                for slot in range(bump):
-                    if slot not in free:
-                        offset = base + slot * size
-                        yield offset, size, header.unpack_from(view_at(offset, 8))[0]
-            elif kind == F.KIND_RUN:
-                length = F.RUN.unpack_from(page, F.RUN_AT)[1]
-                if length < 1 or pid + length > count:
-                    fail(f"run at page {pid} has {length} pages")
-                for member in range(pid, pid + length):
-                    claim(member, f"run {pid}")
-                offset = pf.offset(pid) + F.RUN_OBJECT
-                yield offset, length * pf.page_size - F.RUN_OBJECT, header.unpack_from(view_at(offset, 8))[0]
-            else:
-                fail(f"page {pid} is in use but has unknown kind {kind}")
-        if progress is not None:
-            progress(count, count, "pages")
+    return storage._heap.walk(progress)
 
 
 def _check_storage(storage, progress):
@@ -189,7 +72,7 @@ def _check_storage(storage, progress):
     # (the root records and the log: PageFile.check_files, called by Storage.check)
 
     # -- pages ------------------------------------------------------------------
-    scan = _PageScan(storage)
+    scan = PageScan(storage._page_file, storage._heap.allocator)
     objects = {offset: (capacity, type_id) for offset, capacity, type_id in scan.objects(progress)}
     count, owner, slabs_with_room = pf.page_count, scan.owner, scan.slabs_with_room
     for index in range(len(alloc.classes)):

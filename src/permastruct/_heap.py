@@ -35,15 +35,17 @@ memory afterwards.
 thread in the middle of a change of this heap, or 0.
 """
 
+import contextlib
 import ctypes
 import struct
 import weakref
 
-_weakref = weakref.ref
-
 from . import _format as F
 from . import _types as T
-from .errors import CorruptStorageError, ReadOnlyError, StorageClosedError
+from ._alloc import PageScan
+from .errors import CorruptStorageError, PermastructError, ReadOnlyError, StorageClosedError
+
+_weakref = weakref.ref
 
 __all__ = ["Heap"]
 
@@ -431,8 +433,24 @@ class Heap:
         It reads every page header of the committed pages (and every slab's
         free list); ``progress(done, total, "pages")`` is called as it goes.
         """
-        from ._check import iter_objects
-        return iter_objects(self.storage, progress)
+        with damage_reported(self.name, "the object walk"):
+            yield from PageScan(self.pf, self.allocator).objects(progress)
+
+
+#: What reading damaged bytes can raise (a view outside the map, a struct that does not
+#: fit, a number too large): reported as damage by :func:`damage_reported`.
+READ_ERRORS = (IndexError, KeyError, ValueError, OverflowError, struct.error, RecursionError)
+
+
+@contextlib.contextmanager
+def damage_reported(name, what):
+    """Report what reading damaged bytes raises (READ_ERRORS) as a CorruptStorageError."""
+    try:
+        yield
+    except READ_ERRORS as exc:
+        if isinstance(exc, PermastructError):
+            raise
+        raise CorruptStorageError(f"{name!r}: damage stopped {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _refuse_writes(storage):
