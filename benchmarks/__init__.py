@@ -25,6 +25,7 @@ if "permastruct" not in sys.modules and os.path.isdir(os.path.join(_SRC, "permas
 WORKLOADS = {
     "fields": "field read and write (P1, P2)",
     "bulkload": "bulk load of records, then commit (P3)",
+    "objects": "the object workloads of issue 11: create, iterate, look up, write agents (W1-W4)",
     "lookup": "random key lookup at 10^4..10^7 keys (P4)",
     "rangescan": "range scan of an ordered index",
     "listiter": "list iteration",

@@ -5,6 +5,7 @@ generated; the text around it (how to run, the reading of the figures) is
 written by hand and kept.
 """
 
+import copy
 import json
 import os
 import re
@@ -21,6 +22,7 @@ PLOTS = {
     "perf_open.png": "opentime",
     "perf_memory.png": "memory",
     "perf_bulkload.png": "bulkload",
+    "perf_objects.png": "objects",
 }
 
 #: How the plots label the second table of a workload.
@@ -132,6 +134,11 @@ def machine_section(results):
         ["load average", f"{' '.join(m.get('loadavg_start', []))} at the start, "
                          f"{' '.join(m.get('loadavg_end', []))} at the end"],
     ]
+    for part in results.get("merged", []):
+        rows.append(["later run merged in", f"{', '.join(part['workloads'])}: {part['mode']} mode, started "
+                     f"{part['started']}, {part['seconds'] / 60:.1f} minutes, on {part.get('cpu', '?')} "
+                     f"({part.get('cores', '?')} cores), load average {' '.join(part.get('loadavg_start', []))} "
+                     f"at the start, {' '.join(part.get('loadavg_end', []))} at the end"])
     text = heading("The machine", "-") + "\n" + rst_table("Where these figures come from", None, rows,
                                                           [1, 4])
     loads = [float(w["loadavg"][0]) for w in results["workloads"].values() if w.get("loadavg")]
@@ -152,15 +159,21 @@ def bars_section(results):
     held = sum(1 for b in bars if b.holds)
     missed = sum(1 for b in bars if b.holds is False)
     text = heading("The bars (DESIGN.md section 7)", "-") + "\n"
-    text += f"{held} of the {len(bars)} bars hold and {missed} are missed in this run.\n\n"
+    where = "in these runs" if results.get("merged") else "in this run"
+    text += f"{held} of the {len(bars)} bars hold and {missed} are missed {where}.\n\n"
     rows = [[b.id, b.operation, b.bar, b.ours, b.peer, b.ratio, b.verdict, b.note] for b in bars]
-    text += rst_table("P1-P8", ["bar", "operation", "bar", "ours", "peer", "ratio", "verdict", "note"], rows)
+    text += rst_table("P1-P8, W1-W3 and issue 11's targets (I11)", ["bar", "operation", "bar", "ours", "peer", "ratio", "verdict", "note"], rows)
     return text
 
 
 def workload_section(name, workload, images):
     text = heading(f"{name}: {WORKLOADS.get(name, '')}", "-") + "\n"
-    text += f"Ran in {workload['seconds']:.0f} s.\n\n"
+    run = workload.get("run")
+    if run:
+        text += (f"Ran in {workload['seconds']:.0f} s, in a later {run['mode']} mode run (started {run['started']}) "
+                 "merged into this page.\n\n")
+    else:
+        text += f"Ran in {workload['seconds']:.0f} s.\n\n"
     for data in workload["tables"]:
         table = Table.from_dict(data)
         text += rst_table(table.title, table_header(table), table_rows(table)) + "\n"
@@ -212,15 +225,57 @@ Reading the figures
 """
 
 
+def merge_results(base, new, bar_workloads):
+    """``base`` (a saved run) with the workloads of ``new`` (a later run of some of them) in their place.
+
+    ``bar_workloads`` maps each bar to the workload that measures it: a bar of a
+    workload that ``new`` ran comes from ``new``, every other one from ``base``
+    (or, if ``base`` predates the bar, from ``new``, which says it was not run).
+    The later run is listed in ``merged`` and its workloads say when they ran.
+    """
+    merged = copy.deepcopy(base)
+    ran = list(new["workloads"])
+    workloads = dict(merged["workloads"])
+    machine = new.get("machine", {})
+    for name in ran:
+        workloads[name] = dict(new["workloads"][name], run={"mode": new["mode"], "started": new["started"],
+                                                            "cpu": machine.get("cpu"), "cores": machine.get("cores")})
+    order = [name for name in WORKLOADS if name in workloads] + [name for name in workloads if name not in WORKLOADS]
+    merged["workloads"] = {name: workloads[name] for name in order}
+    old_bars = {bar["id"]: bar for bar in base.get("bars", [])}
+    new_bars = {bar["id"]: bar for bar in new.get("bars", [])}
+    merged["bars"] = []
+    for bar_id, workload in bar_workloads.items():
+        if workload in ran or bar_id not in old_bars:
+            bar = new_bars.get(bar_id)
+            if bar is not None and workload not in ran and workload in base["workloads"]:
+                bar = dict(bar, note=f"not in the run of {base['started']} (a newer bar); rerun {workload}")
+        else:
+            bar = old_bars[bar_id]
+        if bar is not None:
+            merged["bars"].append(bar)
+    merged.setdefault("merged", []).append({
+        "workloads": ran, "mode": new["mode"], "started": new["started"], "seconds": new.get("seconds", 0),
+        "cpu": machine.get("cpu"), "cores": machine.get("cores"),
+        "loadavg_start": machine.get("loadavg_start", []), "loadavg_end": machine.get("loadavg_end", [])})
+    merged["stores"] = list(dict.fromkeys(base.get("stores", []) + new.get("stores", [])))
+    return merged
+
+
 def write_docs(results, docs, with_plots=True):
     """Write ``performance.rst``'s generated part, the plots and ``perf_results.json`` into ``docs``."""
     written = []
     images = {}
+    redraw = [name for name in results["workloads"] if "run" in results["workloads"][name]] or None
     try:
-        images = plots(results, docs) if with_plots else {}
+        images = plots(results, docs, only=redraw) if with_plots else {}
         written += [os.path.join(docs, name) for name in images]
     except ImportError as exc:
         print(f"no plots: {exc} (install the bench extra)")
+    if redraw:  # a merged run: the plots of the workloads it did not run stay as they are
+        images.update({image: workload for image, workload in PLOTS.items()
+                       if workload in results["workloads"] and workload not in redraw
+                       and os.path.exists(os.path.join(docs, image))})
     path = os.path.join(docs, "performance.rst")
     body = generated(results, images)
     if os.path.exists(path):
@@ -264,22 +319,24 @@ def _style(store):
     return {"linewidth": 1.5, "color": f"C{index % 10}"}
 
 
-def plots(results, docs):
-    """Draw the plots of the workloads that ran; return ``{file name: workload}``."""
+def plots(results, docs, only=None):
+    """Draw the plots of the workloads that ran (of ``only`` if given); return ``{file name: workload}``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = {}
-    mode = results["mode"]
-    machine = f"{results['machine']['cpu']}, {results['machine']['cores']} cores, {mode} run"
     for image, workload in PLOTS.items():
         data = results["workloads"].get(workload)
-        if not data:
+        if not data or (only is not None and workload not in only):
             continue
+        run = {**results["machine"], "mode": results["mode"], **data.get("run", {})}
+        machine = f"{run['cpu']}, {run['cores']} cores, {run['mode']} run"
         tables = [Table.from_dict(t) for t in data["tables"]]
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-        if workload == "bulkload":
+        if workload == "objects":
+            _objects_plot(fig, ax, tables, machine)
+        elif workload == "bulkload":
             table = tables[0]
             rows = [row for row in table.rows if row.stats is not None]
             rows.sort(key=lambda row: row.stats.median)
@@ -317,6 +374,45 @@ def plots(results, docs):
         plt.close(fig)
         made[image] = workload
     return made
+
+
+def _objects_plot(fig, ax, tables, machine):
+    """Per-object cost of each store in each case of the objects workload, the predecessor's figures beside."""
+    from .objects import PUBLISHED
+    fig.set_size_inches(9, 6.5)
+    cases = [t for t in tables if not t.columns]
+    stores = [store for store in PEERS if any(t.value(t.cases()[0], store) is not None for t in cases if t.cases())]
+    names = stores + ["compiled predecessor"]
+    height = 0.8 / len(names)
+    labels = []
+    for group, table in enumerate(cases):
+        case = table.cases()[0]
+        labels.append(case)
+        for index, store in enumerate(names):
+            y = group + (index - (len(names) - 1) / 2) * height
+            if store == "compiled predecessor":
+                low, high = PUBLISHED.get(case, (None, None))
+                if high is None:
+                    continue
+                ax.barh(y, high, height, color="white", edgecolor="grey", hatch="///",
+                        label=store + " (published, not run here)" if group == 0 else None)
+                ax.plot([low, low], [y - height / 2, y + height / 2], color="grey", linewidth=1.5)
+                continue
+            value = table.value(case, store)
+            if value is None or value <= 0:
+                continue
+            colour = _style(store)["color"]
+            ax.barh(y, value, height, color=colour, label=store if group == 0 else None)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    unit = cases[0].unit if cases else "us/object"
+    ax.set_xlabel(f"{unit}, median (log scale; lower is better)")
+    n_text = cases[0].title.rsplit("N = ", 1)[-1].rstrip(")") if cases else "?"
+    ax.set_title(f"Object workloads of issue 11 (W1-W4), per object, N = {n_text}\n{machine}", fontsize=10)
+    ax.grid(True, axis="x", which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
 
 
 def _size_label(value):

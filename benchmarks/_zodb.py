@@ -19,3 +19,12 @@ class ZAgent(persistent.Persistent):
     def __init__(self, age=0, weight=0.0):
         self.age = age
         self.weight = weight
+
+
+class ZNamedAgent(persistent.Persistent):
+    """The Agent of the object workloads (W1-W4): ``name``, ``age``, ``weight``."""
+
+    def __init__(self, name=b"", age=0, weight=0.0):
+        self.name = name
+        self.age = age
+        self.weight = weight

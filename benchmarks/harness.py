@@ -288,6 +288,9 @@ class Table:
     ``higher_is_better`` for rates.  Ratios are always "ours / theirs" of the
     displayed figure, computed per case; where the samples were taken side by
     side (``paired``), the ratio is the median of the per-round ratios.
+
+    A table with ``columns`` is a table of text: those headers, and each row's
+    cells in its ``extra["cells"]`` (a summary computed from other tables).
     """
 
     name: str
@@ -299,6 +302,7 @@ class Table:
     rows: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     reference: str = OURS
+    columns: list = None
 
     def add(self, case, store, stats=None, note="", **extra):
         row = Row(case, store, stats, note, extra)
@@ -336,14 +340,14 @@ class Table:
     def to_dict(self):
         return {"name": self.name, "title": self.title, "unit": self.unit, "scale": self.scale,
                 "higher_is_better": self.higher_is_better, "paired": self.paired,
-                "reference": self.reference, "notes": self.notes,
+                "reference": self.reference, "notes": self.notes, "columns": self.columns,
                 "rows": [row.to_dict() for row in self.rows]}
 
     @classmethod
     def from_dict(cls, data):
         table = cls(data["name"], data["title"], data["unit"], data["scale"], data["higher_is_better"],
                     data["paired"], [Row.from_dict(r) for r in data["rows"]], data.get("notes", []),
-                    data.get("reference", OURS))
+                    data.get("reference", OURS), data.get("columns"))
         return table
 
 
@@ -400,7 +404,12 @@ def fmt_ratio(value):
 
 
 def table_rows(table):
-    """The rows of ``table`` as text cells: case, store, median, p90, p99, ours/theirs, note."""
+    """The rows of ``table`` as text cells: case, store, median, p90, p99, ours/theirs, note.
+
+    (A table of text - with ``columns`` - gives each row's own cells.)
+    """
+    if table.columns:
+        return [[str(cell) for cell in row.extra.get("cells", [])] for row in table.rows]
     out = []
     for row in table.rows:
         if row.stats is None:
@@ -413,6 +422,8 @@ def table_rows(table):
 
 
 def table_header(table):
+    if table.columns:
+        return list(table.columns)
     return ["case", "store", f"median {table.unit}", "p90", "p99", "ours / theirs", "note"]
 
 

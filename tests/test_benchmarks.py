@@ -102,7 +102,7 @@ def test_smoke_run_of_one_workload_and_its_report(tmp_path, capsys):
     if not harness.peer_status(["lmdb"])[0]:
         assert lookup.row("10^3 keys", "lmdb").note == "skipped: lmdb not installed"
     bars = {bar["id"]: bar for bar in results["bars"]}
-    assert list(bars) == [f"P{i}" for i in range(1, 9)]
+    assert list(bars) == list(suite.BARS) and list(bars)[:4] == ["P1", "P2", "P3", "P3-bulk"]
     assert bars["P4"]["holds"] in (True, False) and bars["P1"]["holds"] is None
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -128,3 +128,156 @@ def test_floors_measure_every_way_of_building_a_field():
     assert [label for label, read, _ in rows if read is None] == list(floors.HOOKS)
     text = floors.report(rows)
     assert len(text.splitlines()) == len(rows) + 1 and "permastruct Int field" in text
+
+
+# -- the object workloads of issue 11 (benchmarks/objects.py) ----------------------------------------
+def _objects_tables(values):
+    """Per-case tables as objects.run makes them: ``values`` maps case -> {store: [seconds per round]}."""
+    from benchmarks import objects
+    tables = []
+    for case in objects.CASES:
+        table = harness.Table(f"{objects.NAME}:{case}", case, "us/object", 1e6, paired=True)
+        for store, samples in values.get(case, {}).items():
+            table.add(case, store, harness.Stats.of(samples))
+        tables.append(table)
+    return tables
+
+
+def test_objects_summary_and_bars_against_the_predecessor_and_the_floor():
+    from benchmarks import objects
+    us = 1e-6
+    tables = _objects_tables({
+        "W1": {harness.OURS: [7.0 * us, 7.6 * us], "plain": [0.5 * us, 0.4 * us]},   # 7.4 us: 2x of 3.7 exactly
+        "W1 commit": {harness.OURS: [1.3 * us, 1.3 * us]},
+        "W2": {harness.OURS: [0.95 * us, 0.95 * us], "plain": [0.05 * us, 0.05 * us]},
+        "W3": {harness.OURS: [1.1 * us, 1.1 * us], "plain": [0.1 * us, 0.1 * us]},
+        # W4 not measured
+    })
+    figures = objects.figures_of(tables)
+    assert set(figures) == {"W1", "W1 commit", "W2", "W3"}
+    assert figures["W1"]["ours"] == pytest.approx(7.3) and figures["W1"]["plain"] == pytest.approx(0.45)
+    assert figures["W1"]["plain_ratio"] == pytest.approx((14 + 19) / 2)  # paired: the median of 14x and 19x
+    assert figures["W1 commit"]["plain"] is None and figures["W1 commit"]["plain_ratio"] is None
+
+    bars = {bar.id: bar for bar in objects.bars(figures, objects.FULL_N)}
+    assert list(bars) == ["W1", "W2", "W3", "I11-W1", "I11-W2", "I11-W3"]  # W4 was not measured
+    assert bars["W1"].holds is True and bars["W1"].ratio.startswith("1.97x its upper bound")
+    assert bars["W2"].holds is False and bars["W2"].ratio.startswith("2.50x its upper bound")  # 0.95 / 0.38
+    assert bars["W3"].holds is True and bars["I11-W3"].holds is True  # 1.1 us: 1x the predecessor's upper bound
+    assert bars["I11-W1"].holds is False and bars["I11-W1"].ratio == "1.22x the target"  # 7.3 / 6
+    assert "published, not run here" in bars["W1"].peer and "plain 0.450 us" in bars["W1"].peer
+    assert all(bar.note == "" for bar in bars.values())
+    assert all("--full runs 100,000" in bar.note for bar in objects.bars(figures, 300))
+
+    summary = objects.summary_table(figures, objects.FULL_N)
+    assert summary.columns[4] == objects.PREDECESSOR + " us"
+    rows = {row[0]: row for row in harness.table_rows(summary)}
+    assert list(rows) == list(objects.CASES)
+    assert rows["W1"][1:] == ["7.30", "0.450", "16.5x", "3.4-3.7", "1.97x", "<= 6 us", "missed"]
+    assert rows["W1 commit"][2:4] == ["-", "-"] and rows["W1 commit"][-1] == "-"
+    assert rows["W4"][1] == "-" and rows["W4"][-1] == "not measured" and rows["W4"][4] == "0.22-0.30"
+    text = harness.render_table(summary)
+    assert "compiled predecessor (published figures, seed 000 library; not run here)" in text
+    # A table of text keeps its columns through the results file and renders as RST.
+    again = harness.Table.from_dict(json.loads(json.dumps(summary.to_dict())))
+    assert again.columns == summary.columns and harness.table_rows(again) == harness.table_rows(summary)
+    assert "7.30" in _report.rst_table(again.title, harness.table_header(again), harness.table_rows(again))
+
+
+def test_objects_lookup_keys_and_expected_sums_are_fixed():
+    from benchmarks import objects
+    keys = objects.lookup_keys(1000)
+    assert keys == objects.lookup_keys(1000) and len(keys) == 1000 and len(set(keys)) > 500
+    assert all(0 <= int(key[5:]) < 1000 for key in keys) and all(key.startswith(b"agent") for key in keys)
+    ages, looked_up = objects.expected(1000, keys[:3])
+    assert ages == 10 * sum(range(100)) and looked_up == sum(int(key[5:]) % 100 for key in keys[:3])
+
+
+def test_bulkload_judges_p3_against_sqlite3_and_keeps_the_bulk_call_as_a_placeholder():
+    from benchmarks import bulkload
+    n = 1_000_000
+    table = harness.Table(bulkload.NAME, "t", "us/record", 1e6 / n)
+    case = f"{harness.count_text(n)} records"
+    table.add(case, harness.OURS, harness.Stats.of([2.0]))
+    table.add(case, "sqlite3", harness.Stats.of([2.5]))
+    table.add(case, "lmdb", harness.Stats.of([1.5]))  # faster than ours: shown, not judged
+    table.add(bulkload.bulk_case(n), harness.OURS, note=bulkload.NO_BULK_CALL)
+    bars = {bar.id: bar for bar in bulkload._bars(table, case, n)}
+    assert bars["P3"].holds is True and "vs lmdb" in bars["P3"].ratio and "not judged" in bars["P3"].note
+    assert bars["P3-bulk"].holds is None and bars["P3-bulk"].note == "skipped: no bulk call yet"
+    assert bulkload.BULK_CALL is None
+
+
+def test_smoke_run_of_the_object_workloads(tmp_path, capsys):
+    """W1-W4 end to end at a tiny N with whatever peers are installed; every store's answers are checked."""
+    results = suite.main(["--smoke", "--only", "objects,bulkload", "--stores", "sqlite3,lmdb,ZODB,plain,pickle",
+                          "--dir", str(tmp_path / "run"), "--quiet"])
+    out = capsys.readouterr().out
+    assert "W1: Agent(" in out and "compiled predecessor (published figures" in out and "I11-W4" in out
+    tables = {t["name"]: harness.Table.from_dict(t) for t in results["workloads"]["objects"]["tables"]}
+    assert list(tables) == [f"objects:{case}" for case in ("W1", "W1 commit", "W2", "W3", "W4")] + ["objects-summary"]
+    for case in ("W1", "W1 commit", "W2", "W3", "W4"):
+        table = tables[f"objects:{case}"]
+        notes = {row.store: row.note for row in table.rows}
+        assert set(notes) == {harness.OURS, "sqlite3", "lmdb", "ZODB", "plain", "pickle"}
+        assert table.row(case, harness.OURS).stats.median > 0 and not notes[harness.OURS]
+        assert table.row(case, "sqlite3").stats is not None  # always installed
+        assert notes["pickle"].startswith("n/a")
+        for peer in ("lmdb", "ZODB"):
+            module = {"lmdb": "lmdb", "ZODB": "ZODB"}[peer]
+            if harness.peer_status([module])[0]:
+                assert table.row(case, peer).stats is not None, notes[peer]
+            else:
+                assert notes[peer] == f"skipped: {module} not installed"
+    assert tables["objects:W1 commit"].row("W1 commit", "plain").note.startswith("n/a: plain objects")
+    assert tables["objects:W2"].row("W2", "plain").stats is not None
+    summary = harness.table_rows(tables["objects-summary"])
+    assert [row[0] for row in summary] == ["W1", "W1 commit", "W2", "W3", "W4"]
+    bars = {bar["id"]: bar for bar in results["bars"]}
+    assert all(bars[bar_id]["holds"] in (True, False) for bar_id in ("W1", "W2", "W3", "I11-W1", "I11-W4"))
+    assert bars["P3-bulk"]["holds"] is None and bars["P3-bulk"]["note"] == "skipped: no bulk call yet"
+    bulk = harness.Table.from_dict(results["workloads"]["bulkload"]["tables"][0])
+    assert bulk.row("300 records, bulk call", harness.OURS).note == "skipped: no bulk call yet"
+    assert not any(os.listdir(tmp_path / "run" / "objects"))  # every store's files removed
+
+
+def test_a_run_of_some_workloads_is_merged_into_the_saved_results(tmp_path):
+    """--write-docs after --only objects keeps the other workloads (and their bars) of the saved run."""
+    def workload(title):
+        table = harness.Table(title, title, "s")
+        table.add("c", harness.OURS, harness.Stats.of([1.0, 2.0, 3.0]))
+        return {"tables": [table.to_dict()], "bars": [], "seconds": 1.0, "loadavg": ["1.0", "1.0", "1.0"]}
+
+    machine = {"cpu": "old cpu", "cores": 2, "memory_gb": 1, "python": "3.11", "implementation": "CPython",
+               "os": "Linux", "disk": {}, "versions": {}, "loadavg_start": ["1"], "loadavg_end": ["1"]}
+    base = {"mode": "full", "started": "then", "seconds": 60, "machine": machine, "stores": [harness.OURS],
+            "workloads": {"fields": workload("fields table"), "lookup": workload("lookup table")},
+            "bars": [{"id": "P1", "operation": "o", "bar": "b", "ours": "1", "peer": "p", "ratio": "1x",
+                      "holds": True, "note": "old P1"},
+                     {"id": "P4", "operation": "o", "bar": "b", "ours": "1", "peer": "p", "ratio": "1x",
+                      "holds": False, "note": "old P4"}]}
+    new_bars = suite.all_bars({"W1": harness.Bar("W1", "o", "b", "9", "p", "3x", False, "new W1")}, ["objects"])
+    new = {"mode": "full", "started": "now", "seconds": 30, "machine": dict(machine, cpu="new cpu"),
+           "stores": [harness.OURS, "plain"], "workloads": {"objects": workload("objects table")},
+           "bars": [bar.to_dict() for bar in new_bars]}
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    assert suite.docs_results(new, str(docs)) is new  # nothing saved: the run alone
+    (docs / "perf_results.json").write_text(json.dumps(base))
+    merged = suite.docs_results(new, str(docs))
+    assert list(merged["workloads"]) == ["fields", "objects", "lookup"]  # the suite's order
+    assert merged["workloads"]["objects"]["run"]["started"] == "now" and "run" not in merged["workloads"]["fields"]
+    bars = {bar["id"]: bar for bar in merged["bars"]}
+    assert list(bars) == list(suite.BARS)
+    assert bars["P1"]["note"] == "old P1" and bars["P4"]["note"] == "old P4" and bars["W1"]["note"] == "new W1"
+    assert bars["W2"]["holds"] is None  # objects ran but did not measure it
+    assert "a newer bar" not in bars["P3"]["note"] and "workload bulkload not run" in bars["P3"]["note"]
+    assert bars["P2"]["holds"] is None and "a newer bar" in bars["P2"]["note"]  # fields ran then, P2 was not kept
+    assert merged["merged"][0]["workloads"] == ["objects"] and merged["merged"][0]["cpu"] == "new cpu"
+    assert base["workloads"].keys() == {"fields", "lookup"}  # the saved results are not changed in place
+    _report.write_docs(merged, str(docs), with_plots=False)
+    text = (docs / "performance.rst").read_text()
+    assert "fields table" in text and "objects table" in text and "lookup table" in text
+    assert "later run merged in" in text and "in a later full mode run (started now)" in text
+    assert "in these runs" in text
+    assert json.loads((docs / "perf_results.json").read_text())["merged"][0]["started"] == "now"
