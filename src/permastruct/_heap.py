@@ -412,7 +412,10 @@ class Heap:
 
     def string_equals(self, offset, data):
         """Whether the string object at ``offset`` holds ``data`` (a hot path of lookups)."""
-        segment, local = self.locate(offset, F.STRING.size)
+        segment = self.mapping._hot  # the segment of the last look-up, inline; else locate()
+        if segment is None or not segment.start <= offset <= segment.end - F.STRING.size or offset & 7:
+            segment, _ = self.locate(offset, F.STRING.size)
+        local = offset - segment.start
         length = _TYPE(segment.map, local + 12)[0]
         if length != len(data):
             return False
