@@ -158,7 +158,7 @@ def bars_section(results):
     bars = [Bar.from_dict(b) for b in results["bars"]]
     held = sum(1 for b in bars if b.holds)
     missed = sum(1 for b in bars if b.holds is False)
-    text = heading("The bars (DESIGN.md section 7)", "-") + "\n"
+    text = heading("The bars (DESIGN.md section 7, issue 11's targets)", "-") + "\n"
     where = "in these runs" if results.get("merged") else "in this run"
     text += f"{held} of the {len(bars)} bars hold and {missed} are missed {where}.\n\n"
     rows = [[b.id, b.operation, b.bar, b.ours, b.peer, b.ratio, b.verdict, b.note] for b in bars]
