@@ -710,6 +710,48 @@ def test_stale_proxies_after_close_in_subprocess(tmp_path):
     p.close()
 
 
+def test_stale_proxies_after_rollback_in_subprocess(tmp_path):
+    """Proxies of objects made in a rolled-back transaction raise DeadProxyError, even after new
+    objects took their places; the process never crashes (issue 11: proxies no longer pin the map)."""
+    path = tmp_path / "a.ps"
+    make_store(path)
+    code = f"""
+        import sys
+        from permastruct import Storage
+        from permastruct.errors import DeadProxyError
+        p = Storage({str(path)!r})
+        root = p.root
+        Agent = type(root.agent)
+        made = [Agent(age=i) for i in range(200)]
+        root.agent = made[0]
+        name = root.name = b"x" * 100
+        name = root.name
+        p.rollback()
+        reused = [Agent(age=-i) for i in range(400)]  # the freed slots are handed out again
+        dead = 0
+        for proxy in made + [name]:
+            try:
+                proxy.age if proxy is not name else bytes(proxy)
+            except DeadProxyError:
+                dead += 1
+            else:
+                print("NO ERROR for", type(proxy).__name__)
+                sys.exit(3)
+        assert root.agent.age == 37 and root.name == b"Felix", (root.agent.age, bytes(root.name))
+        assert [a.age for a in reused[:3]] == [0, -1, -2]
+        p.rollback()
+        p.check()
+        p.close()
+        print("OK", dead)
+    """
+    result = run_python(code)
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert "OK 201" in result.stdout
+    with MyStorage(path) as p:
+        assert p.root.agent.age == 37
+        p.check()
+
+
 def test_check_returns_summary(tmp_path):
     path = tmp_path / "a.ps"
     make_store(path)
