@@ -15,6 +15,8 @@ failing case can be rerun alone with ``--seed``::
 """
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -64,3 +66,12 @@ def stress_iterations(request):
     if value < 1:
         raise pytest.UsageError("--iterations must be at least 1")
     return value
+
+
+def scratch_folder(prefix):
+    """A folder for a module's stores, logs and copies, in memory (/dev/shm) when there is one;
+    removed with what it holds afterwards (a generator for a module-scoped fixture)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    folder = tempfile.mkdtemp(prefix=prefix, dir=base)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

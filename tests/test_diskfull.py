@@ -66,7 +66,7 @@ import traceback
 import pytest
 
 import _crashkit as K
-from conftest import LONG_SEEDS, _long_run
+from conftest import LONG_SEEDS, _long_run, scratch_folder
 from permastruct._mapping import FileIO
 from permastruct.errors import StorageFullError
 from permastruct.pages import PageFile
@@ -128,10 +128,7 @@ def tmpfs():
 @pytest.fixture(scope="module")
 def scratch():
     """Logs, copies and the verifier's files: outside the tmpfs (in /dev/shm when there is one)."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    folder = tempfile.mkdtemp(prefix="permastruct-diskfull-", dir=base)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from scratch_folder("permastruct-diskfull-")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -89,7 +89,7 @@ import tempfile
 import pytest
 
 import _crashkit as K
-from conftest import _long_run
+from conftest import _long_run, scratch_folder
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_interruptkit.py")
 LONG = _long_run()
@@ -125,10 +125,7 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="module")
 def scratch():
     """Stores, logs and copies: in memory (/dev/shm) when there is one."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    folder = tempfile.mkdtemp(prefix="permastruct-interrupts-", dir=base)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from scratch_folder("permastruct-interrupts-")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -210,8 +210,9 @@ class Allocator:
             page = hot[1]
         else:
             page = self._page(pid, "the partial list of size class", index)
-            segment = pf.mapping.segment_of(pf.offset(pid))
-            self._slab_views[index] = (pid, page, segment.address + pf.offset(pid) - segment.start)
+            at = pf.offset(pid)
+            segment = pf.mapping.segment_of(at)
+            self._slab_views[index] = (pid, page, segment.address + at - segment.start)
         kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
         if kind != F.KIND_SLAB or cls != index:
             raise CorruptStorageError(f"{pf.path!r}: page {pid} on the size-class {index} list is not a slab of it")

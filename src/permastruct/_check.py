@@ -39,24 +39,6 @@ def check_storage(storage, progress=None):
         return _check_storage(storage, progress)
 
 
-def iter_objects(storage, progress=None):
-    """Every allocated object of ``storage`` in file order: :meth:`permastruct._heap.Heap.walk`.
-
-    >>> import os, tempfile
-    >>> from permastruct import Storage
-    >>> class Notes(Storage):
-    ...     def populateSchema(self):
-    ...         class Root(self.schema.Structure):
-    ...             title = self.schema.String
-    >>> with Notes(os.path.join(tempfile.mkdtemp(), "notes.ps")) as p:
-    ...     p.root.title = "first"
-    ...     p.commit()
-    ...     sorted(_type_name(p._heap.classes, type_id) for _, _, type_id in iter_objects(p))
-    ['(registry)', '(schema)', 'Root', 'String']
-    """
-    return storage._heap.walk(progress)
-
-
 def _check_storage(storage, progress):
     pf = storage._page_file
     alloc = storage._heap.allocator

@@ -433,8 +433,26 @@ class Heap:
     def walk(self, progress=None):
         """Every allocated object, in file order: ``(offset, capacity, type_id)`` - the one object walker.
 
-        It reads every page header of the committed pages (and every slab's
-        free list); ``progress(done, total, "pages")`` is called as it goes.
+        It reads the pages (every page header and every slab's free list),
+        not the references, so it also yields objects nothing refers to any
+        more (freed at the next commit).  ``capacity`` is the space the object
+        has (its slot or run).  Pages that do not add up raise
+        CorruptStorageError with the messages of ``check()``;
+        ``progress(done, total, "pages")`` is called as it goes.  ``check()``,
+        the command line's ``info`` and every later whole-store pass use it.
+
+        >>> import os, tempfile
+        >>> from permastruct import Storage
+        >>> class Notes(Storage):
+        ...     def populateSchema(self):
+        ...         class Root(self.schema.Structure):
+        ...             title = self.schema.String
+        >>> with Notes(os.path.join(tempfile.mkdtemp(), "notes.ps")) as p:
+        ...     p.root.title = "first"
+        ...     p.commit()
+        ...     heap = p._heap
+        ...     sorted(heap.classes[t].__name__ for _, _, t in heap.walk() if t in heap.classes)
+        ['Root', 'String']
         """
         with damage_reported(self.name, "the object walk"):
             yield from PageScan(self.pf, self.allocator).objects(progress)

@@ -28,7 +28,7 @@ from array import array
 from . import __version__
 from . import _format as F
 from . import collections as C
-from ._check import _type_name, iter_objects
+from ._check import _type_name
 from ._schema import type_label
 from .errors import NotAStorageError, PermastructError
 from .storage import Storage
@@ -246,7 +246,7 @@ def _count_objects(storage):
     counts = {}
     bar = _progress_bar(keep=False)
     try:
-        for _, capacity, type_id in iter_objects(storage, bar):
+        for _, capacity, type_id in storage._heap.walk(bar):
             entry = counts.setdefault(type_id, [0, 0])
             entry[0] += 1
             entry[1] += capacity

@@ -155,8 +155,8 @@ class _Cell:
             reference = heap.reference_to
 
             def encode(value):
-                if type(value) is ftype and not ftype._ps_closed:  # a live proxy of this very type
-                    return value._ps_oid
+                if type(value) is ftype:  # a live proxy of this very type (a dead one has
+                    return value._ps_oid  # another class; a closed storage's refuses _ps_oid)
                 return reference(ftype, value, where)
             self.encode, self.decode = encode, heap.proxy  # (proxy(0) is None)
             return
