@@ -301,6 +301,7 @@ assert BUFFER.size == 32
 REGISTRY = struct.Struct("<IIQQ")  # type, refs, count, capacity
 HELD = struct.Struct("<IIQ")  # type, refs, count; then count uint64 offsets
 COLLECTION = struct.Struct("<IIQQQ")  # type, refs, count, body, aux
+INTERNAL = struct.Struct("<III")  # type, refs, owner type: how ARRAY, TABLE and NODE start
 ARRAY = struct.Struct("<IIIIQ")  # type, refs, owner type, pad, capacity
 TABLE = struct.Struct("<IIIIQQQQ")  # type, refs, owner type, pad, nslots, used, filled, capacity
 NODE = struct.Struct("<IIIBxHQQ")  # type, refs, owner type, leaf, n, next leaf, previous leaf

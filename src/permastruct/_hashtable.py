@@ -1,0 +1,886 @@
+"""The insertion-ordered hash table that ``Dict`` and ``Set`` share, and the two proxies.
+
+Theory of operation
+===================
+
+The COLLECTION header holds ``count`` (live entries), ``body`` (the
+``TABLE``) and ``aux`` (a modification number: every insert and delete
+bumps it, and an iterator that sees it change raises ``RuntimeError`` as
+``dict`` does).  The table is one internal object laid out like CPython's
+compact dict (byte layout in :mod:`permastruct._format`):
+
+- ``nslots`` (a power of two) uint32 *indices*: 0 empty, ``0xFFFFFFFF``
+  deleted (a tombstone), else an entry number + 1;
+- ``capacity`` (``nslots * 2 // 3``) *entries* in insertion order: hash,
+  live flag, key cell[, value cell].
+
+A lookup probes linearly from ``hash & (nslots - 1)`` until it meets the key
+or an empty index; the stored hash is compared first, the key cell (or the
+string it names) only on a hash match.
+
+Invariants (``Storage.check()`` verifies each one):
+
+- ``used`` (entries appended so far, minus deleted ones at the end) is at
+  most ``capacity``; entries at or past ``used``, and deleted entries, are
+  all zero bytes;
+- every live entry has exactly one index naming it, reachable from its hash
+  position without crossing an empty index; no index names a dead entry;
+- ``filled`` counts the indices that are not empty (live and tombstones) and
+  stays at most ``capacity`` < ``nslots``, so every probe ends;
+- the stored hash is the fixed hash of the key (:func:`_format.string_hash`,
+  :func:`_format.number_hash`);
+- the live entries number ``count``.
+
+A full table (``used == capacity``, or a probe that would fill the last
+allowed index) is rebuilt at twice the live count, dropping tombstones and
+dead entries; a table that falls below an eighth of a capacity above 16 is
+rebuilt at twice its count, and an empty one is freed.
+"""
+
+import collections.abc as abc
+import struct
+
+from . import _format as F
+from . import _types as T
+from ._cells import Cell, Key, Missing, unhashable, value_checker
+from ._collection import Collection, MappingMixin
+from .errors import CorruptStorageError
+
+
+# -- Dict and Set: an insertion-ordered hash table ------------------------------------------
+#: Entries a hash table can hold: its indices are uint32 (entry number + 1, and 0xFFFFFFFF for deleted).
+_MAX_ENTRIES = (1 << 32) * 2 // 3 - 2
+
+
+def _table_shape(wanted):
+    """``(nslots, capacity)`` of a table for at least ``wanted`` entries (load <= 2/3)."""
+    nslots = 8
+    while nslots * 2 < wanted * 3:
+        nslots *= 2
+    return nslots, nslots * 2 // 3
+
+
+class _TableView:
+    """Cached views of one TABLE object: header, indices, entries."""
+
+    __slots__ = ("head", "indices", "entries", "mask", "capacity", "entries_at")
+
+    def __init__(self, heap, offset, esize):
+        type_id, _, _, _, nslots, used, filled, capacity = F.TABLE.unpack_from(
+            heap.mapping.view(offset, F.TABLE.size))
+        if not nslots or nslots & (nslots - 1) or capacity >= nslots or used > capacity or filled > capacity:
+            raise CorruptStorageError(f"{heap.name!r}: hash table at {offset:#x} has {nslots} slots, "
+                                      f"{used} of {capacity} entries used")
+        entries_at = F.TABLE.size + -(-4 * nslots // 8) * 8
+        heap.check_offset(offset, entries_at + esize * capacity)
+        self.head = heap.mapping.view(offset, F.TABLE.size).cast("Q")
+        self.indices = heap.mapping.view(offset + F.TABLE.size, 4 * nslots).cast("I")
+        self.entries = heap.mapping.view(offset + entries_at, esize * capacity)
+        self.mask = nslots - 1
+        self.capacity = capacity
+        self.entries_at = entries_at
+
+
+class HashCollection(Collection):
+    """The hash table shared by Dict and Set (insertion ordered, like ``dict``)."""
+
+    __slots__ = ()
+    _ps_has_values = False
+    _ps_body_type = F.T_TABLE
+
+    @classmethod
+    def _ps_prepare(cls, heap):
+        cls._ps_key = Key(heap, cls._ps_params[0], cls.__name__, "key")
+        code = cls._ps_key.code
+        if cls._ps_has_values:
+            cls._ps_value = Cell(heap, cls._ps_params[1], cls.__name__, "value")
+            code += cls._ps_value.code
+        cls._ps_entry = struct.Struct("<II" + code)
+        cls._ps_equals = heap.string_equals if cls._ps_key.is_ref else None
+        cls._ps_esize = cls._ps_entry.size
+        cls._ps_blank = bytes(cls._ps_esize)
+
+    @classmethod
+    def _ps_accepts(cls, value):
+        if cls._ps_has_values:
+            return isinstance(value, abc.Mapping)
+        return isinstance(value, abc.Iterable) and not isinstance(value, (str, bytes, bytearray, abc.Mapping))
+
+    def _ps_init(self, source, size=None, **options):
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise TypeError(f"size must be a non-negative int, not {size!r}")
+            if size > _MAX_ENTRIES:
+                raise OverflowError(f"a {type(self).__name__} holds at most {_MAX_ENTRIES} entries; "
+                                    f"size={size} is more")
+            if size:
+                self._ps_rebuild(type(self)._heap, size)
+        super()._ps_init(source, **options)
+
+    def _ps_table(self):
+        body = self._ps_body
+        heap = type(self)._heap
+        view = heap.views.get(body)
+        if view is None:
+            self._ps_check_internal(body, F.T_TABLE, F.TABLE.size)
+            try:
+                view = _TableView(heap, body, type(self)._ps_esize)
+            except IndexError:
+                raise self._ps_bad(f"its hash table at {body:#x} crosses the end of a mapped segment") from None
+            heap.views[body] = view
+        return view
+
+    def _ps_find(self, table, hash_, data):
+        """``(slot, entry, fields)`` of the key ``data`` with ``hash_``, or ``(free slot, -1, None)``."""
+        cls = type(self)
+        indices, mask, entries, capacity = table.indices, table.mask, table.entries, table.capacity
+        unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
+        equals = cls._ps_equals  # None for numbers: compare the cells
+        slot = hash_ & mask
+        free = -1
+        for _ in range(mask + 1):
+            index = indices[slot]
+            if index == 0:  # F.TABLE_EMPTY
+                return (slot if free < 0 else free), -1, None
+            if index == F.TABLE_DELETED:
+                if free < 0:
+                    free = slot
+            else:
+                if index > capacity:
+                    raise self._ps_bad(f"hash slot {slot} names entry {index - 1}")
+                fields = unpack(entries, (index - 1) * esize)
+                if fields[0] == hash_ and (fields[2] == data if equals is None else equals(fields[2], data)):
+                    return slot, index - 1, fields
+            slot = (slot + 1) & mask
+        if free >= 0:
+            return free, -1, None
+        raise self._ps_bad("its hash table has no free slot")
+
+    def _ps_lookup(self, key):
+        """``(table, slot, entry, fields)`` of ``key``; raises Missing."""
+        body = self._ps_body
+        if not body:
+            unhashable(key)
+            raise Missing
+        cls = type(self)
+        hash_, data = cls._ps_key.lookup(key)
+        table = cls._heap.views.get(body) or self._ps_table()
+        # The first probe, inline: with the table at most 2/3 full it usually decides.
+        slot = hash_ & table.mask
+        index = table.indices[slot]
+        if 0 < index <= table.capacity:
+            fields = cls._ps_entry.unpack_from(table.entries, (index - 1) * cls._ps_esize)
+            equals = cls._ps_equals
+            if fields[0] == hash_ and (fields[2] == data if equals is None else equals(fields[2], data)):
+                return table, slot, index - 1, fields
+        slot, entry, fields = self._ps_find(table, hash_, data)
+        if entry < 0:
+            raise Missing
+        return table, slot, entry, fields
+
+    def _ps_rebuild(self, heap, wanted):
+        """Move the live entries to a new table with room for ``wanted`` entries (compacting)."""
+        cls = type(self)
+        nslots, capacity = _table_shape(max(wanted, self._ps_count))
+        entries_at = F.TABLE.size + -(-4 * nslots // 8) * 8
+        new = self._ps_internal(heap, F.T_TABLE, entries_at + cls._ps_esize * capacity)
+        F.TABLE.pack_into(heap.mapping.view(new, F.TABLE.size), 0, F.T_TABLE, 1, cls._ps_type_id, 0,
+                          nslots, 0, 0, capacity)
+        view = _TableView(heap, new, cls._ps_esize)
+        used = 0
+        esize, mask = cls._ps_esize, nslots - 1
+        old = self._ps_body
+        if old:
+            table = self._ps_table()
+            source = table.entries
+            unpack = cls._ps_entry.unpack_from
+            for entry in range(table.head[3]):
+                fields = unpack(source, entry * esize)
+                if not fields[1]:
+                    continue
+                view.entries[used * esize:(used + 1) * esize] = source[entry * esize:(entry + 1) * esize]
+                slot = fields[0] & mask
+                while view.indices[slot]:
+                    slot = (slot + 1) & mask
+                view.indices[slot] = used + 1
+                used += 1
+        view.head[3] = view.head[4] = used
+        heap.views[new] = view
+        self._ps_body = new
+        if old:
+            heap.drop_internal(old)
+        return view
+
+    def _ps_insert(self, heap, key, value_cell=None, stored=None):
+        """Add ``key``; ``stored`` is ``_ps_key.store(key)`` if the caller has it already.
+
+        Returns ``(table, -1)`` for a new key, ``(table, entry)`` for one already present.
+        """
+        cls = type(self)
+        key_type = cls._ps_key
+        hash_, data = stored or key_type.store(key)
+        table = self._ps_table() if self._ps_body else self._ps_rebuild(heap, 1)
+        slot, entry, _ = self._ps_find(table, hash_, data)
+        if entry >= 0:
+            return table, entry
+        used = table.head[3]
+        if used >= table.capacity or (table.head[4] >= table.capacity and table.indices[slot] == F.TABLE_EMPTY):
+            table = self._ps_rebuild(heap, self._ps_count * 2 + 1)
+            slot, _, _ = self._ps_find(table, hash_, data)
+            used = table.head[3]
+        if table.indices[slot] == F.TABLE_EMPTY:
+            table.head[4] += 1
+        cell = key_type.new_cell(key, data)
+        fields = (hash_, 1, cell) if value_cell is None else (hash_, 1, cell, value_cell)
+        cls._ps_entry.pack_into(table.entries, used * cls._ps_esize, *fields)
+        table.indices[slot] = used + 1
+        table.head[3] = used + 1
+        self._ps_count += 1
+        self._ps_aux += 1
+        if value_cell and cls._ps_has_values and cls._ps_value.is_ref:
+            heap.incref(value_cell)
+        return table, -1
+
+    def _ps_delete(self, heap, table, slot, entry, fields):
+        cls = type(self)
+        esize = cls._ps_esize
+        table.indices[slot] = F.TABLE_DELETED
+        table.entries[entry * esize:(entry + 1) * esize] = cls._ps_blank
+        used = table.head[3]
+        if entry == used - 1:
+            unpack = cls._ps_entry.unpack_from
+            while used and not unpack(table.entries, (used - 1) * esize)[1]:
+                used -= 1
+            table.head[3] = used
+        self._ps_count -= 1
+        self._ps_aux += 1
+        if cls._ps_key.is_ref:
+            heap.decref(fields[2])
+        if cls._ps_has_values and cls._ps_value.is_ref and fields[3]:
+            heap.decref(fields[3])
+        count = self._ps_count
+        if count == 0:
+            old = self._ps_body
+            self._ps_body = 0
+            heap.drop_internal(old)
+        elif table.capacity > 16 and count * 8 < table.capacity:
+            self._ps_rebuild(heap, count * 2)
+
+    def _ps_last_entry(self):
+        """``(table, slot, entry, fields)`` of the newest entry (the collection is not empty)."""
+        cls = type(self)
+        table = self._ps_table()
+        entry = table.head[3] - 1
+        fields = cls._ps_entry.unpack_from(table.entries, entry * cls._ps_esize)
+        slot = fields[0] & table.mask
+        for _ in range(table.mask + 1):
+            if table.indices[slot] == entry + 1:
+                return table, slot, entry, fields
+            slot = (slot + 1) & table.mask
+        raise self._ps_bad(f"its newest entry {entry} has no hash slot")
+
+    def _ps_live_entries(self):
+        """Unpacked live entries in insertion order; a change in size during iteration raises."""
+        cls = type(self)
+        unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
+        version = self._ps_aux
+        entry = 0
+        while True:
+            if self._ps_aux != version:
+                raise RuntimeError(f"{cls.__name__} changed size during iteration")
+            if not self._ps_body:
+                return
+            table = self._ps_table()
+            if entry >= table.head[3]:
+                return
+            fields = unpack(table.entries, entry * esize)
+            entry += 1
+            if fields[1]:
+                yield fields
+
+    def _ps_decode_key(self, cell):
+        decode = type(self)._ps_key.decode
+        return cell if decode is None else decode(cell)
+
+    def __iter__(self):
+        """The keys in insertion order; a change in size meanwhile raises ``RuntimeError``.
+
+        Runtime: O(1) per key (amortised over deleted entries).
+        """
+        decode = type(self)._ps_key.decode
+        for fields in self._ps_live_entries():
+            yield fields[2] if decode is None else decode(fields[2])
+
+    def __contains__(self, key):
+        """``key in c``.
+
+        Runtime: O(1) average: one hash, usually one probe.
+        """
+        try:
+            self._ps_lookup(key)
+        except Missing:
+            return False
+        return True
+
+    def clear(self):
+        """Remove every element.
+
+        Runtime: O(n): every by-reference key and value loses a reference; the table is freed.
+        """
+        heap = self._ps_storage()
+        if not self._ps_body:
+            return
+        cls = type(self)
+        removed = list(self._ps_live_entries())
+        old = self._ps_body
+        self._ps_body = 0
+        self._ps_count = 0
+        self._ps_aux += 1
+        heap.drop_internal(old)
+        key_ref = cls._ps_key.is_ref
+        value_ref = cls._ps_has_values and cls._ps_value.is_ref
+        for fields in removed:
+            if key_ref:
+                heap.decref(fields[2])
+            if value_ref and fields[3]:
+                heap.decref(fields[3])
+
+    # -- heap hooks --
+    @classmethod
+    def _ps_references(cls, heap, offset, type_id):
+        header = F.COLLECTION.unpack_from(heap.mapping.view(offset, F.COLLECTION.size))
+        if type_id != F.T_TABLE:
+            return [header[3]] if header[3] else []
+        view = _TableView(heap, offset, cls._ps_esize)
+        refs = []
+        unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
+        key_ref = cls._ps_key.is_ref
+        value_ref = cls._ps_has_values and cls._ps_value.is_ref
+        for entry in range(view.head[3]):
+            fields = unpack(view.entries, entry * esize)
+            if fields[1]:
+                if key_ref:
+                    refs.append(fields[2])
+                if value_ref and fields[3]:
+                    refs.append(fields[3])
+        return refs
+
+    @classmethod
+    def _ps_internal_size(cls, heap, offset, type_id):
+        if type_id != F.T_TABLE:
+            return None
+        _, _, _, _, nslots, _, _, capacity = F.TABLE.unpack_from(heap.mapping.view(offset, F.TABLE.size))
+        return F.TABLE.size + -(-4 * nslots // 8) * 8 + cls._ps_esize * capacity
+
+    def _ps_check(self, referenced, fail):
+        me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
+        cls = type(self)
+        count, body = self._ps_count, self._ps_body
+        if not body:
+            if count:
+                fail(f"{me} has {count} elements but no table")
+            return
+        referenced(body, None, me)
+        table = self._ps_table()
+        used = table.head[3]
+        unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
+        key_type = cls._ps_key
+        live = 0
+        slots_of = {}
+        for slot, index in enumerate(table.indices):
+            if index not in (F.TABLE_EMPTY, F.TABLE_DELETED):
+                if index - 1 >= used or index - 1 in slots_of:
+                    fail(f"{me}: hash slot {slot} names entry {index - 1} (used {used})")
+                slots_of[index - 1] = slot
+        for entry in range(table.capacity):
+            fields = unpack(table.entries, entry * esize)
+            if entry >= used or not fields[1]:
+                if any(table.entries[entry * esize:(entry + 1) * esize]):
+                    fail(f"{me}: unused entry {entry} is not empty")
+                if entry in slots_of:
+                    fail(f"{me}: hash slot {slots_of[entry]} names the unused entry {entry}")
+                continue
+            live += 1
+            if entry not in slots_of:
+                fail(f"{me}: entry {entry} has no hash slot")
+            where = f"{me} entry {entry}"
+            if key_type.is_ref:
+                referenced(fields[2], key_type.type, where + " key")
+                data = type(self)._heap.string_data(fields[2])
+                expected = F.string_hash(key_type.string_type, data)
+            else:
+                value = fields[2]
+                expected = F.number_hash(int(value) if key_type.decode is bool else value)
+            if fields[0] != expected:
+                fail(f"{where}: stored hash {fields[0]:#x}, expected {expected:#x}")
+            slot = fields[0] & table.mask
+            while slot != slots_of[entry]:
+                if table.indices[slot] == F.TABLE_EMPTY:
+                    fail(f"{where} cannot be found from its hash position")
+                slot = (slot + 1) & table.mask
+            if cls._ps_has_values and cls._ps_value.is_ref and fields[3]:
+                referenced(fields[3], cls._ps_value.type, where + " value")
+        if live != count:
+            fail(f"{me} counts {count} elements but its table holds {live}")
+        filled = sum(1 for index in table.indices if index != F.TABLE_EMPTY)
+        if filled != table.head[4] or filled > table.capacity:
+            fail(f"{me}: {filled} hash slots are in use, the table says {table.head[4]} "
+                 f"(capacity {table.capacity})")
+
+
+class PersistentDict(MappingMixin, HashCollection):
+    """A persistent dict (``collections.abc.MutableMapping``), insertion ordered like ``dict``.
+
+    >>> from permastruct import Storage, Dict
+    >>> class S(Storage):
+    ...     def populateSchema(self):
+    ...         self.define(Dict("Ages")[self.schema.String, self.schema.Int])
+    >>> p = S(None)
+    >>> ages = p.schema.Ages({"Bond": 37})
+    >>> ages["M"] = 60; ages["Bond"], "M" in ages, len(ages), ages == {"Bond": 37, "M": 60}
+    (37, True, 2, True)
+    """
+
+    __slots__ = ()
+    _ps_kind = "dict"
+    _ps_has_values = True
+
+    @classmethod
+    def _ps_prepare(cls, heap):
+        super()._ps_prepare(heap)
+        if cls._ps_value.is_ref:
+            cls._ps_value_check = staticmethod(value_checker(heap, cls._ps_params[1], f"{cls.__name__} value"))
+
+    def __getitem__(self, key):
+        """``d[key]``; ``KeyError`` if absent.
+
+        Runtime: O(1) average: one hash, usually one probe and one key compare.
+        """
+        try:
+            fields = self._ps_lookup(key)[3]
+        except Missing:
+            raise KeyError(key) from None
+        decode = type(self)._ps_value.decode
+        return fields[3] if decode is None else decode(fields[3])
+
+    def __setitem__(self, key, value):
+        """``d[key] = value``; a wrong key or value changes nothing.
+
+        Runtime: O(1) average, amortised (a full table is rebuilt at twice its size).
+        """
+        heap = self._ps_storage()
+        cls = type(self)
+        stored = cls._ps_key.store(key)  # a wrong key fails before the value creates anything
+        value_type = cls._ps_value
+        cell = value_type.encode(value)
+        table, entry = self._ps_insert(heap, key, cell, stored)
+        if entry >= 0:  # an existing key: replace the value
+            at = entry * cls._ps_esize
+            fields = list(cls._ps_entry.unpack_from(table.entries, at))
+            old, fields[3] = fields[3], cell
+            cls._ps_entry.pack_into(table.entries, at, *fields)
+            if value_type.is_ref:
+                if cell:
+                    heap.incref(cell)
+                if old:
+                    heap.decref(old)
+
+    def __delitem__(self, key):
+        """``del d[key]``; ``KeyError`` if absent.
+
+        Runtime: O(1) average, amortised (a table an eighth full shrinks).
+        """
+        heap = self._ps_storage()
+        try:
+            table, slot, entry, fields = self._ps_lookup(key)
+        except Missing:
+            raise KeyError(key) from None
+        self._ps_delete(heap, table, slot, entry, fields)
+
+    def _ps_items(self):
+        cls = type(self)
+        kdecode, vdecode = cls._ps_key.decode, cls._ps_value.decode
+        for fields in self._ps_live_entries():
+            yield (fields[2] if kdecode is None else kdecode(fields[2]),
+                   fields[3] if vdecode is None else vdecode(fields[3]))
+
+    def _ps_iter_values(self):
+        vdecode = type(self)._ps_value.decode
+        for fields in self._ps_live_entries():
+            yield fields[3] if vdecode is None else vdecode(fields[3])
+
+    def popitem(self):
+        """Remove and return the last inserted ``(key, value)``; ``KeyError`` if empty.
+
+        Runtime: O(1) average.
+        """
+        heap = self._ps_storage()
+        if not self._ps_count:
+            raise KeyError("popitem(): dictionary is empty")
+        cls = type(self)
+        table, slot, entry, fields = self._ps_last_entry()
+        kdecode, vdecode = cls._ps_key.decode, cls._ps_value.decode
+        item = (fields[2] if kdecode is None else kdecode(fields[2]),
+                fields[3] if vdecode is None else vdecode(fields[3]))
+        self._ps_delete(heap, table, slot, entry, fields)
+        return item
+
+    def pop(self, key, default=MappingMixin._MARKER):
+        """Remove ``key`` and return its value (or ``default``; ``KeyError`` without one).
+
+        Runtime: O(1) average.
+        """
+        heap = self._ps_storage()
+        try:
+            table, slot, entry, fields = self._ps_lookup(key)
+        except Missing:
+            if default is MappingMixin._MARKER:
+                raise KeyError(key) from None
+            return default
+        vdecode = type(self)._ps_value.decode
+        value = fields[3] if vdecode is None else vdecode(fields[3])
+        self._ps_delete(heap, table, slot, entry, fields)
+        return value
+
+    def copy(self):
+        """A plain ``dict`` with the same items.
+
+        Runtime: O(n).
+        """
+        return dict(self._ps_items())
+
+
+class PersistentSet(HashCollection):
+    """A persistent set (``collections.abc.MutableSet``), insertion ordered.
+
+    >>> from permastruct import Storage, Set
+    >>> class S(Storage):
+    ...     def populateSchema(self):
+    ...         self.define(Set("Tags")[self.schema.String])
+    >>> p = S(None)
+    >>> tags = p.schema.Tags(["spy", "agent"])
+    >>> tags.add("spy"); len(tags), "agent" in tags, tags | {"boss"} == {"spy", "agent", "boss"}
+    (2, True, True)
+    """
+
+    __slots__ = ()
+    _ps_kind = "set"
+    _ps_brackets = ("{", "}", "set()")
+
+    def _ps_fill(self, source):
+        self._ps_add_all(source)
+
+    @classmethod
+    def _from_iterable(cls, iterable):
+        return set(iterable)
+
+    def add(self, key):
+        """Add ``key`` (no effect if present).
+
+        Runtime: O(1) average, amortised.
+        """
+        self._ps_insert(self._ps_storage(), key)
+
+    def discard(self, key):
+        """Remove ``key`` if present.
+
+        Runtime: O(1) average.
+        """
+        heap = self._ps_storage()
+        try:
+            table, slot, entry, fields = self._ps_lookup(key)
+        except Missing:
+            return
+        self._ps_delete(heap, table, slot, entry, fields)
+
+    def remove(self, key):
+        """Remove ``key``; ``KeyError`` if absent.
+
+        Runtime: O(1) average.
+        """
+        heap = self._ps_storage()
+        try:
+            table, slot, entry, fields = self._ps_lookup(key)
+        except Missing:
+            raise KeyError(key) from None
+        self._ps_delete(heap, table, slot, entry, fields)
+
+    def pop(self):
+        """Remove and return the last added element; ``KeyError`` if empty.
+
+        Runtime: O(1) average.
+        """
+        heap = self._ps_storage()
+        if not self._ps_count:
+            raise KeyError("pop from an empty set")
+        table, slot, entry, fields = self._ps_last_entry()
+        key = self._ps_decode_key(fields[2])
+        self._ps_delete(heap, table, slot, entry, fields)
+        return key
+
+    def __ior__(self, other):
+        """``s |= other``: add every element of the set ``other``; nothing is added if one cannot be stored.
+
+        Runtime: O(m).
+        """
+        self._ps_storage()
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        self._ps_add_all(other)
+        return self
+
+    def _ps_add_all(self, keys):
+        keys = list(keys)
+        for key in keys:  # every key is checked before the first is stored
+            type(self)._ps_key.store(key)
+        for key in keys:
+            self.add(key)
+
+    def update(self, *others):
+        """Add the elements of every iterable in ``others``.
+
+        Runtime: O(m) for ``m`` elements in all.
+        """
+        self._ps_storage()
+        self._ps_add_all([key for other in others for key in other])
+
+    def __iand__(self, other):
+        """``s &= other``: keep the elements also in ``other``.
+
+        Runtime: O(n) lookups in ``other``.
+        """
+        self._ps_storage()
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        for key in [k for k in self if k not in other]:
+            self.discard(key)
+        return self
+
+    def __isub__(self, other):
+        """``s -= other``: remove the elements of ``other``.
+
+        Runtime: O(m).
+        """
+        self._ps_storage()
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        if other is self:
+            self.clear()
+            return self
+        for key in list(other):
+            self.discard(key)
+        return self
+
+    def __ixor__(self, other):
+        """``s ^= other``: keep the elements in exactly one of the two.
+
+        Runtime: O(m).
+        """
+        self._ps_storage()
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        if other is self:
+            self.clear()
+            return self
+        other = list(dict.fromkeys(other))
+        for key in other:
+            if key not in self:
+                type(self)._ps_key.store(key)
+        for key in other:
+            if key in self:
+                self.discard(key)
+            else:
+                self.add(key)
+        return self
+
+    def __eq__(self, other):
+        """``s == other``: the same elements (``other`` any set).
+
+        Runtime: O(n).
+        """
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        return len(self) == len(other) and self.__le__(other)
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    def copy(self):
+        """A plain ``set`` with the same elements.
+
+        Runtime: O(n).
+        """
+        return set(self)
+
+    # -- set's named methods: new plain sets, or changes in place --
+    def union(self, *others):
+        """A plain ``set`` of the elements of this set and of every iterable in ``others`` (``set.union``).
+
+        Runtime: O(n + m).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy"]).union(["boss"], ("spy",)) == {"boss", "spy"}
+        True
+        """
+        return set(self).union(*others)
+
+    def intersection(self, *others):
+        """A plain ``set`` of the elements also in every iterable of ``others`` (``set.intersection``).
+
+        Runtime: O(n + m).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy", "boss"]).intersection(["boss", "cook"])
+        {'boss'}
+        """
+        return set(self).intersection(*others)
+
+    def difference(self, *others):
+        """A plain ``set`` of the elements in none of the iterables ``others`` (``set.difference``).
+
+        Runtime: O(n + m).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy", "boss"]).difference(["boss"]) == {"spy"}
+        True
+        """
+        return set(self).difference(*others)
+
+    def symmetric_difference(self, other):
+        """A plain ``set`` of the elements in exactly one of this set and ``other`` (``set.symmetric_difference``).
+
+        Runtime: O(n + m).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy", "boss"]).symmetric_difference(["boss", "cook"]) == {"cook", "spy"}
+        True
+        """
+        return set(self).symmetric_difference(other)
+
+    def issubset(self, other):
+        """Whether every element is in iterable ``other`` (``set.issubset``).
+
+        Runtime: O(n + m).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> p.schema.Tags(["spy"]).issubset(["spy", "boss"]), p.schema.Tags(["spy"]).issuperset([])
+        (True, True)
+        """
+        return set(self).issubset(other)
+
+    def issuperset(self, other):
+        """Whether every element of iterable ``other`` is in this set (``set.issuperset``; see ``issubset``).
+
+        Runtime: O(n + m).
+        """
+        return set(self).issuperset(other)
+
+    def intersection_update(self, *others):
+        """Keep only the elements also in every iterable of ``others``, in place.
+
+        Runtime: O(n + m).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> tags = p.schema.Tags(["spy", "boss"]); tags.intersection_update(["boss"]); tags == {"boss"}
+        True
+        """
+        self._ps_storage()
+        keep = set(self).intersection(*others)  # every iterable is read before the first change
+        for key in [k for k in self if k not in keep]:
+            self.discard(key)
+
+    def difference_update(self, *others):
+        """Remove the elements of every iterable in ``others``, in place.
+
+        Runtime: O(n + m).
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> tags = p.schema.Tags(["spy", "boss"]); tags.difference_update(["boss"], ["cook"]); tags == {"spy"}
+        True
+        """
+        self._ps_storage()
+        drop = set().union(*others)  # every iterable is read before the first change
+        for key in [k for k in self if k in drop]:
+            self.discard(key)
+
+    def symmetric_difference_update(self, other):
+        """Keep the elements in exactly one of this set and iterable ``other``, in place (``tags ^= set(other)``).
+
+        Runtime: O(m).
+
+        Nothing changes if an element of ``other`` cannot be stored.
+
+        >>> from permastruct import Storage, Set
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(Set("Tags")[self.schema.String])
+        >>> p = S(None)
+        >>> tags = p.schema.Tags(["spy", "boss"]); tags.symmetric_difference_update(["boss", "cook"])
+        >>> tags == {"spy", "cook"}
+        True
+        """
+        self._ps_storage()
+        self.__ixor__(set(other))
+
+
+def _set_operator(name):
+    """The operator ``name`` of ``abc.Set``, refusing non-sets like ``set`` does."""
+    mixin = getattr(abc.Set, name)
+
+    def operator(self, other):
+        if not isinstance(other, abc.Set):
+            return NotImplemented
+        return mixin(self, other)
+    operator.__name__ = name
+    return operator
+
+
+for _name in ("__le__", "__lt__", "__ge__", "__gt__", "__and__", "__rand__", "__or__", "__ror__",
+              "__sub__", "__rsub__", "__xor__", "__rxor__"):
+    setattr(PersistentSet, _name, _set_operator(_name))
+PersistentSet.isdisjoint = abc.Set.isdisjoint
+
+
+abc.MutableMapping.register(PersistentDict)
+abc.MutableSet.register(PersistentSet)
+
+# Every method that changes a Dict or Set is one change (see _types.change): done once, here.
+_CHANGES = {
+    HashCollection: ("clear",),
+    PersistentDict: ("__setitem__", "__delitem__", "popitem", "pop"),
+    PersistentSet: ("add", "discard", "remove", "pop", "__ior__", "update", "__iand__", "__isub__",
+                    "__ixor__", "intersection_update", "difference_update", "symmetric_difference_update"),
+}
+for _cls, _names in _CHANGES.items():
+    for _name in _names:
+        setattr(_cls, _name, T.change(_cls.__dict__[_name]))
+del _CHANGES, _cls, _names, _name

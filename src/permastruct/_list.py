@@ -1,0 +1,625 @@
+"""``List``: a persistent list whose elements are a contiguous array of 8-byte cells.
+
+Theory of operation
+===================
+
+The COLLECTION header holds ``count`` (elements), ``body`` (the ``ARRAY``)
+and ``aux`` (the array's capacity, in cells).  The array is one internal
+object: its header, then ``capacity`` cells (:mod:`permastruct._cells`),
+elements ``0 .. count - 1`` first.  The proxy reads and writes the cells
+through one ``memoryview`` cast to the cell's struct code (``'q'``, ``'Q'`` or
+``'d'``), cached per array in ``heap.views``, so ``lst[i]`` is an index into
+a typed memoryview (plus a proxy lookup for by-reference elements).
+
+Invariants:
+
+- ``count <= capacity``; ``capacity == 0`` exactly when ``body == 0``;
+- every cell at or past ``count`` is zero (a slot handed out later starts
+  clean, and ``check()`` can tell a stale reference from a live one);
+- each non-zero by-reference cell holds one reference on its object.
+
+Growth moves the cells into a new array of ``max(needed, 8, 1.5 * capacity)``
+cells (amortised O(1) ``append``); a list that falls below a quarter of a
+capacity above 16 moves to an array of twice its count.
+"""
+
+import collections.abc as abc
+import operator
+from array import array
+
+from . import _format as F
+from . import _types as T
+from ._cells import Cell
+from ._collection import PREVIEW_ITEMS, Collection, preview_value
+
+
+def _slice_length(start, stop, step):
+    return len(range(start, stop, step))
+
+
+# -- List ----------------------------------------------------------------------------
+class PersistentList(Collection):
+    """A persistent list (``collections.abc.MutableSequence``).
+
+    >>> from permastruct import Storage, List
+    >>> class S(Storage):
+    ...     def populateSchema(self):
+    ...         self.define(List("Ints")[self.schema.Int])
+    >>> p = S(None)
+    >>> numbers = p.schema.Ints([3, 1, 2])
+    >>> numbers.append(5); numbers.sort(); numbers[:], numbers[-1], len(numbers)
+    ([1, 2, 3, 5], 5, 4)
+    """
+
+    __slots__ = ()
+    _ps_kind = "list"
+    _ps_body_type = F.T_ARRAY
+
+    @classmethod
+    def _ps_prepare(cls, heap):
+        cls._ps_cell = Cell(heap, cls._ps_params[0], cls.__name__, "element")
+
+    @staticmethod
+    def _ps_accepts(value):
+        return isinstance(value, abc.Iterable) and not isinstance(
+            value, (str, bytes, bytearray, memoryview, abc.Mapping, T.Persistent)) or isinstance(value, PersistentList)
+
+    # -- the array --
+    def _ps_cells(self):
+        """A memoryview of the array's cells (cast to the cell code), cached per array."""
+        body = self._ps_body
+        heap = type(self)._heap
+        cells = heap.views.get(body)
+        if cells is None:
+            capacity = self._ps_aux
+            self._ps_check_internal(body, F.T_ARRAY, F.ARRAY.size + F.CELL * capacity)
+            if F.ARRAY.unpack_from(heap.mapping.view(body, F.ARRAY.size))[4] != capacity:
+                raise self._ps_bad("its array has another capacity than the list says")
+            if self._ps_count > capacity:
+                raise self._ps_bad(f"{self._ps_count} elements in an array of {capacity}")
+            try:
+                cells = heap.mapping.view(body + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
+            except IndexError:
+                raise self._ps_bad(f"its array at {body:#x} crosses the end of a mapped segment") from None
+            heap.views[body] = cells
+        return cells
+
+    def _ps_resize(self, heap, capacity):
+        """Move the elements to a new array of ``capacity`` cells (0: no array)."""
+        count, old = self._ps_count, self._ps_body
+        new = 0
+        if capacity:
+            new = self._ps_internal(heap, F.T_ARRAY, F.ARRAY.size + F.CELL * capacity)
+            F.UINT64.pack_into(heap.mapping.view(new + 16, 8), 0, capacity)
+            if count:
+                fresh = heap.mapping.view(new + F.ARRAY.size, F.CELL * capacity).cast(type(self)._ps_cell.code)
+                fresh[:count] = self._ps_cells()[:count]
+                fresh.release()
+        self._ps_body, self._ps_aux = new, capacity
+        if old:
+            heap.drop_internal(old)
+
+    def _ps_reserve(self, heap, needed):
+        capacity = self._ps_aux
+        if needed > capacity:
+            self._ps_resize(heap, max(needed, 8, capacity + (capacity >> 1)))
+        return self._ps_cells()
+
+    def _ps_maybe_shrink(self, heap):
+        count, capacity = self._ps_count, self._ps_aux
+        if count == 0:
+            if capacity:
+                self._ps_resize(heap, 0)
+        elif capacity > 16 and count < capacity >> 2:
+            self._ps_resize(heap, max(8, count * 2))
+
+    def _ps_values(self, start=0, stop=None):
+        """The Python values of elements ``start:stop``."""
+        count = self._ps_count
+        stop = count if stop is None else min(stop, count)
+        if start >= stop:
+            return []
+        cells = self._ps_cells()[start:stop].tolist()
+        decode = type(self)._ps_cell.decode
+        return cells if decode is None else [decode(c) for c in cells]
+
+    def _ps_encode_all(self, values):
+        encode = type(self)._ps_cell.encode
+        return [encode(v) for v in values]
+
+    def _ps_fill(self, source):
+        self.extend(source)
+
+    def _ps_preview(self):
+        return map(preview_value, self._ps_values(0, PREVIEW_ITEMS))
+
+    # -- reading --
+    def __getitem__(self, index):
+        """``lst[i]`` (a value) or ``lst[i:j:k]`` (a plain ``list``).
+
+        Runtime: O(1) for an index: one typed memoryview read (and an identity-map lookup for by-
+        reference elements); O(k) for a slice of k elements.
+        """
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._ps_count)
+            if step == 1:
+                return self._ps_values(start, stop)
+            return self._ps_values()[index]
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}") from None
+        count = self._ps_count
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("list index out of range")
+        cell = self._ps_cells()[index]
+        decode = type(self)._ps_cell.decode
+        return cell if decode is None else decode(cell)
+
+    def __iter__(self):
+        """The elements in order; a change of the list meanwhile is seen, as for ``list``.
+
+        Runtime: O(1) per element.
+        """
+        decode = type(self)._ps_cell.decode
+        index, body, cells = 0, None, None
+        while index < self._ps_count:
+            if self._ps_body != body:
+                body, cells = self._ps_body, self._ps_cells()
+            cell = cells[index]
+            yield cell if decode is None else decode(cell)
+            index += 1
+
+    def __reversed__(self):
+        """The elements from the last to the first.
+
+        Runtime: O(1) per element.
+        """
+        decode = type(self)._ps_cell.decode
+        index, body, cells = self._ps_count - 1, None, None
+        while 0 <= index < self._ps_count:
+            if self._ps_body != body:
+                body, cells = self._ps_body, self._ps_cells()
+            cell = cells[index]
+            yield cell if decode is None else decode(cell)
+            index -= 1
+
+    def __contains__(self, value):
+        """``value in lst``.
+
+        Runtime: O(n): the elements are read out once, then compared.
+        """
+        return value in self._ps_values()
+
+    def index(self, value, start=0, stop=None):
+        """The first index of ``value`` (``ValueError`` if absent), like ``list.index``.
+
+        Runtime: O(n).
+        """
+        values = self._ps_values()
+        try:
+            return values.index(value, start, len(values) if stop is None else stop)
+        except ValueError:
+            raise ValueError(f"{value!r} is not in list") from None
+
+    def count(self, value):
+        """The number of elements equal to ``value``.
+
+        Runtime: O(n).
+        """
+        return self._ps_values().count(value)
+
+    def __eq__(self, other):
+        """``lst == other``: equal elements in the same order (``other`` a list or a List).
+
+        Runtime: O(n).
+        """
+        if isinstance(other, PersistentList):
+            return self.isSameAs(other) or self._ps_values() == other._ps_values()
+        if isinstance(other, list):
+            return self._ps_values() == other
+        return NotImplemented
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    # -- new plain lists, as slicing makes --
+    def copy(self):
+        """A plain ``list`` of the elements (a shallow copy, like ``lst[:]``).
+
+        Runtime: O(n).
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> p.schema.Ints([1, 2]).copy()
+        [1, 2]
+        """
+        return self._ps_values()
+
+    def __add__(self, other):
+        """``lst + other``: a plain ``list`` (``other`` a list or a persistent List), like ``lst[:] + other``.
+
+        Runtime: O(n + m).
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = p.schema.Ints([1, 2])
+        >>> numbers + [3], [0] + numbers, numbers + numbers
+        ([1, 2, 3], [0, 1, 2], [1, 2, 1, 2])
+        """
+        if isinstance(other, PersistentList):
+            return self._ps_values() + other._ps_values()
+        if isinstance(other, list):
+            return self._ps_values() + other
+        return NotImplemented
+
+    def __radd__(self, other):
+        if isinstance(other, list):
+            return other + self._ps_values()
+        return NotImplemented
+
+    def __mul__(self, count):
+        """``lst * n`` and ``n * lst``: a plain ``list``, like ``lst[:] * n``.
+
+        Runtime: O(n * count).
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = p.schema.Ints([1, 2])
+        >>> numbers * 2, 2 * numbers, numbers * 0
+        ([1, 2, 1, 2], [1, 2, 1, 2], [])
+        """
+        if not hasattr(type(count), "__index__"):
+            return NotImplemented
+        return self._ps_values() * count
+
+    __rmul__ = __mul__
+
+    # -- changing --
+    def _ps_write_all(self, heap, cells):
+        """Replace every element by ``cells`` (already encoded and increfed by the caller)."""
+        cells_array = array(type(self)._ps_cell.code, cells)
+        count = len(cells_array)
+        if not count and not self._ps_body:
+            return
+        view = self._ps_reserve(heap, count)
+        old = self._ps_count
+        view[:count] = memoryview(cells_array)
+        if old > count:
+            view[count:old] = array(type(self)._ps_cell.code, bytes(F.CELL * (old - count)))
+        self._ps_count = count
+        self._ps_maybe_shrink(heap)
+
+    def __setitem__(self, index, value):
+        """``lst[i] = value`` or ``lst[i:j:k] = values``; a wrong value changes nothing.
+
+        Runtime: O(1) for an index; O(n + m) for a slice (the cells are rewritten in one pass).
+        """
+        heap = self._ps_storage()
+        cell_type = type(self)._ps_cell
+        if isinstance(index, slice):
+            return self._ps_set_slice(heap, index, value)
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}") from None
+        count = self._ps_count
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("list assignment index out of range")
+        cell = cell_type.encode(value)
+        cells = self._ps_cells()
+        old = cells[index]
+        cells[index] = cell
+        if cell_type.is_ref:
+            if cell:
+                heap.incref(cell)
+            if old:
+                heap.decref(old)
+
+    def _ps_set_slice(self, heap, index, value):
+        if isinstance(value, PersistentList) and value.isSameAs(self):
+            value = value[:]
+        values = list(value) if not isinstance(value, list) else value
+        start, stop, step = index.indices(self._ps_count)
+        if step != 1 and len(values) != _slice_length(start, stop, step):
+            raise ValueError(f"attempt to assign sequence of size {len(values)} to extended slice of "
+                             f"size {_slice_length(start, stop, step)}")
+        new = self._ps_encode_all(values)
+        cells = self._ps_cells()[:self._ps_count].tolist() if self._ps_count else []
+        removed = cells[index]
+        cells[index] = new
+        self._ps_replace(heap, cells, new, removed)
+
+    def _ps_replace(self, heap, cells, added, removed):
+        if type(self)._ps_cell.is_ref:
+            for cell in added:
+                if cell:
+                    heap.incref(cell)
+        self._ps_write_all(heap, cells)
+        if type(self)._ps_cell.is_ref:
+            for cell in removed:
+                if cell:
+                    heap.decref(cell)
+
+    def __delitem__(self, index):
+        """``del lst[i]`` or ``del lst[i:j:k]``.
+
+        Runtime: O(n - i): the cells after ``i`` move down with one slice assignment; O(n) for a
+        slice.
+        """
+        heap = self._ps_storage()
+        if isinstance(index, slice):
+            cells = self._ps_cells()[:self._ps_count].tolist() if self._ps_count else []
+            removed = cells[index]
+            del cells[index]
+            return self._ps_replace(heap, cells, (), removed)
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}") from None
+        count = self._ps_count
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("list assignment index out of range")
+        self._ps_remove_at(heap, index)
+
+    def _ps_remove_at(self, heap, index):
+        cells = self._ps_cells()
+        count = self._ps_count
+        old = cells[index]
+        cells[index:count - 1] = cells[index + 1:count]
+        cells[count - 1] = 0
+        self._ps_count = count - 1
+        self._ps_maybe_shrink(heap)
+        if old and type(self)._ps_cell.is_ref:
+            heap.decref(old)
+        return old
+
+    def insert(self, index, value):
+        """Insert ``value`` before ``index`` (clamped like ``list.insert``).
+
+        Runtime: O(n - index): the cells after it move up with one slice assignment.
+        """
+        heap = self._ps_storage()
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"'{type(index).__name__}' object cannot be interpreted as an integer") from None
+        cell_type = type(self)._ps_cell
+        cell = cell_type.encode(value)
+        count = self._ps_count
+        index = min(max(index + count if index < 0 else index, 0), count)
+        cells = self._ps_reserve(heap, count + 1)
+        cells[index + 1:count + 1] = cells[index:count]
+        cells[index] = cell
+        self._ps_count = count + 1
+        if cell and cell_type.is_ref:
+            heap.incref(cell)
+
+    def append(self, value):
+        """Add ``value`` at the end (amortised O(1))."""
+        cls = type(self)
+        heap = cls._heap
+        if heap.readonly:
+            self._ps_storage()  # raises ReadOnlyError
+        cell_type = cls._ps_cell
+        cell = cell_type.encode(value)
+        count = self._ps_count
+        if count < self._ps_aux:
+            cells = heap.views.get(self._ps_body) or self._ps_cells()
+        else:
+            cells = self._ps_reserve(heap, count + 1)
+        cells[count] = cell
+        self._ps_count = count + 1
+        if cell and cell_type.is_ref:
+            heap.incref(cell)
+
+    def extend(self, values):
+        """Append every element of ``values``; nothing is added if one of them has a wrong type.
+
+        Runtime: O(m) for ``m`` new elements: checked and encoded first, then written with one slice
+        assignment.
+        """
+        heap = self._ps_storage()
+        if isinstance(values, PersistentList):
+            values = values._ps_values()
+        self._ps_append_cells(heap, self._ps_encode_all(values))
+
+    def _ps_append_cells(self, heap, new):
+        """Append encoded cells ``new`` (by-reference ones gain a reference each)."""
+        if not new:
+            return
+        count = self._ps_count
+        packed = memoryview(array(type(self)._ps_cell.code, new))
+        cells = self._ps_reserve(heap, count + len(new))
+        cells[count:count + len(new)] = packed
+        self._ps_count = count + len(new)
+        if type(self)._ps_cell.is_ref:
+            for cell in new:
+                if cell:
+                    heap.incref(cell)
+
+    def __iadd__(self, values):
+        """``lst += values``: ``lst.extend(values)``, in place (nothing is added if one has a wrong type).
+
+        Runtime: as ``extend``.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = same = p.schema.Ints([1])
+        >>> numbers += (2, 3); numbers[:], numbers is same
+        ([1, 2, 3], True)
+        """
+        self.extend(values)
+        return self
+
+    def __imul__(self, count):
+        """``lst *= n``: repeat the elements in place, like ``list`` (``n <= 0`` empties the list).
+
+        Runtime: O(n * len(lst)); by-reference elements gain a reference per copy.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = same = p.schema.Ints([1, 2])
+        >>> numbers *= 2; numbers[:], numbers is same
+        ([1, 2, 1, 2], True)
+        """
+        if not hasattr(type(count), "__index__"):
+            return NotImplemented
+        heap = self._ps_storage()
+        count = operator.index(count)
+        size = self._ps_count
+        if count <= 0:
+            self.clear()
+        elif count > 1 and size:
+            cells = self._ps_cells()[:size].tolist()
+            self._ps_append_cells(heap, cells * (count - 1))
+        return self
+
+    def pop(self, index=-1):
+        """Remove and return the element at ``index`` (the last by default).
+
+        Runtime: O(1) for the last element, O(n - index) otherwise.
+        """
+        heap = self._ps_storage()
+        count = self._ps_count
+        if not count:
+            raise IndexError("pop from empty list")
+        try:
+            index = index.__index__()
+        except AttributeError:
+            raise TypeError(f"'{type(index).__name__}' object cannot be interpreted as an integer") from None
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("pop index out of range")
+        value = self[index]  # a proxy keeps the object alive past its decref
+        self._ps_remove_at(heap, index)
+        return value
+
+    def remove(self, value):
+        """Remove the first element equal to ``value`` (``ValueError`` if absent).
+
+        Runtime: O(n).
+        """
+        heap = self._ps_storage()
+        try:
+            index = self._ps_values().index(value)
+        except ValueError:
+            raise ValueError("list.remove(x): x not in list") from None
+        self._ps_remove_at(heap, index)
+
+    def clear(self):
+        """Remove every element.
+
+        Runtime: O(n) for by-reference elements (each loses a reference), O(1) otherwise; the array
+        is freed.
+        """
+        heap = self._ps_storage()
+        if not self._ps_count:
+            return
+        removed = self._ps_cells()[:self._ps_count].tolist()
+        self._ps_replace(heap, [], (), removed)
+
+    def reverse(self):
+        """Reverse the elements in place.
+
+        Runtime: O(n), one pass over the cells.
+        """
+        self._ps_storage()
+        count = self._ps_count
+        if count > 1:
+            cells = self._ps_cells()
+            cells[:count] = memoryview(array(type(self)._ps_cell.code, reversed(cells[:count].tolist())))
+
+    def sort(self, *, key=None, reverse=False):
+        """Sort in place, like ``list.sort`` (stable; unchanged if a comparison fails).
+
+        Runtime: O(n log n) comparisons of the Python values; the cells are written back in one
+        slice assignment.
+
+        A list that ``key`` or a comparison changes meanwhile is left as they
+        left it, and ``ValueError`` is raised (as ``list.sort`` does).
+        """
+        self._ps_storage()
+        count = self._ps_count
+        if count < 2:
+            return
+        before = self._ps_cells()[:count].tolist()
+        values = self._ps_values()
+        keys = values if key is None else [key(v) for v in values]
+        order = sorted(range(count), key=keys.__getitem__, reverse=reverse)
+        cells = self._ps_cells()
+        current = cells[:count].tolist()
+        if self._ps_count != count or current != before:
+            raise ValueError("list modified during sort")
+        cells[:count] = memoryview(array(type(self)._ps_cell.code, [current[i] for i in order]))
+
+    # -- heap hooks --
+    @classmethod
+    def _ps_references(cls, heap, offset, type_id):
+        """Offsets the object at ``offset`` (this list or its array) references."""
+        header = F.COLLECTION.unpack_from(heap.mapping.view(offset, F.COLLECTION.size))
+        if type_id != F.T_ARRAY:
+            return [header[3]] if header[3] else []
+        if not cls._ps_cell.is_ref:
+            return []
+        capacity = F.ARRAY.unpack_from(heap.mapping.view(offset, F.ARRAY.size))[4]
+        heap.check_offset(offset, F.ARRAY.size + F.CELL * capacity)
+        return [c for c in heap.mapping.view(offset + F.ARRAY.size, F.CELL * capacity).cast("Q") if c]
+
+    @classmethod
+    def _ps_internal_size(cls, heap, offset, type_id):
+        if type_id != F.T_ARRAY:
+            return None
+        return F.ARRAY.size + F.CELL * F.ARRAY.unpack_from(heap.mapping.view(offset, F.ARRAY.size))[4]
+
+    def _ps_check(self, referenced, fail):
+        me = T.Persistent.__repr__(self)  # the short form: a preview would read what is checked
+        count, body, capacity = self._ps_count, self._ps_body, self._ps_aux
+        if not body:
+            if count or capacity:
+                fail(f"{me} has {count} elements and capacity {capacity} but no array")
+            return
+        referenced(body, None, me)
+        self._ps_cells()
+        if count > capacity:
+            fail(f"{me} has {count} elements in an array of {capacity}")
+        cells = self._ps_cells()
+        if any(cells[count:capacity].tolist()):
+            fail(f"{me}: cells after the last element are not empty")
+        cell_type = type(self)._ps_cell
+        if cell_type.is_ref:
+            for index, cell in enumerate(cells[:count].tolist()):
+                if cell:
+                    referenced(cell, cell_type.type, f"{me}[{index}]")
+
+
+abc.MutableSequence.register(PersistentList)
+
+# Every method that changes a list is one change (see _types.change): done once, here.
+for _name in ("__setitem__", "__delitem__", "insert", "append", "extend", "__iadd__", "__imul__",
+              "pop", "remove", "clear", "reverse", "sort"):
+    setattr(PersistentList, _name, T.change(PersistentList.__dict__[_name]))
+del _name
