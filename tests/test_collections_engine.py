@@ -283,3 +283,143 @@ def test_collections_module_is_importable_alongside_the_stdlib_one():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["OrderedDict", "list"]
     assert C.KINDS == ("list", "dict", "set", "sorteddict")
+
+
+# -- Dict and Set: short string keys inline in the table entries ------------------------------
+def _entry_at(collection, key_index):
+    """The file offset of live entry ``key_index`` (in insertion order, no deletions) of a Dict or Set."""
+    table = collection._ps_table()
+    return collection._ps_body + table.entries_at + key_index * type(collection)._ps_esize
+
+
+def test_short_string_keys_are_inline_and_make_no_string_objects(store):
+    p = store
+    before = objects_of(p, "ByteString")
+    p.root.by_name = {b"": None, b"M": None, b"x" * 16: None}
+    p.commit()
+    assert objects_of(p, "ByteString") == before  # all three inline: no string object
+    p.root.by_name[b"y" * 17] = None  # one byte past KEY_INLINE: a string object
+    p.commit()
+    assert objects_of(p, "ByteString") == before + 1
+    keys = list(p.root.by_name)
+    assert keys == [b"", b"M", b"x" * 16, b"y" * 17] and all(type(k) is bytes for k in keys)
+    tags = [_entry_tag(p.root.by_name, i) for i in range(4)]
+    assert tags == [F.TAG_INLINE, F.TAG_INLINE + 1, F.TAG_INLINE + 16, F.TAG_REF]
+    del p.root.by_name[b"y" * 17]
+    p.commit()
+    assert objects_of(p, "ByteString") == before  # the long key's object went with it
+    p.check()
+
+
+def _entry_tag(collection, index):
+    return struct.unpack_from("<I", type(collection)._heap.mapping.view(_entry_at(collection, index) + 4, 4))[0]
+
+
+def test_string_keys_count_their_utf8_bytes(store):
+    p = store
+    p.root.counts = {"é" * 8: 1, "é" * 9: 2, "🐍" * 4: 3}  # 16, 18 and 16 bytes of UTF-8
+    counts = p.root.counts
+    assert [_entry_tag(counts, i) for i in range(3)] == [F.TAG_INLINE + 16, F.TAG_REF, F.TAG_INLINE + 16]
+    assert counts == {"é" * 8: 1, "é" * 9: 2, "🐍" * 4: 3} and all(type(k) is str for k in counts)
+    assert counts["é" * 9] == 2 and "é" * 8 in counts and "é" * 7 not in counts
+    p.commit()
+    p.check()
+
+
+def test_every_kind_of_key_finds_an_inline_entry(store):
+    p = store
+    p.root.by_name = {b"Bond": None, b"a key longer than inline": None}
+    by_name = p.root.by_name
+    interned = p.stringRegistry.get(b"Bond")
+    for key in (b"Bond", memoryview(b"Bond"), p.schema.ByteString(b"Bond"), interned):
+        assert key in by_name and by_name[key] is None
+    for key in (b"a key longer than inline", memoryview(b"a key longer than inline"),
+                p.stringRegistry.get(b"a key longer than inline")):
+        assert key in by_name and by_name[key] is None
+    for key in ("Bond", b"Bon", b"Bond\x00", b"", b"Bond" * 5, 7):
+        assert key not in by_name
+        with pytest.raises(KeyError):
+            by_name[key]
+    p.root.tags = {"spy", "a tag longer than sixteen bytes"}
+    assert "spy" in p.root.tags and b"spy" not in p.root.tags and "a tag longer than sixteen bytes" in p.root.tags
+    p.check()
+
+
+def test_an_interned_key_is_copied_inline_when_short(store):
+    p = store
+    short, long = p.stringRegistry.get("spy"), p.stringRegistry.get("a tag longer than sixteen bytes")
+    refs = p._heap.refcount(short._ps_oid), p._heap.refcount(long._ps_oid)
+    p.root.tags = {short, long}
+    assert p._heap.refcount(short._ps_oid) == refs[0]  # inline: the string object is not referenced
+    assert p._heap.refcount(long._ps_oid) == refs[1] + 1  # by reference: one more
+    assert set(p.root.tags) == {"spy", "a tag longer than sixteen bytes"}
+    p.root.tags.clear()
+    assert p._heap.refcount(long._ps_oid) == refs[1]
+    p.commit()
+    p.check()
+
+
+def test_inline_keys_survive_rebuilds_deletes_and_reopen(tmp_path):
+    path = tmp_path / "k.ps"
+    with Store(path, pageSize=256) as p:
+        p.root.by_name = {}
+        d = p.root.by_name
+        for i in range(500):
+            d[b"k%d" % i if i % 3 else b"a longer key number %d" % i] = None
+        for i in range(0, 500, 2):
+            del d[b"k%d" % i if i % 3 else b"a longer key number %d" % i]
+        p.check()
+    with Store(path) as p:
+        d = p.root.by_name
+        expected = [b"k%d" % i if i % 3 else b"a longer key number %d" % i for i in range(1, 500, 2)]
+        assert list(d) == expected and all(k in d for k in expected) and len(d) == 250
+        p.check()
+
+
+def test_check_finds_damaged_inline_keys(store):
+    p = store
+    p.root.counts = {"ab": 1}
+    at = _entry_at(p.root.counts, 0)
+    _damage(p, at + 8 + 5, "<B", 1)  # a byte after the 2-byte key
+    with pytest.raises(CorruptStorageError, match="bytes after its 2-byte inline key are not zero"):
+        p.check()
+    _damage(p, at + 8 + 5, "<B", 0)
+    _damage(p, at + 4, "<I", F.TAG_INLINE + F.KEY_INLINE + 1)  # a length past the 16 bytes
+    with pytest.raises(CorruptStorageError, match="neither a reference"):
+        p.check()
+    with pytest.raises(CorruptStorageError, match="has the tag"):
+        list(p.root.counts)
+    _damage(p, at + 4, "<I", F.TAG_INLINE + 2)
+    _damage(p, at + 8, "<H", 0xFFFF)  # not UTF-8
+    with pytest.raises(CorruptStorageError, match="not UTF-8"):
+        p.check()
+    with pytest.raises(CorruptStorageError, match="not UTF-8"):
+        list(p.root.counts)
+
+
+def test_check_finds_a_short_key_stored_by_reference(store):
+    p = store
+    p.root.counts = {"a key longer than inline": 1}
+    short = p.schema.String("ab")
+    p.root.tags = {"x"}
+    at = _entry_at(p.root.counts, 0)
+    _damage(p, at + 8, "<Q", short._ps_oid)  # a reference to a 2-byte string: a lookup would miss it
+    p._heap.incref(short._ps_oid)
+    with pytest.raises(CorruptStorageError, match="a key of 2 bytes is a reference"):
+        p.check()
+
+
+def test_a_file_of_the_previous_format_version_is_refused_unchanged(tmp_path):
+    path = tmp_path / "old.ps"
+    with Store(path) as p:
+        p.root.counts = {"a": 1}
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 8, F.FORMAT_VERSION - 1)
+    struct.pack_into("<I", data, 60, __import__("zlib").crc32(bytes(data[:60])))
+    path.write_bytes(bytes(data))
+    from permastruct import IncompatibleFormatError
+    for cls in (Store, Storage):
+        with pytest.raises(IncompatibleFormatError, match=f"format version {F.FORMAT_VERSION - 1}, older than "
+                                                          "this permastruct's .*copy what it holds into a new store"):
+            cls(path)
+    assert path.read_bytes() == bytes(data)

@@ -199,6 +199,8 @@ def build_base(path, page_size, scale=1.0):
     r.items = [_named(p, k) for k in range(n(40))]
     r.nested = [list(range(k)) for k in range(n(20))]
     r.by_name = {f"key {k}".encode(): _named(p, k + 100) for k in range(n(60))}
+    # keys longer than KEY_INLINE bytes are string objects the entries refer to; shorter ones are inline
+    r.by_name.update({f"a key longer than inline {k}".encode(): _named(p, k + 300) for k in range(n(12))})
     r.counts = {k * 7919 % 100003: k / 3 for k in range(n(500))}
     r.tags = {p.stringRegistry.get(f"tag {k}") for k in range(n(80))}  # interned: shared strings
     r.numbers = set(range(0, n(3000), 7))
@@ -296,7 +298,7 @@ def describe(path):
         fmap = {"file_size": os.path.getsize(path), "page_size": page_size, "page_count": pf.page_count,
                 "alloc_pid": alloc.state_pid, "slabs": [], "runs": [], "free": pf.free_pages(),
                 "free_runs": [list(r) for r in alloc.free_runs()], "objects": [], "refs": [],
-                "fields": [], "lists": [], "nodes": [], "type_ids": sorted(p._heap.classes),
+                "fields": [], "lists": [], "nodes": [], "inline_keys": [], "type_ids": sorted(p._heap.classes),
                 "strings": [], "buffers": []}
         skip = set(fmap["free"]) | {alloc.state_pid}
         for pid, length in fmap["free_runs"]:
@@ -386,13 +388,20 @@ def describe(path):
                     for k in range(used):
                         at = entries_at + k * esize
                         field(at, 4, f"entry {k} hash")
-                        field(at + 4, 4, f"entry {k} live flag")
-                        if owner._ps_key.is_ref:
-                            ref(at + 8, f"{owner.__name__} entry {k} key")
+                        tag = u32(at + 4)
+                        if owner._ps_key.is_ref:  # string keys: inline (tag 2 + length) or a reference (tag 1)
+                            field(at + 4, 4, f"entry {k} tag (key kind and length)")
+                            if tag == F.TAG_REF:
+                                ref(at + 8, f"{owner.__name__} entry {k} key")
+                            else:
+                                for b in range(0, F.KEY_INLINE, 4):
+                                    field(at + 8 + b, 4, f"entry {k} inline key bytes {b}..{b + 3}")
+                                fmap["inline_keys"].append([at, tag, owner.__name__])
                         else:
+                            field(at + 4, 4, f"entry {k} live flag")
                             field(at + 8, 8, f"entry {k} key")
                         if owner._ps_has_values and owner._ps_value.is_ref:
-                            ref(at + 16, f"{owner.__name__} entry {k} value")
+                            ref(at + owner._ps_value_at, f"{owner.__name__} entry {k} value")
                 else:
                     kind = "node"
                     order = owner._ps_order
@@ -732,6 +741,28 @@ s_string_lengths = s_fields(["string length", "string crc", "schema length", "re
                             "String lengths and hashes, the registry's count and capacity.")
 s_buffer_meta = s_fields(["buffer"], "Buffer nbytes, data offset, itemsize, ndim, format length, shape.")
 s_entries = s_fields(["entry", "node key "], "Hash table entries (hash, live flag, number keys), number keys of nodes.")
+
+
+def s_inline_keys(m):
+    """Short string keys inline in hash table entries: the tag (kind and length), the key bytes."""
+    rng = m.rng
+    keys = m.fmap["inline_keys"]
+    if not keys:
+        return s_entries(m)
+    at, tag, owner = rng.choice(keys)
+    choice = rng.randrange(5)
+    if choice == 0:  # a length past the 16 bytes, or a tag of no kind
+        m.put(at + 4, 4, rng.choice([F.TAG_INLINE + F.KEY_INLINE + 1, 0x7FFFFFFF, 0xFFFFFFFF, 3 + rng.randrange(64)]),
+              f"{owner} entry at {at:#x}: tag {tag} -> a length out of range")
+    elif choice == 1:  # says "a reference": the key bytes become an offset
+        m.put(at + 4, 4, F.TAG_REF, f"{owner} entry at {at:#x}: inline key claimed to be a reference")
+    elif choice == 2:  # bytes after the key's length not zero
+        m.put(at + 8 + F.KEY_INLINE - 1, 1, 0x41, f"{owner} entry at {at:#x}: a byte after the inline key")
+    elif choice == 3:  # not UTF-8 (a String key) or another key (a ByteString key)
+        m.put(at + 8, 2, 0xFFFF, f"{owner} entry at {at:#x}: inline key bytes 0xff 0xff")
+    else:  # the live flag of a number entry given to a string entry, or the key made shorter
+        m.put(at + 4, 4, rng.choice([1, F.TAG_INLINE, max(F.TAG_INLINE, tag - 1)]),
+              f"{owner} entry at {at:#x}: tag {tag} changed")
 s_scalars = s_fields(["Scalars.", "Named.", "Pair.weight"], "Scalar fields of structures (any value is valid).")
 
 
@@ -1067,7 +1098,7 @@ def w_garbage(m):
         return
     salt = m.get(16, 4, m.wal) or 0
     frames = _wal_frames(m)
-    txn = max([f[2] for f in frames] + [m.get(24, 8, m.wal) or 0]) + 1
+    txn = (max([f[2] for f in frames] + [m.get(24, 8, m.wal) or 0]) + 1) & ((1 << 64) - 1)  # (a forged 2**64-1)
     unit = mmap.PAGESIZE
     where = rng.choice([len(m.data), len(m.data) + 7 * unit, 0, F.HEADER_BLOCK, 1 << 50,
                         F.HEADER_BLOCK + unit * rng.randrange(max(1, len(m.data) // unit))])
@@ -1088,7 +1119,7 @@ STORE_STRATEGIES = [
     (s_bitflips, 8), (s_header, 3), (s_root_flip, 2), (s_root_forged, 6), (s_alloc_page, 5),
     (s_page_headers, 4), (s_slab_header, 5), (s_run_header, 4), (s_type_ids, 6), (s_refcounts, 3),
     (s_collection_headers, 6), (s_internal_sizes, 6), (s_string_lengths, 5), (s_buffer_meta, 6),
-    (s_buffer_format, 3), (s_entries, 4), (s_scalars, 1), (s_references, 12), (s_schema, 4), (s_list_bodies, 4),
+    (s_buffer_format, 3), (s_entries, 4), (s_inline_keys, 3), (s_scalars, 1), (s_references, 12), (s_schema, 4), (s_list_bodies, 4),
     (s_tree_links, 4), (s_truncate, 5), (s_extend, 2), (s_pages, 5),
 ]
 WAL_STRATEGIES = [
@@ -1154,6 +1185,8 @@ def _walk_storage(p, limit):
     def usable(collection, key):
         """Whether ``key`` (read from ``collection``) has the collection's key type."""
         key_type = type(collection)._ps_key
+        if key_type.is_ref and isinstance(collection, (PersistentDict, PersistentSet)):
+            return isinstance(key, key_type.exact)  # hash tables give string keys as bytes or str
         if key_type.is_ref:
             return isinstance(key, key_type.type)
         return isinstance(key, (int, float))

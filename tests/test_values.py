@@ -582,7 +582,7 @@ def test_previews_are_short(p):
 
 def test_preview_reads_only_what_it_shows(p, monkeypatch):
     agents = p.schema.Agents([p.schema.Agent(age=i) for i in range(2000)])
-    by_name = p.schema.ByName({b"%d" % i: None for i in range(2000)})
+    by_name = p.schema.ByName({b"%d" % i: p.schema.Agent(age=i) for i in range(2000)})  # keys: inline
     p.commit()
     made = []
     real = p._heap.remember  # called for every proxy made (none of the elements has a live one)

@@ -88,7 +88,7 @@ def _collection_problem(proxy):
     try:  # a damaged body outside the map, or crossing its end, raises here
         segment = segments[0] if len(segments) == 1 else mapping.segment_of(body)
         kind, _, owner, _, capacity = F.ARRAY.unpack_from(segment.map, body - segment.start)
-    except (IndexError, struct.error):
+    except (IndexError, OverflowError, struct.error):  # (an offset past 2**63: OverflowError)
         return f"its body {body:#x} is not in the map"
     if kind != cls._ps_body_type or owner != cls._ps_type_id:
         return (f"its body {body:#x} is not its {_BODY_NAMES[cls._ps_body_type]}: it has type {kind} "

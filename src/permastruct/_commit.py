@@ -263,11 +263,11 @@ class Engine:
                                    f"at the start of its {size} bytes)")
         magic, version, flags, page_size, block, store_id, crc = F.HEADER.unpack_from(head)
         if version > F.FORMAT_VERSION:
-            raise IncompatibleFormatError(
-                f"{self.path!r} has format version {version}; this permastruct reads versions up to "
-                f"{F.FORMAT_VERSION}: upgrade permastruct to open it")
+            raise IncompatibleFormatError(f"{self.path!r} {F.version_problem(version)}")
         if crc != zlib.crc32(head[:60]):
             raise CorruptStorageError(f"{self.path!r}: the file header checksum does not match")
+        if version < F.FORMAT_VERSION:  # (checked after the checksum: a flipped byte is damage)
+            raise IncompatibleFormatError(f"{self.path!r} {F.version_problem(version)}")
         if len(head) < F.HEADER_BLOCK:  # creation writes the whole block before the magic shows
             raise CorruptStorageError(f"{self.path!r} is truncated: {size} bytes, shorter than its header")
         if block != F.HEADER_BLOCK or not _valid_page_size(page_size):

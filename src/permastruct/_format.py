@@ -115,11 +115,22 @@ name the type id of their owner, so the cells can be decoded without it:
                       ``nslots`` uint32 indices (0 empty,
                       0xFFFFFFFF deleted, else entry number + 1), padding to
                       8 bytes, then ``capacity`` entries in insertion order:
-                      hash (uint32), live flag (uint32), key cell[, value
-                      cell].  Hashes are a fixed function of the key (crc32
-                      for strings, a multiplicative hash for numbers), never
-                      Python's ``hash()``.  Lookup probes linearly from
-                      ``hash & (nslots - 1)``.
+                      hash (uint32), a *tag* (uint32, 0 for an entry that is
+                      not live), the key, then (Dict) the value cell.
+                      Number keys: the tag is 1 and the key is its cell
+                      (``TABLE_NUMBER_ENTRY``: 16 or 24 bytes).  String keys
+                      (ByteString, String) take 16 bytes
+                      (``TABLE_STRING_ENTRY``: 24 or 32 bytes): a key of at
+                      most ``KEY_INLINE`` (16) bytes (UTF-8 for String) is
+                      stored *inline*, its bytes then zeros, with the tag
+                      ``TAG_INLINE + length``; a longer key is a reference to
+                      its string object in the first 8 bytes, zeros after,
+                      with the tag ``TAG_REF``.  A key that fits inline is
+                      always inline, so a lookup compares a short key with
+                      the entry alone.  Hashes are a fixed function of the
+                      key (crc32 for strings, a multiplicative hash for
+                      numbers), never Python's ``hash()``.  Lookup probes
+                      linearly from ``hash & (nslots - 1)``.
 ``NODE`` (SortedDict) a B+tree node in a one-page run: header, owner type
                       id, leaf flag, key count ``n``, next and previous leaf
                       (leaves only); then ``order + 1`` key cells, then for
@@ -130,6 +141,24 @@ name the type id of their owner, so the cells can be decoded without it:
                       every key of child ``i + 1`` is at least key ``i``.
                       String keys are references, counted once per cell that
                       holds them (leaf and separators).
+
+Format versions
+===============
+
+``FORMAT_VERSION`` in the static header names the layout of everything in
+the main file.  The rule: a change that a reader of the previous version
+would misread (a new meaning for bytes it reads) bumps it; a change that
+older readers cannot see (a new object kind they never meet in old files, a
+field in bytes they leave alone and that were zero before) does not.  A
+store opens only with the version that wrote it: a newer file raises
+``IncompatibleFormatError`` saying to upgrade permastruct, an older one
+``IncompatibleFormatError`` saying to convert it: read it with the
+permastruct release that wrote it and copy its contents into a new store
+(see :func:`version_problem`).  A refused file is never written.  The log
+has its own ``WAL_VERSION``.
+
+Versions: 1, the first; 2, short Dict and Set string keys inline in their
+hash table entries (``TABLE``).
 
 Write-ahead log (the file ``<store>-wal``)
 ==========================================
@@ -199,7 +228,7 @@ import struct
 import zlib
 
 MAGIC = b"PSTRUCT\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # see "Format versions" above
 HEADER_BLOCK = 4096
 MIN_PAGE_SIZE = 256
 MAX_PAGE_SIZE = 65536
@@ -308,6 +337,10 @@ NODE = struct.Struct("<IIIBxHQQ")  # type, refs, owner type, leaf, n, next leaf,
 assert (COLLECTION.size, ARRAY.size, TABLE.size, NODE.size) == (32, 24, 48, 32)
 CELL = 8
 TABLE_EMPTY, TABLE_DELETED = 0, 0xFFFFFFFF
+#: Table entries without the value cell: hash, tag, then the number key's cell or a string key's 16 bytes.
+TABLE_NUMBER_ENTRY, TABLE_STRING_ENTRY = "<II", "<II16s"
+KEY_INLINE = 16  # the longest string key (in bytes) stored inline in a table entry
+TAG_REF, TAG_INLINE = 1, 2  # entry tags: a string key by reference; TAG_INLINE + length: inline
 MAX_FORMAT = (1 << 24) - 1
 MAX_NDIM = 64
 
@@ -335,6 +368,16 @@ def buffer_layout(format_length, ndim):
     """
     shape_at = -(-(BUFFER.size + format_length) // 8) * 8
     return shape_at, -(-(shape_at + 8 * ndim) // 16) * 16
+
+
+def version_problem(version):
+    """What to tell the user about a file of format ``version`` (not ``FORMAT_VERSION``)."""
+    if version > FORMAT_VERSION:
+        return (f"has format version {version}; this permastruct reads version {FORMAT_VERSION}: "
+                "upgrade permastruct to open it")
+    return (f"has format version {version}, older than this permastruct's {FORMAT_VERSION}, which cannot "
+            f"read it: open it with a permastruct release that reads version {version} and copy "
+            "what it holds into a new store (permastruct.to_python gives plain values); the file is unchanged")
 
 
 def page_offset(pid, page_size):

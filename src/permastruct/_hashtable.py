@@ -38,7 +38,9 @@ rebuilt at twice its count, and an empty one is freed.
 """
 
 import collections.abc as abc
+import operator
 import struct
+from zlib import crc32 as _crc32
 
 from . import _format as F
 from . import _types as T
@@ -60,10 +62,21 @@ def _table_shape(wanted):
     return nslots, nslots * 2 // 3
 
 
-class _TableView:
-    """Cached views of one TABLE object: header, indices, entries."""
+_U64 = F.UINT64
+_TAG_REF, _TAG_INLINE, _KEY_INLINE = F.TAG_REF, F.TAG_INLINE, F.KEY_INLINE
+_PAD = tuple(bytes(_KEY_INLINE - n) for n in range(_KEY_INLINE + 1))  # zeros after an n-byte inline key
+_BYTES_SEED = F.BYTES_SEED
 
-    __slots__ = ("head", "indices", "entries", "mask", "capacity", "entries_at")
+
+def _ref(key_bytes):
+    """The string object's offset in the key bytes of an entry tagged ``TAG_REF``."""
+    return _U64.unpack_from(key_bytes)[0]
+
+
+class _TableView:
+    """Cached views of one TABLE object: header, indices, entries (and the raw map for lookups)."""
+
+    __slots__ = ("head", "indices", "entries", "mask", "capacity", "entries_at", "raw", "base")
 
     def __init__(self, heap, offset, esize):
         type_id, _, _, _, nslots, used, filled, capacity = F.TABLE.unpack_from(
@@ -79,6 +92,9 @@ class _TableView:
         self.mask = nslots - 1
         self.capacity = capacity
         self.entries_at = entries_at
+        segment, local = heap.locate(offset, entries_at + esize * capacity)
+        self.raw = segment.map  # read with unpack_from(raw, base + ...): no memoryview slicing
+        self.base = local + entries_at
 
 
 class HashCollection(Collection):
@@ -90,15 +106,24 @@ class HashCollection(Collection):
 
     @classmethod
     def _ps_prepare(cls, heap):
-        cls._ps_key = Key(heap, cls._ps_params[0], cls.__name__, "key")
-        code = cls._ps_key.code
+        key = cls._ps_key = Key(heap, cls._ps_params[0], cls.__name__, "key")
+        strings = cls._ps_strings = key.is_ref
+        layout = F.TABLE_STRING_ENTRY if strings else F.TABLE_NUMBER_ENTRY + key.code
+        cls._ps_value_at = struct.calcsize(layout)  # where the value cell starts in an entry
+        value_code = ""
         if cls._ps_has_values:
             cls._ps_value = Cell(heap, cls._ps_params[1], cls.__name__, "value")
-            code += cls._ps_value.code
-        cls._ps_entry = struct.Struct("<II" + code)
-        cls._ps_equals = heap.string_equals if cls._ps_key.is_ref else None
+            value_code = cls._ps_value.code
+            cls._ps_value_cell = struct.Struct("<" + value_code)
+            cls._ps_vdecode = cls._ps_value.decode
+        cls._ps_entry = struct.Struct(layout + value_code)
+        cls._ps_equals = heap.string_equals if strings else None
         cls._ps_esize = cls._ps_entry.size
         cls._ps_blank = bytes(cls._ps_esize)
+        cls._ps_views = heap.views
+        # the exact Python type whose short keys take the lookup fast path (bytes for ByteString keys)
+        cls._ps_fast = bytes if strings and key.string_type == F.T_BYTESTRING else None
+        cls._ps_key_of = _key_reader(cls, heap, key)
 
     @classmethod
     def _ps_accepts(cls, value):
@@ -130,12 +155,23 @@ class HashCollection(Collection):
             heap.views[body] = view
         return view
 
+    def _ps_probe(self, data):
+        """``(tag, probe, equals)`` an entry holding key ``data`` has: its tag, and its key field equal
+        to ``probe`` (``equals`` None), or naming a string object for which ``equals(offset, data)``."""
+        cls = type(self)
+        if not cls._ps_strings:
+            return 1, data, None
+        n = len(data)
+        if n <= _KEY_INLINE:
+            return _TAG_INLINE + n, data + _PAD[n], None
+        return _TAG_REF, None, cls._ps_equals
+
     def _ps_find(self, table, hash_, data):
         """``(slot, entry, fields)`` of the key ``data`` with ``hash_``, or ``(free slot, -1, None)``."""
         cls = type(self)
-        indices, mask, entries, capacity = table.indices, table.mask, table.entries, table.capacity
+        indices, mask, raw, base, capacity = table.indices, table.mask, table.raw, table.base, table.capacity
         unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
-        equals = cls._ps_equals  # None for numbers: compare the cells
+        tag, probe, equals = self._ps_probe(data)
         slot = hash_ & mask
         free = -1
         for _ in range(mask + 1):
@@ -148,8 +184,9 @@ class HashCollection(Collection):
             else:
                 if index > capacity:
                     raise self._ps_bad(f"hash slot {slot} names entry {index - 1}")
-                fields = unpack(entries, (index - 1) * esize)
-                if fields[0] == hash_ and (fields[2] == data if equals is None else equals(fields[2], data)):
+                fields = unpack(raw, base + (index - 1) * esize)
+                if fields[0] == hash_ and fields[1] == tag and (
+                        fields[2] == probe if equals is None else equals(_ref(fields[2]), data)):
                     return slot, index - 1, fields
             slot = (slot + 1) & mask
         if free >= 0:
@@ -164,15 +201,7 @@ class HashCollection(Collection):
             raise Missing
         cls = type(self)
         hash_, data = cls._ps_key.lookup(key)
-        table = cls._heap.views.get(body) or self._ps_table()
-        # The first probe, inline: with the table at most 2/3 full it usually decides.
-        slot = hash_ & table.mask
-        index = table.indices[slot]
-        if 0 < index <= table.capacity:
-            fields = cls._ps_entry.unpack_from(table.entries, (index - 1) * cls._ps_esize)
-            equals = cls._ps_equals
-            if fields[0] == hash_ and (fields[2] == data if equals is None else equals(fields[2], data)):
-                return table, slot, index - 1, fields
+        table = cls._ps_views.get(body) or self._ps_table()
         slot, entry, fields = self._ps_find(table, hash_, data)
         if entry < 0:
             raise Missing
@@ -215,6 +244,8 @@ class HashCollection(Collection):
         """Add ``key``; ``stored`` is ``_ps_key.store(key)`` if the caller has it already.
 
         Returns ``(table, -1)`` for a new key, ``(table, entry)`` for one already present.
+        A string key of at most ``KEY_INLINE`` bytes goes into the entry itself;
+        a longer one is a string object (a new one, or the proxy's, gaining a reference).
         """
         cls = type(self)
         key_type = cls._ps_key
@@ -230,8 +261,13 @@ class HashCollection(Collection):
             used = table.head[3]
         if table.indices[slot] == F.TABLE_EMPTY:
             table.head[4] += 1
-        cell = key_type.new_cell(key, data)
-        fields = (hash_, 1, cell) if value_cell is None else (hash_, 1, cell, value_cell)
+        if not cls._ps_strings:
+            tag, cell = 1, data
+        elif len(data) <= _KEY_INLINE:
+            tag, cell = _TAG_INLINE + len(data), data
+        else:
+            tag, cell = _TAG_REF, _U64.pack(key_type.new_cell(key, data))
+        fields = (hash_, tag, cell) if value_cell is None else (hash_, tag, cell, value_cell)
         cls._ps_entry.pack_into(table.entries, used * cls._ps_esize, *fields)
         table.indices[slot] = used + 1
         table.head[3] = used + 1
@@ -254,8 +290,8 @@ class HashCollection(Collection):
             table.head[3] = used
         self._ps_count -= 1
         self._ps_aux += 1
-        if cls._ps_key.is_ref:
-            heap.decref(fields[2])
+        if cls._ps_strings and fields[1] == _TAG_REF:
+            heap.decref(_ref(fields[2]))
         if cls._ps_has_values and cls._ps_value.is_ref and fields[3]:
             heap.decref(fields[3])
         count = self._ps_count
@@ -298,24 +334,29 @@ class HashCollection(Collection):
             if fields[1]:
                 yield fields
 
-    def _ps_decode_key(self, cell):
-        decode = type(self)._ps_key.decode
-        return cell if decode is None else decode(cell)
+    def _ps_key_refs(self, fields):
+        """The string object a live entry's key names (``[offset]``), or ``[]``."""
+        if type(self)._ps_strings and fields[1] == _TAG_REF:
+            return [_ref(fields[2])]
+        return []
 
     def __iter__(self):
-        """The keys in insertion order; a change in size meanwhile raises ``RuntimeError``.
-
-        Runtime: O(1) per key (amortised over deleted entries).
-        """
-        decode = type(self)._ps_key.decode
+        key_of = type(self)._ps_key_of
         for fields in self._ps_live_entries():
-            yield fields[2] if decode is None else decode(fields[2])
+            yield key_of(fields)
 
     def __contains__(self, key):
-        """``key in c``.
-
-        Runtime: O(1) average: one hash, usually one probe.
-        """
+        cls = type(self)
+        if type(key) is cls._ps_fast:  # a short bytes key: the entry alone decides (see __getitem__)
+            n = len(key)
+            table = cls._ps_views.get(self._ps_body) if n <= _KEY_INLINE else None
+            if table is not None:
+                hash_ = _crc32(key, _BYTES_SEED)
+                index = table.indices[hash_ & table.mask]
+                if 0 < index <= table.capacity:
+                    fields = cls._ps_entry.unpack_from(table.raw, table.base + (index - 1) * cls._ps_esize)
+                    if fields[0] == hash_ and fields[1] == _TAG_INLINE + n and fields[2] == key + _PAD[n]:
+                        return True
         try:
             self._ps_lookup(key)
         except Missing:
@@ -323,10 +364,7 @@ class HashCollection(Collection):
         return True
 
     def clear(self):
-        """Remove every element.
-
-        Runtime: O(n): every by-reference key and value loses a reference; the table is freed.
-        """
+        """Remove every element."""
         heap = self._ps_storage()
         if not self._ps_body:
             return
@@ -337,11 +375,10 @@ class HashCollection(Collection):
         self._ps_count = 0
         self._ps_aux += 1
         heap.drop_internal(old)
-        key_ref = cls._ps_key.is_ref
         value_ref = cls._ps_has_values and cls._ps_value.is_ref
         for fields in removed:
-            if key_ref:
-                heap.decref(fields[2])
+            for offset in self._ps_key_refs(fields):
+                heap.decref(offset)
             if value_ref and fields[3]:
                 heap.decref(fields[3])
 
@@ -354,13 +391,13 @@ class HashCollection(Collection):
         view = _TableView(heap, offset, cls._ps_esize)
         refs = []
         unpack, esize = cls._ps_entry.unpack_from, cls._ps_esize
-        key_ref = cls._ps_key.is_ref
+        key_ref = cls._ps_strings
         value_ref = cls._ps_has_values and cls._ps_value.is_ref
         for entry in range(view.head[3]):
             fields = unpack(view.entries, entry * esize)
             if fields[1]:
-                if key_ref:
-                    refs.append(fields[2])
+                if key_ref and fields[1] == _TAG_REF:
+                    refs.append(_ref(fields[2]))
                 if value_ref and fields[3]:
                     refs.append(fields[3])
         return refs
@@ -405,10 +442,11 @@ class HashCollection(Collection):
                 fail(f"{me}: entry {entry} has no hash slot")
             where = f"{me} entry {entry}"
             if key_type.is_ref:
-                referenced(fields[2], key_type.type, where + " key")
-                data = type(self)._heap.string_data(fields[2])
+                data = self._ps_check_string_key(fields, referenced, fail, where)
                 expected = F.string_hash(key_type.string_type, data)
             else:
+                if fields[1] != 1:
+                    fail(f"{where}: tag {fields[1]}, a number key's entry has 1")
                 value = fields[2]
                 expected = F.number_hash(int(value) if key_type.decode is bool else value)
             if fields[0] != expected:
@@ -426,6 +464,64 @@ class HashCollection(Collection):
         if filled != table.head[4] or filled > table.capacity:
             fail(f"{me}: {filled} hash slots are in use, the table says {table.head[4]} "
                  f"(capacity {table.capacity})")
+
+    def _ps_check_string_key(self, fields, referenced, fail, where):
+        """The bytes of a live entry's string key, its inline form or its reference checked."""
+        cls = type(self)
+        key_type = cls._ps_key
+        tag, key_bytes = fields[1], fields[2]
+        if tag == _TAG_REF:
+            if any(key_bytes[8:]):
+                fail(f"{where}: the key bytes after its reference are not zero")
+            offset = _ref(key_bytes)
+            referenced(offset, key_type.type, where + " key")
+            data = cls._heap.string_data(offset)
+            if len(data) <= _KEY_INLINE:
+                fail(f"{where}: a key of {len(data)} bytes is a reference; keys of up to {_KEY_INLINE} "
+                     "bytes are inline (a lookup would not find it)")
+            return data
+        if not _TAG_INLINE <= tag <= _TAG_INLINE + _KEY_INLINE:
+            fail(f"{where}: tag {tag} is neither a reference ({_TAG_REF}) nor an inline key length "
+                 f"({_TAG_INLINE}..{_TAG_INLINE + _KEY_INLINE})")
+        n = tag - _TAG_INLINE
+        if any(key_bytes[n:]):
+            fail(f"{where}: the bytes after its {n}-byte inline key are not zero")
+        data = key_bytes[:n]
+        if key_type.string_type == F.T_STRING:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                fail(f"{where}: its inline String key is not UTF-8")
+        return data
+
+
+def _key_reader(cls, heap, key):
+    """``key_of(fields)``: the Python key of a live entry's unpacked fields (strings as ``bytes``/``str``)."""
+    if not key.is_ref:
+        if key.decode is None:
+            return operator.itemgetter(2)
+        decode = key.decode
+        return lambda fields: decode(fields[2])
+    string_data = heap.string_data
+    text = key.string_type == F.T_STRING
+    top = _TAG_INLINE + _KEY_INLINE
+
+    def key_of(fields):
+        tag = fields[1]
+        if _TAG_INLINE <= tag <= top:
+            data = fields[2][:tag - _TAG_INLINE]
+        elif tag == _TAG_REF:
+            data = string_data(_ref(fields[2]))
+        else:
+            raise CorruptStorageError(f"{heap.name!r}: an entry of a {cls.__name__} table has the tag {tag}")
+        if not text:
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptStorageError(f"{heap.name!r}: a String key of a {cls.__name__} table is not "
+                                      "UTF-8") from None
+    return key_of
 
 
 class PersistentDict(MappingMixin, HashCollection):
@@ -455,12 +551,27 @@ class PersistentDict(MappingMixin, HashCollection):
         """``d[key]``; ``KeyError`` if absent.
 
         Runtime: O(1) average: one hash, usually one probe and one key compare.
+        A ``bytes`` key of at most 16 bytes in a ``Dict[ByteString, ...]`` is
+        found with a few C-level calls: its crc32, one index read, and one
+        unpack of the entry that holds the hash, the key and the value.
         """
+        cls = type(self)
+        if type(key) is cls._ps_fast:
+            n = len(key)
+            table = cls._ps_views.get(self._ps_body) if n <= _KEY_INLINE else None
+            if table is not None:
+                hash_ = _crc32(key, _BYTES_SEED)
+                index = table.indices[hash_ & table.mask]
+                if 0 < index <= table.capacity:
+                    fields = cls._ps_entry.unpack_from(table.raw, table.base + (index - 1) * cls._ps_esize)
+                    if fields[0] == hash_ and fields[1] == _TAG_INLINE + n and fields[2] == key + _PAD[n]:
+                        decode = cls._ps_vdecode
+                        return fields[3] if decode is None else decode(fields[3])
         try:
             fields = self._ps_lookup(key)[3]
         except Missing:
             raise KeyError(key) from None
-        decode = type(self)._ps_value.decode
+        decode = cls._ps_vdecode
         return fields[3] if decode is None else decode(fields[3])
 
     def __setitem__(self, key, value):
@@ -475,10 +586,9 @@ class PersistentDict(MappingMixin, HashCollection):
         cell = value_type.encode(value)
         table, entry = self._ps_insert(heap, key, cell, stored)
         if entry >= 0:  # an existing key: replace the value
-            at = entry * cls._ps_esize
-            fields = list(cls._ps_entry.unpack_from(table.entries, at))
-            old, fields[3] = fields[3], cell
-            cls._ps_entry.pack_into(table.entries, at, *fields)
+            at = entry * cls._ps_esize + cls._ps_value_at
+            old = cls._ps_value_cell.unpack_from(table.entries, at)[0]
+            cls._ps_value_cell.pack_into(table.entries, at, cell)
             if value_type.is_ref:
                 if cell:
                     heap.incref(cell)
@@ -499,10 +609,9 @@ class PersistentDict(MappingMixin, HashCollection):
 
     def _ps_items(self):
         cls = type(self)
-        kdecode, vdecode = cls._ps_key.decode, cls._ps_value.decode
+        key_of, vdecode = cls._ps_key_of, cls._ps_vdecode
         for fields in self._ps_live_entries():
-            yield (fields[2] if kdecode is None else kdecode(fields[2]),
-                   fields[3] if vdecode is None else vdecode(fields[3]))
+            yield key_of(fields), fields[3] if vdecode is None else vdecode(fields[3])
 
     def _ps_iter_values(self):
         vdecode = type(self)._ps_value.decode
@@ -519,9 +628,8 @@ class PersistentDict(MappingMixin, HashCollection):
             raise KeyError("popitem(): dictionary is empty")
         cls = type(self)
         table, slot, entry, fields = self._ps_last_entry()
-        kdecode, vdecode = cls._ps_key.decode, cls._ps_value.decode
-        item = (fields[2] if kdecode is None else kdecode(fields[2]),
-                fields[3] if vdecode is None else vdecode(fields[3]))
+        vdecode = cls._ps_vdecode
+        item = cls._ps_key_of(fields), fields[3] if vdecode is None else vdecode(fields[3])
         self._ps_delete(heap, table, slot, entry, fields)
         return item
 
@@ -614,7 +722,7 @@ class PersistentSet(HashCollection):
         if not self._ps_count:
             raise KeyError("pop from an empty set")
         table, slot, entry, fields = self._ps_last_entry()
-        key = self._ps_decode_key(fields[2])
+        key = type(self)._ps_key_of(fields)
         self._ps_delete(heap, table, slot, entry, fields)
         return key
 
