@@ -5,8 +5,9 @@ n int keys (10^6 in ``--full``, 10^5 in ``--quick``) to int values; each
 timed pass scans ranges of 100 and of 10,000 keys at random starts (the same
 for every store) and reads every pair.  Figures are ns per pair returned.
 
-- permastruct: ``SortedDict[Int, Int]``: ``for k in d.irange(a, b): d[k]``
-  (``irange`` yields keys; a second row gives the keys alone);
+- permastruct: ``SortedDict[Int, Int]``: ``for k, v in d.irange_items(a, b)``
+  (a leaf's key and value cells read at once); a second row gives the keys
+  alone (``d.irange(a, b)``);
 - sqlite3: ``SELECT k, v FROM t WHERE k BETWEEN ? AND ?`` on an ``INTEGER PRIMARY KEY``;
 - lmdb: a cursor ``set_range`` to the big-endian start key, then ``next``;
 - ZODB: ``IOBTree.items(a, b)``;
@@ -46,8 +47,8 @@ def _ours(ctx, n):
     p.commit()
 
     def scan(a, b):
-        for k in index.irange(a, b):
-            index[k]
+        for k, v in index.irange_items(a, b):
+            pass
 
     def keys(a, b):
         for k in index.irange(a, b):

@@ -423,3 +423,195 @@ def test_a_file_of_the_previous_format_version_is_refused_unchanged(tmp_path):
                                                           "this permastruct's .*copy what it holds into a new store"):
             cls(path)
     assert path.read_bytes() == bytes(data)
+
+
+# -- SortedDict scans a leaf at a time; bulk update of Dict and SortedDict ----------------------
+class Scans(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Agent(s.Structure):
+            age = s.Int
+
+        self.define(SortedDict("IntToInt")[s.Int, s.Int])
+        self.define(SortedDict("Words")[s.String, Agent])
+        self.define(SortedDict("Reals")[s.Float, s.Float])
+        self.define(Dict("Counts")[s.ByteString, s.Int])
+        self.define(Dict("People")[s.String, Agent])
+
+        class Root(s.Structure):
+            ints = self.schema.IntToInt
+            words = self.schema.Words
+            reals = self.schema.Reals
+            counts = self.schema.Counts
+            people = self.schema.People
+
+
+@pytest.fixture
+def scans(tmp_path):
+    p = Scans(tmp_path / "scans.ps", pageSize=256)  # nodes of 8 keys: many leaves and levels
+    yield p
+    p.close()
+
+
+def _expected_range(reference, low, high, inclusive, reverse):
+    keys = sorted(k for k in reference
+                  if (low is None or (k >= low if inclusive[0] else k > low))
+                  and (high is None or (k <= high if inclusive[1] else k < high)))
+    return [(k, reference[k]) for k in (reversed(keys) if reverse else keys)]
+
+
+def test_irange_items_matches_irange_and_lookups(scans):
+    import random
+    p = scans
+    rng = random.Random(7)
+    reference = {rng.randrange(-5000, 5000): rng.randrange(10 ** 9) for _ in range(1500)}
+    p.root.ints = reference
+    sd = p.root.ints
+    assert list(sd.items()) == sorted(reference.items()) and list(sd.values()) == [v for _, v in sorted(reference.items())]
+    for _ in range(200):
+        low, high = sorted(rng.randrange(-6000, 6000) for _ in range(2))
+        low = None if rng.random() < 0.1 else low
+        high = None if rng.random() < 0.1 else high
+        inclusive = (rng.random() < 0.5, rng.random() < 0.5)
+        reverse = rng.random() < 0.5
+        expected = _expected_range(reference, low, high, inclusive, reverse)
+        assert list(sd.irange_items(low, high, inclusive, reverse)) == expected
+        assert list(sd.irange(low, high, inclusive, reverse)) == [k for k, _ in expected]
+    assert list(sd.irange_items(10 ** 6, None)) == [] and list(p.schema.IntToInt().irange_items()) == []
+    with pytest.raises(TypeError):
+        sd.irange_items("a", 5)
+    p.check()
+
+
+def test_irange_items_of_string_keys_and_reference_values(scans):
+    p = scans
+    p.root.words = {f"w{k:03}": p.schema.Agent(age=k) for k in range(300)}
+    pairs = list(p.root.words.irange_items("w100", "w104"))
+    assert [str(k) for k, _ in pairs] == ["w100", "w101", "w102", "w103", "w104"]
+    assert [agent.age for _, agent in pairs] == [100, 101, 102, 103, 104]
+    assert [a.age for a in p.root.words.values()] == list(range(300))
+    p.check()
+
+
+def test_scans_see_a_change_in_size_as_an_error(scans):
+    p = scans
+    p.root.ints = {k: k for k in range(100)}
+    sd = p.root.ints
+    for make in (lambda: sd.irange_items(10, 90), lambda: iter(sd.items()), lambda: iter(sd.values()),
+                 lambda: reversed(sd), lambda: sd.irange(0, 99, reverse=True)):
+        scan = make()
+        next(scan)
+        sd[1000] = 1
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            list(scan)
+        del sd[1000]
+    p.check()
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 8, 9, 17, 64, 65, 500, 3000])
+def test_update_builds_an_empty_sorted_dict_bottom_up(scans, count):
+    import random
+    p = scans
+    rng = random.Random(count)
+    keys = list(range(count))
+    rng.shuffle(keys)
+    pairs = [(k, k * 3) for k in keys] + [(k, -k) for k in keys[: count // 3]]  # later pairs win
+    reference = dict(pairs)
+    p.root.ints = p.schema.IntToInt()
+    p.root.ints.update(pairs)
+    sd = p.root.ints
+    assert len(sd) == count and list(sd.items()) == sorted(reference.items())
+    p.check()
+    for k in range(0, count, 3):  # the built tree takes single changes as any other
+        del sd[k]
+        reference.pop(k)
+    for k in range(count, count + 50):
+        sd[k] = k
+        reference[k] = k
+    assert list(sd.items()) == sorted(reference.items())
+    p.commit()
+    p.check()
+
+
+def test_update_of_strings_builds_a_tree_with_counted_separators(scans):
+    p = scans
+    p.root.words = p.schema.Words()
+    people = {f"a key longer than a few bytes {k:04}": p.schema.Agent(age=k) for k in range(400)}
+    p.root.words.update(people)
+    assert [str(k) for k in p.root.words] == sorted(people)
+    p.commit()
+    p.check()  # reference counts of keys (leaf and separators) and values add up
+    p.root.words.clear()
+    p.commit()
+    p.check()
+
+
+def test_update_of_a_filled_sorted_dict_merges(scans):
+    p = scans
+    p.root.reals = {float(k): 0.0 for k in range(0, 200, 2)}
+    p.root.reals.update((k / 2, k) for k in range(300))
+    reference = {float(k): 0.0 for k in range(0, 200, 2)}
+    reference.update((k / 2, float(k)) for k in range(300))
+    assert list(p.root.reals.items()) == sorted(reference.items())
+    p.check()
+
+
+@pytest.mark.parametrize("bad, error", [(("x", 1), TypeError), ((5, 2 ** 64), OverflowError),
+                                        ((5, "one"), TypeError)])
+def test_a_bad_item_in_an_update_stores_nothing(scans, bad, error):
+    p = scans
+    p.root.ints = {1: 1}
+    p.root.counts = {b"a": 1}
+    p.commit()
+    for target, good in ((p.root.ints, [(k, k) for k in range(100)]),
+                         (p.root.counts, [(b"%d" % k, k) for k in range(100)])):
+        before = dict(target.items())
+        key, value = bad
+        if target is p.root.counts and not isinstance(key, str):
+            key = b"k%d" % key
+        with pytest.raises(error):
+            target.update(good + [(key, value)])
+        assert dict(target.items()) == before
+        p.check()
+    empty = p.schema.IntToInt()
+    with pytest.raises(TypeError):
+        empty.update([(k, k) for k in range(100)] + [(1.5, 1)])
+    assert len(empty) == 0
+    with pytest.raises(ValueError, match="NaN"):
+        p.schema.Reals().update([(1.0, 1.0), (float("nan"), 2.0)])
+    p.check()
+
+
+def test_a_bad_reference_value_in_an_update_stores_nothing(scans):
+    p = scans
+    p.root.people = {"M": p.schema.Agent(age=60)}
+    p.root.words = {}
+    with pytest.raises(TypeError):
+        p.root.people.update({"Bond": p.schema.Agent(age=37), "Q": 42})
+    with pytest.raises(TypeError):
+        p.root.words.update({"Bond": p.schema.Agent(age=37), "Q": p.schema.IntToInt()})
+    assert list(p.root.people) == ["M"] and len(p.root.words) == 0
+    p.commit()
+    p.check()
+
+
+def test_dict_update_makes_room_once_and_overwrites(scans):
+    p = scans
+    p.root.counts = {b"k%d" % k: k for k in range(10)}
+    counts = p.root.counts
+    rebuilds = []
+    real = counts._ps_rebuild
+    type(counts)._ps_rebuild = lambda self, heap, wanted: rebuilds.append(wanted) or real.__func__(self, heap, wanted)
+    try:
+        counts.update((b"k%d" % k, -k) for k in range(5000))
+    finally:
+        del type(counts)._ps_rebuild
+    assert len(rebuilds) == 1 and len(counts) == 5000
+    assert counts[b"k3"] == -3 and counts[b"k4999"] == -4999 and list(counts)[:3] == [b"k0", b"k1", b"k2"]
+    p.root.people = {}
+    p.root.people.update({f"person {k}": p.schema.Agent(age=k) for k in range(300)})
+    p.root.people.update({"person 7": None})
+    assert p.root.people["person 7"] is None and p.root.people["person 8"].age == 8
+    p.commit()
+    p.check()

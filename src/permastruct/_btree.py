@@ -240,36 +240,66 @@ class PersistentSortedDict(MappingMixin, Collection):
             return False
         return True
 
-    def _ps_walk(self, node, index, reverse=False):
-        """``(node, index)`` pairs from position ``index`` of leaf ``node`` onwards, watching changes.
+    def _ps_runs(self, node, index, remaining, reverse=False):
+        """``(leaf, lo, hi)``: runs of positions of consecutive leaves, ``remaining`` in all (None: to
+        the last leaf), from position ``index`` of leaf ``node`` onwards (``reverse``: downwards),
+        watching changes.
 
-        A leaf link that leads to an inner node, or more steps than the
-        elements and leaves there can be (a cycle of leaves), is damage.
+        A leaf link that leads to an inner node, or more leaves than the
+        elements there can be (a cycle of leaves), is damage.
         """
         version = self._ps_aux
         steps = 2 * self._ps_count + 2  # elements plus leaves: every leaf but an empty root holds a key
-        while node is not None:
+        if remaining is None:
+            remaining = float("inf")
+        while node is not None and remaining > 0:
             if self._ps_aux != version:
                 raise RuntimeError(f"{type(self).__name__} changed size during iteration")
             steps -= 1
             if steps < 0:
                 raise self._ps_bad(f"its leaves link in a cycle (through {node.offset:#x})")
             if reverse:
-                if index < 0:
-                    nxt = node.head64[3]
-                    node = self._ps_leaf(nxt) if nxt else None
-                    index = node.n - 1 if node is not None else 0
-                    continue
-                yield node, index
-                index -= 1
+                hi = min(index + 1, node.n)
+                lo = max(0, hi - remaining)
+                link = node.head64[3]
             else:
-                if index >= node.n:
-                    nxt = node.head64[2]
-                    node = self._ps_leaf(nxt) if nxt else None
-                    index = 0
-                    continue
-                yield node, index
-                index += 1
+                lo = index
+                hi = min(node.n, lo + remaining)
+                link = node.head64[2]
+            if hi > lo:
+                remaining -= hi - lo
+                steps -= hi - lo
+                if steps < 0:
+                    raise self._ps_bad(f"its leaves link in a cycle (through {node.offset:#x})")
+                yield node, lo, hi
+                if self._ps_aux != version:  # the link read above may name a node freed since
+                    raise RuntimeError(f"{type(self).__name__} changed size during iteration")
+            node = self._ps_leaf(link) if link and remaining > 0 else None
+            index = node.n - 1 if reverse and node is not None else 0
+
+    def _ps_scan(self, node, index, remaining, reverse=False, keys=True, values=False):
+        """The keys, values or ``(key, value)`` pairs of ``remaining`` positions from ``index`` of
+        leaf ``node``: each leaf's cells are read with one slice and decoded at once (a decoded
+        reference is a proxy, which keeps its object alive whatever the loop does meanwhile)."""
+        cls = type(self)
+        kdecode, vdecode = cls._ps_key.decode, cls._ps_value.decode
+        version = self._ps_aux
+        for leaf, lo, hi in self._ps_runs(node, index, remaining, reverse):
+            if keys:
+                run_keys = leaf.keys[lo:hi].tolist()
+                if kdecode is not None:
+                    run_keys = list(map(kdecode, run_keys))
+            if values:
+                run_values = leaf.values[lo:hi].tolist()
+                if vdecode is not None:
+                    run_values = list(map(vdecode, run_values))
+            run = list(zip(run_keys, run_values)) if keys and values else run_keys if keys else run_values
+            if reverse:
+                run.reverse()
+            for item in run:
+                if self._ps_aux != version:
+                    raise RuntimeError(f"{cls.__name__} changed size during iteration")
+                yield item
 
     def _ps_leaf(self, offset):
         """The node at ``offset``, which a leaf link names: it must be a leaf."""
@@ -292,41 +322,31 @@ class PersistentSortedDict(MappingMixin, Collection):
             node = self._ps_child(node, node.n if last else 0, depth)
         return node
 
-    def _ps_positions(self, reverse=False):
+    def _ps_all(self, reverse=False, keys=True, values=False):
         if not self._ps_count:
             return iter(())
         leaf = self._ps_edge_leaf(reverse)
-        return self._ps_walk(leaf, leaf.n - 1 if reverse else 0, reverse)
+        return self._ps_scan(leaf, leaf.n - 1 if reverse else 0, None, reverse, keys, values)
 
     def __iter__(self):
         """The keys in increasing order; a change in size meanwhile raises ``RuntimeError``.
 
-        Runtime: O(1) per key, leaf by leaf.
+        Runtime: O(1) per key; each leaf's keys are read with one slice.
         """
-        decode = type(self)._ps_key.decode
-        for node, index in self._ps_positions():
-            key = node.keys[index]
-            yield key if decode is None else decode(key)
+        return self._ps_all()
 
     def __reversed__(self):
         """The keys in decreasing order.
 
         Runtime: O(1) per key.
         """
-        decode = type(self)._ps_key.decode
-        for node, index in self._ps_positions(reverse=True):
-            key = node.keys[index]
-            yield key if decode is None else decode(key)
+        return self._ps_all(reverse=True)
 
     def _ps_items(self):
-        for node, index in self._ps_positions():
-            yield self._ps_decode(node, index)
+        return self._ps_all(keys=True, values=True)
 
     def _ps_iter_values(self):
-        decode = type(self)._ps_value.decode
-        for node, index in self._ps_positions():
-            value = node.values[index]
-            yield value if decode is None else decode(value)
+        return self._ps_all(keys=False, values=True)
 
     def _ps_position_of(self, probe, right):
         """The number of keys below ``probe`` (or not above it, if ``right``)."""
@@ -405,32 +425,48 @@ class PersistentSortedDict(MappingMixin, Collection):
     def irange(self, minimum=None, maximum=None, inclusive=(True, True), reverse=False):
         """Iterate over the keys from ``minimum`` to ``maximum`` (None: unbounded), in order.
 
-        Runtime: O(log n) to find the start, then O(1) per key.
+        ``inclusive`` says whether each bound is included; ``reverse`` walks
+        from the largest key down.  A bound that cannot be compared with the
+        keys is a ``TypeError`` at the call.
+
+        Runtime: O(log n) to find the ends, then O(1) per key, a leaf's keys read at once.
         """
+        return self._ps_range(minimum, maximum, inclusive, reverse, keys=True, values=False)
+
+    def irange_items(self, minimum=None, maximum=None, inclusive=(True, True), reverse=False):
+        """Iterate over the ``(key, value)`` pairs with keys from ``minimum`` to ``maximum``, in order.
+
+        The bounds, ``inclusive`` and ``reverse`` are those of :meth:`irange`.
+        Each leaf's key and value cells are read with one slice each.
+
+        Runtime: O(log n) to find the ends, then O(1) per pair.
+
+        >>> from permastruct import Storage, SortedDict
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(SortedDict("Prices")[self.schema.Int, self.schema.Float])
+        >>> p = S(None)
+        >>> prices = p.schema.Prices({k: k / 2 for k in range(10)})
+        >>> list(prices.irange_items(3, 6, inclusive=(True, False)))
+        [(3, 1.5), (4, 2.0), (5, 2.5)]
+        >>> list(prices.irange_items(maximum=1, reverse=True))
+        [(1, 0.5), (0, 0.0)]
+        """
+        return self._ps_range(minimum, maximum, inclusive, reverse, keys=True, values=True)
+
+    def _ps_range(self, minimum, maximum, inclusive, reverse, keys, values):
         key_type = type(self)._ps_key
         low = None if minimum is None else key_type.bound(minimum)
         high = None if maximum is None else key_type.bound(maximum)
-        return self._ps_irange(low, high, inclusive, reverse)
-
-    def _ps_irange(self, low, high, inclusive, reverse):
+        include_low, include_high = inclusive
         if not self._ps_count:
-            return
-        decode = type(self)._ps_key.decode
-        start = 0 if low is None else self._ps_position_of(low, right=not inclusive[0])
-        stop = self._ps_count if high is None else self._ps_position_of(high, right=inclusive[1])
+            return iter(())
+        start = 0 if low is None else self._ps_position_of(low, right=not include_low)
+        stop = self._ps_count if high is None else self._ps_position_of(high, right=include_high)
         if start >= stop:
-            return
-        if reverse:
-            node, index = self._ps_at(stop - 1)
-        else:
-            node, index = self._ps_at(start)
-        remaining = stop - start
-        for node, index in self._ps_walk(node, index, reverse):
-            if remaining <= 0:
-                return
-            remaining -= 1
-            key = node.keys[index]
-            yield key if decode is None else decode(key)
+            return iter(())
+        node, index = self._ps_at(stop - 1 if reverse else start)
+        return self._ps_scan(node, index, stop - start, reverse, keys, values)
 
     # -- changing --
     def __setitem__(self, key, value):
@@ -450,6 +486,77 @@ class PersistentSortedDict(MappingMixin, Collection):
             if isinstance(exc, PermastructError):
                 raise
             raise self._ps_damage(exc) from exc
+
+    def _ps_bulk_store(self, heap, prepared):
+        """Store checked ``(key, stored, value cell, holder)`` items (see ``update``): an empty tree
+        is built bottom-up from the items sorted by key (the last of equal keys wins, as in a
+        dict); a tree that holds items takes them one by one, in key order."""
+        items = sorted(prepared, key=lambda item: item[1][1])  # stable: equal keys keep their order
+        unique = [item for item, following in zip(items, items[1:] + [None])
+                  if following is None or following[1][1] != item[1][1]]
+        try:
+            if not self._ps_body and len(unique) > 1:
+                self._ps_build_tree(heap, unique)
+                return
+            for key, stored, cell, _ in unique:
+                self._ps_store(heap, key, stored[1], cell)
+        except (ValueError, IndexError, OverflowError) as exc:
+            if isinstance(exc, PermastructError):
+                raise
+            raise self._ps_damage(exc) from exc
+
+    def _ps_build_tree(self, heap, items):
+        """Build the tree of an empty SortedDict from ``items`` sorted by key, without duplicates.
+
+        Leaves are filled to about three quarters (room for later inserts),
+        and every node but the root gets at least the minimum fill; each
+        separator is the smallest key of the subtree to its right.
+        """
+        cls = type(self)
+        order = cls._ps_order
+        minimum = order // 2
+        key_type, value_type = cls._ps_key, cls._ps_value
+        key_code, value_code = key_type.code, value_type.code
+        level = []  # (node, items below it, its smallest key cell)
+        previous = None
+        position = 0
+        for size in _group_sizes(len(items), order * 3 // 4, minimum):
+            leaf = self._ps_new_node(heap, leaf=True)
+            run = items[position:position + size]
+            position += size
+            keys = [key_type.new_cell(key, stored[1]) for key, stored, _, _ in run]
+            values = [cell for _, _, cell, _ in run]
+            leaf.keys[:size] = memoryview(array(key_code, keys))
+            leaf.values[:size] = memoryview(array(value_code, values))
+            leaf.n = size
+            if value_type.is_ref:
+                for cell in values:
+                    if cell:
+                        heap.incref(cell)
+            if previous is not None:
+                previous.head64[2], leaf.head64[3] = leaf.offset, previous.offset
+            previous = leaf
+            level.append((leaf, size, keys[0]))
+        while len(level) > 1:
+            parents = []
+            position = 0
+            for size in _group_sizes(len(level), order * 3 // 4 + 1, minimum + 1):
+                node = self._ps_new_node(heap, leaf=False)
+                group = level[position:position + size]
+                position += size
+                separators = [smallest for _, _, smallest in group[1:]]
+                node.keys[:size - 1] = memoryview(array(key_code, separators))
+                node.children[:size] = memoryview(array("Q", [child.offset for child, _, _ in group]))
+                node.counts[:size] = memoryview(array("Q", [count for _, count, _ in group]))
+                node.n = size - 1
+                if key_type.is_ref:
+                    for cell in separators:
+                        heap.incref(cell)
+                parents.append((node, sum(count for _, count, _ in group), group[0][2]))
+            level = parents
+        self._ps_body = level[0][0].offset
+        self._ps_count = len(items)
+        self._ps_aux += 1
 
     def _ps_damage(self, exc):
         """The CorruptStorageError for ``exc``, met while changing the tree: counts or links that do
@@ -870,6 +977,14 @@ class PersistentSortedDict(MappingMixin, Collection):
             previous = offset
         if self._ps_node(previous).head64[2]:
             fail(f"{me}: the last leaf links onwards")
+
+
+def _group_sizes(total, fill, least):
+    """Sizes of the groups ``total`` things are cut into: about ``fill`` each, at least ``least`` each
+    when there are two groups or more (one group may be smaller: it is the root)."""
+    groups = max(1, min(-(-total // fill), total // least))
+    base, extra = divmod(total, groups)
+    return [base + 1] * extra + [base] * (groups - extra)
 
 
 def _zeros(view, count):

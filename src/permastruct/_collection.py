@@ -331,11 +331,17 @@ class MappingMixin:
     def update(self, other=(), **kwargs):
         """Like ``dict.update``; every key and value is checked before the first one is stored.
 
-        Runtime: O(m) inserts for ``m`` items, after one pass that checks them all.
+        A key or value of a wrong type or out of range raises the error a
+        single write would (``TypeError``, ``OverflowError``, ``ValueError``)
+        and nothing is stored.  The items are then stored in one pass: a
+        Dict makes room for all of them at once, an empty SortedDict is built
+        bottom-up from the sorted items, leaf by leaf.
+
+        Runtime: O(m) for ``m`` items into a Dict, O(m log m) into an empty
+        SortedDict (a sort), O(m log n) into a SortedDict holding ``n``.
         """
-        if isinstance(other, abc.Mapping):
-            pairs = [(key, other[key]) for key in other.keys()]
-        elif hasattr(other, "keys"):
+        heap = self._ps_storage()
+        if isinstance(other, abc.Mapping) or hasattr(other, "keys"):
             pairs = [(key, other[key]) for key in other.keys()]
         else:
             pairs = []
@@ -345,26 +351,34 @@ class MappingMixin:
                     raise ValueError(f"dictionary update sequence element has length {len(item)}; 2 is required")
                 pairs.append(item)
         pairs.extend(kwargs.items())
-        self._ps_validate_pairs(pairs)
-        cls = type(self)
-        if cls._ps_value.is_ref:
-            # Make every new value object first (a nested collection is checked only as it is
-            # built); one that fails leaves the mapping as it was, and the objects made before
-            # it, stored nowhere, are freed at the next commit.
-            heap, encode = cls._heap, cls._ps_value.encode
-            pairs = [(key, value if value is None or isinstance(value, T.Persistent)
-                      else heap.proxy(encode(value))) for key, value in pairs]
-        for key, value in pairs:
-            self[key] = value
+        if pairs:
+            self._ps_bulk_store(heap, self._ps_prepare_pairs(heap, pairs))
 
-    def _ps_validate_pairs(self, pairs):
+    def _ps_prepare_pairs(self, heap, pairs):
+        """``(key, stored, value cell, holder)`` for every pair: every key and value checked first,
+        then the new value objects made (``holder``: a proxy that keeps one alive until stored)."""
         cls = type(self)
+        store, value_type = cls._ps_key.store, cls._ps_value
+        if not value_type.is_ref:
+            encode = value_type.encode
+            return [(key, store(key), encode(value), None) for key, value in pairs]
+        check = cls._ps_value_check
+        stored = []
         for key, value in pairs:
-            cls._ps_key.store(key)
-            if cls._ps_value.is_ref:
-                cls._ps_value_check(value)
+            stored.append(store(key))
+            check(value)
+        # Make every new value object (a nested collection is checked only as it is built); one
+        # that fails leaves the mapping as it was, and the objects made before it, stored
+        # nowhere, are freed at the next commit.
+        encode, proxy = value_type.encode, heap.proxy
+        prepared = []
+        for (key, value), key_stored in zip(pairs, stored):
+            if value is None or isinstance(value, T.Persistent):
+                prepared.append((key, key_stored, encode(value), value))
             else:
-                cls._ps_value.encode(value)
+                holder = proxy(encode(value))
+                prepared.append((key, key_stored, holder._ps_oid, holder))
+        return prepared
 
     def _ps_fill(self, source):
         self.update(source)

@@ -595,6 +595,27 @@ class PersistentDict(MappingMixin, HashCollection):
                 if old:
                     heap.decref(old)
 
+    def _ps_bulk_store(self, heap, prepared):
+        """Store checked ``(key, stored, value cell, holder)`` items (see ``update``): room for all of
+        them is made once, then each is inserted or overwrites its key's value."""
+        cls = type(self)
+        wanted = self._ps_count + len(prepared)
+        if not self._ps_body or self._ps_table().capacity < wanted:
+            self._ps_rebuild(heap, min(wanted, _MAX_ENTRIES))
+        value_ref = cls._ps_value.is_ref
+        value_at, value_cell = cls._ps_value_at, cls._ps_value_cell
+        for key, stored, cell, _ in prepared:
+            table, entry = self._ps_insert(heap, key, cell, stored)
+            if entry >= 0:  # an existing key: replace the value
+                at = entry * cls._ps_esize + value_at
+                old = value_cell.unpack_from(table.entries, at)[0]
+                value_cell.pack_into(table.entries, at, cell)
+                if value_ref:
+                    if cell:
+                        heap.incref(cell)
+                    if old:
+                        heap.decref(old)
+
     def __delitem__(self, key):
         """``del d[key]``; ``KeyError`` if absent.
 
