@@ -615,3 +615,115 @@ def test_dict_update_makes_room_once_and_overwrites(scans):
     assert p.root.people["person 7"] is None and p.root.people["person 8"].age == 8
     p.commit()
     p.check()
+
+
+# -- Lists of numbers through the buffer protocol; bulk extend ---------------------------------
+class Numbers(Storage):
+    def populateSchema(self):
+        s = self.schema
+        self.define(List("Ints")[s.Int])
+        self.define(List("Reals")[s.Float])
+        self.define(List("Counts")[s.UInt64])
+        self.define(List("Bytes")[s.Int8])
+        self.define(List("Flags")[s.Bool])
+        self.define(List("Singles")[s.Float32])
+        self.define(List("Texts")[s.String])
+
+        class Root(s.Structure):
+            ints = self.schema.Ints
+            reals = self.schema.Reals
+
+
+def test_memoryview_of_a_list_is_its_cells(tmp_path):
+    path = tmp_path / "n.ps"
+    with Numbers(path) as p:
+        p.root.ints = range(5)
+        p.root.reals = [0.5, 1.5]
+        with memoryview(p.root.ints) as view:
+            assert (view.format, view.itemsize, view.shape, view.readonly) == ("q", 8, (5,), False)
+            view[4] = -7
+        with memoryview(p.root.reals) as view:
+            assert view.format == "d" and view.tolist() == [0.5, 1.5]
+            view[0] = 2.25
+        assert p.root.ints[:] == [0, 1, 2, 3, -7] and p.root.reals[0] == 2.25
+        for kind, values, fmt, readonly in (("Counts", [1, 2 ** 64 - 1], "Q", False), ("Bytes", [-3, 4], "q", True),
+                                            ("Flags", [True, False], "q", True), ("Singles", [0.5], "d", True)):
+            lst = getattr(p.schema, kind)(values)
+            with memoryview(lst) as view:
+                assert (view.format, view.readonly) == (fmt, readonly)
+                assert view.tolist() == [int(v) if fmt == "q" else v for v in values]
+        with memoryview(p.schema.Ints()) as view:
+            assert view.tolist() == [] and view.shape == (0,)
+        with pytest.raises(TypeError, match="holds references"):
+            memoryview(p.schema.Texts(["a"]))
+        p.commit()  # what was written through the views is part of the commit
+    with Numbers(path, readonly=True) as p:
+        assert p.root.ints[:] == [0, 1, 2, 3, -7] and p.root.reals[:] == [2.25, 1.5]
+        with memoryview(p.root.ints) as view:
+            assert view.readonly
+        p.check()
+
+
+def test_an_exported_list_cannot_move(tmp_path):
+    with Numbers(tmp_path / "n.ps", pageSize=256) as p:
+        p.root.ints = range(8)
+        ints = p.root.ints
+        view = memoryview(ints)
+        with pytest.raises(BufferError, match="cannot grow"):
+            ints.extend(range(100))
+        with pytest.raises(BufferError):
+            ints.append(8)
+        assert ints[:] == list(range(8))
+        del ints[1:]  # shrinking keeps the array while it is exported
+        ints.clear()
+        assert len(ints) == 0 and view[0] == 0  # the view sees the cells, zeroed
+        p.check()
+        view.release()
+        ints.extend(range(100))  # released: the list grows again
+        assert ints[:] == list(range(100))
+        p.commit()
+        p.check()
+
+
+def test_numpy_asarray_of_a_list_is_zero_copy(tmp_path):
+    numpy = pytest.importorskip("numpy")
+    with Numbers(tmp_path / "n.ps") as p:
+        p.root.ints = range(1000)
+        array = numpy.asarray(p.root.ints)
+        assert array.dtype == numpy.int64 and array.shape == (1000,) and array.flags.writeable
+        array *= 2
+        assert p.root.ints[999] == 1998 and int(array.sum()) == 999000
+        reals = numpy.asarray(p.schema.Reals([1.0, 2.0]))
+        assert reals.dtype == numpy.float64 and reals.tolist() == [1.0, 2.0]
+        del array, reals
+        p.root.ints.append(1)  # no export left
+        p.commit()
+        p.check()
+
+
+def test_extend_of_numbers_is_checked_like_append(tmp_path):
+    numpy = pytest.importorskip("numpy")
+    with Numbers(tmp_path / "n.ps") as p:
+        p.root.ints = [1]
+        ints = p.root.ints
+        ints.extend(numpy.arange(3))
+        ints.extend(x * 10 for x in range(3))
+        ints.extend((True, 5))
+        ints.extend(b"\x07")  # as list.extend: the byte values
+        assert ints[:] == [1, 0, 1, 2, 0, 10, 20, 1, 5, 7]
+        for bad, error in (([1, 2.5], TypeError), ([2 ** 63], OverflowError), (["x"], TypeError)):
+            with pytest.raises(error, match="Ints.element is Int"):
+                ints.extend(bad)
+        assert len(ints) == 10
+        p.root.reals = []
+        p.root.reals.extend([1, 2.5, numpy.float64(3)])
+        assert p.root.reals[:] == [1.0, 2.5, 3.0]
+        with pytest.raises(TypeError, match="Reals.element is Float"):
+            p.root.reals.extend([1.0, "2"])
+        assert len(p.root.reals) == 3
+        counts = p.schema.Counts()
+        with pytest.raises(OverflowError):
+            counts.extend([1, -1])
+        assert len(counts) == 0
+        p.commit()
+        p.check()

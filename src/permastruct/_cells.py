@@ -46,6 +46,11 @@ class Cell:
     def __init__(self, heap, ftype, owner, role):
         self.type = ftype
         self.is_ref = not isinstance(ftype, T.ValueType)
+        #: every cell is a valid value and the struct code converts exactly like ``encode``
+        #: (Int, Int64, UInt64, Float, Float64): cells may be written in bulk, or through a buffer
+        self.raw = not self.is_ref and (
+            (ftype.kind == "float" and ftype.pack is None)
+            or (ftype.kind == "int" and (ftype.low, ftype.high) in ((-1 << 63, (1 << 63) - 1), (0, (1 << 64) - 1))))
         where = f"{owner} {role}"
         if self.is_ref:
             self.code = "Q"

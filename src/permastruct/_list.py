@@ -24,13 +24,18 @@ capacity above 16 moves to an array of twice its count.
 """
 
 import collections.abc as abc
+import contextlib
+import ctypes
 import operator
+import weakref
 from array import array
 
 from . import _format as F
 from . import _types as T
 from ._cells import Cell
 from ._collection import PREVIEW_ITEMS, Collection, preview_value
+
+_NO_CELLS = ctypes.create_string_buffer(8)  # what an empty list's buffer points at (never read)
 
 
 def _slice_length(start, stop, step):
@@ -58,6 +63,7 @@ class PersistentList(Collection):
     @classmethod
     def _ps_prepare(cls, heap):
         cls._ps_cell = Cell(heap, cls._ps_params[0], cls.__name__, "element")
+        cls._ps_exports = {}  # array offset -> WeakSet of the MemoryExporters of its cells
 
     @staticmethod
     def _ps_accepts(value):
@@ -97,15 +103,26 @@ class PersistentList(Collection):
                 fresh.release()
         self._ps_body, self._ps_aux = new, capacity
         if old:
+            type(self)._ps_exports.pop(old, None)
             heap.drop_internal(old)
 
     def _ps_reserve(self, heap, needed):
         capacity = self._ps_aux
         if needed > capacity:
+            if self._ps_exported():
+                raise BufferError(f"this {type(self).__name__} has {capacity} cells and its buffer is exported: "
+                                  f"it cannot grow to {needed} while a memoryview or array of it exists; "
+                                  "release them first")
             self._ps_resize(heap, max(needed, 8, capacity + (capacity >> 1)))
         return self._ps_cells()
 
+    def _ps_exported(self):
+        """Whether a buffer of the current array is exported (its cells must not move)."""
+        return bool(type(self)._ps_exports.get(self._ps_body))
+
     def _ps_maybe_shrink(self, heap):
+        if self._ps_exported():  # an exported array stays where it is, larger than needed
+            return
         count, capacity = self._ps_count, self._ps_aux
         if count == 0:
             if capacity:
@@ -438,7 +455,26 @@ class PersistentList(Collection):
         heap = self._ps_storage()
         if isinstance(values, PersistentList):
             values = values._ps_values()
+        cell = type(self)._ps_cell
+        if cell.raw:  # Int, Float, ...: array() checks and converts every value in C, as encode would
+            if type(values) not in (list, tuple):
+                values = [value for value in values]  # (list() would trust a __length_hint__)
+            try:
+                packed = array(cell.code, values)
+            except (TypeError, OverflowError, ValueError):
+                pass  # the loop below raises the error, with the names a single append gives
+            else:
+                return self._ps_append_packed(heap, packed)
         self._ps_append_cells(heap, self._ps_encode_all(values))
+
+    def _ps_append_packed(self, heap, packed):
+        """Append the cells of ``packed`` (an array of the cell's code; by-value elements only)."""
+        size = len(packed)
+        if size:
+            count = self._ps_count
+            cells = self._ps_reserve(heap, count + size)
+            cells[count:count + size] = memoryview(packed)
+            self._ps_count = count + size
 
     def _ps_append_cells(self, heap, new):
         """Append encoded cells ``new`` (by-reference ones gain a reference each)."""
@@ -575,6 +611,66 @@ class PersistentList(Collection):
         if self._ps_count != count or current != before:
             raise ValueError("list modified during sort")
         cells[:count] = memoryview(array(type(self)._ps_cell.code, [current[i] for i in order]))
+
+    # -- the buffer protocol --
+    def __buffer__(self, flags=0):
+        """The zero-copy memoryview behind ``memoryview(lst)`` and ``numpy.asarray(lst)`` (PEP 688).
+
+        A List of numbers or Bool exports its cells: format ``'q'`` (signed
+        integers and Bool, as int64), ``'Q'`` (``UInt64`` and the other
+        unsigned types, as uint64) or ``'d'`` (floats, as double), shape
+        ``(len(lst),)``.  It is writable in a writable storage for ``Int``,
+        ``Int64``, ``UInt64``, ``Float`` and ``Float64`` (every 8 bytes are a
+        valid value there; a write is part of the current transaction), and
+        read-only for the narrower types, whose range a write could break.
+        While a view exists the array cannot move: an operation that would
+        grow the list raises ``BufferError`` (as ``bytearray`` does), and a
+        shrinking one keeps the array.  A view that outlives ``close()``
+        keeps its memory mapped and reaches no file.
+
+        Runtime: O(1); nothing is copied.
+
+        >>> from permastruct import Storage, List
+        >>> class S(Storage):
+        ...     def populateSchema(self):
+        ...         self.define(List("Ints")[self.schema.Int])
+        >>> p = S(None)
+        >>> numbers = p.schema.Ints([1, 2, 3])
+        >>> with memoryview(numbers) as view:
+        ...     view[0] = 10
+        ...     view.format, view.tolist()
+        ('q', [10, 2, 3])
+        >>> numbers[0]
+        10
+        """
+        cls = type(self)
+        cell = cls._ps_cell
+        if cell.is_ref:
+            raise TypeError(f"a {cls.__name__} holds references: only Lists of numbers and Bool export "
+                            "their cells through the buffer protocol")
+        heap = cls._heap
+        heap.storage._check_open()
+        count, body = self._ps_count, self._ps_body
+        readonly = heap.readonly or not cell.raw
+        if not count:
+            exporter = T.MemoryExporter(ctypes.addressof(_NO_CELLS), 0, 8, cell.code, (0,), readonly, keep=self)
+        else:
+            self._ps_cells()  # the array checked (owner, capacity, bounds)
+            segment, local = heap.locate(body, F.ARRAY.size + F.CELL * count)
+            pin = heap.mapping.view(body + F.ARRAY.size, F.CELL * count)  # holds the segment's map
+            exporter = T.MemoryExporter(segment.address + local + F.ARRAY.size, F.CELL * count, F.CELL,
+                                        cell.code, (count,), readonly, keep=(self, pin))
+            exports = cls._ps_exports.get(body)
+            if exports is None:
+                exports = cls._ps_exports[body] = weakref.WeakSet()
+            exports.add(exporter)
+        view = memoryview(exporter)
+        heap.exported(view)
+        return view
+
+    def __release_buffer__(self, view):
+        with contextlib.suppress(BufferError, ValueError):  # still exported elsewhere: its holders release it
+            view.release()
 
     # -- heap hooks --
     @classmethod
