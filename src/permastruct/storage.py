@@ -20,7 +20,6 @@ Structure, StructureMeta``.
 
 import contextlib
 import os
-import tempfile
 import warnings
 import weakref
 
@@ -48,12 +47,14 @@ class Storage:
     """A persistent object store in one memory-mapped file.
 
     ``Storage(fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
-    sync=True, pageSize=4096)``; ``fileName=None`` makes a volatile store that
-    vanishes at close.  See ``docs/tutorial.rst``.
+    sync=True, pageSize=4096, timeout=0, overlay=False)``.  ``fileName=None``
+    makes an in-memory store that nothing outlives; ``overlay=True`` keeps the
+    changes in memory on top of the file, which is never written.  See
+    ``docs/tutorial.rst`` and ``docs/modes.rst``.
     """
 
     def __init__(self, fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
-                 sync=True, pageSize=F.DEFAULT_PAGE_SIZE, timeout=0):
+                 sync=True, pageSize=F.DEFAULT_PAGE_SIZE, timeout=0, overlay=False):
         self._closed = True
         self._forked = False
         self._depth = 0  # nested with p.transaction() blocks open
@@ -65,25 +66,28 @@ class Storage:
                 raise ValueError(f"{name} must not be negative, not {value}")
         check_page_size(pageSize)  # the same arguments are refused the same way on every open
         check_timeout(timeout)
+        if not isinstance(overlay, bool):
+            raise TypeError(f"overlay must be True or False, not {type(overlay).__name__}")
         if fileName is None:
+            if overlay:
+                raise ValueError("overlay=True needs the path of a base store (None makes an in-memory store)")
             if readonly:
-                raise ValueError("a volatile storage (fileName=None) cannot be read-only")
-            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            handle, fileName = tempfile.mkstemp(prefix="permastruct-", dir=folder)
-            os.close(handle)
-            os.unlink(fileName)
+                raise ValueError("an in-memory storage (fileName=None) cannot be read-only: it starts empty")
+            self.fileName = None
             sync = False
-            self._volatile = True
         else:
-            self._volatile = False
-        path = os.fspath(fileName)
-        if not isinstance(path, str):
-            raise TypeError(f"fileName must be a str or os.PathLike, not {type(fileName).__name__}")
-        self.fileName = os.path.abspath(path)
+            if overlay and readonly:
+                raise ValueError("overlay=True and readonly=True together: an overlay is writable (its changes "
+                                 "stay in memory and the file is never written); pass one of them")
+            path = os.fspath(fileName)
+            if not isinstance(path, str):
+                raise TypeError(f"fileName must be a str or os.PathLike, not {type(fileName).__name__}")
+            self.fileName = os.path.abspath(path)
+        self.overlay = overlay
         self.sync = sync
         size = max(fileSize or DEFAULT_FILE_SIZE, F.HEADER_BLOCK + pageSize)
         self._page_file = PageFile(self.fileName, pageSize, readonly=self.readonly, sync=sync,
-                                   initial_size=size, timeout=timeout, journal=not self._volatile)
+                                   initial_size=size, timeout=timeout, overlay=overlay)
         created = self._page_file.created
         if not created and self._page_file.txn == 1:
             # Created but never committed (a crash while creating it): nothing to lose.
@@ -98,8 +102,6 @@ class Storage:
         self._heap = Heap(self, self._page_file, None)
         self.schema = Schema(self)
         try:
-            if self._volatile:
-                os.unlink(self.fileName)
             self._closed = False
             if created:
                 self._create(stringRegistrySize or DEFAULT_REGISTRY_SIZE)
@@ -122,7 +124,7 @@ class Storage:
 
     @classmethod
     def memory(cls, **kwargs):
-        """A volatile store (a file that is deleted as soon as it is opened)."""
+        """An in-memory store: the same as ``cls(None, **kwargs)`` (see ``docs/modes.rst``)."""
         return cls(None, **kwargs)
 
     # -- creation and loading ----------------------------------------------------
@@ -370,7 +372,8 @@ class Storage:
         _OPEN.discard(self)
         self._finalizer.detach()
         try:
-            if not self.readonly and not self._page_file.sync_failed and not self._forked and not incomplete:
+            if (self._page_file.mode == "file" and not self.readonly and not self._page_file.sync_failed
+                    and not self._forked and not incomplete):  # (memory and overlays: discarded)
                 heap._changing = T._get_ident()
                 heap.collect_unreferenced(everything=True)
                 heap.record_held()  # (now nothing)
@@ -409,6 +412,10 @@ class Storage:
         self.close()
 
     def __repr__(self):
+        if self.fileName is None:
+            return f"<{type(self).__name__} (memory)>"
+        if self.overlay:
+            return f"<{type(self).__name__} {self.fileName!r} (overlay)>"
         return f"<{type(self).__name__} {self.fileName!r}>"
 
     def check(self, progress=None):
