@@ -751,7 +751,7 @@ class Engine:
             return []
         return [offset for offset, _ in self._changed_pages()]
 
-    def commit(self, acknowledge=True, freed=()):
+    def commit(self, acknowledge=True, freed=(), meta=b""):
         """Commit: log every changed page and the new root state.
 
         With ``sync`` the log is synced before this returns, so the commit
@@ -764,7 +764,9 @@ class Engine:
         until it sets ``_unacknowledged = None``, the next call of any
         operation (or :meth:`settle`) undoes it.  The storage layer uses that
         to make its own bookkeeping part of the commit.  ``freed``: the offsets
-        of the objects the transaction freed, for readers (see ``_format``).
+        of the objects the transaction freed, for readers (see ``_format``);
+        ``meta``: the transaction's metadata (``_format.pack_txn_meta``), kept in
+        its commit frame (an in-memory store or an overlay keeps none).
         """
         self._check_writable()
         if self._undo_failed and not self.sync_failed:
@@ -817,7 +819,7 @@ class Engine:
         logged = self._logged
         undo = _Undo(self, journal, {offset: logged.get(offset) for offset, _ in pages})
         try:
-            commit = journal.append(self.txn + 1, pages, root, self.sync, freed)
+            commit = journal.append(self.txn + 1, pages, root, self.sync, freed, meta)
             for (offset, image), (_, position) in zip(pages, commit.frames):
                 logged[offset] = [position, bytes(image) if keep else None]
             # Published in one step (no call in between, so no interrupt either).

@@ -212,14 +212,20 @@ class Storage:
     def closed(self):
         return self._closed
 
-    def commit(self):
+    def commit(self, description=None, *, user=None, extension=None):
         """Make every change since the last commit durable.
 
         Either it returns and the commit is made, or it raises (a full disk,
         an interrupt at any moment) and nothing of it is: the store is at its
         last commit, with the changes still pending (``rollback()`` or commit
-        again).
+        again).  ``description``, ``user`` (strings) and ``extension`` (a dict
+        of str to str, int, float or bool) are the transaction's metadata,
+        kept in its commit frame in the log (an in-memory store or an overlay
+        keeps none); a wrong type is a TypeError, a value that cannot be
+        stored a ValueError, both before anything changes.  A commit with
+        nothing to commit makes no transaction (``last_transaction`` stays).
         """
+        meta = F.pack_txn_meta(description, user, extension)
         self._check_writable()
         self._check_whole()
         heap = self._heap
@@ -228,7 +234,7 @@ class Storage:
         heap.record_held()
         pf = self._page_file
         try:
-            pf.commit(acknowledge=False, freed=heap.freed)
+            pf.commit(acknowledge=False, freed=heap.freed, meta=meta)
             # The commit returns here: the heap's own bookkeeping and the engine's
             # confirmation in one step (no call in between, so no interrupt either).
             heap.created, heap.freed, pf._unacknowledged, heap._changing = set(), [], None, 0
@@ -236,6 +242,20 @@ class Storage:
             heap._changing = 0
             pf.settle()  # not confirmed: taken back; the changes are pending as before
             raise
+
+    @property
+    def last_transaction(self):
+        """The id (an int) of the latest commit: of this storage's own, or (``readonly=True``) of the
+        snapshot it reads.  Ids grow by one with every commit of the store.
+
+        >>> p = Storage(None)
+        >>> first = p.last_transaction
+        >>> p.commit("nothing changed"); p.last_transaction == first
+        True
+        >>> p.close()
+        """
+        self._check_open()
+        return self._page_file.txn
 
     def _check_whole(self):
         """Refuse to commit while a change is running in another thread or was cut short here."""
@@ -287,13 +307,16 @@ class Storage:
         return True
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self, description=None, *, user=None, extension=None):
         """``with p.transaction():`` commits on success and rolls back on an exception.
 
         Nested blocks are savepoints: a failing inner block undoes only what it
         did (and its objects' proxies die), a succeeding one keeps its changes
         for the outer block; only the outermost block commits.  Entering a
         nested block copies the pages the transaction has changed so far.
+        ``description``, ``user`` and ``extension`` are the metadata of the
+        commit (see :meth:`commit`), checked on entry; a nested block, which
+        does not commit, refuses them (ValueError).
 
         >>> import os, tempfile
         >>> class S(Storage):
@@ -314,7 +337,11 @@ class Storage:
         (1, 0)
         >>> p.close()
         """
+        F.pack_txn_meta(description, user, extension)  # refused on entry, before the block runs
         self._check_writable()
+        if self._depth and (description, user, extension) != (None, None, None):
+            raise ValueError("a nested p.transaction() block does not commit (the outermost one does): "
+                             "give the description, user and extension to the outermost block")
         if self._depth:
             point = self._savepoint()
             self._depth += 1
@@ -334,7 +361,7 @@ class Storage:
             self.rollback()
             raise
         self._depth = 0
-        self.commit()
+        self.commit(description, user=user, extension=extension)
 
     def _savepoint(self):
         """Everything :meth:`_rollback_to` needs to return to this moment of the transaction."""
