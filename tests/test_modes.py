@@ -17,6 +17,7 @@ The contract and stress suites run over both modes too (``conftest.open_store``)
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,6 +298,49 @@ def test_overlay_of_a_read_only_file(tmp_path):
         assert not os.path.exists(path + "-wal")
     finally:
         os.chmod(path, 0o644)
+
+
+def test_overlay_of_a_base_whose_log_holds_commits(tmp_path):
+    """A base as a crash leaves it (its last commits only in the log), both files 0444: the overlay
+    sees those commits; the base and its log keep their bytes and times through commits,
+    rollbacks, 50 MB of growth and close."""
+    path, w = _base(tmp_path, name="live.ps", keep_log=True)
+    copy = str(tmp_path / "base.ps")
+    for suffix in ("", "-wal"):
+        shutil.copyfile(path + suffix, copy + suffix)
+    w.close()
+    log = copy + "-wal"
+    with ModeStorage(copy, readonly=True) as r:
+        assert r.last_transaction > r._page_file.main_txn  # the log holds commits the main file lacks
+    for name in (copy, log):
+        os.chmod(name, 0o444)
+    before = _fingerprint(copy), _fingerprint(log)
+    try:
+        with ModeStorage(copy, overlay=True) as p:
+            assert state(p)[:2] == (11, "base") and p.root.items[0].value == 100
+            first = p.last_transaction
+            p.root.items[0].value = 0
+            p.root.blobs = []
+            for i in range(50):
+                p.root.blobs.append(os.urandom(1 << 20))
+                if i % 10 == 9:
+                    p.commit(f"growth {i}")
+                else:
+                    p.root.count = i
+            p.root.items[1].value = 12345
+            p.rollback()
+            assert p.root.items[1].value == 1 and p.root.items[0].value == 0 and len(p.root.blobs) == 50
+            assert p.last_transaction == first + 5
+            p.check()
+            assert (_fingerprint(copy), _fingerprint(log)) == before
+        assert (_fingerprint(copy), _fingerprint(log)) == before
+        with ModeStorage(copy, readonly=True) as r:
+            assert state(r)[:2] == (11, "base") and r.root.blobs is None
+            r.check()
+        assert (_fingerprint(copy), _fingerprint(log)) == before
+    finally:
+        for name in (copy, log):
+            os.chmod(name, 0o644)
 
 
 def test_overlay_arguments(tmp_path):
