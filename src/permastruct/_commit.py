@@ -52,6 +52,20 @@ main file holds every commit and no reader is taking a snapshot.
 *Creation* writes the header block into a file without a name, syncs it and
 links it at the store's path, or (an existing empty file) writes it with the
 magic last: a file with the magic always has a whole header block.
+
+*Modes* (``mode``; ``docs/modes.rst``) are commit policies; everything above
+is the ``"file"`` one.  ``"memory"`` (``Engine(None)``): the main file is an
+anonymous in-memory file (:meth:`~._mapping.FileIO.memory`) with no log and
+no locks; a commit writes the changed pages into it in place, after copying
+the committed bytes it overwrites, so that an exception (or an
+unacknowledged commit) puts them back (:meth:`Engine._commit_in_memory`).
+``"overlay"``: the base file is opened read-only and one snapshot of it taken
+as a reader does, whose reader locks are held until close; the file is then
+an :class:`~._mapping.OverlayIO` (the base below the snapshot's last whole
+map unit, memory above), and a commit keeps each changed page's image in
+``_logged``, as if logged, with nothing ever checkpointed
+(:meth:`Engine._commit_overlay`).  Both undo a commit with the same
+:class:`_Undo`, and close by discarding everything.
 """
 
 import contextlib
