@@ -244,6 +244,7 @@ def test_overlay_reads_the_base_and_keeps_changes_in_memory(tmp_path):
     p = ModeStorage(path, overlay=True)
     try:
         assert repr(p) == f"<ModeStorage {path!r} (overlay)>" and p.overlay and p.fileName == path
+        assert not p.readonly and p.sync is False
         assert state(p)[:3] == (10, "base", [(f"i{n}", n) for n in range(50)])
         p.root.count = 20
         p.root.items.append(p.schema.Item(name="new", value=-1))
@@ -341,6 +342,35 @@ def test_overlay_of_a_base_whose_log_holds_commits(tmp_path):
     finally:
         for name in (copy, log):
             os.chmod(name, 0o644)
+
+
+def test_an_overlay_killed_while_it_commits_leaves_the_base_as_it_was(tmp_path):
+    path, _ = _base(tmp_path)
+    before = _fingerprint(path), _fingerprint(path + "-wal")
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_modes import ModeStorage
+        p = ModeStorage({path!r}, overlay=True)
+        p.root.blobs = []
+        n = 0
+        while True:
+            n += 1
+            p.root.count = n
+            p.root.blobs.append(os.urandom(50_000))
+            p.commit()
+            if n == 20:
+                print("running", flush=True)
+        """)], env=dict(os.environ, PYTHONPATH=SRC), stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "running\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (_fingerprint(path), _fingerprint(path + "-wal")) == before
+    with ModeStorage(path) as w:  # the killed overlay's reader locks went with it
+        assert w.readers() == [] and w.root.count == 10 and w.root.blobs is None
+        w.check()
 
 
 def test_overlay_arguments(tmp_path):
@@ -487,6 +517,65 @@ def test_interrupt_at_every_opcode_of_a_commit(tmp_path, mode):
         p.close()
     if mode == "overlay":
         assert _fingerprint(path) == before
+
+
+@pytest.mark.parametrize("mode", ["memory", "overlay"])
+def test_nested_blocks_are_savepoints(tmp_path, mode):
+    p = ModeStorage(None) if mode == "memory" else ModeStorage(_base(tmp_path)[0], overlay=True)
+    try:
+        p.root.items = [p.schema.Item(name="kept", value=1)]
+        p.commit()
+        with p.transaction("outer"):
+            p.root.count = 1
+            try:
+                with p.transaction():
+                    made = p.schema.Item(name="inner", value=2)
+                    p.root.items.append(made)
+                    p.root.blobs = [bytes(100_000)]
+                    raise ValueError("the inner block fails")
+            except ValueError:
+                pass
+            with p.transaction():
+                p.root.label = "inner kept"
+        assert state(p) == (1, "inner kept", [("kept", 1)], None)
+        with pytest.raises(DeadProxyError):
+            made.value
+        p.rollback()
+        assert state(p) == (1, "inner kept", [("kept", 1)], None)
+        p.check()
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("mode", ["memory", "overlay"])
+def test_interrupt_at_every_opcode_of_a_rollback(tmp_path, mode):
+    p = ModeStorage(None, pageSize=512) if mode == "memory" else ModeStorage(_base(tmp_path)[0], overlay=True)
+    try:
+        p.root.items = [p.schema.Item(name=str(n), value=n) for n in range(20)]
+        p.root.blobs = [bytes(5000)]
+        p.commit()
+        committed = state(p)
+        step, fired = 0, True
+        while fired and step < 1000:
+            step += 1
+            p.root.count = step
+            p.root.items[step % 20].value = -step
+            p.root.blobs.append(bytes([step % 256]) * 9000)
+            fired_now = _interrupt_after(step * 5)
+            try:
+                p.rollback()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            fired = fired_now()
+            if fired:
+                p.rollback()  # undisturbed this time
+            assert state(p) == committed, f"step {step}"
+            p.check()
+        assert 10 < step < 1000
+    finally:
+        p.close()
 
 
 def test_memory_commit_that_fails_to_write(tmp_path):

@@ -84,7 +84,7 @@ class Storage:
                 raise TypeError(f"fileName must be a str or os.PathLike, not {type(fileName).__name__}")
             self.fileName = os.path.abspath(path)
         self.overlay = overlay
-        self.sync = sync
+        self.sync = sync and not overlay  # (an overlay's commits stay in memory: nothing to sync)
         size = max(fileSize or DEFAULT_FILE_SIZE, F.HEADER_BLOCK + pageSize)
         self._page_file = PageFile(self.fileName, pageSize, readonly=self.readonly, sync=sync,
                                    initial_size=size, timeout=timeout, overlay=overlay)
