@@ -8,9 +8,10 @@
   written (same bytes and modification time of the base and its log after
   commits, rollbacks, 50 MB of growth and close; a 0444 base; a writer that
   commits to the base meanwhile does not change what the overlay sees).
-* Both: an exception at any opcode inside ``commit()`` (a trace function
-  raising ``KeyboardInterrupt``) leaves the last commit, with the changes still
-  pending; a retried commit commits exactly them.
+* Both: an exception at any opcode inside ``commit()`` or ``rollback()`` (a trace
+  function raising ``KeyboardInterrupt``: at every ``STRIDE``-th opcode, every
+  one with ``PERMASTRUCT_STRESS=1``) leaves the last commit, with the changes
+  still pending; a retried commit commits exactly them.
 
 The contract and stress suites run over both modes too (``conftest.open_store``).
 """
@@ -25,6 +26,7 @@ import tempfile
 import textwrap
 
 import pytest
+from conftest import _long_run
 
 import permastruct
 from permastruct import List, Storage
@@ -32,6 +34,8 @@ from permastruct.errors import (DeadProxyError, IncompleteChangeError, OverlayEr
                                 StorageClosedError)
 
 SRC = os.path.dirname(os.path.dirname(permastruct.__file__))
+#: The interrupt sweeps stop at every STRIDE-th opcode of the call (every one in long runs).
+STRIDE = 1 if _long_run() else 5
 
 
 class ModeStorage(Storage):
@@ -482,7 +486,7 @@ def test_interrupt_at_every_opcode_of_a_commit(tmp_path, mode):
         p.commit()
         committed = state(p)
         step, fired = 0, True
-        while fired and step < 1000:
+        while fired and step < 10_000:
             step += 1
             # a change of existing pages, a new object, growth
             p.root.count = step
@@ -492,7 +496,7 @@ def test_interrupt_at_every_opcode_of_a_commit(tmp_path, mode):
                 del p.root.blobs[0]
                 del p.root.items[0]
             pending = state(p)
-            fired_now = _interrupt_after(step * 7)
+            fired_now = _interrupt_after(step * STRIDE)
             try:
                 p.commit()
             except KeyboardInterrupt:
@@ -512,7 +516,7 @@ def test_interrupt_at_every_opcode_of_a_commit(tmp_path, mode):
             p.rollback()
             assert state(p) == committed, f"step {step}"
             p.check()
-        assert 20 < step < 1000
+        assert 20 < step < 10_000
     finally:
         p.close()
     if mode == "overlay":
@@ -556,12 +560,12 @@ def test_interrupt_at_every_opcode_of_a_rollback(tmp_path, mode):
         p.commit()
         committed = state(p)
         step, fired = 0, True
-        while fired and step < 1000:
+        while fired and step < 10_000:
             step += 1
             p.root.count = step
             p.root.items[step % 20].value = -step
             p.root.blobs.append(bytes([step % 256]) * 9000)
-            fired_now = _interrupt_after(step * 5)
+            fired_now = _interrupt_after(step * STRIDE)
             try:
                 p.rollback()
             except KeyboardInterrupt:
@@ -573,7 +577,7 @@ def test_interrupt_at_every_opcode_of_a_rollback(tmp_path, mode):
                 p.rollback()  # undisturbed this time
             assert state(p) == committed, f"step {step}"
             p.check()
-        assert 10 < step < 1000
+        assert 10 < step < 10_000
     finally:
         p.close()
 
