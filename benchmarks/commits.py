@@ -16,6 +16,12 @@ at least) and one small transaction per store - change one int, commit:
   fsynced (sync=True) or not (sync=False);
 - plain and ctypes have nothing to commit (n/a).
 
+A third table (``commits:modes``) runs permastruct's commit by storage mode
+(``docs/modes.rst``), side by side: a file store with ``sync=True`` and
+``sync=False``, the same with transaction metadata (``commit(description,
+user=..., extension=...)``), an in-memory store (``Storage(None)``) and an
+overlay on a file (``overlay=True``).
+
 Figures are the latencies of single commits (median, p90, p99) and the
 commit rate (in the note).  P6 is the median over rounds of the per-round
 ratio "commits per second with sync=True / bare loop iterations per second"
@@ -85,6 +91,61 @@ def ours_loop(ctx, seconds, sync):
     finally:
         p.close()
         S.remove(path)
+
+
+def mode_loop(ctx, seconds, mode):
+    """permastruct's small commit in one storage mode: "file", "file+meta" (with metadata), "memory",
+    "overlay" (its base a file store); ``sync`` as the mode's name says."""
+    kind, _, sync = mode.partition(":")
+    path = ctx.fresh(NAME, f"mode-{kind}-{sync}.ps")
+    if kind == "memory":
+        p = S.open_ours(None)
+    elif kind == "overlay":
+        S.open_ours(path).close()
+        p = S.open_ours(path, overlay=True)
+    else:
+        p = S.open_ours(path, sync=sync == "sync")
+    root = p.root
+    p.commit()
+    if kind == "meta":
+        def step():
+            root.counter += 1
+            p.commit("one small change", user="bench", extension={"counter": root.counter})
+    else:
+        def step():
+            root.counter += 1
+            p.commit()
+    try:
+        return _timed(step, seconds)
+    finally:
+        p.close()
+        S.remove(path)
+
+
+#: The cases of the modes table: (case, mode_loop's mode).
+MODES = [("file, sync=True", "file:sync"), ("file, sync=True, with metadata", "meta:sync"),
+         ("file, sync=False", "file:nosync"), ("file, sync=False, with metadata", "meta:nosync"),
+         ("in memory", "memory:"), ("overlay", "overlay:")]
+
+
+def run_modes(ctx, seconds, rounds):
+    """The ``commits:modes`` table: permastruct's small commit in each storage mode, side by side."""
+    table = Table(f"{NAME}:modes", "Commit of one small change by storage mode (us per commit)", "us/commit", 1e6)
+    table.notes.append(f"{rounds} rounds of {seconds:g} s per mode, side by side; p50/p90/p99 of single "
+                       "commits; the commit rate is in the note (permastruct only)")
+    if OURS not in ctx.stores or ctx.skipped(OURS):
+        return None
+    latencies = {mode: [] for _, mode in MODES}
+    rates = {mode: [] for _, mode in MODES}
+    for _ in range(rounds):
+        for _, mode in MODES:
+            runs = mode_loop(ctx, seconds, mode)
+            latencies[mode] += runs
+            rates[mode].append(len(runs) / seconds)
+    for case, mode in MODES:
+        table.add(case, OURS, Stats.of(latencies[mode]), f"{fmt(statistics.median(rates[mode]))} commits/s",
+                  rate=statistics.median(rates[mode]), rates=rates[mode])
+    return table
 
 
 def sqlite_loop(ctx, seconds, sync):
@@ -262,7 +323,8 @@ def run(ctx):
                         fmt_ratio(value), value >= 0.8,
                         f"sync=False: {fmt(statistics.median(rates[(OURS, False)]))} commits/s"
                         if rates.get((OURS, False)) else ""))
-    return [tables[True], tables[False]], bars
+    modes = run_modes(ctx, seconds, rounds)
+    return [tables[True], tables[False]] + ([modes] if modes is not None else []), bars
 
 
 def main(argv=None):

@@ -433,7 +433,7 @@ class Workload:
                 self.committed = copy.deepcopy(m)
             else:
                 self._inflight(m)
-                p.commit()
+                p.commit("crash kit", user="kit", extension={"steps": count})  # (metadata in the frame)
                 self._returned(p, m)
                 self.committed = copy.deepcopy(m)
         self._inflight(self.m)

@@ -7,6 +7,12 @@
 ``--case TEXT``      run only this case of a seeded sweep (the failure message of
                     a sweep names its cases: test_diskfull's ``op=152,free=4096,kill``).
 
+``open_store(cls, mode, path, **kwargs)`` opens a store in one of the
+:data:`STORE_MODES` (a file, in memory, an overlay on a file), so that one suite
+runs over all of them; ``reopen_store`` closes one and opens it again where
+the mode can (an in-memory store or an overlay commits instead: closing it
+would lose everything).
+
 ``PERMASTRUCT_STRESS=1`` in the environment raises the defaults for long runs
 (more seeds, more steps).  A failure message always names the seed, so a
 failing case can be rerun alone with ``--seed``::
@@ -75,3 +81,30 @@ def scratch_folder(prefix):
     folder = tempfile.mkdtemp(prefix=prefix, dir=base)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+#: The storage modes a suite can be parametrized over (docs/modes.rst).
+STORE_MODES = ("file", "memory", "overlay")
+
+
+def open_store(cls, mode, path, **kwargs):
+    """A new storage of class ``cls``: the file ``path`` ("file"), in memory ("memory", ``path``
+    unused) or an overlay whose base is a new empty store at ``path`` ("overlay")."""
+    if mode == "memory":
+        return cls(None, **kwargs)
+    if mode == "overlay":
+        if not os.path.exists(path):
+            cls(path, **kwargs).close()  # the base: an empty store with the schema
+        return cls(path, overlay=True)
+    assert mode == "file", mode
+    return cls(path, **kwargs)
+
+
+def reopen_store(p, cls, path):
+    """Close ``p`` and open ``path`` again (a file store), or commit (memory, overlay): what the
+    caller then sees is the last commit either way."""
+    if p.fileName is None or p.overlay:
+        p.commit()
+        return p
+    p.close()
+    return cls(path)

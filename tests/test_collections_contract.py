@@ -4,14 +4,16 @@ Contract: DESIGN.md sections 3.3 and 3.7 (and 3.2 for element values, 3.8 for
 transactions).  Habit (section 6): *the same suite* runs against the builtins and
 against the persistent types.
 
-Every test that takes the ``impl`` fixture runs three times:
+Every test that takes the ``impl`` fixture runs five times:
 
 * ``builtin``         - ``list``, ``dict``, ``set`` and :class:`RefSortedDict` (a
   reference sorted dict written below on top of ``dict`` and ``bisect``);
 * ``persistent``      - ``List``, ``Dict``, ``Set``, ``SortedDict`` in a store with
   4096-byte pages;
 * ``persistent-p256`` - the same in a store with 256-byte pages (many pages, deep
-  trees, collections that span pages).
+  trees, collections that span pages);
+* ``memory``, ``overlay`` - the same in an in-memory store and in an overlay on a
+  file (``conftest.open_store``; ``pimpl`` adds ``memory`` only).
 
 ``impl.make(kind, init)`` creates a collection of one of the kinds in
 :data:`KINDS` (``"LInt"`` is a list of ``Int``, ``"DStrInt"`` a dict from
@@ -37,6 +39,7 @@ import struct
 import pytest
 
 import permastruct
+from conftest import open_store
 from permastruct import Storage
 from permastruct.errors import PermastructError, ReadOnlyError, SchemaError, StorageClosedError
 from permastruct import Dict, List, Set, SortedDict
@@ -436,7 +439,8 @@ class PersistentImpl:
 
 def _open(tmp_path, param):
     page_size = 256 if param.endswith("p256") else 4096
-    return ContractStorage(tmp_path / f"contract-{page_size}.ps", pageSize=page_size)
+    mode = param if param in ("memory", "overlay") else "file"
+    return open_store(ContractStorage, mode, tmp_path / f"contract-{page_size}.ps", pageSize=page_size)
 
 
 @contextlib.contextmanager
@@ -452,7 +456,7 @@ def _persistent(tmp_path, param):
         p.close()
 
 
-@pytest.fixture(params=["builtin", "persistent", "persistent-p256"])
+@pytest.fixture(params=["builtin", "persistent", "persistent-p256", "memory", "overlay"])
 def impl(request, tmp_path):
     """A factory of collections: the builtins, or the persistent types (two page sizes)."""
     if request.param == "builtin":
@@ -462,7 +466,7 @@ def impl(request, tmp_path):
         yield pi
 
 
-@pytest.fixture(params=["persistent", "persistent-p256"])
+@pytest.fixture(params=["persistent", "persistent-p256", "memory"])
 def pimpl(request, tmp_path):
     """The persistent implementation only (for what builtins cannot express: wrong types...)."""
     with _persistent(tmp_path, request.param) as pi:

@@ -37,6 +37,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import STORE_MODES, open_store, reopen_store
 
 import permastruct
 from permastruct import Dict, List, Set, SortedDict, Storage
@@ -134,11 +135,11 @@ class Driver:
     FIELDS = ()
     MAX_LEN = 120
 
-    def __init__(self, path, page_size, rng):
+    def __init__(self, path, page_size, rng, mode="file"):
         self.path = path
         self.page_size = page_size
         self.rng = rng
-        self.p = CollStorage(path, pageSize=page_size)
+        self.p = open_store(CollStorage, mode, path, pageSize=page_size)
         self.root = self.p.root
         self.model = dict.fromkeys(self.FIELDS)
         self.p.commit()
@@ -235,9 +236,8 @@ class Driver:
         return "rollback"
 
     def op_reopen(self):
-        self.p.close()
+        self.p = reopen_store(self.p, CollStorage, self.path)
         self.committed = copy.deepcopy(self.model)
-        self.p = CollStorage(self.path)
         self.root = self.p.root
         return "close+reopen"
 
@@ -872,12 +872,14 @@ class SortedDriver(DictDriver):
 DRIVERS = {"list": ListDriver, "dict": DictDriver, "set": SetDriver, "sorteddict": SortedDriver}
 
 
+@pytest.mark.parametrize("mode", STORE_MODES)
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 @pytest.mark.parametrize("family", list(DRIVERS))
-def test_random_ops(tmp_path, family, page_size, stress_seed, stress_iterations):
-    """Random mixed operations compared with a Python oracle (see the module docstring)."""
+def test_random_ops(tmp_path, family, page_size, mode, stress_seed, stress_iterations):
+    """Random mixed operations compared with a Python oracle (see the module docstring), in a
+    file, in memory and in an overlay (where close+reopen is a commit)."""
     rng = random.Random(f"{family}-{stress_seed}-{page_size}")
-    driver = DRIVERS[family](tmp_path / f"{family}.ps", page_size, rng)
+    driver = DRIVERS[family](tmp_path / f"{family}.ps", page_size, rng, mode)
     op = 0
     try:
         driver.verify()
@@ -889,7 +891,7 @@ def test_random_ops(tmp_path, family, page_size, stress_seed, stress_iterations)
         driver.op_reopen()
         driver.verify()
     except BaseException as exc:
-        exc.add_note(f"family={family} seed={stress_seed} page_size={page_size} operation={op} "
+        exc.add_note(f"family={family} mode={mode} seed={stress_seed} page_size={page_size} operation={op} "
                      f"(rerun: --seed {stress_seed} --iterations {stress_iterations}); "
                      f"last operations: {driver.history}")
         raise

@@ -20,6 +20,7 @@ import copy
 import random
 
 import pytest
+from conftest import STORE_MODES, open_store, reopen_store
 
 from permastruct import Storage
 from permastruct import _format as F
@@ -131,11 +132,11 @@ def reachable(model):
 
 # -- the test driver ---------------------------------------------------------------------
 class Driver:
-    def __init__(self, path, page_size, rng):
+    def __init__(self, path, page_size, rng, mode="file"):
         self.path = path
         self.page_size = page_size
         self.rng = rng
-        self.p = StressStorage(path, pageSize=page_size)
+        self.p = open_store(StressStorage, mode, path, pageSize=page_size)
         self.root = self.p.root
         self.p.commit()
         self.model = dict.fromkeys(ALL_SLOTS)
@@ -390,9 +391,8 @@ class Driver:
         return "rollback"
 
     def op_reopen(self):
-        self.p.close()
+        self.p = reopen_store(self.p, StressStorage, self.path)
         self.committed = copy.deepcopy((self.model, self.counter))
-        self.p = StressStorage(self.path)
         assert self.p.schema.Root is not None
         self.root = self.p.root
         return "close+reopen"
@@ -467,12 +467,14 @@ class Driver:
             raise AssertionError(f"unknown model object {m!r}")
 
 
+@pytest.mark.parametrize("mode", STORE_MODES)
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
-def test_storage_random_churn(tmp_path, page_size, stress_seed, stress_iterations):
-    """Random structures/buffers/strings churn with check() and model comparison after every step."""
+def test_storage_random_churn(tmp_path, page_size, mode, stress_seed, stress_iterations):
+    """Random structures/buffers/strings churn with check() and model comparison after every step
+    (in a file, in memory and in an overlay, where close+reopen is a commit)."""
     rng = random.Random(f"{stress_seed}-{page_size}")
     path = tmp_path / "stress.ps"
-    driver = Driver(path, page_size, rng)
+    driver = Driver(path, page_size, rng, mode)
     step = 0
     try:
         driver.verify()
@@ -486,7 +488,8 @@ def test_storage_random_churn(tmp_path, page_size, stress_seed, stress_iteration
         assert summary["page_size"] == page_size
         file_size = driver.p.fileSize
     except BaseException as exc:
-        exc.add_note(f"seed={stress_seed} page_size={page_size} step={step} last ops: {driver.history}")
+        exc.add_note(f"seed={stress_seed} page_size={page_size} mode={mode} step={step} "
+                     f"last ops: {driver.history}")
         raise
     finally:
         driver.p.close()
@@ -497,12 +500,13 @@ def test_storage_random_churn(tmp_path, page_size, stress_seed, stress_iteration
         f"(bound {bound}; seed={stress_seed}, page_size={page_size})")
 
 
+@pytest.mark.parametrize("mode", STORE_MODES)
 @pytest.mark.parametrize("page_size", [256, 4096])
-def test_storage_churn_keeps_file_size_bounded(tmp_path, page_size, stress_seed):
-    """Replacing the same few objects over and over must reuse the freed space (3.7)."""
+def test_storage_churn_keeps_file_size_bounded(tmp_path, page_size, mode, stress_seed):
+    """Replacing the same few objects over and over must reuse the freed space (3.7), in every mode."""
     rng = random.Random(stress_seed)
     path = tmp_path / "churn.ps"
-    p = StressStorage(path, pageSize=page_size)
+    p = open_store(StressStorage, mode, path, pageSize=page_size)
     rounds, warmup = 80, 30
     try:
         root = p.root

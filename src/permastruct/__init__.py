@@ -21,8 +21,8 @@ from ._types import (Bool, Float, Float32, Float64, Int, Int8, Int16, Int32, Int
                      UInt32, UInt64)
 from .buffer import Buffer
 from .errors import (ConcurrentUseError, CorruptStorageError, DeadProxyError, ForkedProcessError,
-                     IncompatibleFormatError, IncompleteChangeError, NotAStorageError, PermastructError,
-                     ReadOnlyError, SchemaError, StorageClosedError, StorageFullError, StorageLockedError,
+                     IncompatibleFormatError, IncompleteChangeError, NotAStorageError, OverlayError,
+                     PermastructError, ReadOnlyError, SchemaError, StorageClosedError, StorageFullError, StorageLockedError,
                      SyncFailedError, UnpinnedPageError)
 from .collections import Dict, List, Set, SortedDict
 from .storage import Storage
@@ -39,6 +39,6 @@ __all__ = [
     "PermastructError", "StorageClosedError", "ReadOnlyError", "StorageLockedError",
     "NotAStorageError", "CorruptStorageError", "IncompatibleFormatError", "SchemaError",
     "UnpinnedPageError", "StorageFullError", "SyncFailedError", "ForkedProcessError", "DeadProxyError",
-    "IncompleteChangeError", "ConcurrentUseError",
+    "IncompleteChangeError", "ConcurrentUseError", "OverlayError",
     "to_python",
 ]

@@ -52,6 +52,20 @@ main file holds every commit and no reader is taking a snapshot.
 *Creation* writes the header block into a file without a name, syncs it and
 links it at the store's path, or (an existing empty file) writes it with the
 magic last: a file with the magic always has a whole header block.
+
+*Modes* (``mode``; ``docs/modes.rst``) are commit policies; everything above
+is the ``"file"`` one.  ``"memory"`` (``Engine(None)``): the main file is an
+anonymous in-memory file (:meth:`~._mapping.FileIO.memory`) with no log and
+no locks; a commit writes the changed pages into it in place, after copying
+the committed bytes it overwrites, so that an exception (or an
+unacknowledged commit) puts them back (:meth:`Engine._commit_in_memory`).
+``"overlay"``: the base file is opened read-only and one snapshot of it taken
+as a reader does, whose reader locks are held until close; the file is then
+an :class:`~._mapping.OverlayIO` (the base below the snapshot's last whole
+map unit, memory above), and a commit keeps each changed page's image in
+``_logged``, as if logged, with nothing ever checkpointed
+(:meth:`Engine._commit_overlay`).  Both undo a commit with the same
+:class:`_Undo`, and close by discarding everything.
 """
 
 import contextlib
@@ -66,9 +80,9 @@ import zlib
 
 from . import _format as F
 from ._journal import Journal
-from ._mapping import GRANULE, OS_PAGE, FileIO, MappedFile
-from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError, ReadOnlyError,
-                     StorageClosedError, StorageFullError, StorageLockedError, SyncFailedError)
+from ._mapping import GRANULE, OS_PAGE, FileIO, MappedFile, OverlayIO
+from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError, OverlayError,
+                     ReadOnlyError, StorageClosedError, StorageFullError, StorageLockedError, SyncFailedError)
 
 __all__ = ["Engine"]
 
@@ -93,15 +107,23 @@ class Engine:
     checkpoint_bytes = 4 << 20
 
     def __init__(self, path, page_size=F.DEFAULT_PAGE_SIZE, *, readonly=False, sync=True,
-                 initial_size=None, timeout=0, journal=True):
-        self.path = os.fspath(path)
+                 initial_size=None, timeout=0, overlay=False):
+        #: The commit policy (see the theory of operation): "file", "memory" or "overlay".
+        self.mode = "memory" if path is None else "overlay" if overlay else "file"
+        if self.mode != "file" and readonly:
+            raise ValueError(f"an {'in-memory' if path is None else 'overlay'} store cannot be read-only: "
+                             "its changes live in this process only (open the file with readonly=True "
+                             "and without overlay to read it)")
+        if path is None and overlay:
+            raise ValueError("an overlay needs a base file: pass its path (None makes an in-memory store)")
+        self.path = "(memory)" if path is None else os.fspath(path)
         if not isinstance(self.path, str):
             raise TypeError(f"file name must be str or os.PathLike, not {type(path).__name__}")
         self.readonly = readonly
-        self.sync = sync
+        self.sync = sync and self.mode == "file"
         self.closed = True
         self.journal = None
-        self._use_journal = journal
+        self._use_journal = self.mode == "file"
         self._logged = {}  # writer: file offset -> [log position, image or None] not yet checkpointed
         self._mark = None  # reader: the transaction whose reader lock this open holds
         self._owner = os.getpid()  # the process whose locks these are (not a forked child)
@@ -113,7 +135,11 @@ class Engine:
         #: Whether this open created the store: None, "new" (a new file) or "in place" (an empty file).
         self.created = None
         check_timeout(timeout)
-        while True:
+        if self.mode == "memory":
+            self._open_memory(page_size)
+        elif self.mode == "overlay":
+            self._open_overlay()
+        while self.mode == "file":
             try:
                 self.io = FileIO.open(self.path, readonly=readonly, create=False)
             except FileNotFoundError:
@@ -138,7 +164,7 @@ class Engine:
                 self.io.close()
                 raise
             break
-        if not readonly:
+        if self.mode == "file" and not readonly:
             _WRITERS[self.io.identity()] = self
         self.closed = False
         if initial_size and self.created:
@@ -235,6 +261,69 @@ class Engine:
         self._committed = (0, F.NO_NEXT_FREE_PAGE, list(self.slots))
         self._current_root = 0
         self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, page_size)
+
+    # -- the in-memory and overlay modes ---------------------------------------------
+    def _open_memory(self, page_size):
+        """(Memory) A new store in an anonymous in-memory file (:meth:`FileIO.memory`): no name, no
+        log, no locks; the kernel frees it when this open closes or the process dies."""
+        check_page_size(page_size)
+        self.io = FileIO.memory()
+        try:
+            self.io.pwrite(self._header_block(page_size), 0)
+            self._start_new(page_size, "new")
+        except BaseException:
+            self.io.close()
+            raise
+
+    def _open_overlay(self):
+        """(Overlay) Take one committed snapshot of the base file as a reader does, then keep every
+        change in memory.
+
+        The base is opened read-only and never written: its pages up to the
+        last whole map unit of the snapshot's pages are mapped privately, the
+        rest (the snapshot's last partial unit, and all growth) lives in an
+        anonymous in-memory file (:class:`OverlayIO`).  The log's pages of the
+        snapshot are laid over the map and kept as committed images.  The
+        reader locks of the snapshot are held until close, so the base's
+        writer never checkpoints past it (its log grows meanwhile, as for a
+        reader that does not refresh).
+        """
+        base = FileIO.open(self.path, readonly=True, create=False)
+        self.io = base
+        self.readonly = True  # the snapshot is taken as a reader's
+        self._use_journal = True
+        try:
+            self._lock_snapshot()
+            try:
+                root = self._read_main()
+                pending = self._read_log()
+                self._adopt_state(root, pending)
+                latest = self.journal.latest_frames(self.main_txn, self.txn) if pending else {}
+                images = {offset: self.journal.page_data(position) for offset, position in latest.items()}
+                unit = max(GRANULE, self.page_size)
+                end = F.HEADER_BLOCK + self.page_count * self.page_size
+                limit = F.HEADER_BLOCK + (end - F.HEADER_BLOCK) // unit * unit
+                tail = base.pread(F.HEADER_BLOCK + -(-(end - F.HEADER_BLOCK) // unit) * unit - limit, limit)
+                self.io = OverlayIO(base, limit, tail)
+                self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, self.page_size)
+                for offset, image in images.items():
+                    self.mapping.view(offset, len(image))[:] = image
+                    self._logged[offset] = [None, image]
+                self.io.lock(F.LOCK_READERS + self.txn, False, wait=True)
+                self.io.lock(_who_lock(self.txn), False, wait=True)
+                self._mark = self.txn
+            finally:
+                base.unlock(F.LOCK_CHECKPOINT)
+                if self.journal is not None:
+                    self.journal.close()
+                    self.journal = None
+        except BaseException:
+            if getattr(self, "mapping", None) is not None:
+                self.mapping.close()
+            self.io.close()
+            raise
+        self.readonly, self._use_journal = False, False
+        self._current_root = 0
 
     # -- opening -------------------------------------------------------------
     def _lock_writer(self, timeout):
@@ -373,6 +462,8 @@ class Engine:
         self._check_open()
         if self.journal is not None:
             return self.journal.io.path
+        if not self._use_journal:
+            return None
         self._log_at = F.unpack_log_at(self.io.pread(F.HEADER_BLOCK, 0))
         journal = self._find_log(True)
         if journal is None:
@@ -588,6 +679,10 @@ class Engine:
         the log grows.
         """
         self._check_open()
+        if self.mode == "overlay":
+            raise OverlayError(f"{self.path!r} is open as an overlay, which reads one snapshot of its base "
+                               "for as long as it is open (its changes are made on top of that snapshot); "
+                               "to see the base's later commits, open it again")
         if not self.readonly:
             return False
         before = self.txn
@@ -670,7 +765,7 @@ class Engine:
             return []
         return [offset for offset, _ in self._changed_pages()]
 
-    def commit(self, acknowledge=True, freed=()):
+    def commit(self, acknowledge=True, freed=(), meta=b""):
         """Commit: log every changed page and the new root state.
 
         With ``sync`` the log is synced before this returns, so the commit
@@ -683,7 +778,9 @@ class Engine:
         until it sets ``_unacknowledged = None``, the next call of any
         operation (or :meth:`settle`) undoes it.  The storage layer uses that
         to make its own bookkeeping part of the commit.  ``freed``: the offsets
-        of the objects the transaction freed, for readers (see ``_format``).
+        of the objects the transaction freed, for readers (see ``_format``);
+        ``meta``: the transaction's metadata (``_format.pack_txn_meta``), kept in
+        its commit frame (an in-memory store or an overlay keeps none).
         """
         self._check_writable()
         if self._undo_failed and not self.sync_failed:
@@ -692,8 +789,10 @@ class Engine:
                                   "open the file again: it reopens at a whole commit")
         self.settle()
         self._before_commit()
-        if not self._use_journal:
-            return self._flush_in_place()
+        if self.mode == "memory":
+            return self._commit_in_memory(acknowledge)
+        if self.mode == "overlay":
+            return self._commit_overlay(acknowledge)
         root = (self.page_count, self.free_head, list(self.slots))
         end = F.HEADER_BLOCK + self.page_count * self.page_size
         pages, beyond = [], []
@@ -735,7 +834,7 @@ class Engine:
         logged = self._logged
         undo = _Undo(self, journal, {offset: logged.get(offset) for offset, _ in pages})
         try:
-            commit = journal.append(self.txn + 1, pages, root, self.sync, freed)
+            commit = journal.append(self.txn + 1, pages, root, self.sync, freed, meta)
             for (offset, image), (_, position) in zip(pages, commit.frames):
                 logged[offset] = [position, bytes(image) if keep else None]
             # Published in one step (no call in between, so no interrupt either).
@@ -805,8 +904,9 @@ class Engine:
         held = _hold_interrupts()
         try:
             journal = undo.journal
-            del journal.commits[undo.commits:]
-            journal.end, journal.chain = undo.end, undo.chain
+            if journal is not None:
+                del journal.commits[undo.commits:]
+                journal.end, journal.chain = undo.end, undo.chain
             logged = self._logged
             for offset, entry in undo.logged.items():
                 if entry is None:
@@ -814,13 +914,29 @@ class Engine:
                 else:
                     logged[offset] = entry
             self.txn, self._committed = undo.txn, undo.committed
+            if undo.images is not None:  # (memory: the file itself holds the commits; a file store's
+                self.main_txn, self._current_root = undo.main_txn, undo.current_root  # commit leaves these)
             try:
-                journal.invalidate(undo.end, self.sync)
+                if journal is not None:
+                    journal.invalidate(undo.end, self.sync)
+                if undo.images is not None:
+                    self._undo_in_memory(undo)
             except OSError:
                 self._undo_failed = True  # the caller's own exception says what went wrong first
             self._undoing = self._unacknowledged = None
         finally:
             _release_interrupts(held)
+
+    def _undo_in_memory(self, undo):
+        """(Memory) Put the file's old bytes back; if the map dropped its private copies, first
+        copy the new bytes (all in the file by then) into the map again, as pending changes."""
+        io, view = self.io, self.mapping.view
+        if undo.dropping:
+            for offset, length in undo.ranges:
+                view(offset, length)[:] = io.pread(length, offset)
+            undo.dropping = False  # (an undo cut short and run again must not copy the old bytes)
+        for offset, old in undo.images:
+            io.pwrite(old, offset)
 
     def _try_checkpoint(self, changing=()):
         try:
@@ -830,17 +946,70 @@ class Engine:
                 raise
             # The commits are safe in the log; a later commit checkpoints again.
 
-    def _flush_in_place(self):
-        """Commit of a volatile file (no log: nothing survives the process anyway)."""
-        mapping = self.mapping
-        mapping.write_back(mapping.dirty_ranges())
-        self.txn += 1
-        self.main_txn = self.txn
-        self._current_root ^= 1
-        self.io.pwrite(F.pack_root(self.txn, self.page_count, self.free_head, self.slots),
-                       F.ROOT_OFFSETS[self._current_root])
-        mapping.release_private()
-        self._committed = (self.page_count, self.free_head, list(self.slots))
+    def _commit_in_memory(self, acknowledge):
+        """(Memory) Commit by writing the changed pages into the in-memory file itself.
+
+        The file holds the committed state; the map's private pages are the
+        changes.  The file's old bytes of every changed range inside the
+        committed pages are copied first (what lies past them holds nothing
+        the committed state needs), so that an exception at any point, or an
+        unacknowledged commit, is undone: the old bytes go back into the file
+        and, if the map had already dropped its private copies, the new bytes
+        into the map, so the changes are pending as before.  A commit costs a
+        copy of the committed bytes it changes and a write of every changed
+        page, in memory; there is no log and no sync.
+        """
+        mapping, io = self.mapping, self.io
+        ranges = mapping.dirty_ranges()
+        root = (self.page_count, self.free_head, list(self.slots))
+        if not ranges and root == self._committed:
+            return
+        self.slots[F.SLOT_TIME] = int(time.time() * 1e6)
+        root = (self.page_count, self.free_head, list(self.slots))
+        slot = self._current_root ^ 1
+        committed_end = F.HEADER_BLOCK + self._committed[0] * self.page_size
+        undo = _Undo(self, None, {})
+        undo.ranges = ranges
+        undo.images = [(F.ROOT_OFFSETS[slot], io.pread(F.ROOT.size, F.ROOT_OFFSETS[slot]))] + [
+            (offset, io.pread(min(length, committed_end - offset), offset))
+            for offset, length in ranges if offset < committed_end]
+        try:
+            for offset, length in ranges:
+                io.pwrite(mapping.view(offset, length), offset)
+            io.pwrite(F.pack_root(self.txn + 1, *root), F.ROOT_OFFSETS[slot])
+            # Published in one step (no call in between, so no interrupt either).
+            self.txn, self.main_txn, self._current_root, self._committed, self._unacknowledged = (
+                self.txn + 1, self.txn + 1, slot, root, None if acknowledge else undo)
+            undo.dropping = True  # from here the map may show the file: the new bytes are all in it
+            mapping.discard_changes(ranges)
+        except BaseException:
+            self._undo(undo)
+            raise
+
+    def _commit_overlay(self, acknowledge):
+        """(Overlay) Commit by keeping a copy of every changed page as its committed image.
+
+        The base is never written: a committed page stays private in the map
+        and its image in ``_logged`` (as a file store keeps a logged page until
+        its checkpoint, which an overlay never does).  So changes cost their
+        size twice in memory, and a commit compares every page changed so far
+        with its image.
+        """
+        root = (self.page_count, self.free_head, list(self.slots))
+        pages = list(self._changed_pages())
+        if not pages and root == self._committed:
+            return
+        self.slots[F.SLOT_TIME] = int(time.time() * 1e6)
+        root = (self.page_count, self.free_head, list(self.slots))
+        logged = self._logged
+        undo = _Undo(self, None, {offset: logged.get(offset) for offset, _ in pages})
+        try:
+            for offset, image in pages:
+                logged[offset] = [None, bytes(image)]
+            self.txn, self._committed, self._unacknowledged = self.txn + 1, root, None if acknowledge else undo
+        except BaseException:
+            self._undo(undo)
+            raise
 
     def _oldest_reader(self, upto):
         """The oldest transaction a reader holds (``upto`` when no reader holds an older one)."""
@@ -1053,7 +1222,7 @@ class Engine:
     def abandon(self):
         """(Writer) Undo this open's creation of the store and close: a new file and its log are
         removed, an empty file is made empty again.  Still under the writer lock while it does."""
-        if self.closed or not self.created:
+        if self.closed or not self.created or self.mode != "file":
             return self.close(flush=False)
         try:
             if self.journal is not None:
@@ -1069,12 +1238,13 @@ class Engine:
     def close(self, flush=True):
         """Commit (when writable), checkpoint if no reader needs the log, and release the file.
 
-        Calling it again does nothing.
+        An in-memory store or an overlay is discarded instead: what it held is
+        gone (the kernel frees its memory).  Calling it again does nothing.
         """
         if self.closed:
             return
         try:
-            if flush and not self.readonly and not self.sync_failed:
+            if flush and self.mode == "file" and not self.readonly and not self.sync_failed:
                 self.commit()
                 self.checkpoint(truncate=True)
                 self._remove_log()
@@ -1160,14 +1330,21 @@ def check_page_size(size):
 class _Undo:
     """What :meth:`Engine._undo` needs to take one commit back: the state before it."""
 
-    __slots__ = ("journal", "commits", "end", "chain", "logged", "txn", "committed")
+    __slots__ = ("journal", "commits", "end", "chain", "logged", "txn", "committed", "main_txn",
+                 "current_root", "images", "ranges", "dropping")
 
     def __init__(self, engine, journal, logged):
+        #: (File) the log and where it ended; None for the memory and overlay modes
         self.journal = journal
-        self.commits, self.end, self.chain = len(journal.commits), journal.end, journal.chain
+        if journal is not None:
+            self.commits, self.end, self.chain = len(journal.commits), journal.end, journal.chain
         #: offset -> the ``_logged`` entry before the commit (None: there was none)
         self.logged = logged
         self.txn, self.committed = engine.txn, engine._committed
+        self.main_txn, self.current_root = engine.main_txn, engine._current_root
+        #: (Memory) ``(offset, old bytes of the file)`` to write back; the changed ``ranges``;
+        #: whether the map may have dropped its private copies of them (the file has the new bytes)
+        self.images, self.ranges, self.dropping = None, (), False
 
 
 #: Signals that arrive from outside (Ctrl-C, alarms, kill, a child's end), never from the

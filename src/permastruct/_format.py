@@ -196,7 +196,15 @@ commits the main file already holds starts it over with a new salt.  A
 commit frame's data is ``COMMIT`` (page count, free-page head, root slots),
 then (version 2) the uint64 offsets of the objects the transaction freed: a
 reader that moves past the commit knows which of its proxies died, even where
-a new object of the same type took the place.
+a new object of the same type took the place.  Version 3 puts ``COMMIT_TAIL``
+(the number of freed offsets, the length of the metadata) between the two and
+the transaction's metadata after the offsets: UTF-8 JSON text, an object with
+the keys ``user``, ``description`` (strings) and ``extension`` (an object of
+strings, numbers and booleans) when given (``pack_txn_meta``).  A commit with
+neither freed objects nor metadata is ``COMMIT`` alone in every version.  A
+writer that appends to a log of an older version (its header says so: the
+log was not started over since) writes that version's frames, without the
+metadata.
 
 Recovery reads frames from the start and accepts a transaction only when its
 commit frame and all its page frames are whole: right salt, right checksum,
@@ -224,6 +232,8 @@ description locks do not say their process).  Root slot 5 holds the time of
 each commit (microseconds since the epoch), so a snapshot's age is known.
 """
 
+import json
+import math
 import struct
 import zlib
 
@@ -254,7 +264,9 @@ MAX_LOG_PATH = 4096 - LOG_AT - LOG_AT_RECORD.size
 # -- write-ahead log and locks ------------------------------------------------
 WAL_SUFFIX = "-wal"
 WAL_MAGIC = b"PSTWAL\x00\x00"
-WAL_VERSION = 2  # 2: a commit frame lists the objects freed (version 1 logs are read too)
+#: 2: a commit frame lists the objects freed; 3: and the transaction's metadata, after a
+#: COMMIT_TAIL (logs of versions 1 and 2 are read too)
+WAL_VERSION = 3
 # magic, version, unit, salt, base txn, store id, base chain, device and inode of the main file, pad, crc
 WAL_HEADER = struct.Struct("<8sIIIQQIQQ4xI")
 assert WAL_HEADER.size == 64
@@ -262,6 +274,9 @@ FRAME = struct.Struct("<IIQQII")  # kind, salt, txn, offset or page-frame count,
 assert FRAME.size == 32
 FRAME_PAGE, FRAME_COMMIT = 1, 2
 COMMIT = struct.Struct("<Qq8Q")  # page count, free-page head, root slots
+COMMIT_TAIL = struct.Struct("<II")  # (version 3) number of freed offsets, bytes of metadata
+#: The most bytes of metadata (user, description, extension) a transaction may carry.
+MAX_TXN_META = 1 << 16
 LOCK_WRITER = 1 << 62
 LOCK_CHECKPOINT = LOCK_WRITER + 1
 LOCK_INTENT = LOCK_WRITER + 2
@@ -465,3 +480,54 @@ def size_classes(page_size):
     """The small-object size classes usable with ``page_size`` (at least two slots a page)."""
     room = page_size - SLAB_FIRST_SLOT
     return tuple(size for size in SIZE_CLASSES if room // size >= 2)
+
+
+def pack_txn_meta(description=None, user=None, extension=None):
+    """The metadata of a transaction as stored in its commit frame (bytes; empty when there is none).
+
+    ``description`` and ``user`` are strings, ``extension`` a dict of str to
+    str, int, float (finite) or bool; anything else is a TypeError (a wrong
+    type) or a ValueError (a value JSON cannot hold exactly, text that is not
+    UTF-8, more than ``MAX_TXN_META`` bytes), naming the argument.
+    """
+    meta = {}
+    for name, value in (("user", user), ("description", description)):
+        if value is not None:
+            if not isinstance(value, str):
+                raise TypeError(f"the transaction's {name} must be a str or None, not {type(value).__name__}")
+            meta[name] = value
+    if extension is not None:
+        if not isinstance(extension, dict):
+            raise TypeError(f"the transaction's extension must be a dict or None, not {type(extension).__name__}")
+        for key, value in extension.items():
+            if not isinstance(key, str):
+                raise TypeError(f"the transaction's extension keys must be str, not {type(key).__name__} ({key!r})")
+            if not isinstance(value, (str, int, float, bool)):
+                raise TypeError(f"the transaction's extension[{key!r}] must be a str, int, float or bool, "
+                                f"not {type(value).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"the transaction's extension[{key!r}] must be a finite number, not {value!r}")
+        meta["extension"] = dict(extension)
+    if not meta:
+        return b""
+    try:
+        data = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the transaction's metadata is not valid text ({exc.reason})") from None
+    if len(data) > MAX_TXN_META:
+        raise ValueError(f"the transaction's metadata takes {len(data)} bytes, more than the "
+                         f"{MAX_TXN_META} a transaction may carry")
+    return data
+
+
+def unpack_txn_meta(data):
+    """``(description, user, extension)`` of stored metadata (Nones and ``{}`` for what was not
+    given, or for metadata that cannot be read: it never decides what a commit holds)."""
+    try:
+        meta = json.loads(bytes(data).decode("utf-8")) if data else {}
+    except ValueError:
+        meta = {}
+    if not isinstance(meta, dict):
+        meta = {}
+    extension = meta.get("extension")
+    return meta.get("description"), meta.get("user"), extension if isinstance(extension, dict) else {}

@@ -29,9 +29,9 @@ GROW_STEP = 1 << 20
 class Commit:
     """One whole transaction found in (or appended to) the log."""
 
-    __slots__ = ("txn", "page_count", "free_head", "slots", "frames", "end", "chain", "freed")
+    __slots__ = ("txn", "page_count", "free_head", "slots", "frames", "end", "chain", "freed", "meta")
 
-    def __init__(self, txn, page_count, free_head, slots, frames, end, chain, freed=()):
+    def __init__(self, txn, page_count, free_head, slots, frames, end, chain, freed=(), meta=b""):
         self.txn = txn
         self.page_count = page_count
         self.free_head = free_head
@@ -45,6 +45,8 @@ class Commit:
         self.chain = chain
         #: The offsets of the objects the transaction freed.
         self.freed = freed
+        #: The transaction's metadata (``_format.pack_txn_meta``; empty when none was given).
+        self.meta = meta
 
     @property
     def root(self):
@@ -64,6 +66,8 @@ class Journal:
         self.unit = unit
         self.salt = 0
         self.base = 0
+        #: The format version of the log's frames (its header's; a new or reset log: WAL_VERSION).
+        self.version = F.WAL_VERSION
         #: The store's id and its main file's device and inode (a log written before they
         #: were recorded has zeros).
         self.store_id, self.device, self.inode = identity
@@ -161,11 +165,11 @@ class Journal:
         if len(head) < F.WAL_HEADER.size:
             return
         magic, version, unit, salt, base, store_id, base_chain, device, inode, crc = F.WAL_HEADER.unpack(head)
-        if (magic != F.WAL_MAGIC or crc != zlib.crc32(head[:60]) or version not in (1, F.WAL_VERSION)
+        if (magic != F.WAL_MAGIC or crc != zlib.crc32(head[:60]) or not 1 <= version <= F.WAL_VERSION
                 or unit < 512 or unit > 1 << 20 or unit & (unit - 1)):
             return
         self.valid = True
-        self.unit, self.salt, self.base = unit, salt, base
+        self.unit, self.salt, self.base, self.version = unit, salt, base, version
         self.store_id, self.base_chain, self.device, self.inode = store_id, base_chain, device, inode
         self.chain = chain = salt
         frame_size = F.FRAME.size
@@ -189,7 +193,8 @@ class Journal:
                 whole = length == unit
             else:  # a commit: its root state, and (version 2) the offsets of the objects it freed
                 whole = kind == F.FRAME_COMMIT and (length == F.COMMIT.size or (
-                    version > 1 and length > F.COMMIT.size and (length - F.COMMIT.size) % 8 == 0))
+                    version == 2 and length > F.COMMIT.size and (length - F.COMMIT.size) % 8 == 0) or (
+                    version > 2 and length >= F.COMMIT.size + F.COMMIT_TAIL.size))
             if not whole or position + frame_size + length > size:
                 break
             data_at = position + frame_size
@@ -209,8 +214,17 @@ class Journal:
             if where != len(frames):
                 break
             page_count, free_head, *slots = F.COMMIT.unpack_from(data)
-            freed = memoryview(data)[F.COMMIT.size:].cast("Q").tolist() if length > F.COMMIT.size else ()
-            self.commits.append(Commit(txn, page_count, free_head, slots, frames, position, chain, freed))
+            freed, meta = (), b""
+            if length > F.COMMIT.size and version == 2:
+                freed = memoryview(data)[F.COMMIT.size:].cast("Q").tolist()
+            elif length > F.COMMIT.size:  # (version 3) the tail says what follows
+                count, meta_length = F.COMMIT_TAIL.unpack_from(data, F.COMMIT.size)
+                at = F.COMMIT.size + F.COMMIT_TAIL.size + 8 * count
+                if at + meta_length != length:
+                    break
+                freed = memoryview(data)[F.COMMIT.size + F.COMMIT_TAIL.size:at].cast("Q").tolist()
+                meta = bytes(data[at:])
+            self.commits.append(Commit(txn, page_count, free_head, slots, frames, position, chain, freed, meta))
             self.end = position
             self.chain = chain
             frames = []
@@ -236,8 +250,11 @@ class Journal:
         return latest
 
     # -- writing ---------------------------------------------------------------
-    def append(self, txn, pages, root, sync, freed=()):
+    def append(self, txn, pages, root, sync, freed=(), meta=b""):
         """Append transaction ``txn`` (``pages``: ``(offset, unit bytes)``) and its commit frame.
+
+        ``freed``: the offsets of the objects the transaction freed; ``meta``:
+        its metadata (bytes; dropped in a log of version 1 or 2, see ``_format``).
 
         Frames go out in a few large writes; with ``sync`` the log is synced
         before this returns.  Returns the :class:`Commit`.  The space is
@@ -256,7 +273,15 @@ class Journal:
         for offset, _ in pages:
             frames.append((offset, position + F.FRAME.size))
             position += F.FRAME.size + unit
-        position += F.FRAME.size + F.COMMIT.size + 8 * len(freed)
+        page_count, free_head, slots = root
+        body = F.COMMIT.pack(page_count, free_head, *slots)
+        if self.version < 3:
+            meta = b""
+            if freed and self.version == 2:
+                body += struct.pack(f"<{len(freed)}Q", *freed)
+        elif freed or meta:
+            body += F.COMMIT_TAIL.pack(len(freed), len(meta)) + struct.pack(f"<{len(freed)}Q", *freed) + meta
+        position += F.FRAME.size + len(body)
         padded = position
         if position > self.file_size and position - self.end < GROW_STEP:
             padded = -(-position // GROW_STEP) * GROW_STEP
@@ -276,10 +301,6 @@ class Journal:
                 data = b"".join(batch)
                 self.io.pwrite(data, write_at)
                 write_at, batch, batch_bytes = write_at + len(data), [], 0
-        page_count, free_head, slots = root
-        body = F.COMMIT.pack(page_count, free_head, *slots)
-        if freed:
-            body += struct.pack(f"<{len(freed)}Q", *freed)
         header = pack(F.FRAME_COMMIT, salt, txn, len(frames), len(body), 0)[:28]
         chain = _frame_crc(header, body, chain)
         batch += [header, F.UINT32.pack(chain), body]
@@ -297,7 +318,7 @@ class Journal:
             raise
         if sync:
             self.io.fsync()
-        commit = Commit(txn, page_count, free_head, list(slots), frames, position, chain, tuple(freed))
+        commit = Commit(txn, page_count, free_head, list(slots), frames, position, chain, tuple(freed), meta)
         self.commits.append(commit)  # the caller's undo (Engine) truncates it again
         self.end, self.chain, self.file_size = position, chain, max(self.file_size, padded)
         return commit
@@ -330,6 +351,7 @@ class Journal:
             salt = int.from_bytes(os.urandom(4), "little")
         self.salt, self.base, self.base_chain, self.commits, self.end, self.chain, self.valid, self.header_pending = (
             salt, base, base_chain, [], F.WAL_HEADER.size, salt, True, True)
+        self.version = F.WAL_VERSION
         self._write_header()
         if truncate and self.io.size() > F.WAL_HEADER.size:
             try:

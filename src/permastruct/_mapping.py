@@ -33,7 +33,7 @@ import struct
 import sys
 import time
 
-from .errors import CorruptStorageError, NotAStorageError, StorageFullError
+from .errors import CorruptStorageError, NotAStorageError, ReadOnlyError, StorageFullError
 
 try:
     import fcntl
@@ -109,8 +109,9 @@ class OutsideMapError(CorruptStorageError, IndexError):
     """
 
 
-def _full_error(exc, what, path):
-    if getattr(exc, "errno", None) in _FULL_ERRNOS:
+def _full_error(exc, what, path, memory=False):
+    """``exc`` as a StorageFullError when it says the disk (or, for ``memory``, the memory) is full."""
+    if getattr(exc, "errno", None) in _FULL_ERRNOS or (memory and getattr(exc, "errno", None) == errno.ENOMEM):
         error = StorageFullError(exc.errno, f"{what} failed for {path!r}: {os.strerror(exc.errno)}; "
                                  "the storage is still at its last commit")
         error.filename = path
@@ -143,6 +144,8 @@ class FileIO:
     """
 
     hook = None
+    #: True for the anonymous file of :meth:`memory` (its ``path`` is only a label)
+    in_memory = False
 
     def __init__(self, fd, path):
         self.fd = fd
@@ -222,6 +225,28 @@ class FileIO:
         io.unnamed = False
         return io
 
+    @classmethod
+    def memory(cls, label="(memory)"):
+        """A new, empty file in memory that no name reaches: it is gone when closed or when the process dies.
+
+        Linux's ``memfd_create``; elsewhere a temporary file removed as soon as
+        it is made (its space is freed when the last descriptor closes).  A
+        failure to find memory for it (``ENOMEM``) is a :class:`StorageFullError`.
+
+        >>> io = FileIO.memory(); io.pwrite(b"abc", 0); io.pread(3, 0), io.path
+        (b'abc', '(memory)')
+        >>> io.close()
+        """
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("permastruct", getattr(os, "MFD_CLOEXEC", 0))
+        else:  # pragma: no cover - not Linux
+            import tempfile
+            fd, name = tempfile.mkstemp(prefix="permastruct-memory-")
+            os.unlink(name)
+        io = cls(fd, label)
+        io.in_memory = True
+        return io
+
     def publish_as(self, path):
         """Give a file made by :meth:`create_unnamed` the name ``path``, atomically.
 
@@ -298,7 +323,7 @@ class FileIO:
                 offset += written
                 self.written += written
         except OSError as exc:
-            raise _full_error(exc, "writing", self.path) from exc
+            raise _full_error(exc, "writing", self.path, self.in_memory) from exc
 
     def fsync(self):
         """fsync the file; a failure is final (the kernel may have dropped the pages)."""
@@ -330,14 +355,14 @@ class FileIO:
             else:  # pragma: no cover - platforms without posix_fallocate
                 os.ftruncate(self.fd, offset + length)
         except OSError as exc:
-            raise _full_error(exc, "growing", self.path) from exc
+            raise _full_error(exc, "growing", self.path, self.in_memory) from exc
 
     def truncate(self, length):
         try:
             self._before("truncate", length)
             os.ftruncate(self.fd, length)
         except OSError as exc:
-            raise _full_error(exc, "resizing", self.path) from exc
+            raise _full_error(exc, "resizing", self.path, self.in_memory) from exc
 
     @staticmethod
     def unlink(path):
@@ -395,16 +420,112 @@ class FileIO:
             self.fd = -1
 
 
+class OverlayIO:
+    """The file of an overlay store: a read-only base below ``boundary``, memory above it.
+
+    Offsets below ``boundary`` are the base file's, which is never written
+    (a write there raises ``ReadOnlyError``); the rest lives in an anonymous
+    in-memory file (:meth:`FileIO.memory`) that starts with ``tail`` (bytes
+    of the base copied at open) and takes all growth.  Locks are the base's:
+    an overlay holds a reader's locks on it.  ``fsync`` does nothing.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "f")
+    >>> with open(path, "wb") as f: _ = f.write(b"base" * 2048)
+    >>> io = OverlayIO(FileIO.open(path, readonly=True, create=False), 4096, b"tail")
+    >>> io.size(), io.pread(8, 4094)
+    (4100, b'setail')
+    >>> io.pwrite(b"new", 4096); io.pread(8, 4094), open(path, "rb").read(8)
+    (b'senewl', b'basebase')
+    >>> io.close()
+    """
+
+    in_memory = True
+    unnamed = False
+
+    def __init__(self, base, boundary, tail=b""):
+        self.base = base
+        self.boundary = boundary
+        self.spill = FileIO.memory(f"(overlay of {base.path!r})")
+        self.path = base.path
+        self.sync_failed = False
+        self.written = 0
+        if tail:
+            self.spill.pwrite(tail, 0)
+
+    @property
+    def fd(self):
+        return self.base.fd
+
+    def map_source(self, start):
+        """``(descriptor, offset)`` to map file offset ``start`` from (a segment never crosses ``boundary``)."""
+        if start < self.boundary:
+            return self.base.fd, start
+        return self.spill.fd, start - self.boundary
+
+    def size(self):
+        return self.boundary + self.spill.size()
+
+    def identity(self):
+        return self.base.identity()
+
+    def pread(self, length, offset):
+        if offset >= self.boundary:
+            return self.spill.pread(length, offset - self.boundary)
+        low = self.base.pread(min(length, self.boundary - offset), offset)
+        if offset + length <= self.boundary:
+            return low
+        return low + self.spill.pread(offset + length - self.boundary, 0)
+
+    def _refuse(self, offset):
+        if offset < self.boundary:
+            raise ReadOnlyError(f"{self.path!r} is the base of an overlay: it is never written")
+
+    def pwrite(self, data, offset):
+        self._refuse(offset)
+        try:
+            self.spill.pwrite(data, offset - self.boundary)
+        finally:
+            self.written = self.spill.written
+
+    def fallocate(self, offset, length):
+        self._refuse(offset)
+        self.spill.fallocate(offset - self.boundary, length)
+
+    def truncate(self, length):
+        self._refuse(length)
+        self.spill.truncate(length - self.boundary)
+
+    def fsync(self):
+        """Nothing to sync: the changes of an overlay live in memory."""
+
+    def lock(self, *args, **kwargs):
+        return self.base.lock(*args, **kwargs)
+
+    def lock_waiting(self, *args):
+        return self.base.lock_waiting(*args)
+
+    def unlock(self, *args):
+        return self.base.unlock(*args)
+
+    def first_conflict(self, *args):
+        return self.base.first_conflict(*args)
+
+    def close(self):
+        self.spill.close()
+        self.base.close()
+
+
 class Segment:
     """A fixed range of the file mapped once: ``start`` and ``length`` in bytes."""
 
     __slots__ = ("start", "length", "end", "map", "address", "view")
 
-    def __init__(self, start, length, fileno):
+    def __init__(self, start, length, fileno, at=None):
         self.start = start
         self.length = length
         self.end = start + length
-        self.map = mmap.mmap(fileno, length, access=mmap.ACCESS_COPY, offset=start)
+        self.map = mmap.mmap(fileno, length, access=mmap.ACCESS_COPY, offset=start if at is None else at)
         anchor = ctypes.c_char.from_buffer(self.map)
         self.address = ctypes.addressof(anchor)
         del anchor
@@ -460,7 +581,11 @@ class MappedFile:
                            return_mask=_PAGE_IS_FILE | _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED)
             self._scan = (arg, regions)
         physical = io.size()
-        if physical >= origin:
+        boundary = getattr(io, "boundary", None)  # an overlay: no segment crosses it
+        if boundary is not None:
+            self._map(0, boundary)
+            self._map(boundary, self._round_down(physical) - boundary)
+        elif physical >= origin:
             self._map(0, self._round_down(physical))
 
     def _round_down(self, end):
@@ -473,7 +598,8 @@ class MappedFile:
     def _map(self, start, length):
         if length <= 0:
             return
-        segment = Segment(start, length, self.io.fd)
+        fd, at = self.io.map_source(start) if hasattr(self.io, "map_source") else (self.io.fd, start)
+        segment = Segment(start, length, fd, at)
         # One step (no call in between, so no interrupt either): a segment the lists do
         # not show is only unmapped memory, a half-recorded one would be a hole in the map.
         self.segments, self._starts, self.size = self.segments + [segment], self._starts + [start], start + length
@@ -504,7 +630,7 @@ class MappedFile:
                                          "at its last commit")
                 error.filename = self.io.path
                 raise error from exc
-            raise _full_error(exc, "mapping", self.io.path) from exc
+            raise _full_error(exc, "mapping", self.io.path, self.io.in_memory) from exc
 
     def _restore_length(self, length):
         try:

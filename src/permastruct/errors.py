@@ -26,6 +26,7 @@ __all__ = [
     "DeadProxyError",
     "IncompleteChangeError",
     "ConcurrentUseError",
+    "OverlayError",
 ]
 
 
@@ -102,3 +103,8 @@ class IncompleteChangeError(PermastructError, RuntimeError):
 class ConcurrentUseError(PermastructError, RuntimeError):
     """A storage was changed (or committed) from a second thread while another thread was
     in the middle of a change: a storage and its objects belong to one thread at a time."""
+
+
+class OverlayError(PermastructError, ValueError):
+    """An operation an overlay store (``Storage(path, overlay=True)``) cannot do: ``refresh()``
+    (an overlay reads one snapshot of its base for as long as it is open)."""

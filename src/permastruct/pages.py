@@ -272,6 +272,8 @@ class PageFile(Engine):
 
     ``PageFile(path, pageSize=4096)`` creates the file if it is missing (or
     empty) and opens it otherwise (the page size is then read from the file).
+    ``PageFile(None)`` is a page file in memory, ``PageFile(path, overlay=True)``
+    keeps its changes in memory on top of the file (see ``docs/modes.rst``).
     ``flush()`` commits every change atomically; ``close()`` flushes and
     releases the file.  The transactions themselves (log, checkpoints,
     readers, locks) are :class:`permastruct._commit.Engine`'s.
@@ -283,10 +285,10 @@ class PageFile(Engine):
     """
 
     def __init__(self, path, pageSize=F.DEFAULT_PAGE_SIZE, *, readonly=False, sync=True,
-                 initial_size=None, timeout=0, journal=True):
+                 initial_size=None, timeout=0, overlay=False):
         self.buffer_manager = BufferManager(self)
         super().__init__(path, pageSize, readonly=readonly, sync=sync, initial_size=initial_size,
-                         timeout=timeout, journal=journal)
+                         timeout=timeout, overlay=overlay)
 
     def flush(self):
         """Commit: hand every dirty page to the log with the new root state (see ``Engine.commit``)."""

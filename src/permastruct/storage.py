@@ -20,7 +20,6 @@ Structure, StructureMeta``.
 
 import contextlib
 import os
-import tempfile
 import warnings
 import weakref
 
@@ -48,12 +47,14 @@ class Storage:
     """A persistent object store in one memory-mapped file.
 
     ``Storage(fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
-    sync=True, pageSize=4096)``; ``fileName=None`` makes a volatile store that
-    vanishes at close.  See ``docs/tutorial.rst``.
+    sync=True, pageSize=4096, timeout=0, overlay=False)``.  ``fileName=None``
+    makes an in-memory store that nothing outlives; ``overlay=True`` keeps the
+    changes in memory on top of the file, which is never written.  See
+    ``docs/tutorial.rst`` and ``docs/modes.rst``.
     """
 
     def __init__(self, fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
-                 sync=True, pageSize=F.DEFAULT_PAGE_SIZE, timeout=0):
+                 sync=True, pageSize=F.DEFAULT_PAGE_SIZE, timeout=0, overlay=False):
         self._closed = True
         self._forked = False
         self._block = None  # the outermost with p.transaction() block open (see _Block)
@@ -65,25 +66,28 @@ class Storage:
                 raise ValueError(f"{name} must not be negative, not {value}")
         check_page_size(pageSize)  # the same arguments are refused the same way on every open
         check_timeout(timeout)
+        if not isinstance(overlay, bool):
+            raise TypeError(f"overlay must be True or False, not {type(overlay).__name__}")
         if fileName is None:
+            if overlay:
+                raise ValueError("overlay=True needs the path of a base store (None makes an in-memory store)")
             if readonly:
-                raise ValueError("a volatile storage (fileName=None) cannot be read-only")
-            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            handle, fileName = tempfile.mkstemp(prefix="permastruct-", dir=folder)
-            os.close(handle)
-            os.unlink(fileName)
+                raise ValueError("an in-memory storage (fileName=None) cannot be read-only: it starts empty")
+            self.fileName = None
             sync = False
-            self._volatile = True
         else:
-            self._volatile = False
-        path = os.fspath(fileName)
-        if not isinstance(path, str):
-            raise TypeError(f"fileName must be a str or os.PathLike, not {type(fileName).__name__}")
-        self.fileName = os.path.abspath(path)
-        self.sync = sync
+            if overlay and readonly:
+                raise ValueError("overlay=True and readonly=True together: an overlay is writable (its changes "
+                                 "stay in memory and the file is never written); pass one of them")
+            path = os.fspath(fileName)
+            if not isinstance(path, str):
+                raise TypeError(f"fileName must be a str or os.PathLike, not {type(fileName).__name__}")
+            self.fileName = os.path.abspath(path)
+        self.overlay = overlay
+        self.sync = sync and not overlay  # (an overlay's commits stay in memory: nothing to sync)
         size = max(fileSize or DEFAULT_FILE_SIZE, F.HEADER_BLOCK + pageSize)
         self._page_file = PageFile(self.fileName, pageSize, readonly=self.readonly, sync=sync,
-                                   initial_size=size, timeout=timeout, journal=not self._volatile)
+                                   initial_size=size, timeout=timeout, overlay=overlay)
         created = self._page_file.created
         if not created and self._page_file.txn == 1:
             # Created but never committed (a crash while creating it): nothing to lose.
@@ -98,8 +102,6 @@ class Storage:
         self._heap = Heap(self, self._page_file, None)
         self.schema = Schema(self)
         try:
-            if self._volatile:
-                os.unlink(self.fileName)
             self._closed = False
             if created:
                 self._create(stringRegistrySize or DEFAULT_REGISTRY_SIZE)
@@ -122,7 +124,7 @@ class Storage:
 
     @classmethod
     def memory(cls, **kwargs):
-        """A volatile store (a file that is deleted as soon as it is opened)."""
+        """An in-memory store: the same as ``cls(None, **kwargs)`` (see ``docs/modes.rst``)."""
         return cls(None, **kwargs)
 
     # -- creation and loading ----------------------------------------------------
@@ -210,14 +212,20 @@ class Storage:
     def closed(self):
         return self._closed
 
-    def commit(self):
+    def commit(self, description=None, *, user=None, extension=None):
         """Make every change since the last commit durable.
 
         Either it returns and the commit is made, or it raises (a full disk,
         an interrupt at any moment) and nothing of it is: the store is at its
         last commit, with the changes still pending (``rollback()`` or commit
-        again).
+        again).  ``description``, ``user`` (strings) and ``extension`` (a dict
+        of str to str, int, float or bool) are the transaction's metadata,
+        kept in its commit frame in the log (an in-memory store or an overlay
+        keeps none); a wrong type is a TypeError, a value that cannot be
+        stored a ValueError, both before anything changes.  A commit with
+        nothing to commit makes no transaction (``last_transaction`` stays).
         """
+        meta = F.pack_txn_meta(description, user, extension)
         self._check_writable()
         self._check_whole()
         heap = self._heap
@@ -226,14 +234,28 @@ class Storage:
         heap.record_held()
         pf = self._page_file
         try:
-            pf.commit(acknowledge=False, freed=heap.freed)
+            pf.commit(acknowledge=False, freed=heap.freed, meta=meta)
             # The commit returns here: the heap's own bookkeeping and the engine's
             # confirmation in one step (no call in between, so no interrupt either).
-            heap.created, heap.created_many, heap.freed, pf._unacknowledged, heap._changing = set(), [], [], None, 0
+            heap.created, heap.created_many, heap.freed, heap._changing, pf._unacknowledged = set(), [], [], 0, None
         except BaseException:
             heap._changing = 0
             pf.settle()  # not confirmed: taken back; the changes are pending as before
             raise
+
+    @property
+    def last_transaction(self):
+        """The id (an int) of the latest commit: of this storage's own, or (``readonly=True``) of the
+        snapshot it reads.  Ids grow by one with every commit of the store.
+
+        >>> p = Storage(None)
+        >>> first = p.last_transaction
+        >>> p.commit("nothing changed"); p.last_transaction == first
+        True
+        >>> p.close()
+        """
+        self._check_open()
+        return self._page_file.txn
 
     def _check_whole(self):
         """Refuse to commit while a change is running in another thread or was cut short here."""
@@ -287,13 +309,16 @@ class Storage:
         self._page_file.mapping.close_retired(heap.addresses_in_use())
         return True
 
-    def transaction(self):
+    def transaction(self, description=None, *, user=None, extension=None):
         """``with p.transaction():`` commits on success and rolls back on an exception.
 
         Nested blocks are savepoints: a failing inner block undoes only what it
         did (and its objects' proxies die), a succeeding one keeps its changes
         for the outer block; only the outermost block commits.  Entering a
         nested block copies the pages the transaction has changed so far.
+        ``description``, ``user`` and ``extension`` are the metadata of the
+        commit (see :meth:`commit`), checked on entry; a nested block, which
+        does not commit, refuses them (ValueError).
 
         >>> import os, tempfile
         >>> class S(Storage):
@@ -314,8 +339,9 @@ class Storage:
         (1, 0)
         >>> p.close()
         """
+        F.pack_txn_meta(description, user, extension)  # refused on entry, before the block runs
         self._check_writable()
-        return _Block(self)
+        return _Block(self, (description, user, extension))
 
     def _savepoint(self):
         """Everything :meth:`_rollback_to` needs to return to this moment of the transaction."""
@@ -356,7 +382,8 @@ class Storage:
         _OPEN.discard(self)
         self._finalizer.detach()
         try:
-            if not self.readonly and not self._page_file.sync_failed and not self._forked and not incomplete:
+            if (self._page_file.mode == "file" and not self.readonly and not self._page_file.sync_failed
+                    and not self._forked and not incomplete):  # (memory and overlays: discarded)
                 heap._changing = T._get_ident()
                 heap.collect_unreferenced(everything=True)
                 heap.record_held()  # (now nothing)
@@ -395,6 +422,10 @@ class Storage:
         self.close()
 
     def __repr__(self):
+        if self.fileName is None:
+            return f"<{type(self).__name__} (memory)>"
+        if self.overlay:
+            return f"<{type(self).__name__} {self.fileName!r} (overlay)>"
         return f"<{type(self).__name__} {self.fileName!r}>"
 
     def check(self, progress=None):
@@ -456,15 +487,18 @@ class _Block:
     point only while its outer block is still the open one.
     """
 
-    __slots__ = ("storage", "outer", "point", "open")
+    __slots__ = ("storage", "meta", "outer", "point", "open")
 
-    def __init__(self, storage):
-        self.storage, self.outer, self.point, self.open = storage, None, None, False
+    def __init__(self, storage, meta):
+        self.storage, self.meta, self.outer, self.point, self.open = storage, meta, None, None, False
 
     def __enter__(self):
         storage = self.storage
         outer = storage._block
         if outer is not None and outer.open:
+            if self.meta != (None, None, None):
+                raise ValueError("a nested p.transaction() block does not commit (the outermost one does): "
+                                 "give the description, user and extension to the outermost block")
             self.outer, self.point = outer, storage._savepoint()
         else:
             storage._block = self
@@ -476,7 +510,8 @@ class _Block:
         storage = self.storage
         if self.outer is None:
             if kind is None:
-                storage.commit()
+                description, user, extension = self.meta
+                storage.commit(description, user=user, extension=extension)
             else:
                 storage.rollback()
         elif kind is not None and storage._block is self.outer and self.outer.open:
