@@ -21,7 +21,8 @@ from ._types import (Bool, Float, Float32, Float64, Int, Int8, Int16, Int32, Int
                      UInt32, UInt64)
 from .buffer import Buffer
 from .errors import (ConcurrentUseError, CorruptStorageError, DeadProxyError, ForkedProcessError,
-                     IncompatibleFormatError, IncompleteChangeError, NotAStorageError, PermastructError,
+                     IncompatibleFormatError, IncompleteChangeError, LoadError, NotAStorageError,
+                     PermastructError,
                      ReadOnlyError, SchemaError, StorageClosedError, StorageFullError, StorageLockedError,
                      SyncFailedError, UnpinnedPageError)
 from .collections import Dict, List, Set, SortedDict
@@ -39,6 +40,6 @@ __all__ = [
     "PermastructError", "StorageClosedError", "ReadOnlyError", "StorageLockedError",
     "NotAStorageError", "CorruptStorageError", "IncompatibleFormatError", "SchemaError",
     "UnpinnedPageError", "StorageFullError", "SyncFailedError", "ForkedProcessError", "DeadProxyError",
-    "IncompleteChangeError", "ConcurrentUseError",
+    "IncompleteChangeError", "ConcurrentUseError", "LoadError",
     "to_python",
 ]

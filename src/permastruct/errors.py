@@ -26,6 +26,7 @@ __all__ = [
     "DeadProxyError",
     "IncompleteChangeError",
     "ConcurrentUseError",
+    "LoadError",
 ]
 
 
@@ -102,3 +103,9 @@ class IncompleteChangeError(PermastructError, RuntimeError):
 class ConcurrentUseError(PermastructError, RuntimeError):
     """A storage was changed (or committed) from a second thread while another thread was
     in the middle of a change: a storage and its objects belong to one thread at a time."""
+
+
+class LoadError(PermastructError, ValueError):
+    """A JSON document that ``load`` cannot rebuild a store from (not a permastruct dump, or a
+    part of it that is missing, of the wrong kind, or refers to what the document lacks); the
+    message names the part.  No store is left behind."""
