@@ -132,8 +132,10 @@ def test_refusals(shop, tmp_path):
         assert (tmp_path / "there.ps").read_bytes() == b"keep me"
         with pytest.raises(FileNotFoundError):
             p.backup(tmp_path / "no" / "such" / "folder.ps")
-        with pytest.raises(NotImplementedError):
-            p.backup(tmp_path / "c.ps", compact=True)
+        with pytest.raises(FileExistsError):
+            p.backup(tmp_path / "there.ps", compact=True)
+        with pytest.raises(ValueError):
+            p.backup(shop, compact=True)
     p.close()
     with pytest.raises(permastruct.errors.StorageClosedError):
         p.backup(tmp_path / "closed.ps")
@@ -273,3 +275,62 @@ def test_backup_command(shop, tmp_path):
     assert err.getvalue().startswith("permastruct: FileExistsError:") and len(err.getvalue().splitlines()) == 1
     with Shop(str(tmp_path / "b.ps"), readonly=True) as c:
         c.check()
+
+
+def _json(path):
+    from permastruct import _dump
+    with Storage(path, readonly=True) as p:
+        return _dump.dump_json(p)
+
+
+def test_a_compact_copy_holds_only_what_the_root_reaches(shop, tmp_path):
+    with Shop(shop) as p:
+        p.root.items.extend(p.schema.Item(name=f"more{i}", price=i) for i in range(20000))
+        p.commit()
+        del p.root.items[100:]
+        p.root.blob = None
+        p.commit()
+        p.root.counter = 99  # pending: not in the copy
+        result = p.backup(tmp_path / "small.ps", compact=True)
+        full = p.backup(tmp_path / "full.ps")
+        p.rollback()
+    assert result["bytes"] < full["bytes"] / 5
+    assert result["objects"] == 1 + 1 + 100 + 100  # root, list, items, names
+    assert sorted(os.listdir(tmp_path)) == ["full.ps", "shop.ps", "small.ps"]
+    assert _json(str(tmp_path / "small.ps")) == _json(shop)
+    with Shop(str(tmp_path / "small.ps")) as c:
+        c.check()
+        assert c.root.counter == 0 and len(c.root.items) == 100
+
+
+def test_compact_in_place(shop, tmp_path):
+    import contextlib
+    import io
+    from permastruct import cli
+    from permastruct.errors import StorageLockedError
+    from permastruct._backup import compact_in_place
+    with Shop(shop) as p:
+        del p.root.items[10:]
+        p.root.blob = None
+    expected = _json(shop)
+    with Shop(shop):
+        with pytest.raises(StorageLockedError):
+            compact_in_place(shop)
+    with Shop(shop, readonly=True):
+        with pytest.raises(StorageLockedError, match="open for reading"):
+            compact_in_place(shop)
+    before = os.path.getsize(shop)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert cli.main(["compact", shop], prog="permastruct") == 0
+        assert cli.main(["backup", "--compact", shop, str(tmp_path / "c.ps")], prog="permastruct") == 0
+        assert cli.main(["compact", "--help"], prog="permastruct") == 0
+    assert "compacted from" in out.getvalue() and "a compact copy" in out.getvalue()
+    assert os.path.getsize(shop) < before
+    assert sorted(os.listdir(tmp_path)) == ["c.ps", "shop.ps"]
+    assert _json(shop) == expected
+    with Shop(shop) as p:
+        p.check()
+        p.root.items.append(p.schema.Item(name="after", price=1))
+    with Shop(shop, readonly=True) as p:
+        assert len(p.root.items) == 11

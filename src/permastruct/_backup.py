@@ -37,7 +37,7 @@ from . import _format as F
 from ._mapping import GRANULE
 from .errors import StorageFullError
 
-__all__ = ["backup"]
+__all__ = ["backup", "compact_copy", "compact_in_place"]
 
 _CHUNK = 1 << 20
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -108,6 +108,81 @@ def backup(storage, path):
             os.unlink(temporary)
         raise
     return {"path": target, "transaction": txn, "pages": page_count, "bytes": size}
+
+
+def compact_copy(storage, path):
+    """Copy only what the last commit of ``storage`` can reach to the new file ``path``, renumbered.
+
+    A full :func:`backup` under a temporary name first (so that the source
+    is one committed state whatever the writer does meanwhile), then its
+    reachable objects are rebuilt in a new store at ``path`` through the
+    JSON form of :mod:`permastruct._dump` (objects in consecutive pages,
+    every offset new), and the full copy is removed.  Needs room for both
+    copies meanwhile, and memory for the whole JSON form.
+    """
+    from . import _dump
+    from .storage import Storage
+    target = os.path.abspath(os.fspath(path))
+    _refuse_target(storage, target)
+    folder = os.path.dirname(target)
+    full = os.path.join(folder, f".{os.path.basename(target)}.full-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(full)
+    try:
+        summary = backup(storage, full)
+        with Storage(full, readonly=True) as source:
+            document = _dump.dump_json(source)
+        os.unlink(full)
+        _dump.load_json(document, target, pageSize=storage._page_file.page_size)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(full)
+    summary.update(path=target, bytes=os.path.getsize(target), objects=len(document["objects"]))
+    with Storage(target, readonly=True) as copy:
+        summary["pages"] = copy._page_file.page_count
+    return summary
+
+
+def compact_in_place(path):
+    """Rewrite the store at ``path`` with only what its root reaches, in consecutive pages.
+
+    Refuses (StorageLockedError) while a writer or a reader has it open.
+    The compact copy is made under a temporary name; then, still holding
+    the writer lock of the old file, its log is emptied into it and
+    removed, and the copy is renamed over it (an atomic replacement: a
+    crash leaves the old store or the new one).  Returns ``{"before",
+    "after"}`` (file sizes in bytes).
+    """
+    from .errors import StorageLockedError
+    from .storage import Storage
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.compact-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    with Storage(path) as store:  # the writer lock (another writer: StorageLockedError)
+        readers = store.readers()
+        if readers:
+            raise StorageLockedError(f"{path!r} is open for reading by process {readers[0]['pid']} (and "
+                                     f"{len(readers) - 1} more): compact replaces the file, so it runs only "
+                                     "when no one has the store open")
+        before = os.path.getsize(path)
+        pf = store._page_file
+        try:
+            compact_copy(store, temporary)
+            store.commit()
+            pf.checkpoint(truncate=True)
+            pf._remove_log()
+            if pf.journal is not None:  # (a reader came and keeps the log: the old file stays)
+                raise StorageLockedError(f"{path!r}: a reader opened it during the compaction; nothing "
+                                         "was replaced")
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _sync_folder(folder)
+    return {"before": before, "after": os.path.getsize(path)}
 
 
 def _refuse_target(storage, target):

@@ -162,8 +162,7 @@ def _sweep(storage, capacity, progress):
         heap.kill_proxy(offset, rolled_back="freed")
         alloc.free(offset)
         heap.freed.append(offset)
-    if garbage or len(heap.freed) > before:
-        alloc.merge()
+    alloc.merge()  # (also when nothing was freed now: what earlier commits freed joins up too)
     return heap.freed[before:]
 
 

@@ -109,7 +109,18 @@ Copy the last commit of a store to the new file DEST, from a read-only open:
 a writer and readers go on meanwhile, nobody waits.  The copy is written
 under a temporary name, synced and then given its name, so a crash or a
 full disk leaves no file at DEST; it opens as an ordinary store with no log.
-DEST must not exist."""
+DEST must not exist.
+
+With --compact, copy only the objects the root reaches, into consecutive
+pages (every offset renumbered): the copy is about the size of the live
+data.  It makes a full copy first (removed at the end) and holds every
+object's JSON form in memory."""
+
+COMPACT_HELP = """\
+Rewrite a store with only the objects its root reaches, in consecutive
+pages, and replace the file with the result in one rename: the file shrinks
+to about the size of its live data.  Refuses while anyone (a writer or a
+reader) has the store open.  Needs room for two copies meanwhile."""
 
 #: What the demo's Storage class stores (as info prints a schema): an existing
 #: store with exactly this schema is one an earlier demo made.
@@ -400,12 +411,20 @@ def pack(path, out=print):
     return 0
 
 
-def backup(path, dest, out=print):
+def backup(path, dest, out=print, compact=False):
     """Copy the last commit of the store at ``path`` to the new file ``dest``; return 0."""
     with Storage(path, readonly=True) as p:
-        result = p.backup(dest)
-    out(f"{result['path']}: a copy of transaction {result['transaction']} of {path} "
-        f"({result['pages']} pages, {result['bytes']} bytes)")
+        result = p.backup(dest, compact=compact)
+    out(f"{result['path']}: a {'compact ' if compact else ''}copy of transaction {result['transaction']} of "
+        f"{path} ({result['pages']} pages, {result['bytes']} bytes)")
+    return 0
+
+
+def compact(path, out=print):
+    """Rewrite the store at ``path`` with only what its root reaches; return 0."""
+    from ._backup import compact_in_place
+    result = compact_in_place(path)
+    out(f"{path}: compacted from {result['before']} to {result['after']} bytes")
     return 0
 
 
@@ -514,6 +533,9 @@ def _parser(prog):
     sub = command("backup", "copy a store's last commit to a new file", BACKUP_HELP)
     sub.add_argument("file", metavar="FILE", help="the store's file")
     sub.add_argument("dest", metavar="DEST", help="the copy's file (must not exist)")
+    sub.add_argument("--compact", action="store_true", help="copy only what the root reaches, renumbered")
+    command("compact", "rewrite a store with only what its root reaches", COMPACT_HELP).add_argument(
+        "file", metavar="FILE", help="the store's file")
     return parser
 
 
@@ -569,7 +591,9 @@ def _run(args, prog):
         if args.command == "pack":
             return pack(args.file)
         if args.command == "backup":
-            return backup(args.file, args.dest)
+            return backup(args.file, args.dest, compact=args.compact)
+        if args.command == "compact":
+            return compact(args.file)
         return check(args.file)
     except BrokenPipeError:
         raise

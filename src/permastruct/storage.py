@@ -461,15 +461,14 @@ class Storage:
         store or its log as ``path``: ``ValueError``; a full disk:
         ``StorageFullError`` and no file left.  Returns a dict with ``path``,
         ``transaction``, ``pages`` and ``bytes``.  Cost: a read and a write of
-        every page.  ``compact=True`` (a copy of only what is reachable) is
-        not built yet: ``NotImplementedError``.  See ``docs/maintenance.rst``.
+        every page.  ``compact=True`` copies only what the root reaches, into
+        consecutive pages (every offset renumbered): about the size of the
+        live data, at the cost of a full copy first and of memory for every
+        object's JSON form.  See ``docs/maintenance.rst``.
         """
         self._check_open()
-        if compact:
-            raise NotImplementedError("backup(compact=True) is not built yet: back up, then load the "
-                                      "output of 'dump --json' of the copy into a new store")
-        from ._backup import backup
-        return backup(self, path)
+        from ._backup import backup, compact_copy
+        return compact_copy(self, path) if compact else backup(self, path)
 
     def readers(self):
         """The snapshots that read-only opens (in any process) hold, oldest first.
