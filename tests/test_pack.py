@@ -296,7 +296,8 @@ def test_pack_interrupted_is_rolled_back(path, monkeypatch):
 
 
 def test_pack_crash_leaves_the_last_commit(tmp_path):
-    """A process killed at random moments of a pack reopens at the commit before it or after it."""
+    """A process killed at moments of a pack and of the close after it (which cuts the file's free
+    end) reopens at the commit before the pack or after it."""
     path = str(tmp_path / "crash.ps")
     script = textwrap.dedent(f"""
         import os, random, sys
@@ -320,11 +321,11 @@ def test_pack_crash_leaves_the_last_commit(tmp_path):
             p.commit()
             FileIO.hook = hook
             p.pack()
-            FileIO.hook = None
+        FileIO.hook = None  # (the close too: its checkpoint, the log's removal and the file's cut)
         os._exit(0)
     """)
     finished = False
-    for n in range(1, 200, 7):
+    for n in range(1, 100):  # every file operation (a dozen) until one run finishes
         if os.path.exists(path):
             os.unlink(path)
         for leftover in (path + "-wal",):
@@ -346,3 +347,70 @@ def test_pack_crash_leaves_the_last_commit(tmp_path):
         if finished:
             break
     assert finished
+
+
+def _file_end(p):
+    """The size a store's file shrinks to: its header and pages, in whole map units."""
+    from permastruct._mapping import GRANULE
+    pf = p._page_file
+    unit = max(GRANULE, pf.page_size)
+    return 4096 + -(-(pf.page_count * pf.page_size) // unit) * unit
+
+
+def test_the_file_shrinks_at_close_after_pack(path):
+    with Tree(path, pageSize=1024) as p:
+        p.root.keep = p.schema.Node(name="made first")
+        p.root.tree, kids = make_tree(p, "big", children=5000)
+        del kids
+        p.commit()
+        p.root.tree = None
+        p.commit()
+    big = os.path.getsize(path)
+    with Tree(path, pageSize=1024) as p:
+        p.pack()
+        end = _file_end(p)
+    assert os.path.getsize(path) == end < big / 10
+    with Tree(path) as p:
+        p.check()
+        assert str(p.root.keep.name) == "made first"
+        p.root.tree, kids = make_tree(p, "again", children=5000)  # grows again
+        del kids
+        p.check()
+
+
+def test_a_reader_on_an_old_snapshot_delays_the_shrinking(path):
+    with Tree(path, pageSize=1024) as p:
+        p.root.keep = p.schema.Node(name="made first")
+        p.root.tree, kids = make_tree(p, "big", children=5000)
+        del kids
+    big = os.path.getsize(path)
+    old = Tree(path, readonly=True)
+    latest = None
+    try:
+        tree = old.root.tree
+        with Tree(path) as p:
+            p.root.tree = None
+            p.pack()
+        assert os.path.getsize(path) >= big  # the old snapshot still has those pages
+        assert str(tree.children[4999].name) == "big.4999"
+        latest = Tree(path, readonly=True)  # a reader at the last commit does not delay it
+        with Tree(path) as p:
+            pass
+        assert os.path.getsize(path) >= big
+        with Tree(path) as p:
+            p.pack()  # the old reader is still behind: not yet
+        assert os.path.getsize(path) >= big
+        old.close()
+        with Tree(path) as p:
+            latest.refresh()  # at the last commit: it does not delay the cut
+            p.pack()  # nothing to free, but the free end goes now
+            latest.refresh()
+            end = _file_end(p)
+        assert os.path.getsize(path) == end < big / 10
+        assert str(latest.root.keep.name) == "made first"  # no SIGBUS: nothing past the end is read
+        latest.check()
+        assert not latest.refresh()
+    finally:
+        old.close()
+        if latest is not None:
+            latest.close()

@@ -27,7 +27,9 @@ are not counted down, since both ends go.  Each garbage object is returned to
 the allocator and listed in the commit's freed objects, so a reader's proxy
 of it dies when the reader refreshes past the commit.  Then the allocator
 merges the free lists (:meth:`~permastruct._alloc.Allocator.merge`), which
-drops free pages at the end of the file from the page count.
+drops free pages at the end of the file from the page count; the writer's
+close then cuts them off the file (``Engine._shrink_file``), unless a reader
+is behind the last commit: then a later close of a writer that packs does.
 
 The sweep is one change (``_types.run_change``): cut short by an interrupt,
 the transaction cannot be committed and a rollback returns to the last
@@ -126,6 +128,7 @@ def pack(storage, progress=None):
     capacity = {offset: size for offset, size, _ in heap.walk(progress)}
     freed = T.run_change(heap, _sweep, storage, capacity, progress)
     storage.commit()
+    pf._shrink_at_close = True  # the close cuts the free end of the file (if no reader is behind)
     result = {
         "objects_freed": len(freed),
         "bytes_freed": sum(capacity.get(offset, 0) for offset in freed),
