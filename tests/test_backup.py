@@ -329,8 +329,39 @@ def test_compact_in_place(shop, tmp_path):
     assert os.path.getsize(shop) < before
     assert sorted(os.listdir(tmp_path)) == ["c.ps", "shop.ps"]
     assert _json(shop) == expected
+    os.symlink(shop, tmp_path / "link.ps")
+    compact_in_place(str(tmp_path / "link.ps"))  # the file the link names is compacted
+    assert os.path.islink(tmp_path / "link.ps") and _json(shop) == expected
+    os.unlink(tmp_path / "link.ps")
     with Shop(shop) as p:
         p.check()
         p.root.items.append(p.schema.Item(name="after", price=1))
     with Shop(shop, readonly=True) as p:
         assert len(p.root.items) == 11
+
+
+def test_a_copied_main_file_does_not_take_the_originals_log(shop, tmp_path):
+    """The header block names the original's log; a plain copy of the main file (same store id, another
+    inode) does not read it: it opens at the commit its own bytes hold."""
+    with Shop(shop) as p:
+        p.root.counter = 1
+        p.commit()
+        p._page_file.checkpoint()
+        p.root.counter = 2
+        p.commit()  # only in the log
+        wal = p._page_file.log_path()
+        shutil.copyfile(shop, tmp_path / "plain.ps")
+        before = open(wal, "rb").read()
+        assert store_id(str(tmp_path / "plain.ps")) == store_id(shop)
+        with Shop(str(tmp_path / "plain.ps"), readonly=True) as c:
+            assert c.root.counter == 1
+        with Shop(str(tmp_path / "plain.ps")) as c:
+            assert c.root.counter == 1
+            c.root.counter = 10
+        assert open(wal, "rb").read() == before
+        assert p.root.counter == 2
+    with Shop(shop, readonly=True) as p:
+        assert p.root.counter == 2
+    with Shop(str(tmp_path / "plain.ps"), readonly=True) as c:
+        assert c.root.counter == 10
+        c.check()

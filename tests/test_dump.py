@@ -183,6 +183,8 @@ def test_the_tree(every):
     _, short, _ = run(["dump", "--depth", "1", "--items", "1", every])
     assert "    name:" not in short and "  top: Node @0x" in short and short.count("...") >= 2
     assert len(short.splitlines()) < len(lines)
+    assert run(["dump", "--depth", "0", every])[1].splitlines()[0].endswith(" ...")
+    assert len(run(["dump", "--depth", "0", every])[1].splitlines()) == 1
     _, items, _ = run(["dump", "--items", "1", every])
     assert "...: (3 more)" in items
 

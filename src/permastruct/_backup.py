@@ -150,12 +150,13 @@ def compact_in_place(path):
     The compact copy is made under a temporary name; then, still holding
     the writer lock of the old file, its log is emptied into it and
     removed, and the copy is renamed over it (an atomic replacement: a
-    crash leaves the old store or the new one).  Returns ``{"before",
+    crash leaves the old store or the new one, and perhaps a hidden
+    temporary file beside it).  Returns ``{"before",
     "after"}`` (file sizes in bytes).
     """
     from .errors import StorageLockedError
     from .storage import Storage
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))  # (through a symlink: the file it names is replaced)
     folder = os.path.dirname(path)
     temporary = os.path.join(folder, f".{os.path.basename(path)}.compact-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):

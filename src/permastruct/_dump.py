@@ -70,6 +70,9 @@ def dump_text(storage, out=print, depth=None, items=None):
         out("(no root object yet)")
         return
     seen = set()
+    if depth == 0:
+        out(_head(root, seen) + " ...")
+        return
     out(_head(root, seen))
     stack = [(_children(root, items), 1)]
     while stack:
