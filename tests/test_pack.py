@@ -414,3 +414,40 @@ def test_a_reader_on_an_old_snapshot_delays_the_shrinking(path):
         old.close()
         if latest is not None:
             latest.close()
+
+
+def test_pack_moves_a_list_array_and_a_hash_table_that_end_the_file(path):
+    with Tree(path, pageSize=1024) as p:
+        p.root.nodes = p.schema.Nodes()
+        p.root.by_name = p.schema.ByName()
+        nodes, by_name = p.root.nodes, p.root.by_name  # proxies held across the pack
+        made = [p.schema.Node(name=f"n{index}") for index in range(300)]
+        p.root.tree, kids = make_tree(p, "big", children=3000)  # a cycle in the middle of the file
+        del kids
+        for node in made:  # then an array and a table that grow at the end of the file
+            nodes.append(node)
+            by_name[node.name] = node  # (the name string itself: nothing new after the table)
+        del made, node
+        p.commit()
+        reader = Tree(path, readonly=True)
+        try:
+            assert len(reader.root.nodes) == 300
+            pages = p._page_file.page_count
+            p.root.tree = None
+            result = p.pack()
+            assert result["objects_moved"] >= 1
+            assert result["pages"] < pages / 2
+            p.check()
+            assert [str(n.name) for n in nodes][:3] == ["n0", "n1", "n2"] and len(nodes) == 300
+            assert str(by_name["n299"].name) == "n299"
+            nodes.append(p.schema.Node(name="after"))
+            by_name["after"] = nodes[-1]
+            p.commit()
+            assert len(reader.root.nodes) == 300  # its snapshot
+            assert reader.refresh()
+            assert [str(n.name) for n in reader.root.nodes][-2:] == ["n299", "after"]
+            assert str(reader.root.by_name["after"].name) == "after"
+            reader.check()
+        finally:
+            reader.close()
+        p.check()

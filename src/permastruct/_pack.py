@@ -27,7 +27,9 @@ are not counted down, since both ends go.  Each garbage object is returned to
 the allocator and listed in the commit's freed objects, so a reader's proxy
 of it dies when the reader refreshes past the commit.  Then the allocator
 merges the free lists (:meth:`~permastruct._alloc.Allocator.merge`), which
-drops free pages at the end of the file from the page count; the writer's
+drops free pages at the end of the file from the page count.  A list's array
+or a hash table that ends the file (a collection that grew last) is moved
+into free space lower down, and the merge runs again.  The writer's
 close then cuts them off the file (``Engine._shrink_file``), unless a reader
 is behind the last commit: then a later close of a writer that packs does.
 
@@ -39,6 +41,7 @@ also commits what was pending before the call.
 
 from . import _format as F
 from . import _types as T
+from . import collections as C
 
 __all__ = ["pack", "objects"]
 
@@ -119,14 +122,18 @@ def pack(storage, progress=None):
     result: ``objects_freed`` and ``bytes_freed`` (the objects and the space
     they had, those that reference counting frees at this commit included),
     ``pages_released`` (pages that became free: back on the free lists, or
-    dropped from the end of the file) and ``pages`` (the page count after).
+    dropped from the end of the file), ``pages`` (the page count after) and
+    ``objects_moved`` (list arrays and hash tables moved off the end of the
+    file, see :func:`_move_tail`).
     """
     storage._check_writable()
     storage._check_whole()
     heap, pf = storage._heap, storage._page_file
     free_before, count_before = _free_pages(storage), pf.page_count
-    capacity = {offset: size for offset, size, _ in heap.walk(progress)}
-    freed = T.run_change(heap, _sweep, storage, capacity, progress)
+    capacity, types = {}, {}
+    for offset, size, type_id in heap.walk(progress):
+        capacity[offset], types[offset] = size, type_id
+    freed, moved = T.run_change(heap, _sweep, storage, capacity, types, progress)
     storage.commit()
     pf._shrink_at_close = True  # the close cuts the free end of the file (if no reader is behind)
     result = {
@@ -134,16 +141,18 @@ def pack(storage, progress=None):
         "bytes_freed": sum(capacity.get(offset, 0) for offset in freed),
         "pages_released": _free_pages(storage) + count_before - pf.page_count - free_before,
         "pages": pf.page_count,
+        "objects_moved": moved,
     }
     if progress is not None:
         progress(1, 1, "freeing")
     return result
 
 
-def _sweep(storage, capacity, progress):
-    """(One change) Free what counts already free, then every unmarked object; merge the free lists.
+def _sweep(storage, capacity, types, progress):
+    """(One change) Free what counts already free, then every unmarked object; merge the free lists;
+    move the arrays and tables that end the file lower.
 
-    Returns the offsets of every object freed."""
+    Returns the offsets of every object freed and the number of objects moved."""
     heap, alloc = storage._heap, storage._heap.allocator
     before = len(heap.freed)
     heap.collect_unreferenced()  # held objects stay pending (the commit records them)
@@ -166,7 +175,54 @@ def _sweep(storage, capacity, progress):
         alloc.free(offset)
         heap.freed.append(offset)
     alloc.merge()  # (also when nothing was freed now: what earlier commits freed joins up too)
-    return heap.freed[before:]
+    moved = _move_tail(storage, marked, capacity, types)
+    return heap.freed[before:], moved
+
+
+def _move_tail(storage, live, capacity, types):
+    """Move the list arrays and hash tables that end the file into free runs lower down, one at a
+    time, merging after each, while the object on the last page is one of them.
+
+    Their one reference is their collection's ``body`` (``_format.COLLECTION``), and no proxy
+    points into them (collections find them through ``heap.views``, keyed by offset, dropped
+    here; a reader drops its views at refresh).  Anything else on the last page (a slab, a
+    structure, a buffer a proxy may point into) ends the moving.  Returns how many moved.
+    """
+    heap, pf = storage._heap, storage._page_file
+    alloc, mapping, classes = heap.allocator, heap.mapping, heap.classes
+    owners = {}
+    for offset in live:
+        cls = classes.get(types.get(offset))
+        if cls is not None and cls._ps_kind in C.KINDS:
+            body = F.COLLECTION.unpack_from(mapping.view(offset, F.COLLECTION.size))[3]
+            if body:
+                owners[body] = offset
+    ends = {offset + capacity[offset]: offset for offset in owners
+            if offset in capacity and types.get(offset) in (F.T_ARRAY, F.T_TABLE)}
+    moved = 0
+    while True:
+        end = F.HEADER_BLOCK + pf.page_count * pf.page_size
+        offset = ends.pop(end, None)
+        if offset is None:
+            return moved
+        owner = owners[offset]
+        size = classes[types[owner]]._ps_internal_size(heap, offset, types[offset])
+        if not size or size > capacity[offset]:
+            return moved
+        new = alloc.alloc(size, zero=False)
+        if new > offset:  # no room lower down (it took pages past the end: give them back)
+            alloc.free(new)
+            alloc.merge()
+            return moved
+        mapping.view(new, size)[:] = mapping.view(offset, size)
+        heap.views.pop(offset, None)
+        F.UINT64.pack_into(mapping.view(owner + 16, 8), 0, new)  # COLLECTION: the body, at byte 16
+        alloc.free(offset)
+        moved += 1
+        alloc.merge()
+        # (where it went may end the file now, after a merge: then it moves again, lower still)
+        capacity[new], types[new], owners[new] = alloc.capacity(new), types[offset], owner
+        ends[new + capacity[new]] = new
 
 
 def _free_pages(storage):

@@ -443,7 +443,7 @@ class Storage:
         Marks from the root, the schema, the string registry and every object
         a live proxy holds, frees the rest, merges the free lists and commits
         (what was pending is committed with it).  Returns a dict with
-        ``objects_freed``, ``bytes_freed``, ``pages_released`` and ``pages``.
+        ``objects_freed``, ``bytes_freed``, ``pages_released``, ``pages`` and ``objects_moved``.
         Reads every page and follows every reference: it costs about what
         :meth:`check` costs.  See ``docs/maintenance.rst``.
         """
