@@ -21,7 +21,7 @@ from ._types import (Bool, Float, Float32, Float64, Int, Int8, Int16, Int32, Int
                      UInt32, UInt64)
 from .buffer import Buffer
 from .errors import (ConcurrentUseError, CorruptStorageError, DeadProxyError, ForkedProcessError,
-                     IncompatibleFormatError, IncompleteChangeError, NotAStorageError, OverlayError,
+                     IncompatibleFormatError, IncompleteChangeError, LoadError, NotAStorageError, OverlayError,
                      PermastructError, ReadOnlyError, SchemaError, StorageClosedError, StorageFullError, StorageLockedError,
                      SyncFailedError, UnpinnedPageError)
 from .collections import Dict, List, Set, SortedDict
@@ -39,6 +39,6 @@ __all__ = [
     "PermastructError", "StorageClosedError", "ReadOnlyError", "StorageLockedError",
     "NotAStorageError", "CorruptStorageError", "IncompatibleFormatError", "SchemaError",
     "UnpinnedPageError", "StorageFullError", "SyncFailedError", "ForkedProcessError", "DeadProxyError",
-    "IncompleteChangeError", "ConcurrentUseError", "OverlayError",
+    "IncompleteChangeError", "ConcurrentUseError", "OverlayError", "LoadError",
     "to_python",
 ]

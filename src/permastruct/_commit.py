@@ -47,7 +47,9 @@ file meanwhile), lay the log's units of their snapshot over their map, and
 hold a shared lock on ``LOCK_READERS + txn`` while they keep that snapshot.
 
 *Close* commits what is pending, checkpoints, and removes the log when the
-main file holds every commit and no reader is taking a snapshot.
+main file holds every commit and no reader is taking a snapshot; then it
+truncates the file's free end past the last commit's page count
+(:meth:`Engine._shrink_file`).
 
 *Creation* writes the header block into a file without a name, syncs it and
 links it at the store's path, or (an existing empty file) writes it with the
@@ -130,6 +132,9 @@ class Engine:
         self._unacknowledged = None  # the _Undo of a commit its caller has not confirmed yet
         self._undoing = None  # the _Undo of an undo that did not finish
         self._undo_failed = False  # an undo could not write the log: no more commits
+        #: Whether the close cuts the file's free end (:meth:`_shrink_file`): set by a commit that
+        #: lowers the page count, and by ``Storage.pack()``.
+        self._shrink_at_close = False
         #: (Reader) the offsets of the objects freed by the commits its last refresh moved past
         self.freed = set()
         #: Whether this open created the store: None, "new" (a new file) or "in place" (an empty file).
@@ -810,6 +815,8 @@ class Engine:
             return
         self.slots[F.SLOT_TIME] = int(time.time() * 1e6)  # when: readers() tells a snapshot's age
         root = (self.page_count, self.free_head, list(self.slots))
+        if self.page_count < self._committed[0]:
+            self._shrink_at_close = True  # pages given back: the file may shrink at close
         if self.journal is None:
             path = self._own_log_path()
             self._lock_checkpoint()  # a reader takes the log's name and the log together
@@ -1154,6 +1161,32 @@ class Engine:
         finally:
             self.io.unlock(F.LOCK_CHECKPOINT)
 
+    def _shrink_file(self):
+        """(Writer, closing, its log removed) Give the file's unused end back to the file system.
+
+        The allocator lowers the page count when free pages end the file
+        (``Allocator.merge``, run by ``pack()``); the file keeps its size
+        until here.  Only when ``_shrink_at_close`` says so (a commit of this
+        open lowered the page count, or ``pack()`` ran: room a file was given
+        up front and never used is kept otherwise), when the main file holds
+        every commit and no reader
+        is behind the last one (the log is gone: a checkpoint copied
+        everything), so no snapshot has more pages than the last commit,
+        and no page a reader reads is past the new end: readers touch only
+        pages below their snapshot's page count, and a freed object's proxy
+        dies at their refresh.  The file keeps whole map units (what an open
+        maps).  A crash or power loss around it leaves the file longer,
+        which is harmless.
+        """
+        if not self._shrink_at_close or self.journal is not None or self.main_txn != self.txn or not self._use_journal:
+            return
+        if self._oldest_reader(self.txn) < self.txn:
+            return
+        unit = max(GRANULE, self.page_size)
+        end = F.HEADER_BLOCK + -(-(self.page_count * self.page_size) // unit) * unit
+        if self.io.size() > end:
+            self.io.truncate(end)
+
     def _write_pages(self, sources, load):
         """Write pages into the main file: ``sources`` are ``(offset, source)`` in offset order,
         ``load(source)`` the image; neighbours go out in one ``pwrite`` (up to 4 MiB each)."""
@@ -1248,6 +1281,7 @@ class Engine:
                 self.commit()
                 self.checkpoint(truncate=True)
                 self._remove_log()
+                self._shrink_file()
             elif not self.readonly:
                 self.settle()  # a commit nobody acknowledged is not kept
         finally:

@@ -442,6 +442,51 @@ class Storage:
         summary.update(self._page_file.check_files())
         return summary
 
+    def objects(self, cls=None):
+        """Proxies of every live object whose type is ``cls`` or a subclass of it (all when None),
+        in file order.
+
+        One walk of every page finds them (``Heap.walk``); objects made or
+        freed while iterating are not seen.  Unlinked cycles count as live
+        until :meth:`pack` frees them.  See ``docs/maintenance.rst``.
+        """
+        self._check_open()
+        from ._pack import objects
+        return objects(self, cls)
+
+    def pack(self, progress=None):
+        """Free every object the root cannot reach, cycles included, in one commit; return counts.
+
+        Marks from the root, the schema, the string registry and every object
+        a live proxy holds, frees the rest, merges the free lists and commits
+        (what was pending is committed with it).  Returns a dict with
+        ``objects_freed``, ``bytes_freed``, ``pages_released``, ``pages`` and ``objects_moved``.
+        Reads every page and follows every reference: it costs about what
+        :meth:`check` costs.  See ``docs/maintenance.rst``.
+        """
+        self._check_writable()
+        from ._pack import pack
+        return pack(self, progress)
+
+    def backup(self, path, *, compact=False):
+        """Copy the last commit (a reader: its snapshot) to the new file ``path``; return a summary.
+
+        Nothing is locked: the writer and other readers go on meanwhile.  The
+        copy is written under a temporary name, fsynced, linked at ``path``
+        and the folder fsynced; it opens as an ordinary store with no log and
+        its own store id.  An existing ``path``: ``FileExistsError``; the
+        store or its log as ``path``: ``ValueError``; a full disk:
+        ``StorageFullError`` and no file left.  Returns a dict with ``path``,
+        ``transaction``, ``pages`` and ``bytes``.  Cost: a read and a write of
+        every page.  ``compact=True`` copies only what the root reaches, into
+        consecutive pages (every offset renumbered): about the size of the
+        live data, at the cost of a full copy first and of memory for every
+        object's JSON form.  See ``docs/maintenance.rst``.
+        """
+        self._check_open()
+        from ._backup import backup, compact_copy
+        return compact_copy(self, path) if compact else backup(self, path)
+
     def readers(self):
         """The snapshots that read-only opens (in any process) hold, oldest first.
 
