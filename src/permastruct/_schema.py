@@ -19,6 +19,7 @@ every name read from it is checked (``str.isidentifier``) before it becomes
 a class or a field.
 """
 
+import ctypes
 import json
 
 from . import _format as F
@@ -46,6 +47,7 @@ class Schema:
     def __init__(self, storage):
         self._storage = storage
         self._user_types = []  # structures and collections, in definition order
+        self._forwards = []  # placeholders of the names in quotes, until populateSchema returns
         for value_type in T.VALUE_TYPES:
             setattr(self, value_type.name, value_type)
         self.Structure = Structure
@@ -78,12 +80,14 @@ class Schema:
                 cls._ps_readonly = True
 
     def _run_populate(self):
+        """Run ``populateSchema``; then the names in quotes it used stand for their types."""
         storage = self._storage
         push_populating(storage)
         try:
             storage.populateSchema()
         finally:
             pop_populating()
+        self._resolve()
 
     def _define(self, type_):
         """``Storage.define``: a collection descriptor becomes a new type; a predefined type, the
@@ -98,7 +102,7 @@ class Schema:
     def _field_type(self, value):
         """The field type ``value`` stands for, or None if it is not a type."""
         storage = self._storage
-        if isinstance(value, T.ValueType):
+        if isinstance(value, (T.ValueType, _Forward)):
             return value
         if isinstance(value, type) and issubclass(value, T.Persistent):
             if value._storage is storage:
@@ -109,6 +113,80 @@ class Schema:
                 raise SchemaError(f"{value.__name__} belongs to {value._storage!r}, not to {storage!r}")
         return None
 
+    def _class_field_type(self, owner, attr, value):
+        """The field type that class attribute ``owner.attr = value`` declares, or None when the
+        attribute is not a field (a method, a property, a constant).
+
+        A name in quotes stands for a type of the schema (resolved when
+        ``populateSchema`` returns); a collection descriptor is defined on the
+        spot; a Python type, a builtin type or a permastruct class that is not
+        a type of this storage is a SchemaError naming the attribute.
+        """
+        where = f"{owner}.{attr}"
+        if isinstance(value, str):
+            return self._forward(value, where)
+        try:
+            if isinstance(value, C._Descriptor):
+                return self._collection_field(value)
+            ftype = self._field_type(value)
+        except SchemaError as exc:
+            raise SchemaError(f"{where}: {exc}") from None
+        if ftype is None:
+            hint = _not_a_type(value)
+            if hint is not None:
+                raise SchemaError(f"{where} = {_shown(value)} is not a field type of {self._storage!r}: {hint}")
+        return ftype
+
+    def _collection_field(self, descriptor):
+        """A collection descriptor used as a field type: the type it defines (defined now, or earlier
+        under the same name with the same element types)."""
+        existing = getattr(self, descriptor.name, None)
+        if (descriptor.params is not None and getattr(existing, "_ps_kind", None) == descriptor.kind
+                and existing._storage is self._storage
+                and all(self._field_type(p) is q if not isinstance(p, str) else getattr(q, "__name__", None) == p
+                        for p, q in zip(descriptor.params, existing._ps_params))):
+            return existing
+        return self._define_collection(descriptor)
+
+    def _forward(self, type_name, where):
+        """A placeholder for the type named ``type_name`` in quotes (``next = "Node"``)."""
+        if not type_name.isidentifier():
+            raise SchemaError(f"{where} = {type_name!r}: a field type in quotes is the name of a type "
+                              "of the schema (next = \"Node\"), and this is not a name")
+        placeholder = _Forward(type_name, where)
+        self._forwards.append(placeholder)
+        return placeholder
+
+    def _resolve(self):
+        """Replace every name in quotes (fields, collection element types) by the type it names."""
+        forwards, self._forwards = self._forwards, []
+        if not forwards:
+            return
+        storage = self._storage
+        resolved = {}
+        for placeholder in forwards:
+            target = getattr(self, placeholder.__name__, None) if placeholder.__name__ in vars(self) else None
+            if isinstance(target, T.ValueType):
+                raise SchemaError(f"{placeholder.where} = {placeholder.__name__!r}: {target.name} is a by-value "
+                                  f"type; name it without quotes ({target.name}, not {placeholder.__name__!r})")
+            if not (isinstance(target, type) and issubclass(target, T.Persistent) and target._storage is storage):
+                known = ", ".join(cls.__name__ for cls in self._user_types) or "none"
+                raise SchemaError(f"{placeholder.where} = {placeholder.__name__!r} names no type of the schema "
+                                  f"of {storage!r} (its types: {known})")
+            resolved[placeholder] = target
+        self._apply(resolved)
+
+    def _apply(self, resolved):
+        """Put the types that placeholders stand for (``resolved``) into the classes that use them."""
+        storage = self._storage
+        for cls in self._user_types:
+            if cls._ps_kind == "structure":
+                if any(ftype in resolved for ftype in cls._ps_field_types.values()):
+                    cls._ps_resolve(resolved)
+            elif any(param in resolved for param in cls._ps_params):
+                cls._ps_params = tuple(resolved.get(param, param) for param in cls._ps_params)
+                cls._ps_prepare(storage._heap)
+
     def _define_collection(self, descriptor):
         storage = self._storage
         if populating() is not storage:
@@ -118,9 +196,12 @@ class Schema:
                               f"({descriptor.name!r})[{'T' if descriptor.arity == 1 else 'K, V'}]")
         params = []
         for param in descriptor.params:
+            if isinstance(param, str):
+                params.append(self._forward(param, f"{descriptor!r}"))
+                continue
             resolved = self._field_type(param)
             if resolved is None:
-                raise SchemaError(f"{descriptor!r}: {param!r} is not a permastruct type")
+                raise SchemaError(f"{descriptor!r}: {_shown(param)} is not a permastruct type")
             params.append(resolved)
         cls = C.make_class(storage, descriptor.kind, descriptor.name, params)
         self._register(cls)
@@ -186,15 +267,30 @@ class Schema:
                                       f"({type(exc).__name__}: {exc})") from None
         return types
 
-    def _stored_field_type(self, type_id, where):
+    def _stored_field_type(self, type_id, where, later=None):
+        """The type of stored type id ``type_id``; for a type of the file built later (``later``: id ->
+        name), a placeholder resolved once every type is built."""
         if type_id in T.VALUE_TYPES_BY_ID:
             return T.VALUE_TYPES_BY_ID[type_id]
         if type_id in self._classes:
             return self._classes[type_id]
+        if later and type_id in later:
+            placeholder = _Forward(later[type_id], where)
+            placeholder.type_id = type_id
+            self._forwards.append(placeholder)
+            return placeholder
         raise CorruptStorageError(f"{self._storage._heap.name!r}: {where} refers to unknown type {type_id}")
 
     def _build(self, stored):
         """Build plain classes from the stored schema alone (bare ``Storage(path)``)."""
+        classes = self._classes
+        later = {entry["id"]: entry["name"] for entry in stored}
+        self._forwards = []
+        self._build_types(stored, later)
+        forwards, self._forwards = self._forwards, []
+        self._apply({placeholder: classes[placeholder.type_id] for placeholder in forwards})
+
+    def _build_types(self, stored, later):
         storage, classes = self._storage, self._classes
         name = storage.fileName
         for entry in stored:
@@ -202,13 +298,15 @@ class Schema:
                     or not entry["name"].isidentifier() or hasattr(self, entry["name"]):
                 raise CorruptStorageError(f"{name!r}: stored type {entry['name']!r} is inconsistent")
             if entry["kind"] in C.KINDS:
-                params = [self._stored_field_type(type_id, f"{entry['name']} element") for type_id in entry["params"]]
+                params = [self._stored_field_type(type_id, f"{entry['name']} element", later)
+                          for type_id in entry["params"]]
                 try:
                     cls = C.make_class(storage, entry["kind"], entry["name"], params)
                 except SchemaError as exc:
                     raise CorruptStorageError(f"{name!r}: stored schema: {exc}") from None
                 cls._ps_type_id = entry["id"]
                 classes[entry["id"]] = cls
+                self._user_types.append(cls)
                 setattr(self, entry["name"], cls)
                 continue
             base = Structure if entry["base"] == F.T_STRUCTURE else classes.get(entry["base"])
@@ -218,7 +316,7 @@ class Schema:
             for field, type_id in entry["fields"]:
                 if not field.isidentifier():
                     raise CorruptStorageError(f"{name!r}: stored field name {field!r} is invalid")
-                namespace[field] = self._stored_field_type(type_id, f"{entry['name']}.{field}")
+                namespace[field] = self._stored_field_type(type_id, f"{entry['name']}.{field}", later)
             try:
                 cls = StructureMeta(entry["name"], (base,), namespace)
             except SchemaError as exc:
@@ -263,6 +361,51 @@ class Schema:
         for cls in self._user_types:
             cls._ps_type_id = stored_by_name[cls.__name__]["id"]
             self._classes[cls._ps_type_id] = cls
+
+
+class _Forward:
+    """A type named in quotes (``next = "Node"``) until ``populateSchema`` returns and it is resolved."""
+
+    _ps_type_id = 0
+    _ps_kind = None
+
+    def __init__(self, type_name, where):
+        self.__name__ = type_name
+        self.where = where
+
+    def __repr__(self):
+        return repr(self.__name__)
+
+
+#: What to write instead of a Python type used as a field type.
+_INSTEAD = {str: "String", bytes: "ByteString", int: "Int", float: "Float", bool: "Bool",
+            bytearray: "Buffer", memoryview: "Buffer", list: "a List('Name')[T]",
+            dict: "a Dict('Name')[K, V]", set: "a Set('Name')[T]", frozenset: "a Set('Name')[T]"}
+
+
+def _not_a_type(value):
+    """Why class attribute ``value`` cannot be a field although it looks like a type (None: it is not
+    meant as one - a method, a property, a constant, a nested helper class)."""
+    if isinstance(value, type):
+        if value in _INSTEAD:
+            return f"write {_INSTEAD[value]} (self.schema.{_INSTEAD[value]})" if " " not in _INSTEAD[value] \
+                else f"use {_INSTEAD[value]} (from permastruct)"
+        if value.__module__ == "builtins":
+            return "a builtin Python type is not a persistent type"
+        if issubclass(value, T.Persistent):
+            if getattr(value, "_ps_kind", None) == "structure":
+                return "name a structure class of this schema (Structure itself is only a base class)"
+            return "use a type defined in this storage's populateSchema (self.define(...) returns it)"
+        if value.__module__ in ("ctypes", "_ctypes") or issubclass(value, (ctypes._SimpleCData, ctypes.Structure)):
+            return "use the permastruct number types (Int32, UInt8, Float...), not ctypes types"
+        return None
+    if type(value).__module__ in ("typing", "types") and hasattr(value, "__origin__"):
+        return "a type hint is not a persistent type; use the permastruct types"
+    return None
+
+
+def _shown(value):
+    return value.__qualname__ if isinstance(value, type) else repr(value)
 
 
 def type_label(ftype):

@@ -121,7 +121,7 @@ class StructureMeta(PersistentMeta):
         for attr, value in list(namespace.items()):
             if from_file and attr.startswith("__") and attr != "__module__":
                 raise SchemaError(f"{name}.{attr}: names starting with '__' cannot be fields")
-            ftype = storage.schema._field_type(value) if not attr.startswith("__") else None
+            ftype = None if attr.startswith("__") else storage.schema._class_field_type(name, attr, value)
             if ftype is not None:
                 if attr.startswith("_ps_"):
                     raise SchemaError(f"{name}.{attr}: field names starting with '_ps_' are reserved")
@@ -146,6 +146,7 @@ class StructureMeta(PersistentMeta):
         namespace["_ps_own_fields"] = tuple(own)
         namespace["_ps_field_types"] = dict(base._ps_field_types, **dict(own))
         namespace["_ps_kind"] = "structure"
+        namespace["_ps_user_doc"] = namespace.get("__doc__")
         namespace["__doc__"] = _class_doc(name, namespace.get("__doc__"), namespace["_ps_field_types"], base)
         for attr, ftype in own:
             if not isinstance(ftype, ValueType):
@@ -155,14 +156,28 @@ class StructureMeta(PersistentMeta):
         except (TypeError, ValueError, AttributeError) as exc:  # e.g. a bad __slots__ or layout
             raise SchemaError(f"structure {name!r} cannot be built: {exc}") from None
         cls._ps_size = -(-ctypes.sizeof(cls) // 8) * 8
-        cls._ps_setters = _make_setters(cls, storage._heap)
-        cls.__setattr__ = _make_setattr(cls, storage.readonly)
-        cls._ps_new = _make_constructor(cls)
+        _make_accessors(cls)
         cls._ps_ref_at = tuple(getattr(cls, "_ps_ref_" + name).offset for name, ftype in
                                cls._ps_field_types.items() if not isinstance(ftype, ValueType))
         cls._ps_type_id = 0
         storage.schema._register(cls)
         return cls
+
+    def _ps_resolve(cls, resolved):
+        """Put the types that names in quotes stand for (``next = "Node"``) into this class's fields.
+
+        ``resolved`` maps each placeholder to its type.  The layout does not
+        change (a reference is 8 bytes whatever it names); the setters, the
+        constructor and the docstring, which know the field types, are made
+        again.
+        """
+        cls._ps_own_fields = tuple((attr, resolved.get(ftype, ftype)) for attr, ftype in cls._ps_own_fields)
+        cls._ps_field_types = {attr: resolved.get(ftype, ftype) for attr, ftype in cls._ps_field_types.items()}
+        for attr, ftype in cls._ps_own_fields:
+            if not isinstance(ftype, ValueType):
+                setattr(cls, attr, _ref_property(attr, "_ps_ref_" + attr, ftype))
+        cls.__doc__ = _class_doc(cls.__name__, cls._ps_user_doc, cls._ps_field_types, cls.__bases__[0])
+        _make_accessors(cls)
 
     def __call__(cls, *args, **fields):
         """Create a persistent object of this structure in its storage."""
@@ -201,6 +216,15 @@ class StructureMeta(PersistentMeta):
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_Label(_type_label(ftype)),
                               default=defaults[ftype.kind] if isinstance(ftype, ValueType) else None)
             for name, ftype in cls._ps_field_types.items()])
+
+
+def _make_accessors(cls):
+    """The write functions, ``__setattr__`` and constructor of structure class ``cls`` (once its field
+    types are known)."""
+    storage = cls._storage
+    cls._ps_setters = _make_setters(cls, storage._heap)
+    cls.__setattr__ = _make_setattr(cls, storage.readonly)
+    cls._ps_new = _make_constructor(cls)
 
 
 def _ref_property(name, hidden, ftype):
