@@ -28,7 +28,8 @@ from . import collections as C
 from .buffer import Buffer
 from .errors import CorruptStorageError, SchemaError
 from .strings import ByteString, String, new_string
-from .structure import Structure, StructureMeta, pop_populating, populating, push_populating
+from .structure import (Layout, Structure, StructureMeta, forward_class, old_version_class, pop_populating,
+                        populating, push_populating)
 
 __all__ = ["Schema"]
 
@@ -48,6 +49,9 @@ class Schema:
         self._storage = storage
         self._user_types = []  # structures and collections, in definition order
         self._forwards = []  # placeholders of the names in quotes, until populateSchema returns
+        self._layouts = {}  # type id of an earlier version of a structure type -> its Layout
+        self._stored_by_name = {}  # (reopen) the stored types by name, while populateSchema runs
+        self._schema_at = 0  # the offset of the stored schema this namespace knows
         for value_type in T.VALUE_TYPES:
             setattr(self, value_type.name, value_type)
         self.Structure = Structure
@@ -75,6 +79,7 @@ class Schema:
             cls.__module__ = base.__module__
             self._classes[type_id] = cls
             setattr(self, base.__name__, cls)
+        self._classes[F.T_FORWARD] = forward_class(storage, self._layouts)
         if storage.readonly:
             for cls in self._classes.values():
                 cls._ps_readonly = True
@@ -222,8 +227,20 @@ class Schema:
         for type_id, cls in enumerate(self._user_types, F.FIRST_USER_TYPE):
             cls._ps_type_id = type_id
             self._classes[type_id] = cls
+        return self._write()
+
+    def _write(self):
+        """A new schema object holding ``_describe()`` (one reference: the schema slot's)."""
         text = json.dumps(self._describe(), separators=(",", ":")).encode()
         return new_string(self._storage._heap, F.T_SCHEMA, text, 1)
+
+    def _store(self):
+        """(Reopen, the schema changed) Put the new schema in the slot; the old one goes at the commit."""
+        heap = self._storage._heap
+        old = heap.pf.slots[F.SLOT_SCHEMA]
+        heap.pf.slots[F.SLOT_SCHEMA] = self._write()
+        self._schema_at = heap.pf.slots[F.SLOT_SCHEMA]
+        heap.decref(old)
 
     def _describe(self):
         types = []
@@ -233,9 +250,13 @@ class Schema:
                               "params": [_type_id_of(t) for t in cls._ps_params]})
                 continue
             base = cls.__bases__[0]
-            types.append({"id": cls._ps_type_id, "name": cls.__name__, "kind": "structure",
-                          "base": base._ps_type_id if base is not Structure else F.T_STRUCTURE,
-                          "fields": [[name, _type_id_of(ftype)] for name, ftype in cls._ps_own_fields]})
+            entry = {"id": cls._ps_type_id, "name": cls.__name__, "kind": "structure",
+                     "base": base._ps_type_id if base is not Structure else F.T_STRUCTURE,
+                     "fields": [[name, _type_id_of(ftype)] for name, ftype in cls._ps_own_fields]}
+            versions = cls.__dict__.get("_ps_versions")
+            if versions:
+                entry["versions"] = versions
+            types.append(entry)
         return {"format": F.FORMAT_VERSION, "types": types}
 
     def _read(self):
@@ -251,8 +272,10 @@ class Schema:
         try:
             schema = json.loads(bytes(heap.mapping.view(offset + F.STRING.size, length)))
             types = schema["types"]
+            ids = set()
             for entry in types:
                 entry["id"], entry["name"] = int(entry["id"]), str(entry["name"])
+                ids.add(entry["id"])
                 if entry.get("kind") in C.KINDS:
                     entry["params"] = [int(type_id) for type_id in entry["params"]]
                     if len(entry["params"]) != C.DESCRIPTORS[entry["kind"]].arity:
@@ -262,9 +285,22 @@ class Schema:
                     int(entry["base"]), [(str(field), int(type_id)) for field, type_id in entry["fields"]])
                 if entry.get("kind") != "structure":
                     raise ValueError(f"unknown kind {entry.get('kind')!r}")
+                versions = []
+                for type_id, size, fields in entry.get("versions", ()):
+                    type_id, size = int(type_id), int(size)
+                    fields = [(str(field), int(field_type), int(at)) for field, field_type, at in fields]
+                    if not FIRST <= type_id < F.MAX_TYPE_ID or type_id in ids or not 8 <= size <= MAX_SIZE \
+                            or any(not field.isidentifier() or at < 8 or at % _ALIGN.get(field_type, 8)
+                                   or at + _SIZE.get(field_type, 8) > size for field, field_type, at in fields):
+                        raise ValueError(f"version {type_id} of {entry['name']} is inconsistent")
+                    ids.add(type_id)
+                    versions.append((type_id, size, fields))
+                entry["versions"] = versions
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise CorruptStorageError(f"{name!r}: the stored schema is damaged "
                                       f"({type(exc).__name__}: {exc})") from None
+        self._schema_at = offset
+        self._stored_by_name = {entry["name"]: entry for entry in types}
         return types
 
     def _stored_field_type(self, type_id, where, later=None):
@@ -273,7 +309,7 @@ class Schema:
         if type_id in T.VALUE_TYPES_BY_ID:
             return T.VALUE_TYPES_BY_ID[type_id]
         if type_id in self._classes:
-            return self._classes[type_id]
+            return _current(self._classes[type_id])
         if later and type_id in later:
             placeholder = _Forward(later[type_id], where)
             placeholder.type_id = type_id
@@ -284,18 +320,22 @@ class Schema:
     def _build(self, stored):
         """Build plain classes from the stored schema alone (bare ``Storage(path)``)."""
         classes = self._classes
-        later = {entry["id"]: entry["name"] for entry in stored}
+        later = _later(stored)
         self._forwards = []
-        self._build_types(stored, later)
+        built = self._build_types(stored, later)
         forwards, self._forwards = self._forwards, []
-        self._apply({placeholder: classes[placeholder.type_id] for placeholder in forwards})
+        self._apply({placeholder: _current(classes[placeholder.type_id]) for placeholder in forwards})
+        self._add_versions(stored, built)
 
-    def _build_types(self, stored, later):
+    def _build_types(self, stored, later, listed=True):
+        """Build the classes of ``stored`` entries; ``listed=False``: not into the namespace (a reader's
+        classes of newer versions of types it has).  Returns ``{id: class}``."""
         storage, classes = self._storage, self._classes
         name = storage.fileName
+        built = {}
         for entry in stored:
             if entry["id"] in classes or entry["id"] < F.FIRST_USER_TYPE \
-                    or not entry["name"].isidentifier() or hasattr(self, entry["name"]):
+                    or not entry["name"].isidentifier() or (listed and hasattr(self, entry["name"])):
                 raise CorruptStorageError(f"{name!r}: stored type {entry['name']!r} is inconsistent")
             if entry["kind"] in C.KINDS:
                 params = [self._stored_field_type(type_id, f"{entry['name']} element", later)
@@ -305,14 +345,14 @@ class Schema:
                 except SchemaError as exc:
                     raise CorruptStorageError(f"{name!r}: stored schema: {exc}") from None
                 cls._ps_type_id = entry["id"]
-                classes[entry["id"]] = cls
+                classes[entry["id"]] = built[entry["id"]] = cls
                 self._user_types.append(cls)
                 setattr(self, entry["name"], cls)
                 continue
             base = Structure if entry["base"] == F.T_STRUCTURE else classes.get(entry["base"])
-            if base is None or getattr(base, "_ps_kind", None) != "structure":
+            if base is None or getattr(base, "_ps_kind", None) != "structure" or base.__dict__.get("_ps_old"):
                 raise CorruptStorageError(f"{name!r}: stored type {entry['name']!r} is inconsistent")
-            namespace = {"_ps_storage": storage, "__module__": "permastruct.schema"}
+            namespace = {"_ps_storage": storage, "__module__": "permastruct.schema", "_ps_unlisted": not listed}
             for field, type_id in entry["fields"]:
                 if not field.isidentifier():
                     raise CorruptStorageError(f"{name!r}: stored field name {field!r} is invalid")
@@ -322,31 +362,81 @@ class Schema:
             except SchemaError as exc:
                 raise CorruptStorageError(f"{name!r}: stored schema: {exc}") from None
             cls._ps_type_id = entry["id"]
-            classes[entry["id"]] = cls
+            classes[entry["id"]] = built[entry["id"]] = cls
+            if not listed:
+                self._user_types.append(cls)  # (resolving placeholders reaches it)
+        return built
+
+    def _add_versions(self, stored, current):
+        """The earlier versions of the structure types of ``stored``: their layouts, and the class of
+        their objects (``current``: id -> the class of the current version)."""
+        name = self._storage.fileName
+        todo = []
+        for entry in stored:  # first every version's class (a layout may name any version's id)
+            cls = current.get(entry["id"])
+            if cls is None or cls._ps_kind != "structure":
+                continue
+            for type_id, size, fields in entry.get("versions", ()):
+                if type_id in self._layouts:
+                    continue
+                if type_id in self._classes and self._classes[type_id]._ps_kind != "structure":
+                    raise CorruptStorageError(f"{name!r}: version {type_id} of {entry['name']} is another type")
+                if type_id not in self._classes:  # (a reader keeps its own class of its version)
+                    self._classes[type_id] = old_version_class(cls, self._layouts)
+                todo.append((entry["name"], type_id, size, fields))
+        for type_name, type_id, size, fields in todo:
+            self._layouts[type_id] = Layout(type_id, size, [
+                (field, self._stored_field_type(field_type, f"{type_name}.{field}"), at)
+                for field, field_type, at in fields])
+
+    def _stored_order(self, name, own):
+        """(Reopen) The fields ``own`` of class ``name`` in their stored order, new ones after them in
+        the class's order: the layout stays the stored one, whatever order the class lists them in."""
+        entry = self._stored_by_name.get(name)
+        if not entry or entry.get("kind") != "structure":
+            return own
+        position = {field: index for index, (field, _) in enumerate(entry["fields"])}
+        return sorted(own, key=lambda item: position.get(item[0], len(position)))
 
     def _bind(self, stored):
-        """Check that the classes of populateSchema agree with the stored schema; bind them."""
-        name = self._storage.fileName
+        """Bind the classes of populateSchema to the stored schema; return whether the schema grew.
+
+        New types and new fields are added: a type whose layout changed (a
+        field of its own or of a base was added) gets a new type id, and its
+        previous layout is kept as a version, which its objects keep reading
+        through.  Anything else that differs is a SchemaError.
+        """
+        storage = self._storage
+        name = storage.fileName
         stored_by_name = {entry["name"]: entry for entry in stored}
+        by_id = {entry["id"]: entry for entry in stored}
         defined = {cls.__name__: cls for cls in self._user_types}
         missing = sorted(set(stored_by_name) - set(defined))
-        extra = sorted(set(defined) - set(stored_by_name))
-        if missing or extra:
-            raise SchemaError(f"{name!r}: schema mismatch: "
-                              + "; ".join([f"stored types not defined: {', '.join(missing)}"] * bool(missing)
-                                          + [f"types not in the file: {', '.join(extra)}"] * bool(extra)))
+        if missing:
+            raise SchemaError(f"{name!r}: schema mismatch: stored types not defined: {', '.join(missing)}")
         names_by_id = {entry["id"]: entry["name"] for entry in stored}
+        for entry in stored:
+            names_by_id.update((type_id, entry["name"]) for type_id, _, _ in entry.get("versions", ()))
         names_by_id.update({t.type_id: t.name for t in T.VALUE_TYPES})
         names_by_id.update({type_id: cls.__name__ for type_id, cls in PREDEFINED.items()})
         names_by_id[F.T_STRUCTURE] = "Structure"
-        for type_name, cls in defined.items():
-            entry = stored_by_name[type_name]
+        next_id = max(names_by_id, default=0) + 1
+        next_id = max(next_id, F.FIRST_USER_TYPE)
+        grown = []
+        for cls in self._user_types:
+            type_name = cls.__name__
+            entry = stored_by_name.get(type_name)
+            if entry is None:  # a new type
+                cls._ps_type_id, next_id = next_id, next_id + 1
+                grown.append(f"new type {type_name}")
+                continue
             if cls._ps_kind in C.KINDS or entry["kind"] in C.KINDS:
                 python_params = [type_label(t) for t in cls._ps_params] if cls._ps_kind in C.KINDS else None
                 stored_params = [names_by_id.get(type_id, f"type {type_id}") for type_id in entry.get("params", ())]
                 if cls._ps_kind != entry["kind"] or python_params != stored_params:
                     raise SchemaError(f"{name!r}: {type_name} is {_kind_text(cls._ps_kind, python_params)} "
                                       f"in Python but {_kind_text(entry['kind'], stored_params)} in the file")
+                cls._ps_type_id = entry["id"]
                 continue
             base = cls.__bases__[0]
             if names_by_id.get(entry["base"]) != base.__name__:
@@ -355,12 +445,71 @@ class Schema:
             python_fields = [(field, type_label(ftype)) for field, ftype in cls._ps_own_fields]
             stored_fields = [(field, names_by_id.get(type_id, f"type {type_id}"))
                              for field, type_id in entry["fields"]]
-            if python_fields != stored_fields:
-                raise SchemaError(f"{name!r}: fields of {type_name} differ: Python has "
-                                  f"{_fields_text(python_fields)}, the file has {_fields_text(stored_fields)}")
+            if python_fields[:len(stored_fields)] != stored_fields:
+                raise SchemaError(f"{name!r}: {_difference(type_name, python_fields, stored_fields)}")
+            layout, size = _stored_layout(entry, by_id)
+            versions = [list(version) for version in entry["versions"]]
+            full = [(field, type_label(ftype)) for field, ftype in cls._ps_field_types.items()]
+            if full == [(field, names_by_id.get(type_id)) for field, type_id, _ in layout]:
+                cls._ps_type_id = entry["id"]
+            else:  # its layout changed: a new id; the objects written so far keep the old one
+                versions.append([entry["id"], size, [list(field) for field in layout]])
+                cls._ps_type_id, next_id = next_id, next_id + 1
+                added = [field for field, _ in python_fields[len(stored_fields):]]
+                grown.append(f"{type_name}: new fields {', '.join(added)}" if added
+                             else f"{type_name}: its base grew")
+            cls._ps_versions = versions
+        if grown and storage.readonly:
+            raise SchemaError(f"{name!r} is open read-only, and its stored schema lacks what the classes "
+                              f"define ({'; '.join(grown)}): open it writable once to add it")
         for cls in self._user_types:
-            cls._ps_type_id = stored_by_name[cls.__name__]["id"]
             self._classes[cls._ps_type_id] = cls
+        structures = [cls for cls in self._user_types if cls._ps_kind == "structure"]
+        self._add_versions([{"id": cls._ps_type_id, "name": cls.__name__, "versions": cls._ps_versions}
+                            for cls in structures if cls.__dict__.get("_ps_versions")],
+                           {cls._ps_type_id: cls for cls in structures})
+        return bool(grown)
+
+    def _still(self, proxy, type_id):
+        """(A reader's refresh) Whether ``proxy`` still shows the object at its offset, whose type id
+        is now ``type_id``.  A proxy of an earlier version reads the header on every access: it
+        stays right while the object is a version of its type or a FORWARD; a proxy of an object
+        that the writer has since moved (a FORWARD now) becomes such a proxy."""
+        cls = type(proxy)
+        if type_id == cls._ps_type_id and not cls.__dict__.get("_ps_old"):
+            return True
+        if cls._ps_kind != "structure":
+            return False
+        if type_id == F.T_FORWARD or type_id in self._layouts:
+            if not cls.__dict__.get("_ps_old"):
+                newest = self._classes.get(self._stored_by_name.get(cls.__name__, {}).get("id"))
+                if newest is None or newest._ps_kind != "structure":
+                    return False
+                object.__setattr__(proxy, "__class__", old_version_class(_current(newest), self._layouts))
+            return True
+        return False
+
+    def _refresh(self):
+        """(A reader moved to a newer commit) Learn the types and versions the writer added since."""
+        heap = self._storage._heap
+        if heap.pf.slots[F.SLOT_SCHEMA] == self._schema_at:
+            return
+        stored = self._read()
+        fresh = [entry for entry in stored if entry["id"] not in self._classes]
+        later = _later(fresh)
+        self._forwards = []
+        new_names = [entry for entry in fresh if not hasattr(self, entry["name"])]
+        newer = [entry for entry in fresh if hasattr(self, entry["name"])]
+        built = self._build_types(new_names, later)
+        built.update(self._build_types(newer, later, listed=False))
+        forwards, self._forwards = self._forwards, []
+        self._apply({placeholder: _current(self._classes[placeholder.type_id]) for placeholder in forwards})
+        current = {entry["id"]: _current(self._classes[entry["id"]]) for entry in stored
+                   if entry["id"] in self._classes}
+        self._add_versions(stored, current)
+        if self._storage.readonly:
+            for cls in built.values():
+                cls._ps_readonly = True
 
 
 class _Forward:
@@ -406,6 +555,62 @@ def _not_a_type(value):
 
 def _shown(value):
     return value.__qualname__ if isinstance(value, type) else repr(value)
+
+
+FIRST = F.FIRST_USER_TYPE
+MAX_SIZE = 1 << 24  # no structure version is larger (a damaged schema cannot claim more)
+_SIZE = {t.type_id: ctypes.sizeof(t.ctype) for t in T.VALUE_TYPES}  # by-reference: 8
+_ALIGN = {t.type_id: ctypes.alignment(t.ctype) for t in T.VALUE_TYPES}
+
+
+def _current(cls):
+    """The class of the current version of ``cls``'s type (``cls`` may be an earlier version's)."""
+    return cls.__bases__[0] if cls.__dict__.get("_ps_old") else cls
+
+
+def _later(stored):
+    """``{id: name}`` of the stored types (what a placeholder may stand for while they are built)."""
+    return {entry["id"]: entry["name"] for entry in stored}
+
+
+def _stored_layout(entry, by_id):
+    """``([(field, type id, offset)], size)``: the whole layout of stored structure type ``entry`` as
+    the file has it (base fields first), worked out like :class:`StructureMeta` lays out classes."""
+    chain = []
+    while True:
+        chain.append(entry)
+        if entry["base"] == F.T_STRUCTURE:
+            break
+        entry = by_id.get(entry["base"])
+        if entry is None or entry.get("kind") != "structure" or len(chain) > len(by_id):
+            raise CorruptStorageError(f"the stored base of {chain[0]['name']} is inconsistent")
+    level = type("Header", (ctypes.LittleEndianStructure,), {"_fields_": [("_t", ctypes.c_uint32),
+                                                                        ("_r", ctypes.c_uint32)]})
+    fields = []
+    for entry in reversed(chain):
+        cfields = [(field, T.VALUE_TYPES_BY_ID[type_id].ctype if type_id in T.VALUE_TYPES_BY_ID
+                    else ctypes.c_uint64) for field, type_id in entry["fields"]]
+        level = type(entry["name"], (level,), {"_fields_": cfields})
+        fields += [(field, type_id, getattr(level, field).offset) for field, type_id in entry["fields"]]
+    return fields, -(-ctypes.sizeof(level) // 8) * 8
+
+
+def _difference(type_name, python_fields, stored_fields):
+    """What differs between the stored fields of a type and its class, beyond added fields."""
+    python = dict(python_fields)
+    for field, stored in stored_fields:
+        if field not in python:
+            added = [f for f, _ in python_fields if f not in dict(stored_fields)]
+            return (f"{type_name}.{field} ({stored}) is in the file but not in the class"
+                    + (f" (which adds {', '.join(added)})" if added else "")
+                    + f": removing or renaming a field is an explicit change; {_EXPLICIT}")
+        if python[field] != stored:
+            return (f"{type_name}.{field} is {python[field]} in the class but {stored} in the file: "
+                    f"changing a field's type is an explicit change; {_EXPLICIT}")
+    return f"fields of {type_name} differ"
+
+
+_EXPLICIT = "see docs/schema.rst"
 
 
 def type_label(ftype):

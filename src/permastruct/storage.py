@@ -144,13 +144,17 @@ class Storage:
         heap.allocator = Allocator(pf, state)
         self.schema._bind_predefined()
         stored = self.schema._read()
+        grown = False
         if type(self).populateSchema is not Storage.populateSchema:
             self.schema._run_populate()
-            self.schema._bind(stored)
+            grown = self.schema._bind(stored)
         else:
             self.schema._build(stored)
         if not self.readonly:  # what the last writer's program held has no holder now
             heap.unreferenced.update(heap.held_objects())
+        if grown:  # new types or fields: the stored schema grows, in one commit made by the open
+            self.schema._store()
+            self.commit()
 
     def populateSchema(self):
         """Describe the schema; override in a subclass (the base defines no types)."""
@@ -276,10 +280,11 @@ class Storage:
         heap = self._heap
         heap.views.clear()
         self._root = None
+        self.schema._refresh()  # the types and versions the writer added
         freed = self._page_file.freed
         for offset, ref in list(heap.proxies.items()):
             proxy = ref()
-            if proxy is not None and (offset in freed or heap.type_at(offset) != type(proxy)._ps_type_id):
+            if proxy is not None and (offset in freed or not self.schema._still(proxy, heap.type_at(offset))):
                 heap.kill_proxy(offset, rolled_back="freed")
         self._page_file.mapping.close_retired(heap.addresses_in_use())
         return True

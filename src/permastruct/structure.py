@@ -20,13 +20,14 @@ that storage; calling one creates a persistent object in it::
 """
 
 import ctypes
+import functools
 import math
 import struct
 import threading
 
 from . import _format as F
 from ._types import Persistent, PersistentMeta, ValueType, change, run_change
-from .errors import ReadOnlyError, SchemaError
+from .errors import CorruptStorageError, ReadOnlyError, SchemaError
 from .strings import new_string
 
 __all__ = ["Structure", "StructureMeta"]
@@ -105,9 +106,11 @@ class StructureMeta(PersistentMeta):
     """Metaclass of persistent structures: computes the layout and accessors once per class."""
 
     def __new__(mcls, name, bases, namespace, **kwargs):
-        if namespace.get("_ps_template") or namespace.get("_ps_closed"):  # Structure itself, dead variants
+        if namespace.get("_ps_template") or namespace.get("_ps_closed") or namespace.get("_ps_old"):
+            # Structure itself, dead variants, the classes of earlier versions
             return super().__new__(mcls, name, bases, namespace)
         from_file = "_ps_storage" in namespace  # built from a stored schema: every name is a field
+        unlisted = namespace.pop("_ps_unlisted", False)  # (a reader's class of a newer version)
         storage = namespace.pop("_ps_storage", None) or populating()
         if storage is None:
             raise SchemaError(f"structure {name!r} must be defined inside a Storage's populateSchema()")
@@ -133,6 +136,8 @@ class StructureMeta(PersistentMeta):
                                       "(an attribute or method of the class)")
                 own.append((attr, ftype))
                 del namespace[attr]
+        if not from_file:  # on reopen, the stored order first (reordering the class is no change)
+            own = storage.schema._stored_order(name, own)
         cfields = []
         for attr, ftype in own:
             if isinstance(ftype, ValueType):
@@ -160,7 +165,8 @@ class StructureMeta(PersistentMeta):
         cls._ps_ref_at = tuple(getattr(cls, "_ps_ref_" + name).offset for name, ftype in
                                cls._ps_field_types.items() if not isinstance(ftype, ValueType))
         cls._ps_type_id = 0
-        storage.schema._register(cls)
+        if not unlisted:
+            storage.schema._register(cls)
         return cls
 
     def _ps_resolve(cls, resolved):
@@ -480,3 +486,220 @@ class Structure(Persistent, metaclass=StructureMeta):
 
 
 del Structure._ps_template
+
+
+# -- objects written before the type changed -------------------------------------------------------
+#
+# An object keeps the type id of the layout it was written with.  Each earlier
+# layout (a *version*, kept in the stored schema) gets the type's *old-version
+# class*: a subclass of the current class (so ``isinstance`` holds) whose proxy
+# covers only the object's header, and whose fields are Python properties that
+# read the header on every access: an object of an earlier version is read
+# through its stored layout (a field added since reads as its default); a
+# FORWARD is read through its body.  The first write to such an object
+# *upgrades* it: its values move to a new body of the current version and the
+# object becomes a FORWARD to it (its place, and so every reference to it, stays).
+# Objects of the current version never meet any of this: their class is the one
+# ``populateSchema`` made, with its ctypes fields.
+
+class Layout:
+    """One stored version of a structure type: its type id, size and ``{field: (type, offset)}``."""
+
+    __slots__ = ("type_id", "size", "fields")
+
+    def __init__(self, type_id, size, fields):
+        self.type_id, self.size = type_id, size
+        self.fields = {name: (ftype, offset) for name, ftype, offset in fields}
+
+    def references(self):
+        """``[(field, type, offset)]`` of the by-reference fields."""
+        return [(name, ftype, offset) for name, (ftype, offset) in self.fields.items()
+                if not isinstance(ftype, ValueType)]
+
+
+def layout_of(cls):
+    """The :class:`Layout` of current structure class ``cls``."""
+    fields = []
+    for name, ftype in cls._ps_field_types.items():
+        cfield = getattr(cls, name if isinstance(ftype, ValueType) else "_ps_ref_" + name)
+        fields.append((name, ftype, cfield.offset))
+    return Layout(cls._ps_type_id, cls._ps_size, fields)
+
+
+_U32, _U64 = ctypes.c_uint32.from_address, ctypes.c_uint64.from_address
+
+
+def old_version_class(cls, layouts):
+    """The class of ``cls``'s objects of earlier versions and FORWARDs (made once per class).
+
+    ``layouts`` maps the type ids of the earlier versions to their
+    :class:`Layout` (the schema's, shared: a reader's refresh adds to it).
+    """
+    made = cls.__dict__.get("_ps_old_class")
+    if made is not None:
+        return made
+    heap = cls._heap
+    owner = cls.__name__
+    fields = cls._ps_field_types
+
+    def body_of(proxy, address):
+        """A proxy (not remembered) of the body of the FORWARD at ``address``."""
+        return body_proxy(heap, _U64(address + 8).value)
+
+    def reader(name, ftype):
+        if isinstance(ftype, ValueType):
+            default = False if ftype.kind == "bool" else 0.0 if ftype.kind == "float" else 0
+        else:
+            default = None
+
+        def get(self):
+            address = ctypes.addressof(self)
+            type_id = _U32(address).value
+            if type_id == F.T_FORWARD:
+                return getattr(body_of(self, address), name)
+            layout = layouts.get(type_id)
+            if layout is None:
+                raise CorruptStorageError(f"{heap.name!r}: the {owner} at {self._ps_oid:#x} has type id "
+                                          f"{type_id}, which is no version of {owner}")
+            entry = layout.fields.get(name)
+            if entry is None:
+                return default  # added since this object was written
+            stored, offset = entry
+            if isinstance(stored, ValueType):
+                return stored.ctype.from_address(address + offset).value
+            return heap.proxy(_U64(address + offset).value)
+
+        def set(self, value):
+            type(self).__setattr__(self, name, value)
+        get.__name__ = set.__name__ = name
+        return property(get, set, doc=f"{name}: {_type_label(ftype)}")
+
+    checks = {}
+    for name, ftype in fields.items():
+        if isinstance(ftype, ValueType):
+            checks[name] = ftype.checker(name, owner)
+        else:
+            checks[name] = functools.partial(heap.reference_check_value, ftype, where=f"{owner}.{name}")
+
+    @change
+    def write(self, name, value):
+        checks[name](value)  # a wrong value is refused before the object is upgraded
+        setattr(upgrade(heap, self._ps_oid, cls, layouts), name, value)
+
+    def __setattr__(self, name, value):
+        if name not in fields:
+            if name.startswith("_ps_") or not hasattr(type(self), name):
+                raise AttributeError(f"{owner!r} has no field {name!r} (fields: {', '.join(fields) or 'none'})")
+            return object.__setattr__(self, name, value)
+        if cls._storage.readonly:
+            raise ReadOnlyError(f"{cls._storage!r} is open read-only: cannot set {owner}.{name}")
+        write(self, name, value)
+
+    def references(klass, heap, offset, type_id):
+        segment, local = heap.locate(offset, 8)
+        type_id = F.UINT32.unpack_from(segment.map, local)[0]
+        layout = layouts[type_id]
+        segment, local = heap.locate(offset, layout.size)
+        return [target for target in (F.UINT64.unpack_from(segment.map, local + at)[0]
+                                      for _, _, at in layout.references()) if target]
+
+    namespace = {"__slots__": (), "_ps_old": True, "__setattr__": __setattr__, "__module__": cls.__module__,
+                 "_ps_references": classmethod(references), "__doc__": cls.__doc__}
+    for name, ftype in fields.items():
+        namespace[name] = reader(name, ftype)
+    old = StructureMeta(owner, (cls,), namespace)
+    old.__qualname__ = cls.__qualname__
+    old._ps_extent = 8  # the header: what every version and a FORWARD have
+    cls._ps_old_class = old
+    return old
+
+
+def upgrade(heap, offset, cls, layouts):
+    """Move the object at ``offset`` (an earlier version of ``cls``, or a FORWARD) to a body of the
+    current version, if it is not there yet; return a proxy (not remembered) of that body.
+
+    The values move as they are (references keep their counts: the body holds
+    them now), each field read through its stored layout and written as the
+    current type; the object becomes a FORWARD to the body, which has one
+    reference, the FORWARD's.  Inside a change (the caller's).
+    """
+    segment, local = heap.locate(offset, F.FORWARD.size)
+    type_id, refs, body = F.FORWARD.unpack_from(segment.map, local)
+    old_body = None
+    if type_id == F.T_FORWARD:
+        if F.UINT32.unpack_from(heap.mapping.view(body, 4))[0] == cls._ps_type_id:
+            return body_proxy(heap, body)
+        old_body, source, source_type = body, body, F.UINT32.unpack_from(heap.mapping.view(body, 4))[0]
+    else:
+        source, source_type = offset, type_id
+    layout = layouts[source_type]
+    src_segment, src_local = heap.locate(source, layout.size)
+    address = src_segment.address + src_local
+    values = {}
+    for name, (stored, at) in layout.fields.items():
+        if name not in cls._ps_field_types:
+            continue
+        if isinstance(stored, ValueType):
+            values[name] = stored.ctype.from_address(address + at).value
+        else:
+            values[name] = _U64(address + at).value
+    new = heap.new_object(cls, cls._ps_size)
+    target = body_proxy(heap, new)
+    for name, value in values.items():
+        ftype = cls._ps_field_types[name]
+        if isinstance(ftype, ValueType):
+            getattr(cls, name).__set__(target, ftype.checker(name, cls.__name__)(value))
+        else:
+            getattr(cls, "_ps_ref_" + name).__set__(target, value)
+    heap.incref(new)  # the FORWARD's reference
+    heap.unreferenced.discard(new)
+    F.FORWARD.pack_into(heap.mapping.view(offset, F.FORWARD.size), 0, F.T_FORWARD, refs, new)
+    if old_body is not None:  # its references moved: its space goes, not what it referenced
+        heap.created.discard(old_body)
+        heap.allocator.free(old_body)
+    return target
+
+
+def body_proxy(heap, body):
+    """A proxy (not remembered) of the body of a FORWARD: an object of a version of a structure type."""
+    type_id = heap.type_at(body) if body else None
+    cls = heap.classes.get(type_id)
+    if cls is None or cls._ps_kind != "structure":
+        raise CorruptStorageError(f"{heap.name!r}: a forwarded object's body at {body:#x} is not a structure "
+                                  f"(type {type_id})")
+    return heap.view_of(cls, body)
+
+
+def forward_class(storage, layouts):
+    """The proxy class of FORWARDs in ``storage`` (heap type id ``T_FORWARD``): making a proxy of one
+    makes the old-version proxy of its body's type, over the FORWARD's header."""
+    heap = storage._heap
+
+    def make(cls, segment, local):
+        body = F.UINT64.unpack_from(segment.map, local + 8)[0]
+        heap.check_offset(body, 8)
+        current = heap.classes.get(heap.type_at(body))
+        if (current is not None and current._ps_kind == "structure" and not current.__dict__.get("_ps_old")
+                and body not in heap.created and not storage.readonly):
+            # A committed body of the current version, in the writer: the fast proxy, over the body
+            # (its object id, set by the heap, is the FORWARD's offset); the current version does not
+            # change while the storage is open, so the body stays.  A body made in this transaction
+            # could go with a rollback, and a reader's could go with a later writer's change: there
+            # the object is read through the FORWARD's header, on every access.
+            body_segment, body_local = heap.locate(body, current._ps_extent)
+            return current._ps_make(body_segment, body_local)
+        if current is None or current._ps_kind != "structure" or current.__dict__.get("_ps_old"):
+            current = getattr(current, "__bases__", (None,))[0] if current is not None else None
+        if current is None or getattr(current, "_ps_kind", None) != "structure":
+            raise CorruptStorageError(f"{heap.name!r}: the forwarded object at {segment.start + local:#x} "
+                                      f"has a body at {body:#x} that is not a structure")
+        return old_version_class(current, layouts).from_address(segment.address + local)
+
+    def references(cls, heap, offset, type_id):
+        return [F.FORWARD.unpack_from(heap.mapping.view(offset, F.FORWARD.size))[2]]
+
+    return PersistentMeta("Forward", (Persistent,), {
+        "__slots__": (), "_fields_": [("_ps_body", ctypes.c_uint64)], "_storage": storage, "_heap": heap,
+        "_ps_kind": "forward", "_ps_make": classmethod(make), "_ps_references": classmethod(references),
+        "_ps_validate": lambda proxy, room: None,  # (never called: makes the heap take its slow path)
+        "__module__": __name__})
