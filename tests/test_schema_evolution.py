@@ -469,3 +469,182 @@ def test_a_crash_during_the_open_that_extends_leaves_the_old_or_the_new_schema(t
             assert chain(p)[0].label is None and chain(p)[0].code == -1
             p.check()
     assert seen == {False, True}
+
+
+# == item 2: the explicit changes ==================================================================
+class V4(Storage):
+    """V3 after rename_field('Gadget', 'power', 'watts'), change_field_type('Spy', 'code', Int64),
+    drop_field('Node', 'label')."""
+
+    def populateSchema(self):
+        class Node(self.schema.Structure):
+            next = "Node"
+            value = self.schema.Int
+            weight = self.schema.Float
+            flag = self.schema.Bool
+            friend = "Node"
+            rank = self.schema.UInt16
+
+        class Spy(Node):
+            code = self.schema.Int64
+            alias = self.schema.ByteString
+
+        class Gadget(self.schema.Structure):
+            watts = self.schema.Int
+            owner = Node
+
+        class Root(self.schema.Structure):
+            head = Node
+            nodes = List("Nodes")[Node]
+            title = self.schema.String
+            gadgets = List("Gadgets")[Gadget]
+
+
+def write_v3(path):
+    write_v1(path)
+    with V2(path) as p:
+        nodes = chain(p)
+        nodes[0].label = "one"  # a moved V1 Spy
+        nodes[3].label = "four"  # a moved V1 Node
+        p.root.gadgets = [p.schema.Gadget(power=7, owner=nodes[1])]
+    with V3(path) as p:
+        nodes = chain(p)
+        nodes[4].alias = b"five"
+        p.root.head = p.schema.Spy(value=0, next=p.root.head, code=2 ** 31 - 1, label="zero", alias=b"0")
+        p.check()
+
+
+def test_rename_drop_and_widen_then_reopen_with_the_new_classes(tmp_path):
+    path = tmp_path / "e.ps"
+    write_v3(path)
+    from permastruct import Int64
+    with Storage(path) as p:
+        strings = p.check()["types"]["String"]
+    with pytest.raises(SchemaError, match=r"Storage.drop_field\(path, 'Node', 'label'\)"):
+        V4(path)
+    Storage.drop_field(path, "Node", "label")
+    with pytest.raises(SchemaError, match=r"Storage.change_field_type\(path, 'Spy', 'code', Int64\)"):
+        V4(path)
+    Storage.change_field_type(path, "Spy", "code", Int64)
+    with pytest.raises(SchemaError, match=r"Storage.rename_field\(path, 'Gadget', 'power', new_name\)"):
+        V4(path)
+    Storage.rename_field(path, "Gadget", "power", "watts")
+    with V4(path) as p:
+        nodes = chain(p)
+        assert [n.value for n in nodes] == list(range(0, 11))
+        assert [getattr(n, "code", None) for n in nodes[:4]] == [2 ** 31 - 1, -1, None, -3]
+        assert p.root.gadgets[0].watts == 7 and p.root.gadgets[0].owner.isSameAs(nodes[2])
+        assert nodes[5].alias == b"five" and not hasattr(nodes[0], "label")
+        p.check()
+        nodes[0].code = 2 ** 40  # an Int64 now
+        for node in nodes:  # each moves (or moves again) and lets its label go
+            node.weight = 1.0
+        p.commit()
+        summary = p.check()
+        assert summary["types"]["String"] == strings - 3  # "zero", "one", "four" (title stays)
+    with Storage(path) as p:
+        assert chain(p)[0].code == 2 ** 40 and p.root.gadgets[0].watts == 7
+        p.check()
+
+
+def test_explicit_changes_in_processes_with_different_hash_seeds(tmp_path):
+    path = str(tmp_path / "e.ps")
+    run("write_v3(path)", path=path, seed="11")
+    run("Storage.rename_field(path, 'Gadget', 'power', 'watts')", path=path, seed="12")
+    run("from permastruct import Int64\nStorage.change_field_type(path, 'Spy', 'code', Int64)", path=path, seed="13")
+    run("Storage.drop_field(path, 'Node', 'label')", path=path, seed="14")
+    out = run("""
+        with V4(path) as p:
+            print([n.value for n in chain(p)][:3], p.root.gadgets[0].watts, chain(p)[0].code)
+            p.check()
+    """, path=path, seed="15")
+    assert out == f"[0, 1, 2] 7 {2 ** 31 - 1}\n"
+
+
+def test_explicit_changes_refuse_what_they_cannot_do_and_leave_the_file(tmp_path):
+    from permastruct import Float, Int8, Int16, NotAStorageError, StorageLockedError, String
+    path = tmp_path / "e.ps"
+    write_v3(path)
+    before = path.read_bytes()
+    cases = [
+        (lambda: Storage.rename_field(path, "Nope", "a", "b"), "has no structure type 'Nope'"),
+        (lambda: Storage.rename_field(path, "Nodes", "a", "b"), "has no structure type 'Nodes'"),
+        (lambda: Storage.rename_field(path, "Node", "nope", "b"), "Node has no field 'nope' of its own"),
+        (lambda: Storage.rename_field(path, "Spy", "value", "b"), "it is a field of Node: name that type"),
+        (lambda: Storage.rename_field(path, "Node", "value", "weight"), "already has a field 'weight'"),
+        (lambda: Storage.rename_field(path, "Node", "value", "alias"), "already has a field 'alias'"),
+        (lambda: Storage.rename_field(path, "Node", "value", "_x"), "'_x' cannot be a field name"),
+        (lambda: Storage.rename_field(path, "Node", "value", "a b"), "'a b' cannot be a field name"),
+        (lambda: Storage.change_field_type(path, "Node", "value", Int16), "not every Int value is a Int16"),
+        (lambda: Storage.change_field_type(path, "Node", "rank", Int8), "not every UInt16 value is a Int8"),
+        (lambda: Storage.change_field_type(path, "Node", "value", Float), "not every Int value is a Float"),
+        (lambda: Storage.change_field_type(path, "Node", "next", Int16), "only a number field"),
+        (lambda: Storage.change_field_type(path, "Node", "value", String), "only a number field"),
+        (lambda: Storage.drop_field(path, "Node", "code"), "Node has no field 'code'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(SchemaError, match=message):
+            call()
+        assert path.read_bytes() == before
+    with pytest.raises(NotAStorageError):
+        Storage.drop_field(tmp_path / "missing.ps", "Node", "value")
+    assert not (tmp_path / "missing.ps").exists()
+    with V3(path):
+        with pytest.raises(StorageLockedError):
+            Storage.drop_field(path, "Node", "label")
+    with V3(path) as p:
+        p.check()
+
+
+EXPLICIT_CHILD = """
+import sys
+sys.path[:0] = [{src!r}, {here!r}]
+from test_schema_evolution import *
+from permastruct import Int64
+from permastruct._mapping import FileIO
+kill_at, count = {kill_at!r}, [0]
+def hook(operation, path, *args):
+    if count[0] == kill_at:
+        os._exit(86)
+    count[0] += 1
+FileIO.hook = hook
+{call}
+FileIO.hook = None
+print(count[0])
+"""
+
+
+@pytest.mark.parametrize("call, changed", [
+    ("Storage.rename_field({path!r}, 'Gadget', 'power', 'watts')",
+     lambda p: "watts" in p.schema.Gadget._ps_field_types),
+    ("Storage.change_field_type({path!r}, 'Spy', 'code', Int64)",
+     lambda p: p.schema.Spy._ps_field_types["code"].name == "Int64"),
+    ("Storage.drop_field({path!r}, 'Node', 'label')",
+     lambda p: "label" not in p.schema.Node._ps_field_types),
+])
+def test_a_crash_during_an_explicit_change_leaves_the_store_before_or_after_it(tmp_path, call, changed):
+    original = tmp_path / "v3.ps"
+    write_v3(original)
+    path = tmp_path / "crash" / "e.ps"
+
+    def attempt(kill_at):
+        shutil.rmtree(path.parent, ignore_errors=True)
+        path.parent.mkdir()
+        shutil.copyfile(original, path)
+        code = EXPLICIT_CHILD.format(src=SRC, here=HERE, kill_at=kill_at, call=call.format(path=str(path)))
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=SRC))
+
+    done = attempt(None)
+    total = int(done.stdout or 0)
+    assert total > 3, done.stderr
+    seen = set()
+    for kill_at in range(total):
+        result = attempt(kill_at)
+        assert result.returncode == 86, result.stderr
+        with Storage(path) as p:
+            p.check()
+            seen.add(changed(p))
+            assert [n.value for n in chain(p)] == list(range(0, 11))
+            assert p.root.gadgets[0].owner.value == 2
+    assert seen == {False, True}

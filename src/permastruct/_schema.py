@@ -603,14 +603,23 @@ def _difference(type_name, python_fields, stored_fields):
             added = [f for f, _ in python_fields if f not in dict(stored_fields)]
             return (f"{type_name}.{field} ({stored}) is in the file but not in the class"
                     + (f" (which adds {', '.join(added)})" if added else "")
-                    + f": removing or renaming a field is an explicit change; {_EXPLICIT}")
+                    + ": removing or renaming a field is an explicit change: "
+                    f"Storage.drop_field(path, {type_name!r}, {field!r}) or "
+                    f"Storage.rename_field(path, {type_name!r}, {field!r}, new_name) first; {_EXPLICIT}")
         if python[field] != stored:
+            numbers = {t.name: t for t in T.VALUE_TYPES}
+            if stored in numbers and python[field] in numbers and _widens(numbers[stored], numbers[python[field]]):
+                how = (f"Storage.change_field_type(path, {type_name!r}, {field!r}, {python[field]}) first")
+            else:
+                how = (f"a {stored} field cannot become a {python[field]} one (only a number type that holds "
+                       f"every value of the old one); Storage.drop_field(path, {type_name!r}, {field!r}) "
+                       "and a new field instead")
             return (f"{type_name}.{field} is {python[field]} in the class but {stored} in the file: "
-                    f"changing a field's type is an explicit change; {_EXPLICIT}")
+                    f"changing a field's type is an explicit change: {how}; {_EXPLICIT}")
     return f"fields of {type_name} differ"
 
 
-_EXPLICIT = "see docs/schema.rst"
+_EXPLICIT = "see docs/schema.rst"  # (completed by _difference with the call to make)
 
 
 def type_label(ftype):
@@ -630,3 +639,152 @@ def _kind_text(kind, params):
 
 def _fields_text(fields):
     return "(" + ", ".join(f"{name}: {type_name}" for name, type_name in fields) + ")" if fields else "no fields"
+
+
+# -- explicit changes ----------------------------------------------------------------------------------
+#
+# Removing, renaming or retyping a field is never done by a reopen: it is one of the calls below
+# (``Storage.rename_field``, ``Storage.drop_field``, ``Storage.change_field_type``), each of which
+# opens the store with the bare Storage, changes the stored schema and commits, in one commit.
+# No object is rewritten: a renamed field keeps its bytes (the layouts are renamed); a dropped or
+# retyped field makes the type (and its subclasses) a new version, and objects written before are
+# read through their stored layout, as after an added field.
+
+def explicit_change(storage, call, type_name, field, change):
+    """Apply ``change(entry, stored, by_id)`` to stored structure type ``type_name`` of the bare,
+    writable ``storage`` (whose field ``field`` it is about) and commit; ``call`` names the call in
+    errors.  The storage is closed afterwards; on an error the file is left as it was."""
+    try:
+        stored = storage.schema._read()
+        by_id = {entry["id"]: entry for entry in stored}
+        entry = next((e for e in stored if e["name"] == type_name), None)
+        if entry is None or entry["kind"] != "structure":
+            known = ", ".join(e["name"] for e in stored if e["kind"] == "structure") or "none"
+            raise SchemaError(f"{call}: {storage.fileName!r} has no structure type {type_name!r} "
+                              f"(its structure types: {known})")
+        own = [name for name, _ in entry["fields"]]
+        if field not in own:
+            owner = _ancestor_with(entry, by_id, field)
+            where = f"it is a field of {owner['name']}: name that type" if owner else \
+                f"its fields: {', '.join(own) or 'none'}"
+            raise SchemaError(f"{call}: {type_name} has no field {field!r} of its own ({where})")
+        change(entry, stored, by_id)
+        heap = storage._heap
+        text = json.dumps({"format": F.FORMAT_VERSION, "types": stored}, separators=(",", ":")).encode()
+        old = heap.pf.slots[F.SLOT_SCHEMA]
+        heap.pf.slots[F.SLOT_SCHEMA] = new_string(heap, F.T_SCHEMA, text, 1)
+        heap.decref(old)
+        storage.commit()
+    except BaseException:
+        if not storage.closed:
+            storage.rollback()
+        raise
+    finally:
+        storage.close()
+
+
+def _ancestor_with(entry, by_id, field):
+    while entry["base"] != F.T_STRUCTURE:
+        entry = by_id[entry["base"]]
+        if field in [name for name, _ in entry["fields"]]:
+            return entry
+    return None
+
+
+def _family(entry, stored):
+    """``entry`` and every stored type derived from it, bases before subclasses."""
+    family, ids = [entry], {entry["id"]}
+    for other in stored:
+        if other.get("kind") == "structure" and other["base"] in ids and other["id"] not in ids:
+            family.append(other)
+            ids.add(other["id"])
+    return family
+
+
+def _taken(entry, stored, by_id, name):
+    """Whether field name ``name`` is used by ``entry``, a base of it or a type derived from it."""
+    chain = [entry]
+    while chain[-1]["base"] != F.T_STRUCTURE:
+        chain.append(by_id[chain[-1]["base"]])
+    return any(name in [field for field, _ in other["fields"]] for other in chain + _family(entry, stored))
+
+
+def new_versions(entry, stored, by_id, edit):
+    """Give ``entry`` and the types derived from it a new layout: each gets a new type id, its
+    current layout becomes a version; ``edit(entry)`` changes ``entry``'s own fields.  Every
+    stored reference to the old ids (bases, field types, element types) follows."""
+    family = _family(entry, stored)
+    layouts = {member["id"]: _stored_layout(member, by_id) for member in family}
+    next_id = max([e["id"] for e in stored] + [v[0] for e in stored for v in e.get("versions", ())]
+                  + [F.FIRST_USER_TYPE - 1]) + 1
+    renumber = {}
+    edit(entry)
+    for member in family:
+        fields, size = layouts[member["id"]]
+        member["versions"] = list(member.get("versions", ())) + [[member["id"], size, [list(f) for f in fields]]]
+        renumber[member["id"]] = next_id
+        member["id"], next_id = next_id, next_id + 1
+    for other in stored:
+        if other.get("kind") == "structure":
+            other["base"] = renumber.get(other["base"], other["base"])
+            other["fields"] = [[name, renumber.get(type_id, type_id)] for name, type_id in other["fields"]]
+        else:
+            other["params"] = [renumber.get(type_id, type_id) for type_id in other["params"]]
+
+
+def rename_field(storage, type_name, old, new):
+    call = f"rename_field({type_name!r}, {old!r}, {new!r})"
+
+    def change(entry, stored, by_id):
+        if not isinstance(new, str) or not new.isidentifier() or new.startswith("_") or new in _RESERVED:
+            raise SchemaError(f"{call}: {new!r} cannot be a field name (an identifier, not starting with '_')")
+        if _taken(entry, stored, by_id, new):
+            raise SchemaError(f"{call}: {type_name}, a base or a subclass of it already has a field {new!r}")
+        entry["fields"] = [[new if name == old else name, type_id] for name, type_id in entry["fields"]]
+        for member in _family(entry, stored):  # the same bytes under the new name, in every version
+            member["versions"] = [[type_id, size, [[new if name == old else name, ftype, at]
+                                                   for name, ftype, at in fields]]
+                                  for type_id, size, fields in member.get("versions", ())]
+    explicit_change(storage, call, type_name, old, change)
+
+
+def drop_field(storage, type_name, field):
+    call = f"drop_field({type_name!r}, {field!r})"
+
+    def change(entry, stored, by_id):
+        new_versions(entry, stored, by_id, lambda e: e.__setitem__(
+            "fields", [[name, type_id] for name, type_id in e["fields"] if name != field]))
+    explicit_change(storage, call, type_name, field, change)
+
+
+def change_field_type(storage, type_name, field, new_type):
+    call = f"change_field_type({type_name!r}, {field!r}, {getattr(new_type, 'name', new_type)!r})"
+
+    def change(entry, stored, by_id):
+        old_type = T.VALUE_TYPES_BY_ID.get(dict(entry["fields"])[field])
+        if not isinstance(new_type, T.ValueType) or old_type is None:
+            raise SchemaError(f"{call}: only a number field changes type, to another number type "
+                              f"(Int8 .. UInt64, Float32, Float64)")
+        if not _widens(old_type, new_type):
+            raise SchemaError(f"{call}: {type_name}.{field} is {old_type.name}, and not every {old_type.name} "
+                              f"value is a {new_type.name}: only a change to a type that holds every value "
+                              "the field may hold is possible (no object is read to check)")
+        if old_type is new_type:
+            return
+        new_versions(entry, stored, by_id, lambda e: e.__setitem__(
+            "fields", [[name, new_type.type_id if name == field else type_id] for name, type_id in e["fields"]]))
+    explicit_change(storage, call, type_name, field, change)
+
+
+_RESERVED = frozenset({"isSameAs"})
+
+
+def _widens(old, new):
+    """Whether number type ``new`` holds every value of number type ``old``."""
+    if old.kind == "bool" or new.kind == "bool":
+        return old.kind == new.kind
+    if new.kind == "float":
+        if old.kind == "float":
+            return new.pack is None or old.pack is not None  # Float32 into Float64, not back
+        return (old.high - old.low).bit_length() <= (24 if new.pack is not None else 53)
+    return old.kind == "int" and new.low <= old.low and old.high <= new.high

@@ -169,6 +169,34 @@ class Storage:
         """
         return self.schema._define(type_)
 
+    # -- explicit schema changes (docs/schema.rst) ---------------------------------------
+    @staticmethod
+    def rename_field(fileName, type_name, old, new):
+        """Rename field ``old`` of structure type ``type_name`` of the store in ``fileName`` to ``new``.
+
+        One commit; no object is rewritten.  The store must not be open for
+        writing elsewhere.  Then open it with classes that use the new name.
+        """
+        from ._schema import rename_field
+        rename_field(_bare(fileName), type_name, old, new)
+
+    @staticmethod
+    def drop_field(fileName, type_name, field):
+        """Remove field ``field`` of structure type ``type_name`` of the store in ``fileName``.
+
+        One commit; no object is rewritten (what the field referenced is
+        released when each object is next written or freed).
+        """
+        from ._schema import drop_field
+        drop_field(_bare(fileName), type_name, field)
+
+    @staticmethod
+    def change_field_type(fileName, type_name, field, new_type):
+        """Change number field ``field`` of ``type_name`` to number type ``new_type``, which must hold
+        every value of the old one (``Int32`` to ``Int64``, ``Float32`` to ``Float``...).  One commit."""
+        from ._schema import change_field_type
+        change_field_type(_bare(fileName), type_name, field, new_type)
+
     # -- public API -----------------------------------------------------------------
     def _check_open(self):
         if self._closed:
@@ -462,6 +490,15 @@ class Storage:
 
 
 _OPEN = weakref.WeakSet()  # the open storages of this process
+
+
+def _bare(fileName):
+    """The store in ``fileName`` opened writable with the bare Storage (an explicit schema change);
+    a missing or empty file is not made a store."""
+    path = os.fspath(fileName)
+    if not os.path.isfile(path) or not os.path.getsize(path):
+        raise NotAStorageError(f"{os.path.abspath(path)!r} is not a store (missing or empty)")
+    return Storage(path)
 
 
 def _collected(page_file, name):

@@ -635,9 +635,11 @@ def upgrade(heap, offset, cls, layouts):
     layout = layouts[source_type]
     src_segment, src_local = heap.locate(source, layout.size)
     address = src_segment.address + src_local
-    values = {}
+    values, dropped = {}, []
     for name, (stored, at) in layout.fields.items():
-        if name not in cls._ps_field_types:
+        if name not in cls._ps_field_types:  # a field dropped since: what it referenced loses a reference
+            if not isinstance(stored, ValueType) and _U64(address + at).value:
+                dropped.append(_U64(address + at).value)
             continue
         if isinstance(stored, ValueType):
             values[name] = stored.ctype.from_address(address + at).value
@@ -657,6 +659,8 @@ def upgrade(heap, offset, cls, layouts):
     if old_body is not None:  # its references moved: its space goes, not what it referenced
         heap.created.discard(old_body)
         heap.allocator.free(old_body)
+    for reference in dropped:
+        heap.decref(reference)
     return target
 
 
