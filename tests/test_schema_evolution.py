@@ -648,3 +648,14 @@ def test_a_crash_during_an_explicit_change_leaves_the_store_before_or_after_it(t
             assert [n.value for n in chain(p)] == list(range(0, 11))
             assert p.root.gadgets[0].owner.value == 2
     assert seen == {False, True}
+
+
+def test_the_command_line_lists_each_type_once_after_changes(tmp_path):
+    from permastruct import cli
+    path = tmp_path / "e.ps"
+    write_v3(path)
+    lines = []
+    cli.info(str(path), out=lines.append)
+    text = "\n".join(lines)
+    assert text.count("Node(Structure):") == 1 and text.count("Spy(Node):") == 1, text
+    assert cli.check(str(path), out=lines.append) == 0

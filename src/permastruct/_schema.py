@@ -28,8 +28,8 @@ from . import collections as C
 from .buffer import Buffer
 from .errors import CorruptStorageError, SchemaError
 from .strings import ByteString, String, new_string
-from .structure import (Layout, Structure, StructureMeta, forward_class, old_version_class, pop_populating,
-                        populating, push_populating)
+from .structure import (Layout, Structure, StructureMeta, evaluate_annotation, forward_class, not_a_type, shown,
+                        old_version_class, pop_populating, populating, push_populating)
 
 __all__ = ["Schema"]
 
@@ -49,6 +49,8 @@ class Schema:
         self._storage = storage
         self._user_types = []  # structures and collections, in definition order
         self._forwards = []  # placeholders of the names in quotes, until populateSchema returns
+        self._templates = {}  # module-level structure class -> this storage's class of it
+        self._binding = set()  # the module-level classes being bound now
         self._layouts = {}  # type id of an earlier version of a structure type -> its Layout
         self._stored_by_name = {}  # (reopen) the stored types by name, while populateSchema runs
         self._schema_at = 0  # the offset of the stored schema this namespace knows
@@ -99,6 +101,8 @@ class Schema:
         storage's own version of it."""
         if isinstance(type_, C._Descriptor):
             return self._define_collection(type_)
+        if isinstance(type_, StructureMeta) and type_.__dict__.get("_ps_module_level"):
+            return self._bind_template(type_)
         resolved = self._field_type(type_)
         if resolved is None:
             raise SchemaError(f"cannot define {type_!r}: expected a permastruct type")
@@ -112,6 +116,10 @@ class Schema:
         if isinstance(value, type) and issubclass(value, T.Persistent):
             if value._storage is storage:
                 return value
+            if value.__dict__.get("_ps_module_level"):
+                if value in self._binding:  # it refers to itself (or to a class binding it): by name
+                    return self._forward(value.__name__, f"a field of type {value.__name__}")
+                return self._bind_template(value)
             if value._storage is None and value._ps_type_id in PREDEFINED:
                 return self._classes[value._ps_type_id]
             if value._storage is not None:
@@ -139,8 +147,33 @@ class Schema:
         if ftype is None:
             hint = _not_a_type(value)
             if hint is not None:
-                raise SchemaError(f"{where} = {_shown(value)} is not a field type of {self._storage!r}: {hint}")
+                raise SchemaError(f"{where} = {shown(value)} is not a field type of {self._storage!r}: {hint}")
         return ftype
+
+    def _bind_template(self, template):
+        """The class of this storage for module-level structure class ``template`` (made once, inside
+        populateSchema): a subclass of it, laid out like a class written inside populateSchema."""
+        bound = self._templates.get(template)
+        if bound is not None:
+            return bound
+        if populating() is not self._storage:
+            raise SchemaError(f"{template.__name__} is a module-level structure class: define it with "
+                              f"self.define({template.__name__}) inside {self._storage!r}'s populateSchema()")
+        parent = next(b for b in template.__bases__ if isinstance(b, StructureMeta))
+        bases = (template,) if parent is Structure else (self._bind_template(parent), template)
+        namespace = {"__module__": template.__module__, "__qualname__": template.__qualname__,
+                     "_ps_binding": True}
+        if template.__doc__:
+            namespace["__doc__"] = template.__doc__
+        for attr, value, annotated in template._ps_declared:
+            namespace[attr] = _annotation(template, value) if annotated and isinstance(value, str) else value
+        self._binding.add(template)
+        try:
+            bound = StructureMeta(template.__name__, bases, namespace)
+        finally:
+            self._binding.discard(template)
+        self._templates[template] = bound
+        return bound
 
     def _collection_field(self, descriptor):
         """A collection descriptor used as a field type: the type it defines (defined now, or earlier
@@ -206,7 +239,7 @@ class Schema:
                 continue
             resolved = self._field_type(param)
             if resolved is None:
-                raise SchemaError(f"{descriptor!r}: {_shown(param)} is not a permastruct type")
+                raise SchemaError(f"{descriptor!r}: {shown(param)} is not a permastruct type")
             params.append(resolved)
         cls = C.make_class(storage, descriptor.kind, descriptor.name, params)
         self._register(cls)
@@ -249,7 +282,7 @@ class Schema:
                 types.append({"id": cls._ps_type_id, "name": cls.__name__, "kind": cls._ps_kind,
                               "params": [_type_id_of(t) for t in cls._ps_params]})
                 continue
-            base = cls.__bases__[0]
+            base = cls._ps_base
             entry = {"id": cls._ps_type_id, "name": cls.__name__, "kind": "structure",
                      "base": base._ps_type_id if base is not Structure else F.T_STRUCTURE,
                      "fields": [[name, _type_id_of(ftype)] for name, ftype in cls._ps_own_fields]}
@@ -438,7 +471,7 @@ class Schema:
                                       f"in Python but {_kind_text(entry['kind'], stored_params)} in the file")
                 cls._ps_type_id = entry["id"]
                 continue
-            base = cls.__bases__[0]
+            base = cls._ps_base
             if names_by_id.get(entry["base"]) != base.__name__:
                 raise SchemaError(f"{name!r}: {type_name} derives from {base.__name__} in Python "
                                   f"but from {names_by_id.get(entry['base'])} in the file")
@@ -526,35 +559,19 @@ class _Forward:
         return repr(self.__name__)
 
 
-#: What to write instead of a Python type used as a field type.
-_INSTEAD = {str: "String", bytes: "ByteString", int: "Int", float: "Float", bool: "Bool",
-            bytearray: "Buffer", memoryview: "Buffer", list: "a List('Name')[T]",
-            dict: "a Dict('Name')[K, V]", set: "a Set('Name')[T]", frozenset: "a Set('Name')[T]"}
-
-
 def _not_a_type(value):
     """Why class attribute ``value`` cannot be a field although it looks like a type (None: it is not
     meant as one - a method, a property, a constant, a nested helper class)."""
-    if isinstance(value, type):
-        if value in _INSTEAD:
-            return f"write {_INSTEAD[value]} (self.schema.{_INSTEAD[value]})" if " " not in _INSTEAD[value] \
-                else f"use {_INSTEAD[value]} (from permastruct)"
-        if value.__module__ == "builtins":
-            return "a builtin Python type is not a persistent type"
-        if issubclass(value, T.Persistent):
-            if getattr(value, "_ps_kind", None) == "structure":
-                return "name a structure class of this schema (Structure itself is only a base class)"
-            return "use a type defined in this storage's populateSchema (self.define(...) returns it)"
-        if value.__module__ in ("ctypes", "_ctypes") or issubclass(value, (ctypes._SimpleCData, ctypes.Structure)):
-            return "use the permastruct number types (Int32, UInt8, Float...), not ctypes types"
-        return None
-    if type(value).__module__ in ("typing", "types") and hasattr(value, "__origin__"):
-        return "a type hint is not a persistent type; use the permastruct types"
-    return None
+    problem = not_a_type(value)
+    if problem is not None or not isinstance(value, type) or not issubclass(value, T.Persistent):
+        return problem
+    return "use a type defined in this storage's populateSchema (self.define(...) returns it)"
 
 
-def _shown(value):
-    return value.__qualname__ if isinstance(value, type) else repr(value)
+def _annotation(template, text):
+    """The value of annotation ``text`` (``from __future__ import annotations``) of a field of
+    module-level class ``template``: evaluated in its module; a name it cannot find stays a name."""
+    return evaluate_annotation(template.__module__, text, vars(template))
 
 
 FIRST = F.FIRST_USER_TYPE

@@ -163,9 +163,10 @@ class Storage:
         """Define ``type_`` in the schema and return the type to use for fields.
 
         ``type_`` is a collection descriptor (``List('Agents')[Agent]``), which
-        becomes a new type of the schema, or a predefined type (``Buffer``,
-        ``ByteString``, ``String``, value types), for which the storage's own
-        version is returned.
+        becomes a new type of the schema; a module-level structure class,
+        whose class in this storage (a subclass of it) is made and returned;
+        or a predefined type (``Buffer``, ``ByteString``, ``String``, value
+        types), for which the storage's own version is returned.
         """
         return self.schema._define(type_)
 

@@ -23,6 +23,7 @@ import ctypes
 import functools
 import math
 import struct
+import sys
 import threading
 
 from . import _format as F
@@ -111,17 +112,24 @@ class StructureMeta(PersistentMeta):
             return super().__new__(mcls, name, bases, namespace)
         from_file = "_ps_storage" in namespace  # built from a stored schema: every name is a field
         unlisted = namespace.pop("_ps_unlisted", False)  # (a reader's class of a newer version)
+        binding = namespace.pop("_ps_binding", False)  # (Schema._bind_template: a module-level class)
         storage = namespace.pop("_ps_storage", None) or populating()
-        if storage is None:
-            raise SchemaError(f"structure {name!r} must be defined inside a Storage's populateSchema()")
-        struct_bases = [b for b in bases if isinstance(b, StructureMeta)]
+        if storage is None:  # a module-level class: fields declared, bound by self.define(cls)
+            return mcls._module_level(mcls, name, bases, namespace)
+        templates = [b for b in bases if isinstance(b, StructureMeta) and b.__dict__.get("_ps_module_level")]
+        if templates and not binding:  # a storage's class derived from a module-level one: from its bound class
+            bases = tuple(storage.schema._bind_template(b) if b in templates else b for b in bases)
+            templates = []
+        struct_bases = [b for b in bases if isinstance(b, StructureMeta) and b not in templates]
+        if not struct_bases and templates:
+            struct_bases = [Structure]
         if len(struct_bases) != 1:
             raise SchemaError(f"structure {name!r} must derive from exactly one structure class")
         base = struct_bases[0]
         if base._storage is not None and base._storage is not storage:
             raise SchemaError(f"structure {name!r} derives from {base.__name__!r} of another storage")
         own = []
-        for attr, value in list(namespace.items()):
+        for attr, value in _declarations(namespace):
             if from_file and attr.startswith("__") and attr != "__module__":
                 raise SchemaError(f"{name}.{attr}: names starting with '__' cannot be fields")
             ftype = None if attr.startswith("__") else storage.schema._class_field_type(name, attr, value)
@@ -135,7 +143,7 @@ class StructureMeta(PersistentMeta):
                     raise SchemaError(f"{name}.{attr}: the name is taken by {base.__name__} "
                                       "(an attribute or method of the class)")
                 own.append((attr, ftype))
-                del namespace[attr]
+                namespace.pop(attr, None)
         if not from_file:  # on reopen, the stored order first (reordering the class is no change)
             own = storage.schema._stored_order(name, own)
         cfields = []
@@ -151,6 +159,7 @@ class StructureMeta(PersistentMeta):
         namespace["_ps_own_fields"] = tuple(own)
         namespace["_ps_field_types"] = dict(base._ps_field_types, **dict(own))
         namespace["_ps_kind"] = "structure"
+        namespace["_ps_base"] = base  # its structure base (a module-level class it binds is not one)
         namespace["_ps_user_doc"] = namespace.get("__doc__")
         namespace["__doc__"] = _class_doc(name, namespace.get("__doc__"), namespace["_ps_field_types"], base)
         for attr, ftype in own:
@@ -182,8 +191,34 @@ class StructureMeta(PersistentMeta):
         for attr, ftype in cls._ps_own_fields:
             if not isinstance(ftype, ValueType):
                 setattr(cls, attr, _ref_property(attr, "_ps_ref_" + attr, ftype))
-        cls.__doc__ = _class_doc(cls.__name__, cls._ps_user_doc, cls._ps_field_types, cls.__bases__[0])
+        cls.__doc__ = _class_doc(cls.__name__, cls._ps_user_doc, cls._ps_field_types, cls._ps_base)
         _make_accessors(cls)
+
+    def _module_level(mcls, name, bases, namespace):
+        """A structure class declared outside any ``populateSchema``: its fields are recorded
+        (``_ps_declared``), not laid out; ``self.define(cls)`` makes a storage's class of it."""
+        parents = [b for b in bases if isinstance(b, StructureMeta)]
+        if len(parents) != 1 or not (parents[0] is Structure or parents[0].__dict__.get("_ps_module_level")):
+            raise SchemaError(f"module-level structure {name!r} must derive from Structure or from another "
+                              "module-level structure class (a storage's own classes are made inside its "
+                              "populateSchema)")
+        declared = []
+        annotations = namespace.get("__annotations__", {})
+        for attr, value in _declarations(namespace, evaluate=False):
+            if attr.startswith("__"):
+                continue
+            problem = not_a_type(value)
+            if problem is not None:
+                raise SchemaError(f"{name}.{attr} = {shown(value)} is not a field type: {problem}")
+            if _declares_field(value):
+                if attr.startswith("_ps_"):
+                    raise SchemaError(f"{name}.{attr}: field names starting with '_ps_' are reserved")
+                declared.append((attr, value, attr in annotations and attr not in namespace))
+                namespace.pop(attr, None)
+        namespace["_ps_declared"] = tuple(declared)
+        namespace["_ps_module_level"] = True
+        namespace.setdefault("__slots__", ())
+        return super().__new__(mcls, name, bases, namespace)
 
     def __call__(cls, *args, **fields):
         """Create a persistent object of this structure in its storage."""
@@ -191,6 +226,10 @@ class StructureMeta(PersistentMeta):
             raise TypeError(f"{cls.__name__}() takes field values as keyword arguments only")
         heap = cls._heap
         if heap is None:
+            if cls.__dict__.get("_ps_module_level"):
+                raise TypeError(f"{cls.__name__} is a module-level structure class: bind it to a storage with "
+                                f"self.define({cls.__name__}) in its populateSchema, then make objects with "
+                                f"p.schema.{cls.__name__}(...)")
             raise TypeError("Structure is abstract: define a subclass in populateSchema()")
         return run_change(heap, cls._ps_new, fields)
 
@@ -222,6 +261,73 @@ class StructureMeta(PersistentMeta):
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_Label(_type_label(ftype)),
                               default=defaults[ftype.kind] if isinstance(ftype, ValueType) else None)
             for name, ftype in cls._ps_field_types.items()])
+
+
+def _declarations(namespace, evaluate=True):
+    """``[(name, value)]`` of a class body: its attributes, and the names it only annotates
+    (``age: Int``) with their annotations (a string annotation - ``from __future__ import
+    annotations`` - evaluated in the class's module unless ``evaluate`` is false)."""
+    items = list(namespace.items())
+    annotations = namespace.get("__annotations__", {})
+    if isinstance(annotations, dict):
+        module = namespace.get("__module__")
+        items = [(attr, evaluate_annotation(module, value, namespace) if evaluate else value)
+                 for attr, value in annotations.items() if attr not in namespace and not _class_var(value)] + items
+    return items
+
+
+def evaluate_annotation(module, text, namespace=None):
+    """The value of string annotation ``text`` in ``module`` (a name it cannot find stays the string:
+    a type of the schema named in quotes)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return eval(text, dict(vars(sys.modules[module])) if module in sys.modules else {}, dict(namespace or {}))
+    except Exception:
+        return text
+
+
+def _class_var(value):
+    text = value if isinstance(value, str) else repr(value)
+    return "ClassVar" in text
+
+
+def _declares_field(value):
+    """Whether class attribute ``value`` of a module-level structure class declares a field."""
+    from .collections import _Descriptor
+    return isinstance(value, (ValueType, str, _Descriptor)) or (
+        isinstance(value, type) and issubclass(value, Persistent) and value is not Structure)
+
+
+#: What to write instead of a Python type used as a field type.
+_INSTEAD = {str: "String", bytes: "ByteString", int: "Int", float: "Float", bool: "Bool",
+            bytearray: "Buffer", memoryview: "Buffer", list: "a List('Name')[T]",
+            dict: "a Dict('Name')[K, V]", set: "a Set('Name')[T]", frozenset: "a Set('Name')[T]"}
+
+
+def not_a_type(value):
+    """Why class attribute ``value`` cannot be a field although it looks like a type (None: it is not
+    meant as one - a method, a property, a constant, a nested helper class)."""
+    if isinstance(value, type):
+        if value in _INSTEAD:
+            return f"write {_INSTEAD[value]} (self.schema.{_INSTEAD[value]})" if " " not in _INSTEAD[value] \
+                else f"use {_INSTEAD[value]} (from permastruct)"
+        if value.__module__ == "builtins":
+            return "a builtin Python type is not a persistent type"
+        if issubclass(value, Persistent):
+            if value is Structure:
+                return "name a structure class of this schema (Structure itself is only a base class)"
+            return None
+        if value.__module__ in ("ctypes", "_ctypes") or issubclass(value, (ctypes._SimpleCData, ctypes.Structure)):
+            return "use the permastruct number types (Int32, UInt8, Float...), not ctypes types"
+        return None
+    if type(value).__module__ in ("typing", "types") and hasattr(value, "__origin__"):
+        return "a type hint is not a persistent type; use the permastruct types"
+    return None
+
+
+def shown(value):
+    return value.__qualname__ if isinstance(value, type) else repr(value)
 
 
 def _make_accessors(cls):
