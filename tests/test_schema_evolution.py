@@ -659,3 +659,37 @@ def test_the_command_line_lists_each_type_once_after_changes(tmp_path):
     text = "\n".join(lines)
     assert text.count("Node(Structure):") == 1 and text.count("Spy(Node):") == 1, text
     assert cli.check(str(path), out=lines.append) == 0
+
+
+@pytest.mark.parametrize("damage", ["type", "body", "body type"])
+def test_damaged_versions_and_forwards_are_reported_not_followed(tmp_path, damage):
+    import struct
+    from permastruct import CorruptStorageError
+    path = tmp_path / "e.ps"
+    write_v1(path)
+    with V2(path) as p:
+        chain(p)[0].label = "moved"
+        p.commit()
+        first, body = p.root.head._ps_oid, None
+        body = struct.unpack_from("<Q", p._heap.mapping.view(first + 8, 8))[0]
+    data = bytearray(path.read_bytes())
+    if damage == "type":  # a version id the schema does not have
+        struct.pack_into("<I", data, chain_offset(path, 1), 9999)
+    elif damage == "body":  # a body outside the file
+        struct.pack_into("<Q", data, first + 8, len(data) + 4096)
+    else:  # a body that is no structure
+        struct.pack_into("<I", data, body, 31)
+    path.write_bytes(data)
+    for cls in (Storage, V2):
+        with pytest.raises(CorruptStorageError):
+            with cls(path) as p:
+                [node.label for node in chain(p)]
+        with pytest.raises(CorruptStorageError):
+            with cls(path, readonly=True) as p:
+                p.check()
+
+
+def chain_offset(path, index):
+    """The file offset of the ``index``-th node of the chain (read with a read-only open)."""
+    with Storage(path, readonly=True) as p:
+        return chain(p)[index]._ps_oid

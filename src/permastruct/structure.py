@@ -709,8 +709,19 @@ def old_version_class(cls, layouts):
         return [target for target in (F.UINT64.unpack_from(segment.map, local + at)[0]
                                       for _, _, at in layout.references()) if target]
 
+    def validate(proxy, room):
+        """(Making a proxy) The object's stored layout must fit where it is: every read through it
+        then stays in the map."""
+        type_id = _U32(ctypes.addressof(proxy)).value
+        size = F.FORWARD.size if type_id == F.T_FORWARD else getattr(layouts.get(type_id), "size", None)
+        if size is None:
+            return f"its type id {type_id} is no version of {owner}"
+        if size > room:
+            return f"its {size} bytes cross the end of the map"
+        return None
+
     namespace = {"__slots__": (), "_ps_old": True, "__setattr__": __setattr__, "__module__": cls.__module__,
-                 "_ps_references": classmethod(references), "__doc__": cls.__doc__}
+                 "_ps_references": classmethod(references), "__doc__": cls.__doc__, "_ps_validate": validate}
     for name, ftype in fields.items():
         namespace[name] = reader(name, ftype)
     old = StructureMeta(owner, (cls,), namespace)
