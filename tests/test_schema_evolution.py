@@ -693,3 +693,32 @@ def chain_offset(path, index):
     """The file offset of the ``index``-th node of the chain (read with a read-only open)."""
     with Storage(path, readonly=True) as p:
         return chain(p)[index]._ps_oid
+
+
+def test_a_field_dropped_then_added_again_reads_as_new(tmp_path):
+    path = tmp_path / "e.ps"
+
+    def store(fields):
+        class Versioned(Storage):
+            def populateSchema(self):
+                type("Thing", (self.schema.Structure,), {name: getattr(self.schema, kind) for name, kind in fields})
+
+                class Root(self.schema.Structure):
+                    things = List("Things")["Thing"]
+        return Versioned
+    with store([("x", "Int"), ("y", "Int")])(path) as p:
+        p.root.things = [p.schema.Thing(x=7, y=8)]
+    Storage.drop_field(path, "Thing", "x")
+    with store([("y", "Int"), ("x", "Float")])(path) as p:  # a new x: the old one's 7 is not it
+        thing = p.root.things[0]
+        assert (thing.x, thing.y) == (0.0, 8)
+        p.check()
+    Storage.rename_field(path, "Thing", "y", "x2")
+    Storage.rename_field(path, "Thing", "x", "y")  # the name of a renamed field, in old versions too
+    with store([("x2", "Int"), ("y", "Float")])(path) as p:
+        thing = p.root.things[0]
+        assert (thing.x2, thing.y) == (8, 0.0)
+        thing.y = 2.5
+        p.check()
+    with Storage(path) as p:
+        assert (p.root.things[0].x2, p.root.things[0].y) == (8, 2.5)

@@ -749,6 +749,18 @@ def new_versions(entry, stored, by_id, edit):
             other["params"] = [renumber.get(type_id, type_id) for type_id in other["params"]]
 
 
+def _retire(family, field):
+    """Rename field ``field`` in the stored versions of ``family`` to a name no class can use (it was
+    dropped: a later field of that name must not read its bytes)."""
+    taken = {name for member in family for _, _, fields in member.get("versions", ()) for name, _, _ in fields}
+    hidden = next(f"_ps_dropped_{field}_{n}" for n in range(len(taken) + 1)
+                  if f"_ps_dropped_{field}_{n}" not in taken)
+    for member in family:
+        member["versions"] = [[type_id, size, [[hidden if name == field else name, ftype, at]
+                                               for name, ftype, at in fields]]
+                              for type_id, size, fields in member.get("versions", ())]
+
+
 def rename_field(storage, type_name, old, new):
     call = f"rename_field({type_name!r}, {old!r}, {new!r})"
 
@@ -758,6 +770,7 @@ def rename_field(storage, type_name, old, new):
         if _taken(entry, stored, by_id, new):
             raise SchemaError(f"{call}: {type_name}, a base or a subclass of it already has a field {new!r}")
         entry["fields"] = [[new if name == old else name, type_id] for name, type_id in entry["fields"]]
+        _retire(_family(entry, stored), new)  # (a field of that name dropped before keeps its bytes apart)
         for member in _family(entry, stored):  # the same bytes under the new name, in every version
             member["versions"] = [[type_id, size, [[new if name == old else name, ftype, at]
                                                    for name, ftype, at in fields]]
@@ -771,6 +784,7 @@ def drop_field(storage, type_name, field):
     def change(entry, stored, by_id):
         new_versions(entry, stored, by_id, lambda e: e.__setitem__(
             "fields", [[name, type_id] for name, type_id in e["fields"] if name != field]))
+        _retire(_family(entry, stored), field)
     explicit_change(storage, call, type_name, field, change)
 
 
