@@ -134,7 +134,8 @@ def test_new_fields_read_as_defaults_and_take_values(tmp_path):
         first.friend = nodes[1]
         nodes[1].weight = 2.5
         nodes[2].value = 30  # an old field of an old object
-        assert (first.label, first.friend.value, nodes[1].weight, nodes[2].value, first.code) == ("one", 2, 2.5, 30, -1)
+        assert (first.label, first.friend.value, nodes[1].weight, nodes[2].value, first.code) == \
+            ("one", 2, 2.5, 30, -1)
         with pytest.raises(TypeError, match="Node.weight is Float"):
             nodes[3].weight = "heavy"
         with pytest.raises(OverflowError):
@@ -417,7 +418,8 @@ def test_fields_removed_or_retyped_are_refused_and_the_file_left_alone(tmp_path)
                 head = Node
                 nodes = List("Nodes")[Node]
                 title = self.schema.String
-    with pytest.raises(SchemaError, match=r"Node.value \(Int\) is in the file but not in the class \(which adds extra\)"):
+    with pytest.raises(SchemaError,
+                       match=r"Node.value \(Int\) is in the file but not in the class \(which adds extra\)"):
         Dropped(path)
     with pytest.raises(SchemaError, match="Node.value is Float in the class but Int in the file"):
         Retyped(path)

@@ -22,6 +22,14 @@ def probe(person: Person) -> None:
     reveal_type(person.friend)
     reveal_type(person.greeting())
     years: int = person.age + 1
+
+
+def storage_api(path: str) -> None:
+    from typed_schema_example import Members
+    with Members(path) as p:
+        reveal_type(p)
+        reveal_type(p.refresh())
+        reveal_type(p.check())
 '''
 
 
@@ -41,6 +49,6 @@ def test_mypy_sees_field_types(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     revealed = re.findall(r'Revealed type is "([^"]+)"', done.stdout)
     revealed = [name.replace("builtins.", "") for name in revealed]
-    assert revealed == ["int", "permastruct.strings.String", "typed_schema_example.Person", "str"], \
-        done.stdout + done.stderr
+    assert revealed == ["int", "permastruct.strings.String", "typed_schema_example.Person", "str",
+                        "typed_schema_example.Members", "bool", "dict[str, Any]"], done.stdout + done.stderr
     assert done.returncode == 0, done.stdout + done.stderr

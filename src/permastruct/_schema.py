@@ -21,6 +21,7 @@ a class or a field.
 
 import ctypes
 import json
+from typing import TYPE_CHECKING, Any
 
 from . import _format as F
 from . import _types as T
@@ -60,6 +61,9 @@ class Schema:
 
     def __repr__(self):
         return f"<schema of {self._storage!r}: {', '.join(self._names())}>"
+
+    if TYPE_CHECKING:  # the types are attributes set at run time: any name, for a type checker
+        def __getattr__(self, name: str) -> Any: ...
 
     def _names(self):
         return sorted(name for name in vars(self) if not name.startswith("_"))

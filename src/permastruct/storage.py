@@ -23,6 +23,7 @@ import os
 import tempfile
 import warnings
 import weakref
+from typing import Any, Callable, Iterator, TypeVar
 
 from . import _format as F
 from . import _types as T
@@ -39,6 +40,7 @@ from .structure import Structure, StructureMeta
 __all__ = ["Storage", "Structure", "StructureMeta"]
 
 DEFAULT_FILE_SIZE = 64 * 1024
+_S = TypeVar("_S", bound="Storage")
 
 
 DEFAULT_REGISTRY_SIZE = 64
@@ -52,8 +54,9 @@ class Storage:
     vanishes at close.  See ``docs/tutorial.rst``.
     """
 
-    def __init__(self, fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
-                 sync=True, pageSize=F.DEFAULT_PAGE_SIZE, timeout=0):
+    def __init__(self, fileName: "str | os.PathLike[str] | None", fileSize: "int | None" = None,
+                 stringRegistrySize: "int | None" = None, *, readonly: bool = False, sync: bool = True,
+                 pageSize: int = F.DEFAULT_PAGE_SIZE, timeout: "float | None" = 0) -> None:
         self._closed = True
         self._forked = False
         self._depth = 0  # nested with p.transaction() blocks open
@@ -121,7 +124,7 @@ class Storage:
         self._finalizer.atexit = False
 
     @classmethod
-    def memory(cls, **kwargs):
+    def memory(cls: "type[_S]", **kwargs: Any) -> "_S":
         """A volatile store (a file that is deleted as soon as it is opened)."""
         return cls(None, **kwargs)
 
@@ -156,10 +159,10 @@ class Storage:
             self.schema._store()
             self.commit()
 
-    def populateSchema(self):
+    def populateSchema(self) -> None:
         """Describe the schema; override in a subclass (the base defines no types)."""
 
-    def define(self, type_):
+    def define(self, type_: Any) -> Any:
         """Define ``type_`` in the schema and return the type to use for fields.
 
         ``type_`` is a collection descriptor (``List('Agents')[Agent]``), which
@@ -172,7 +175,7 @@ class Storage:
 
     # -- explicit schema changes (docs/schema.rst) ---------------------------------------
     @staticmethod
-    def rename_field(fileName, type_name, old, new):
+    def rename_field(fileName: "str | os.PathLike[str]", type_name: str, old: str, new: str) -> None:
         """Rename field ``old`` of structure type ``type_name`` of the store in ``fileName`` to ``new``.
 
         One commit; no object is rewritten.  The store must not be open for
@@ -182,7 +185,7 @@ class Storage:
         rename_field(_bare(fileName), type_name, old, new)
 
     @staticmethod
-    def drop_field(fileName, type_name, field):
+    def drop_field(fileName: "str | os.PathLike[str]", type_name: str, field: str) -> None:
         """Remove field ``field`` of structure type ``type_name`` of the store in ``fileName``.
 
         One commit; no object is rewritten (what the field referenced is
@@ -192,7 +195,8 @@ class Storage:
         drop_field(_bare(fileName), type_name, field)
 
     @staticmethod
-    def change_field_type(fileName, type_name, field, new_type):
+    def change_field_type(fileName: "str | os.PathLike[str]", type_name: str, field: str,
+                          new_type: Any) -> None:
         """Change number field ``field`` of ``type_name`` to number type ``new_type``, which must hold
         every value of the old one (``Int32`` to ``Int64``, ``Float32`` to ``Float``...).  One commit."""
         from ._schema import change_field_type
@@ -213,7 +217,7 @@ class Storage:
             raise ReadOnlyError(f"{self!r} is open read-only")
 
     @property
-    def root(self):
+    def root(self) -> Any:
         """The instance of the schema's ``Root`` structure, created on first access."""
         self._check_open()
         if self._root is not None:
@@ -240,10 +244,10 @@ class Storage:
         return root
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
-    def commit(self):
+    def commit(self) -> None:
         """Make every change since the last commit durable.
 
         Either it returns and the commit is made, or it raises (a full disk,
@@ -279,7 +283,7 @@ class Storage:
                 "MemoryError inside it), so this transaction holds half of it and cannot be committed; "
                 "call rollback(): the store is at its last commit")
 
-    def rollback(self):
+    def rollback(self) -> None:
         """Return to the last committed state; proxies of objects created since then die."""
         self._check_writable()
         heap = self._heap
@@ -296,7 +300,7 @@ class Storage:
         self._root = None
         heap._changing = 0
 
-    def refresh(self):
+    def refresh(self) -> bool:
         """(``readonly=True``) Move to the latest commit; return whether anything changed.
 
         Proxies stay usable; a proxy whose object the writer has since freed
@@ -319,7 +323,7 @@ class Storage:
         return True
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self) -> "Iterator[Storage]":
         """``with p.transaction():`` commits on success and rolls back on an exception.
 
         Nested blocks are savepoints: a failing inner block undoes only what it
@@ -392,7 +396,7 @@ class Storage:
         self._root = None
         heap.unreferenced, heap.freed, heap._changing = set(unreferenced), list(freed), 0
 
-    def close(self):
+    def close(self) -> None:
         """Commit what is pending and release the file; calling it again does nothing."""
         if self._closed:
             return
@@ -433,10 +437,10 @@ class Storage:
                 f"{self!r} was closed without committing: a change had been interrupted before it "
                 "finished (a KeyboardInterrupt or a MemoryError inside it); the store is at its last commit")
 
-    def __enter__(self):
+    def __enter__(self: "_S") -> "_S":
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and not self._closed and not self.readonly:
             with contextlib.suppress(PermastructError, OSError):
                 self.rollback()
@@ -445,7 +449,7 @@ class Storage:
     def __repr__(self):
         return f"<{type(self).__name__} {self.fileName!r}>"
 
-    def check(self, progress=None):
+    def check(self, progress: "Callable[[int, int, str], object] | None" = None) -> "dict[str, Any]":
         """Verify the whole file; raise CorruptStorageError naming the first problem, or return a summary.
 
         ``progress``, if given, is called as ``progress(done, total, what)``
@@ -459,7 +463,7 @@ class Storage:
         summary.update(self._page_file.check_files())
         return summary
 
-    def readers(self):
+    def readers(self) -> "list[dict[str, Any]]":
         """The snapshots that read-only opens (in any process) hold, oldest first.
 
         A list of dicts with ``pid``, ``transaction``, ``behind`` (commits made
@@ -484,7 +488,7 @@ class Storage:
         return self._page_file.readers()
 
     @property
-    def fileSize(self):
+    def fileSize(self) -> int:
         """The size of the file in bytes."""
         self._check_open()
         return self._page_file.io.size()
