@@ -724,3 +724,73 @@ def test_a_field_dropped_then_added_again_reads_as_new(tmp_path):
         p.check()
     with Storage(path) as p:
         assert (p.root.things[0].x2, p.root.things[0].y) == (8, 2.5)
+
+
+# == power loss (the crash harness's model of the disk, tests/_crashkit.py) ==========================
+def record_operations(folder, action):
+    """Run ``action()`` and return the file operations it made (as tests/_crashkit.py replays them)."""
+    from permastruct._mapping import FileIO
+    operations = []
+
+    def hook(operation, path, *args):
+        key = os.path.relpath(path, folder)
+        if operation == "pwrite":
+            args = (bytes(args[0]), args[1])
+        elif operation == "link":
+            args = (os.path.relpath(args[0], folder),)
+        operations.append((operation, key) + tuple(args))
+    FileIO.hook = hook
+    try:
+        action()
+    finally:
+        FileIO.hook = None
+    return operations
+
+
+@pytest.mark.parametrize("change", ["open", "rename", "drop", "widen"])
+def test_a_power_loss_during_a_schema_change_leaves_it_before_or_after(tmp_path, change):
+    import random
+    from _crashkit import PowerLossFiles
+    from permastruct import Int64
+    folder = tmp_path / "store"
+    folder.mkdir()
+    path = folder / "e.ps"
+    (write_v1 if change == "open" else write_v3)(path)
+    initial = {name: bytearray((folder / name).read_bytes()) for name in os.listdir(folder)}
+    actions = {
+        "open": lambda: V2(path).close(),
+        "rename": lambda: Storage.rename_field(path, "Gadget", "power", "watts"),
+        "drop": lambda: Storage.drop_field(path, "Node", "label"),
+        "widen": lambda: Storage.change_field_type(path, "Spy", "code", Int64),
+    }
+    changed = {
+        "open": lambda p: hasattr(p.schema, "Gadget"),
+        "rename": lambda p: "watts" in p.schema.Gadget._ps_field_types,
+        "drop": lambda p: "label" not in p.schema.Node._ps_field_types,
+        "widen": lambda p: p.schema.Spy._ps_field_types["code"].name == "Int64",
+    }[change]
+    operations = record_operations(str(folder), actions[change])
+    assert any(op[0] == "fsync" for op in operations)
+    scratch = tmp_path / "scratch"
+    rng = random.Random(15)
+    seen = set()
+    for crash_at in range(len(operations) + 1):
+        disk = PowerLossFiles()  # the files as they were, all synced (the store was closed)
+        disk.current = {name: bytearray(data) for name, data in initial.items()}
+        disk.durable = {name: bytearray(data) for name, data in initial.items()}
+        disk.pending = {name: [] for name in initial}
+        disk.name_durable = dict.fromkeys(initial, True)
+        for op in operations[:crash_at]:
+            disk.apply(op)
+        images = [disk.image(rng, drop_all=True)] + [disk.image(rng) for _ in range(4 if disk.uncertain() else 0)]
+        for image in images:
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
+            for name, data in image.items():
+                (scratch / name).write_bytes(bytes(data))
+            with Storage(scratch / "e.ps") as p:
+                p.check()
+                seen.add(changed(p))
+                nodes = chain(p)
+                assert [n.value for n in nodes][-10:] == list(range(1, 11))
+    assert seen == {False, True}
