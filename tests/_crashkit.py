@@ -65,6 +65,7 @@ import zlib
 from array import array
 
 from permastruct import Dict, List, Set, SortedDict, Storage
+from permastruct._commit import Engine
 from permastruct._mapping import FileIO
 from permastruct.errors import NotAStorageError
 
@@ -355,6 +356,9 @@ class Workload:
         self.self_check = self_check
         self.commits = 0
         self.names, self.weights = zip(*self.OPS)
+        # Every other seed writes the fresh pages of any commit of 8 KiB or more straight into
+        # the main file (Engine._write_fresh), so that the crashes hit that path too.
+        Engine.fresh_bytes = 8192 if seed % 2 else 1 << 20
 
     # -- markers and the model check ------------------------------------------------
     def _inflight(self, m):
@@ -449,12 +453,17 @@ class Workload:
     def blob_bytes(self, n):
         return self.rng.randbytes(n)
 
-    def new_item(self, p):
+    def new_row(self):
+        """``(name, value, weight, note)`` of a new random item."""
         rng = self.rng
         name = self.text(12) if rng.random() < 0.9 else None
         value = rng.randint(-2**63, 2**63 - 1)
         weight = rng.uniform(-1e6, 1e6)
         note = self.blob_bytes(rng.randint(0, 40)) if rng.random() < 0.7 else None
+        return name, value, weight, note
+
+    def new_item(self, p):
+        name, value, weight, note = self.new_row()
         return p.schema.Item(name=name, value=value, weight=weight, note=note), ItemM(name, value, weight, note)
 
     # -- operations ----------------------------------------------------------------
@@ -634,8 +643,12 @@ class Workload:
     def op_grow(self, p, m):
         """Something big, so that the file grows."""
         rng = self.rng
-        which = rng.randrange(4)
-        if which == 0:
+        which = rng.randrange(5)
+        if which == 4:  # records made in bulk
+            rows = [self.new_row() for _ in range(rng.randint(20, 400))]
+            self._items(p, m).extend_records(rows)
+            m.items.extend(ItemM(*row) for row in rows)
+        elif which == 0:
             self._new_blob(p, m, rng.randint(20_000, 300_000))
         elif which == 1:
             numbers = self._numbers(p, m)

@@ -647,10 +647,16 @@ class Program:
     def op_items(self):
         rng = self.rng
         self.ensure("items", list, [])
-        which = rng.randrange(5)
+        which = rng.randrange(6)
         items = lambda: self.p.root.items  # noqa: E731
         n = len(self.m.items)
-        if which == 0 or not n:
+        if which == 5:  # many at once
+            rows = [(self.text(12) if rng.random() < 0.9 else None, rng.randint(-2**63, 2**63 - 1),
+                     rng.uniform(-1e6, 1e6), rng.randbytes(rng.randint(0, 40)) if rng.random() < 0.7 else None)
+                    for _ in range(rng.randint(1, 300))]
+            self.mutate("List.extend_records of Items", lambda: items().extend_records(rows),
+                        lambda m: m.items.extend(K.ItemM(*row) for row in rows))
+        elif which == 0 or not n:
             proxy, model = self.new_item()
             self.mutate("List.append of an Item", lambda: items().append(proxy), lambda m: m.items.append(model))
         elif which == 1 and self.m.byname:  # share an item with the dict

@@ -368,6 +368,46 @@ def test_savepoints_nest_three_deep(tmp_path):
         p.check()
 
 
+def test_a_block_whose_exit_an_interrupt_cut_short_nests_nothing_after_a_rollback(tmp_path):
+    """An interrupt can land before the first bytecode of a block's exit: then nothing of the exit
+    runs and the block still looks open.  Found by the interrupt suite: with a depth counter, every
+    later ``with p.transaction()`` was taken for a nested one and never committed.  A rollback
+    (which such an interrupt calls for) ends every block."""
+    p = Changes(tmp_path / "cut.ps")
+    fill(p, 2)
+    block = p.transaction()
+    block.__enter__()
+    p.root.items[0].value = 5
+    # ... the with statement's exit is interrupted before it runs: __exit__ never happens
+    p.rollback()
+    with p.transaction():
+        p.root.items[0].value = 7
+        with p.transaction():  # a savepoint of the new outermost block, as ever
+            p.root.items[1].value = 8
+    p.rollback()  # the block committed: nothing to take back
+    assert (p.root.items[0].value, p.root.items[1].value) == (7, 8)
+    p.close()
+    with Changes(tmp_path / "cut.ps") as p:
+        assert (p.root.items[0].value, p.root.items[1].value) == (7, 8)
+        p.check()
+
+
+def test_a_nested_block_left_open_rolls_nothing_back_once_its_outer_block_ended(tmp_path):
+    p = Changes(tmp_path / "stale.ps")
+    fill(p, 2)
+    with p.transaction():
+        inner = p.transaction()
+        inner.__enter__()
+        p.root.items[0].value = 3
+    # the inner block's exit never ran; the outer block committed; a late exit changes nothing
+    p.root.items[1].value = 4
+    inner.__exit__(Boom, Boom(), None)
+    assert (p.root.items[0].value, p.root.items[1].value) == (3, 4)
+    p.commit()
+    p.check()
+    p.close()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_nested_blocks_match_a_model(tmp_path, seed):
     import random

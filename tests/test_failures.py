@@ -140,8 +140,10 @@ def new_vault(path):
 
 @pytest.fixture
 def small_checkpoints(monkeypatch):
-    """Checkpoints (and log truncation) happen several times during the workload."""
+    """Checkpoints (and log truncation) happen several times during the workload: big commits
+    go through the log (none writes its fresh pages straight into the main file)."""
     monkeypatch.setattr(PageFile, "checkpoint_bytes", 256 << 10)
+    monkeypatch.setattr(PageFile, "fresh_bytes", 1 << 62)
 
 
 @pytest.fixture

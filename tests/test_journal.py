@@ -6,6 +6,7 @@ I/O point, power loss, readers in other processes and full disks have their
 own files; this one tests the log itself, byte by byte where it matters.
 """
 
+import errno
 import os
 import subprocess
 import sys
@@ -367,7 +368,6 @@ def test_a_commit_that_fails_after_its_checkpoint_keeps_its_changes_pending(tmp_
     (The reader test of R4 is what caught a checkpoint copying the pending
     changes into the main file; this checks the writer's side of that path.)
     """
-    import errno
     path = tmp_path / "s.ps"
     p = LogStorage(path)
     p._page_file.checkpoint_bytes = 1  # every commit checkpoints first
@@ -818,3 +818,86 @@ def test_a_stale_log_of_the_store_is_never_replayed_over_newer_data(tmp_path):
         assert p.root.n == 5 and list(p.root.items) == [5]
         p.check()
     assert committed_values(path)[0] == 5
+
+
+# -- a large commit writes its fresh pages once (issue 11, item 5) ------------------------------
+def test_a_large_commit_writes_its_fresh_pages_once_and_syncs_twice(tmp_path):
+    """Pages past everything a reader or recovery can read go straight into the main file (synced
+    before the commit frame): the data is written once, with two fsyncs, and close copies nothing."""
+    from permastruct import Storage
+
+    class Big(Storage):
+        def populateSchema(self):
+            class Root(self.schema.Structure):
+                data = self.schema.Buffer
+                n = self.schema.Int
+
+    path = str(tmp_path / "big.ps")
+    p = Big(path)
+    p.root.n = 1
+    p.commit()
+    written, syncs = {}, []
+
+    def hook(operation, file, *args):
+        if operation == "pwrite":
+            written[file] = written.get(file, 0) + len(args[0])
+        elif operation == "fsync":
+            syncs.append(file)
+    size = 24 << 20
+    payload = bytes(range(256)) * (size // 256)
+    FileIO.hook = hook
+    try:
+        p.root.data = payload
+        p.commit()
+        commit_written, commit_syncs = dict(written), list(syncs)
+        reader = Big(path, readonly=True)
+        assert bytes(reader.root.data) == payload  # a reader opened now sees it in the main file
+        reader.close()
+        p.close()
+    finally:
+        FileIO.hook = None
+    assert commit_written.get(path, 0) >= size and commit_written.get(path + "-wal", 0) < (1 << 20)
+    assert sorted(commit_syncs) == [path, path + "-wal"]
+    assert sum(written.values()) < size * 1.1  # the close copied (almost) nothing more
+    with Big(path) as p:
+        assert bytes(p.root.data) == payload and p.root.n == 1
+        p.check()
+
+
+def test_fresh_pages_written_for_a_commit_that_then_failed_are_not_part_of_the_store(tmp_path, monkeypatch):
+    from permastruct import Storage
+    from permastruct.errors import StorageFullError
+
+    class Big(Storage):
+        def populateSchema(self):
+            class Root(self.schema.Structure):
+                data = self.schema.Buffer
+                n = self.schema.Int
+
+    path = str(tmp_path / "failed.ps")
+    p = Big(path)
+    p.root.n = 1
+    p.commit()
+    p.root.data = b"\x01" * (4 << 20)
+    p.root.n = 2
+
+    def hook(operation, file, *args):  # the log write fails: the commit fails after the main file's
+        if operation == "pwrite" and file.endswith("-wal"):
+            raise OSError(errno.ENOSPC, "injected", file)
+    monkeypatch.setattr(FileIO, "hook", hook)
+    with pytest.raises(StorageFullError):
+        p.commit()
+    monkeypatch.setattr(FileIO, "hook", None)
+    copy = tmp_path / "crashed.ps"
+    import shutil
+    shutil.copy(path, copy)
+    if os.path.exists(path + "-wal"):
+        shutil.copy(path + "-wal", str(copy) + "-wal")
+    with Big(str(copy)) as q:  # a crash now: the store is at its last commit
+        assert q.root.n == 1 and q.root.data is None
+        q.check()
+    p.commit()  # the same changes commit once there is room (their pages are in the main file already)
+    p.close()
+    with Big(path) as p:
+        assert p.root.n == 2 and bytes(p.root.data) == b"\x01" * (4 << 20)
+        p.check()

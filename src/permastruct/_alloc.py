@@ -16,6 +16,7 @@ were added as the previous merge left.
 
 import bisect
 import struct
+from array import array
 
 from . import _format as F
 from .errors import CorruptStorageError
@@ -28,9 +29,81 @@ _HEAD = F.INT32.unpack_from
 _SLAB_FIELDS, _SLAB_PUT = F.SLAB.unpack_from, F.SLAB.pack_into
 
 
+def scatter(blob, at, stride, code, values):
+    """Write ``values`` (a buffer of ``struct`` format ``code``, or any iterable of them) into
+    ``blob`` at byte ``at`` of every ``stride`` bytes: one field of many objects placed side by
+    side (:meth:`Allocator.place_many`), in one C-level slice assignment."""
+    size = struct.calcsize(code)
+    assert at % size == 0 and stride % size == 0, (at, stride, code)
+    target = memoryview(blob).cast(code)[at // size::stride // size]
+    if not isinstance(values, memoryview):
+        values = memoryview(values if isinstance(values, array) and values.typecode == code else array(code, values))
+    target[:] = values
+
+
 def _bin_of(pages):
     """The free-run bin for a run of ``pages`` (>= 2) pages."""
     return bisect.bisect_right(_BIN_MIN, pages) - 1
+
+
+class Placement:
+    """Room for many objects of one size class (:meth:`Allocator.place_many`), and their writing.
+
+    ``pieces`` are ``(whole_pages, offset, view, local, n)``: ``n`` consecutive
+    slots of one slab at file offset ``offset`` (``view[local:]``), or ``n``
+    whole slab pages from there.  :meth:`write` fills them all from a
+    template object and columns of field values, one strided slice
+    assignment per field and piece (per field and slot position for a run of
+    pages), so its cost grows with the pages, not with the objects.
+    """
+
+    def __init__(self, allocator, index, stride, slots):
+        self.allocator, self.index, self.stride, self.slots = allocator, index, stride, slots
+        self.pieces = []
+
+    def page_header(self):
+        """The first bytes of each page of a run of full slabs: the page and slab headers."""
+        header = bytearray(F.SLAB_FIRST_SLOT)
+        F.PAGE_HEADER.pack_into(header, 0, F.NOT_IN_FREE_PAGE_LIST)
+        F.SLAB.pack_into(header, F.SLAB_AT, F.KIND_SLAB, self.index, self.slots, 0, self.slots, -1, -1)
+        return bytes(header)
+
+    def offsets(self):
+        """``array('Q')`` of the objects' offsets, in the order :meth:`write` fills them."""
+        stride, page_size, result = self.stride, self.allocator.page_size, array("Q")
+        for whole_pages, offset, _, _, n in self.pieces:
+            if whole_pages:
+                for page in range(offset, offset + n * page_size, page_size):
+                    result.extend(range(page + F.SLAB_FIRST_SLOT, page + F.SLAB_FIRST_SLOT + self.slots * stride,
+                                        stride))
+            else:
+                result.extend(range(offset, offset + n * stride, stride))
+        return result
+
+    def write(self, template, columns):
+        """Write every object: ``template`` (its bytes, constant fields filled in) with ``columns``,
+        ``(at, code, values)`` - the field at byte ``at`` of each object, of ``struct`` format
+        ``code``, takes ``values`` (a memoryview, one value per object in :meth:`offsets` order)."""
+        stride, slots, page_size = self.stride, self.slots, self.allocator.page_size
+        one = bytes(template) + bytes(stride - len(template))
+        first = 0
+        for whole_pages, _, view, local, n in self.pieces:
+            if whole_pages:
+                page = self.page_header() + one * slots
+                blob = bytearray((page + bytes(page_size - len(page))) * n)
+                count = n * slots
+                for at, code, values in columns:
+                    part = values[first:first + count]
+                    for slot in range(slots):
+                        scatter(blob, F.SLAB_FIRST_SLOT + slot * stride + at, page_size, code, part[slot::slots])
+                view[local:local + n * page_size] = blob
+            else:
+                count = n
+                blob = bytearray(one * n)
+                for at, code, values in columns:
+                    scatter(blob, at, stride, code, values[first:first + n])
+                view[local:local + n * stride] = blob
+            first += count
 
 
 class Allocator:
@@ -162,6 +235,68 @@ class Allocator:
         segment = self.pf.mapping.segment_of(offset)
         return offset, segment.map, offset - segment.start, segment.address
 
+    def place_many(self, size, count):
+        """A :class:`Placement`: room for ``count`` new small objects of ``size`` bytes, to write at once.
+
+        A slab's never-used slots are taken a run at a time; when the partial
+        slabs are used up, whole new slabs come as one run of pages, written
+        later a run at a time; slots on a slab's free list come one at a
+        time.  Either every slot is placed or, when the store runs out of
+        room, none is (those taken already are given back) and the error
+        propagates.
+        """
+        if not 0 < size <= self.max_small:
+            raise ValueError(f"place_many() is for small objects (1..{self.max_small} bytes), not {size}")
+        index = self._class_of[(size - 1) >> 4]
+        stride, nslots = self.classes[index], self._slots[index]
+        pf = self.pf
+        placement = Placement(self, index, stride, nslots)
+        pieces = placement.pieces
+        try:
+            while count:
+                pid = self._head(index)
+                if pid == -1:
+                    pages = count // nslots
+                    if pages >= 2 and pf.free_head == F.NO_NEXT_FREE_PAGE:
+                        first = self._alloc_run(pages)  # full slabs, off the partial list
+                        header = placement.page_header()
+                        for pid in range(first, first + pages):
+                            pf.view(pid, 0, len(header))[:] = header
+                        at = pf.offset(first)
+                        segment = pf.mapping.segment_of(at)
+                        pieces.append((True, at, segment.map, at - segment.start, pages))
+                        count -= pages * nslots
+                        continue
+                    self._alloc_slab(index)
+                    continue
+                page = self._page(pid, "the partial list of size class", index)
+                kind, cls, used, free_head, bump, nxt, prv = _SLAB_FIELDS(page, F.SLAB_AT)
+                if free_head or kind != F.KIND_SLAB or cls != index or not used == bump < nslots:
+                    offset = self._alloc_small(index)  # a freed slot, or damage for it to report
+                    segment = pf.mapping.segment_of(offset)
+                    pieces.append((False, offset, segment.map, offset - segment.start, 1))
+                    count -= 1
+                    continue
+                take = min(count, nslots - bump)
+                _SLAB_PUT(page, F.SLAB_AT, kind, cls, used + take, 0, bump + take, nxt, prv)
+                if used + take == nslots:
+                    self._unlink(index, pid, nxt, prv)
+                local = F.SLAB_FIRST_SLOT + bump * stride
+                pieces.append((False, F.HEADER_BLOCK + pid * self.page_size + local, page, local, take))
+                count -= take
+        except Exception:  # (an interrupt leaves the change incomplete: the rollback it needs undoes this)
+            for offset in reversed(placement.offsets()):
+                self.free(offset)
+            raise
+        return placement
+
+    def _alloc_slab(self, index):
+        """A new empty slab of size class ``index`` at the head of its partial list."""
+        pid = self._alloc_page()
+        F.SLAB.pack_into(self.pf.view(pid), F.SLAB_AT, F.KIND_SLAB, index, 0, 0, 0, -1, -1)
+        self._set_head(index, pid)
+        return pid
+
     def _zero(self, offset, size):
         mapping = self.pf.mapping
         step = 1 << 20
@@ -202,9 +337,7 @@ class Allocator:
         pf = self.pf
         pid = self._head(index)
         if pid == -1:
-            pid = self._alloc_page()
-            F.SLAB.pack_into(pf.view(pid), F.SLAB_AT, F.KIND_SLAB, index, 0, 0, 0, -1, -1)
-            self._set_head(index, pid)
+            pid = self._alloc_slab(index)
         hot = self._slab_views[index]
         if hot is not None and hot[0] == pid:
             page = hot[1]

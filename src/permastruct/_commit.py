@@ -68,7 +68,7 @@ from . import _format as F
 from ._journal import Journal
 from ._mapping import GRANULE, OS_PAGE, FileIO, MappedFile
 from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError, ReadOnlyError,
-                     StorageClosedError, StorageLockedError, SyncFailedError)
+                     StorageClosedError, StorageFullError, StorageLockedError, SyncFailedError)
 
 __all__ = ["Engine"]
 
@@ -730,6 +730,7 @@ class Engine:
             # readers that refresh between commits have all seen the last one
             # now, so the log can start over.
             self._try_checkpoint(changing={offset for offset, _ in pages})
+        pages = self._write_fresh(pages, journal)
         keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
         logged = self._logged
         undo = _Undo(self, journal, {offset: logged.get(offset) for offset, _ in pages})
@@ -742,6 +743,47 @@ class Engine:
         except BaseException:
             self._undo(undo)
             raise
+
+    #: A durable commit writes its fresh pages straight into the main file when they add up to this.
+    fresh_bytes = 1 << 20
+
+    def _write_fresh(self, pages, journal):
+        """Write a large durable commit's *fresh* pages into the main file; return the others.
+
+        A unit is fresh when it lies past every page that any state still
+        readable holds: the main file's committed pages and those of every
+        commit in the log (so no reader's snapshot, and no recovery, reads
+        it).  Its bytes need no log frame: they go to the main file, are
+        synced there before the log's commit frame names them, and the map
+        drops its private copies (it shows the file again).  A crash before
+        the commit frame leaves them past the committed end, unused.  A big
+        load then writes its data once and syncs twice, instead of through
+        the log and again at the checkpoint.  Only with ``sync``: without an
+        fsync nothing orders these writes before the commit frame.
+        """
+        if not self.sync or sum(len(image) for _, image in pages) < self.fresh_bytes:
+            return pages
+        main = F.unpack_root(self.io.pread(F.ROOT.size, F.ROOT_OFFSETS[self._current_root]))
+        counts = [commit.page_count for commit in journal.commits] + [self._committed[0]]
+        if main is not None:
+            counts.append(main[1])
+        limit = F.HEADER_BLOCK + max(counts) * self.page_size
+        fresh = [(offset, image) for offset, image in pages if offset >= limit]
+        if sum(len(image) for _, image in fresh) < self.fresh_bytes:
+            return pages
+        try:
+            self._write_pages(fresh, memoryview)
+        except StorageFullError:  # (a file-size limit) the log may still take them: the usual way
+            return pages
+        self.io.fsync()  # before the commit frame that makes them part of the store
+        runs = []
+        for offset, image in fresh:
+            if runs and runs[-1][0] + runs[-1][1] == offset:
+                runs[-1][1] += len(image)
+            else:
+                runs.append([offset, len(image)])
+        self.mapping.discard_changes(runs)
+        return [(offset, image) for offset, image in pages if offset < limit]
 
     def settle(self):
         """Undo a commit that was never acknowledged (see :meth:`commit`), or finish an undo

@@ -74,6 +74,7 @@ class Heap:
         self._prune_at = 1024  # the size of ``proxies`` at which dead entries are dropped
         self.unreferenced = set()  # objects whose count is 0: freed at the next commit
         self.created = set()  # objects made in this transaction (their proxies die at rollback)
+        self.created_many = []  # arrays of the offsets of objects made many at once, as ``created``
         self.freed = []  # objects freed in this transaction (the commit tells readers)
         self.views = {}  # offset of a collection's internal object -> its cached views
         self.exports = weakref.WeakValueDictionary()  # buffer views handed out (released at close)
@@ -200,6 +201,25 @@ class Heap:
         proxies.clear()
         proxies.update(live)
         self._prune_at = 2 * len(live) + 1024
+
+    def created_objects(self):
+        """Every object made in this transaction: ``created``, with ``created_many`` folded into it."""
+        created = self.created
+        for offsets in self.created_many:
+            created.update(offsets)
+        self.created_many = []
+        return created
+
+    def kill_created(self, created):
+        """Kill the live proxies of the objects in set ``created`` (the rollback of their making).
+
+        Only the live proxies are looked at when there are fewer of them.  A
+        kill cut short leaves ``created`` whole for the retry.
+        """
+        proxies = self.proxies
+        doomed = [offset for offset in proxies if offset in created] if len(proxies) < len(created) else created
+        for offset in list(doomed):
+            self.kill_proxy(offset, rolled_back=True)
 
     def live_proxy(self, offset):
         ref = self.proxies.get(offset)

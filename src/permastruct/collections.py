@@ -39,6 +39,7 @@ from zlib import crc32 as _crc32
 from . import _format as F
 from . import _types as T
 from .strings import new_string
+from .structure import make_records, record_columns
 from .errors import CorruptStorageError, PermastructError, ReadOnlyError, SchemaError
 
 __all__ = ["List", "Dict", "Set", "SortedDict"]
@@ -851,6 +852,61 @@ class PersistentList(_Collection):
         if isinstance(values, PersistentList):
             values = values._ps_values()
         self._ps_append_cells(heap, self._ps_encode_all(values))
+
+    def extend_records(self, rows=None, *, columns=None, cls=None):
+        """Make a new record per row (or per position of ``columns``) and append them; return how many.
+
+        The bulk way to load a list of structures: ``rows`` is an iterable of
+        rows, each a sequence of every field's value in the order of the
+        class's fields, or a mapping of field names to values; ``columns``
+        maps field names to equally long sequences (lists, ``array``\\ s,
+        ``numpy`` arrays: a buffer of the field's own type is taken as it
+        is).  Fields left out are zero, ``False`` or None.  The records are of
+        the list's element type, or of ``cls``, a subclass of it.  Every
+        value is checked as a single write checks it, before anything is
+        made, and a bad one raises the error a single write would, naming its
+        row: then nothing is added.  The result equals appending
+        ``cls(**row)`` for each row, at a fraction of the cost: the records
+        are written a page at a time.
+
+        >>> from permastruct import Storage, List
+        >>> class Shop(Storage):
+        ...     def populateSchema(self):
+        ...         class Item(self.schema.Structure):
+        ...             name = self.schema.String
+        ...             price = self.schema.Float
+        ...             stock = self.schema.Int
+        ...         self.define(List("Items")[Item])
+        >>> p = Shop(None)
+        >>> items = p.schema.Items()
+        >>> items.extend_records([("pen", 1.5, 40), ("ink", 7.25, 3)])
+        2
+        >>> items.extend_records(columns={"name": ["pad", "nib"], "stock": [12, 90]})
+        2
+        >>> [(str(item.name), item.price, item.stock) for item in items]
+        [('pen', 1.5, 40), ('ink', 7.25, 3), ('pad', 0.0, 12), ('nib', 0.0, 90)]
+        >>> items.extend_records([("cap", 2.0, "many")])
+        Traceback (most recent call last):
+        ...
+        TypeError: row 0: Item.stock is Int: expected an int, not str
+        >>> len(items)
+        4
+        """
+        heap = self._ps_storage()
+        element = type(self)._ps_params[0]
+        record = element if cls is None else cls
+        if not (isinstance(record, type) and issubclass(record, element) and record._ps_kind == "structure"
+                and record._heap is heap):
+            raise TypeError(f"{type(self).__name__} holds {getattr(element, '__name__', element)}: records "
+                            f"of {getattr(record, '__name__', record)!r} cannot be made for it")
+        columns, count = record_columns(record, rows, columns)
+        if not count:
+            return 0
+        length = self._ps_count
+        cells = self._ps_reserve(heap, length + count)  # first: the records then need only their own room
+        cells[length:length + count] = make_records(record, columns, count, 1)
+        self._ps_count = length + count
+        return count
 
     def _ps_append_cells(self, heap, new):
         """Append encoded cells ``new`` (by-reference ones gain a reference each)."""
@@ -2718,7 +2774,8 @@ def make_class(storage, kind, name, params):
 
 # Every method that changes a collection is one change (see _types.change): done here, once.
 _CHANGES = {
-    PersistentList: ("__setitem__", "__delitem__", "insert", "append", "extend", "__iadd__", "__imul__",
+    PersistentList: ("__setitem__", "__delitem__", "insert", "append", "extend", "extend_records", "__iadd__",
+                     "__imul__",
                      "pop", "remove", "clear", "reverse", "sort"),
     _HashCollection: ("clear",),
     _MappingMixin: ("setdefault", "pop", "update", "__ior__"),

@@ -23,7 +23,7 @@ import os
 import tempfile
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 from . import _format as F
 from . import _types as T
@@ -59,7 +59,7 @@ class Storage:
                  pageSize: int = F.DEFAULT_PAGE_SIZE, timeout: "float | None" = 0) -> None:
         self._closed = True
         self._forked = False
-        self._depth = 0  # nested with p.transaction() blocks open
+        self._block = None  # the outermost with p.transaction() block open (see _Block)
         self.readonly = bool(readonly)
         for name, value in (("fileSize", fileSize), ("stringRegistrySize", stringRegistrySize)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -266,7 +266,7 @@ class Storage:
             pf.commit(acknowledge=False, freed=heap.freed)
             # The commit returns here: the heap's own bookkeeping and the engine's
             # confirmation in one step (no call in between, so no interrupt either).
-            heap.created, heap.freed, pf._unacknowledged, heap._changing = set(), [], None, 0
+            heap.created, heap.created_many, heap.freed, pf._unacknowledged, heap._changing = set(), [], [], None, 0
         except BaseException:
             heap._changing = 0
             pf.settle()  # not confirmed: taken back; the changes are pending as before
@@ -284,15 +284,18 @@ class Storage:
                 "call rollback(): the store is at its last commit")
 
     def rollback(self) -> None:
-        """Return to the last committed state; proxies of objects created since then die."""
+        """Return to the last committed state; proxies of objects created since then die.
+
+        It also ends every open ``with p.transaction()`` block: a block that
+        is still open after an interrupt in its exit nests no later one.
+        """
         self._check_writable()
+        self._block = None
         heap = self._heap
         if heap._changing and heap._changing != T._get_ident():
             T.begin_change(heap)  # raises ConcurrentUseError
-        created = heap.created
-        for offset in list(created):  # first; each one leaves the set only once it is dead, so a
-            heap.kill_proxy(offset, rolled_back=True)  # rollback cut short kills the rest on retry
-            created.discard(offset)
+        heap.kill_created(heap.created_objects())  # first: a rollback cut short kills the rest on retry
+        heap.created = set()
         self._page_file.discard()
         heap.views.clear()
         heap.freed = []
@@ -322,8 +325,7 @@ class Storage:
         self._page_file.mapping.close_retired(heap.addresses_in_use())
         return True
 
-    @contextlib.contextmanager
-    def transaction(self) -> "Iterator[Storage]":
+    def transaction(self) -> "_Block":
         """``with p.transaction():`` commits on success and rolls back on an exception.
 
         Nested blocks are savepoints: a failing inner block undoes only what it
@@ -351,32 +353,14 @@ class Storage:
         >>> p.close()
         """
         self._check_writable()
-        if self._depth:
-            point = self._savepoint()
-            self._depth += 1
-            try:
-                yield self
-            except BaseException:
-                self._depth -= 1
-                self._rollback_to(point)
-                raise
-            self._depth -= 1
-            return
-        self._depth = 1
-        try:
-            yield self
-        except BaseException:
-            self._depth = 0
-            self.rollback()
-            raise
-        self._depth = 0
-        self.commit()
+        return _Block(self)
 
     def _savepoint(self):
         """Everything :meth:`_rollback_to` needs to return to this moment of the transaction."""
         self._check_whole()
         heap = self._heap
-        return (self._page_file.savepoint(), set(heap.created), set(heap.unreferenced), list(heap.freed))
+        return (self._page_file.savepoint(), set(heap.created), list(heap.created_many), set(heap.unreferenced),
+                list(heap.freed))
 
     def _rollback_to(self, point):
         """Return to a :meth:`_savepoint` (one change: cut short, a rollback is due)."""
@@ -384,13 +368,15 @@ class Storage:
         heap = self._heap
         if heap._changing and heap._changing != T._get_ident():
             T.begin_change(heap)  # raises ConcurrentUseError
-        engine_point, created, unreferenced, freed = point
+        engine_point, created, created_many, unreferenced, freed = point
         if engine_point[2] != self._page_file.txn:  # a commit() inside the block: the point is gone
             return self.rollback()
         heap._changing = T._get_ident()
-        for offset in list(heap.created - created):  # objects made since die first (as in rollback)
-            heap.kill_proxy(offset, rolled_back=True)
-            heap.created.discard(offset)
+        before = set(created)
+        for offsets in created_many:
+            before.update(offsets)
+        heap.kill_created(heap.created_objects() - before)  # objects made since die first (as in rollback)
+        heap.created = before
         self._page_file.rollback_to(engine_point)
         heap.views.clear()
         self._root = None
@@ -504,6 +490,45 @@ def _bare(fileName):
     if not os.path.isfile(path) or not os.path.getsize(path):
         raise NotAStorageError(f"{os.path.abspath(path)!r} is not a store (missing or empty)")
     return Storage(path)
+
+
+class _Block:
+    """One ``with p.transaction():`` block (see :meth:`Storage.transaction`).
+
+    The outermost open block commits or rolls back at its exit; a block
+    entered while another is open is a savepoint.  ``open`` goes False first
+    thing at the exit, so an interrupt there at worst leaves a block that
+    looks open until the next ``rollback()`` (which the interrupted exit
+    calls for, and which ends every block); a nested block rolls back to its
+    point only while its outer block is still the open one.
+    """
+
+    __slots__ = ("storage", "outer", "point", "open")
+
+    def __init__(self, storage):
+        self.storage, self.outer, self.point, self.open = storage, None, None, False
+
+    def __enter__(self):
+        storage = self.storage
+        outer = storage._block
+        if outer is not None and outer.open:
+            self.outer, self.point = outer, storage._savepoint()
+        else:
+            storage._block = self
+        self.open = True
+        return storage
+
+    def __exit__(self, kind, value, traceback):
+        self.open = False
+        storage = self.storage
+        if self.outer is None:
+            if kind is None:
+                storage.commit()
+            else:
+                storage.rollback()
+        elif kind is not None and storage._block is self.outer and self.outer.open:
+            storage._rollback_to(self.point)
+        return False
 
 
 def _collected(page_file, name):

@@ -23,6 +23,8 @@ or :func:`permastruct.to_python`.
 """
 
 import ctypes
+from array import array
+from itertools import repeat
 from zlib import crc32 as _crc32
 
 from . import _format as F
@@ -485,3 +487,68 @@ def new_string(heap, type_id, data, references=0):
     if not references:
         heap.unreferenced.add(offset)
     return offset
+
+
+def new_strings(heap, type_id, datas, references=0):
+    """``array('Q')`` of the offsets of new string objects holding ``datas`` (0 for a None).
+
+    :func:`new_string` for many at once: strings of one length are placed
+    side by side (``Allocator.place_many``) and written a slab page at a time,
+    each field of the headers and the bytes in one strided slice assignment,
+    the checksums in one ``map``.  Either every string is made or, when the
+    store is full, none is.
+    """
+    if not heap.writable:
+        heap.check_writable()
+    count = len(datas)
+    offsets = array("Q", bytes(8 * count))
+    groups = {}  # length -> indices of the strings of that length (None: all of them, in order)
+    lengths = None if None in datas else list(map(len, datas))
+    if lengths is not None and (not lengths or min(lengths) == max(lengths)):
+        groups = {lengths[0]: None} if lengths else {}
+    else:
+        for position, data in enumerate(datas):
+            if data is not None:
+                groups.setdefault(len(data), []).append(position)
+    seed = _STRING_SEED if type_id == F.T_STRING else _BYTES_SEED
+    made = []
+    try:
+        for length, positions in groups.items():
+            if length >= 1 << 32:
+                raise OverflowError(f"a persistent string holds at most 4 GiB, not {length} bytes")
+            group = datas if positions is None else [datas[i] for i in positions]
+            if 16 + length > heap.allocator.max_small or length > 128:  # one at a time: the bytes dominate
+                placed = [new_string(heap, type_id, data, references) for data in group]
+                made.extend(placed)
+            else:
+                placed = _place_strings(heap, type_id, group, length, references, seed)
+                made.extend(placed)
+            if positions is None:
+                offsets = placed if isinstance(placed, array) else array("Q", placed)
+            else:
+                for position, offset in zip(positions, placed):
+                    offsets[position] = offset
+    except Exception:
+        for offset in made:  # given back: nothing refers to them (freed at the next commit)
+            if references:
+                heap.decref(offset)
+        raise
+    return offsets
+
+
+def _place_strings(heap, type_id, group, length, references, seed):
+    """The offsets (an array) of new strings of ``length`` bytes each holding ``group``, made together."""
+    placement = heap.allocator.place_many(16 + length, len(group))
+    columns = [(8, "I", memoryview(array("I", map(_crc32, group, repeat(seed)))))]
+    word = next(size for size in (8, 4, 2, 1) if length % size == 0)
+    if length:  # the bytes: one column per word of them
+        code = {8: "Q", 4: "I", 2: "H", 1: "B"}[word]
+        words = memoryview(b"".join(group)).cast(code)
+        per = length // word
+        columns.extend((16 + k * word, code, words[k::per]) for k in range(per))
+    placement.write(F.STRING.pack(type_id, references, 0, length), columns)
+    offsets = placement.offsets()
+    heap.created_many.append(offsets)
+    if not references:
+        heap.unreferenced.update(offsets)
+    return offsets

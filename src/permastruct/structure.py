@@ -25,11 +25,14 @@ import math
 import struct
 import sys
 import threading
+from array import array
+from collections import abc
+from operator import itemgetter
 
 from . import _format as F
 from ._types import Persistent, PersistentMeta, ValueType, change, run_change
 from .errors import CorruptStorageError, ReadOnlyError, SchemaError
-from .strings import new_string
+from .strings import new_string, new_strings
 
 __all__ = ["Structure", "StructureMeta"]
 
@@ -502,6 +505,171 @@ def _make_constructor(cls):
         heap.unreferenced.add(offset)
         return heap.remember(offset, cls.from_address(base + local))
     return new
+
+
+# -- many records at once ------------------------------------------------------------------
+_DEFAULTS = {"int": 0, "float": 0.0, "bool": False}  # what a field left out holds (a reference: None)
+_SIGNED, _UNSIGNED, _FLOATS = frozenset("bhilqn"), frozenset("BHILQN"), frozenset("fd")
+
+
+def _format_kind(code):
+    code = code.lstrip("@=<>!")
+    return "int" if code in _SIGNED else "uint" if code in _UNSIGNED else "float" if code in _FLOATS \
+        else "bool" if code == "?" else None
+
+
+def record_columns(cls, rows, columns):
+    """``({field: values}, count)`` of new records of ``cls`` from ``rows`` or ``columns``.
+
+    A row is a mapping of field names to values, or a sequence of every
+    field's value in the order of ``cls``'s fields (its signature's order).
+    Columns map field names to sequences of one length.  Fields not given
+    take their defaults.  Only the shape is checked here; the values are
+    checked by :func:`make_records`.
+    """
+    names = list(cls._ps_field_types)
+    owner = cls.__name__
+    if (rows is None) == (columns is None):
+        raise TypeError(f"give rows or columns of {owner} records (one of them)")
+    if columns is not None:
+        if not isinstance(columns, abc.Mapping):
+            raise TypeError(f"columns must be a mapping of {owner} field names to sequences, "
+                            f"not {type(columns).__name__}")
+        unknown = [name for name in columns if name not in cls._ps_field_types]
+        if unknown:
+            raise TypeError(f"{owner} has no field(s) {', '.join(map(repr, unknown))}; fields are: "
+                            f"{', '.join(names) or 'none'}")
+        columns = {name: values if isinstance(values, (abc.Sequence, memoryview)) or hasattr(values, "__array__")
+                   else list(values) for name, values in columns.items()}
+        lengths = {name: len(values) for name, values in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"the columns of {owner} records differ in length: "
+                             + ", ".join(f"{name} has {length}" for name, length in lengths.items()))
+        return columns, next(iter(lengths.values()), 0)
+    rows = rows if isinstance(rows, list) else list(rows)
+    if not rows:
+        return {}, 0
+    kinds = set(map(type, rows))  # checked once per type of row, not once per row
+    mappings = [kind for kind in kinds if issubclass(kind, abc.Mapping)]
+    if mappings:
+        given = set().union(*(row for row in rows if type(row) in mappings))
+        unknown = sorted(map(repr, given.difference(names)))
+        if unknown:
+            raise TypeError(f"{owner} has no field(s) {', '.join(unknown)}; fields are: {', '.join(names) or 'none'}")
+        defaults = {name: _DEFAULTS.get(getattr(ftype, "kind", None)) for name, ftype in cls._ps_field_types.items()}
+        if len(mappings) == len(kinds):
+            return {name: [row.get(name, defaults[name]) for row in rows] for name in names if name in given}, \
+                len(rows)
+        rows = [tuple(row.get(name, defaults[name]) for name in names) if type(row) in mappings else row
+                for row in rows]  # mappings among sequences: as sequences
+        kinds = set(map(type, rows))
+    for kind in kinds:
+        if issubclass(kind, (str, bytes, abc.Mapping)) or not issubclass(kind, abc.Sequence):
+            position = next(i for i, row in enumerate(rows) if type(row) is kind)
+            raise TypeError(f"{owner} row {position} is a {kind.__name__}: a row is a sequence of "
+                            f"the field values ({', '.join(names)}) or a mapping of field names to values")
+    lengths = set(map(len, rows))
+    if lengths != {len(names)}:
+        position = next(i for i, row in enumerate(rows) if len(row) != len(names))
+        raise TypeError(f"{owner} row {position} has {len(rows[position])} values for {len(names)} fields "
+                        f"({', '.join(names)})")
+    return {name: list(map(itemgetter(k), rows)) for k, name in enumerate(names)}, len(rows)
+
+
+def _value_column(ftype, code, values, name, owner):
+    """``values`` as a buffer of ``struct`` format ``code``, checked as single writes check them."""
+    try:
+        given = memoryview(values)
+    except TypeError:
+        given = None
+    if given is not None and given.ndim == 1 and given.c_contiguous and given.itemsize == struct.calcsize(code) \
+            and ftype.pack is None and _format_kind(given.format) == ftype.kind.replace("int", "uint" if
+                                                                                      ftype.low == 0 else "int"):
+        return given.cast("B").cast(code)  # already of the stored type (a numpy array, an array): as it is
+    check = ftype.checker(name, owner)
+    try:
+        if ftype.kind == "bool":
+            return memoryview(bytes(map(check, values)))
+        if ftype.pack is None:
+            return memoryview(array(code, values))  # C-level checks, the same as a single write's
+        return memoryview(array(code, map(check, values)))  # Float32: each value must fit
+    except (TypeError, OverflowError, ValueError):
+        pass  # find the bad value below, for the error a single write gives
+    for position, value in enumerate(values):
+        try:
+            check(value)
+        except (TypeError, OverflowError) as exc:
+            raise type(exc)(f"row {position}: {exc}") from None
+    return memoryview(array(code, map(check, values)))
+
+
+def make_records(cls, columns, count, references):
+    """``array('Q')`` of the offsets of ``count`` new objects of structure ``cls`` (one change).
+
+    ``columns`` (from :func:`record_columns`) gives field values; each
+    object is born with ``references`` references.  Every value is checked
+    before anything is made; then the strings and other objects the
+    reference fields need, then the records, placed side by side and
+    written a slab page at a time with one strided slice assignment per
+    field.  A store that runs out of room makes nothing.
+    """
+    heap = cls._heap
+    if not heap.writable:
+        heap.check_writable()
+    owner = cls.__name__
+    layout = []  # (byte offset in the object, struct code, values)
+    strings = []  # (offset, string type id, encoded values) of string columns
+    others = []  # (offset, field type, values, where) of other reference columns
+    for name, values in columns.items():
+        ftype = cls._ps_field_types[name]
+        where = f"{owner}.{name}"
+        if isinstance(ftype, ValueType):
+            code = "B" if ftype.kind == "bool" else ftype.code
+            layout.append((getattr(cls, name).offset, code, _value_column(ftype, code, values, name, owner)))
+            continue
+        at = getattr(cls, "_ps_ref_" + name).offset
+        exact = _exact_string(ftype)
+        kinds = set(map(type, values))
+        if exact is not None and kinds <= {exact, type(None)}:
+            strings.append((at, ftype._ps_type_id, values if exact is bytes else
+                            [None if value is None else value.encode("utf-8") for value in values]))
+            continue
+        for position, value in enumerate(values):
+            try:
+                heap.reference_check_value(ftype, value, where)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"row {position}: {exc}") from None
+        others.append((at, ftype, values, where))
+    made = []  # arrays of the offsets of objects made for reference fields (each holds one reference)
+    try:
+        for at, type_id, datas in strings:
+            made.append(new_strings(heap, type_id, datas, 1))
+            layout.append((at, "Q", memoryview(made[-1])))
+        for at, ftype, values, where in others:
+            targets = array("Q", bytes(8 * count))
+            made.append(targets)
+            for position, value in enumerate(values):
+                try:
+                    target = heap.reference_to(ftype, value, where)
+                except (TypeError, ValueError, OverflowError) as exc:  # found only while making it
+                    raise type(exc)(f"row {position}: {exc}") from None
+                if target:
+                    heap.incref(target)
+                    targets[position] = target
+            layout.append((at, "Q", memoryview(targets)))
+        placement = heap.allocator.place_many(cls._ps_size, count)
+    except Exception:
+        for targets in made:
+            for target in targets:
+                if target:
+                    heap.decref(target)
+        raise
+    placement.write(F.OBJECT_HEADER.pack(cls._ps_type_id, references), layout)
+    offsets = placement.offsets()
+    heap.created_many.append(offsets)
+    if not references:
+        heap.unreferenced.update(offsets)
+    return offsets
 
 
 def _make_setattr(cls, readonly):
