@@ -344,8 +344,10 @@ def _schema_lines(storage):
     """One line per type the store defines: ``Agent(Structure): name: ByteString, age: Int``."""
     lines = []
     for cls in storage._heap.classes.values():
+        if cls.__dict__.get("_ps_old"):  # the class of an earlier version: its type is listed once
+            continue
         if cls._ps_kind == "structure":
-            base = cls.__bases__[0].__name__
+            base = getattr(cls, "_ps_base", cls.__bases__[0]).__name__
             fields = ", ".join(f"{name}: {type_label(ftype)}" for name, ftype in cls._ps_own_fields)
             lines.append(f"{cls.__name__}({base}): {fields or 'no fields'}")
         elif cls._ps_kind in C.KINDS:
