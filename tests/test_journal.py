@@ -821,17 +821,16 @@ def test_a_stale_log_of_the_store_is_never_replayed_over_newer_data(tmp_path):
 
 
 # -- a large commit writes its fresh pages once (issue 11, item 5) ------------------------------
+class Big(Storage):
+    def populateSchema(self):
+        class Root(self.schema.Structure):
+            data = self.schema.Buffer
+            n = self.schema.Int
+
+
 def test_a_large_commit_writes_its_fresh_pages_once_and_syncs_twice(tmp_path):
     """Pages past everything a reader or recovery can read go straight into the main file (synced
     before the commit frame): the data is written once, with two fsyncs, and close copies nothing."""
-    from permastruct import Storage
-
-    class Big(Storage):
-        def populateSchema(self):
-            class Root(self.schema.Structure):
-                data = self.schema.Buffer
-                n = self.schema.Int
-
     path = str(tmp_path / "big.ps")
     p = Big(path)
     p.root.n = 1
@@ -865,14 +864,7 @@ def test_a_large_commit_writes_its_fresh_pages_once_and_syncs_twice(tmp_path):
 
 
 def test_fresh_pages_written_for_a_commit_that_then_failed_are_not_part_of_the_store(tmp_path, monkeypatch):
-    from permastruct import Storage
     from permastruct.errors import StorageFullError
-
-    class Big(Storage):
-        def populateSchema(self):
-            class Root(self.schema.Structure):
-                data = self.schema.Buffer
-                n = self.schema.Int
 
     path = str(tmp_path / "failed.ps")
     p = Big(path)

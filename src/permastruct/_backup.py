@@ -34,7 +34,7 @@ import errno
 import os
 
 from . import _format as F
-from ._mapping import GRANULE, OS_PAGE
+from ._mapping import GRANULE, OS_PAGE, sync_folder
 from .errors import StorageFullError
 
 __all__ = ["backup", "compact_copy", "compact_in_place"]
@@ -91,7 +91,7 @@ def backup(storage, path):
         os.close(fd)
         fd = -1
         _publish(temporary, target)
-        _sync_folder(folder)
+        sync_folder(folder)
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
@@ -182,7 +182,7 @@ def compact_in_place(path):
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        _sync_folder(folder)
+        sync_folder(folder)
     return {"before": before, "after": os.path.getsize(path)}
 
 
@@ -262,10 +262,3 @@ def _publish(temporary, target):
     os.unlink(temporary)
 
 
-def _sync_folder(folder):
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

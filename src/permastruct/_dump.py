@@ -42,6 +42,7 @@ import os
 from . import _format as F
 from . import _types as T
 from . import collections as C
+from ._mapping import sync_folder
 from ._schema import type_label
 from .errors import LoadError, PermastructError, SchemaError
 
@@ -293,12 +294,7 @@ def load_json(document, path, *, pageSize=F.DEFAULT_PAGE_SIZE):
         if os.path.lexists(path):
             raise FileExistsError(f"{path!r} appeared while the store was being loaded")
         os.rename(temporary, path)
-        with contextlib.suppress(OSError):
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        sync_folder(folder)
         return made
     except BaseException:
         if store is not None:

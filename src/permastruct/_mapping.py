@@ -119,6 +119,17 @@ def _full_error(exc, what, path, memory=False):
     return exc
 
 
+def sync_folder(folder):
+    """fsync ``folder`` so that a name just linked or renamed in it is durable (best effort: a file
+    system that cannot sync a directory is left as it is)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class FileIO:
     """The one I/O layer: every write, sync, allocate and truncate of a store's file.
 
