@@ -159,7 +159,7 @@ class Storage:
             heap.unreferenced.update(heap.held_objects())
         if grown:  # new types or fields: the stored schema grows, in one commit made by the open
             self.schema._store()
-            self.commit()
+            self._commit(durable=False)  # (idempotent: a power loss leaves the next open to do it)
 
     def populateSchema(self) -> None:
         """Describe the schema; override in a subclass (the base defines no types)."""
@@ -263,7 +263,12 @@ class Storage:
         stored a ValueError, both before anything changes.  A commit with
         nothing to commit makes no transaction (``last_transaction`` stays).
         """
-        meta = F.pack_txn_meta(description, user, extension)
+        self._commit(F.pack_txn_meta(description, user, extension))
+
+    def _commit(self, meta=b"", durable=True):
+        """:meth:`commit`; ``durable=False`` skips its fsyncs (the open's commit of a grown schema:
+        lost to a power loss, it is made again by the next open; the next durable commit, or
+        checkpoint, makes it durable with it)."""
         self._check_writable()
         self._check_whole()
         heap = self._heap
@@ -272,7 +277,7 @@ class Storage:
         heap.record_held()
         pf = self._page_file
         try:
-            pf.commit(acknowledge=False, freed=heap.freed, meta=meta)
+            pf.commit(acknowledge=False, freed=heap.freed, meta=meta, durable=durable)
             # The commit returns here: the heap's own bookkeeping and the engine's
             # confirmation in one step (no call in between, so no interrupt either).
             heap.created, heap.created_many, heap.freed, heap._changing, pf._unacknowledged = set(), [], [], 0, None
