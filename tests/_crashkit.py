@@ -11,7 +11,7 @@ Three parts:
   to ``Item`` structures, a ``SortedDict``, a list of ``Item`` structures that
   shares some items with the dict, and a ``Buffer``) changed by seeded random
   operations in transactions: ``commit()``, ``rollback()``, ``with
-  p.transaction()`` (some raising inside), close and reopen, big buffers and
+  p.transaction()`` (some raising inside), close and reopen, ``pack()``, big buffers and
   bulk inserts so that the file grows, deletes and resets so that space is
   freed.  Every change is mirrored in a plain-Python model.  The model is the
   oracle: before a commit starts the workload logs ``("inflight", k, state)``,
@@ -402,8 +402,8 @@ class Workload:
         done = 0
         while self.iterations is None or done < self.iterations:
             p, m = self.p, self.m
-            style = rng.choices(("commit", "rollback", "with", "raise", "reopen", "empty"),
-                                (48, 12, 20, 10, 6, 4))[0]
+            style = rng.choices(("commit", "rollback", "with", "raise", "reopen", "empty", "pack"),
+                                (48, 12, 20, 10, 6, 4, 4))[0]
             count = 0 if style == "empty" else rng.randint(1, 6)
             done += max(count, 1)
             if style in ("with", "raise"):
@@ -425,6 +425,11 @@ class Workload:
             if style == "rollback":
                 p.rollback()
                 self.m = copy.deepcopy(self.committed)
+            elif style == "pack":  # garbage collection from the root: one commit, the same state
+                self._inflight(m)
+                p.pack()
+                self._returned(p, m)
+                self.committed = copy.deepcopy(m)
             elif style == "reopen":
                 self._inflight(m)
                 p.close()

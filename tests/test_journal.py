@@ -821,17 +821,16 @@ def test_a_stale_log_of_the_store_is_never_replayed_over_newer_data(tmp_path):
 
 
 # -- a large commit writes its fresh pages once (issue 11, item 5) ------------------------------
+class Big(Storage):
+    def populateSchema(self):
+        class Root(self.schema.Structure):
+            data = self.schema.Buffer
+            n = self.schema.Int
+
+
 def test_a_large_commit_writes_its_fresh_pages_once_and_syncs_twice(tmp_path):
     """Pages past everything a reader or recovery can read go straight into the main file (synced
     before the commit frame): the data is written once, with two fsyncs, and close copies nothing."""
-    from permastruct import Storage
-
-    class Big(Storage):
-        def populateSchema(self):
-            class Root(self.schema.Structure):
-                data = self.schema.Buffer
-                n = self.schema.Int
-
     path = str(tmp_path / "big.ps")
     p = Big(path)
     p.root.n = 1
@@ -865,14 +864,7 @@ def test_a_large_commit_writes_its_fresh_pages_once_and_syncs_twice(tmp_path):
 
 
 def test_fresh_pages_written_for_a_commit_that_then_failed_are_not_part_of_the_store(tmp_path, monkeypatch):
-    from permastruct import Storage
     from permastruct.errors import StorageFullError
-
-    class Big(Storage):
-        def populateSchema(self):
-            class Root(self.schema.Structure):
-                data = self.schema.Buffer
-                n = self.schema.Int
 
     path = str(tmp_path / "failed.ps")
     p = Big(path)
@@ -901,3 +893,44 @@ def test_fresh_pages_written_for_a_commit_that_then_failed_are_not_part_of_the_s
     with Big(path) as p:
         assert p.root.n == 2 and bytes(p.root.data) == b"\x01" * (4 << 20)
         p.check()
+
+
+def test_fresh_pages_of_many_small_objects_across_map_segments_are_written_once(tmp_path):
+    """Slab pages of many records span several segments of the map: the private copies of every
+    one of them are dropped after the commit writes them (a run of pages that crosses into the
+    next segment is dropped there too), so neither a later commit nor the close writes them again."""
+    path = str(tmp_path / "records.ps")
+    p = RecordStore(path)
+    p.root.items = []
+    p.commit()
+    p.root.items.extend_records([(i, i * 0.5, b"name-%011d" % i) for i in range(250_000)])
+    written = {}
+
+    def hook(operation, file, *args):
+        if operation == "pwrite":
+            written[os.path.basename(file)] = written.get(os.path.basename(file), 0) + len(args[0])
+    FileIO.hook = hook
+    try:
+        p.commit()
+        assert p._page_file.uncommitted() == []  # nothing left private: all of it is in the file
+        at_commit = dict(written)
+        p.close()
+    finally:
+        FileIO.hook = None
+    assert at_commit["records.ps"] > 10 << 20 and at_commit.get("records.ps-wal", 0) < 1 << 20
+    assert sum(written.values()) < 1.05 * sum(at_commit.values())
+    with RecordStore(path) as p:
+        assert len(p.root.items) == 250_000 and p.root.items[-1].name == b"name-%011d" % 249_999
+        p.check()
+
+
+class RecordStore(Storage):
+    def populateSchema(self):
+        class Rec(self.schema.Structure):
+            i = self.schema.Int
+            f = self.schema.Float
+            name = self.schema.ByteString
+        self.define(List("Recs")[Rec])
+
+        class Root(self.schema.Structure):
+            items = self.schema.Recs

@@ -485,11 +485,26 @@ def test_bare_storage_reopen_reads_all_data(tmp_path):
     p.close()
 
 
+def test_a_new_field_or_type_extends_the_stored_schema(tmp_path):
+    # (Before issue 15 both were a SchemaError; now the open adds them: tests/test_schema_evolution.py.)
+    path = tmp_path / "a.ps"
+    make_store(path)
+    with ExtraFieldStorage(path) as p:
+        assert p.root.agent.height == 0.0 and p.root.agent.codename == "007"
+        p.check()
+    with pytest.raises(SchemaError, match="Agent.height"):  # not dropped silently
+        ExtraTypeStorage(path)
+    other = tmp_path / "b.ps"
+    make_store(other)
+    with ExtraTypeStorage(other) as p:
+        p.root.agent = p.schema.Agent(name=b"Q")
+        assert p.schema.Gadget(power=3).power == 3
+        p.check()
+
+
 @pytest.mark.parametrize("variant, words", [
-    (ExtraFieldStorage, ["Agent", "height"]),
     (FieldTypeStorage, ["Agent", "age", "Int32"]),
     (MissingTypeStorage, ["Spy"]),
-    (ExtraTypeStorage, ["Gadget"]),
     (RenamedFieldStorage, ["Agent", "nickname"]),
 ])
 def test_schema_mismatch_raises_and_leaves_file_unchanged(tmp_path, variant, words):

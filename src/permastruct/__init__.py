@@ -16,12 +16,32 @@
 ('hello', 1)
 """
 
+from typing import TYPE_CHECKING
+
 from ._convert import to_python
-from ._types import (Bool, Float, Float32, Float64, Int, Int8, Int16, Int32, Int64, UInt8, UInt16,
-                     UInt32, UInt64)
+
+if TYPE_CHECKING:
+    # What a type checker sees a field of each number type as (``age: Int`` in a structure class
+    # reads as an int); at run time they are the value types that describe fields.
+    Int = int
+    Int8 = int
+    Int16 = int
+    Int32 = int
+    Int64 = int
+    UInt8 = int
+    UInt16 = int
+    UInt32 = int
+    UInt64 = int
+    Float = float
+    Float32 = float
+    Float64 = float
+    Bool = bool
+else:
+    from ._types import (Bool, Float, Float32, Float64, Int, Int8, Int16, Int32, Int64, UInt8, UInt16,
+                         UInt32, UInt64)
 from .buffer import Buffer
 from .errors import (ConcurrentUseError, CorruptStorageError, DeadProxyError, ForkedProcessError,
-                     IncompatibleFormatError, IncompleteChangeError, NotAStorageError, OverlayError,
+                     IncompatibleFormatError, IncompleteChangeError, LoadError, NotAStorageError, OverlayError,
                      PermastructError, ReadOnlyError, SchemaError, StorageClosedError, StorageFullError, StorageLockedError,
                      SyncFailedError, UnpinnedPageError)
 from .collections import Dict, List, Set, SortedDict
@@ -39,6 +59,6 @@ __all__ = [
     "PermastructError", "StorageClosedError", "ReadOnlyError", "StorageLockedError",
     "NotAStorageError", "CorruptStorageError", "IncompatibleFormatError", "SchemaError",
     "UnpinnedPageError", "StorageFullError", "SyncFailedError", "ForkedProcessError", "DeadProxyError",
-    "IncompleteChangeError", "ConcurrentUseError", "OverlayError",
+    "IncompleteChangeError", "ConcurrentUseError", "OverlayError", "LoadError",
     "to_python",
 ]

@@ -25,6 +25,7 @@ from ._alloc import PageScan
 from ._heap import damage_reported
 from .buffer import buffer_problem
 from .errors import CorruptStorageError
+from .structure import Structure, StructureMeta
 
 def check_storage(storage, progress=None):
     """Verify every invariant of ``storage``; raise CorruptStorageError naming the first broken one.
@@ -72,6 +73,7 @@ def _check_storage(storage, progress):
 
     # -- objects and references ---------------------------------------------------
     classes = storage._heap.classes
+    layouts = storage.schema._layouts
     incoming = dict.fromkeys(objects, 0)
     kinds = {}
 
@@ -79,7 +81,14 @@ def _check_storage(storage, progress):
         if target not in objects:
             fail(f"{where} refers to {target:#x}, which is not an allocated object")
         if expected is not None:
-            cls = classes.get(F.UINT32.unpack_from(pf.mapping.view(target, 4))[0])
+            type_id = F.UINT32.unpack_from(pf.mapping.view(target, 4))[0]
+            if type_id == F.T_FORWARD:  # an object of an earlier version, moved: its body says its type
+                type_id = F.UINT32.unpack_from(pf.mapping.view(
+                    F.FORWARD.unpack_from(pf.mapping.view(target, F.FORWARD.size))[2], 4))[0]
+            cls = classes.get(type_id)
+            if cls is not None and not issubclass(cls, expected) and isinstance(cls, StructureMeta):
+                # (a reader's own class and the class it built for a later version of the type)
+                cls = expected if expected.__name__ in {k.__name__ for k in cls.__mro__} else cls
             if cls is None or not issubclass(cls, expected):
                 fail(f"{where} refers to {target:#x}, which is not a {expected.__name__}")
         incoming[target] += 1
@@ -125,6 +134,8 @@ def _check_storage(storage, progress):
             needed = owner_type._ps_internal_size(storage._heap, offset, type_id)
             if needed is None:
                 fail(f"internal object {offset:#x} of type {type_id} does not belong to a {owner_type.__name__}")
+        elif type_id in layouts:  # an object of an earlier version of its type: its stored layout
+            needed = layouts[type_id].size
         elif type_id in classes:
             needed = ctypes.sizeof(classes[type_id])
         else:
@@ -133,7 +144,19 @@ def _check_storage(storage, progress):
             fail(f"object {offset:#x} needs {needed} bytes but has {capacity}")
         kinds[type_id] = kinds.get(type_id, 0) + 1
         cls = classes.get(type_id)
-        if cls is not None and cls._ps_kind == "structure":
+        if type_id in layouts:
+            for name, ftype, at in layouts[type_id].references():
+                target = F.UINT64.unpack_from(pf.mapping.view(offset + at, 8))[0]
+                if target:
+                    referenced(target, ftype, f"{cls.__name__}.{name} of {offset:#x} (an earlier version)")
+        elif type_id == F.T_FORWARD:
+            body = F.FORWARD.unpack_from(pf.mapping.view(offset, F.FORWARD.size))[2]
+            if body not in objects or F.UINT32.unpack_from(pf.mapping.view(body, 4))[0] == F.T_FORWARD:
+                fail(f"the forwarded object {offset:#x} has no body at {body:#x}")
+            referenced(body, Structure, f"the forwarded object {offset:#x}")
+            if F.UINT32.unpack_from(pf.mapping.view(body + 4, 4))[0] != 1:
+                fail(f"the body {body:#x} of the forwarded object {offset:#x} is referenced elsewhere")
+        elif cls is not None and cls._ps_kind == "structure":
             proxy = storage._heap.view_of(cls, offset)
             for name, ftype in cls._ps_field_types.items():
                 if not isinstance(ftype, T.ValueType):
@@ -149,8 +172,7 @@ def _check_storage(storage, progress):
     registry = slots[F.SLOT_REGISTRY]
     referenced(registry, None, "the registry slot")
     if slots[F.SLOT_ROOT]:
-        referenced(slots[F.SLOT_ROOT], classes.get(F.UINT32.unpack_from(pf.mapping.view(slots[F.SLOT_ROOT], 4))[0]),
-                   "the root slot")
+        referenced(slots[F.SLOT_ROOT], Structure, "the root slot")
     type_id, _, stored_count, capacity = F.REGISTRY.unpack_from(pf.mapping.view(registry, F.REGISTRY.size))
     if type_id != F.T_REGISTRY or not capacity or capacity & (capacity - 1):
         fail("the registry slot does not hold a registry")
@@ -202,13 +224,23 @@ def _check_storage(storage, progress):
         "objects": len(objects),
         "unreferenced": sum(1 for o in objects if incoming[o] == 0),  # freed at the next commit
         "strings": stored_count,
-        "types": {(_type_name(classes, type_id)): n for type_id, n in sorted(kinds.items())},
+        "types": _counts_by_name(classes, kinds),
     }
 
 
+def _counts_by_name(classes, kinds):
+    """``{type name: objects}`` (the versions of a type count as the type)."""
+    counts = {}
+    for type_id, n in sorted(kinds.items()):
+        name = _type_name(classes, type_id)
+        counts[name] = counts.get(name, 0) + n
+    return counts
+
+
 def _type_name(classes, type_id):
-    if type_id in classes:
+    if type_id in classes and type_id != F.T_FORWARD:
         return classes[type_id].__name__
     return {F.T_SCHEMA: "(schema)", F.T_REGISTRY: "(registry)", F.T_HELD: "(held objects)",
+            F.T_FORWARD: "(moved objects)",
             F.T_ARRAY: "(list arrays)",
             F.T_TABLE: "(hash tables)", F.T_NODE: "(tree nodes)"}.get(type_id, str(type_id))

@@ -47,7 +47,9 @@ file meanwhile), lay the log's units of their snapshot over their map, and
 hold a shared lock on ``LOCK_READERS + txn`` while they keep that snapshot.
 
 *Close* commits what is pending, checkpoints, and removes the log when the
-main file holds every commit and no reader is taking a snapshot.
+main file holds every commit and no reader is taking a snapshot; then it
+truncates the file's free end past the last commit's page count
+(:meth:`Engine._shrink_file`).
 
 *Creation* writes the header block into a file without a name, syncs it and
 links it at the store's path, or (an existing empty file) writes it with the
@@ -125,11 +127,16 @@ class Engine:
         self.journal = None
         self._use_journal = self.mode == "file"
         self._logged = {}  # writer: file offset -> [log position, image or None] not yet checkpointed
+        self._log_synced = True  # whether the log's last commit was synced (False: durable=False)
+        self._log_at_synced = True  # whether the main file's record of the log's path was synced
         self._mark = None  # reader: the transaction whose reader lock this open holds
         self._owner = os.getpid()  # the process whose locks these are (not a forked child)
         self._unacknowledged = None  # the _Undo of a commit its caller has not confirmed yet
         self._undoing = None  # the _Undo of an undo that did not finish
         self._undo_failed = False  # an undo could not write the log: no more commits
+        #: Whether the close cuts the file's free end (:meth:`_shrink_file`): set by a commit that
+        #: lowers the page count, and by ``Storage.pack()``.
+        self._shrink_at_close = False
         #: (Reader) the offsets of the objects freed by the commits its last refresh moved past
         self.freed = set()
         #: Whether this open created the store: None, "new" (a new file) or "in place" (an empty file).
@@ -471,16 +478,34 @@ class Engine:
         journal.close()
         return journal.io.path
 
-    def _record_log_path(self, path):
-        """(Writer, creating its log) Make the main file name the log's path, durably, first."""
+    def _record_log_path(self, path, sync=True):
+        """(Writer, creating its log) Make the main file name the log's path, durably (unless a
+        commit without fsyncs creates the log: then before the next durable one), first."""
         if path == self._log_at:
             return
         record = F.pack_log_at(path)
         if record is None:  # too long to record: then only this name finds the log
             record = bytes(F.LOG_AT_RECORD.size)
         self.io.pwrite(record, F.LOG_AT)
-        self.io.fsync()
+        self._log_at_synced = False
+        if sync:
+            self.io.fsync()
+            self._log_at_synced = True
         self._log_at = path
+
+    def _make_log_durable(self, journal, data=True):
+        """Sync what commits without fsyncs (``durable=False``) left unsynced: the main file's record
+        of the log's path, the log's name and (``data``; a commit's own fsync does it otherwise)
+        the log.  Nothing when there is none."""
+        if not self._log_at_synced:
+            self.io.fsync()
+            self._log_at_synced = True
+        if not journal.name_durable:
+            journal.io.fsync_directory()
+            journal.name_durable = True
+        if data and not self._log_synced:
+            journal.io.fsync()
+            self._log_synced = True
 
     def _adopt_state(self, root, pending):
         """Take the state of the last whole commit and check it against the file."""
@@ -765,7 +790,7 @@ class Engine:
             return []
         return [offset for offset, _ in self._changed_pages()]
 
-    def commit(self, acknowledge=True, freed=(), meta=b""):
+    def commit(self, acknowledge=True, freed=(), meta=b"", durable=True):
         """Commit: log every changed page and the new root state.
 
         With ``sync`` the log is synced before this returns, so the commit
@@ -781,6 +806,9 @@ class Engine:
         of the objects the transaction freed, for readers (see ``_format``);
         ``meta``: the transaction's metadata (``_format.pack_txn_meta``), kept in
         its commit frame (an in-memory store or an overlay keeps none).
+        ``durable=False``: this commit syncs nothing, as with ``sync=False`` (a
+        power loss may take it back, whole); the next durable commit or
+        checkpoint syncs it with its own.
         """
         self._check_writable()
         if self._undo_failed and not self.sync_failed:
@@ -810,31 +838,37 @@ class Engine:
             return
         self.slots[F.SLOT_TIME] = int(time.time() * 1e6)  # when: readers() tells a snapshot's age
         root = (self.page_count, self.free_head, list(self.slots))
+        if self.page_count < self._committed[0]:
+            self._shrink_at_close = True  # pages given back: the file may shrink at close
+        sync = self.sync and durable
         if self.journal is None:
             path = self._own_log_path()
             self._lock_checkpoint()  # a reader takes the log's name and the log together
             try:
-                self._record_log_path(path)
+                self._record_log_path(path, sync)
                 journal = Journal.create(path, OS_PAGE, self.main_txn, self._main_chain, self._identity())
             finally:
                 self.io.unlock(F.LOCK_CHECKPOINT)
             self.journal = journal
-            if self.sync:  # kept even if this fails: then sync_failed refuses further commits
+            if sync:  # kept even if this fails: then sync_failed refuses further commits
                 journal.make_durable()
         elif not self.journal.valid:  # a log whose header never made it, or a stale one: nothing counts
             self.journal.reset(self.main_txn, self._main_chain, truncate=True)
         journal = self.journal
+        if sync:
+            self._make_log_durable(journal, data=False)  # (what a commit without fsyncs left)
         if journal.size() > self.checkpoint_bytes:
             # Before this commit goes in (an exception here leaves it undone):
             # readers that refresh between commits have all seen the last one
             # now, so the log can start over.
             self._try_checkpoint(changing={offset for offset, _ in pages})
-        pages = self._write_fresh(pages, journal)
+        pages = self._write_fresh(pages, journal) if sync else pages
         keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
         logged = self._logged
         undo = _Undo(self, journal, {offset: logged.get(offset) for offset, _ in pages})
         try:
-            commit = journal.append(self.txn + 1, pages, root, self.sync, freed, meta)
+            commit = journal.append(self.txn + 1, pages, root, sync, freed, meta)
+            self._log_synced = sync
             for (offset, image), (_, position) in zip(pages, commit.frames):
                 logged[offset] = [position, bytes(image) if keep else None]
             # Published in one step (no call in between, so no interrupt either).
@@ -1109,6 +1143,8 @@ class Engine:
                 sources, load = sorted(journal.latest_frames(self.main_txn, target).items()), journal.page_data
             if not self.sync:  # the log must hold the commits before the main file changes
                 journal.make_durable()
+            else:
+                self._make_log_durable(journal)
             needed = self._covering_size(commit.page_count, journal.commits)
             if self.io.size() < needed:
                 self.io.fallocate(0, needed)
@@ -1153,6 +1189,32 @@ class Engine:
             journal.remove()
         finally:
             self.io.unlock(F.LOCK_CHECKPOINT)
+
+    def _shrink_file(self):
+        """(Writer, closing, its log removed) Give the file's unused end back to the file system.
+
+        The allocator lowers the page count when free pages end the file
+        (``Allocator.merge``, run by ``pack()``); the file keeps its size
+        until here.  Only when ``_shrink_at_close`` says so (a commit of this
+        open lowered the page count, or ``pack()`` ran: room a file was given
+        up front and never used is kept otherwise), when the main file holds
+        every commit and no reader
+        is behind the last one (the log is gone: a checkpoint copied
+        everything), so no snapshot has more pages than the last commit,
+        and no page a reader reads is past the new end: readers touch only
+        pages below their snapshot's page count, and a freed object's proxy
+        dies at their refresh.  The file keeps whole map units (what an open
+        maps).  A crash or power loss around it leaves the file longer,
+        which is harmless.
+        """
+        if not self._shrink_at_close or self.journal is not None or self.main_txn != self.txn or not self._use_journal:
+            return
+        if self._oldest_reader(self.txn) < self.txn:
+            return
+        unit = max(GRANULE, self.page_size)
+        end = F.HEADER_BLOCK + -(-(self.page_count * self.page_size) // unit) * unit
+        if self.io.size() > end:
+            self.io.truncate(end)
 
     def _write_pages(self, sources, load):
         """Write pages into the main file: ``sources`` are ``(offset, source)`` in offset order,
@@ -1248,6 +1310,7 @@ class Engine:
                 self.commit()
                 self.checkpoint(truncate=True)
                 self._remove_log()
+                self._shrink_file()
             elif not self.readonly:
                 self.settle()  # a commit nobody acknowledged is not kept
         finally:

@@ -86,8 +86,22 @@ aligned (64 in runs).
 ``REGISTRY`` (interned strings): header, count, capacity, then ``capacity``
             references in an open-addressing table (linear probing by the
             string's crc32).
-Structures: header, then the fields in declaration order (base class first),
-            each aligned to its size; by-reference fields are uint64 offsets.
+Structures: header, then the fields in their stored order (base class first;
+            a type's fields in the order they were first defined, fields
+            added later after them), each aligned to its size (the C
+            layout); by-reference fields are uint64 offsets.  The stored
+            schema (JSON text, ``T_SCHEMA``) gives each structure type its
+            current type id, its own fields and, once its layout changed,
+            its earlier *versions*: ``[type id, size, [[field, field type
+            id, offset], ...]]``, the whole layout of objects written
+            before.  An object keeps the type id of the version it was
+            written with.
+``FORWARD`` (``FORWARD`` struct: header, body offset): an object of an
+            earlier version that was written to after its type changed.
+            It keeps its place (references to it are unchanged) and its
+            reference count; its fields now live in the *body*, an object
+            of the current version referenced by the forward alone
+            (reference count 1).
 ``HELD``    (the object in root slot 4, or none): the objects that nothing in
             the file referenced at this commit but that the writer's program
             still held (a proxy of a new buffer, say): header, count, then
@@ -152,9 +166,9 @@ older readers cannot see (a new object kind they never meet in old files, a
 field in bytes they leave alone and that were zero before) does not.  A
 store opens only with the version that wrote it: a newer file raises
 ``IncompatibleFormatError`` saying to upgrade permastruct, an older one
-``IncompatibleFormatError`` saying to convert it: read it with the
-permastruct release that wrote it and copy its contents into a new store
-(see :func:`version_problem`).  A refused file is never written.  The log
+``IncompatibleFormatError`` saying to convert it: ``dump --json`` with a
+permastruct release that reads it, then ``load`` with this one (see
+:func:`version_problem`).  A refused file is never written.  The log
 has its own ``WAL_VERSION``.
 
 Versions: 1, the first; 2, short Dict and Set string keys inline in their
@@ -344,6 +358,7 @@ BUFFER = struct.Struct("<IIQIIBBH4x")
 assert BUFFER.size == 32
 REGISTRY = struct.Struct("<IIQQ")  # type, refs, count, capacity
 HELD = struct.Struct("<IIQ")  # type, refs, count; then count uint64 offsets
+FORWARD = struct.Struct("<IIQ")  # type (T_FORWARD), refs, body offset
 COLLECTION = struct.Struct("<IIQQQ")  # type, refs, count, body, aux
 INTERNAL = struct.Struct("<III")  # type, refs, owner type: how ARRAY, TABLE and NODE start
 ARRAY = struct.Struct("<IIIIQ")  # type, refs, owner type, pad, capacity
@@ -369,6 +384,7 @@ T_FLOAT32, T_FLOAT64 = 12, 13
 T_BYTESTRING, T_STRING, T_BUFFER, T_STRUCTURE = 16, 17, 18, 19
 # Internal objects.
 T_SCHEMA, T_REGISTRY, T_HELD = 30, 31, 35
+T_FORWARD = 36  # an object of an earlier structure version, moved to a body of the current one
 T_ARRAY, T_TABLE, T_NODE = 32, 33, 34  # internal objects of collections
 FIRST_USER_TYPE = 64
 MAX_TYPE_ID = 1 << 20
@@ -391,8 +407,9 @@ def version_problem(version):
         return (f"has format version {version}; this permastruct reads version {FORMAT_VERSION}: "
                 "upgrade permastruct to open it")
     return (f"has format version {version}, older than this permastruct's {FORMAT_VERSION}, which cannot "
-            f"read it: open it with a permastruct release that reads version {version} and copy "
-            "what it holds into a new store (permastruct.to_python gives plain values); the file is unchanged")
+            f"read it (the file is unchanged): convert it into a new store, with a permastruct release "
+            f"that reads version {version} 'python3 -m permastruct dump --json FILE > FILE.json', then "
+            "with this one 'python3 -m permastruct load FILE.json NEWFILE'")
 
 
 def page_offset(pid, page_size):

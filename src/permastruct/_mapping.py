@@ -119,6 +119,17 @@ def _full_error(exc, what, path, memory=False):
     return exc
 
 
+def sync_folder(folder):
+    """fsync ``folder`` so that a name just linked or renamed in it is durable (best effort: a file
+    system that cannot sync a directory is left as it is)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class FileIO:
     """The one I/O layer: every write, sync, allocate and truncate of a store's file.
 
@@ -815,10 +826,18 @@ class MappedFile:
         self._written.clear()
 
     def discard_changes(self, ranges=None):
-        """Forget the changes in ``ranges`` (default: every change since the last write-back)."""
+        """Forget the changes in ``ranges`` (default: every change since the last write-back).
+
+        A range may cross from one segment into the next (``madvise`` of one
+        segment would silently stop at its end): each segment's part is
+        dropped in turn.
+        """
         for offset, length in self.dirty_ranges() if ranges is None else ranges:
-            segment = self.segment_of(offset)
-            segment.map.madvise(mmap.MADV_DONTNEED, offset - segment.start, length)
+            while length > 0:
+                segment = self.segment_of(offset)
+                part = min(length, segment.start + segment.length - offset)
+                segment.map.madvise(mmap.MADV_DONTNEED, offset - segment.start, part)
+                offset, length = offset + part, length - part
 
     def close(self):
         """Unmap what can be unmapped; segments still referenced by proxies stay until collected."""

@@ -1,4 +1,4 @@
-"""The command line (DESIGN 3.12): ``permastruct demo [PATH] | info FILE | check FILE``.
+"""The command line (DESIGN 3.12): ``permastruct demo | info | check | dump | load | pack ...``.
 
 The same commands run as ``python3 -m permastruct ...`` and, once installed,
 as the ``permastruct`` console script; usage and help name the program the
@@ -77,6 +77,50 @@ records and the log, every page, the allocator, every object and reference,
 the collections, the reference counts and the string registry.  Prints a
 one-line summary and exits 0, or names the first problem and exits 1.  A
 progress bar shows on a terminal."""
+
+DUMP_HELP = """\
+Print the objects reachable from the root of a store as a tree, one line
+each: an object is shown once, and a later reference to it as '-> @0x...'
+(its offset), so shared objects and cycles are safe.  Strings and numbers
+are shown as values.  Reads the last commit (safe while another process
+writes).
+
+With --json, print the whole reachable store instead as portable JSON
+(schema and data; bytes in base64, buffers with format and shape, NaN and
+infinities spelled out, shared objects and cycles by id), which 'load'
+turns back into a store; docs/maintenance.rst describes the format."""
+
+LOAD_HELP = """\
+Build a new store NEWFILE from the JSON that 'dump --json' printed ('-'
+reads it from stdin).  NEWFILE must not exist.  The store is built under a
+temporary name and renamed into place when it is complete: a document that
+cannot be loaded (the message names the part that is wrong) leaves nothing
+behind.  'dump --json' of the new store prints the same JSON."""
+
+PACK_HELP = """\
+Free every object the root of a store cannot reach, cycles included
+(reference counting alone never frees a cycle), in one commit, and print
+what was freed.  Needs the store open for nobody else to write (readers may
+keep reading: their snapshot stays as it was until they refresh).  A
+progress bar shows on a terminal."""
+
+BACKUP_HELP = """\
+Copy the last commit of a store to the new file DEST, from a read-only open:
+a writer and readers go on meanwhile, nobody waits.  The copy is written
+under a temporary name, synced and then given its name, so a crash or a
+full disk leaves no file at DEST; it opens as an ordinary store with no log.
+DEST must not exist.
+
+With --compact, copy only the objects the root reaches, into consecutive
+pages (every offset renumbered): the copy is about the size of the live
+data.  It makes a full copy first (removed at the end) and holds every
+object's JSON form in memory."""
+
+COMPACT_HELP = """\
+Rewrite a store with only the objects its root reaches, in consecutive
+pages, and replace the file with the result in one rename: the file shrinks
+to about the size of its live data.  Refuses while anyone (a writer or a
+reader) has the store open.  Needs room for two copies meanwhile."""
 
 #: What the demo's Storage class stores (as info prints a schema): an existing
 #: store with exactly this schema is one an earlier demo made.
@@ -300,14 +344,90 @@ def _schema_lines(storage):
     """One line per type the store defines: ``Agent(Structure): name: ByteString, age: Int``."""
     lines = []
     for cls in storage._heap.classes.values():
+        if cls.__dict__.get("_ps_old"):  # the class of an earlier version: its type is listed once
+            continue
         if cls._ps_kind == "structure":
-            base = cls.__bases__[0].__name__
+            base = getattr(cls, "_ps_base", cls.__bases__[0]).__name__
             fields = ", ".join(f"{name}: {type_label(ftype)}" for name, ftype in cls._ps_own_fields)
             lines.append(f"{cls.__name__}({base}): {fields or 'no fields'}")
         elif cls._ps_kind in C.KINDS:
             params = ", ".join(type_label(t) for t in cls._ps_params)
             lines.append(f"{cls.__name__} = {C.DESCRIPTORS[cls._ps_kind].__name__}[{params}]")
     return lines
+
+
+# -- dump, load, pack ---------------------------------------------------------------
+def dump(path, out=print, depth=None, items=None, as_json=False):
+    """Print the tree (or with ``as_json`` the JSON form) of the store at ``path``; return 0."""
+    from . import _dump
+    with Storage(path, readonly=True) as p:
+        if as_json:
+            _dump.write_json(p, sys.stdout if out is print else _Lines(out))
+        else:
+            _dump.dump_text(p, out, depth, items)
+    return 0
+
+
+class _Lines:
+    """A text stream that hands each written line to ``out`` (for tests and doctests)."""
+
+    def __init__(self, out):
+        self.out, self.pending = out, ""
+
+    def write(self, text):
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        for line in lines:
+            self.out(line)
+
+
+def load(source, path, out=print):
+    """Build the store ``path`` from the JSON document in file ``source`` ('-': stdin); return 0."""
+    import json
+    from . import _dump
+    from .errors import LoadError
+    try:
+        if source == "-":
+            document = json.load(sys.stdin)
+        else:
+            with open(source, encoding="utf-8") as stream:
+                document = json.load(stream)
+    except (ValueError, RecursionError) as exc:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise LoadError(f"{source}: not JSON: {exc}") from None
+    made = _dump.load_json(document, path)
+    out(f"{path}: loaded {made} objects")
+    return 0
+
+
+def pack(path, out=print):
+    """Run ``Storage.pack()`` on the store at ``path`` and print what it freed; return 0."""
+    bar = _progress_bar(keep=False)
+    try:
+        with Storage(path) as p:
+            result = p.pack(bar)
+    finally:
+        if bar is not None:
+            bar.end()
+    out(f"{path}: freed {result['objects_freed']} objects ({result['bytes_freed']} bytes); "
+        f"{result['pages_released']} pages released, {result['pages']} pages in use")
+    return 0
+
+
+def backup(path, dest, out=print, compact=False):
+    """Copy the last commit of the store at ``path`` to the new file ``dest``; return 0."""
+    with Storage(path, readonly=True) as p:
+        result = p.backup(dest, compact=compact)
+    out(f"{result['path']}: a {'compact ' if compact else ''}copy of transaction {result['transaction']} of "
+        f"{path} ({result['pages']} pages, {result['bytes']} bytes)")
+    return 0
+
+
+def compact(path, out=print):
+    """Rewrite the store at ``path`` with only what its root reaches; return 0."""
+    from ._backup import compact_in_place
+    result = compact_in_place(path)
+    out(f"{path}: compacted from {result['before']} to {result['after']} bytes")
+    return 0
 
 
 # -- check ---------------------------------------------------------------------------
@@ -402,7 +522,31 @@ def _parser(prog):
         "file", metavar="FILE", help="the store's file")
     command("check", "verify every invariant of a store", CHECK_HELP).add_argument(
         "file", metavar="FILE", help="the store's file")
+    sub = command("dump", "print a store's objects as a tree (or as JSON)", DUMP_HELP)
+    sub.add_argument("file", metavar="FILE", help="the store's file")
+    sub.add_argument("--json", action="store_true", help="print the portable JSON form instead")
+    sub.add_argument("--depth", type=_count, metavar="N", help="show N levels below the root at most")
+    sub.add_argument("--items", type=_count, metavar="N", help="show N elements of each collection at most")
+    sub = command("load", "build a new store from 'dump --json' output", LOAD_HELP)
+    sub.add_argument("source", metavar="JSON", help="the JSON file ('-': stdin)")
+    sub.add_argument("file", metavar="NEWFILE", help="the new store's file (must not exist)")
+    command("pack", "free what the root cannot reach (cycles too)", PACK_HELP).add_argument(
+        "file", metavar="FILE", help="the store's file")
+    sub = command("backup", "copy a store's last commit to a new file", BACKUP_HELP)
+    sub.add_argument("file", metavar="FILE", help="the store's file")
+    sub.add_argument("dest", metavar="DEST", help="the copy's file (must not exist)")
+    sub.add_argument("--compact", action="store_true", help="copy only what the root reaches, renumbered")
+    command("compact", "rewrite a store with only what its root reaches", COMPACT_HELP).add_argument(
+        "file", metavar="FILE", help="the store's file")
     return parser
+
+
+def _count(text):
+    """An argparse type: a non-negative int."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 def main(argv=None, prog=None):
@@ -440,6 +584,18 @@ def _run(args, prog):
             return demo(args.path, prog=prog)
         if args.command == "info":
             return info(args.file)
+        if args.command == "dump":
+            if args.json and (args.depth is not None or args.items is not None):
+                raise CommandError("dump: --json prints the whole store; --depth and --items are for the tree")
+            return dump(args.file, depth=args.depth, items=args.items, as_json=args.json)
+        if args.command == "load":
+            return load(args.source, args.file)
+        if args.command == "pack":
+            return pack(args.file)
+        if args.command == "backup":
+            return backup(args.file, args.dest, compact=args.compact)
+        if args.command == "compact":
+            return compact(args.file)
         return check(args.file)
     except BrokenPipeError:
         raise

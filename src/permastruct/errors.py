@@ -27,6 +27,7 @@ __all__ = [
     "IncompleteChangeError",
     "ConcurrentUseError",
     "OverlayError",
+    "LoadError",
 ]
 
 
@@ -108,3 +109,9 @@ class ConcurrentUseError(PermastructError, RuntimeError):
 class OverlayError(PermastructError, ValueError):
     """An operation an overlay store (``Storage(path, overlay=True)``) cannot do: ``refresh()``
     (an overlay reads one snapshot of its base for as long as it is open)."""
+
+
+class LoadError(PermastructError, ValueError):
+    """A JSON document that ``load`` cannot rebuild a store from (not a permastruct dump, or a
+    part of it that is missing, of the wrong kind, or refers to what the document lacks); the
+    message names the part.  No store is left behind."""

@@ -22,6 +22,7 @@ import contextlib
 import os
 import warnings
 import weakref
+from typing import Any, Callable, TypeVar
 
 from . import _format as F
 from . import _types as T
@@ -38,6 +39,7 @@ from .structure import Structure, StructureMeta
 __all__ = ["Storage", "Structure", "StructureMeta"]
 
 DEFAULT_FILE_SIZE = 64 * 1024
+_S = TypeVar("_S", bound="Storage")
 
 
 DEFAULT_REGISTRY_SIZE = 64
@@ -53,8 +55,9 @@ class Storage:
     ``docs/tutorial.rst`` and ``docs/modes.rst``.
     """
 
-    def __init__(self, fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
-                 sync=True, pageSize=F.DEFAULT_PAGE_SIZE, timeout=0, overlay=False):
+    def __init__(self, fileName: "str | os.PathLike[str] | None", fileSize: "int | None" = None,
+                 stringRegistrySize: "int | None" = None, *, readonly: bool = False, sync: bool = True,
+                 pageSize: int = F.DEFAULT_PAGE_SIZE, timeout: "float | None" = 0, overlay: bool = False) -> None:
         self._closed = True
         self._forked = False
         self._block = None  # the outermost with p.transaction() block open (see _Block)
@@ -123,7 +126,7 @@ class Storage:
         self._finalizer.atexit = False
 
     @classmethod
-    def memory(cls, **kwargs):
+    def memory(cls: "type[_S]", **kwargs: Any) -> "_S":
         """An in-memory store: the same as ``cls(None, **kwargs)`` (see ``docs/modes.rst``)."""
         return cls(None, **kwargs)
 
@@ -146,26 +149,60 @@ class Storage:
         heap.allocator = Allocator(pf, state)
         self.schema._bind_predefined()
         stored = self.schema._read()
+        grown = False
         if type(self).populateSchema is not Storage.populateSchema:
             self.schema._run_populate()
-            self.schema._bind(stored)
+            grown = self.schema._bind(stored)
         else:
             self.schema._build(stored)
         if not self.readonly:  # what the last writer's program held has no holder now
             heap.unreferenced.update(heap.held_objects())
+        if grown:  # new types or fields: the stored schema grows, in one commit made by the open
+            self.schema._store()
+            self._commit(durable=False)  # (idempotent: a power loss leaves the next open to do it)
 
-    def populateSchema(self):
+    def populateSchema(self) -> None:
         """Describe the schema; override in a subclass (the base defines no types)."""
 
-    def define(self, type_):
+    def define(self, type_: Any) -> Any:
         """Define ``type_`` in the schema and return the type to use for fields.
 
         ``type_`` is a collection descriptor (``List('Agents')[Agent]``), which
-        becomes a new type of the schema, or a predefined type (``Buffer``,
-        ``ByteString``, ``String``, value types), for which the storage's own
-        version is returned.
+        becomes a new type of the schema; a module-level structure class,
+        whose class in this storage (a subclass of it) is made and returned;
+        or a predefined type (``Buffer``, ``ByteString``, ``String``, value
+        types), for which the storage's own version is returned.
         """
         return self.schema._define(type_)
+
+    # -- explicit schema changes (docs/schema.rst) ---------------------------------------
+    @staticmethod
+    def rename_field(fileName: "str | os.PathLike[str]", type_name: str, old: str, new: str) -> None:
+        """Rename field ``old`` of structure type ``type_name`` of the store in ``fileName`` to ``new``.
+
+        One commit; no object is rewritten.  The store must not be open for
+        writing elsewhere.  Then open it with classes that use the new name.
+        """
+        from ._schema import rename_field
+        rename_field(_bare(fileName), type_name, old, new)
+
+    @staticmethod
+    def drop_field(fileName: "str | os.PathLike[str]", type_name: str, field: str) -> None:
+        """Remove field ``field`` of structure type ``type_name`` of the store in ``fileName``.
+
+        One commit; no object is rewritten (what the field referenced is
+        released when each object is next written or freed).
+        """
+        from ._schema import drop_field
+        drop_field(_bare(fileName), type_name, field)
+
+    @staticmethod
+    def change_field_type(fileName: "str | os.PathLike[str]", type_name: str, field: str,
+                          new_type: Any) -> None:
+        """Change number field ``field`` of ``type_name`` to number type ``new_type``, which must hold
+        every value of the old one (``Int32`` to ``Int64``, ``Float32`` to ``Float``...).  One commit."""
+        from ._schema import change_field_type
+        change_field_type(_bare(fileName), type_name, field, new_type)
 
     # -- public API -----------------------------------------------------------------
     def _check_open(self):
@@ -182,7 +219,7 @@ class Storage:
             raise ReadOnlyError(f"{self!r} is open read-only")
 
     @property
-    def root(self):
+    def root(self) -> Any:
         """The instance of the schema's ``Root`` structure, created on first access."""
         self._check_open()
         if self._root is not None:
@@ -209,10 +246,11 @@ class Storage:
         return root
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
-    def commit(self, description=None, *, user=None, extension=None):
+    def commit(self, description: "str | None" = None, *, user: "str | None" = None,
+               extension: "dict[str, Any] | None" = None) -> None:
         """Make every change since the last commit durable.
 
         Either it returns and the commit is made, or it raises (a full disk,
@@ -225,7 +263,12 @@ class Storage:
         stored a ValueError, both before anything changes.  A commit with
         nothing to commit makes no transaction (``last_transaction`` stays).
         """
-        meta = F.pack_txn_meta(description, user, extension)
+        self._commit(F.pack_txn_meta(description, user, extension))
+
+    def _commit(self, meta=b"", durable=True):
+        """:meth:`commit`; ``durable=False`` skips its fsyncs (the open's commit of a grown schema:
+        lost to a power loss, it is made again by the next open; the next durable commit, or
+        checkpoint, makes it durable with it)."""
         self._check_writable()
         self._check_whole()
         heap = self._heap
@@ -234,7 +277,7 @@ class Storage:
         heap.record_held()
         pf = self._page_file
         try:
-            pf.commit(acknowledge=False, freed=heap.freed, meta=meta)
+            pf.commit(acknowledge=False, freed=heap.freed, meta=meta, durable=durable)
             # The commit returns here: the heap's own bookkeeping and the engine's
             # confirmation in one step (no call in between, so no interrupt either).
             heap.created, heap.created_many, heap.freed, heap._changing, pf._unacknowledged = set(), [], [], 0, None
@@ -268,7 +311,7 @@ class Storage:
                 "MemoryError inside it), so this transaction holds half of it and cannot be committed; "
                 "call rollback(): the store is at its last commit")
 
-    def rollback(self):
+    def rollback(self) -> None:
         """Return to the last committed state; proxies of objects created since then die.
 
         It also ends every open ``with p.transaction()`` block: a block that
@@ -288,7 +331,7 @@ class Storage:
         self._root = None
         heap._changing = 0
 
-    def refresh(self):
+    def refresh(self) -> bool:
         """(``readonly=True``) Move to the latest commit; return whether anything changed.
 
         Proxies stay usable; a proxy whose object the writer has since freed
@@ -301,15 +344,17 @@ class Storage:
         heap = self._heap
         heap.views.clear()
         self._root = None
+        self.schema._refresh()  # the types and versions the writer added
         freed = self._page_file.freed
         for offset, ref in list(heap.proxies.items()):
             proxy = ref()
-            if proxy is not None and (offset in freed or heap.type_at(offset) != type(proxy)._ps_type_id):
+            if proxy is not None and (offset in freed or not self.schema._still(proxy, heap.type_at(offset))):
                 heap.kill_proxy(offset, rolled_back="freed")
         self._page_file.mapping.close_retired(heap.addresses_in_use())
         return True
 
-    def transaction(self, description=None, *, user=None, extension=None):
+    def transaction(self, description: "str | None" = None, *, user: "str | None" = None,
+                    extension: "dict[str, Any] | None" = None) -> "_Block":
         """``with p.transaction():`` commits on success and rolls back on an exception.
 
         Nested blocks are savepoints: a failing inner block undoes only what it
@@ -370,7 +415,7 @@ class Storage:
         self._root = None
         heap.unreferenced, heap.freed, heap._changing = set(unreferenced), list(freed), 0
 
-    def close(self):
+    def close(self) -> None:
         """Commit what is pending and release the file; calling it again does nothing."""
         if self._closed:
             return
@@ -412,10 +457,10 @@ class Storage:
                 f"{self!r} was closed without committing: a change had been interrupted before it "
                 "finished (a KeyboardInterrupt or a MemoryError inside it); the store is at its last commit")
 
-    def __enter__(self):
+    def __enter__(self: "_S") -> "_S":
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and not self._closed and not self.readonly:
             with contextlib.suppress(PermastructError, OSError):
                 self.rollback()
@@ -428,7 +473,7 @@ class Storage:
             return f"<{type(self).__name__} {self.fileName!r} (overlay)>"
         return f"<{type(self).__name__} {self.fileName!r}>"
 
-    def check(self, progress=None):
+    def check(self, progress: "Callable[[int, int, str], object] | None" = None) -> "dict[str, Any]":
         """Verify the whole file; raise CorruptStorageError naming the first problem, or return a summary.
 
         ``progress``, if given, is called as ``progress(done, total, what)``
@@ -442,7 +487,52 @@ class Storage:
         summary.update(self._page_file.check_files())
         return summary
 
-    def readers(self):
+    def objects(self, cls=None):
+        """Proxies of every live object whose type is ``cls`` or a subclass of it (all when None),
+        in file order.
+
+        One walk of every page finds them (``Heap.walk``); objects made or
+        freed while iterating are not seen.  Unlinked cycles count as live
+        until :meth:`pack` frees them.  See ``docs/maintenance.rst``.
+        """
+        self._check_open()
+        from ._pack import objects
+        return objects(self, cls)
+
+    def pack(self, progress=None):
+        """Free every object the root cannot reach, cycles included, in one commit; return counts.
+
+        Marks from the root, the schema, the string registry and every object
+        a live proxy holds, frees the rest, merges the free lists and commits
+        (what was pending is committed with it).  Returns a dict with
+        ``objects_freed``, ``bytes_freed``, ``pages_released``, ``pages`` and ``objects_moved``.
+        Reads every page and follows every reference: it costs about what
+        :meth:`check` costs.  See ``docs/maintenance.rst``.
+        """
+        self._check_writable()
+        from ._pack import pack
+        return pack(self, progress)
+
+    def backup(self, path, *, compact=False):
+        """Copy the last commit (a reader: its snapshot) to the new file ``path``; return a summary.
+
+        Nothing is locked: the writer and other readers go on meanwhile.  The
+        copy is written under a temporary name, fsynced, linked at ``path``
+        and the folder fsynced; it opens as an ordinary store with no log and
+        its own store id.  An existing ``path``: ``FileExistsError``; the
+        store or its log as ``path``: ``ValueError``; a full disk:
+        ``StorageFullError`` and no file left.  Returns a dict with ``path``,
+        ``transaction``, ``pages`` and ``bytes``.  Cost: a read and a write of
+        every page.  ``compact=True`` copies only what the root reaches, into
+        consecutive pages (every offset renumbered): about the size of the
+        live data, at the cost of a full copy first and of memory for every
+        object's JSON form.  See ``docs/maintenance.rst``.
+        """
+        self._check_open()
+        from ._backup import backup, compact_copy
+        return compact_copy(self, path) if compact else backup(self, path)
+
+    def readers(self) -> "list[dict[str, Any]]":
         """The snapshots that read-only opens (in any process) hold, oldest first.
 
         A list of dicts with ``pid``, ``transaction``, ``behind`` (commits made
@@ -467,13 +557,22 @@ class Storage:
         return self._page_file.readers()
 
     @property
-    def fileSize(self):
+    def fileSize(self) -> int:
         """The size of the file in bytes."""
         self._check_open()
         return self._page_file.io.size()
 
 
 _OPEN = weakref.WeakSet()  # the open storages of this process
+
+
+def _bare(fileName):
+    """The store in ``fileName`` opened writable with the bare Storage (an explicit schema change);
+    a missing or empty file is not made a store."""
+    path = os.fspath(fileName)
+    if not os.path.isfile(path) or not os.path.getsize(path):
+        raise NotAStorageError(f"{os.path.abspath(path)!r} is not a store (missing or empty)")
+    return Storage(path)
 
 
 class _Block:

@@ -20,8 +20,10 @@ that storage; calling one creates a persistent object in it::
 """
 
 import ctypes
+import functools
 import math
 import struct
+import sys
 import threading
 from array import array
 from collections import abc
@@ -29,7 +31,7 @@ from operator import itemgetter
 
 from . import _format as F
 from ._types import Persistent, PersistentMeta, ValueType, change, run_change
-from .errors import ReadOnlyError, SchemaError
+from .errors import CorruptStorageError, ReadOnlyError, SchemaError
 from .strings import new_string, new_strings
 
 __all__ = ["Structure", "StructureMeta"]
@@ -108,23 +110,32 @@ class StructureMeta(PersistentMeta):
     """Metaclass of persistent structures: computes the layout and accessors once per class."""
 
     def __new__(mcls, name, bases, namespace, **kwargs):
-        if namespace.get("_ps_template") or namespace.get("_ps_closed"):  # Structure itself, dead variants
+        if namespace.get("_ps_template") or namespace.get("_ps_closed") or namespace.get("_ps_old"):
+            # Structure itself, dead variants, the classes of earlier versions
             return super().__new__(mcls, name, bases, namespace)
         from_file = "_ps_storage" in namespace  # built from a stored schema: every name is a field
+        unlisted = namespace.pop("_ps_unlisted", False)  # (a reader's class of a newer version)
+        binding = namespace.pop("_ps_binding", False)  # (Schema._bind_template: a module-level class)
         storage = namespace.pop("_ps_storage", None) or populating()
-        if storage is None:
-            raise SchemaError(f"structure {name!r} must be defined inside a Storage's populateSchema()")
-        struct_bases = [b for b in bases if isinstance(b, StructureMeta)]
+        if storage is None:  # a module-level class: fields declared, bound by self.define(cls)
+            return mcls._module_level(mcls, name, bases, namespace)
+        templates = [b for b in bases if isinstance(b, StructureMeta) and b.__dict__.get("_ps_module_level")]
+        if templates and not binding:  # a storage's class derived from a module-level one: from its bound class
+            bases = tuple(storage.schema._bind_template(b) if b in templates else b for b in bases)
+            templates = []
+        struct_bases = [b for b in bases if isinstance(b, StructureMeta) and b not in templates]
+        if not struct_bases and templates:
+            struct_bases = [Structure]
         if len(struct_bases) != 1:
             raise SchemaError(f"structure {name!r} must derive from exactly one structure class")
         base = struct_bases[0]
         if base._storage is not None and base._storage is not storage:
             raise SchemaError(f"structure {name!r} derives from {base.__name__!r} of another storage")
         own = []
-        for attr, value in list(namespace.items()):
+        for attr, value in _declarations(namespace):
             if from_file and attr.startswith("__") and attr != "__module__":
                 raise SchemaError(f"{name}.{attr}: names starting with '__' cannot be fields")
-            ftype = storage.schema._field_type(value) if not attr.startswith("__") else None
+            ftype = None if attr.startswith("__") else storage.schema._class_field_type(name, attr, value)
             if ftype is not None:
                 if attr.startswith("_ps_"):
                     raise SchemaError(f"{name}.{attr}: field names starting with '_ps_' are reserved")
@@ -135,7 +146,9 @@ class StructureMeta(PersistentMeta):
                     raise SchemaError(f"{name}.{attr}: the name is taken by {base.__name__} "
                                       "(an attribute or method of the class)")
                 own.append((attr, ftype))
-                del namespace[attr]
+                namespace.pop(attr, None)
+        if not from_file:  # on reopen, the stored order first (reordering the class is no change)
+            own = storage.schema._stored_order(name, own)
         cfields = []
         for attr, ftype in own:
             if isinstance(ftype, ValueType):
@@ -149,6 +162,8 @@ class StructureMeta(PersistentMeta):
         namespace["_ps_own_fields"] = tuple(own)
         namespace["_ps_field_types"] = dict(base._ps_field_types, **dict(own))
         namespace["_ps_kind"] = "structure"
+        namespace["_ps_base"] = base  # its structure base (a module-level class it binds is not one)
+        namespace["_ps_user_doc"] = namespace.get("__doc__")
         namespace["__doc__"] = _class_doc(name, namespace.get("__doc__"), namespace["_ps_field_types"], base)
         for attr, ftype in own:
             if not isinstance(ftype, ValueType):
@@ -158,14 +173,55 @@ class StructureMeta(PersistentMeta):
         except (TypeError, ValueError, AttributeError) as exc:  # e.g. a bad __slots__ or layout
             raise SchemaError(f"structure {name!r} cannot be built: {exc}") from None
         cls._ps_size = -(-ctypes.sizeof(cls) // 8) * 8
-        cls._ps_setters = _make_setters(cls, storage._heap)
-        cls.__setattr__ = _make_setattr(cls, storage.readonly)
-        cls._ps_new = _make_constructor(cls)
+        _make_accessors(cls)
         cls._ps_ref_at = tuple(getattr(cls, "_ps_ref_" + name).offset for name, ftype in
                                cls._ps_field_types.items() if not isinstance(ftype, ValueType))
         cls._ps_type_id = 0
-        storage.schema._register(cls)
+        if not unlisted:
+            storage.schema._register(cls)
         return cls
+
+    def _ps_resolve(cls, resolved):
+        """Put the types that names in quotes stand for (``next = "Node"``) into this class's fields.
+
+        ``resolved`` maps each placeholder to its type.  The layout does not
+        change (a reference is 8 bytes whatever it names); the setters, the
+        constructor and the docstring, which know the field types, are made
+        again.
+        """
+        cls._ps_own_fields = tuple((attr, resolved.get(ftype, ftype)) for attr, ftype in cls._ps_own_fields)
+        cls._ps_field_types = {attr: resolved.get(ftype, ftype) for attr, ftype in cls._ps_field_types.items()}
+        for attr, ftype in cls._ps_own_fields:
+            if not isinstance(ftype, ValueType):
+                setattr(cls, attr, _ref_property(attr, "_ps_ref_" + attr, ftype))
+        cls.__doc__ = _class_doc(cls.__name__, cls._ps_user_doc, cls._ps_field_types, cls._ps_base)
+        _make_accessors(cls)
+
+    def _module_level(mcls, name, bases, namespace):
+        """A structure class declared outside any ``populateSchema``: its fields are recorded
+        (``_ps_declared``), not laid out; ``self.define(cls)`` makes a storage's class of it."""
+        parents = [b for b in bases if isinstance(b, StructureMeta)]
+        if len(parents) != 1 or not (parents[0] is Structure or parents[0].__dict__.get("_ps_module_level")):
+            raise SchemaError(f"module-level structure {name!r} must derive from Structure or from another "
+                              "module-level structure class (a storage's own classes are made inside its "
+                              "populateSchema)")
+        declared = []
+        annotations = namespace.get("__annotations__", {})
+        for attr, value in _declarations(namespace, evaluate=False):
+            if attr.startswith("__"):
+                continue
+            problem = not_a_type(value)
+            if problem is not None:
+                raise SchemaError(f"{name}.{attr} = {shown(value)} is not a field type: {problem}")
+            if _declares_field(value):
+                if attr.startswith("_ps_"):
+                    raise SchemaError(f"{name}.{attr}: field names starting with '_ps_' are reserved")
+                declared.append((attr, value, attr in annotations and attr not in namespace))
+                namespace.pop(attr, None)
+        namespace["_ps_declared"] = tuple(declared)
+        namespace["_ps_module_level"] = True
+        namespace.setdefault("__slots__", ())
+        return super().__new__(mcls, name, bases, namespace)
 
     def __call__(cls, *args, **fields):
         """Create a persistent object of this structure in its storage."""
@@ -173,6 +229,10 @@ class StructureMeta(PersistentMeta):
             raise TypeError(f"{cls.__name__}() takes field values as keyword arguments only")
         heap = cls._heap
         if heap is None:
+            if cls.__dict__.get("_ps_module_level"):
+                raise TypeError(f"{cls.__name__} is a module-level structure class: bind it to a storage with "
+                                f"self.define({cls.__name__}) in its populateSchema, then make objects with "
+                                f"p.schema.{cls.__name__}(...)")
             raise TypeError("Structure is abstract: define a subclass in populateSchema()")
         return run_change(heap, cls._ps_new, fields)
 
@@ -204,6 +264,82 @@ class StructureMeta(PersistentMeta):
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_Label(_type_label(ftype)),
                               default=defaults[ftype.kind] if isinstance(ftype, ValueType) else None)
             for name, ftype in cls._ps_field_types.items()])
+
+
+def _declarations(namespace, evaluate=True):
+    """``[(name, value)]`` of a class body: its attributes, and the names it only annotates
+    (``age: Int``) with their annotations (a string annotation - ``from __future__ import
+    annotations`` - evaluated in the class's module unless ``evaluate`` is false)."""
+    items = list(namespace.items())
+    annotations = namespace.get("__annotations__", {})
+    if isinstance(annotations, dict):
+        module = namespace.get("__module__")
+        items = [(attr, evaluate_annotation(module, value, namespace) if evaluate else value)
+                 for attr, value in annotations.items() if attr not in namespace and not _class_var(value)] + items
+    return items
+
+
+def evaluate_annotation(module, text, namespace=None):
+    """The value of string annotation ``text`` in ``module`` (a name it cannot find stays the string:
+    a type of the schema named in quotes)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return eval(text, dict(vars(sys.modules[module])) if module in sys.modules else {}, dict(namespace or {}))
+    except Exception:
+        return text
+
+
+def _class_var(value):
+    text = value if isinstance(value, str) else repr(value)
+    return "ClassVar" in text
+
+
+def _declares_field(value):
+    """Whether class attribute ``value`` of a module-level structure class declares a field."""
+    from .collections import _Descriptor
+    return isinstance(value, (ValueType, str, _Descriptor)) or (
+        isinstance(value, type) and issubclass(value, Persistent) and value is not Structure)
+
+
+#: What to write instead of a Python type used as a field type.
+_INSTEAD = {str: "String", bytes: "ByteString", int: "Int", float: "Float", bool: "Bool",
+            bytearray: "Buffer", memoryview: "Buffer", list: "a List('Name')[T]",
+            dict: "a Dict('Name')[K, V]", set: "a Set('Name')[T]", frozenset: "a Set('Name')[T]"}
+
+
+def not_a_type(value):
+    """Why class attribute ``value`` cannot be a field although it looks like a type (None: it is not
+    meant as one - a method, a property, a constant, a nested helper class)."""
+    if isinstance(value, type):
+        if value in _INSTEAD:
+            return f"write {_INSTEAD[value]} (self.schema.{_INSTEAD[value]})" if " " not in _INSTEAD[value] \
+                else f"use {_INSTEAD[value]} (from permastruct)"
+        if value.__module__ == "builtins":
+            return "a builtin Python type is not a persistent type"
+        if issubclass(value, Persistent):
+            if value is Structure:
+                return "name a structure class of this schema (Structure itself is only a base class)"
+            return None
+        if value.__module__ in ("ctypes", "_ctypes") or issubclass(value, (ctypes._SimpleCData, ctypes.Structure)):
+            return "use the permastruct number types (Int32, UInt8, Float...), not ctypes types"
+        return None
+    if type(value).__module__ in ("typing", "types") and hasattr(value, "__origin__"):
+        return "a type hint is not a persistent type; use the permastruct types"
+    return None
+
+
+def shown(value):
+    return value.__qualname__ if isinstance(value, type) else repr(value)
+
+
+def _make_accessors(cls):
+    """The write functions, ``__setattr__`` and constructor of structure class ``cls`` (once its field
+    types are known)."""
+    storage = cls._storage
+    cls._ps_setters = _make_setters(cls, storage._heap)
+    cls.__setattr__ = _make_setattr(cls, storage.readonly)
+    cls._ps_new = _make_constructor(cls)
 
 
 def _ref_property(name, hidden, ftype):
@@ -624,3 +760,235 @@ class Structure(Persistent, metaclass=StructureMeta):
 
 
 del Structure._ps_template
+
+
+# -- objects written before the type changed -------------------------------------------------------
+#
+# An object keeps the type id of the layout it was written with.  Each earlier
+# layout (a *version*, kept in the stored schema) gets the type's *old-version
+# class*: a subclass of the current class (so ``isinstance`` holds) whose proxy
+# covers only the object's header, and whose fields are Python properties that
+# read the header on every access: an object of an earlier version is read
+# through its stored layout (a field added since reads as its default); a
+# FORWARD is read through its body.  The first write to such an object
+# *upgrades* it: its values move to a new body of the current version and the
+# object becomes a FORWARD to it (its place, and so every reference to it, stays).
+# Objects of the current version never meet any of this: their class is the one
+# ``populateSchema`` made, with its ctypes fields.
+
+class Layout:
+    """One stored version of a structure type: its type id, size and ``{field: (type, offset)}``."""
+
+    __slots__ = ("type_id", "size", "fields")
+
+    def __init__(self, type_id, size, fields):
+        self.type_id, self.size = type_id, size
+        self.fields = {name: (ftype, offset) for name, ftype, offset in fields}
+
+    def references(self):
+        """``[(field, type, offset)]`` of the by-reference fields."""
+        return [(name, ftype, offset) for name, (ftype, offset) in self.fields.items()
+                if not isinstance(ftype, ValueType)]
+
+
+def layout_of(cls):
+    """The :class:`Layout` of current structure class ``cls``."""
+    fields = []
+    for name, ftype in cls._ps_field_types.items():
+        cfield = getattr(cls, name if isinstance(ftype, ValueType) else "_ps_ref_" + name)
+        fields.append((name, ftype, cfield.offset))
+    return Layout(cls._ps_type_id, cls._ps_size, fields)
+
+
+_U32, _U64 = ctypes.c_uint32.from_address, ctypes.c_uint64.from_address
+
+
+def old_version_class(cls, layouts):
+    """The class of ``cls``'s objects of earlier versions and FORWARDs (made once per class).
+
+    ``layouts`` maps the type ids of the earlier versions to their
+    :class:`Layout` (the schema's, shared: a reader's refresh adds to it).
+    """
+    made = cls.__dict__.get("_ps_old_class")
+    if made is not None:
+        return made
+    heap = cls._heap
+    owner = cls.__name__
+    fields = cls._ps_field_types
+
+    def body_of(proxy, address):
+        """A proxy (not remembered) of the body of the FORWARD at ``address``."""
+        return body_proxy(heap, _U64(address + 8).value)
+
+    def reader(name, ftype):
+        if isinstance(ftype, ValueType):
+            default = False if ftype.kind == "bool" else 0.0 if ftype.kind == "float" else 0
+        else:
+            default = None
+
+        def get(self):
+            address = ctypes.addressof(self)
+            type_id = _U32(address).value
+            if type_id == F.T_FORWARD:
+                return getattr(body_of(self, address), name)
+            layout = layouts.get(type_id)
+            if layout is None:
+                raise CorruptStorageError(f"{heap.name!r}: the {owner} at {self._ps_oid:#x} has type id "
+                                          f"{type_id}, which is no version of {owner}")
+            entry = layout.fields.get(name)
+            if entry is None:
+                return default  # added since this object was written
+            stored, offset = entry
+            if isinstance(stored, ValueType):
+                return stored.ctype.from_address(address + offset).value
+            return heap.proxy(_U64(address + offset).value)
+
+        def set(self, value):
+            type(self).__setattr__(self, name, value)
+        get.__name__ = set.__name__ = name
+        return property(get, set, doc=f"{name}: {_type_label(ftype)}")
+
+    checks = {}
+    for name, ftype in fields.items():
+        if isinstance(ftype, ValueType):
+            checks[name] = ftype.checker(name, owner)
+        else:
+            checks[name] = functools.partial(heap.reference_check_value, ftype, where=f"{owner}.{name}")
+
+    @change
+    def write(self, name, value):
+        checks[name](value)  # a wrong value is refused before the object is upgraded
+        setattr(upgrade(heap, self._ps_oid, cls, layouts), name, value)
+
+    def __setattr__(self, name, value):
+        if name not in fields:
+            if name.startswith("_ps_") or not hasattr(type(self), name):
+                raise AttributeError(f"{owner!r} has no field {name!r} (fields: {', '.join(fields) or 'none'})")
+            return object.__setattr__(self, name, value)
+        if cls._storage.readonly:
+            raise ReadOnlyError(f"{cls._storage!r} is open read-only: cannot set {owner}.{name}")
+        write(self, name, value)
+
+    def references(klass, heap, offset, type_id):
+        segment, local = heap.locate(offset, 8)
+        type_id = F.UINT32.unpack_from(segment.map, local)[0]
+        layout = layouts[type_id]
+        segment, local = heap.locate(offset, layout.size)
+        return [target for target in (F.UINT64.unpack_from(segment.map, local + at)[0]
+                                      for _, _, at in layout.references()) if target]
+
+    def validate(proxy, room):
+        """(Making a proxy) The object's stored layout must fit where it is: every read through it
+        then stays in the map."""
+        type_id = _U32(ctypes.addressof(proxy)).value
+        size = F.FORWARD.size if type_id == F.T_FORWARD else getattr(layouts.get(type_id), "size", None)
+        if size is None:
+            return f"its type id {type_id} is no version of {owner}"
+        if size > room:
+            return f"its {size} bytes cross the end of the map"
+        return None
+
+    namespace = {"__slots__": (), "_ps_old": True, "__setattr__": __setattr__, "__module__": cls.__module__,
+                 "_ps_references": classmethod(references), "__doc__": cls.__doc__, "_ps_validate": validate}
+    for name, ftype in fields.items():
+        namespace[name] = reader(name, ftype)
+    old = StructureMeta(owner, (cls,), namespace)
+    old.__qualname__ = cls.__qualname__
+    old._ps_extent = 8  # the header: what every version and a FORWARD have
+    cls._ps_old_class = old
+    return old
+
+
+def upgrade(heap, offset, cls, layouts):
+    """Move the object at ``offset`` (an earlier version of ``cls``, or a FORWARD) to a body of the
+    current version, if it is not there yet; return a proxy (not remembered) of that body.
+
+    The values move as they are (references keep their counts: the body holds
+    them now), each field read through its stored layout and written as the
+    current type; the object becomes a FORWARD to the body, which has one
+    reference, the FORWARD's.  Inside a change (the caller's).
+    """
+    segment, local = heap.locate(offset, F.FORWARD.size)
+    type_id, refs, body = F.FORWARD.unpack_from(segment.map, local)
+    old_body = None
+    if type_id == F.T_FORWARD:
+        if F.UINT32.unpack_from(heap.mapping.view(body, 4))[0] == cls._ps_type_id:
+            return body_proxy(heap, body)
+        old_body, source, source_type = body, body, F.UINT32.unpack_from(heap.mapping.view(body, 4))[0]
+    else:
+        source, source_type = offset, type_id
+    layout = layouts[source_type]
+    src_segment, src_local = heap.locate(source, layout.size)
+    address = src_segment.address + src_local
+    values, dropped = {}, []
+    for name, (stored, at) in layout.fields.items():
+        if name not in cls._ps_field_types:  # a field dropped since: what it referenced loses a reference
+            if not isinstance(stored, ValueType) and _U64(address + at).value:
+                dropped.append(_U64(address + at).value)
+            continue
+        if isinstance(stored, ValueType):
+            values[name] = stored.ctype.from_address(address + at).value
+        else:
+            values[name] = _U64(address + at).value
+    new = heap.new_object(cls, cls._ps_size)
+    target = body_proxy(heap, new)
+    for name, value in values.items():
+        ftype = cls._ps_field_types[name]
+        if isinstance(ftype, ValueType):
+            getattr(cls, name).__set__(target, ftype.checker(name, cls.__name__)(value))
+        else:
+            getattr(cls, "_ps_ref_" + name).__set__(target, value)
+    heap.incref(new)  # the FORWARD's reference
+    heap.unreferenced.discard(new)
+    F.FORWARD.pack_into(heap.mapping.view(offset, F.FORWARD.size), 0, F.T_FORWARD, refs, new)
+    if old_body is not None:  # its references moved: its space goes, not what it referenced
+        heap.created.discard(old_body)
+        heap.allocator.free(old_body)
+    for reference in dropped:
+        heap.decref(reference)
+    return target
+
+
+def body_proxy(heap, body):
+    """A proxy (not remembered) of the body of a FORWARD: an object of a version of a structure type."""
+    type_id = heap.type_at(body) if body else None
+    cls = heap.classes.get(type_id)
+    if cls is None or cls._ps_kind != "structure":
+        raise CorruptStorageError(f"{heap.name!r}: a forwarded object's body at {body:#x} is not a structure "
+                                  f"(type {type_id})")
+    return heap.view_of(cls, body)
+
+
+def forward_class(storage, layouts):
+    """The proxy class of FORWARDs in ``storage`` (heap type id ``T_FORWARD``): making a proxy of one
+    makes the old-version proxy of its body's type, over the FORWARD's header."""
+    heap = storage._heap
+
+    def make(cls, segment, local):
+        body = F.UINT64.unpack_from(segment.map, local + 8)[0]
+        heap.check_offset(body, 8)
+        current = heap.classes.get(heap.type_at(body))
+        if (current is not None and current._ps_kind == "structure" and not current.__dict__.get("_ps_old")
+                and body not in heap.created and not storage.readonly):
+            # A committed body of the current version, in the writer: the fast proxy, over the body
+            # (its object id, set by the heap, is the FORWARD's offset); the current version does not
+            # change while the storage is open, so the body stays.  A body made in this transaction
+            # could go with a rollback, and a reader's could go with a later writer's change: there
+            # the object is read through the FORWARD's header, on every access.
+            body_segment, body_local = heap.locate(body, current._ps_extent)
+            return current._ps_make(body_segment, body_local)
+        if current is None or current._ps_kind != "structure" or current.__dict__.get("_ps_old"):
+            current = getattr(current, "__bases__", (None,))[0] if current is not None else None
+        if current is None or getattr(current, "_ps_kind", None) != "structure":
+            raise CorruptStorageError(f"{heap.name!r}: the forwarded object at {segment.start + local:#x} "
+                                      f"has a body at {body:#x} that is not a structure")
+        return old_version_class(current, layouts).from_address(segment.address + local)
+
+    def references(cls, heap, offset, type_id):
+        return [F.FORWARD.unpack_from(heap.mapping.view(offset, F.FORWARD.size))[2]]
+
+    return PersistentMeta("Forward", (Persistent,), {
+        "__slots__": (), "_fields_": [("_ps_body", ctypes.c_uint64)], "_storage": storage, "_heap": heap,
+        "_ps_kind": "forward", "_ps_make": classmethod(make), "_ps_references": classmethod(references),
+        "_ps_validate": lambda proxy, room: None,  # (never called: makes the heap take its slow path)
+        "__module__": __name__})
