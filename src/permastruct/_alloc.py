@@ -29,6 +29,11 @@ _HEAD = F.INT32.unpack_from
 _SLAB_FIELDS, _SLAB_PUT = F.SLAB.unpack_from, F.SLAB.pack_into
 
 
+#: Whole slab pages placed (and later written) as one run at most: a run lies in one segment of
+#: the map, and its writing builds the run's bytes in memory first.
+_RUN_PAGES = 1024
+
+
 def scatter(blob, at, stride, code, values):
     """Write ``values`` (a buffer of ``struct`` format ``code``, or any iterable of them) into
     ``blob`` at byte ``at`` of every ``stride`` bytes: one field of many objects placed side by
@@ -256,7 +261,7 @@ class Allocator:
             while count:
                 pid = self._head(index)
                 if pid == -1:
-                    pages = count // nslots
+                    pages = min(count // nslots, _RUN_PAGES)
                     if pages >= 2 and pf.free_head == F.NO_NEXT_FREE_PAGE:
                         first = self._alloc_run(pages)  # full slabs, off the partial list
                         header = placement.page_header()
