@@ -265,6 +265,10 @@ class Program:
             result = fn()
             inj.armed = False  # no signal handler runs between fn's return and this store
         except BaseException as exc:
+            # First, with no call before it (as after a return): fn raised something of its own (the
+            # IncompleteChangeError of a refused commit) while armed, and a timer due now would
+            # otherwise go off in the program's own next call (disarm) and escape the program.
+            inj.armed = False
             inj.disarm()
             if inj.fired != before:
                 raise Interrupted(exc) from exc

@@ -456,3 +456,67 @@ def test_random_nested_blocks_match_a_model(tmp_path, seed):
         p.check()
         committed = model
     p.close()
+
+
+def _interrupt_at(count):
+    """A trace function raising KeyboardInterrupt at the ``count``-th opcode run in the permastruct
+    package (the style of test_modes._interrupt_after); returns a callable telling whether it fired."""
+    import os
+    import sys
+    import permastruct
+    package = os.path.dirname(permastruct.__file__)
+    seen = [0, False]
+
+    def local(frame, event, arg):
+        if event == "opcode":
+            seen[0] += 1
+            if seen[0] == count and not seen[1]:
+                seen[1] = True
+                raise KeyboardInterrupt(f"opcode {count}")
+        return local
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename.startswith(package):
+            frame.f_trace_opcodes = True
+            return local
+        return None
+
+    sys.settrace(tracer)
+    return lambda: seen[1]
+
+
+def test_an_interrupt_at_any_opcode_of_the_proxy_prune_forgets_no_live_proxy(tmp_path):
+    """Heap._prune drops the dead entries of the proxy table.  It used to clear the table and put
+    the live entries back: an interrupt in between forgot every live proxy, so a rollback (which
+    kills the proxies it finds there) left the proxies of objects made in the rolled-back
+    transaction alive over freed slots.  Interrupted at every opcode, the prune keeps every live
+    proxy, and the rollback kills them all."""
+    import sys
+    from permastruct.errors import DeadProxyError
+    p = Changes(str(tmp_path / "prune.ps"))
+    p.root.note = "kept"
+    p.commit()
+    heap = p._heap
+    count = 1
+    while True:
+        made = [p.schema.Item(name=f"i{i}", value=i) for i in range(6)]
+        for i in range(6):  # dead entries for the prune to drop
+            p.schema.Item(name="gone", value=i)
+        fired = _interrupt_at(count)
+        try:
+            heap._prune()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        p.rollback()
+        for item in made:
+            with pytest.raises(DeadProxyError):
+                item.value
+        assert str(p.root.note) == "kept"
+        p.check()
+        if not fired():
+            break
+        count += 1
+    assert count > 10
+    p.close()

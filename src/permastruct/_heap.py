@@ -197,10 +197,12 @@ class Heap:
     def _prune(self):
         """Drop the entries of proxies that died: about once per doubling of the map, so O(1) each."""
         proxies = self.proxies
-        live = {offset: ref for offset, ref in proxies.items() if ref() is not None}
-        proxies.clear()
-        proxies.update(live)
-        self._prune_at = 2 * len(live) + 1024
+        # Dead entries are deleted in place: an interrupt in between leaves some of them, never a
+        # live proxy forgotten (a rollback kills the proxies it finds here; a clear() and update()
+        # cut short in between left the live ones out).
+        for offset in [offset for offset, ref in proxies.items() if ref() is None]:
+            del proxies[offset]
+        self._prune_at = 2 * len(proxies) + 1024
 
     def created_objects(self):
         """Every object made in this transaction: ``created``, with ``created_many`` folded into it."""

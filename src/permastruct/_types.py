@@ -13,6 +13,7 @@ silently truncates integers that do not fit, which the contract forbids.
 """
 
 import ctypes
+import dis
 import functools
 import operator
 import struct
@@ -295,8 +296,47 @@ def _heap_type(name, slots, bases):
     return new_type
 
 
+def _shielded(function):
+    """``function`` made to take no signal at its first instruction (CPython 3.11 and 3.12); returns it.
+
+    A C slot implemented by a Python callback must return -1 with an
+    exception set, or 0 with the ``Py_buffer`` filled in.  Its ``try`` covers
+    every instruction but the first: CPython runs pending signal handlers
+    (a ``KeyboardInterrupt`` from Ctrl-C or an alarm) at the ``RESUME`` that
+    starts a function.  An exception raised there leaves the callback before
+    it runs; ``ctypes`` then reports it as unraisable and returns whatever
+    its return slot held - often 0, "filled in" - and the caller reads an
+    unfilled ``Py_buffer``: a crash.  ``RESUME`` with argument 2 (as after a
+    ``yield from``) starts the function the same way without that check, so
+    a pending signal is handled at the first call inside the ``try``, which
+    turns it into the -1 its caller expects.  Other versions: unchanged.
+    """
+    if sys.implementation.name != "cpython" or sys.version_info[:2] not in ((3, 11), (3, 12)):
+        return function
+    code = function.__code__
+    raw = bytearray(code.co_code)
+    at = _first_resume(raw)
+    if at is not None and raw[at + 1] == 0:
+        raw[at + 1] = 2
+        function.__code__ = code.replace(co_code=bytes(raw))
+    return function
+
+
+def _first_resume(raw):
+    """The offset of the RESUME that starts code ``raw`` (after the cell set-up before it), or None."""
+    resume = dis.opmap["RESUME"]
+    before = {dis.opmap[name] for name in ("MAKE_CELL", "COPY_FREE_VARS") if name in dis.opmap}
+    for at in range(0, len(raw), 2):
+        if raw[at] == resume:
+            return at
+        if raw[at] not in before:
+            return None
+    return None
+
+
 def _callback(function):
-    callback = _GETBUFFER(function)
+    """The C address of a ``bf_getbuffer`` slot calling ``function`` (kept alive; see :func:`_shielded`)."""
+    callback = _GETBUFFER(_shielded(function))
     _KEEP_ALIVE.append((function, callback))
     return ctypes.cast(callback, ctypes.c_void_p).value
 
@@ -338,6 +378,7 @@ class _Failure(int):
 _deliver_exceptions = True  # cleared if the check at import fails
 
 
+@_shielded  # (called from the callbacks' except clauses: see _shielded)
 def _failed(exc):
     """The value a buffer callback returns when it failed with ``exc``: -1, with ``exc`` set when it is dropped.
 
