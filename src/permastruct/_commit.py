@@ -30,6 +30,16 @@ bytecode, a MemoryError, a failed write) undoes it: the commit frame is
 overwritten on disk and the in-memory state put back, so a commit that
 raised is never found again, by this process or by recovery.
 
+*Fresh pages* (:meth:`Engine._write_fresh`): a durable commit whose units
+past every page any readable state has (the main file's root, every commit
+in the log, the last commit) add up to ``fresh_bytes`` writes those straight
+into the main file and fsyncs it before its commit frame; the map drops its
+private copies of them.  No reader or recovery reads there until the commit
+frame names them, so a crash before it leaves them unused past the end.  A
+big load is written once, not through the log and again at the checkpoint.
+A commit with ``durable=False`` (the open that grows the schema) syncs
+nothing; the next durable commit, or checkpoint, first syncs what it left.
+
 *Checkpoint* (:meth:`Engine.checkpoint`): copies the newest image of every
 logged unit of transactions up to ``target`` into the main file, fsyncs,
 writes the root record that does not hold ``main_txn`` (so a torn write
