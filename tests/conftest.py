@@ -108,3 +108,31 @@ def reopen_store(p, cls, path):
         return p
     p.close()
     return cls(path)
+
+
+def interrupt_at_opcode(count):
+    """Install a trace function that raises KeyboardInterrupt at the ``count``-th opcode run inside
+    the permastruct package (an interrupt at any bytecode, deterministically); returns a callable
+    telling whether it fired.  The caller removes it with ``sys.settrace(None)``."""
+    import sys
+
+    import permastruct
+    package = os.path.dirname(permastruct.__file__)
+    seen = [0, False]
+
+    def local(frame, event, arg):
+        if event == "opcode":
+            seen[0] += 1
+            if seen[0] == count and not seen[1]:
+                seen[1] = True
+                raise KeyboardInterrupt(f"opcode {count}")
+        return local
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename.startswith(package):
+            frame.f_trace_opcodes = True
+            return local
+        return None
+
+    sys.settrace(tracer)
+    return lambda: seen[1]

@@ -370,3 +370,27 @@ def test_many_records_in_runs_of_whole_pages_read_back_exactly(tmp_path):
     assert math.isclose(p.check()["types"]["Item"], n)
     p.close()
     os.unlink(path)
+
+
+def test_records_too_large_for_a_slab_are_made_one_page_run_each(tmp_path):
+    """With 256-byte pages a slab holds objects of at most 112 bytes: an Item (about 80 bytes)
+    still fits, a record of 20 Int fields (168 bytes) takes a page run of its own."""
+    class Wide(Storage):
+        def populateSchema(self):
+            fields = {f"f{k}": self.schema.Int for k in range(20)}
+            Row = type("Row", (self.schema.Structure,), fields)
+            self.define(List("Rows")[Row])
+
+            class Root(self.schema.Structure):
+                rows = self.schema.Rows
+    path = str(tmp_path / "wide.ps")
+    p = Wide(path, pageSize=256)
+    p.root.rows = []
+    rows = [tuple(range(i, i + 20)) for i in range(300)]
+    assert p.root.rows.extend_records(rows) == 300
+    p.check()
+    p.commit()
+    p.close()
+    with Wide(path) as p:
+        assert [tuple(getattr(row, f"f{k}") for k in range(20)) for row in p.root.rows] == rows
+        p.check()

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from conftest import interrupt_at_opcode
 from permastruct import Dict, List, SortedDict, Storage
 from permastruct._alloc import Allocator
 from permastruct.errors import ConcurrentUseError, IncompleteChangeError
@@ -458,33 +459,6 @@ def test_random_nested_blocks_match_a_model(tmp_path, seed):
     p.close()
 
 
-def _interrupt_at(count):
-    """A trace function raising KeyboardInterrupt at the ``count``-th opcode run in the permastruct
-    package (the style of test_modes._interrupt_after); returns a callable telling whether it fired."""
-    import os
-    import sys
-    import permastruct
-    package = os.path.dirname(permastruct.__file__)
-    seen = [0, False]
-
-    def local(frame, event, arg):
-        if event == "opcode":
-            seen[0] += 1
-            if seen[0] == count and not seen[1]:
-                seen[1] = True
-                raise KeyboardInterrupt(f"opcode {count}")
-        return local
-
-    def tracer(frame, event, arg):
-        if frame.f_code.co_filename.startswith(package):
-            frame.f_trace_opcodes = True
-            return local
-        return None
-
-    sys.settrace(tracer)
-    return lambda: seen[1]
-
-
 def test_an_interrupt_at_any_opcode_of_the_proxy_prune_forgets_no_live_proxy(tmp_path):
     """Heap._prune drops the dead entries of the proxy table.  It used to clear the table and put
     the live entries back: an interrupt in between forgot every live proxy, so a rollback (which
@@ -502,7 +476,7 @@ def test_an_interrupt_at_any_opcode_of_the_proxy_prune_forgets_no_live_proxy(tmp
         made = [p.schema.Item(name=f"i{i}", value=i) for i in range(6)]
         for i in range(6):  # dead entries for the prune to drop
             p.schema.Item(name="gone", value=i)
-        fired = _interrupt_at(count)
+        fired = interrupt_at_opcode(count)
         try:
             heap._prune()
         except KeyboardInterrupt:

@@ -27,7 +27,7 @@ import tempfile
 import textwrap
 
 import pytest
-from conftest import _long_run
+from conftest import _long_run, interrupt_at_opcode
 
 import permastruct
 from permastruct import List, Storage
@@ -461,30 +461,6 @@ def test_overlay_beside_a_writer_in_another_process(tmp_path):
 
 
 # == an exception at every opcode of a commit ==============================================================
-def _interrupt_after(count):
-    """A trace function that raises KeyboardInterrupt at the ``count``-th opcode run inside the
-    permastruct package; returns a callable telling whether it fired."""
-    package = os.path.dirname(permastruct.__file__)
-    seen = [0, False]
-
-    def local(frame, event, arg):
-        if event == "opcode":
-            seen[0] += 1
-            if seen[0] == count and not seen[1]:
-                seen[1] = True
-                raise KeyboardInterrupt(f"opcode {count}")
-        return local
-
-    def tracer(frame, event, arg):
-        if frame.f_code.co_filename.startswith(package):
-            frame.f_trace_opcodes = True
-            return local
-        return None
-
-    sys.settrace(tracer)
-    return lambda: seen[1]
-
-
 @pytest.mark.parametrize("mode", ["memory", "overlay"])
 def test_interrupt_at_every_opcode_of_a_commit(tmp_path, mode):
     if mode == "memory":
@@ -510,7 +486,7 @@ def test_interrupt_at_every_opcode_of_a_commit(tmp_path, mode):
                 del p.root.items[0]
             pending = state(p)
             last = p.last_transaction
-            fired_now = _interrupt_after(step * STRIDE)
+            fired_now = interrupt_at_opcode(step * STRIDE)
             try:
                 p.commit()
             except KeyboardInterrupt:
@@ -581,7 +557,7 @@ def test_interrupt_at_every_opcode_of_a_rollback(tmp_path, mode):
             p.root.count = step
             p.root.items[step % 20].value = -step
             p.root.blobs.append(bytes([step % 256]) * 9000)
-            fired_now = _interrupt_after(step * STRIDE)
+            fired_now = interrupt_at_opcode(step * STRIDE)
             try:
                 p.rollback()
             except KeyboardInterrupt:

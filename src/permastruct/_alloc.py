@@ -35,15 +35,13 @@ _RUN_PAGES = 1024
 
 
 def scatter(blob, at, stride, code, values):
-    """Write ``values`` (a buffer of ``struct`` format ``code``, or any iterable of them) into
-    ``blob`` at byte ``at`` of every ``stride`` bytes: one field of many objects placed side by
-    side (:meth:`Allocator.place_many`), in one C-level slice assignment."""
+    """Write ``values`` (a buffer of ``struct`` format ``code``) into ``blob`` at byte ``at`` of
+    every ``stride`` bytes: one field of many objects placed side by side
+    (:meth:`Allocator.place_many`), in one C-level slice assignment."""
     size = struct.calcsize(code)
-    assert at % size == 0 and stride % size == 0, (at, stride, code)
-    target = memoryview(blob).cast(code)[at // size::stride // size]
-    if not isinstance(values, memoryview):
-        values = memoryview(values if isinstance(values, array) and values.typecode == code else array(code, values))
-    target[:] = values
+    if at % size or stride % size:
+        raise ValueError(f"a field of format {code!r} at byte {at} of every {stride} is not aligned")
+    memoryview(blob).cast(code)[at // size::stride // size] = values
 
 
 def _bin_of(pages):
@@ -241,23 +239,33 @@ class Allocator:
         return offset, segment.map, offset - segment.start, segment.address
 
     def place_many(self, size, count):
-        """A :class:`Placement`: room for ``count`` new small objects of ``size`` bytes, to write at once.
+        """A :class:`Placement`: room for ``count`` new objects of ``size`` bytes, to write at once.
 
         A slab's never-used slots are taken a run at a time; when the partial
         slabs are used up, whole new slabs come as one run of pages, written
         later a run at a time; slots on a slab's free list come one at a
-        time.  Either every slot is placed or, when the store runs out of
+        time, and so does an object too large for a slab (a page run of its
+        own).  Either every object is placed or, when the store runs out of
         room, none is (those taken already are given back) and the error
         propagates.
         """
-        if not 0 < size <= self.max_small:
-            raise ValueError(f"place_many() is for small objects (1..{self.max_small} bytes), not {size}")
-        index = self._class_of[(size - 1) >> 4]
-        stride, nslots = self.classes[index], self._slots[index]
+        if size <= 0:
+            raise ValueError(f"an object has at least one byte, not {size}")
         pf = self.pf
-        placement = Placement(self, index, stride, nslots)
+        if size > self.max_small:
+            placement = Placement(self, None, size, 1)
+            index = None
+        else:
+            index = self._class_of[(size - 1) >> 4]
+            stride, nslots = self.classes[index], self._slots[index]
+            placement = Placement(self, index, stride, nslots)
         pieces = placement.pieces
         try:
+            while index is None and count:
+                offset = self.alloc(size, zero=False)
+                segment = pf.mapping.segment_of(offset)
+                pieces.append((False, offset, segment.map, offset - segment.start, 1))
+                count -= 1
             while count:
                 pid = self._head(index)
                 if pid == -1:

@@ -362,8 +362,8 @@ class Storage:
         for the outer block; only the outermost block commits.  Entering a
         nested block copies the pages the transaction has changed so far.
         ``description``, ``user`` and ``extension`` are the metadata of the
-        commit (see :meth:`commit`), checked on entry; a nested block, which
-        does not commit, refuses them (ValueError).
+        commit (see :meth:`commit`), checked by the call; a nested block, which
+        does not commit, refuses them when it is entered (ValueError).
 
         >>> import os, tempfile
         >>> class S(Storage):
@@ -384,7 +384,7 @@ class Storage:
         (1, 0)
         >>> p.close()
         """
-        F.pack_txn_meta(description, user, extension)  # refused on entry, before the block runs
+        F.pack_txn_meta(description, user, extension)  # refused here, before the block runs
         self._check_writable()
         return _Block(self, (description, user, extension))
 
