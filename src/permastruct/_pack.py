@@ -412,11 +412,14 @@ def _relocate(storage, live, capacity, types):
     movable = [offset for offset in live if offset not in pinned]
     runs = sorted((offset for offset in movable if offset + capacity[offset] > end
                    and capacity[offset] > alloc.max_small), reverse=True)
-    windows = _windows(storage, live, pinned, capacity, cut, [capacity[offset] for offset in runs])
+    # (a run of one page, a B+tree node say, fits in any free page: no window for it)
+    windows = _windows(storage, live, pinned, capacity, cut,
+                       [capacity[offset] for offset in runs if capacity[offset] >= page_size])
 
     def in_windows(offset, size):
         return any(low < offset + size and offset < high for low, high in windows)
-    first = sorted((offset for offset in movable if offset not in runs and (
+    later = set(runs)
+    first = sorted((offset for offset in movable if offset not in later and (
         offset + capacity[offset] > end or in_windows(offset, capacity[offset]))), reverse=True)
     moved = {}
     _move(storage, first, capacity, moved, limit, lambda new, size: new + size <= end and not in_windows(new, size))
@@ -479,6 +482,11 @@ def _move(storage, offsets, capacity, moved, limit, accept):
     alloc.merge()
 
 
+#: The most page runs a relocation empties a window for (the largest; each costs a pass over the
+#: pages below the cut).  Smaller runs move only where the allocator finds a free run for them.
+_WINDOWS = 64
+
+
 def _windows(storage, live, pinned, capacity, cut, sizes):
     """For each page run of ``sizes`` (bytes, largest first) above the cut: ``(low, high)`` file
     offsets of a stretch of pages below the cut to empty for it - the one with the fewest pages in
@@ -496,7 +504,7 @@ def _windows(storage, live, pinned, capacity, cut, sizes):
             weight[page] = blocked if offset in pinned else max(weight[page], 1)
     starts = {pid for pid in heap.allocator._segment_starts() if 0 < pid < cut}
     windows = []
-    for size in sorted(sizes, reverse=True):
+    for size in sorted(sizes, reverse=True)[:_WINDOWS]:
         pages = -(-(F.RUN_OBJECT + size) // page_size)
         if pages > cut:
             continue
