@@ -49,7 +49,7 @@ import time
 import pytest
 
 import _crashkit as K
-from conftest import LONG_SEEDS, _long_run
+from conftest import DEFAULT_SEEDS, LONG_SEEDS, _long_run
 
 #: Random power-loss variants per crash point (besides "all unsynced writes lost").
 POWER_VARIANTS = 8 if _long_run() else 2
@@ -406,7 +406,8 @@ class _NoRecorder:
 def test_the_recorded_workload_relocates_and_cuts_the_file(stress_seed, stress_iterations, tmp_path, monkeypatch):
     """The replays above (every operation, process crash and power loss) cover pack()'s relocation
     and its truncating checkpoint: the same seeded workload, run here without a recorder, moves
-    objects in its packs and gives the file's free end back at a checkpoint (a hole, or a cut)."""
+    objects in its packs and gives the file's free end back at a checkpoint (a hole, or a cut).
+    (Other seeds may happen to pack nothing movable: skipped, not failed.)"""
     from permastruct import _pack
     from permastruct._commit import Engine
     from permastruct._mapping import FileIO
@@ -434,5 +435,8 @@ def test_the_recorded_workload_relocates_and_cuts_the_file(stress_seed, stress_i
     finally:
         if workload.p is not None:
             workload.p.close()
+    if stress_seed not in DEFAULT_SEEDS and not (sum(moved) and cuts):
+        pytest.skip(f"seed {stress_seed}: its packs found nothing to move ({moved}) or no end to cut "
+                    f"({len(cuts)} cuts); the default seeds do")
     assert moved and sum(moved) > 0, moved
     assert cuts, "no checkpoint gave blocks back"

@@ -12,6 +12,7 @@ import pytest
 
 import permastruct
 from permastruct import Dict, List, SortedDict, Storage
+from permastruct import _format as F
 from permastruct.errors import DeadProxyError, ReadOnlyError, StorageClosedError
 
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(permastruct.__file__)))
@@ -623,7 +624,6 @@ def test_pack_relocates_every_kind_of_reference(path):
         p.commit()
         expected = _tree_state(p)
         pages = p._page_file.page_count
-        p._root = None  # (the facade's cached root proxy would pin the root)
         result = p.pack()
         assert result["objects_moved"] > 200
         assert p._page_file.page_count < pages / 3
@@ -771,3 +771,105 @@ def test_a_crash_anywhere_in_a_relocating_pack_leaves_the_store_before_or_after_
             assert int(done.stdout) > 0  # it did move objects
             break
     assert statuses == {0, 86}
+
+
+@pytest.mark.parametrize("where", ["alloc 1", "alloc 300", "merge 2", "merge 3"])
+def test_a_relocation_interrupted_anywhere_is_rolled_back(path, monkeypatch, where):
+    """KeyboardInterrupt at an allocation of the moves, or at the merge after the small objects
+    moved (their old places freed) or after the runs moved (the references not yet rewritten):
+    commit() refuses, rollback() returns to the last commit, and the next pack does it all."""
+    kept = _make_records(path, 5000)
+    with Records(path) as p:
+        allocator = type(p._heap.allocator)
+        what, at = where.split()
+        original = getattr(allocator, what)
+        calls = []
+
+        def boom(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == int(at):
+                raise KeyboardInterrupt
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(allocator, what, boom)
+        with pytest.raises(KeyboardInterrupt):
+            p.pack()
+        monkeypatch.undo()
+        with pytest.raises(permastruct.errors.IncompleteChangeError):
+            p.commit()
+        p.rollback()
+        p.check()
+        _check_records(p, kept)
+        pages = p._page_file.page_count
+        assert p.pack()["objects_moved"] > 0 and p._page_file.page_count < pages / 2
+        p.check()
+        _check_records(p, kept)
+
+
+class Version1(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Item(s.Structure):
+            name = s.String
+            n = s.Int
+
+        self.define(List("Items")[Item])
+
+        class Root(s.Structure):
+            items = s.Items
+            junk = s.Items
+
+
+class Version2(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Item(s.Structure):  # a field added: the objects written before keep their layout
+            name = s.String
+            n = s.Int
+            extra = s.String
+
+        self.define(List("Items")[Item])
+
+        class Root(s.Structure):
+            items = s.Items
+            junk = s.Items
+
+
+def test_pack_moves_objects_of_earlier_versions_forwarded_ones_and_a_root_made_last(path):
+    """Objects of an earlier structure version are read through that version's layout, FORWARDs
+    and their bodies move like any object, and the root (made after the junk here: the right
+    side is evaluated first) moves although the storage keeps a proxy of it."""
+    with Version1(path) as p:
+        p.root.junk = [p.schema.Item(name=f"junk {i}", n=i) for i in range(3000)]
+        p.root.items = [p.schema.Item(name=f"item {i}", n=i) for i in range(300)]
+        root_page = p._page_file.page_of(p.root._ps_oid)
+        assert root_page > p._page_file.page_count / 2
+    with Version2(path) as p:
+        p.root.junk = None
+        for index, item in enumerate(p.root.items):
+            if index % 3 == 0:
+                item.extra = f"extra {index}"  # written to: a FORWARD to a body of the new version
+        del item
+        p.commit()
+        schema_at = p._page_file.slots[F.SLOT_SCHEMA]  # (written again by this open: near the end)
+        pages = p._page_file.page_count
+        reader = Version2(path, readonly=True)
+        try:
+            result = p.pack()
+            assert result["objects_moved"] > 300 and p._page_file.page_count < pages / 4
+            assert p._page_file.page_of(p.root._ps_oid) < root_page
+            assert p._page_file.slots[F.SLOT_SCHEMA] != schema_at  # the schema moved too
+            p.check()
+            assert reader.refresh()  # a reader finds the moved schema and objects
+            assert [str(x.name) for x in reader.root.items][-1] == "item 299"
+            reader.check()
+        finally:
+            reader.close()
+    with Version2(path) as p:
+        p.check()
+        items = p.root.items
+        assert [str(x.name) for x in items] == [f"item {i}" for i in range(300)]
+        assert [x.n for x in items] == list(range(300))
+        assert [x.extra and str(x.extra) for x in items] == [f"extra {i}" if i % 3 == 0 else None
+                                                             for i in range(300)]

@@ -37,7 +37,8 @@ Every live object at or above the cut is copied into room below it, and
 every stored reference to it rewritten (:func:`reference_slots` knows where
 each kind of object keeps its references: structure fields, collection
 bodies, list cells, hash-table entries, B+tree keys, values, children and
-leaf links, the string registry; the root record's slots).  Its old place is
+leaf links, the string registry; the root record's slots, the schema's among
+them).  Its old place is
 freed and listed in the commit's freed objects: a reader's proxy of a moved
 object dies at its refresh, as a freed object's does; after the refresh the
 reader finds the object at its new place.  The emptied end of the file then
@@ -46,10 +47,11 @@ over every live object's references.
 
 *What stays* (pins its page): an object a live proxy of this process holds
 (a proxy is laid over the object's bytes), objects made or unlinked in the
-pending transaction, the schema and the list of held objects, the body of a
-forwarded structure, a List's array whose cells a memoryview exports, and
-what an object of an earlier structure version references.  A pinned object
-near the end of the file keeps the file that long.
+pending transaction, the list of held objects, the body of a
+forwarded structure whose proxy is live (it may be laid over the body), a
+List's array whose cells a memoryview exports, and whatever an object whose
+references this pass cannot place refers to.  A pinned object near the end of
+the file keeps the file that long.
 
 *Giving pages back.*  The checkpoint after the commit (and every later one,
 and the close) gives the file's free end back to the file system, but only
@@ -228,7 +230,8 @@ def reference_slots(heap, offset, type_id):
     of the string registry.  What it finds must be exactly what
     :meth:`~permastruct._heap.Heap.references` lists (else: None), so a
     layout this pass reads wrongly pins the objects instead of corrupting
-    them.  Objects of earlier structure versions: None.
+    them.  An object of an earlier structure version is read through that
+    version's layout (the stored schema's, ``Layout.references``).
     """
     view, classes = heap.mapping.view, heap.classes
     links = ()
@@ -287,9 +290,13 @@ def reference_slots(heap, offset, type_id):
         if cls is None:
             return None
         if kind == "structure":
-            if cls.__dict__.get("_ps_old"):
-                return None  # an earlier version: its layout is the schema's (pinned)
-            slots = [offset + at for at in cls._ps_ref_at]
+            if cls.__dict__.get("_ps_old"):  # an earlier version: its layout is the stored schema's
+                layout = getattr(getattr(heap.storage, "schema", None), "_layouts", {}).get(type_id)
+                if layout is None:
+                    return None
+                slots = [offset + at for _, _, at in layout.references()]
+            else:
+                slots = [offset + at for at in cls._ps_ref_at]
         elif kind == "forward":
             slots = [offset + 8]
         elif kind in C.KINDS:
@@ -308,18 +315,20 @@ def _pinned(storage, live, types):
 
     Objects a live proxy of this process holds (their proxies point into the
     map: a structure's fields are read in place), objects made or left
-    unreferenced in this transaction, the schema (whose offset the namespace
-    keeps) and the list of held objects with what it lists, the body of a
-    FORWARD (a proxy of its FORWARD may read it in place), a List's array
+    unreferenced in this transaction, the list of held objects with what it
+    lists, the body of a
+    FORWARD that a live proxy holds (the proxy may be laid over the body), a List's array
     whose cells a memoryview exports, and whatever an object of an unknown
     layout references.  Returns ``(pinned, slots)``: the set, and the
     reference slots of every live object (None where unknown).
     """
     heap, pf = storage._heap, storage._page_file
+    storage._root = None  # (the facade's cached root proxy: the root stays only if the program holds it)
     pinned = {offset for offset, ref in list(heap.proxies.items()) if ref() is not None}
+    held = set(pinned)
     pinned.update(heap.created_objects())
     pinned.update(heap.unreferenced)
-    pinned.update((pf.slots[F.SLOT_SCHEMA], pf.slots[F.SLOT_HELD]))
+    pinned.add(pf.slots[F.SLOT_HELD])
     pinned.update(heap.held_objects())
     for cls in set(heap.classes.values()):
         exports = cls.__dict__.get("_ps_exports")
@@ -329,10 +338,7 @@ def _pinned(storage, live, types):
     for offset in live:
         type_id = types[offset]
         found = slots[offset] = reference_slots(heap, offset, type_id)
-        if found is None:
-            pinned.update(heap.references(offset))
-        elif type_id == F.T_FORWARD or heap.classes.get(type_id) is not None and \
-                heap.classes[type_id]._ps_kind == "forward":
+        if found is None or (type_id == F.T_FORWARD and offset in held):
             pinned.update(heap.references(offset))
     return pinned & live, slots
 
@@ -436,9 +442,12 @@ def _relocate(storage, live, capacity, types):
                 target = F.UINT64.unpack_from(view(at, 8))[0]
                 if target in moved:
                     F.UINT64.pack_into(view(at, 8), 0, moved[target])
-        for slot in (F.SLOT_ROOT, F.SLOT_REGISTRY):
+        for slot in (F.SLOT_ROOT, F.SLOT_REGISTRY, F.SLOT_SCHEMA):
             if pf.slots[slot] in moved:
                 pf.slots[slot] = moved[pf.slots[slot]]
+        schema = getattr(storage, "schema", None)
+        if getattr(schema, "_schema_at", None) in moved:  # (where the namespace read it from)
+            schema._schema_at = moved[schema._schema_at]
     return moved
 
 
