@@ -21,6 +21,7 @@ that storage; calling one creates a persistent object in it::
 
 import ctypes
 import functools
+import keyword
 import math
 import struct
 import sys
@@ -30,7 +31,7 @@ from collections import abc
 from operator import itemgetter
 
 from . import _format as F
-from ._types import Persistent, PersistentMeta, ValueType, change, run_change
+from ._types import _CUT_SHORT, Persistent, PersistentMeta, ValueType, _concurrent, _get_ident, change
 from .errors import CorruptStorageError, ReadOnlyError, SchemaError
 from .strings import new_string, new_strings
 
@@ -234,7 +235,19 @@ class StructureMeta(PersistentMeta):
                                 f"self.define({cls.__name__}) in its populateSchema, then make objects with "
                                 f"p.schema.{cls.__name__}(...)")
             raise TypeError("Structure is abstract: define a subclass in populateSchema()")
-        return run_change(heap, cls._ps_new, fields)
+        if heap._changing:  # run_change() written out: the path of every object made
+            if heap._changing != _get_ident():
+                raise _concurrent(heap)
+            return cls._ps_new(**fields)
+        heap._changing = _get_ident()
+        try:
+            made = cls._ps_new(**fields)
+        except Exception as exc:
+            if not isinstance(exc, _CUT_SHORT):
+                heap._changing = 0
+            raise
+        heap._changing = 0
+        return made
 
     @property
     def __signature__(cls):
@@ -419,47 +432,155 @@ def _exact_string(ftype):
     return str if ftype._ps_type_id == F.T_STRING else bytes if ftype._ps_type_id == F.T_BYTESTRING else None
 
 
-def _make_constructor(cls):
-    """``new(fields)``: a new object of structure ``cls`` from keyword values, made once per class.
+def _constructor_layout(cls):
+    """``(order, packer)``: the fields of ``cls`` in file order and the ``Struct`` that writes a
+    whole object of it (header, fields, padding), worked out once from the ctypes layout."""
+    types = cls._ps_field_types
 
-    Every value is checked before anything is made; then the objects the
-    reference fields need (strings are born with their one reference), then
-    the object itself, written in one ``pack_into`` of a format worked out
-    here from the ctypes layout (header, fields, padding).
-    """
-    heap = cls._heap
-    names = list(cls._ps_field_types)
+    def cfield(name):
+        return getattr(cls, name if isinstance(types[name], ValueType) else "_ps_ref_" + name)
+    order = sorted(types, key=lambda name: cfield(name).offset)
     codes, at = ["<II"], 8
-    for name in sorted(names, key=lambda n: getattr(cls, n if isinstance(cls._ps_field_types[n], ValueType)
-                                                    else "_ps_ref_" + n).offset):
-        ftype = cls._ps_field_types[name]
-        cfield = getattr(cls, name if isinstance(ftype, ValueType) else "_ps_ref_" + name)
-        if cfield.offset > at:
-            codes.append(f"{cfield.offset - at}x")
-        if isinstance(ftype, ValueType):
-            codes.append("?" if ftype.kind == "bool" else ftype.code)
-        else:
-            codes.append("Q")
-        at = cfield.offset + cfield.size
+    for name in order:
+        ftype, field = types[name], cfield(name)
+        if field.offset > at:
+            codes.append(f"{field.offset - at}x")
+        codes.append(("?" if ftype.kind == "bool" else ftype.code) if isinstance(ftype, ValueType) else "Q")
+        at = field.offset + field.size
     if cls._ps_size > at:
         codes.append(f"{cls._ps_size - at}x")
-    order = sorted(names, key=lambda n: getattr(cls, n if isinstance(cls._ps_field_types[n], ValueType)
-                                                else "_ps_ref_" + n).offset)
     packer = struct.Struct("".join(codes))
     assert packer.size == cls._ps_size, (packer.size, cls._ps_size)
+    return order, packer
+
+
+def _make_constructor(cls):
+    """``new(**fields)``: a new object of structure ``cls`` from keyword values, made once per class.
+
+    The function is generated for the class: its fields are its keyword
+    parameters (the interpreter binds them, with their defaults), each value
+    is checked inline (the common type first, the field's checker for
+    everything else), and every value is checked before anything is made.
+    The code names nothing but its parameters and ``_ps_`` names (which no
+    field may have), so a field called ``type`` or ``int`` is just a field.
+    Then the objects the reference fields need (strings are born with their
+    one reference), then the object itself, written in one ``pack_into``, and
+    its proxy.  Field names that cannot be parameters (from a stored schema)
+    get the same checks through a general function.
+    """
+    heap = cls._heap
+    order, packer = _constructor_layout(cls)
+    types = cls._ps_field_types
+    owner = cls.__name__
+    if not all(name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("_ps_")
+               for name in order):
+        return _general_constructor(cls, order, packer)
+    env = {"_ps_heap": heap, "_ps_pack": packer.pack_into,
+           "_ps_from_address": cls.from_address, "_ps_remember": heap.remember,
+           "_ps_new_string": new_string, "_ps_cls": cls, "_ps_type": type, "_ps_int": int,
+           "_ps_float": float, "_ps_bool": bool, "_ps_bytes": bytes, "_ps_str": str,
+           "_ps_BaseException": BaseException, "__builtins__": {},
+           "_ps_unexpected": functools.partial(_unexpected_fields, owner, list(types))}
+    params, checks, makes, undo = [], [], [], []
+    for name in types:  # parameters in declaration order, as the signature shows them
+        ftype = types[name]
+        if isinstance(ftype, ValueType):
+            params.append(f"{name}={_DEFAULTS[ftype.kind]!r}")
+        else:
+            params.append(f"{name}=None")
+    for name in order:
+        ftype = types[name]
+        if isinstance(ftype, ValueType):
+            env[f"_ps_check_{name}"] = ftype.checker(name, owner)
+            if ftype.kind == "int":
+                checks.append(f"    if _ps_type({name}) is not _ps_int or not {ftype.low} <= {name} <= {ftype.high}:\n"
+                              f"        {name} = _ps_check_{name}({name})")
+            elif ftype.kind == "float" and ftype.pack is None:
+                checks.append(f"    if _ps_type({name}) is not _ps_float:\n        {name} = _ps_check_{name}({name})")
+            elif ftype.kind == "bool":
+                checks.append(f"    if _ps_type({name}) is not _ps_bool:\n        {name} = _ps_check_{name}({name})")
+            else:  # Float32: any number it takes, rounded by the packer
+                checks.append(f"    {name} = _ps_check_{name}({name})")
+            continue
+        env[f"_ps_type_{name}"] = ftype
+        exact = _exact_string(ftype)
+        where = f"{owner}.{name}"
+        if exact is None:
+            checks.append(f"    if {name} is not None:\n"
+                          f"        _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
+            makes.append(f"        if {name} is None:\n            {name} = 0\n"
+                         f"        else:\n"
+                         f"            _ps_made = _ps_heap.reference_to(_ps_type_{name}, {name}, {where!r})\n"
+                         f"            _ps_heap.incref(_ps_made)\n"
+                         f"            {name} = _ps_made")
+        else:
+            checks.append(f"    if {name} is not None and _ps_type({name}) is not _ps_{exact.__name__}:\n"
+                          f"        _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
+            data = name if exact is bytes else f"{name}.encode('utf-8')"
+            makes.append(f"        if {name} is None:\n            {name} = 0\n"
+                         f"        elif _ps_type({name}) is _ps_{exact.__name__}:\n"
+                         f"            {name} = _ps_new_string(_ps_heap, {ftype._ps_type_id}, {data}, 1)\n"
+                         f"        else:\n"
+                         f"            _ps_made = _ps_heap.reference_to(_ps_type_{name}, {name}, {where!r})\n"
+                         f"            _ps_heap.incref(_ps_made)\n"
+                         f"            {name} = _ps_made")
+        undo.append(name)
+    lines = [f"def new(*, {', '.join(params)}, **_ps_unknown):",
+             "    if _ps_unknown:",
+             "        _ps_unexpected(_ps_unknown)",
+             "    if not _ps_heap.writable:",
+             "        _ps_heap.check_writable()"]
+    lines += checks
+    place = "_ps_offset, _ps_view, _ps_local, _ps_base = _ps_heap.allocator.place(%d)" % packer.size
+    if makes:
+        lines.append("    try:")
+        lines += makes
+        lines.append("        " + place)
+        lines.append("    except _ps_BaseException:")
+        lines.append(f"        _ps_undo({', '.join(undo)})")
+        lines.append("        raise")
+        env["_ps_undo"] = functools.partial(_undo_made, heap)
+    else:
+        lines.append("    " + place)
+    lines += [f"    _ps_pack(_ps_view, _ps_local, _ps_cls._ps_type_id, 0, {', '.join(order)})",
+              "    _ps_heap.created.add(_ps_offset)",
+              "    _ps_heap.unreferenced.add(_ps_offset)",
+              "    return _ps_remember(_ps_offset, _ps_from_address(_ps_base + _ps_local))"]
+    if not order:  # no fields: the header alone
+        lines[-4] = "    _ps_pack(_ps_view, _ps_local, _ps_cls._ps_type_id, 0)"
+        lines[0] = "def new(**_ps_unknown):"
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, f"<constructor of {owner}>", "exec"), env)
+    new = env["new"]
+    new.__qualname__ = f"{owner}.__new__"
+    new._ps_source = source  # for whoever wonders what runs
+    return new
+
+
+def _unexpected_fields(owner, names, unknown):
+    raise TypeError(f"{owner}() got unexpected field(s) {', '.join(map(repr, unknown))}; "
+                    f"fields are: {', '.join(names) or 'none'}")
+
+
+def _undo_made(heap, *values):
+    """Drop the references a constructor cut short had taken (the reference fields already made are
+    offsets; the others still hold what was given): freed at the next commit."""
+    for value in values:
+        if type(value) is int and value:
+            heap.decref(value)
+
+
+def _general_constructor(cls, order, packer):
+    """:func:`_make_constructor` for a class whose field names cannot be parameters."""
+    heap = cls._heap
     index = {name: position for position, name in enumerate(order)}
     fields = [cls._ps_field_types[name] for name in order]
     owner = cls.__name__
-    defaults = [(False if f.kind == "bool" else 0.0 if f.kind == "float" else 0) if isinstance(f, ValueType) else 0
-                for f in fields]
+    defaults = [_DEFAULTS[f.kind] if isinstance(f, ValueType) else 0 for f in fields]
     checks = [f.checker(name, owner) if isinstance(f, ValueType) else None for name, f in zip(order, fields)]
-    fast = [(int if f.kind == "int" else float if f.kind == "float" and f.pack is None else None, f.low, f.high)
-            if isinstance(f, ValueType) else None for f in fields]
-    exact_strings = [_exact_string(f) if not isinstance(f, ValueType) else None for f in fields]
     wheres = [f"{owner}.{name}" for name in order]
-    float32 = struct.Struct("<f")
 
-    def new(given):
+    def new(**given):
         if not heap.writable:
             heap.check_writable()
         values = list(defaults)
@@ -467,26 +588,18 @@ def _make_constructor(cls):
         for name, value in given.items():
             position = index.get(name)
             if position is None:
-                unknown = [n for n in given if n not in index]
-                raise TypeError(f"{owner}() got unexpected field(s) {', '.join(map(repr, unknown))}; "
-                                f"fields are: {', '.join(names) or 'none'}")
+                _unexpected_fields(owner, list(cls._ps_field_types), [n for n in given if n not in index])
             check = checks[position]
             if check is None:
                 if value is not None:
-                    if type(value) is not exact_strings[position]:
-                        heap.reference_check_value(fields[position], value, wheres[position])
+                    heap.reference_check_value(fields[position], value, wheres[position])
                     references.append((position, value))
                 continue
-            exact, low, high = fast[position]
-            if type(value) is not exact or (exact is int and not low <= value <= high):
-                value = check(value)
-                if fields[position].pack is not None:  # Float32: kept in single precision
-                    value = float32.unpack(float32.pack(value))[0]
-            values[position] = value
+            values[position] = check(value)
         made = []
         try:
             for position, value in references:
-                exact = exact_strings[position]
+                exact = _exact_string(fields[position])
                 if type(value) is exact:
                     offset = new_string(heap, fields[position]._ps_type_id,
                                         value if exact is bytes else value.encode("utf-8"), 1)
@@ -497,8 +610,7 @@ def _make_constructor(cls):
                 values[position] = offset
             offset, view, local, base = heap.allocator.place(packer.size)
         except BaseException:
-            for target in made:  # nothing refers to them after all: freed at the next commit
-                heap.decref(target)
+            _undo_made(heap, *made)
             raise
         packer.pack_into(view, local, cls._ps_type_id, 0, *values)
         heap.created.add(offset)
