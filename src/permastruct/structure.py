@@ -31,7 +31,7 @@ from collections import abc
 from operator import itemgetter
 
 from . import _format as F
-from ._types import _CUT_SHORT, Persistent, PersistentMeta, ValueType, _concurrent, _get_ident, change
+from ._types import _CUT_SHORT, Persistent, PersistentMeta, ValueType, _concurrent, _get_ident, change, run_change
 from .errors import CorruptStorageError, ReadOnlyError, SchemaError
 from .strings import new_string, new_strings
 
@@ -169,10 +169,17 @@ class StructureMeta(PersistentMeta):
         for attr, ftype in own:
             if not isinstance(ftype, ValueType):
                 namespace[attr] = _ref_property(attr, "_ps_ref_" + attr, ftype)
+        # Each class gets a metaclass of its own, whose ``__call__`` becomes the constructor generated
+        # for it (_make_accessors): making an object is then one Python call.
+        for klass in bases:  # derived from the metaclass of its base (StructureMeta(...) names the root one)
+            if issubclass(type(klass), mcls):
+                mcls = type(klass)
+        meta = type(f"{name}Type", (mcls,), {"__module__": mcls.__module__, "__qualname__": f"{name}Type"})
         try:
-            cls = super().__new__(mcls, name, bases, namespace)
+            cls = super().__new__(meta, name, bases, namespace)
         except (TypeError, ValueError, AttributeError) as exc:  # e.g. a bad __slots__ or layout
             raise SchemaError(f"structure {name!r} cannot be built: {exc}") from None
+        meta._ps_class_of = cls
         cls._ps_size = -(-ctypes.sizeof(cls) // 8) * 8
         _make_accessors(cls)
         cls._ps_ref_at = tuple(getattr(cls, "_ps_ref_" + name).offset for name, ftype in
@@ -235,19 +242,7 @@ class StructureMeta(PersistentMeta):
                                 f"self.define({cls.__name__}) in its populateSchema, then make objects with "
                                 f"p.schema.{cls.__name__}(...)")
             raise TypeError("Structure is abstract: define a subclass in populateSchema()")
-        if heap._changing:  # run_change() written out: the path of every object made
-            if heap._changing != _get_ident():
-                raise _concurrent(heap)
-            return cls._ps_new(**fields)
-        heap._changing = _get_ident()
-        try:
-            made = cls._ps_new(**fields)
-        except Exception as exc:
-            if not isinstance(exc, _CUT_SHORT):
-                heap._changing = 0
-            raise
-        heap._changing = 0
-        return made
+        return run_change(heap, cls._ps_new, fields)
 
     @property
     def __signature__(cls):
@@ -352,7 +347,13 @@ def _make_accessors(cls):
     storage = cls._storage
     cls._ps_setters = _make_setters(cls, storage._heap)
     cls.__setattr__ = _make_setattr(cls, storage.readonly)
-    cls._ps_new = _make_constructor(cls)
+    cls._ps_new, call = _make_constructor(cls)
+    meta = type(cls)
+    if meta.__dict__.get("_ps_class_of") is cls:  # its own metaclass: calls of the class go to ``call``
+        if call is not None:
+            meta.__call__ = call
+        elif "__call__" in meta.__dict__:
+            del meta.__call__
 
 
 def _ref_property(name, hidden, ftype):
@@ -455,106 +456,119 @@ def _constructor_layout(cls):
 
 
 def _make_constructor(cls):
-    """``new(**fields)``: a new object of structure ``cls`` from keyword values, made once per class.
+    """The constructor of structure ``cls``, generated once per class: ``(new, call)``.
 
-    The function is generated for the class: its fields are its keyword
-    parameters (the interpreter binds them, with their defaults), each value
-    is checked inline (the common type first, the field's checker for
-    everything else), and every value is checked before anything is made.
-    The code names nothing but its parameters and ``_ps_`` names (which no
-    field may have), so a field called ``type`` or ``int`` is just a field.
-    Then the objects the reference fields need (strings are born with their
-    one reference), then the object itself, written in one ``pack_into``, and
-    its proxy.  Field names that cannot be parameters (from a stored schema)
-    get the same checks through a general function.
+    ``new(given)`` makes an object from a dict of field values (the path of
+    :meth:`StructureMeta.__call__`).  ``call(cls, **fields)`` is the same,
+    written out for this class as the ``__call__`` of its own metaclass, so
+    that ``Agent(name=..., age=...)`` runs it directly: its fields are its
+    keyword parameters (the interpreter binds them, with their defaults), the
+    change guard is inline, and each value is checked inline (the common type
+    first, the field's checker for everything else).  Every value is checked
+    before anything is made; then the objects the reference fields need
+    (strings are born with their one reference), then the object itself,
+    written in one ``pack_into``, and its proxy.  The generated code names
+    nothing but its parameters and ``_ps_`` names (which no field may have),
+    so a field called ``type`` or ``int`` is just a field; field names that
+    cannot be parameters (keywords, from a stored schema) have no ``call``.
     """
     heap = cls._heap
     order, packer = _constructor_layout(cls)
+    new = _general_constructor(cls, order, packer)
     types = cls._ps_field_types
     owner = cls.__name__
     if not all(name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("_ps_")
                for name in order):
-        return _general_constructor(cls, order, packer)
-    env = {"_ps_heap": heap, "_ps_pack": packer.pack_into,
-           "_ps_from_address": cls.from_address, "_ps_remember": heap.remember,
+        return new, None
+    env = {"_ps_heap": heap, "_ps_pack": packer.pack_into, "_ps_from_address": cls.from_address,
            "_ps_new_string": new_string, "_ps_cls": cls, "_ps_type": type, "_ps_int": int,
            "_ps_float": float, "_ps_bool": bool, "_ps_bytes": bytes, "_ps_str": str,
-           "_ps_BaseException": BaseException, "__builtins__": {},
-           "_ps_unexpected": functools.partial(_unexpected_fields, owner, list(types))}
+           "_ps_BaseException": BaseException, "_ps_Exception": Exception, "_ps_isinstance": isinstance,
+           "_ps_CUT_SHORT": _CUT_SHORT, "_ps_ident": _get_ident, "_ps_concurrent": _concurrent,
+           "_ps_other": _other_call, "__builtins__": {}}
     params, checks, makes, undo = [], [], [], []
     for name in types:  # parameters in declaration order, as the signature shows them
         ftype = types[name]
-        if isinstance(ftype, ValueType):
-            params.append(f"{name}={_DEFAULTS[ftype.kind]!r}")
-        else:
-            params.append(f"{name}=None")
+        params.append(f"{name}={_DEFAULTS[ftype.kind]!r}" if isinstance(ftype, ValueType) else f"{name}=None")
     for name in order:
         ftype = types[name]
         if isinstance(ftype, ValueType):
             env[f"_ps_check_{name}"] = ftype.checker(name, owner)
             if ftype.kind == "int":
-                checks.append(f"    if _ps_type({name}) is not _ps_int or not {ftype.low} <= {name} <= {ftype.high}:\n"
-                              f"        {name} = _ps_check_{name}({name})")
+                checks.append(f"if _ps_type({name}) is not _ps_int or not {ftype.low} <= {name} <= {ftype.high}:\n"
+                              f"    {name} = _ps_check_{name}({name})")
             elif ftype.kind == "float" and ftype.pack is None:
-                checks.append(f"    if _ps_type({name}) is not _ps_float:\n        {name} = _ps_check_{name}({name})")
+                checks.append(f"if _ps_type({name}) is not _ps_float:\n    {name} = _ps_check_{name}({name})")
             elif ftype.kind == "bool":
-                checks.append(f"    if _ps_type({name}) is not _ps_bool:\n        {name} = _ps_check_{name}({name})")
+                checks.append(f"if _ps_type({name}) is not _ps_bool:\n    {name} = _ps_check_{name}({name})")
             else:  # Float32: any number it takes, rounded by the packer
-                checks.append(f"    {name} = _ps_check_{name}({name})")
+                checks.append(f"{name} = _ps_check_{name}({name})")
             continue
         env[f"_ps_type_{name}"] = ftype
         exact = _exact_string(ftype)
         where = f"{owner}.{name}"
+        by_reference = (f"    _ps_made = _ps_heap.reference_to(_ps_type_{name}, {name}, {where!r})\n"
+                        f"    _ps_heap.incref(_ps_made)\n"
+                        f"    {name} = _ps_made")
         if exact is None:
-            checks.append(f"    if {name} is not None:\n"
-                          f"        _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
-            makes.append(f"        if {name} is None:\n            {name} = 0\n"
-                         f"        else:\n"
-                         f"            _ps_made = _ps_heap.reference_to(_ps_type_{name}, {name}, {where!r})\n"
-                         f"            _ps_heap.incref(_ps_made)\n"
-                         f"            {name} = _ps_made")
+            checks.append(f"if {name} is not None:\n"
+                          f"    _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
+            makes.append(f"if {name} is None:\n    {name} = 0\nelse:\n{by_reference}")
         else:
-            checks.append(f"    if {name} is not None and _ps_type({name}) is not _ps_{exact.__name__}:\n"
-                          f"        _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
+            checks.append(f"if {name} is not None and _ps_type({name}) is not _ps_{exact.__name__}:\n"
+                          f"    _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
             data = name if exact is bytes else f"{name}.encode('utf-8')"
-            makes.append(f"        if {name} is None:\n            {name} = 0\n"
-                         f"        elif _ps_type({name}) is _ps_{exact.__name__}:\n"
-                         f"            {name} = _ps_new_string(_ps_heap, {ftype._ps_type_id}, {data}, 1)\n"
-                         f"        else:\n"
-                         f"            _ps_made = _ps_heap.reference_to(_ps_type_{name}, {name}, {where!r})\n"
-                         f"            _ps_heap.incref(_ps_made)\n"
-                         f"            {name} = _ps_made")
+            makes.append(f"if {name} is None:\n    {name} = 0\n"
+                         f"elif _ps_type({name}) is _ps_{exact.__name__}:\n"
+                         f"    {name} = _ps_new_string(_ps_heap, {ftype._ps_type_id}, {data}, 1)\n"
+                         f"else:\n{by_reference}")
         undo.append(name)
-    lines = [f"def new(*, {', '.join(params)}, **_ps_unknown):",
-             "    if _ps_unknown:",
-             "        _ps_unexpected(_ps_unknown)",
-             "    if not _ps_heap.writable:",
-             "        _ps_heap.check_writable()"]
-    lines += checks
-    place = "_ps_offset, _ps_view, _ps_local, _ps_base = _ps_heap.allocator.place(%d)" % packer.size
+    place = f"_ps_offset, _ps_view, _ps_local, _ps_base = _ps_heap.allocator.place({packer.size})"
+    body = ["if not _ps_heap.writable:", "    _ps_heap.check_writable()"] + checks
     if makes:
-        lines.append("    try:")
-        lines += makes
-        lines.append("        " + place)
-        lines.append("    except _ps_BaseException:")
-        lines.append(f"        _ps_undo({', '.join(undo)})")
-        lines.append("        raise")
         env["_ps_undo"] = functools.partial(_undo_made, heap)
+        body += ["try:"] + [_indent(make) for make in makes] + [_indent(place),
+                 "except _ps_BaseException:", f"    _ps_undo({', '.join(undo)})", "    raise"]
     else:
-        lines.append("    " + place)
-    lines += [f"    _ps_pack(_ps_view, _ps_local, _ps_cls._ps_type_id, 0, {', '.join(order)})",
-              "    _ps_heap.created.add(_ps_offset)",
-              "    _ps_heap.unreferenced.add(_ps_offset)",
-              "    return _ps_remember(_ps_offset, _ps_from_address(_ps_base + _ps_local))"]
-    if not order:  # no fields: the header alone
-        lines[-4] = "    _ps_pack(_ps_view, _ps_local, _ps_cls._ps_type_id, 0)"
-        lines[0] = "def new(**_ps_unknown):"
+        body.append(place)
+    body += [f"_ps_pack(_ps_view, _ps_local, _ps_cls._ps_type_id, 0{''.join(', ' + name for name in order)})",
+             "_ps_heap.created.add(_ps_offset)",
+             "_ps_heap.unreferenced.add(_ps_offset)",
+             "_ps_proxy = _ps_heap.remember(_ps_offset, _ps_from_address(_ps_base + _ps_local))"]
+    given = "".join(f", {name}={name}" for name in types)
+    lines = [f"def call(_ps_class, *_ps_args{''.join(', ' + p for p in params) if params else ''}, **_ps_unknown):",
+             "    if _ps_args or _ps_unknown or _ps_class is not _ps_cls:  # a subclass's or a mistake",
+             f"        return _ps_other(_ps_class, _ps_args, _ps_unknown{given})",
+             "    _ps_outer = not _ps_heap._changing  # the change guard (_types.run_change), inline",
+             "    if _ps_outer:",
+             "        _ps_heap._changing = _ps_ident()",
+             "    elif _ps_heap._changing != _ps_ident():",
+             "        raise _ps_concurrent(_ps_heap)",
+             "    try:"] + [_indent(line, 8) for line in body] + [
+             "    except _ps_Exception as _ps_error:",
+             "        if _ps_outer and not _ps_isinstance(_ps_error, _ps_CUT_SHORT):",
+             "            _ps_heap._changing = 0",
+             "        raise",
+             "    if _ps_outer:",
+             "        _ps_heap._changing = 0",
+             "    return _ps_proxy"]
     source = "\n".join(lines) + "\n"
     exec(compile(source, f"<constructor of {owner}>", "exec"), env)
-    new = env["new"]
-    new.__qualname__ = f"{owner}.__new__"
-    new._ps_source = source  # for whoever wonders what runs
-    return new
+    call = env["call"]
+    call.__qualname__ = f"{owner}.__call__"
+    call._ps_source = source  # for whoever wonders what runs
+    return new, call
+
+
+def _indent(text, by=4):
+    return "\n".join(" " * by + line for line in text.split("\n"))
+
+
+def _other_call(_ps_class, _ps_args, _ps_unknown, /, **fields):
+    """A generated ``call`` that is not for this exact class (a subclass without one of its own, a dead
+    variant) or not well formed: the general path, which says what is wrong."""
+    fields.update(_ps_unknown)
+    return StructureMeta.__call__(_ps_class, *_ps_args, **fields)
 
 
 def _unexpected_fields(owner, names, unknown):
@@ -571,7 +585,7 @@ def _undo_made(heap, *values):
 
 
 def _general_constructor(cls, order, packer):
-    """:func:`_make_constructor` for a class whose field names cannot be parameters."""
+    """``new(given)``: an object of ``cls`` from the dict of its field values (see :func:`_make_constructor`)."""
     heap = cls._heap
     index = {name: position for position, name in enumerate(order)}
     fields = [cls._ps_field_types[name] for name in order]
@@ -580,7 +594,7 @@ def _general_constructor(cls, order, packer):
     checks = [f.checker(name, owner) if isinstance(f, ValueType) else None for name, f in zip(order, fields)]
     wheres = [f"{owner}.{name}" for name in order]
 
-    def new(**given):
+    def new(given):
         if not heap.writable:
             heap.check_writable()
         values = list(defaults)
