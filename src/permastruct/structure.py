@@ -9,6 +9,11 @@ their types into the class docstring, and gives the class a signature
 (``Agent(*, name: ByteString = None, age: Int = 0)``), so that
 ``help(p.schema.Agent)`` shows them.
 
+Making an object is the hot path of loading data, so each class also gets a
+constructor generated for it (:func:`_make_constructor`): its fields are the
+keyword parameters, and it is the ``__call__`` of a metaclass of the class's
+own (``AgentType``), so ``Agent(...)`` is one Python call.
+
 Structure classes are created inside ``Storage.populateSchema`` and belong to
 that storage; calling one creates a persistent object in it::
 
