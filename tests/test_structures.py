@@ -728,6 +728,55 @@ def test_unreferenced_new_objects_are_collected(store):
     assert objects(store) == base + 2
 
 
+def test_whatever_holds_a_proxy_keeps_its_unreferenced_object(store):
+    """The heap's map holds its proxies itself and asks their reference counts whether the program
+    does: a list, a dict, an attribute, a closure, a generator's frame and a local all hold; a
+    proxy only the map holds does not."""
+    store.root.count = 1
+    store.commit()
+    base = objects(store)
+    Agent = store.schema.Agent
+
+    class Holder:
+        pass
+    holder = Holder()
+    in_list, in_dict = [Agent(name=b"list")], {"x": Agent(name=b"dict")}
+    holder.agent = Agent(name=b"attribute")
+    local = Agent(name=b"local")
+    closure = (lambda agent: lambda: agent)(Agent(name=b"closure"))
+
+    def generator(agent):
+        yield agent.name
+        yield agent.name
+    paused = generator(Agent(name=b"generator"))
+    next(paused)
+    for i in range(3000):  # many dropped ones: the map prunes them on the way
+        Agent(name=b"dropped %d" % i)
+    store.commit()
+    assert objects(store) == base + 2 * 6 + 1  # six agents, their names, the file's list of held objects
+    assert [in_list[0].name, in_dict["x"].name, holder.agent.name, local.name, closure().name, next(paused)] \
+        == [b"list", b"dict", b"attribute", b"local", b"closure", b"generator"]
+    del in_list[:], in_dict["x"], holder.agent, local, closure, paused
+    store.commit()
+    assert objects(store) == base
+    store.check()
+
+
+def test_the_map_of_proxies_stays_bounded_by_what_is_held(store):
+    store.root.agent = store.schema.Agent(name=b"a")
+    for i in range(5000):
+        store.schema.Agent(name=b"x")
+    heap = store._heap
+    held = [store.schema.Agent(name=b"held %d" % i) for i in range(10)]
+    for i in range(5000):
+        store.schema.Agent(name=b"y")
+    assert len(heap.proxies) <= 2 * (len(held) + 2) + 1024 + 1
+    assert all(heap.live_proxy(agent._ps_oid) is agent for agent in held)
+    offset = store.schema.Agent(name=b"gone")._ps_oid
+    assert heap.live_proxy(offset) is None  # in the map until the next prune, but held by nothing
+    store.rollback()
+
+
 def test_a_long_unlinked_chain_is_freed_in_one_pass(tmp_path):
     """Freeing at commit is a worklist: a chain of 20,000 objects unlinked from the root goes in
     one pass (it took a pass of the whole set per link before: quadratic, minutes at this size)."""
