@@ -324,7 +324,7 @@ def _pinned(storage, live, types):
     """
     heap, pf = storage._heap, storage._page_file
     storage._root = None  # (the facade's cached root proxy: the root stays only if the program holds it)
-    pinned = {offset for offset, ref in list(heap.proxies.items()) if ref() is not None}
+    pinned = set(heap.held_offsets())
     held = set(pinned)
     pinned.update(heap.created_objects())
     pinned.update(heap.unreferenced)
@@ -483,7 +483,8 @@ def _move(storage, offsets, capacity, moved, limit, accept):
         new = moved[offset]
         heap.views.pop(offset, None)
         heap.views.pop(new, None)
-        heap.proxies.pop(offset, None)  # (a dead one: a live one pins its object)
+        heap.proxies.pop(offset, None)  # (one only the map holds: a held one pins its object)
+        heap.proxies.pop(new, None)
         for table in exports:
             table.pop(offset, None)
         alloc.free(offset)
