@@ -42,7 +42,8 @@ them).  Its old place is
 freed and listed in the commit's freed objects: a reader's proxy of a moved
 object dies at its refresh, as a freed object's does; after the refresh the
 reader finds the object at its new place.  The emptied end of the file then
-leaves the page count.  Cost: one copy of each moved object and one pass
+leaves the page count.  The cut counts room, not where it is, so another round
+may reach lower: rounds follow while one lowers the page count (``_ROUNDS``).  Cost: one copy of each moved object and one pass
 over every live object's references.
 
 *What stays* (pins its page): an object a live proxy of this process holds
@@ -155,8 +156,8 @@ def pack(storage, progress=None):
     they had, those that reference counting frees at this commit included),
     ``pages_released`` (pages that became free: back on the free lists, or
     dropped from the end of the file), ``pages`` (the page count after) and
-    ``objects_moved`` (live objects moved lower in the file, see
-    :func:`_relocate`).  Then a checkpoint, which gives the free end of the
+    ``objects_moved`` (moves of live objects lower in the file, see
+    :func:`_relocate`; an object may move in more than one round).  Then a checkpoint, which gives the free end of the
     file back to the file system when no reader's snapshot still reaches it.
     """
     storage._check_writable()
@@ -190,7 +191,7 @@ def _sweep(storage, capacity, types, progress):
     """(One change) Free what counts already free, then every unmarked object; merge the free lists;
     move the survivors above the cut lower (:func:`_relocate`).
 
-    Returns the offsets of every object freed and the number of objects moved."""
+    Returns the offsets of every object freed and the number of moves."""
     heap, alloc = storage._heap, storage._heap.allocator
     before = len(heap.freed)
     heap.collect_unreferenced()  # held objects stay pending (the commit records them)
@@ -214,8 +215,17 @@ def _sweep(storage, capacity, types, progress):
         heap.freed.append(offset)
     alloc.merge()  # (also when nothing was freed now: what earlier commits freed joins up too)
     freed = heap.freed[before:]
-    moved = _relocate(storage, marked, capacity, types)
-    return freed, len(moved)
+    pf, moves, live = storage._page_file, 0, marked
+    for _ in range(_ROUNDS):  # (the cut is an estimate: a round after a round can reach lower)
+        count = pf.page_count
+        moved = _relocate(storage, live, capacity, types)
+        moves += len(moved)
+        if not moved or pf.page_count >= count:
+            break
+        capacity = {moved.get(offset, offset): capacity[offset] for offset in live}
+        types = {moved.get(offset, offset): types[offset] for offset in live}
+        live = set(capacity)
+    return freed, moves
 
 
 def reference_slots(heap, offset, type_id):
@@ -491,6 +501,10 @@ def _move(storage, offsets, capacity, moved, limit, accept):
         heap.freed.append(offset)  # a reader's proxy of it dies at refresh, as a freed one's
     alloc.merge()
 
+
+#: The most relocation rounds a pack makes: another round runs while the last one lowered the
+#: page count (the cut counts room per size class, not where it is, so the next can go lower).
+_ROUNDS = 4
 
 #: The most page runs a relocation empties a window for (the largest; each costs a pass over the
 #: pages below the cut).  Smaller runs move only where the allocator finds a free run for them.
