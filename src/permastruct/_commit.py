@@ -1196,7 +1196,9 @@ class Engine:
         SIGBUS), so the file is cut there and then set back to the length
         the writer maps: a hole, whose blocks are free (``_hole``; the page
         layer calls :meth:`_reserve` before its page count grows into it);
-        the close cuts it for good (:meth:`_shrink_file`).  Only when
+        the close cuts it for good (:meth:`_shrink_file`).  A map whose
+        changes are found by comparing its pages (no pagemap) gets no hole:
+        only the bytes past the writer's map go.  Only when
         ``_shrink_at_close`` says a commit gave pages back.
         """
         if not self._shrink_at_close or not self._use_journal or self.mode != "file":
@@ -1205,9 +1207,14 @@ class Engine:
         pages = max([main_pages, self.page_count, self._committed[0]] + [commit.page_count for commit in commits])
         end = self._covering_size(pages, commits)
         size = self.io.size()
+        keep = min(size, max(end, self.mapping.size))
+        if self.mapping._pagemap is None:
+            # Without the kernel's pagemap the map's changes are found by reading every page
+            # of it, and a read of a hole's page on a full file system would be a SIGBUS: no
+            # hole (only what lies past the map goes; the close cuts the rest).
+            end = keep
         if size <= end:
             return
-        keep = min(size, max(end, self.mapping.size))
         if keep > end:
             hole = self._hole
             self._hole = (end, max(keep, hole[1]) if hole is not None else keep)
