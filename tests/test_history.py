@@ -430,3 +430,79 @@ def test_the_history_of_commits_only_in_the_log_survives_a_crash(path, tmp_path)
         q.undo(first)
         assert state(q) == states[first - 1]
         q.check()
+
+
+@pytest.mark.parametrize("mode", STORE_MODES)
+def test_an_undo_cut_short_anywhere_is_whole_or_not_at_all(mode, path):
+    """A KeyboardInterrupt at any bytecode of undo(): the store is at the state before it (with
+    nothing pending after a rollback) or after it, and check() passes."""
+    import sys
+
+    from conftest import interrupt_at_opcode
+    if mode == "overlay":
+        Hist(path).close()
+        p = Hist(path, overlay=True, history=500)
+    else:
+        p = open_store(Hist, mode, path, history=500)
+    try:
+        p.root.title = "a"
+        p.root.items = [p.schema.Item(name="one", value=1)]
+        p.commit()
+        first = state(p)
+        target = p.last_transaction + 1
+        p.root.title = "b"
+        p.root.items.append(p.schema.Item(name="two", value=2))
+        p.root.blob = p.schema.Buffer(b"x" * 20000)
+        p.commit()
+        second = state(p)
+        step, fired, stride = 0, True, 211
+        while fired and step < 5000:
+            step += 1
+            last = p.last_transaction
+            fired_now = interrupt_at_opcode(step * stride)
+            try:
+                p.undo(target)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            fired = fired_now()
+            p.rollback()  # (an undo cut short leaves nothing pending after it)
+            if p.last_transaction != last:
+                assert state(p) == first, f"step {step}"
+                p.check()
+                p.undo(p.last_transaction)  # back to the second state for the next step (target stays)
+            assert state(p) == second, f"step {step}"
+            p.check()
+        assert 10 < step < 5000
+    finally:
+        p.close()
+
+
+def test_a_foreign_file_at_the_history_name_is_left_alone(path):
+    from permastruct.errors import NotAStorageError
+    with open(path + "-history", "wb") as f:
+        f.write(b"someone else's data")
+    with pytest.raises(NotAStorageError, match="not a permastruct history file"):
+        Hist(path, history=3)
+    with open(path + "-history", "rb") as f:
+        assert f.read() == b"someone else's data"
+    os.unlink(path + "-history")
+    with Hist(path, history=3) as p:
+        p.root.count = 1
+        p.commit()
+        assert len(p.undo_log()) >= 1
+
+
+def test_a_backup_has_no_history(path, tmp_path):
+    p = Hist(path, history=5)
+    p.root.count = 1
+    p.commit()
+    copy = str(tmp_path / "copy.ps")
+    p.backup(copy)
+    p.close()
+    with Hist(copy) as q:  # the setting is copied, the history is not: it starts empty
+        assert q.undo_log() == []
+        q.root.count = 2
+        q.commit()
+        assert [entry["id"] for entry in q.undo_log()] == [q.last_transaction]

@@ -224,7 +224,7 @@ class Engine:
             try:
                 self._load_history(history)
             except BaseException:
-                self.close(flush=False)
+                self.abandon()  # (a store this open created goes again)
                 raise
         if initial_size and self.created:
             try:
@@ -455,10 +455,12 @@ class Engine:
         if not limit:
             return None
         count, free_head, slots = self._committed
-        kept = self._records[len(self._records) - limit + 1:] if limit > 1 else []
-        high = F.HEADER_BLOCK + max([count] + [record.root[0] for record in kept]) * self.page_size
-        offsets = {offset for offset in changed if offset < high}
         old_end, new_end = F.HEADER_BLOCK + count * self.page_size, F.HEADER_BLOCK + self.page_count * self.page_size
+        high = old_end
+        if new_end < old_end or (changed and max(changed) >= old_end):  # (else every unit is below it)
+            kept = self._records[len(self._records) - limit + 1:] if limit > 1 else []
+            high = F.HEADER_BLOCK + max([count] + [record.root[0] for record in kept]) * self.page_size
+        offsets = {offset for offset in changed if offset < high}
         if new_end < old_end:
             offsets.update(range(new_end // unit * unit, min(old_end, high), unit))
         images = [(offset, self._committed_image(offset, unit)) for offset in sorted(offsets)]
@@ -822,6 +824,12 @@ class Engine:
             self._lock_checkpoint()  # no reader is reading it meanwhile
             try:
                 self._archive_history(self.journal)
+            except OSError:
+                if self.sync_failed:
+                    raise
+                # (the history files cannot take them now: the log keeps them, and its commits
+                # the main file holds already; the next checkpoint archives them and starts it over)
+            else:
                 self.journal.reset(self.main_txn, self._main_chain)
             finally:
                 self.io.unlock(F.LOCK_CHECKPOINT)
@@ -974,7 +982,8 @@ class Engine:
     @property
     def sync_failed(self):
         """Whether an fsync of the file or its log failed (then no more commits)."""
-        return self.io.sync_failed or (self.journal is not None and self.journal.io.sync_failed)
+        return self.io.sync_failed or (self.journal is not None and self.journal.io.sync_failed) or (
+            self._history is not None and self._history.sync_failed)
 
     def _check_writable(self):
         self._check_open()

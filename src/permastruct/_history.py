@@ -14,6 +14,7 @@ import zlib
 
 from . import _format as F
 from ._mapping import FileIO
+from .errors import NotAStorageError
 
 __all__ = ["HistoryFile", "HistoryFiles", "Record"]
 
@@ -65,6 +66,10 @@ class HistoryFile:
                 if readonly:
                     io.close()
                     return None
+                head = io.pread(len(F.HISTORY_MAGIC), 0)
+                if head not in (b"", F.HISTORY_MAGIC, bytes(len(head))):
+                    raise NotAStorageError(f"{path!r} is not a permastruct history file, but a store's history "
+                                           "must have that name: move that file away (it was not changed)")
                 history.restart([])
             if created:
                 io.fsync_directory()
@@ -197,6 +202,11 @@ class HistoryFiles:
         if not any(files):
             return None
         return cls(path, files)
+
+    @property
+    def sync_failed(self):
+        """Whether an fsync of either file failed (then the store's open refuses to commit)."""
+        return any(file is not None and file.io.sync_failed for file in self.files)
 
     def records(self):
         """Every record of both files, in transaction order (the current file's for a transaction
