@@ -298,13 +298,22 @@ def test_kill_at_every_operation(request, scratch, recording, verifier):
         _kill_at_every_operation(seed, iterations, scratch, recording, verifier)
 
 
-def _kill_at_every_operation(seed, iterations, scratch, recording, verifier):
-    timeline, _ = recording(seed, iterations, True)
+def test_kill_at_every_operation_with_history(request, scratch, recording, verifier):
+    """The same with history=N: commits log before-images and undo() is one of the transactions."""
+    iterations = _kill_iterations(request.config)
+    for seed in _kill_seeds(request.config):
+        _kill_at_every_operation(seed, iterations, scratch, recording, verifier, HISTORY)
+
+
+def _kill_at_every_operation(seed, iterations, scratch, recording, verifier, history=0):
+    timeline, _ = recording(seed, iterations, True, history)
     total = len(timeline.ops)
-    report = K.Report("kill at every operation", seed, _rerun("test_kill_at_every_operation", seed, iterations),
-                      TOTALS, SHOWN)
-    base = os.path.join(scratch, f"kill-{seed}")
-    servers = KillServers(2, seed=seed, iterations=iterations, sync=True, page_size=page_size_for(seed))
+    test = "test_kill_at_every_operation" + ("_with_history" if history else "")
+    report = K.Report("kill at every operation" + (f", history={history}" if history else ""), seed,
+                      _rerun(test, seed, iterations), TOTALS, SHOWN)
+    base = os.path.join(scratch, f"kill-{seed}-{history}")
+    servers = KillServers(2, seed=seed, iterations=iterations, sync=True, page_size=page_size_for(seed),
+                          history=history)
     statuses = collections.Counter()
     pending = list(range(total))
     try:
@@ -330,7 +339,8 @@ def _kill_at_every_operation(seed, iterations, scratch, recording, verifier):
                     report.add(f"the child logged {len(run.ops)} operations but was to die before "
                                f"operation {n}", n, "harness")
                 expect = run.at[-1]
-                outcome = verifier.outcome(_store_files(req["dir"]), bare=n % 3 == 2, reopen=n % 5 == 4)
+                outcome = verifier.outcome(_store_files(req["dir"]), bare=n % 3 == 2, reopen=n % 5 == 4,
+                                           undo=bool(history) and n % 3 == 1)
                 reason = K.judge(outcome, run, expect)
                 report.add(reason and _creating(expect) + reason, n, f"{answer['status']} " + _where(run, n))
                 shutil.rmtree(folder)

@@ -95,8 +95,12 @@ def before(states, txn):
 @pytest.mark.parametrize("mode", STORE_MODES)
 def test_undo_returns_to_the_state_before(mode, path):
     rng = random.Random(1)
+    base = None
     if mode == "overlay":
         Hist(path).close()
+        base = sorted((name, open(os.path.join(os.path.dirname(path), name), "rb").read(),
+                       os.stat(os.path.join(os.path.dirname(path), name)).st_mtime_ns)
+                      for name in os.listdir(os.path.dirname(path)))
         p = Hist(path, overlay=True, history=50)
     else:
         p = open_store(Hist, mode, path, history=50)
@@ -113,6 +117,10 @@ def test_undo_returns_to_the_state_before(mode, path):
         states[p.last_transaction] = expected
         run(p, rng, 2, states)
     p.close()
+    if base is not None:  # an overlay's history lives in memory: the base and its folder are as they were
+        assert base == sorted((name, open(os.path.join(os.path.dirname(path), name), "rb").read(),
+                               os.stat(os.path.join(os.path.dirname(path), name)).st_mtime_ns)
+                              for name in os.listdir(os.path.dirname(path)))
 
 
 @pytest.mark.parametrize("mode", STORE_MODES)
@@ -184,6 +192,13 @@ def test_the_undo_of_a_shrunk_file_grows_it_back(path):
     assert os.path.getsize(path) > 1 << 20
     with Hist(path) as p:
         assert state(p) == big and t_big < p.last_transaction
+        p.root.blob = None
+        p.commit()
+        p.pack()
+    assert os.path.getsize(path) < 1 << 20
+    with Hist(path, readonly=True, at=t_big) as r:  # a past state larger than the file: in memory
+        assert state(r) == big
+        r.check()
 
 
 def test_proxies_of_objects_made_since_die(path):
@@ -506,3 +521,38 @@ def test_a_backup_has_no_history(path, tmp_path):
         q.root.count = 2
         q.commit()
         assert [entry["id"] for entry in q.undo_log()] == [q.last_transaction]
+
+
+def test_a_proxy_of_an_object_made_where_an_undone_one_was_freed_dies(path):
+    """An undone transaction freed X at some place and a later one made Y there: after the undo the
+    place holds X again, and Y's proxy dies (in the writer and in a reader), X reads as X."""
+    p = Hist(path, history=10)
+    p.root.items = [p.schema.Item(name="x", value=1)]
+    p.commit()
+    target = p.last_transaction + 1
+    offset = p.root.items[0]._ps_oid
+    del p.root.items[0]
+    p.commit()  # X is freed here
+    y = p.schema.Item(name="y", value=2)
+    p.root.items.append(y)
+    p.commit()
+    assert y._ps_oid == offset  # (its slot was taken again)
+    r = Hist(path, readonly=True)
+    ry = r.root.items[0]
+    assert ry.name == "y"
+    p.undo(target)
+    with pytest.raises(DeadProxyError):
+        y.name
+    assert p.root.items[0].name == "x"
+    r.refresh()
+    with pytest.raises(DeadProxyError):
+        ry.name
+    assert r.root.items[0].name == "x"
+    r.close()
+    p.close()
+    with Hist(path) as p:  # the same from the history file
+        p.undo(p.last_transaction)
+        y = p.root.items[0]
+        p.undo(target)
+        with pytest.raises(DeadProxyError):
+            y.name

@@ -432,7 +432,7 @@ class Engine:
     def _log_record(commit, journal):
         root, size, before = commit.history
         return Record(commit.txn, commit.slots[F.SLOT_TIME], size, commit.meta, root, before, "log",
-                      journal.page_data)
+                      journal.page_data, tuple(commit.freed))
 
     def _committed_image(self, offset, unit):
         """The committed bytes of the ``unit`` bytes at ``offset`` (zeros past the file's end)."""
@@ -1075,9 +1075,9 @@ class Engine:
         self.settle()
         self._before_commit()
         if self.mode == "memory":
-            return self._commit_in_memory(acknowledge, meta)
+            return self._commit_in_memory(acknowledge, meta, freed)
         if self.mode == "overlay":
-            return self._commit_overlay(acknowledge, meta)
+            return self._commit_overlay(acknowledge, meta, freed)
         root = (self.page_count, self.free_head, list(self.slots))
         end = F.HEADER_BLOCK + self.page_count * self.page_size
         pages, beyond = [], []
@@ -1240,7 +1240,7 @@ class Engine:
                 raise
             # The commits are safe in the log; a later commit checkpoints again.
 
-    def _commit_in_memory(self, acknowledge, meta=b""):
+    def _commit_in_memory(self, acknowledge, meta=b"", freed=()):
         """(Memory) Commit by writing the changed pages into the in-memory file itself.
 
         The file holds the committed state; the map's private pages are the
@@ -1263,7 +1263,7 @@ class Engine:
         slot = self._current_root ^ 1
         committed_end = F.HEADER_BLOCK + self._committed[0] * self.page_size
         records = self._memory_record(sorted({unit for offset, length in ranges for unit in range(
-            offset // OS_PAGE * OS_PAGE, offset + length, OS_PAGE)}), root, meta)
+            offset // OS_PAGE * OS_PAGE, offset + length, OS_PAGE)}), root, meta, freed)
         undo = _Undo(self, None, {})
         undo.ranges = ranges
         undo.images = [(F.ROOT_OFFSETS[slot], io.pread(F.ROOT.size, F.ROOT_OFFSETS[slot]))] + [
@@ -1282,16 +1282,16 @@ class Engine:
             self._undo(undo)
             raise
 
-    def _memory_record(self, changed, root, meta):
+    def _memory_record(self, changed, root, meta, freed):
         """(Memory, overlay) The retained records with the one of the commit being made (images in memory)."""
         history = self._before_state(changed, OS_PAGE)
         if history is None:
             return []
         before, size, images = history
         return self._with_record(Record(self.txn + 1, root[2][F.SLOT_TIME], size, meta, before, images, "memory",
-                                        bytes))
+                                        bytes, tuple(freed)))
 
-    def _commit_overlay(self, acknowledge, meta=b""):
+    def _commit_overlay(self, acknowledge, meta=b"", freed=()):
         """(Overlay) Commit by keeping a copy of every changed page as its committed image.
 
         The base is never written: a committed page stays private in the map
@@ -1307,7 +1307,7 @@ class Engine:
         self.slots[F.SLOT_TIME] = int(time.time() * 1e6)
         root = (self.page_count, self.free_head, list(self.slots))
         logged = self._logged
-        records = self._memory_record([offset for offset, _ in pages], root, meta)
+        records = self._memory_record([offset for offset, _ in pages], root, meta, freed)
         undo = _Undo(self, None, {offset: logged.get(offset) for offset, _ in pages})
         try:
             for offset, image in pages:

@@ -247,9 +247,10 @@ it resets the log (an open that finds such a log does the same).  It starts
 with ``HISTORY_HEADER`` (magic, version, unit, store id, crc32 of the first 60
 bytes); then records, each ``HISTORY_RECORD`` (magic ``PSHR``, number of
 images, transaction, its commit time in microseconds, bytes changed,
-metadata length, ... see the struct), ``HISTORY_ENTRY``'s root state before
-the transaction, the metadata, the images' uint64 file offsets, the images,
-and a crc32 of the record.  Records are in transaction order; the first
+metadata length, number of objects freed), ``COMMIT``: the root state before
+the transaction, the metadata, the images' uint64 file offsets, the uint64
+offsets of the objects the transaction freed, the images, and a crc32 of the
+record.  Records are in transaction order; the first
 record that does not check ends the file.  It is rewritten whole (under a
 temporary name, renamed) when most of its records are older than what is
 kept.  A record of a transaction newer than the store's is ignored.
@@ -329,8 +330,8 @@ HISTORY_MAGIC = b"PSTHIST\x00"
 HISTORY_VERSION = 1
 HISTORY_HEADER = struct.Struct("<8sIIQ36xI")  # magic, version, unit, store id, pad, crc
 assert HISTORY_HEADER.size == 64
-#: magic, txn, its commit time (us), bytes changed, metadata length, number of images, then the
-#: HISTORY_ENTRY's root (page count, free-page head, slots) of the state before it
+#: magic, number of images, txn, its commit time (us), bytes changed, metadata length, number of
+#: freed offsets; then COMMIT (the root state before it)
 HISTORY_RECORD = struct.Struct("<4sIQQQII")
 HISTORY_RECORD_MAGIC = b"PSHR"
 LOCK_WRITER = 1 << 62

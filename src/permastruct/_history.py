@@ -26,10 +26,13 @@ class Record:
     transaction, or where to read it (:meth:`HistoryFile.image`, or the log's
     ``page_data``)."""
 
-    __slots__ = ("txn", "time", "size", "meta", "root", "images", "where", "load")
+    __slots__ = ("txn", "time", "size", "meta", "root", "images", "where", "load", "freed")
 
-    def __init__(self, txn, time, size, meta, root, images, where, load):
+    def __init__(self, txn, time, size, meta, root, images, where, load, freed=()):
         self.txn, self.time, self.size, self.meta, self.root, self.images = txn, time, size, meta, root, images
+        #: the offsets of the objects the transaction freed (an undo kills the proxies of objects
+        #: made since at those places)
+        self.freed = freed
         #: "log", "file" (positions in the history file) or "memory" (the images are bytes)
         self.where = where
         #: ``load(source)``: the image of one of ``images``
@@ -100,10 +103,10 @@ class HistoryFile:
         fixed = F.HISTORY_RECORD.size + F.COMMIT.size
         while position + fixed <= size:
             head = self.io.pread(fixed, position)
-            magic, count, txn, stamp, changed, meta_length, _ = F.HISTORY_RECORD.unpack_from(head)
-            if magic != F.HISTORY_RECORD_MAGIC or txn <= previous or count > 1 << 32:
+            magic, count, txn, stamp, changed, meta_length, freed_count = F.HISTORY_RECORD.unpack_from(head)
+            if magic != F.HISTORY_RECORD_MAGIC or txn <= previous:
                 break
-            length = fixed + meta_length + count * (8 + self.unit) + 4
+            length = fixed + meta_length + 8 * freed_count + count * (8 + self.unit) + 4
             if position + length > size:
                 break
             data = self.io.pread(length, position)
@@ -115,9 +118,11 @@ class HistoryFile:
             at += meta_length
             offsets = memoryview(data)[at:at + 8 * count].cast("Q").tolist()
             at += 8 * count
+            freed = tuple(memoryview(data)[at:at + 8 * freed_count].cast("Q").tolist())
+            at += 8 * freed_count
             images = [(offset, position + at + index * self.unit) for index, offset in enumerate(offsets)]
             records.append(Record(txn, stamp, changed, meta, (page_count, free_head, slots), images, "file",
-                                  self.image))
+                                  self.image, freed))
             previous, position = txn, position + length
         self.records, self.end = records, position
         return True
@@ -133,9 +138,10 @@ class HistoryFile:
         """The bytes of ``record`` whose images are the bytes ``images`` (in its order)."""
         page_count, free_head, slots = record.root
         parts = [F.HISTORY_RECORD.pack(F.HISTORY_RECORD_MAGIC, len(images), record.txn, record.time, record.size,
-                                       len(record.meta), 0),
+                                       len(record.meta), len(record.freed)),
                  F.COMMIT.pack(page_count, free_head, *slots), record.meta,
-                 b"".join(F.UINT64.pack(offset) for offset, _ in record.images)] + list(images)
+                 b"".join(F.UINT64.pack(offset) for offset, _ in record.images),
+                 b"".join(F.UINT64.pack(offset) for offset in record.freed)] + list(images)
         body = b"".join(parts)
         return body + F.UINT32.pack(zlib.crc32(body))
 

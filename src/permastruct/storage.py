@@ -379,7 +379,10 @@ class Storage:
             heap.allocator.release()
             heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
             kept = {offset: type_id for offset, _, type_id in heap.walk()}
-            freed = sorted(offset for offset, type_id in live.items() if kept.get(offset) != type_id)
+            # Gone: what the restored state lacks, and what was made since where an undone
+            # transaction freed an object (the restored state has that one there).
+            reused = {offset for record in chain for offset in record.freed}
+            freed = sorted(offset for offset, type_id in live.items() if kept.get(offset) != type_id or offset in reused)
             pf.commit(freed=freed, meta=meta)
         except BaseException:
             heap._changing = 0
