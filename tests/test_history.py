@@ -556,3 +556,33 @@ def test_a_proxy_of_an_object_made_where_an_undone_one_was_freed_dies(path):
         p.undo(target)
         with pytest.raises(DeadProxyError):
             y.name
+
+
+def test_an_undo_to_a_state_the_cut_file_no_longer_maps_in_one_piece(path):
+    """The file was cut at a close, the next open mapped what was left and grew in a new segment:
+    an object of the restored state lies across that segment boundary, so the file is mapped anew
+    in one piece (and every proxy dies)."""
+    p = Hist(path, history=10)
+    p.root.blob = p.schema.Buffer(bytes(range(256)) * 800)  # a run of 50 pages
+    p.commit()
+    big = state(p)
+    p.root.blob = None
+    p.commit()
+    dropped = p.last_transaction
+    p.pack()
+    p.close()
+    p = Hist(path)
+    cut = p.fileSize
+    p.root.items = [p.schema.Item(name=str(n), value=n) for n in range(3000)]  # the map grows
+    p.commit()
+    root = p.root
+    assert p.fileSize > cut
+    p.undo(dropped)
+    assert state(p) == big and bytes(p.root.blob) == bytes(range(256)) * 800
+    with pytest.raises(DeadProxyError):  # (mapped anew: every proxy died)
+        root.title
+    p.check()
+    p.close()
+    with Hist(path) as p:
+        assert state(p) == big
+        p.check()

@@ -220,6 +220,11 @@ class Engine:
         if self.mode == "file" and not readonly:
             _WRITERS[self.io.identity()] = self
         self.closed = False
+        #: ``(txn, bytes)``: the state this open's map was laid out for and the size it mapped in one
+        #: piece (a restored state older than it may need the file mapped again: :meth:`_remap`)
+        self._layout = (getattr(self, "txn", 0), self.mapping.size)
+        #: Whether the last :meth:`_restore_history` mapped the file again (every proxy must die)
+        self._remapped = False
         if not self.readonly:
             try:
                 self._load_history(history)
@@ -365,6 +370,12 @@ class Engine:
                 limit = F.HEADER_BLOCK + (end - F.HEADER_BLOCK) // unit * unit
                 tail = base.pread(F.HEADER_BLOCK + -(-(end - F.HEADER_BLOCK) // unit) * unit - limit, limit)
                 self.io = OverlayIO(base, limit, tail)
+                if past is not None:  # (the past state mapped in one piece past the base: see _remap)
+                    past_end = max([F.HEADER_BLOCK + past[0][0] * self.page_size] +
+                                   [offset + OS_PAGE for offset in past[1]])
+                    past_end = F.HEADER_BLOCK + -(-(past_end - F.HEADER_BLOCK) // unit) * unit
+                    if past_end > self.io.size():
+                        self.io.fallocate(self.io.size(), past_end - self.io.size())
                 self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, self.page_size)
                 for offset, image in images.items():
                     self.mapping.view(offset, len(image))[:] = image
@@ -527,7 +538,10 @@ class Engine:
                 images[offset] = (record, source)
         page_count, free_head, slots = chain[0].root
         end = max([F.HEADER_BLOCK + page_count * self.page_size] + [offset + unit for offset in images])
-        if self.mapping.size < end:
+        self._remapped = False
+        if self.mode == "file" and txn <= self._layout[0] and end > self._layout[1]:
+            self._remap(end)
+        elif self.mapping.size < end:
             self.mapping.grow(end)
         self._forget_pages()
         for offset, (record, source) in sorted(images.items()):
@@ -536,6 +550,31 @@ class Engine:
         slots[F.SLOT_HISTORY] = self.slots[F.SLOT_HISTORY]
         self.page_count, self.free_head, self.slots = page_count, free_head, slots
         return [record.txn for record in chain]
+
+    def _remap(self, end):
+        """(Writer, nothing pending) Map the whole file, grown to ``end``, in one piece again.
+
+        A state older than this open (or than the last remap) may have objects
+        past what the open mapped in its first segment (the file was cut at a
+        close since, or lost growth to a crash), laid out by a map that had no
+        segment boundary where this one has: restored into later segments of
+        this map, such an object could cross one.  So the old segments are
+        retired (kept mapped until close: proxies and views may point into
+        them, and every proxy must die: ``_remapped`` says so), the file is
+        mapped anew like a reader's (:meth:`~._mapping.MappedFile.extend`), and
+        the committed images of the logged units are laid over it.
+        """
+        unit = max(GRANULE, self.page_size)
+        size = F.HEADER_BLOCK + -(-(end - F.HEADER_BLOCK) // unit) * unit
+        if self.io.size() < size:
+            self.io.fallocate(0, size)
+        self._forget_pages()
+        self.mapping.extend(force=True)
+        for offset, entry in self._logged.items():
+            image = self._logged_image(entry)
+            self.mapping.view(offset, len(image))[:] = image
+        self._layout = (self.txn, self.mapping.size)
+        self._remapped = True
 
     def _past_state(self, at):
         """(``at=``, holding the snapshot lock with the log open) ``(root, {offset: image})`` of the

@@ -352,7 +352,11 @@ class Storage:
         when ``id`` is unknown or no longer kept, without ``history=``, while
         changes are pending, or when a transaction in between changed the
         stored schema.  Proxies of objects that do not exist in the restored
-        state die, as after a rollback.  ``description``, ``user`` and
+        state die, as after a rollback (every proxy dies when the restored
+        state is larger than what this open first mapped of the file and
+        older than it: the file was cut at a close since, and is mapped anew;
+        views of buffers taken before then no longer show the store).
+        ``description``, ``user`` and
         ``extension`` are the new transaction's metadata (the description
         defaults to ``"undo <id>"``).  Costs two walks over every object and
         a commit of every page that differs.
@@ -386,11 +390,14 @@ class Storage:
             pf.commit(freed=freed, meta=meta)
         except BaseException:
             heap._changing = 0
+            if pf._remapped:  # (every proxy points into the old map)
+                for offset in list(heap.proxies):
+                    heap.kill_proxy(offset, rolled_back=True)
             self.rollback()
             heap.allocator.release()
             heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
             raise
-        for offset in freed:
+        for offset in list(heap.proxies) if pf._remapped else freed:
             heap.kill_proxy(offset, rolled_back=True)
         heap.views.clear()
         heap.unreferenced = set(heap.held_objects())
