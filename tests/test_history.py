@@ -456,9 +456,9 @@ def test_an_undo_cut_short_anywhere_is_whole_or_not_at_all(mode, path):
     from conftest import interrupt_at_opcode
     if mode == "overlay":
         Hist(path).close()
-        p = Hist(path, overlay=True, history=500)
+        p = Hist(path, overlay=True, history=5000)
     else:
-        p = open_store(Hist, mode, path, history=500)
+        p = open_store(Hist, mode, path, history=5000)
     try:
         p.root.title = "a"
         p.root.items = [p.schema.Item(name="one", value=1)]
@@ -470,7 +470,7 @@ def test_an_undo_cut_short_anywhere_is_whole_or_not_at_all(mode, path):
         p.root.blob = p.schema.Buffer(b"x" * 20000)
         p.commit()
         second = state(p)
-        step, fired, stride = 0, True, 211
+        step, fired, stride = 0, True, 401
         while fired and step < 5000:
             step += 1
             last = p.last_transaction
