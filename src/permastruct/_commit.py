@@ -1158,7 +1158,8 @@ class Engine:
             # readers that refresh between commits have all seen the last one
             # now, so the log can start over.
             self._try_checkpoint(changing={offset for offset, _ in pages})
-        history = self._before_state([offset for offset, _ in pages], journal.unit)
+        history = self._before_state([offset for offset, _ in pages], journal.unit) if self.slots[
+            F.SLOT_HISTORY] else None
         pages = self._write_fresh(pages, journal) if sync else pages
         keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
         logged = self._logged
@@ -1168,7 +1169,7 @@ class Engine:
             self._log_synced = sync
             for (offset, image), (_, position) in zip(pages, commit.frames):
                 logged[offset] = [position, bytes(image) if keep else None]
-            records = self._with_record(None if commit.history is None else self._log_record(commit, journal))
+            records = [] if commit.history is None else self._with_record(self._log_record(commit, journal))
             # Published in one step (no call in between, so no interrupt either).
             self.txn, self._committed, self._records, self._unacknowledged = (
                 commit.txn, root, records, None if acknowledge else undo)
