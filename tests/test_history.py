@@ -324,6 +324,8 @@ def test_metadata_round_trips_and_undo_log_slices(path):
     p.close()
     with Hist(path) as p:
         assert p.undo_log(0, 100) == log  # after a checkpoint and a reopen: the same
+    with Hist(path, readonly=True) as r:  # a reader, from the history file
+        assert r.undo_log(0, 100) == log
     with pytest.raises(ValueError):
         Hist(path, history=3).undo_log(-1)
 
@@ -339,8 +341,11 @@ def test_readers_see_an_undo_after_refresh(path):
     r = Hist(path, readonly=True)
     gone = r.root.items[0]
     assert r.root.title == "undone"
+    assert r.undo_log() == p.undo_log()  # (a reader lists the history of its snapshot)
     p.undo(target)
+    assert r.undo_log() != p.undo_log()
     assert r.refresh()
+    assert r.undo_log() == p.undo_log()
     assert r.root.title == "kept" and r.root.items is None
     with pytest.raises(DeadProxyError):
         gone.name

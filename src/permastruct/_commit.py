@@ -501,9 +501,33 @@ class Engine:
         self._records = [found.get(record.txn, record) for record in self._records]
 
     def _history_log(self):
-        """The retained undo records, oldest first."""
+        """The retained undo records, oldest first (a reader: those of its snapshot, read from the
+        history files and the log under the snapshot lock; ``at=``: none)."""
         self._check_open()
-        return list(self._records)
+        if not self.readonly or self.mode != "file":
+            return list(self._records)
+        limit = self.slots[F.SLOT_HISTORY]
+        if not limit:
+            return []
+        self._lock_snapshot()
+        try:
+            self._log_at = F.unpack_log_at(self.io.pread(F.HEADER_BLOCK, 0))
+            journal = self._find_log(True)
+            files = HistoryFiles.open(HistoryFiles.path_for(self.path), OS_PAGE, self.store_id, readonly=True)
+            try:
+                found = {record.txn: record for record in files.records()} if files is not None else {}
+                if journal is not None and journal.valid:
+                    for commit in journal.commits:
+                        if commit.history is not None:
+                            found[commit.txn] = self._log_record(commit, journal)
+            finally:
+                if files is not None:
+                    files.close()
+                if journal is not None:
+                    journal.close()
+        finally:
+            self.io.unlock(F.LOCK_CHECKPOINT)
+        return _kept(found, self.txn, limit)
 
     def _history_chain(self, txn):
         """The undo records from transaction ``txn`` to the last commit; UndoError when it cannot be undone."""

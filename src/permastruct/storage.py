@@ -323,7 +323,8 @@ class Storage:
         is a dict with ``id``, ``time`` (epoch seconds), ``user_name``,
         ``description`` (strings, "" when not given), ``extension`` (a dict)
         and ``size`` (bytes the transaction changed, in whole pages).  Empty
-        without ``history=`` (and in a read-only open).
+        without ``history=``.  A read-only open lists those of its snapshot
+        (read from the history files and the log), one opened with ``at=`` none.
         """
         self._check_open()
         for name, value in (("first", first), ("last", last)):
@@ -333,7 +334,7 @@ class Storage:
             raise ValueError(f"first must not be negative, not {first}")
         if last < 0:
             last = first - last
-        records = [] if self.readonly else self._page_file._history_log()[::-1]
+        records = self._page_file._history_log()[::-1]
         result = []
         for record in records[first:last]:
             description, user, extension = F.unpack_txn_meta(record.meta)
