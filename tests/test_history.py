@@ -231,6 +231,7 @@ def test_what_cannot_be_undone(path):
         p.commit()
     ids = [entry["id"] for entry in p.undo_log()]
     assert ids == [p.last_transaction - n for n in range(3)]
+    assert p.check()["history"] == 3
     with pytest.raises(UndoError, match="no longer in its history"):
         p.undo(ids[-1] - 1)
     with pytest.raises(UndoError, match="has no transaction"):

@@ -590,6 +590,7 @@ class Storage:
         from ._check import check_storage
         summary = check_storage(self, progress)
         summary.update(self._page_file.check_files())
+        summary["history"] = len(self._page_file._history_log())  # (transactions undo() can reach)
         return summary
 
     def objects(self, cls=None):
