@@ -19,8 +19,10 @@ at least) and one small transaction per store - change one int, commit:
 A third table (``commits:modes``) runs permastruct's commit by storage mode
 (``docs/modes.rst``), side by side: a file store with ``sync=True`` and
 ``sync=False``, the same with transaction metadata (``commit(description,
-user=..., extension=...)``), an in-memory store (``Storage(None)``) and an
-overlay on a file (``overlay=True``).
+user=..., extension=...)``), the same with ``history=100`` (every commit also
+logs the before-image of each page it changes: ``docs/modes.rst``) beside
+``history=0`` (the default, the first rows), an in-memory store
+(``Storage(None)``) and an overlay on a file (``overlay=True``).
 
 Figures are the latencies of single commits (median, p90, p99) and the
 commit rate (in the note).  P6 is the median over rounds of the per-round
@@ -94,8 +96,9 @@ def ours_loop(ctx, seconds, sync):
 
 
 def mode_loop(ctx, seconds, mode):
-    """permastruct's small commit in one storage mode: "file", "file+meta" (with metadata), "memory",
-    "overlay" (its base a file store); ``sync`` as the mode's name says."""
+    """permastruct's small commit in one storage mode: "file", "meta" (with metadata), "history" (a
+    file store with history=100), "memory", "overlay" (its base a file store); ``sync`` as the mode's
+    name says."""
     kind, _, sync = mode.partition(":")
     path = ctx.fresh(NAME, f"mode-{kind}-{sync}.ps")
     if kind == "memory":
@@ -103,6 +106,8 @@ def mode_loop(ctx, seconds, mode):
     elif kind == "overlay":
         S.open_ours(path).close()
         p = S.open_ours(path, overlay=True)
+    elif kind == "history":
+        p = S.open_ours(path, sync=sync == "sync", history=100)
     else:
         p = S.open_ours(path, sync=sync == "sync")
     root = p.root
@@ -123,8 +128,10 @@ def mode_loop(ctx, seconds, mode):
 
 
 #: The cases of the modes table: (case, mode_loop's mode).
-MODES = [("file, sync=True", "file:sync"), ("file, sync=True, with metadata", "meta:sync"),
-         ("file, sync=False", "file:nosync"), ("file, sync=False, with metadata", "meta:nosync"),
+MODES = [("file, sync=True", "file:sync"), ("file, sync=True, history=100", "history:sync"),
+         ("file, sync=True, with metadata", "meta:sync"),
+         ("file, sync=False", "file:nosync"), ("file, sync=False, history=100", "history:nosync"),
+         ("file, sync=False, with metadata", "meta:nosync"),
          ("in memory", "memory:"), ("overlay", "overlay:")]
 
 
