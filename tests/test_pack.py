@@ -895,3 +895,29 @@ def test_without_pagemap_the_checkpoint_leaves_no_hole_and_the_close_cuts(path, 
         p.check()
         del p.root.records[-1]
         _check_records(p, kept)
+
+
+def test_undo_of_a_relocating_pack_brings_back_the_state_before_it(path):
+    """With history, the pack (freeing, moving, the checkpoint's hole) is one transaction that
+    undo() takes back whole: the objects at their old places, the file grown into the hole again."""
+    with Records(path, history=5) as p:
+        kept = _fill(p, 5000)
+        p.root.first = p.root.records[max(kept)]
+        p.commit()
+        pages = p._page_file.page_count
+        first_at = p.root.first._ps_oid
+        result = p.pack()
+        assert result["objects_moved"] > 0 and p._page_file.page_count < pages / 2
+        pack_id = p.undo_log()[0]["id"]
+        assert p.undo(pack_id) == [pack_id]
+        assert p._page_file.page_count == pages and p.root.first._ps_oid == first_at
+        p.check()
+        _check_records(p, kept)
+        p.root.records[-1] = p.schema.Record(id=-1, name="after the undo")
+        p.commit()
+        p.check()
+    with Records(path) as p:
+        p.check()
+        assert str(p.root.records[-1].name) == "after the undo"
+        del p.root.records[-1]
+        _check_records(p, kept)

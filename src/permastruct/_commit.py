@@ -571,6 +571,7 @@ class Engine:
         elif self.mapping.size < end:
             self.mapping.grow(end)
         self._forget_pages()
+        self._reserve(-(-(end - F.HEADER_BLOCK) // self.page_size))  # (a hole a checkpoint left: blocks first)
         for offset, (record, source) in sorted(images.items()):
             self.mapping.view(offset, unit)[:] = record.load(source)
         slots = list(slots)
