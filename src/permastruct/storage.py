@@ -356,7 +356,9 @@ class Storage:
         state die, as after a rollback (every proxy dies when the restored
         state is larger than what this open first mapped of the file and
         older than it: the file was cut at a close since, and is mapped anew;
-        views of buffers taken before then no longer show the store).
+        views of buffers taken before then no longer show the store).  They
+        die before the undo's commit, so an interrupt cannot leave them alive
+        after it; an undo that fails leaves them dead (using one raises).
         ``description``, ``user`` and
         ``extension`` are the new transaction's metadata (the description
         defaults to ``"undo <id>"``).  Costs two walks over every object and
@@ -388,6 +390,14 @@ class Storage:
             # transaction freed an object (the restored state has that one there).
             reused = {offset for record in chain for offset in record.freed}
             freed = sorted(offset for offset, type_id in live.items() if kept.get(offset) != type_id or offset in reused)
+            # The restored state is in the map: its proxies and caches are put right before the commit,
+            # so that nothing can come between the commit and them (a commit that fails leaves these
+            # proxies dead: their objects are back, but a dead proxy only ever raises).
+            for offset in list(heap.proxies) if pf._remapped else freed:
+                heap.kill_proxy(offset, rolled_back=True)
+            heap.views.clear()
+            heap.unreferenced = set(heap.held_objects())
+            self._root = None
             pf.commit(freed=freed, meta=meta)
         except BaseException:
             heap._changing = 0
@@ -398,11 +408,6 @@ class Storage:
             heap.allocator.release()
             heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
             raise
-        for offset in list(heap.proxies) if pf._remapped else freed:
-            heap.kill_proxy(offset, rolled_back=True)
-        heap.views.clear()
-        heap.unreferenced = set(heap.held_objects())
-        self._root = None
         heap._changing = 0
         return undone
 
