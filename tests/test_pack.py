@@ -805,35 +805,27 @@ def test_a_relocation_interrupted_anywhere_is_rolled_back(path, monkeypatch, whe
         _check_records(p, kept)
 
 
-class Version1(Storage):
-    def populateSchema(self):
-        s = self.schema
+def _items_store(added_field):
+    """A store of Items; with ``added_field`` the Item type has gained a field (a new version)."""
+    class Versioned(Storage):
+        def populateSchema(self):
+            s = self.schema
 
-        class Item(s.Structure):
-            name = s.String
-            n = s.Int
+            class Item(s.Structure):
+                name = s.String
+                n = s.Int
+                if added_field:  # the objects written before keep their layout
+                    extra = s.String
 
-        self.define(List("Items")[Item])
+            self.define(List("Items")[Item])
 
-        class Root(s.Structure):
-            items = s.Items
-            junk = s.Items
+            class Root(s.Structure):
+                items = s.Items
+                junk = s.Items
+    return Versioned
 
 
-class Version2(Storage):
-    def populateSchema(self):
-        s = self.schema
-
-        class Item(s.Structure):  # a field added: the objects written before keep their layout
-            name = s.String
-            n = s.Int
-            extra = s.String
-
-        self.define(List("Items")[Item])
-
-        class Root(s.Structure):
-            items = s.Items
-            junk = s.Items
+Version1, Version2 = _items_store(False), _items_store(True)
 
 
 def test_pack_moves_objects_of_earlier_versions_forwarded_ones_and_a_root_made_last(path):
