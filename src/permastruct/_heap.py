@@ -39,6 +39,7 @@ memory afterwards.
 thread in the middle of a change of this heap, or 0.
 """
 
+import bisect
 import contextlib
 import ctypes
 import struct
@@ -150,12 +151,13 @@ class Heap:
 
         The hot path of every read of a reference, so a closure made once per
         heap, with what it needs bound: it takes the common case (a
-        fixed-size object in the segment of the last look-up) in a dozen
-        C-level steps and leaves the rest to :meth:`_proxy_slow`.
+        fixed-size object, in the segment of the last look-up or found by a
+        bisect of the segments) in a dozen C-level steps and leaves the rest to
+        :meth:`_proxy_slow`.
         """
         proxies, classes, mapping = self.proxies, self.classes, self.mapping
         get, set_oid, unpack, header_block = proxies.get, _set_oid, _TYPE, F.HEADER_BLOCK
-        slow = self._proxy_slow
+        slow, bisect_right = self._proxy_slow, bisect.bisect_right
         heap = self
 
         def proxy(offset):
@@ -165,7 +167,16 @@ class Heap:
             if proxy is not None and not type(proxy)._ps_closed:
                 return proxy
             segment = mapping._hot
-            if segment is None or not segment.start <= offset < segment.end or offset & 7 or offset < header_block:
+            if segment is None or not segment.start <= offset < segment.end:
+                # another segment of the map (a large store has several): found by one bisect
+                found = bisect_right(mapping._starts, offset) - 1
+                if found < 0:
+                    return slow(offset)
+                segment = mapping.segments[found]
+                if offset >= segment.end:
+                    return slow(offset)
+                mapping._hot = segment
+            if offset & 7 or offset < header_block:
                 return slow(offset)
             local = offset - segment.start
             cls = classes.get(unpack(segment.map, local)[0])
