@@ -425,6 +425,124 @@ def test_a_file_of_the_previous_format_version_is_refused_unchanged(tmp_path):
     assert path.read_bytes() == bytes(data)
 
 
+
+# -- the lookup made per class: every key the general way finds, it finds ----------------------
+class Lookups(Storage):
+    def populateSchema(self):
+        s = self.schema
+        self.define(Dict("ByBytes")[s.ByteString, s.Int])
+        self.define(Dict("ByText")[s.String, s.Int])
+        self.define(Dict("ByInt")[s.Int, s.Int])
+        self.define(Dict("ByCount")[s.UInt64, s.ByteString])
+        self.define(Dict("ByReal")[s.Float, s.Int])
+        self.define(Set("IntSet")[s.Int8])
+
+        class Root(s.Structure):
+            by_bytes = self.schema.ByBytes
+            by_text = self.schema.ByText
+            by_int = self.schema.ByInt
+            by_count = self.schema.ByCount
+            by_real = self.schema.ByReal
+            int_set = self.schema.IntSet
+
+
+@pytest.fixture
+def lookups(tmp_path):
+    p = Lookups(tmp_path / "l.ps", pageSize=256)
+    yield p
+    p.close()
+
+
+def _agree(mapping, reference, probes):
+    """Every probe is found (or not) in ``mapping`` as in the plain ``reference``, by every way of asking."""
+    for key in probes:
+        try:
+            expected = reference[key]
+        except (KeyError, TypeError):
+            expected = KeyError
+        if expected is KeyError:
+            assert key not in mapping, key
+            assert mapping.get(key, "absent") == "absent", key
+            with pytest.raises(KeyError):
+                mapping[key]
+        else:
+            assert key in mapping, key
+            assert mapping[key] == expected and mapping.get(key) == expected, key
+
+
+def test_lookups_agree_with_a_dict_through_deletes_and_rebuilds(lookups):
+    import random
+    p = lookups
+    rng = random.Random(5)
+    p.root.by_bytes, p.root.by_text, p.root.by_int, p.root.by_count = {}, {}, {}, {}
+    cases = [
+        (p.root.by_bytes, lambda i: b"k%d" % i if i % 5 else b"a key longer than sixteen %d" % i,
+         [b"", b"k", memoryview(b"k2"), "k3", 3, b"k1\x00", b"x" * 16]),
+        (p.root.by_text, lambda i: "t%d" % i if i % 5 else "é" * (i % 12),
+         ["", "\ud800", "t1\x00", b"t1", 1.5, ("t1",), "é" * 9]),
+        (p.root.by_int, lambda i: rng.randrange(-(1 << 63), 1 << 63) if i % 7 == 0 else i * 2 - 300,
+         [True, False, 1.0, 2.0, 2.5, 1 << 63, -(1 << 63) - 1, 1 << 70, float("nan"), "1", None]),
+        (p.root.by_count, lambda i: (1 << 64) - 1 - i if i % 3 == 0 else i,
+         [-1, 1 << 64, True, 4.0, (1 << 64) - 1]),
+    ]
+    for mapping, make, odd in cases:
+        reference = {}
+        for i in range(400):
+            key = make(i)
+            value = i if mapping is not p.root.by_count else b"v%d" % i
+            mapping[key] = value
+            reference[key] = value
+            if i % 3 == 0 and reference:  # deletes leave tombstones on the probe paths
+                gone = rng.choice(list(reference))
+                del mapping[gone], reference[gone]
+        _agree(mapping, reference, list(reference) + [make(i) for i in range(400, 450)] + odd)
+        for key in list(reference)[: len(reference) // 2]:  # shrink: tables are rebuilt smaller
+            del mapping[key], reference[key]
+        _agree(mapping, reference, list(reference) + odd)
+    p.root.by_real = {1.5: 1, 2.0: 2}  # a key type without the made lookup goes the general way
+    _agree(p.root.by_real, {1.5: 1, 2.0: 2, 2: 2, True: KeyError}, [1.5, 2.0, 2, True, 3])
+    p.root.int_set = {-128, 0, 127}
+    assert all(k in p.root.int_set for k in (-128, 0, 127, 0.0, False))
+    assert not any(k in p.root.int_set for k in (128, -129, 1, "0", 0.5))
+    p.commit()
+    p.check()
+
+
+def _index_at(collection, slot):
+    return collection._ps_body + F.TABLE.size + 4 * slot
+
+
+def test_a_damaged_index_fails_the_lookup_not_the_process(lookups):
+    p = lookups
+    p.root.by_bytes = {b"a": 1}
+    p.root.by_int = {5: 1}
+    for mapping, key in ((p.root.by_bytes, b"a"), (p.root.by_int, 5)):
+        table = mapping._ps_table()
+        home = next(slot for slot, index in enumerate(table.indices) if index)
+        _damage(p, _index_at(mapping, home), "<I", 1000)  # names an entry past the capacity
+        with pytest.raises(CorruptStorageError, match="names entry 999"):
+            mapping[key]
+        with pytest.raises(CorruptStorageError, match="names entry 999"):
+            key in mapping
+
+
+def test_a_table_without_an_empty_index_ends_its_probe(lookups):
+    p = lookups
+    p.root.by_bytes = {b"a": 1}
+    p.root.by_int = {5: 1}
+    for mapping, key, absent in ((p.root.by_bytes, b"a", b"b"), (p.root.by_int, 5, 6)):
+        table = mapping._ps_table()
+        for slot, index in enumerate(table.indices):
+            if not index:
+                _damage(p, _index_at(mapping, slot), "<I", F.TABLE_DELETED)
+        assert mapping[key] == 1 and key in mapping
+        assert absent not in mapping  # every probe wraps around once, then stops
+        with pytest.raises(KeyError):
+            mapping[absent]
+        with pytest.raises(CorruptStorageError, match="slots are in use"):
+            p.check()
+
+
 # -- SortedDict scans a leaf at a time; bulk update of Dict and SortedDict ----------------------
 class Scans(Storage):
     def populateSchema(self):

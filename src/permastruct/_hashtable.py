@@ -76,7 +76,7 @@ def _ref(key_bytes):
 class _TableView:
     """Cached views of one TABLE object: header, indices, entries (and the raw map for lookups)."""
 
-    __slots__ = ("head", "indices", "entries", "mask", "capacity", "entries_at", "raw", "base")
+    __slots__ = ("head", "indices", "entries", "mask", "capacity", "entries_at", "raw", "base", "fast")
 
     def __init__(self, heap, offset, esize):
         type_id, _, _, _, nslots, used, filled, capacity = F.TABLE.unpack_from(
@@ -95,6 +95,9 @@ class _TableView:
         segment, local = heap.locate(offset, entries_at + esize * capacity)
         self.raw = segment.map  # read with unpack_from(raw, base + ...): no memoryview slicing
         self.base = local + entries_at
+        # what a lookup reads, in one attribute: entry number n (1-based, as an index names it)
+        # starts at raw offset ``before + n * esize``
+        self.fast = (self.indices, self.mask, self.raw, self.base - esize, capacity)
 
 
 class HashCollection(Collection):
@@ -121,9 +124,17 @@ class HashCollection(Collection):
         cls._ps_esize = cls._ps_entry.size
         cls._ps_blank = bytes(cls._ps_esize)
         cls._ps_views = heap.views
-        # the exact Python type whose short keys take the lookup fast path (bytes for ByteString keys)
-        cls._ps_fast = bytes if strings and key.string_type == F.T_BYTESTRING else None
         cls._ps_key_of = _key_reader(cls, heap, key)
+        # the lookup fast path of this class's key type, made once here (see _fast_lookups)
+        found = _fast_lookups(cls)
+        if found is None:
+            for name in ("_ps_find_fast", "__contains__", "__getitem__"):
+                if name in cls.__dict__:
+                    delattr(cls, name)
+        else:
+            cls._ps_find_fast, cls.__contains__ = staticmethod(found[0]), found[1]
+            if cls._ps_has_values:
+                cls.__getitem__ = found[2]
 
     @classmethod
     def _ps_accepts(cls, value):
@@ -346,17 +357,10 @@ class HashCollection(Collection):
             yield key_of(fields)
 
     def __contains__(self, key):
-        cls = type(self)
-        if type(key) is cls._ps_fast:  # a short bytes key: the entry alone decides (see __getitem__)
-            n = len(key)
-            table = cls._ps_views.get(self._ps_body) if n <= _KEY_INLINE else None
-            if table is not None:
-                hash_ = _crc32(key, _BYTES_SEED)
-                index = table.indices[hash_ & table.mask]
-                if 0 < index <= table.capacity:
-                    fields = cls._ps_entry.unpack_from(table.raw, table.base + (index - 1) * cls._ps_esize)
-                    if fields[0] == hash_ and fields[1] == _TAG_INLINE + n and fields[2] == key + _PAD[n]:
-                        return True
+        """``key in c``.
+
+        Runtime: O(1) average, as ``d[key]``.
+        """
         try:
             self._ps_lookup(key)
         except Missing:
@@ -524,6 +528,167 @@ def _key_reader(cls, heap, key):
     return key_of
 
 
+def _fast_lookups(cls):
+    """``(find, __contains__, __getitem__)`` made for hash collection class ``cls``, or None.
+
+    They serve the keys that need no normalising: ``bytes`` (ByteString keys)
+    or ``str`` (String keys) of at most ``KEY_INLINE`` bytes, which live in the
+    entry itself, and ``int`` keys of an integer key type.  A lookup is then a
+    handful of C-level calls with everything else bound here, once: the hash
+    (one ``crc32``, or three int operations), one index read and one
+    ``unpack_from`` of the entry per probe, a hash compare and a key compare.
+    Anything else (another key type, a long key, a damaged index, a probe
+    that wraps around) goes the general way, which also says what is wrong.
+    ``find(proxy, key)`` returns the unpacked entry, None when the key is
+    absent, or False when it cannot tell.
+    """
+    key_type = cls._ps_key
+    views_get = cls._ps_views.get
+    unpack = cls._ps_entry.unpack_from
+    esize = cls._ps_esize
+    decode = cls._ps_vdecode if cls._ps_has_values else None
+    slow_get = PersistentDict.__getitem__
+    slow_contains = HashCollection.__contains__
+    deleted = F.TABLE_DELETED
+    if key_type.is_ref:
+        text = key_type.string_type == F.T_STRING
+        seed = F.STRING_SEED if text else F.BYTES_SEED
+        pad, inline, tag0, crc32 = _PAD, _KEY_INLINE, _TAG_INLINE, _crc32
+
+        def find_data(table, data):
+            n = len(data)
+            if n > inline:
+                return False
+            indices, mask, raw, before, capacity = table.fast
+            hash_ = crc32(data, seed)
+            home = slot = hash_ & mask
+            index = indices[slot]
+            while index:
+                if index <= capacity:
+                    fields = unpack(raw, before + index * esize)
+                    if fields[0] == hash_ and fields[2] == data + pad[n] and fields[1] == tag0 + n:
+                        return fields
+                elif index != deleted:
+                    return False
+                slot = (slot + 1) & mask
+                if slot == home:
+                    return False
+                index = indices[slot]
+            return None
+
+        if text:
+            def find(self, key):
+                if type(key) is not str:
+                    return False
+                table = views_get(self._ps_body)
+                if table is None:
+                    return False
+                try:
+                    return find_data(table, key.encode("utf-8"))
+                except UnicodeEncodeError:  # a lone surrogate: the general way says
+                    return False
+
+            def __getitem__(self, key):
+                fields = find(self, key)
+                if fields:
+                    return fields[3] if decode is None else decode(fields[3])
+                if fields is None:
+                    raise KeyError(key)
+                return slow_get(self, key)
+        else:
+            def find(self, key):
+                if type(key) is not bytes:
+                    return False
+                table = views_get(self._ps_body)
+                return False if table is None else find_data(table, key)
+
+            def __getitem__(self, key):  # find(), written out: this is the hot path
+                if type(key) is bytes:
+                    table = views_get(self._ps_body)
+                    n = len(key)
+                    if table is not None and n <= inline:
+                        indices, mask, raw, before, capacity = table.fast
+                        hash_ = crc32(key, seed)
+                        home = slot = hash_ & mask
+                        index = indices[slot]
+                        while index:
+                            if index <= capacity:
+                                fields = unpack(raw, before + index * esize)
+                                if fields[0] == hash_ and fields[2] == key + pad[n] and fields[1] == tag0 + n:
+                                    return fields[3] if decode is None else decode(fields[3])
+                            elif index != deleted:
+                                break
+                            slot = (slot + 1) & mask
+                            if slot == home:
+                                break
+                            index = indices[slot]
+                        else:
+                            raise KeyError(key)
+                return slow_get(self, key)
+    elif key_type.exact is int:
+        low, high, mix, mask64 = key_type.low, key_type.high, F._MIX, F._MASK64
+
+        def find(self, key):
+            if type(key) is not int or not low <= key <= high:
+                return False
+            table = views_get(self._ps_body)
+            if table is None:
+                return False
+            indices, mask, raw, before, capacity = table.fast
+            hash_ = ((key & mask64) * mix & mask64) >> 32  # F.number_hash of an int
+            home = slot = hash_ & mask
+            index = indices[slot]
+            while index:
+                if index <= capacity:
+                    fields = unpack(raw, before + index * esize)
+                    if fields[0] == hash_ and fields[2] == key:
+                        return fields
+                elif index != deleted:
+                    return False
+                slot = (slot + 1) & mask
+                if slot == home:
+                    return False
+                index = indices[slot]
+            return None
+
+        def __getitem__(self, key):  # find(), written out: this is the hot path
+            if type(key) is int and low <= key <= high:
+                table = views_get(self._ps_body)
+                if table is not None:
+                    indices, mask, raw, before, capacity = table.fast
+                    hash_ = ((key & mask64) * mix & mask64) >> 32
+                    home = slot = hash_ & mask
+                    index = indices[slot]
+                    while index:
+                        if index <= capacity:
+                            fields = unpack(raw, before + index * esize)
+                            if fields[0] == hash_ and fields[2] == key:
+                                return fields[3] if decode is None else decode(fields[3])
+                        elif index != deleted:
+                            break
+                        slot = (slot + 1) & mask
+                        if slot == home:
+                            break
+                        index = indices[slot]
+                    else:
+                        raise KeyError(key)
+            return slow_get(self, key)
+    else:
+        return None
+
+    def __contains__(self, key):
+        fields = find(self, key)
+        if fields is False:
+            return slow_contains(self, key)
+        return fields is not None
+
+    __getitem__.__doc__ = slow_get.__doc__
+    __contains__.__doc__ = slow_contains.__doc__
+    __getitem__.__qualname__ = f"{cls.__name__}.__getitem__"
+    __contains__.__qualname__ = f"{cls.__name__}.__contains__"
+    return find, __contains__, __getitem__
+
+
 class PersistentDict(MappingMixin, HashCollection):
     """A persistent dict (``collections.abc.MutableMapping``), insertion ordered like ``dict``.
 
@@ -551,27 +716,17 @@ class PersistentDict(MappingMixin, HashCollection):
         """``d[key]``; ``KeyError`` if absent.
 
         Runtime: O(1) average: one hash, usually one probe and one key compare.
-        A ``bytes`` key of at most 16 bytes in a ``Dict[ByteString, ...]`` is
-        found with a few C-level calls: its crc32, one index read, and one
-        unpack of the entry that holds the hash, the key and the value.
+        A ``bytes`` or ``str`` key of at most 16 bytes (UTF-8) in a Dict of
+        such keys, or an ``int`` key of an integer key type, is found by a
+        lookup made for the class when its schema is made (see
+        :func:`_fast_lookups`): its hash, one index read and one unpack of the
+        entry that holds the hash, the key and the value, per probe.
         """
-        cls = type(self)
-        if type(key) is cls._ps_fast:
-            n = len(key)
-            table = cls._ps_views.get(self._ps_body) if n <= _KEY_INLINE else None
-            if table is not None:
-                hash_ = _crc32(key, _BYTES_SEED)
-                index = table.indices[hash_ & table.mask]
-                if 0 < index <= table.capacity:
-                    fields = cls._ps_entry.unpack_from(table.raw, table.base + (index - 1) * cls._ps_esize)
-                    if fields[0] == hash_ and fields[1] == _TAG_INLINE + n and fields[2] == key + _PAD[n]:
-                        decode = cls._ps_vdecode
-                        return fields[3] if decode is None else decode(fields[3])
         try:
             fields = self._ps_lookup(key)[3]
         except Missing:
             raise KeyError(key) from None
-        decode = cls._ps_vdecode
+        decode = type(self)._ps_vdecode
         return fields[3] if decode is None else decode(fields[3])
 
     def __setitem__(self, key, value):
