@@ -508,6 +508,68 @@ def test_lookups_agree_with_a_dict_through_deletes_and_rebuilds(lookups):
     p.check()
 
 
+
+def test_stores_agree_with_a_dict_through_deletes_overwrites_and_bulk_updates(lookups):
+    import random
+    p = lookups
+    rng = random.Random(11)
+    p.root.by_bytes, p.root.by_int = {}, {}
+    makers = [(p.root.by_bytes, lambda i: b"k%d" % i if i % 4 else b"a key longer than sixteen %d" % i),
+              (p.root.by_int, lambda i: i * 7 - 500 if i % 9 else (1 << 63) - 1 - i)]
+    for mapping, make in makers:
+        reference = {}
+        for step in range(1500):
+            i = rng.randrange(300)
+            action = rng.random()
+            if action < 0.55:
+                value = rng.choice([i, -i, True, (1 << 63) - 1, -(1 << 63)])
+                mapping[make(i)] = value
+                reference[make(i)] = int(value)
+            elif action < 0.8 and reference:
+                gone = rng.choice(list(reference))
+                del mapping[gone], reference[gone]
+            elif action < 0.9:  # a bulk update, some keys new and some present, in one order
+                items = [(make(rng.randrange(300)), rng.randrange(100)) for _ in range(rng.randrange(1, 40))]
+                mapping.update(items)
+                reference.update(items)
+            else:
+                bad = rng.choice([1 << 63, -(1 << 63) - 1, 1.5, "7", None])
+                before = list(mapping.items())
+                with pytest.raises((TypeError, OverflowError)):
+                    mapping[make(i)] = bad
+                with pytest.raises((TypeError, OverflowError)):
+                    mapping.update([(make(i + 1000), 1), (make(i), bad)])
+                assert list(mapping.items()) == before
+            if step % 250 == 0:
+                assert list(mapping.items()) == list(reference.items())  # insertion order kept
+                p.check()
+        assert list(mapping.items()) == list(reference.items())
+    p.commit()
+    p.check()
+
+
+def test_a_store_in_a_read_only_or_busy_storage_is_refused(tmp_path):
+    import threading
+    from permastruct import ConcurrentUseError, ReadOnlyError
+    path = tmp_path / "r.ps"
+    with Lookups(path) as p:
+        p.root.by_bytes = {b"a": 1}
+        p.root.by_int = {1: 1}
+        heap = p._heap
+        heap._changing = threading.get_ident() + 1  # another thread is in the middle of a change
+        for mapping, key in ((p.root.by_bytes, b"a"), (p.root.by_int, 1)):
+            for new_key in (key, key * 2):
+                with pytest.raises(ConcurrentUseError):
+                    mapping[new_key] = 2
+        heap._changing = 0
+        assert dict(p.root.by_bytes) == {b"a": 1} and dict(p.root.by_int) == {1: 1}
+    with Lookups(path, readonly=True) as p:
+        for mapping, key in ((p.root.by_bytes, b"a"), (p.root.by_int, 1)):
+            for new_key in (key, key * 2):
+                with pytest.raises(ReadOnlyError):
+                    mapping[new_key] = 2
+
+
 def _index_at(collection, slot):
     return collection._ps_body + F.TABLE.size + 4 * slot
 

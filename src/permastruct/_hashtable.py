@@ -40,6 +40,7 @@ rebuilt at twice its count, and an empty one is freed.
 import collections.abc as abc
 import operator
 import struct
+from array import array
 from zlib import crc32 as _crc32
 
 from . import _format as F
@@ -135,6 +136,12 @@ class HashCollection(Collection):
             cls._ps_find_fast, cls.__contains__ = staticmethod(found[0]), found[1]
             if cls._ps_has_values:
                 cls.__getitem__ = found[2]
+        if cls._ps_has_values:
+            setitem = _fast_setitem(cls)
+            if setitem is not None:
+                cls.__setitem__ = setitem
+            elif "__setitem__" in cls.__dict__:
+                del cls.__setitem__
 
     @classmethod
     def _ps_accepts(cls, value):
@@ -227,23 +234,33 @@ class HashCollection(Collection):
         F.TABLE.pack_into(heap.mapping.view(new, F.TABLE.size), 0, F.T_TABLE, 1, cls._ps_type_id, 0,
                           nslots, 0, 0, capacity)
         view = _TableView(heap, new, cls._ps_esize)
-        used = 0
         esize, mask = cls._ps_esize, nslots - 1
         old = self._ps_body
+        used = 0
         if old:
             table = self._ps_table()
+            end = table.head[3] * esize
             source = table.entries
-            unpack = cls._ps_entry.unpack_from
-            for entry in range(table.head[3]):
-                fields = unpack(source, entry * esize)
-                if not fields[1]:
-                    continue
-                view.entries[used * esize:(used + 1) * esize] = source[entry * esize:(entry + 1) * esize]
-                slot = fields[0] & mask
-                while view.indices[slot]:
+            words = source[:end].cast("I")  # an entry's first two uint32 are its hash and tag
+            per = esize // 4
+            hashes = words[::per].tolist()
+            tags = words[1::per].tolist()
+            words.release()
+            if self._ps_count == len(hashes):  # no dead entries: one copy
+                view.entries[:end] = source[:end]
+            else:
+                live = [entry for entry, tag in enumerate(tags) if tag]
+                for number, entry in enumerate(live):
+                    view.entries[number * esize:(number + 1) * esize] = source[entry * esize:(entry + 1) * esize]
+                hashes = [hashes[entry] for entry in live]
+            indices = [0] * nslots
+            for number, hash_ in enumerate(hashes, 1):
+                slot = hash_ & mask
+                while indices[slot]:
                     slot = (slot + 1) & mask
-                view.indices[slot] = used + 1
-                used += 1
+                indices[slot] = number
+            view.indices[:] = array("I", indices)
+            used = len(hashes)
         view.head[3] = view.head[4] = used
         heap.views[new] = view
         self._ps_body = new
@@ -689,6 +706,103 @@ def _fast_lookups(cls):
     return find, __contains__, __getitem__
 
 
+def _fast_setitem(cls):
+    """``__setitem__`` made for Dict class ``cls`` whose keys can live in the entry and whose values
+    are by value, or None.
+
+    For a ``bytes`` key of at most ``KEY_INLINE`` bytes (ByteString keys) or an
+    ``int`` key of an integer key type, into a table that has room, it is the
+    lookup of :func:`_fast_lookups` followed by the writes of ``_ps_insert``
+    (the entry, its index, the table's figures, the count) or of the value
+    cell, as one change of the storage (see :func:`_types.change`, written
+    out here).  Anything else, and a full table, goes the general way.
+    """
+    key_type, value_type = cls._ps_key, cls._ps_value
+    if value_type.is_ref or not (key_type.is_ref and key_type.string_type == F.T_BYTESTRING
+                                 or not key_type.is_ref and key_type.exact is int):
+        return None
+    heap = cls._heap
+    views_get = cls._ps_views.get
+    unpack, pack_entry = cls._ps_entry.unpack_from, cls._ps_entry.pack_into
+    pack_value, value_at = cls._ps_value_cell.pack_into, cls._ps_value_at
+    esize, encode = cls._ps_esize, value_type.encode
+    slow_set = PersistentDict.__setitem__
+    deleted, get_ident, cut_short = F.TABLE_DELETED, T._get_ident, T._CUT_SHORT
+    strings = key_type.is_ref
+    seed, pad, inline, tag0, crc32 = F.BYTES_SEED, _PAD, _KEY_INLINE, _TAG_INLINE, _crc32
+    low, high, mix, mask64 = getattr(key_type, "low", 0), getattr(key_type, "high", 0), F._MIX, F._MASK64
+
+    # a value the cell holds as it is (an int in range, a float) skips the call of encode
+    vtype = value_type.type
+    if value_type.raw and vtype.kind == "int":
+        vexact, vlow, vhigh = int, vtype.low, vtype.high
+    elif value_type.raw:
+        vexact, vlow, vhigh = float, float("-inf"), float("inf")
+    else:
+        vexact, vlow, vhigh = None, 0, 0
+
+    def __setitem__(self, key, value):
+        if strings:
+            if type(key) is not bytes or len(key) > inline:
+                return slow_set(self, key, value)
+            n = len(key)
+            hash_, probe, tag = crc32(key, seed), key + pad[n], tag0 + n
+        else:
+            if type(key) is not int or not low <= key <= high:
+                return slow_set(self, key, value)
+            hash_, probe, tag = ((key & mask64) * mix & mask64) >> 32, key, 1
+        table = views_get(self._ps_body)
+        if table is None or heap._changing or heap.readonly:
+            return slow_set(self, key, value)
+        # a wrong value fails here, before anything changes
+        cell = value if type(value) is vexact and vlow <= value <= vhigh else encode(value)
+        indices, mask, raw, before, capacity = table.fast
+        home = slot = hash_ & mask
+        free = -1
+        index = indices[slot]
+        while index:
+            if index <= capacity:
+                at = before + index * esize
+                fields = unpack(raw, at)
+                if fields[0] == hash_ and fields[2] == probe and fields[1] == tag:
+                    heap._changing = get_ident()
+                    pack_value(raw, at + value_at, cell)  # an existing key: its value replaced
+                    heap._changing = 0
+                    return
+            elif index != deleted:
+                return slow_set(self, key, value)
+            elif free < 0:
+                free = slot
+            slot = (slot + 1) & mask
+            if slot == home:
+                return slow_set(self, key, value)
+            index = indices[slot]
+        head = table.head
+        used = head[3]
+        if used >= capacity or (free < 0 and head[4] >= capacity):
+            return slow_set(self, key, value)  # full: the general way rebuilds the table
+        heap._changing = get_ident()
+        try:
+            used += 1
+            pack_entry(raw, before + used * esize, hash_, tag, probe, cell)
+            if free < 0:
+                head[4] += 1
+            else:
+                slot = free
+            indices[slot] = head[3] = used
+            self._ps_count += 1
+            self._ps_aux += 1
+        except Exception as exc:
+            if not isinstance(exc, cut_short):
+                heap._changing = 0
+            raise
+        heap._changing = 0
+
+    __setitem__.__doc__ = slow_set.__doc__
+    __setitem__.__qualname__ = f"{cls.__name__}.__setitem__"
+    return __setitem__
+
+
 class PersistentDict(MappingMixin, HashCollection):
     """A persistent dict (``collections.abc.MutableMapping``), insertion ordered like ``dict``.
 
@@ -752,24 +866,86 @@ class PersistentDict(MappingMixin, HashCollection):
 
     def _ps_bulk_store(self, heap, prepared):
         """Store checked ``(key, stored, value cell, holder)`` items (see ``update``): room for all of
-        them is made once, then each is inserted or overwrites its key's value."""
+        them is made once, then each is inserted or overwrites its key's value.
+
+        An item whose key lives in the entry (a number, a string of at most
+        ``KEY_INLINE`` bytes) and whose value is by value is placed by the loop
+        here, the table's figures kept in locals and written once at the end;
+        any other item goes through ``_ps_insert``.
+        """
         cls = type(self)
         wanted = self._ps_count + len(prepared)
         if not self._ps_body or self._ps_table().capacity < wanted:
             self._ps_rebuild(heap, min(wanted, _MAX_ENTRIES))
         value_ref = cls._ps_value.is_ref
         value_at, value_cell = cls._ps_value_at, cls._ps_value_cell
-        for key, stored, cell, _ in prepared:
-            table, entry = self._ps_insert(heap, key, cell, stored)
-            if entry >= 0:  # an existing key: replace the value
-                at = entry * cls._ps_esize + value_at
-                old = value_cell.unpack_from(table.entries, at)[0]
-                value_cell.pack_into(table.entries, at, cell)
-                if value_ref:
-                    if cell:
-                        heap.incref(cell)
-                    if old:
-                        heap.decref(old)
+        strings, esize = cls._ps_strings, cls._ps_esize
+        unpack, pack_entry, pack_value = cls._ps_entry.unpack_from, cls._ps_entry.pack_into, value_cell.pack_into
+        deleted, pad = F.TABLE_DELETED, _PAD
+        table = self._ps_table()
+        indices, mask, raw, before, capacity = table.fast
+        head = table.head
+        used, filled, added = head[3], head[4], 0
+        try:
+            for key, stored, cell, _ in prepared:
+                hash_, data = stored
+                if value_ref or used >= capacity or filled >= capacity or (strings and len(data) > _KEY_INLINE):
+                    # the general way, with the figures of the table written back first
+                    head[3], head[4] = used, filled
+                    self._ps_count += added
+                    self._ps_aux += added
+                    added = 0
+                    table, entry = self._ps_insert(heap, key, cell, stored)
+                    if entry >= 0:  # an existing key: replace the value
+                        at = entry * esize + value_at
+                        old = value_cell.unpack_from(table.entries, at)[0]
+                        value_cell.pack_into(table.entries, at, cell)
+                        if value_ref:
+                            if cell:
+                                heap.incref(cell)
+                            if old:
+                                heap.decref(old)
+                    indices, mask, raw, before, capacity = table.fast
+                    head = table.head
+                    used, filled = head[3], head[4]
+                    continue
+                if strings:
+                    n = len(data)
+                    probe, tag = data + pad[n], _TAG_INLINE + n
+                else:
+                    probe, tag = data, 1
+                home = slot = hash_ & mask
+                free = -1
+                index = indices[slot]
+                while index:
+                    if index <= capacity:
+                        at = before + index * esize
+                        fields = unpack(raw, at)
+                        if fields[0] == hash_ and fields[2] == probe and fields[1] == tag:
+                            break
+                    elif index != deleted:
+                        raise self._ps_bad(f"hash slot {slot} names entry {index - 1}")
+                    elif free < 0:
+                        free = slot
+                    slot = (slot + 1) & mask
+                    if slot == home:
+                        raise self._ps_bad("its hash table has no free slot")
+                    index = indices[slot]
+                if index:  # an existing key: replace the value (by value: nothing to count)
+                    pack_value(raw, at + value_at, cell)
+                    continue
+                if free < 0:
+                    filled += 1
+                else:
+                    slot = free
+                used += 1
+                pack_entry(raw, before + used * esize, hash_, tag, probe, cell)
+                indices[slot] = used
+                added += 1
+        finally:
+            head[3], head[4] = used, filled
+            self._ps_count += added
+            self._ps_aux += added
 
     def __delitem__(self, key):
         """``del d[key]``; ``KeyError`` if absent.
