@@ -907,3 +907,40 @@ def test_extend_of_numbers_is_checked_like_append(tmp_path):
         assert len(counts) == 0
         p.commit()
         p.check()
+
+
+def test_a_list_of_numbers_is_iterated_a_chunk_at_a_time(tmp_path):
+    with Numbers(tmp_path / "n.ps") as p:
+        p.root.ints = range(5000)
+        ints = p.root.ints
+        assert list(ints) == list(range(5000)) and list(reversed(ints)) == list(range(4999, -1, -1))
+        assert sum(ints) == sum(range(5000))
+        it = iter(ints)
+        assert [next(it) for _ in range(20)] == list(range(20))  # into the second chunk
+        ints[100] = -1  # a later chunk: seen
+        assert next(it) == 20 and -1 in list(it)
+        seen = []
+        for x in ints:  # appends meanwhile are seen, a chunk later at the latest
+            seen.append(x)
+            if x == 4999:
+                ints.extend([7, 8])
+        assert seen[-2:] == [7, 8] and len(seen) == 5002
+        grown = p.schema.Ints([1])
+        for x in grown:  # the array moves as it grows: each chunk is read from the array of its time
+            if x < 3000:
+                grown.append(x + 1)
+        assert list(grown) == list(range(1, 3001))
+        shrunk = p.schema.Ints(range(100))
+        out = []
+        for x in shrunk:  # a removal is seen from the next chunk on; nothing past the end is read
+            out.append(x)
+            if x == 0:
+                del shrunk[10:]
+        assert out == list(range(16))
+        for kind, values in (("Flags", [True, False, True]), ("Reals", [0.5, -1.0]), ("Singles", [0.5]),
+                             ("Bytes", [-128, 127]), ("Counts", [0, (1 << 64) - 1])):
+            made = getattr(p.schema, kind)(values * 700)
+            assert list(made) == values * 700 and [type(x) for x in made][:len(values)] == [type(v) for v in values]
+            assert list(reversed(made)) == (values * 700)[::-1]
+        assert list(p.schema.Texts(["a", "b"])) == ["a", "b"]  # by reference: one element at a time
+        p.check()
