@@ -548,6 +548,54 @@ def test_stores_agree_with_a_dict_through_deletes_overwrites_and_bulk_updates(lo
     p.check()
 
 
+
+@pytest.mark.parametrize("case", ["short", "sixteen", "mixed", "long", "duplicates", "ints", "sized"])
+def test_an_update_into_an_empty_dict_is_written_at_once_and_agrees_with_a_dict(lookups, case):
+    p = lookups
+    p.root.by_bytes, p.root.by_int = {}, {}
+    target = p.root.by_int if case == "ints" else p.root.by_bytes
+    if case == "sized":
+        target = p.root.by_bytes = p.schema.ByBytes(size=500)  # an empty table made beforehand
+    pairs = {
+        "short": [(b"k%d" % i, i) for i in range(300)],
+        "sixteen": [(b"%016d" % i, -i) for i in range(300)],
+        "mixed": [(b"x" * (i % 17), i) for i in range(17)] + [(b"k%d" % i, True) for i in range(200)],
+        "long": [(b"k%d" % i if i % 2 else b"a key longer than sixteen %d" % i, i) for i in range(300)],
+        "duplicates": [(b"k%d" % (i % 50), i) for i in range(300)],
+        "ints": [((1 << 63) - 1 - i if i % 2 else -i * 977, i) for i in range(300)],
+        "sized": [(b"k%d" % i, i) for i in range(400)],
+    }[case]
+    target.update(pairs)
+    reference = dict(pairs)
+    assert list(target.items()) == list(reference.items())
+    _agree(target, reference, list(reference) + [b"k999", b"", -1, 1 << 63])
+    p.check()
+    target[pairs[0][0]] = 5  # the table takes single changes as any other
+    del target[pairs[-1][0]]
+    reference[pairs[0][0]] = 5
+    del reference[pairs[-1][0]]
+    assert list(target.items()) == list(reference.items())
+    p.commit()
+    p.check()
+
+
+def test_a_bad_pair_in_an_update_of_an_empty_dict_stores_nothing(lookups):
+    p = lookups
+    p.root.by_bytes, p.root.by_int = {}, {}
+    good = [(b"k%d" % i, i) for i in range(100)]
+    for bad, error in (((b"x", 1 << 63), OverflowError), ((b"x", 1.5), TypeError), (("x", 1), TypeError),
+                       ((b"x", None), TypeError)):
+        with pytest.raises(error):
+            p.root.by_bytes.update(good + [bad])
+        assert len(p.root.by_bytes) == 0
+    with pytest.raises(OverflowError):
+        p.root.by_int.update([(1, 1), (1 << 63, 2)])
+    with pytest.raises(ValueError, match="has length 3"):
+        p.root.by_int.update([(1, 1), (2, 2, 2)])
+    assert len(p.root.by_int) == 0
+    p.check()
+
+
 def test_a_store_in_a_read_only_or_busy_storage_is_refused(tmp_path):
     import threading
     from permastruct import ConcurrentUseError, ReadOnlyError
@@ -661,6 +709,33 @@ def test_irange_items_matches_irange_and_lookups(scans):
     assert list(sd.irange_items(10 ** 6, None)) == [] and list(p.schema.IntToInt().irange_items()) == []
     with pytest.raises(TypeError):
         sd.irange_items("a", 5)
+    p.check()
+
+
+
+def test_ranges_bounded_on_keys_at_leaf_edges(scans):
+    """Bounds equal to keys, next to them, equal to each other, at the first and last keys of leaves."""
+    p = scans
+    keys = list(range(0, 600, 2))
+    p.root.ints = {k: -k for k in keys}
+    sd = p.root.ints
+    reference = {k: -k for k in keys}
+    bounds = [-3, -2, 0, 1, 2, 597, 598, 599, 600] + [k + d for k in range(0, 600, 34) for d in (-1, 0, 1)]
+    for low in bounds:
+        for high in bounds[::3] + [low]:
+            for inclusive in ((True, True), (True, False), (False, True), (False, False)):
+                for reverse in (False, True):
+                    expected = _expected_range(reference, low, high, inclusive, reverse)
+                    assert list(sd.irange_items(low, high, inclusive, reverse)) == expected, (low, high, inclusive)
+    for reverse in (False, True):
+        assert list(sd.irange(None, 10, reverse=reverse)) == ([10, 8, 6, 4, 2, 0] if reverse else [0, 2, 4, 6, 8, 10])
+        assert list(sd.irange(590, None, (False, True), reverse)) == ([598, 596, 594, 592] if reverse
+                                                                       else [592, 594, 596, 598])
+    p.root.words = {f"w{k:03}": None for k in range(0, 200, 2)}
+    words = p.root.words
+    assert list(words.irange("w010", "w020", (False, True))) == ["w012", "w014", "w016", "w018", "w020"]
+    assert list(words.irange("w011", "w019", reverse=True)) == ["w018", "w016", "w014", "w012"]
+    assert list(words.irange("w0001", "w0009")) == [] and list(words.irange("x", None)) == []
     p.check()
 
 

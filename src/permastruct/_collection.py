@@ -352,13 +352,11 @@ class MappingMixin:
             elif isinstance(other, abc.Mapping) or hasattr(other, "keys"):
                 pairs = [(key, other[key]) for key in other.keys()]
             else:
-                pairs = []
-                for item in other:
-                    item = tuple(item)
-                    if len(item) != 2:
-                        raise ValueError(f"dictionary update sequence element has length {len(item)}; "
-                                         "2 is required")
-                    pairs.append(item)
+                pairs = list(map(tuple, other))
+                if set(map(len, pairs)) - {2}:
+                    bad = next(item for item in pairs if len(item) != 2)
+                    raise ValueError(f"dictionary update sequence element has length {len(bad)}; "
+                                     "2 is required")
             pairs.extend(kwargs.items())
             if pairs:
                 self._ps_bulk_store(heap, self._ps_prepare_pairs(heap, pairs))
