@@ -3,10 +3,10 @@
 Run alone: ``python3 -m benchmarks.lookup [--quick|--full]``.  Every store is
 grown once from empty through every size (10^4, 10^5 in ``--quick``; up to
 10^7 in ``--full``), committed at each size, and at each size looks up random
-existing keys (the same keys for every store): one untimed pass each to warm
-caches, then timed passes taken side by side, one pass of every store per
-round, so that a burst of noise on the shared machine hits them all.  Keys
-are ``b"key-%012d" % i``, values ``i``.
+existing keys (the same keys for every store): timed passes taken side by
+side, one pass of every store per round, so that a burst of noise on the
+shared machine hits them all, each right after an untimed pass of the same
+store to warm its caches.  Keys are ``b"key-%012d" % i``, values ``i``.
 
 - permastruct: ``Dict[ByteString, Int]``, ``d[key]``; grown one ``d[key] = i``
   at a time.  The build table has a second row, ``permastruct (update)``: the
@@ -37,7 +37,7 @@ import struct
 import time
 
 from . import _stores as S
-from .harness import OURS, Bar, Stats, Table, count_text, fmt, fmt_ratio, measure_side_by_side
+from .harness import OURS, Bar, Stats, Table, count_text, fmt, fmt_ratio, time_call
 
 NAME = "lookup"
 BULK = OURS + " (update)"  # a build-table row only
@@ -300,8 +300,8 @@ def run(ctx):
     lookups = ctx.pick(smoke=200, quick=5000, full=50_000)
     repeat = ctx.pick(smoke=2, quick=3, full=5)
     table = Table(NAME, "Random key lookup (ns per lookup)", "ns/lookup", 1e9)
-    table.notes.append(f"{lookups:,} random existing keys per timed pass, one warm-up pass, {repeat} timed passes "
-                       "taken side by side (one pass of every store per round)")
+    table.notes.append(f"{lookups:,} random existing keys per timed pass, {repeat} timed passes taken side by side "
+                       "(one pass of every store per round, each after an untimed pass of the same store)")
     build = Table(f"{NAME}-build", "Building the lookup stores (us per key inserted, commits included)",
                   "us/key", 1e6)
     build.notes.append(f"{BULK}: the same Dict grown with one update() of (key, value) pairs per million keys")
@@ -343,6 +343,21 @@ def _failed(ctx, store, exc):
     return f"failed: {type(exc).__name__}: {str(exc)[:80]}"
 
 
+def _side_by_side(passes, repeat):
+    """Seconds of ``repeat`` timed passes of each store (name -> fn), one of each per round.
+
+    Each timed pass follows an untimed one of the same store: the pass of the
+    store before it (a sqlite3 pass reads megabytes) would otherwise leave it
+    cold caches, the sampled keys included, and the store after it warm ones.
+    """
+    seconds = {store: [] for store in passes}
+    for _ in range(repeat):
+        for store, go in passes.items():
+            go(1)
+            seconds[store].append(time_call(go, 1))
+    return seconds
+
+
 def _grow_and_look_up(ctx, builders, sizes, samples, repeat, cap, table, build):
     """At each size: grow every store to it (timed), then time their lookups side by side."""
     grown = dict.fromkeys(builders, 0)
@@ -374,9 +389,9 @@ def _grow_and_look_up(ctx, builders, sizes, samples, repeat, cap, table, build):
                     table.add(case, store, note=note)
         if not passes:
             continue
-        found = measure_side_by_side(passes, repeat=repeat, warmup=1)
-        for store, stats in found.items():
-            stats = Stats.of([s / len(samples[n]) for s in stats.samples])
+        found = _side_by_side(passes, repeat)
+        for store, seconds in found.items():
+            stats = Stats.of([s / len(samples[n]) for s in seconds])
             note = ""
             if store == "pickle":
                 note = f"after loading the whole pickle: {fmt(builders[store].load_seconds * 1e3)} ms"
