@@ -165,11 +165,11 @@ class HashCollection(Collection):
         # the lookup fast path of this class's key type, made once here (see _fast_lookups)
         found = _fast_lookups(cls)
         if found is None:
-            for name in ("_ps_find_fast", "__contains__", "__getitem__"):
+            for name in ("__contains__", "__getitem__"):
                 if name in cls.__dict__:
                     delattr(cls, name)
         else:
-            cls._ps_find_fast, cls.__contains__ = staticmethod(found[0]), found[1]
+            cls.__contains__ = found[1]
             if cls._ps_has_values:
                 cls.__getitem__ = found[2]
         if cls._ps_has_values:
