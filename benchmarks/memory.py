@@ -13,7 +13,9 @@ Pages of a mapped file count in the resident set once a process touches
 them, and the kernel maps the cached neighbours of a faulting page with it
 ("fault-around", and whole large folios of the page cache), so a store read
 through ``mmap`` (permastruct, lmdb) shows more resident memory than the
-bytes it reads; that memory is clean file cache the kernel can take back.
+bytes it reads; that memory is clean file cache the kernel can take back.  P8 (DESIGN.md
+section 7) therefore judges the process's own (anonymous) memory, from
+``/proc/self/statm``'s split, and reports the whole growth beside it.
 """
 
 if __package__ in (None, ""):  # run as a script
@@ -30,6 +32,7 @@ from .opentime import child, impls_for, sizes
 NAME = "memory"
 TITLE = "Resident memory after touching records of a large store"
 MB = 1 << 20
+P8_LIMIT_MB = 16  # DESIGN.md section 7: the process's own memory; the file's pages are reported beside it
 
 
 def run(ctx):
@@ -63,19 +66,22 @@ def run(ctx):
     case = size_text(all_sizes[-1])
     bars = []
     figures = [table.value(case, OURS) for table in (cold, warm)]
-    if None not in figures:
-        worst = max(figures)
+    anon = [None if table.row(case, OURS) is None else table.row(case, OURS).extra.get("anon_bytes")
+            for table in (cold, warm)]
+    if None not in figures and None not in anon:
+        worst = max(anon) / MB
         peers = [f"{store} {fmt(cold.value(case, store))} MB" for store in ("sqlite3", "lmdb", "pickle", "ZODB")
                  if cold.value(case, store) is not None]
-        note = "the worse of cold and warm cache"
-        anon = [table.row(case, OURS).extra.get("anon_bytes") for table in (cold, warm)]
-        if None not in anon and max(anon) < MB:
-            note += "; all but < 1 MB of it pages of the mapped file (anonymous memory grew < 1 MB)"
+        note = (f"resident growth with the mapped file's pages: {fmt(figures[0])} MB cold, {fmt(figures[1])} MB "
+                "warm (pages of the file, which the kernel can drop; its fault-around maps 64 KiB per touch, "
+                "for lmdb too)")
         if all_sizes[-1] != 4 << 30:
             note += f"; measured at {case} (--full measures 4 GB)"
-        bars.append(Bar("P8", "open a 4 GB store, read 1,000 random records", "resident memory grows < 64 MB",
-                        f"{fmt(figures[0])} MB cold, {fmt(figures[1])} MB warm at {case}",
-                        "cold: " + (", ".join(peers) or "-"), f"{fmt(worst / 64)}x the 64 MB bar", worst < 64, note))
+        bars.append(Bar("P8", "open a 4 GB store, read 1,000 random records",
+                        f"the process's own (anonymous) memory grows < {P8_LIMIT_MB} MB",
+                        f"{fmt(anon[0] / MB)} MB cold, {fmt(anon[1] / MB)} MB warm at {case} (anonymous)",
+                        "cold, whole resident growth: " + (", ".join(peers) or "-"),
+                        f"{fmt(worst / P8_LIMIT_MB)}x the {P8_LIMIT_MB} MB bar", worst < P8_LIMIT_MB, note))
     return [cold, warm], bars
 
 

@@ -494,3 +494,46 @@ def test_an_interrupt_at_any_opcode_of_the_proxy_prune_forgets_no_live_proxy(tmp
         count += 1
     assert count > 10
     p.close()
+
+
+def test_change_wrappers_pass_every_kind_of_argument_on_as_given():
+    """``_types.change`` generates each wrapper with its method's own parameters (no ``*args,
+    **kwargs`` repacking): what a call passes arrives unchanged, defaults included, and the
+    signature shown is the method's."""
+    import inspect
+
+    from permastruct._types import change
+
+    class Heap:
+        _changing = 0
+
+    class Proxy:
+        _heap = Heap()
+
+        def every_kind(self, a, b=2, /, c=3, *rest, d, e=5, **more):
+            assert type(self)._heap._changing  # inside the change
+            return a, b, c, rest, d, e, more
+
+        def no_self_name(proxy, value=None):
+            return value
+
+        def raising(self, error):
+            raise error
+    for name in ("every_kind", "no_self_name", "raising"):
+        setattr(Proxy, name, change(Proxy.__dict__[name]))
+    proxy = Proxy()
+    assert proxy.every_kind(1, d=4) == (1, 2, 3, (), 4, 5, {})
+    assert proxy.every_kind(1, 20, 30, 40, 50, d=4, e=6, f=7) == (1, 20, 30, (40, 50), 4, 6, {"f": 7})
+    assert proxy.every_kind(1, c=9, d=4) == (1, 2, 9, (), 4, 5, {})
+    assert proxy.every_kind(1, b=8, d=4) == (1, 2, 3, (), 4, 5, {"b": 8})  # b is positional-only, as in the method
+    with pytest.raises(TypeError):
+        proxy.every_kind(d=4)
+    assert str(inspect.signature(Proxy.every_kind)) == "(self, a, b=2, /, c=3, *rest, d, e=5, **more)"
+    assert proxy.no_self_name() is None and proxy.no_self_name(value=3) == 3
+    assert Proxy._heap._changing == 0
+    with pytest.raises(KeyError):
+        proxy.raising(KeyError("an ordinary error ends the change"))
+    assert Proxy._heap._changing == 0
+    with pytest.raises(MemoryError):
+        proxy.raising(MemoryError())
+    assert Proxy._heap._changing == threading.get_ident()  # cut short: the storage knows

@@ -394,6 +394,105 @@ def test_unknown_keyword_at_construction(store):
     assert objects(store) == before
 
 
+CONSTRUCTOR_SAMPLES = [0, 1, -1, 2 ** 7, 2 ** 63, 2 ** 64, -2 ** 63 - 1, True, False, 1.0, 2.5, float("nan"),
+                       float("inf"), 1e39, 10 ** 400, "1", b"1", None, [1]]
+
+
+@pytest.mark.parametrize("type_name", VALUE_TYPE_NAMES)
+def test_constructor_checks_values_as_assignment_does(store, type_name):
+    """The generated constructor and ``setattr`` take and refuse the same values, with the same
+    errors, and store the same thing."""
+    field = field_name(type_name)
+    made = store.schema.AllValues()
+    for value in CONSTRUCTOR_SAMPLES:
+        try:
+            setattr(made, field, value)
+        except (TypeError, OverflowError) as exc:
+            with pytest.raises(type(exc)) as caught:
+                store.schema.AllValues(**{field: value})
+            assert str(caught.value) == str(exc), value
+            continue
+        new = store.schema.AllValues(**{field: value})
+        expected, got = getattr(made, field), getattr(new, field)
+        assert type(got) is type(expected), value
+        assert got == expected or (got != got and expected != expected), value
+
+
+def test_constructor_errors_say_what(store):
+    with pytest.raises(TypeError, match=r"Agent\(\) got unexpected field\(s\) 'nickname'; fields are: name, age, "
+                                        r"weight"):
+        store.schema.Agent(name=b"x", nickname=b"y")
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        store.schema.Agent(b"x")
+    with pytest.raises(TypeError, match=r"Agent\.name"):
+        store.schema.Agent(name="a str, not bytes")
+    with pytest.raises(TypeError, match=r"Root\.agent"):
+        store.schema.Root(name=b"made first?", agent=b"not an agent")
+
+
+class AwkwardNames(Storage):
+    """Fields named like the builtins a generated constructor could use, and one that is a keyword."""
+
+    def populateSchema(self):
+        s = self.schema
+        namespace = {"type": s.Int, "int": s.Float, "float": s.Bool, "bytes": s.ByteString, "str": s.String,
+                     "BaseException": s.Int8, "new": s.Int, "len": s.ByteString}
+        StructureMeta("Odd", (s.Structure,), namespace)
+        StructureMeta("Keyword", (s.Structure,), {"class": s.Int, "lambda": s.String, "ok": s.Int})
+        StructureMeta("Root", (s.Structure,), {"odd": s.Odd, "keyword": s.Keyword})
+
+
+def test_constructor_of_fields_named_like_builtins_and_keywords(tmp_path):
+    p = AwkwardNames(tmp_path / "odd.ps")
+    odd = p.schema.Odd(type=5, int=2.5, float=True, bytes=b"b", str="s", BaseException=-3, new=7, len=b"l")
+    assert (odd.type, odd.int, odd.float, odd.bytes, odd.str, odd.BaseException, odd.new, odd.len) == \
+        (5, 2.5, True, b"b", "s", -3, 7, b"l")
+    with pytest.raises(TypeError, match=r"Odd\.type"):
+        p.schema.Odd(type="5")
+    with pytest.raises(OverflowError):
+        p.schema.Odd(BaseException=300)
+    keyword = p.schema.Keyword(**{"class": 3, "lambda": "x", "ok": 1})
+    assert (getattr(keyword, "class"), getattr(keyword, "lambda"), keyword.ok) == (3, "x", 1)
+    with pytest.raises(TypeError, match="unexpected field"):
+        p.schema.Keyword(**{"klass": 3})
+    with pytest.raises(TypeError, match=r"Keyword\.lambda"):
+        p.schema.Keyword(**{"lambda": b"bytes"})
+    p.root.odd, p.root.keyword = odd, keyword
+    p.commit()
+    p.check()
+    p.close()
+    p = AwkwardNames(tmp_path / "odd.ps")
+    assert p.root.odd.str == "s" and getattr(p.root.keyword, "lambda") == "x"
+    p.close()
+
+
+def test_constructor_cut_short_after_making_a_string_leaks_nothing(store, monkeypatch):
+    """The object's own allocation fails after its string was made: the string goes at the next
+    commit, nothing else changes."""
+    store.root.agent = store.schema.Agent(name=b"kept")
+    store.commit()
+    before = objects(store)
+    allocator = store._heap.allocator
+    real_place, calls = allocator.place, []
+
+    def failing_place(size):
+        calls.append(size)
+        if len(calls) == 2:  # the first is the string's, the second the Agent's
+            raise permastruct.errors.StorageFullError("no room (injected)")
+        return real_place(size)
+    monkeypatch.setattr(allocator, "place", failing_place)
+    try:
+        for cls in (store.schema.Agent, store.schema.Spy):
+            calls.clear()
+            with pytest.raises(permastruct.errors.StorageFullError):
+                cls(name=b"lost", age=3)
+    finally:
+        monkeypatch.undo()
+    store.commit()
+    assert objects(store) == before
+    assert store.root.agent.name == b"kept"
+
+
 def test_failed_assignment_changes_nothing(store):
     root = store.root
     root.count = 5
@@ -627,6 +726,55 @@ def test_unreferenced_new_objects_are_collected(store):
     store.root.agent = keep
     store.commit()
     assert objects(store) == base + 2
+
+
+def test_whatever_holds_a_proxy_keeps_its_unreferenced_object(store):
+    """The heap's map holds its proxies itself and asks their reference counts whether the program
+    does: a list, a dict, an attribute, a closure, a generator's frame and a local all hold; a
+    proxy only the map holds does not."""
+    store.root.count = 1
+    store.commit()
+    base = objects(store)
+    Agent = store.schema.Agent
+
+    class Holder:
+        pass
+    holder = Holder()
+    in_list, in_dict = [Agent(name=b"list")], {"x": Agent(name=b"dict")}
+    holder.agent = Agent(name=b"attribute")
+    local = Agent(name=b"local")
+    closure = (lambda agent: lambda: agent)(Agent(name=b"closure"))
+
+    def generator(agent):
+        yield agent.name
+        yield agent.name
+    paused = generator(Agent(name=b"generator"))
+    next(paused)
+    for i in range(3000):  # many dropped ones: the map prunes them on the way
+        Agent(name=b"dropped %d" % i)
+    store.commit()
+    assert objects(store) == base + 2 * 6 + 1  # six agents, their names, the file's list of held objects
+    assert [in_list[0].name, in_dict["x"].name, holder.agent.name, local.name, closure().name, next(paused)] \
+        == [b"list", b"dict", b"attribute", b"local", b"closure", b"generator"]
+    del in_list[:], in_dict["x"], holder.agent, local, closure, paused
+    store.commit()
+    assert objects(store) == base
+    store.check()
+
+
+def test_the_map_of_proxies_stays_bounded_by_what_is_held(store):
+    store.root.agent = store.schema.Agent(name=b"a")
+    for i in range(5000):
+        store.schema.Agent(name=b"x")
+    heap = store._heap
+    held = [store.schema.Agent(name=b"held %d" % i) for i in range(10)]
+    for i in range(5000):
+        store.schema.Agent(name=b"y")
+    assert len(heap.proxies) <= 2 * (len(held) + 2) + 1024 + 1
+    assert all(heap.live_proxy(agent._ps_oid) is agent for agent in held)
+    offset = store.schema.Agent(name=b"gone")._ps_oid
+    assert heap.live_proxy(offset) is None  # in the map until the next prune, but held by nothing
+    store.rollback()
 
 
 def test_a_long_unlinked_chain_is_freed_in_one_pass(tmp_path):

@@ -27,6 +27,8 @@ _BIN_HEADS = struct.Struct(f"<{_LAST_BIN}i")
 _FREE_RUN_END = F.RUN_AT + F.FREE_RUN.size
 _HEAD = F.INT32.unpack_from
 _SLAB_FIELDS, _SLAB_PUT = F.SLAB.unpack_from, F.SLAB.pack_into
+_SLAB_HEAD, _SLAB_COUNTS = F.SLAB_HEAD.unpack_from, F.SLAB_COUNTS.pack_into
+_HEAD_AT = [F.ALLOC_HEADS_AT + 4 * index for index in range(len(F.SIZE_CLASSES))]  # each size class's list head
 
 
 #: Whole slab pages placed (and later written) as one run at most: a run lies in one segment of
@@ -144,6 +146,7 @@ class Allocator:
         #: is closed.
         self._state_view = view
         self._slab_views = [None] * len(self.classes)
+        self._last_slot = [slots - 1 for slots in self._slots]  # place(): a slot after this one remains
 
     def release(self):
         """Let go of the views of the map this allocator keeps (before the map is closed)."""
@@ -217,9 +220,9 @@ class Allocator:
 
         The object is ``view[local:local + size]``, at address ``base + local``:
         its maker writes it through the view it is handed, without looking the
-        offset up again.  The common case (the size class's current slab has a
-        never-used slot and stays partial) is handled here in a few C calls;
-        everything else goes through :meth:`alloc`.
+        offset up again.  The common case (the size class's current slab is
+        still its list's head and has a never-used slot after this one) is a few
+        C calls here; everything else goes through :meth:`alloc`.
         """
         if 0 < size <= self.max_small:
             index = self._class_of[(size - 1) >> 4]
@@ -227,11 +230,11 @@ class Allocator:
             state = self._state_view
             if hot is not None and state is not None:
                 pid, page, base = hot
-                if _HEAD(state, F.ALLOC_HEADS_AT + 4 * index)[0] == pid:
-                    kind, cls, used, free_head, bump, nxt, prv = _SLAB_FIELDS(page, F.SLAB_AT)
-                    if not free_head and used == bump < self._slots[index] - 1 and kind == F.KIND_SLAB \
+                if _HEAD(state, _HEAD_AT[index])[0] == pid:
+                    kind, cls, used, free_head, bump = _SLAB_HEAD(page, F.SLAB_AT)
+                    if not free_head and used == bump < self._last_slot[index] and kind == F.KIND_SLAB \
                             and cls == index:
-                        _SLAB_PUT(page, F.SLAB_AT, kind, cls, used + 1, 0, bump + 1, nxt, prv)
+                        _SLAB_COUNTS(page, F.SLAB_COUNTS_AT, used + 1, 0, bump + 1)
                         local = F.SLAB_FIRST_SLOT + bump * self.classes[index]
                         return F.HEADER_BLOCK + pid * self.page_size + local, page, local, base
         offset = self.alloc(size, zero=False)

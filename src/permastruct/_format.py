@@ -312,6 +312,11 @@ KIND_ALLOC = 4
 # kind, size class, used, free_head (slot index + 1), bump, next partial, prev partial
 SLAB = struct.Struct("<BBHHHii")
 SLAB_AT = 4
+#: The first five SLAB fields (kind, class, used, free_head, bump), and the three counts alone at
+#: SLAB_COUNTS_AT: what taking a never-used slot reads and writes.
+SLAB_HEAD = struct.Struct("<BBHHH")
+SLAB_COUNTS = struct.Struct("<HHH")
+SLAB_COUNTS_AT = SLAB_AT + 2
 SLAB_FIRST_SLOT = 32
 # kind, pad, npages
 RUN = struct.Struct("<B3xI")

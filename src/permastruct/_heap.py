@@ -22,10 +22,14 @@ rollback cannot leak it.  Freeing an object decrements what it referenced.
 *Proxies.*  A proxy is a ``ctypes`` structure laid over the object's bytes in
 the map (``from_address``: a read of a by-value field is one C-level read).
 Each proxy records its object's file offset in its ``_ps_oid`` slot.  The heap
-keeps at most one live proxy per object (``proxies``: offset -> weak
-reference, pruned as they die), which is how it knows that an unreferenced
-object is still held, and which proxies to kill when their object goes
-(rollback of its creation, a free, a reader's refresh past its free).  A
+keeps at most one proxy per object (``proxies``: offset -> proxy), which is
+how it knows that an unreferenced object is still held, and which proxies to
+kill when their object goes (rollback of its creation, a free, a reader's
+refresh past its free).  The map holds its proxies itself, not through weak
+references (a weak reference per proxy made was a third of the cost of
+making one): a proxy is *held* when something besides the map refers to it,
+which its reference count says (:func:`_held`), and the proxies nothing else
+holds are dropped about once per doubling of the map (:meth:`Heap._prune`).  A
 proxy does not keep the map alive: the writer never unmaps while it is open,
 a reader keeps an old map for as long as a proxy points into it, and at
 close every class of the storage refuses to be used, so no proxy touches the
@@ -38,6 +42,7 @@ thread in the middle of a change of this heap, or 0.
 import contextlib
 import ctypes
 import struct
+import sys
 import weakref
 
 from . import _format as F
@@ -45,7 +50,7 @@ from . import _types as T
 from ._alloc import PageScan
 from .errors import CorruptStorageError, PermastructError, ReadOnlyError, StorageClosedError
 
-_weakref = weakref.ref
+_refcount = sys.getrefcount
 
 __all__ = ["Heap"]
 
@@ -55,6 +60,22 @@ _TYPE = F.UINT32.unpack_from
 _PUT = F.UINT32.pack_into
 _REFS_AT = 4
 _INTERNAL = (F.T_ARRAY, F.T_TABLE, F.T_NODE)
+
+
+class _Probe:
+    pass
+
+
+_PROBE = {0: _Probe()}
+#: The reference count of a proxy that only the map holds, as ``_refcount(proxies[offset])`` sees it
+#: (the map's reference and the argument's: 2 on CPython 3.11), measured rather than assumed.  Every
+#: test of whether a proxy is held is written in that form.
+_MAP_ONLY = _refcount(_PROBE[0])
+
+
+def _held(proxies, offset):
+    """Whether something besides the map holds the proxy of ``offset`` (False when there is none)."""
+    return offset in proxies and _refcount(proxies[offset]) > _MAP_ONLY
 
 
 class Heap:
@@ -69,9 +90,9 @@ class Heap:
         self.readonly = storage.readonly
         #: type id -> proxy class of this storage (filled by the schema)
         self.classes = {}
-        #: offset -> weak reference to the one live proxy of the object there
+        #: offset -> the one proxy of the object there (held, or not yet pruned)
         self.proxies = {}
-        self._prune_at = 1024  # the size of ``proxies`` at which dead entries are dropped
+        self._prune_at = 1024  # the size of ``proxies`` at which the proxies nothing holds are dropped
         self.unreferenced = set()  # objects whose count is 0: freed at the next commit
         self.created = set()  # objects made in this transaction (their proxies die at rollback)
         self.created_many = []  # arrays of the offsets of objects made many at once, as ``created``
@@ -133,18 +154,16 @@ class Heap:
         C-level steps and leaves the rest to :meth:`_proxy_slow`.
         """
         proxies, classes, mapping = self.proxies, self.classes, self.mapping
-        get, weak, set_oid, unpack, header_block = proxies.get, _weakref, _set_oid, _TYPE, F.HEADER_BLOCK
+        get, set_oid, unpack, header_block = proxies.get, _set_oid, _TYPE, F.HEADER_BLOCK
         slow = self._proxy_slow
         heap = self
 
         def proxy(offset):
             if not offset:
                 return None
-            ref = get(offset)
-            if ref is not None:
-                proxy = ref()
-                if proxy is not None and not type(proxy)._ps_closed:
-                    return proxy
+            proxy = get(offset)
+            if proxy is not None and not type(proxy)._ps_closed:
+                return proxy
             segment = mapping._hot
             if segment is None or not segment.start <= offset < segment.end or offset & 7 or offset < header_block:
                 return slow(offset)
@@ -154,7 +173,7 @@ class Heap:
                 return slow(offset)
             proxy = cls.from_address(segment.address + local)
             set_oid(proxy, offset)
-            proxies[offset] = weak(proxy)
+            proxies[offset] = proxy
             if len(proxies) > heap._prune_at:
                 heap._prune()
             return proxy
@@ -189,18 +208,19 @@ class Heap:
         """Make ``proxy`` the live proxy of the object at ``offset``; return it."""
         _set_oid(proxy, offset)
         proxies = self.proxies
-        proxies[offset] = _weakref(proxy)
+        proxies[offset] = proxy
         if len(proxies) > self._prune_at:
             self._prune()
         return proxy
 
     def _prune(self):
-        """Drop the entries of proxies that died: about once per doubling of the map, so O(1) each."""
+        """Drop the proxies nothing else holds: about once per doubling of the map, so O(1) each (and
+        at a reader's refresh, before it lets go of old maps they may point into)."""
         proxies = self.proxies
-        # Dead entries are deleted in place: an interrupt in between leaves some of them, never a
-        # live proxy forgotten (a rollback kills the proxies it finds here; a clear() and update()
-        # cut short in between left the live ones out).
-        for offset in [offset for offset, ref in proxies.items() if ref() is None]:
+        # Deleted in place: an interrupt in between leaves some of them, never a held proxy
+        # forgotten (a rollback kills the proxies it finds here; a clear() and update() cut short
+        # in between left the held ones out).
+        for offset in [offset for offset in proxies if _refcount(proxies[offset]) <= _MAP_ONLY]:  # (_held)
             del proxies[offset]
         self._prune_at = 2 * len(proxies) + 1024
 
@@ -224,8 +244,13 @@ class Heap:
             self.kill_proxy(offset, rolled_back=True)
 
     def live_proxy(self, offset):
-        ref = self.proxies.get(offset)
-        return ref() if ref is not None else None
+        """The proxy of the object at ``offset`` if the program holds one, else None."""
+        return self.proxies[offset] if _held(self.proxies, offset) else None
+
+    def held_offsets(self):
+        """The offsets of the objects whose proxies the program holds."""
+        proxies = self.proxies
+        return [offset for offset in list(proxies) if _held(proxies, offset)]
 
     def kill_proxy(self, offset, rolled_back=False):
         """Make the live proxy of the object at ``offset`` (if any) refuse every use, then forget it.
@@ -233,16 +258,16 @@ class Heap:
         Dead first, then forgotten: cut short in between, :meth:`proxy` takes
         a dead one for none.
         """
-        ref = self.proxies.get(offset)
-        proxy = ref() if ref is not None else None
+        proxy = self.proxies.get(offset)
         if proxy is not None:
             object.__setattr__(proxy, "__class__", T.closed_class(type(proxy), rolled_back))
         self.proxies.pop(offset, None)
 
     def addresses_in_use(self):
-        """The addresses of every live proxy (a reader keeps the maps they point into)."""
-        return [ctypes.addressof(proxy) for proxy in (ref() for ref in self.proxies.values())
-                if proxy is not None]
+        """The addresses of every proxy the program holds (a reader keeps the maps they point into);
+        the others are dropped first, since nothing may use them after their map is gone."""
+        self._prune()
+        return [ctypes.addressof(proxy) for proxy in self.proxies.values()]
 
     # -- making and freeing --------------------------------------------------------------
     def check_writable(self):

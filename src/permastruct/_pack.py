@@ -90,7 +90,7 @@ def roots(storage):
         capacity = F.REGISTRY.unpack_from(heap.mapping.view(registry, F.REGISTRY.size))[3]
         heap.check_offset(registry, F.REGISTRY.size + 8 * capacity)
         found.extend(heap.mapping.view(registry + F.REGISTRY.size, 8 * capacity).cast("Q"))
-    found.extend(offset for offset, ref in list(heap.proxies.items()) if ref() is not None)
+    found.extend(heap.held_offsets())
     return [offset for offset in found if offset]
 
 

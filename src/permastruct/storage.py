@@ -346,9 +346,8 @@ class Storage:
         self._root = None
         self.schema._refresh()  # the types and versions the writer added
         freed = self._page_file.freed
-        for offset, ref in list(heap.proxies.items()):
-            proxy = ref()
-            if proxy is not None and (offset in freed or not self.schema._still(proxy, heap.type_at(offset))):
+        for offset, proxy in list(heap.proxies.items()):
+            if offset in freed or not self.schema._still(proxy, heap.type_at(offset)):
                 heap.kill_proxy(offset, rolled_back="freed")
         self._page_file.mapping.close_retired(heap.addresses_in_use())
         return True

@@ -9,6 +9,11 @@ their types into the class docstring, and gives the class a signature
 (``Agent(*, name: ByteString = None, age: Int = 0)``), so that
 ``help(p.schema.Agent)`` shows them.
 
+Making an object is the hot path of loading data, so each class also gets a
+constructor generated for it (:func:`_make_constructor`): its fields are the
+keyword parameters, and it is the ``__call__`` of a metaclass of the class's
+own (``AgentType``), so ``Agent(...)`` is one Python call.
+
 Structure classes are created inside ``Storage.populateSchema`` and belong to
 that storage; calling one creates a persistent object in it::
 
@@ -21,6 +26,7 @@ that storage; calling one creates a persistent object in it::
 
 import ctypes
 import functools
+import keyword
 import math
 import struct
 import sys
@@ -30,7 +36,7 @@ from collections import abc
 from operator import itemgetter
 
 from . import _format as F
-from ._types import Persistent, PersistentMeta, ValueType, change, run_change
+from ._types import _CUT_SHORT, Persistent, PersistentMeta, ValueType, _concurrent, _get_ident, change, run_change
 from .errors import CorruptStorageError, ReadOnlyError, SchemaError
 from .strings import new_string, new_strings
 
@@ -168,10 +174,17 @@ class StructureMeta(PersistentMeta):
         for attr, ftype in own:
             if not isinstance(ftype, ValueType):
                 namespace[attr] = _ref_property(attr, "_ps_ref_" + attr, ftype)
+        # Each class gets a metaclass of its own, whose ``__call__`` becomes the constructor generated
+        # for it (_make_accessors): making an object is then one Python call.
+        for klass in bases:  # derived from the metaclass of its base (StructureMeta(...) names the root one)
+            if issubclass(type(klass), mcls):
+                mcls = type(klass)
+        meta = type(f"{name}Type", (mcls,), {"__module__": mcls.__module__, "__qualname__": f"{name}Type"})
         try:
-            cls = super().__new__(mcls, name, bases, namespace)
+            cls = super().__new__(meta, name, bases, namespace)
         except (TypeError, ValueError, AttributeError) as exc:  # e.g. a bad __slots__ or layout
             raise SchemaError(f"structure {name!r} cannot be built: {exc}") from None
+        meta._ps_class_of = cls
         cls._ps_size = -(-ctypes.sizeof(cls) // 8) * 8
         _make_accessors(cls)
         cls._ps_ref_at = tuple(getattr(cls, "_ps_ref_" + name).offset for name, ftype in
@@ -339,7 +352,13 @@ def _make_accessors(cls):
     storage = cls._storage
     cls._ps_setters = _make_setters(cls, storage._heap)
     cls.__setattr__ = _make_setattr(cls, storage.readonly)
-    cls._ps_new = _make_constructor(cls)
+    cls._ps_new, call = _make_constructor(cls)
+    meta = type(cls)
+    if meta.__dict__.get("_ps_class_of") is cls:  # its own metaclass: calls of the class go to ``call``
+        if call is not None:
+            meta.__call__ = call
+        elif "__call__" in meta.__dict__:
+            del meta.__call__
 
 
 def _ref_property(name, hidden, ftype):
@@ -419,45 +438,166 @@ def _exact_string(ftype):
     return str if ftype._ps_type_id == F.T_STRING else bytes if ftype._ps_type_id == F.T_BYTESTRING else None
 
 
-def _make_constructor(cls):
-    """``new(fields)``: a new object of structure ``cls`` from keyword values, made once per class.
+def _constructor_layout(cls):
+    """``(order, packer)``: the fields of ``cls`` in file order and the ``Struct`` that writes a
+    whole object of it (header, fields, padding), worked out once from the ctypes layout."""
+    types = cls._ps_field_types
 
-    Every value is checked before anything is made; then the objects the
-    reference fields need (strings are born with their one reference), then
-    the object itself, written in one ``pack_into`` of a format worked out
-    here from the ctypes layout (header, fields, padding).
-    """
-    heap = cls._heap
-    names = list(cls._ps_field_types)
+    def cfield(name):
+        return getattr(cls, name if isinstance(types[name], ValueType) else "_ps_ref_" + name)
+    order = sorted(types, key=lambda name: cfield(name).offset)
     codes, at = ["<II"], 8
-    for name in sorted(names, key=lambda n: getattr(cls, n if isinstance(cls._ps_field_types[n], ValueType)
-                                                    else "_ps_ref_" + n).offset):
-        ftype = cls._ps_field_types[name]
-        cfield = getattr(cls, name if isinstance(ftype, ValueType) else "_ps_ref_" + name)
-        if cfield.offset > at:
-            codes.append(f"{cfield.offset - at}x")
-        if isinstance(ftype, ValueType):
-            codes.append("?" if ftype.kind == "bool" else ftype.code)
-        else:
-            codes.append("Q")
-        at = cfield.offset + cfield.size
+    for name in order:
+        ftype, field = types[name], cfield(name)
+        if field.offset > at:
+            codes.append(f"{field.offset - at}x")
+        codes.append(("?" if ftype.kind == "bool" else ftype.code) if isinstance(ftype, ValueType) else "Q")
+        at = field.offset + field.size
     if cls._ps_size > at:
         codes.append(f"{cls._ps_size - at}x")
-    order = sorted(names, key=lambda n: getattr(cls, n if isinstance(cls._ps_field_types[n], ValueType)
-                                                else "_ps_ref_" + n).offset)
     packer = struct.Struct("".join(codes))
     assert packer.size == cls._ps_size, (packer.size, cls._ps_size)
+    return order, packer
+
+
+def _make_constructor(cls):
+    """The constructor of structure ``cls``, generated once per class: ``(new, call)``.
+
+    ``new(given)`` makes an object from a dict of field values (the path of
+    :meth:`StructureMeta.__call__`).  ``call(cls, **fields)`` is the same,
+    written out for this class as the ``__call__`` of its own metaclass, so
+    that ``Agent(name=..., age=...)`` runs it directly: its fields are its
+    keyword parameters (the interpreter binds them, with their defaults), the
+    change guard is inline, and each value is checked inline (the common type
+    first, the field's checker for everything else).  Every value is checked
+    before anything is made; then the objects the reference fields need
+    (strings are born with their one reference), then the object itself,
+    written in one ``pack_into``, and its proxy.  The generated code names
+    nothing but its parameters and ``_ps_`` names (which no field may have),
+    so a field called ``type`` or ``int`` is just a field; field names that
+    cannot be parameters (keywords, from a stored schema) have no ``call``.
+    """
+    heap = cls._heap
+    order, packer = _constructor_layout(cls)
+    new = _general_constructor(cls, order, packer)
+    types = cls._ps_field_types
+    owner = cls.__name__
+    if not all(name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("_ps_")
+               for name in order):
+        return new, None
+    env = {"_ps_heap": heap, "_ps_pack": packer.pack_into, "_ps_from_address": cls.from_address,
+           "_ps_new_string": new_string, "_ps_cls": cls, "_ps_type": type, "_ps_int": int,
+           "_ps_float": float, "_ps_bool": bool, "_ps_bytes": bytes, "_ps_str": str,
+           "_ps_BaseException": BaseException, "_ps_Exception": Exception, "_ps_isinstance": isinstance,
+           "_ps_CUT_SHORT": _CUT_SHORT, "_ps_ident": _get_ident, "_ps_concurrent": _concurrent,
+           "_ps_other": _other_call, "__builtins__": {}}
+    params, checks, makes, undo = [], [], [], []
+    for name in types:  # parameters in declaration order, as the signature shows them
+        ftype = types[name]
+        params.append(f"{name}={_DEFAULTS[ftype.kind]!r}" if isinstance(ftype, ValueType) else f"{name}=None")
+    for name in order:
+        ftype = types[name]
+        if isinstance(ftype, ValueType):
+            env[f"_ps_check_{name}"] = ftype.checker(name, owner)
+            if ftype.kind == "int":
+                checks.append(f"if _ps_type({name}) is not _ps_int or not {ftype.low} <= {name} <= {ftype.high}:\n"
+                              f"    {name} = _ps_check_{name}({name})")
+            elif ftype.kind == "float" and ftype.pack is None:
+                checks.append(f"if _ps_type({name}) is not _ps_float:\n    {name} = _ps_check_{name}({name})")
+            elif ftype.kind == "bool":
+                checks.append(f"if _ps_type({name}) is not _ps_bool:\n    {name} = _ps_check_{name}({name})")
+            else:  # Float32: any number it takes, rounded by the packer
+                checks.append(f"{name} = _ps_check_{name}({name})")
+            continue
+        env[f"_ps_type_{name}"] = ftype
+        exact = _exact_string(ftype)
+        where = f"{owner}.{name}"
+        by_reference = (f"    _ps_made = _ps_heap.reference_to(_ps_type_{name}, {name}, {where!r})\n"
+                        f"    _ps_heap.incref(_ps_made)\n"
+                        f"    {name} = _ps_made")
+        if exact is None:
+            checks.append(f"if {name} is not None:\n"
+                          f"    _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
+            makes.append(f"if {name} is None:\n    {name} = 0\nelse:\n{by_reference}")
+        else:
+            checks.append(f"if {name} is not None and _ps_type({name}) is not _ps_{exact.__name__}:\n"
+                          f"    _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
+            data = name if exact is bytes else f"{name}.encode('utf-8')"
+            makes.append(f"if {name} is None:\n    {name} = 0\n"
+                         f"elif _ps_type({name}) is _ps_{exact.__name__}:\n"
+                         f"    {name} = _ps_new_string(_ps_heap, {ftype._ps_type_id}, {data}, 1)\n"
+                         f"else:\n{by_reference}")
+        undo.append(name)
+    place = f"_ps_offset, _ps_view, _ps_local, _ps_base = _ps_heap.allocator.place({packer.size})"
+    body = ["if not _ps_heap.writable:", "    _ps_heap.check_writable()"] + checks
+    if makes:
+        env["_ps_undo"] = functools.partial(_undo_made, heap)
+        body += ["try:"] + [_indent(make) for make in makes] + [_indent(place),
+                 "except _ps_BaseException:", f"    _ps_undo({', '.join(undo)})", "    raise"]
+    else:
+        body.append(place)
+    body += [f"_ps_pack(_ps_view, _ps_local, _ps_cls._ps_type_id, 0{''.join(', ' + name for name in order)})",
+             "_ps_heap.created.add(_ps_offset)",
+             "_ps_heap.unreferenced.add(_ps_offset)",
+             "_ps_proxy = _ps_heap.remember(_ps_offset, _ps_from_address(_ps_base + _ps_local))"]
+    given = "".join(f", {name}={name}" for name in types)
+    lines = [f"def call(_ps_class, *_ps_args{''.join(', ' + p for p in params) if params else ''}, **_ps_unknown):",
+             "    if _ps_args or _ps_unknown or _ps_class is not _ps_cls:  # a subclass's or a mistake",
+             f"        return _ps_other(_ps_class, _ps_args, _ps_unknown{given})",
+             "    _ps_outer = not _ps_heap._changing  # the change guard (_types.run_change), inline",
+             "    if _ps_outer:",
+             "        _ps_heap._changing = _ps_ident()",
+             "    elif _ps_heap._changing != _ps_ident():",
+             "        raise _ps_concurrent(_ps_heap)",
+             "    try:"] + [_indent(line, 8) for line in body] + [
+             "    except _ps_Exception as _ps_error:",
+             "        if _ps_outer and not _ps_isinstance(_ps_error, _ps_CUT_SHORT):",
+             "            _ps_heap._changing = 0",
+             "        raise",
+             "    if _ps_outer:",
+             "        _ps_heap._changing = 0",
+             "    return _ps_proxy"]
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, f"<constructor of {owner}>", "exec"), env)
+    call = env["call"]
+    call.__qualname__ = f"{owner}.__call__"
+    call._ps_source = source  # for whoever wonders what runs
+    return new, call
+
+
+def _indent(text, by=4):
+    return "\n".join(" " * by + line for line in text.split("\n"))
+
+
+def _other_call(_ps_class, _ps_args, _ps_unknown, /, **fields):
+    """A generated ``call`` that is not for this exact class (a subclass without one of its own, a dead
+    variant) or not well formed: the general path, which says what is wrong."""
+    fields.update(_ps_unknown)
+    return StructureMeta.__call__(_ps_class, *_ps_args, **fields)
+
+
+def _unexpected_fields(owner, names, unknown):
+    raise TypeError(f"{owner}() got unexpected field(s) {', '.join(map(repr, unknown))}; "
+                    f"fields are: {', '.join(names) or 'none'}")
+
+
+def _undo_made(heap, *values):
+    """Drop the references a constructor cut short had taken (the reference fields already made are
+    offsets; the others still hold what was given): freed at the next commit."""
+    for value in values:
+        if type(value) is int and value:
+            heap.decref(value)
+
+
+def _general_constructor(cls, order, packer):
+    """``new(given)``: an object of ``cls`` from the dict of its field values (see :func:`_make_constructor`)."""
+    heap = cls._heap
     index = {name: position for position, name in enumerate(order)}
     fields = [cls._ps_field_types[name] for name in order]
     owner = cls.__name__
-    defaults = [(False if f.kind == "bool" else 0.0 if f.kind == "float" else 0) if isinstance(f, ValueType) else 0
-                for f in fields]
+    defaults = [_DEFAULTS[f.kind] if isinstance(f, ValueType) else 0 for f in fields]
     checks = [f.checker(name, owner) if isinstance(f, ValueType) else None for name, f in zip(order, fields)]
-    fast = [(int if f.kind == "int" else float if f.kind == "float" and f.pack is None else None, f.low, f.high)
-            if isinstance(f, ValueType) else None for f in fields]
-    exact_strings = [_exact_string(f) if not isinstance(f, ValueType) else None for f in fields]
     wheres = [f"{owner}.{name}" for name in order]
-    float32 = struct.Struct("<f")
 
     def new(given):
         if not heap.writable:
@@ -467,26 +607,18 @@ def _make_constructor(cls):
         for name, value in given.items():
             position = index.get(name)
             if position is None:
-                unknown = [n for n in given if n not in index]
-                raise TypeError(f"{owner}() got unexpected field(s) {', '.join(map(repr, unknown))}; "
-                                f"fields are: {', '.join(names) or 'none'}")
+                _unexpected_fields(owner, list(cls._ps_field_types), [n for n in given if n not in index])
             check = checks[position]
             if check is None:
                 if value is not None:
-                    if type(value) is not exact_strings[position]:
-                        heap.reference_check_value(fields[position], value, wheres[position])
+                    heap.reference_check_value(fields[position], value, wheres[position])
                     references.append((position, value))
                 continue
-            exact, low, high = fast[position]
-            if type(value) is not exact or (exact is int and not low <= value <= high):
-                value = check(value)
-                if fields[position].pack is not None:  # Float32: kept in single precision
-                    value = float32.unpack(float32.pack(value))[0]
-            values[position] = value
+            values[position] = check(value)
         made = []
         try:
             for position, value in references:
-                exact = exact_strings[position]
+                exact = _exact_string(fields[position])
                 if type(value) is exact:
                     offset = new_string(heap, fields[position]._ps_type_id,
                                         value if exact is bytes else value.encode("utf-8"), 1)
@@ -497,8 +629,7 @@ def _make_constructor(cls):
                 values[position] = offset
             offset, view, local, base = heap.allocator.place(packer.size)
         except BaseException:
-            for target in made:  # nothing refers to them after all: freed at the next commit
-                heap.decref(target)
+            _undo_made(heap, *made)
             raise
         packer.pack_into(view, local, cls._ps_type_id, 0, *values)
         heap.created.add(offset)
