@@ -764,6 +764,26 @@ def test_scans_see_a_change_in_size_as_an_error(scans):
     p.check()
 
 
+
+def test_a_short_range_or_one_asked_for_before_a_change_sees_it(scans):
+    p = scans
+    p.root.ints = {k: k for k in range(100)}
+    sd = p.root.ints
+    for reverse in (False, True):
+        scan = sd.irange_items(40, 42, reverse=reverse)  # ends inside one leaf
+        next(scan)
+        sd[1000] = 1
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            list(scan)
+        del sd[1000]
+        scan = sd.irange(10, 20, reverse=reverse)  # asked for, then the tree changes, then read
+        sd.clear()
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            next(scan)
+        sd.update((k, k) for k in range(100))
+    p.check()
+
+
 @pytest.mark.parametrize("count", [1, 2, 7, 8, 9, 17, 64, 65, 500, 3000])
 def test_update_builds_an_empty_sorted_dict_bottom_up(scans, count):
     import random

@@ -311,10 +311,13 @@ class PersistentSortedDict(MappingMixin, Collection):
                 run.reverse()
             yield run
 
-    def _ps_bounded_runs(self, low, high, include_low, include_high, reverse):
+    def _ps_bounded_runs(self, low, high, include_low, include_high, reverse, version):
         """``(leaf, lo, hi)`` runs of the keys between the bounds (None: open), found with one
-        descent to the leaf of the first bound and key compares in the leaf of the second."""
+        descent to the leaf of the first bound and key compares in the leaf of the second;
+        ``version`` is the modification number when the scan was asked for."""
         string_data = type(self)._ps_string_data
+        if self._ps_aux != version:
+            raise RuntimeError(f"{type(self).__name__} changed size during iteration")
         first = high if reverse else low
         if first is None:
             leaf = self._ps_edge_leaf(reverse)
@@ -334,17 +337,19 @@ class PersistentSortedDict(MappingMixin, Collection):
                     edge = found[lo]
                     if edge < low or (edge == low and not include_low):
                         lo = (bisect.bisect_left if include_low else bisect.bisect_right)(found, low, lo, hi)
-                        if lo < hi:
-                            yield leaf, lo, hi
-                        return
+                        break
                 else:
                     edge = found[hi - 1]
                     if edge > high or (edge == high and not include_high):
                         hi = (bisect.bisect_right if include_high else bisect.bisect_left)(found, high, lo, hi)
-                        if lo < hi:
-                            yield leaf, lo, hi
-                        return
+                        break
             yield leaf, lo, hi
+        else:
+            return  # the runs watched the modification number to the end
+        if lo < hi:  # the last run, cut at the far bound
+            yield leaf, lo, hi
+            if self._ps_aux != version:
+                raise RuntimeError(f"{type(self).__name__} changed size during iteration")
 
     def _ps_leaf(self, offset):
         """The node at ``offset``, which a leaf link names: it must be a leaf."""
@@ -507,7 +512,7 @@ class PersistentSortedDict(MappingMixin, Collection):
         if not self._ps_count or low is not None and high is not None and (
                 low > high or low == high and not (include_low and include_high)):
             return iter(())
-        runs = self._ps_bounded_runs(low, high, include_low, include_high, reverse)
+        runs = self._ps_bounded_runs(low, high, include_low, include_high, reverse, self._ps_aux)
         return itertools.chain.from_iterable(self._ps_read_runs(runs, reverse, keys, values))
 
     # -- changing --

@@ -37,8 +37,8 @@ from ._cells import Cell
 from ._collection import PREVIEW_ITEMS, Collection, preview_value
 from .structure import make_records, record_columns
 
-_NO_CELLS = ctypes.create_string_buffer(8)
-_CHUNK = 1024  # the most elements iteration copies out of a List of numbers at once  # what an empty list's buffer points at (never read)
+_NO_CELLS = ctypes.create_string_buffer(8)  # what an empty list's buffer points at (never read)
+_CHUNK = 1024  # the most elements iteration copies out of a List of numbers at once
 
 
 def _slice_length(start, stop, step):
