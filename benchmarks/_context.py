@@ -87,8 +87,8 @@ class Context:
 
 
 def remove(path):
-    """Remove a file or a folder (and a store's ``-wal`` file) if it is there."""
-    for name in (path, path + "-wal"):
+    """Remove a file or a folder (and a store's ``-wal`` and history files) if it is there."""
+    for name in (path, path + "-wal", path + "-history", path + "-history2"):
         if os.path.isdir(name) and not os.path.islink(name):
             shutil.rmtree(name, ignore_errors=True)
         elif os.path.lexists(name):

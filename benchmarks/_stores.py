@@ -62,12 +62,13 @@ def open_ours(path, **kwargs):
 
 
 # -- peers -------------------------------------------------------------------------------------
-def open_sqlite(path, *, sync=True, wal=False):
+def open_sqlite(path, *, sync=True, wal=False, synchronous=None):
+    """A sqlite3 connection: ``synchronous=FULL`` (``sync``) or ``OFF``, unless ``synchronous`` names the level."""
     import sqlite3
     conn = sqlite3.connect(path, isolation_level="DEFERRED")
     if wal:
         conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={'FULL' if sync else 'OFF'}")
+    conn.execute(f"PRAGMA synchronous={synchronous or ('FULL' if sync else 'OFF')}")
     return conn
 
 

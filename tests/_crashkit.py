@@ -66,8 +66,9 @@ from array import array
 
 from permastruct import Dict, List, Set, SortedDict, Storage
 from permastruct._commit import Engine
+from permastruct._history import HistoryFiles
 from permastruct._mapping import FileIO
-from permastruct.errors import NotAStorageError
+from permastruct.errors import NotAStorageError, UndoError
 
 KIT = os.path.abspath(__file__)
 MAIN = "store.ps"  # the store's file name inside its directory
@@ -346,8 +347,11 @@ class Workload:
     OPS = (("scalar", 14), ("numbers", 14), ("byname", 16), ("ranked", 12), ("items", 12),
            ("blob", 8), ("grow", 5), ("reset", 4))
 
-    def __init__(self, folder, seed, iterations, recorder, sync=True, page_size=4096, self_check=True):
+    def __init__(self, folder, seed, iterations, recorder, sync=True, page_size=4096, self_check=True, history=0):
         self.path = os.path.join(folder, MAIN)
+        #: ``history=`` of the store (0: none); with history, ``undo()`` is one of the transactions
+        self.history = history
+        self.by_txn = {}  # transaction id -> the model of the store right after it (with history)
         self.rng = random.Random(seed)
         self.iterations = iterations
         self.rec = recorder
@@ -359,6 +363,8 @@ class Workload:
         # Every other seed writes the fresh pages of any commit of 8 KiB or more straight into
         # the main file (Engine._write_fresh), so that the crashes hit that path too.
         Engine.fresh_bytes = 8192 if seed % 2 else 1 << 20
+        # and every other seed of the history workloads starts its history files over often.
+        HistoryFiles.slack = 0 if seed % 2 else 32
 
     # -- markers and the model check ------------------------------------------------
     def _inflight(self, m):
@@ -368,6 +374,8 @@ class Workload:
         self.commits += 1
         state = self.last_state = dumps(model_state(m))
         self.rec.mark("returned", self.commits, state)
+        if self.history and p is not None:
+            self.by_txn[p.last_transaction] = copy.deepcopy(m)
         if self.self_check and p is not None:
             actual = dumps(store_state(p))
             if actual != state:
@@ -377,7 +385,7 @@ class Workload:
 
     # -- the run -------------------------------------------------------------------
     def open(self):
-        return CrashStorage(self.path, sync=self.sync)
+        return CrashStorage(self.path, sync=self.sync, **({"history": self.history} if self.history else {}))
 
     def run(self):
         """Run the workload.  The live storage, the model and the model of the last returned
@@ -396,15 +404,21 @@ class Workload:
             self.last_state = DEFAULT_STATE
             self.rec.mark("inflight", 0, DEFAULT_STATE)
             self.p = CrashStorage(self.path, fileSize=8192, stringRegistrySize=8, sync=self.sync,
-                                  pageSize=self.page_size)
+                                  pageSize=self.page_size, **({"history": self.history} if self.history else {}))
             self.rec.mark("returned", 0, DEFAULT_STATE)
+            if self.history:
+                self.by_txn[self.p.last_transaction] = copy.deepcopy(self.m)
         self.committed = copy.deepcopy(self.m)
         done = 0
         while self.iterations is None or done < self.iterations:
             p, m = self.p, self.m
-            style = rng.choices(("commit", "rollback", "with", "raise", "reopen", "empty", "pack"),
-                                (48, 12, 20, 10, 6, 4, 4))[0]
-            count = 0 if style == "empty" else rng.randint(1, 6)
+            if self.history:  # (without, the choices and so the seeds' runs are as they always were)
+                style = rng.choices(("commit", "rollback", "with", "raise", "reopen", "empty", "pack", "undo"),
+                                    (48, 12, 20, 10, 6, 4, 4, 10))[0]
+            else:
+                style = rng.choices(("commit", "rollback", "with", "raise", "reopen", "empty", "pack"),
+                                    (48, 12, 20, 10, 6, 4, 4))[0]
+            count = 0 if style in ("empty", "undo") else rng.randint(1, 6)
             done += max(count, 1)
             if style in ("with", "raise"):
                 try:
@@ -425,6 +439,15 @@ class Workload:
             if style == "rollback":
                 p.rollback()
                 self.m = copy.deepcopy(self.committed)
+            elif style == "undo":  # back to the state before a transaction the history holds: one commit
+                ids = [entry["id"] for entry in p.undo_log(0, self.history) if entry["id"] - 1 in self.by_txn]
+                if ids:
+                    target = rng.choice(ids)
+                    self.m = m = copy.deepcopy(self.by_txn[target - 1])
+                    self._inflight(m)
+                    p.undo(target)
+                    self._returned(p, m)
+                    self.committed = copy.deepcopy(m)
             elif style == "pack":  # garbage collection from the root: one commit, the same state
                 self._inflight(m)
                 p.pack()
@@ -691,7 +714,7 @@ def child_record(args):
     FileIO.hook = rec.hook
     try:
         Workload(folder, args["seed"], args["iterations"], rec, sync=args["sync"],
-                 page_size=args["page_size"]).run()
+                 page_size=args["page_size"], history=args.get("history", 0)).run()
         rec.note("end", rec.count)
     finally:
         FileIO.hook = None
@@ -727,7 +750,7 @@ def child_killserver(args):
                                kill_at=request["n"], kill_how=request["how"])
                 FileIO.hook = rec.hook
                 Workload(folder, args["seed"], args["iterations"], rec, sync=args["sync"],
-                         page_size=args["page_size"], self_check=False).run()
+                         page_size=args["page_size"], self_check=False, history=args.get("history", 0)).run()
             except BaseException:
                 with open(request["log"] + ".error", "w") as f:
                     f.write(traceback.format_exc())
@@ -851,10 +874,12 @@ class Timeline:
 class Outcome:
     """What opening a set of files gave: kind "missing", "notastore", "ok" (with state) or "error"."""
 
-    __slots__ = ("kind", "state", "detail")
+    __slots__ = ("kind", "state", "detail", "undone")
 
-    def __init__(self, kind, state=None, detail=""):
+    def __init__(self, kind, state=None, detail="", undone=None):
         self.kind, self.state, self.detail = kind, state, detail
+        #: (``undo=True``) ``(id, state)`` after ``undo(id)`` of the oldest transaction the history lists
+        self.undone = undone
 
 
 def judge(outcome, timeline, expect, lossy=False):
@@ -881,6 +906,9 @@ def judge(outcome, timeline, expect, lossy=False):
     if outcome.kind == "error":
         return outcome.detail
     sid = timeline._ids.get(outcome.state)
+    if sid in allowed and outcome.undone is not None and outcome.undone[1] not in timeline._ids:
+        return (f"undo({outcome.undone[0]}) of the recovered store found a state no commit had: "
+                + describe_diff(outcome.undone[1], outcome.state))
     if sid in allowed:
         return None
     wanted = []
@@ -1061,16 +1089,16 @@ class Verifier:
         self.cache = {}
         self.opened = 0
 
-    def outcome(self, files, bare=False, reopen=False):
+    def outcome(self, files, bare=False, reopen=False, undo=False):
         digest = hashlib.blake2b(digest_size=20)
         for key in sorted(files):
             digest.update(key.encode() + b"\0" + struct.pack("<Q", len(files[key])))
             digest.update(files[key])
-        cache_key = (digest.digest(), bare, reopen)
+        cache_key = (digest.digest(), bare, reopen, undo)
         cached = self.cache.get(cache_key)
         if cached is None:
             self._write(files)
-            cached = self.cache[cache_key] = open_and_read(self.path, bare, reopen)
+            cached = self.cache[cache_key] = open_and_read(self.path, bare, reopen, undo)
             self.opened += 1
         return cached
 
@@ -1095,11 +1123,13 @@ def _error(where, exc, path):
     return f"{where} raised {type(exc).__name__}: {message}{at}"
 
 
-def open_and_read(path, bare=False, reopen=False):
+def open_and_read(path, bare=False, reopen=False, undo=False):
     """Open the store at ``path`` as a user would, ``check()`` it and read its state.
 
     ``reopen``: close it and do it all once more (what recovery wrote must be
-    a store too, and the same state).
+    a store too, and the same state).  ``undo``: then open it again and undo
+    the oldest transaction its history lists (the state found must be one
+    the workload committed: the judge says so).
     """
     if not os.path.exists(path):
         return Outcome("missing")
@@ -1132,7 +1162,21 @@ def open_and_read(path, bare=False, reopen=False):
     if len(states) == 2 and states[0] != states[1]:
         return Outcome("error", detail="the second open found another state than the first: "
                                        + describe_diff(states[1], states[0]))
-    return Outcome("ok", states[0])
+    undone = None
+    if undo and not bare:
+        try:
+            with CrashStorage(path) as p:
+                for entry in reversed(p.undo_log(0, 1 << 20)):  # the oldest first
+                    try:
+                        p.undo(entry["id"])
+                    except UndoError:  # (the creation of the store: it changed the schema)
+                        continue
+                    p.check()
+                    undone = (entry["id"], dumps(store_state(p)))
+                    break
+        except Exception as exc:
+            return Outcome("error", detail=_error("undo of the recovered store", exc, path))
+    return Outcome("ok", states[0], undone=undone)
 
 
 # == the parent side: reporting ===========================================================

@@ -89,15 +89,15 @@ def recording(scratch):
     """``recording(seed, iterations, sync)``: the Timeline of one recorded run and the files it left (cached)."""
     cache = {}
 
-    def get(seed, iterations, sync):
-        key = (seed, iterations, sync)
+    def get(seed, iterations, sync, history=0):
+        key = (seed, iterations, sync, history)
         if key not in cache:
-            folder = os.path.join(scratch, f"record-{seed}-{iterations}-{int(sync)}")
+            folder = os.path.join(scratch, f"record-{seed}-{iterations}-{int(sync)}-{history}")
             store = os.path.join(folder, "store")
             os.makedirs(store)
             log = os.path.join(folder, "log")
             command = K.child_command("record", dir=store, log=log, seed=seed, iterations=iterations,
-                                      sync=sync, page_size=page_size_for(seed))
+                                      sync=sync, page_size=page_size_for(seed), history=history)
             done = subprocess.run(command, env=K.child_env(), capture_output=True, text=True,
                                   timeout=CHILD_TIMEOUT)
             if done.returncode != 0:
@@ -155,16 +155,32 @@ def _creating(expect):
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "nosync"])
 def test_process_crash_at_every_operation(stress_seed, stress_iterations, recording, verifier, sync):
     """The files as a process crash just before each operation leaves them: the last returned commit or the one in flight."""
-    timeline, final_files = recording(stress_seed, stress_iterations, sync)
-    report = K.Report(f"process crash, sync={sync}", stress_seed,
-                    _rerun(f"test_process_crash_at_every_operation[seed{stress_seed}-{'sync' if sync else 'nosync'}]",
-                           stress_seed, stress_iterations), TOTALS, SHOWN)
+    _process_crash(stress_seed, stress_iterations, recording, verifier, sync, 0,
+                   f"test_process_crash_at_every_operation[seed{stress_seed}-{'sync' if sync else 'nosync'}]")
+
+
+#: ``history=`` of the workloads of the history tests: undo() is one of their transactions.
+HISTORY = 6
+
+
+def test_process_crash_with_history(stress_seed, stress_iterations, recording, verifier):
+    """With history=N, commits write before-images and undo() is a transaction: a crash anywhere leaves
+    the state before or after, whole; and the recovered history undoes to a state the workload had."""
+    _process_crash(stress_seed, stress_iterations, recording, verifier, True, HISTORY,
+                   f"test_process_crash_with_history[seed{stress_seed}]")
+
+
+def _process_crash(stress_seed, stress_iterations, recording, verifier, sync, history, test):
+    timeline, final_files = recording(stress_seed, stress_iterations, sync, history)
+    report = K.Report(f"process crash, sync={sync}" + (f", history={history}" if history else ""), stress_seed,
+                      _rerun(test, stress_seed, stress_iterations), TOTALS, SHOWN)
     files = K.CrashFiles()
     for n in range(len(timeline.ops) + 1):
         if n:
             files.apply(timeline.ops[n - 1])
         expect = timeline.at[n]
-        outcome = verifier.outcome(files.image(), bare=n % 3 == 2, reopen=n % 5 == 4)
+        outcome = verifier.outcome(files.image(), bare=n % 3 == 2, reopen=n % 5 == 4,
+                                   undo=bool(history) and n % 3 == 1)
         reason = K.judge(outcome, timeline, expect)
         report.add(reason and _creating(expect) + reason, n, _where(timeline, n))
     # The harness itself: replaying every operation gives the files the child left, byte for byte.
@@ -175,9 +191,10 @@ def test_process_crash_at_every_operation(stress_seed, stress_iterations, record
 
 
 # == power loss, simulated =================================================================
-def _power_loss(seed, iterations, recording, verifier, sync, lossy, test):
-    timeline, _ = recording(seed, iterations, sync)
-    report = K.Report(f"power loss, sync={sync}", seed, _rerun(test, seed, iterations), TOTALS, SHOWN)
+def _power_loss(seed, iterations, recording, verifier, sync, lossy, test, history=0):
+    timeline, _ = recording(seed, iterations, sync, history)
+    report = K.Report(f"power loss, sync={sync}" + (f", history={history}" if history else ""), seed,
+                      _rerun(test, seed, iterations), TOTALS, SHOWN)
     files = K.PowerLossFiles()
     uncertain_points = 0
     for n in range(len(timeline.ops) + 1):
@@ -188,7 +205,8 @@ def _power_loss(seed, iterations, recording, verifier, sync, lossy, test):
         uncertain_points += variants > 1
         for variant in range(variants):
             rng = random.Random(f"power:{seed}:{n}:{variant}")
-            outcome = verifier.outcome(files.image(rng, drop_all=variant == 0), bare=(n + variant) % 3 == 2)
+            outcome = verifier.outcome(files.image(rng, drop_all=variant == 0), bare=(n + variant) % 3 == 2,
+                                       undo=bool(history) and (n + variant) % 3 == 1)
             reason = K.judge(outcome, timeline, expect, lossy=lossy)
             if reason and outcome.kind == "missing":
                 reason += " (it was created, and its directory not fsynced after that)"
@@ -205,6 +223,13 @@ def test_power_loss(stress_seed, stress_iterations, recording, verifier):
 def test_power_loss_sync_false(stress_seed, stress_iterations, recording, verifier):
     """sync=False: the state is some commit that had returned (or the one in flight), or no store."""
     _power_loss(stress_seed, stress_iterations, recording, verifier, False, True, "test_power_loss_sync_false")
+
+
+def test_power_loss_with_history(stress_seed, stress_iterations, recording, verifier):
+    """history=N, sync=True: a commit or undo() that returned survives, and so does the history that
+    undoes it (the history file is fsynced before the log that held it starts over)."""
+    _power_loss(stress_seed, stress_iterations, recording, verifier, True, False, "test_power_loss_with_history",
+                history=HISTORY)
 
 
 # == real deaths ===========================================================================
@@ -273,13 +298,22 @@ def test_kill_at_every_operation(request, scratch, recording, verifier):
         _kill_at_every_operation(seed, iterations, scratch, recording, verifier)
 
 
-def _kill_at_every_operation(seed, iterations, scratch, recording, verifier):
-    timeline, _ = recording(seed, iterations, True)
+def test_kill_at_every_operation_with_history(request, scratch, recording, verifier):
+    """The same with history=N: commits log before-images and undo() is one of the transactions."""
+    iterations = _kill_iterations(request.config)
+    for seed in _kill_seeds(request.config):
+        _kill_at_every_operation(seed, iterations, scratch, recording, verifier, HISTORY)
+
+
+def _kill_at_every_operation(seed, iterations, scratch, recording, verifier, history=0):
+    timeline, _ = recording(seed, iterations, True, history)
     total = len(timeline.ops)
-    report = K.Report("kill at every operation", seed, _rerun("test_kill_at_every_operation", seed, iterations),
-                      TOTALS, SHOWN)
-    base = os.path.join(scratch, f"kill-{seed}")
-    servers = KillServers(2, seed=seed, iterations=iterations, sync=True, page_size=page_size_for(seed))
+    test = "test_kill_at_every_operation" + ("_with_history" if history else "")
+    report = K.Report("kill at every operation" + (f", history={history}" if history else ""), seed,
+                      _rerun(test, seed, iterations), TOTALS, SHOWN)
+    base = os.path.join(scratch, f"kill-{seed}-{history}")
+    servers = KillServers(2, seed=seed, iterations=iterations, sync=True, page_size=page_size_for(seed),
+                          history=history)
     statuses = collections.Counter()
     pending = list(range(total))
     try:
@@ -305,7 +339,8 @@ def _kill_at_every_operation(seed, iterations, scratch, recording, verifier):
                     report.add(f"the child logged {len(run.ops)} operations but was to die before "
                                f"operation {n}", n, "harness")
                 expect = run.at[-1]
-                outcome = verifier.outcome(_store_files(req["dir"]), bare=n % 3 == 2, reopen=n % 5 == 4)
+                outcome = verifier.outcome(_store_files(req["dir"]), bare=n % 3 == 2, reopen=n % 5 == 4,
+                                           undo=bool(history) and n % 3 == 1)
                 reason = K.judge(outcome, run, expect)
                 report.add(reason and _creating(expect) + reason, n, f"{answer['status']} " + _where(run, n))
                 shutil.rmtree(folder)

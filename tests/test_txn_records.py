@@ -51,7 +51,7 @@ def test_metadata_goes_into_the_commit_frame(tmp_path):
         p.commit()
         assert p.last_transaction == first + 4
         version, commits = log_commits(path)
-        assert version == F.WAL_VERSION == 3
+        assert version == F.WAL_VERSION == 4
         metas = [F.unpack_txn_meta(commit.meta) for commit in commits[-4:]]
         assert metas == [("first", "alice", {"ticket": 7, "ratio": 0.5, "urgent": True, "tag": "x"}),
                          (None, "bob", {}), ("in a block", None, {}), (None, None, {})]
@@ -167,7 +167,7 @@ def test_a_version_2_log_is_still_read_and_appended_to_in_version_2(tmp_path, mo
         w.root.n = 3
         w.commit("a new log after the checkpoint", user="y")
         version, commits = log_commits(copy)
-        assert version == 3 and F.unpack_txn_meta(commits[-1].meta)[:2] == ("a new log after the checkpoint", "y")
+        assert version == F.WAL_VERSION and F.unpack_txn_meta(commits[-1].meta)[:2] == ("a new log after the checkpoint", "y")
 
 
 def test_unreadable_metadata_never_decides_a_commit():

@@ -78,6 +78,28 @@ map unit, memory above), and a commit keeps each changed page's image in
 ``_logged``, as if logged, with nothing ever checkpointed
 (:meth:`Engine._commit_overlay`).  Both undo a commit with the same
 :class:`_Undo`, and close by discarding everything.
+
+*History* (``history=N``, root slot ``SLOT_HISTORY``; ``docs/modes.rst``):
+a commit whose new root keeps history also writes, before its page frames,
+a history frame (the root state before it, the bytes it changes) and the
+committed image of each unit it changes, and of each unit it drops off the
+end (a lower page count), that some state the history keeps still has
+(:meth:`Engine._before_state`); units past every such state need none.
+``_records`` holds the last ``N`` transactions' undo records without a gap
+(:class:`._history.Record`: images in the log, in the history files, or in
+memory for the memory and overlay modes), published with the commit and
+put back by its undo.  Before any reset of the log (a checkpoint that copied
+everything, an open that found the main file holding the log's commits,
+close) the records still in the log are appended to the history files and
+fsynced (:meth:`Engine._archive_history`), under the checkpoint lock: the
+log is never started over before its history is durable elsewhere, and an
+open reads the records (:meth:`Engine._read_records`) before its own
+checkpoint.  ``_restore_history(id)`` writes into the map, as pending
+changes, the oldest image of every unit the transactions from ``id`` on
+changed and takes the root state before ``id``: committing that is the undo,
+an ordinary transaction (with its own history).  ``at=`` is an overlay,
+read-only, whose snapshot gets the same images laid over it
+(:meth:`Engine._past_state`).
 """
 
 import contextlib
@@ -91,10 +113,12 @@ import weakref
 import zlib
 
 from . import _format as F
+from ._history import HistoryFiles, Record
 from ._journal import Journal
 from ._mapping import GRANULE, OS_PAGE, FileIO, MappedFile, OverlayIO
 from .errors import (CorruptStorageError, IncompatibleFormatError, NotAStorageError, OverlayError,
-                     ReadOnlyError, StorageClosedError, StorageFullError, StorageLockedError, SyncFailedError)
+                     ReadOnlyError, StorageClosedError, StorageFullError, StorageLockedError, SyncFailedError,
+                     UndoError)
 
 __all__ = ["Engine"]
 
@@ -119,10 +143,19 @@ class Engine:
     checkpoint_bytes = 4 << 20
 
     def __init__(self, path, page_size=F.DEFAULT_PAGE_SIZE, *, readonly=False, sync=True,
-                 initial_size=None, timeout=0, overlay=False):
+                 initial_size=None, timeout=0, overlay=False, history=None, at=None):
         #: The commit policy (see the theory of operation): "file", "memory" or "overlay".
-        self.mode = "memory" if path is None else "overlay" if overlay else "file"
-        if self.mode != "file" and readonly:
+        self.mode = "memory" if path is None else "overlay" if overlay or at is not None else "file"
+        #: (``at=``) the transaction whose state this read-only open shows
+        self._at = at
+        check_history(history)
+        if at is not None:
+            if not readonly or overlay or path is None:
+                raise ValueError("at= opens a past state of a store file read-only: pass the path and "
+                                 "readonly=True (and not overlay=True)")
+            if not isinstance(at, int) or isinstance(at, bool):
+                raise TypeError(f"at must be a transaction id (an int), not {type(at).__name__}")
+        elif self.mode != "file" and readonly:
             raise ValueError(f"an {'in-memory' if path is None else 'overlay'} store cannot be read-only: "
                              "its changes live in this process only (open the file with readonly=True "
                              "and without overlay to read it)")
@@ -144,6 +177,9 @@ class Engine:
         self._unacknowledged = None  # the _Undo of a commit its caller has not confirmed yet
         self._undoing = None  # the _Undo of an undo that did not finish
         self._undo_failed = False  # an undo could not write the log: no more commits
+        #: The undo records of the retained transactions, oldest first (:class:`._history.Record`)
+        self._records = []
+        self._history = None  # (file, writer) the history files, once opened
         #: Whether the close cuts the file's free end (:meth:`_shrink_file`): set by a commit that
         #: lowers the page count, and by ``Storage.pack()``.
         self._shrink_at_close = False
@@ -155,7 +191,7 @@ class Engine:
         if self.mode == "memory":
             self._open_memory(page_size)
         elif self.mode == "overlay":
-            self._open_overlay()
+            self._open_overlay(at)
         while self.mode == "file":
             try:
                 self.io = FileIO.open(self.path, readonly=readonly, create=False)
@@ -184,6 +220,17 @@ class Engine:
         if self.mode == "file" and not readonly:
             _WRITERS[self.io.identity()] = self
         self.closed = False
+        #: ``(txn, bytes)``: the state this open's map was laid out for and the size it mapped in one
+        #: piece (a restored state older than it may need the file mapped again: :meth:`_remap`)
+        self._layout = (getattr(self, "txn", 0), self.mapping.size)
+        #: Whether the last :meth:`_restore_history` mapped the file again (every proxy must die)
+        self._remapped = False
+        if not self.readonly:
+            try:
+                self._load_history(history)
+            except BaseException:
+                self.abandon()  # (a store this open created goes again)
+                raise
         if initial_size and self.created:
             try:
                 self.mapping.grow(initial_size)
@@ -292,7 +339,7 @@ class Engine:
             self.io.close()
             raise
 
-    def _open_overlay(self):
+    def _open_overlay(self, at=None):
         """(Overlay) Take one committed snapshot of the base file as a reader does, then keep every
         change in memory.
 
@@ -317,15 +364,24 @@ class Engine:
                 self._adopt_state(root, pending)
                 latest = self.journal.latest_frames(self.main_txn, self.txn) if pending else {}
                 images = {offset: self.journal.page_data(position) for offset, position in latest.items()}
+                past = self._past_state(at) if at is not None else None
                 unit = max(GRANULE, self.page_size)
                 end = F.HEADER_BLOCK + self.page_count * self.page_size
                 limit = F.HEADER_BLOCK + (end - F.HEADER_BLOCK) // unit * unit
                 tail = base.pread(F.HEADER_BLOCK + -(-(end - F.HEADER_BLOCK) // unit) * unit - limit, limit)
                 self.io = OverlayIO(base, limit, tail)
+                if past is not None:  # (the past state mapped in one piece past the base: see _remap)
+                    past_end = max([F.HEADER_BLOCK + past[0][0] * self.page_size] +
+                                   [offset + OS_PAGE for offset in past[1]])
+                    past_end = F.HEADER_BLOCK + -(-(past_end - F.HEADER_BLOCK) // unit) * unit
+                    if past_end > self.io.size():
+                        self.io.fallocate(self.io.size(), past_end - self.io.size())
                 self.mapping = MappedFile(self.io, False, F.HEADER_BLOCK, self.page_size)
                 for offset, image in images.items():
                     self.mapping.view(offset, len(image))[:] = image
                     self._logged[offset] = [None, image]
+                if past is not None:
+                    self._show_past(*past)
                 self.io.lock(F.LOCK_READERS + self.txn, False, wait=True)
                 self.io.lock(_who_lock(self.txn), False, wait=True)
                 self._mark = self.txn
@@ -339,8 +395,251 @@ class Engine:
                 self.mapping.close()
             self.io.close()
             raise
-        self.readonly, self._use_journal = False, False
+        self.readonly, self._use_journal = at is not None, False
         self._current_root = 0
+
+    # -- history: undo records, undo, at= ---------------------------------------------
+    def _load_history(self, history):
+        """(Writer, open) Take ``history`` (None: the stored setting) and the retained undo records.
+
+        A new setting is a pending change of the root state (the storage's open
+        commits it).  A file store has read its records (:meth:`_read_records`)
+        before its open's checkpoint; an in-memory store or an overlay starts
+        with none.  A setting of 0 deletes the history files.
+        """
+        if history is not None and history != self.slots[F.SLOT_HISTORY]:
+            self.slots[F.SLOT_HISTORY] = history
+        limit = self.slots[F.SLOT_HISTORY]  # (the setting this open commits)
+        if self.mode != "file":
+            return
+        path = HistoryFiles.path_for(self.path)
+        if not limit:
+            self._records = []
+            if self._history is not None:
+                self._history.close()
+                self._history = None
+            if HistoryFiles.exist(path):  # turned off: what was kept goes
+                for name in HistoryFiles.names(path):
+                    FileIO.unlink(name)
+        elif self._history is None:
+            self._read_records(limit)
+        else:
+            self._records = self._records[-limit:]
+
+    def _read_records(self, limit):
+        """(Writer, opening) Read the undo records of the last ``limit`` transactions from the history
+        files and the log (before a checkpoint starts the log over: it archives them first)."""
+        if not limit:
+            return
+        self._history = HistoryFiles.open(HistoryFiles.path_for(self.path), OS_PAGE, self.store_id, readonly=False)
+        found = {record.txn: record for record in self._history.records() if record.txn <= self.txn}
+        if self.journal is not None and self.journal.valid:
+            for commit in self.journal.commits:
+                if commit.history is not None and commit.txn <= self.txn and commit.txn not in found:
+                    found[commit.txn] = self._log_record(commit, self.journal)
+        self._records = _kept(found, self.txn, limit)
+
+    @staticmethod
+    def _log_record(commit, journal):
+        root, size, before = commit.history
+        return Record(commit.txn, commit.slots[F.SLOT_TIME], size, commit.meta, root, before, "log",
+                      journal.page_data, tuple(commit.freed))
+
+    def _committed_image(self, offset, unit):
+        """The committed bytes of the ``unit`` bytes at ``offset`` (zeros past the file's end)."""
+        entry = self._logged.get(offset)
+        if entry is not None:
+            return bytes(self._logged_image(entry))
+        data = self.io.pread(unit, offset)
+        return data + bytes(unit - len(data))
+
+    def _before_state(self, changed, unit):
+        """(A commit, when the new root keeps history) ``(root before, bytes changed, [(offset, image
+        before)])`` for the units ``changed``; None without history.
+
+        Images are kept of the changed units and of the units the commit drops
+        off the end (a lower page count: the file may be cut there at close)
+        that some state the history keeps still has: past every such state's
+        page count a unit is never restored (a bulk load costs no images).
+        """
+        limit = self.slots[F.SLOT_HISTORY]
+        if not limit:
+            return None
+        count, free_head, slots = self._committed
+        old_end, new_end = F.HEADER_BLOCK + count * self.page_size, F.HEADER_BLOCK + self.page_count * self.page_size
+        high = old_end
+        if new_end < old_end or (changed and max(changed) >= old_end):  # (else every unit is below it)
+            kept = self._records[len(self._records) - limit + 1:] if limit > 1 else []
+            high = F.HEADER_BLOCK + max([count] + [record.root[0] for record in kept]) * self.page_size
+        offsets = {offset for offset in changed if offset < high}
+        if new_end < old_end:
+            offsets.update(range(new_end // unit * unit, min(old_end, high), unit))
+        images = [(offset, self._committed_image(offset, unit)) for offset in sorted(offsets)]
+        return (count, free_head, list(slots)), len(changed) * unit, images
+
+    def _with_record(self, record):
+        """The retained records once ``record`` (of the commit being made; None: it keeps none) is in."""
+        limit = self.slots[F.SLOT_HISTORY]
+        if not limit or record is None:
+            return []
+        records = self._records if self._records and self._records[-1].txn == record.txn - 1 else []
+        return (records + [record])[-limit:]
+
+    def _archive_history(self, journal):
+        """(Writer, before the log starts over) Put the log's undo records into the history files, fsynced.
+
+        Only records of transactions the main file holds reach the log's reset.
+        """
+        logged = [record for record in self._records if record.where == "log"]
+        if not logged:
+            return
+        if self._history is None:
+            self._history = HistoryFiles.open(HistoryFiles.path_for(self.path), OS_PAGE, self.store_id, False)
+        packed = [(record, HistoryFiles.pack_record(record)) for record in logged]
+        self._history.append(packed, self._records[0].txn)
+        found = {record.txn: record for record in self._history.records()}
+        self._records = [found.get(record.txn, record) for record in self._records]
+
+    def _history_log(self):
+        """The retained undo records, oldest first (a reader: those of its snapshot, read from the
+        history files and the log under the snapshot lock; ``at=``: none)."""
+        self._check_open()
+        if not self.readonly or self.mode != "file":
+            return list(self._records)
+        limit = self.slots[F.SLOT_HISTORY]
+        if not limit:
+            return []
+        self._lock_snapshot()
+        try:
+            self._log_at = F.unpack_log_at(self.io.pread(F.HEADER_BLOCK, 0))
+            journal = self._find_log(True)
+            files = HistoryFiles.open(HistoryFiles.path_for(self.path), OS_PAGE, self.store_id, readonly=True)
+            try:
+                found = {record.txn: record for record in files.records()} if files is not None else {}
+                if journal is not None and journal.valid:
+                    for commit in journal.commits:
+                        if commit.history is not None:
+                            found[commit.txn] = self._log_record(commit, journal)
+            finally:
+                if files is not None:
+                    files.close()
+                if journal is not None:
+                    journal.close()
+        finally:
+            self.io.unlock(F.LOCK_CHECKPOINT)
+        return _kept(found, self.txn, limit)
+
+    def _history_chain(self, txn):
+        """The undo records from transaction ``txn`` to the last commit; UndoError when it cannot be undone."""
+        self._check_open()
+        if not isinstance(txn, int) or isinstance(txn, bool):
+            raise TypeError(f"a transaction id is an int, not {type(txn).__name__}")
+        limit = self._committed[2][F.SLOT_HISTORY]
+        if not limit:
+            raise UndoError(f"{self.path!r} keeps no history, so transaction {txn} cannot be undone: open it "
+                            "with history=N to keep the last N transactions undoable")
+        if not 1 <= txn <= self.txn:
+            raise UndoError(f"{self.path!r} has no transaction {txn}: its last commit is transaction {self.txn}")
+        records = self._records
+        first = records[0].txn if records else self.txn + 1
+        if txn < first:
+            oldest = f"the oldest it still holds is {first}" if records else "it holds none yet"
+            raise UndoError(f"transaction {txn} of {self.path!r} is no longer in its history (it keeps the last "
+                            f"{limit}; {oldest})")
+        return records[txn - first:]
+
+    def _restore_history(self, txn):
+        """(Writer, nothing pending) Make the pending state the committed state just before transaction
+        ``txn``: its root state, and the oldest before-image of every unit the transactions since
+        changed.  Returns the undone ids.  Commit to make it a transaction; roll back to forget it."""
+        self._check_writable()
+        self.settle()
+        chain = self._history_chain(txn)
+        unit = OS_PAGE
+        images = {}
+        for record in reversed(chain):  # newest first: the oldest image of each unit is the last written
+            for offset, source in record.images:
+                images[offset] = (record, source)
+        page_count, free_head, slots = chain[0].root
+        end = max([F.HEADER_BLOCK + page_count * self.page_size] + [offset + unit for offset in images])
+        self._remapped = False
+        if self.mode == "file" and txn <= self._layout[0] and end > self._layout[1]:
+            self._remap(end)
+        elif self.mapping.size < end:
+            self.mapping.grow(end)
+        self._forget_pages()
+        for offset, (record, source) in sorted(images.items()):
+            self.mapping.view(offset, unit)[:] = record.load(source)
+        slots = list(slots)
+        slots[F.SLOT_HISTORY] = self.slots[F.SLOT_HISTORY]
+        self.page_count, self.free_head, self.slots = page_count, free_head, slots
+        return [record.txn for record in chain]
+
+    def _remap(self, end):
+        """(Writer, nothing pending) Map the whole file, grown to ``end``, in one piece again.
+
+        A state older than this open (or than the last remap) may have objects
+        past what the open mapped in its first segment (the file was cut at a
+        close since, or lost growth to a crash), laid out by a map that had no
+        segment boundary where this one has: restored into later segments of
+        this map, such an object could cross one.  So the old segments are
+        retired (kept mapped until close: proxies and views may point into
+        them, and every proxy must die: ``_remapped`` says so), the file is
+        mapped anew like a reader's (:meth:`~._mapping.MappedFile.extend`), and
+        the committed images of the logged units are laid over it.
+        """
+        unit = max(GRANULE, self.page_size)
+        size = F.HEADER_BLOCK + -(-(end - F.HEADER_BLOCK) // unit) * unit
+        if self.io.size() < size:
+            self.io.fallocate(0, size)
+        self._forget_pages()
+        self.mapping.extend(force=True)
+        for offset, entry in self._logged.items():
+            image = self._logged_image(entry)
+            self.mapping.view(offset, len(image))[:] = image
+        self._layout = (self.txn, self.mapping.size)
+        self._remapped = True
+
+    def _past_state(self, at):
+        """(``at=``, holding the snapshot lock with the log open) ``(root, {offset: image})`` of the
+        state right after transaction ``at``; None when it is the snapshot's."""
+        if at == self.txn:
+            return None
+        if not 1 <= at <= self.txn:
+            raise UndoError(f"{self.path!r} has no transaction {at}: its last commit is transaction {self.txn}")
+        limit = self.slots[F.SLOT_HISTORY]
+        files = HistoryFiles.open(HistoryFiles.path_for(self.path), OS_PAGE, self.store_id, readonly=True)
+        try:
+            found = {record.txn: record for record in files.records()} if files is not None else {}
+            if self.journal is not None and self.journal.valid:
+                for commit in self.journal.commits:
+                    if commit.history is not None:
+                        found[commit.txn] = self._log_record(commit, self.journal)
+            kept = _kept(found, self.txn, limit) if limit else []
+            if not kept or at < kept[0].txn - 1:
+                raise UndoError(f"the state after transaction {at} of {self.path!r} is no longer in its history "
+                                f"(it keeps the last {limit} transactions; its last is {self.txn})")
+            images = {}
+            for record in reversed(kept[at + 1 - kept[0].txn:]):
+                for offset, source in record.images:
+                    images[offset] = bytes(record.load(source))
+            return kept[at + 1 - kept[0].txn].root, images
+        finally:
+            if files is not None:
+                files.close()
+
+    def _show_past(self, root, images):
+        """(``at=``) Lay the past state's images over the overlay's map and take its root state."""
+        unit = OS_PAGE
+        page_count, free_head, slots = root
+        end = max([F.HEADER_BLOCK + page_count * self.page_size] + [offset + unit for offset in images])
+        if self.mapping.size < end:
+            self.mapping.grow(end)
+        for offset, image in images.items():
+            self.mapping.view(offset, unit)[:] = image
+        self.page_count, self.free_head, self.slots = page_count, free_head, list(slots)
+        self._committed = (page_count, free_head, list(slots))
+        self.txn = self._at
 
     # -- opening -------------------------------------------------------------
     def _lock_writer(self, timeout):
@@ -579,6 +878,7 @@ class Engine:
         for offset, position in self._apply_log(pending).items():
             self._logged[offset] = [position, None]
         self.mapping.private.clear()  # the writer tracks them in _logged
+        self._read_records(self._committed[2][F.SLOT_HISTORY])  # (before the checkpoint archives them)
         if pending:
             self._try_checkpoint()  # if it cannot, the log keeps the commits (and so does the map)
         if self.journal is not None and self.main_txn == self.txn and self.journal.valid:
@@ -586,6 +886,13 @@ class Engine:
             # that no frame written before this open can follow the new ones.
             self._lock_checkpoint()  # no reader is reading it meanwhile
             try:
+                self._archive_history(self.journal)
+            except OSError:
+                if self.sync_failed:
+                    raise
+                # (the history files cannot take them now: the log keeps them, and its commits
+                # the main file holds already; the next checkpoint archives them and starts it over)
+            else:
                 self.journal.reset(self.main_txn, self._main_chain)
             finally:
                 self.io.unlock(F.LOCK_CHECKPOINT)
@@ -714,6 +1021,8 @@ class Engine:
         the log grows.
         """
         self._check_open()
+        if self._at is not None:
+            return False  # the state after a past transaction never changes
         if self.mode == "overlay":
             raise OverlayError(f"{self.path!r} is open as an overlay, which reads one snapshot of its base "
                                "for as long as it is open (its changes are made on top of that snapshot); "
@@ -736,7 +1045,8 @@ class Engine:
     @property
     def sync_failed(self):
         """Whether an fsync of the file or its log failed (then no more commits)."""
-        return self.io.sync_failed or (self.journal is not None and self.journal.io.sync_failed)
+        return self.io.sync_failed or (self.journal is not None and self.journal.io.sync_failed) or (
+            self._history is not None and self._history.sync_failed)
 
     def _check_writable(self):
         self._check_open()
@@ -828,9 +1138,9 @@ class Engine:
         self.settle()
         self._before_commit()
         if self.mode == "memory":
-            return self._commit_in_memory(acknowledge)
+            return self._commit_in_memory(acknowledge, meta, freed)
         if self.mode == "overlay":
-            return self._commit_overlay(acknowledge)
+            return self._commit_overlay(acknowledge, meta, freed)
         root = (self.page_count, self.free_head, list(self.slots))
         end = F.HEADER_BLOCK + self.page_count * self.page_size
         pages, beyond = [], []
@@ -872,17 +1182,21 @@ class Engine:
             # readers that refresh between commits have all seen the last one
             # now, so the log can start over.
             self._try_checkpoint(changing={offset for offset, _ in pages})
+        history = self._before_state([offset for offset, _ in pages], journal.unit) if self.slots[
+            F.SLOT_HISTORY] else None
         pages = self._write_fresh(pages, journal) if sync else pages
         keep = sum(len(image) for _, image in pages) <= self.checkpoint_bytes
         logged = self._logged
         undo = _Undo(self, journal, {offset: logged.get(offset) for offset, _ in pages})
         try:
-            commit = journal.append(self.txn + 1, pages, root, sync, freed, meta)
+            commit = journal.append(self.txn + 1, pages, root, sync, freed, meta, history)
             self._log_synced = sync
             for (offset, image), (_, position) in zip(pages, commit.frames):
                 logged[offset] = [position, bytes(image) if keep else None]
+            records = [] if commit.history is None else self._with_record(self._log_record(commit, journal))
             # Published in one step (no call in between, so no interrupt either).
-            self.txn, self._committed, self._unacknowledged = commit.txn, root, None if acknowledge else undo
+            self.txn, self._committed, self._records, self._unacknowledged = (
+                commit.txn, root, records, None if acknowledge else undo)
         except BaseException:
             self._undo(undo)
             raise
@@ -957,7 +1271,7 @@ class Engine:
                     logged.pop(offset, None)
                 else:
                     logged[offset] = entry
-            self.txn, self._committed = undo.txn, undo.committed
+            self.txn, self._committed, self._records = undo.txn, undo.committed, undo.records
             if undo.images is not None:  # (memory: the file itself holds the commits; a file store's
                 self.main_txn, self._current_root = undo.main_txn, undo.current_root  # commit leaves these)
             try:
@@ -990,7 +1304,7 @@ class Engine:
                 raise
             # The commits are safe in the log; a later commit checkpoints again.
 
-    def _commit_in_memory(self, acknowledge):
+    def _commit_in_memory(self, acknowledge, meta=b"", freed=()):
         """(Memory) Commit by writing the changed pages into the in-memory file itself.
 
         The file holds the committed state; the map's private pages are the
@@ -1012,6 +1326,8 @@ class Engine:
         root = (self.page_count, self.free_head, list(self.slots))
         slot = self._current_root ^ 1
         committed_end = F.HEADER_BLOCK + self._committed[0] * self.page_size
+        records = self._memory_record(sorted({unit for offset, length in ranges for unit in range(
+            offset // OS_PAGE * OS_PAGE, offset + length, OS_PAGE)}), root, meta, freed)
         undo = _Undo(self, None, {})
         undo.ranges = ranges
         undo.images = [(F.ROOT_OFFSETS[slot], io.pread(F.ROOT.size, F.ROOT_OFFSETS[slot]))] + [
@@ -1022,15 +1338,24 @@ class Engine:
                 io.pwrite(mapping.view(offset, length), offset)
             io.pwrite(F.pack_root(self.txn + 1, *root), F.ROOT_OFFSETS[slot])
             # Published in one step (no call in between, so no interrupt either).
-            self.txn, self.main_txn, self._current_root, self._committed, self._unacknowledged = (
-                self.txn + 1, self.txn + 1, slot, root, None if acknowledge else undo)
+            self.txn, self.main_txn, self._current_root, self._committed, self._records, self._unacknowledged = (
+                self.txn + 1, self.txn + 1, slot, root, records, None if acknowledge else undo)
             undo.dropping = True  # from here the map may show the file: the new bytes are all in it
             mapping.discard_changes(ranges)
         except BaseException:
             self._undo(undo)
             raise
 
-    def _commit_overlay(self, acknowledge):
+    def _memory_record(self, changed, root, meta, freed):
+        """(Memory, overlay) The retained records with the one of the commit being made (images in memory)."""
+        history = self._before_state(changed, OS_PAGE)
+        if history is None:
+            return []
+        before, size, images = history
+        return self._with_record(Record(self.txn + 1, root[2][F.SLOT_TIME], size, meta, before, images, "memory",
+                                        bytes, tuple(freed)))
+
+    def _commit_overlay(self, acknowledge, meta=b"", freed=()):
         """(Overlay) Commit by keeping a copy of every changed page as its committed image.
 
         The base is never written: a committed page stays private in the map
@@ -1046,11 +1371,13 @@ class Engine:
         self.slots[F.SLOT_TIME] = int(time.time() * 1e6)
         root = (self.page_count, self.free_head, list(self.slots))
         logged = self._logged
+        records = self._memory_record([offset for offset, _ in pages], root, meta, freed)
         undo = _Undo(self, None, {offset: logged.get(offset) for offset, _ in pages})
         try:
             for offset, image in pages:
                 logged[offset] = [None, bytes(image)]
-            self.txn, self._committed, self._unacknowledged = self.txn + 1, root, None if acknowledge else undo
+            self.txn, self._committed, self._records, self._unacknowledged = (
+                self.txn + 1, root, records, None if acknowledge else undo)
         except BaseException:
             self._undo(undo)
             raise
@@ -1140,6 +1467,7 @@ class Engine:
         self._lock_checkpoint()
         try:
             if self.main_txn >= self.txn:  # all in the main file: only shrink the log file
+                self._archive_history(journal)
                 journal.reset(self.main_txn, self._main_chain, truncate=True)
                 return self.main_txn
             target = self._oldest_reader(self.txn)
@@ -1168,6 +1496,7 @@ class Engine:
             self.io.fsync()
             self._current_root, self.main_txn, self._main_chain = slot, target, commit.chain
             if everything:
+                self._archive_history(journal)  # (fsynced) before the log that holds them starts over
                 # The logged images are in the main file now; forget them before the
                 # log starts over (its positions mean nothing afterwards).
                 logged, self._logged = self._logged, {}
@@ -1195,6 +1524,7 @@ class Engine:
             return
         self._lock_checkpoint()
         try:
+            self._archive_history(journal)
             self.journal = None
             journal.remove()
         finally:
@@ -1339,6 +1669,9 @@ class Engine:
             if self.journal is not None:
                 self.journal.close()
                 self.journal = None
+            if self._history is not None:
+                self._history.close()
+                self._history = None
             self.io.close()
 
     def __enter__(self):
@@ -1356,6 +1689,27 @@ class Engine:
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.path!r} at transaction {getattr(self, 'txn', '?')}>"
+
+
+def _kept(found, last, limit):
+    """The records of ``found`` (txn -> record) that history keeps: at most ``limit``, without a gap,
+    ending at transaction ``last``; oldest first."""
+    kept = []
+    while last in found and len(kept) < limit:
+        kept.append(found[last])
+        last -= 1
+    return kept[::-1]
+
+
+def check_history(history):
+    """Refuse a ``history`` that is not None or a number of transactions (0 and up)."""
+    if history is None:
+        return
+    if not isinstance(history, int) or isinstance(history, bool):
+        raise TypeError(f"history must be an int (how many transactions to keep undoable), not "
+                        f"{type(history).__name__}")
+    if not 0 <= history < 1 << 32:
+        raise ValueError(f"history must be from 0 (none) to {(1 << 32) - 1} transactions, not {history}")
 
 
 def _valid_page_size(size):
@@ -1404,7 +1758,7 @@ class _Undo:
     """What :meth:`Engine._undo` needs to take one commit back: the state before it."""
 
     __slots__ = ("journal", "commits", "end", "chain", "logged", "txn", "committed", "main_txn",
-                 "current_root", "images", "ranges", "dropping")
+                 "current_root", "images", "ranges", "dropping", "records")
 
     def __init__(self, engine, journal, logged):
         #: (File) the log and where it ended; None for the memory and overlay modes
@@ -1415,6 +1769,7 @@ class _Undo:
         self.logged = logged
         self.txn, self.committed = engine.txn, engine._committed
         self.main_txn, self.current_root = engine.main_txn, engine._current_root
+        self.records = engine._records  #: the undo records before the commit
         #: (Memory) ``(offset, old bytes of the file)`` to write back; the changed ``ranges``;
         #: whether the map may have dropped its private copies of them (the file has the new bytes)
         self.images, self.ranges, self.dropping = None, (), False

@@ -229,6 +229,32 @@ newer than the main file's root record are skipped (a checkpoint already
 copied them).  A torn header means the log holds nothing the main file lacks:
 the header is only rewritten after a checkpoint has been synced.
 
+Version 4 adds two frame kinds, written only by a store that keeps history
+(root slot ``SLOT_HISTORY`` > 0): before a transaction's page frames, one
+``FRAME_HISTORY`` frame (``HISTORY_ENTRY``: the root state before the
+transaction and the bytes it changed) and one ``FRAME_BEFORE`` frame per unit
+it changes that some retained state holds, with the unit's image before the
+transaction.  They are chained and checked like page frames and do not count
+in the commit frame's number of page frames.
+
+History file (``<store>-history``)
+==================================
+
+A store with ``history=`` keeps the before-images of its last transactions
+after the log is started over in the file ``<store>-history``: a checkpoint
+appends the log's history of the transactions it copied and fsyncs it before
+it resets the log (an open that finds such a log does the same).  It starts
+with ``HISTORY_HEADER`` (magic, version, unit, store id, crc32 of the first 60
+bytes); then records, each ``HISTORY_RECORD`` (magic ``PSHR``, number of
+images, transaction, its commit time in microseconds, bytes changed,
+metadata length, number of objects freed), ``COMMIT``: the root state before
+the transaction, the metadata, the images' uint64 file offsets, the uint64
+offsets of the objects the transaction freed, the images, and a crc32 of the
+record.  Records are in transaction order; the first
+record that does not check ends the file.  It is rewritten whole (under a
+temporary name, renamed) when most of its records are older than what is
+kept.  A record of a transaction newer than the store's is ignored.
+
 Locks (byte-range locks on the main file, far past its end, never data):
 ``LOCK_WRITER`` is held exclusively by the one writable open.
 ``LOCK_CHECKPOINT`` is held exclusively while a checkpoint writes the main
@@ -268,6 +294,8 @@ ROOT_SLOTS = 8
 ROOT = struct.Struct("<QQq8QI32xI")  # txn, page_count, free_head, slots[8], chain, pad, crc
 assert ROOT.size == 128
 SLOT_SCHEMA, SLOT_ROOT, SLOT_REGISTRY, SLOT_ALLOC, SLOT_HELD, SLOT_TIME = 0, 1, 2, 3, 4, 5
+#: Root slot 6: how many committed transactions the store keeps undoable (``history=``; 0: none).
+SLOT_HISTORY = 6
 
 # -- where the log is ---------------------------------------------------------
 LOG_AT = 2048
@@ -279,18 +307,33 @@ MAX_LOG_PATH = 4096 - LOG_AT - LOG_AT_RECORD.size
 WAL_SUFFIX = "-wal"
 WAL_MAGIC = b"PSTWAL\x00\x00"
 #: 2: a commit frame lists the objects freed; 3: and the transaction's metadata, after a
-#: COMMIT_TAIL (logs of versions 1 and 2 are read too)
-WAL_VERSION = 3
+#: COMMIT_TAIL; 4: history and before-image frames (logs of versions 1 to 3 are read too)
+WAL_VERSION = 4
 # magic, version, unit, salt, base txn, store id, base chain, device and inode of the main file, pad, crc
 WAL_HEADER = struct.Struct("<8sIIIQQIQQ4xI")
 assert WAL_HEADER.size == 64
 FRAME = struct.Struct("<IIQQII")  # kind, salt, txn, offset or page-frame count, length, crc
 assert FRAME.size == 32
 FRAME_PAGE, FRAME_COMMIT = 1, 2
+#: (Version 4, a store with ``history=``) a transaction's HISTORY_ENTRY, then one before-image frame
+#: per unit it changes (``offset``: the unit's file offset), both before its page frames.
+FRAME_HISTORY, FRAME_BEFORE = 5, 6
+#: The state before a transaction: page count, free-page head, root slots, then the bytes it changed.
+HISTORY_ENTRY = struct.Struct("<Qq8QQ")
 COMMIT = struct.Struct("<Qq8Q")  # page count, free-page head, root slots
 COMMIT_TAIL = struct.Struct("<II")  # (version 3) number of freed offsets, bytes of metadata
 #: The most bytes of metadata (user, description, extension) a transaction may carry.
 MAX_TXN_META = 1 << 16
+# -- the history file ``<store>-history`` (see "History file" above) ---------------------------
+HISTORY_SUFFIX = "-history"
+HISTORY_MAGIC = b"PSTHIST\x00"
+HISTORY_VERSION = 1
+HISTORY_HEADER = struct.Struct("<8sIIQ36xI")  # magic, version, unit, store id, pad, crc
+assert HISTORY_HEADER.size == 64
+#: magic, number of images, txn, its commit time (us), bytes changed, metadata length, number of
+#: freed offsets; then COMMIT (the root state before it)
+HISTORY_RECORD = struct.Struct("<4sIQQQII")
+HISTORY_RECORD_MAGIC = b"PSHR"
 LOCK_WRITER = 1 << 62
 LOCK_CHECKPOINT = LOCK_WRITER + 1
 LOCK_INTENT = LOCK_WRITER + 2
@@ -453,6 +496,12 @@ def unpack_root_chain(data):
 def pack_wal_header(unit, salt, base, store_id=0, base_chain=0, device=0, inode=0):
     """The 64-byte header of a log, with its checksum."""
     body = WAL_HEADER.pack(WAL_MAGIC, WAL_VERSION, unit, salt, base, store_id, base_chain, device, inode, 0)
+    return body[:60] + UINT32.pack(zlib.crc32(body[:60]))
+
+
+def pack_history_header(unit, store_id):
+    """The header of a history file (``HISTORY_HEADER``)."""
+    body = HISTORY_HEADER.pack(HISTORY_MAGIC, HISTORY_VERSION, unit, store_id, 0)
     return body[:60] + UINT32.pack(zlib.crc32(body[:60]))
 
 

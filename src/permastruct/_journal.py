@@ -29,9 +29,9 @@ GROW_STEP = 1 << 20
 class Commit:
     """One whole transaction found in (or appended to) the log."""
 
-    __slots__ = ("txn", "page_count", "free_head", "slots", "frames", "end", "chain", "freed", "meta")
+    __slots__ = ("txn", "page_count", "free_head", "slots", "frames", "end", "chain", "freed", "meta", "history")
 
-    def __init__(self, txn, page_count, free_head, slots, frames, end, chain, freed=(), meta=b""):
+    def __init__(self, txn, page_count, free_head, slots, frames, end, chain, freed=(), meta=b"", history=None):
         self.txn = txn
         self.page_count = page_count
         self.free_head = free_head
@@ -47,6 +47,9 @@ class Commit:
         self.freed = freed
         #: The transaction's metadata (``_format.pack_txn_meta``; empty when none was given).
         self.meta = meta
+        #: (Version 4, a store with history) ``(root before, bytes changed, [(file offset, log
+        #: position of the unit's image before the transaction)])``; None when not kept.
+        self.history = history
 
     @property
     def root(self):
@@ -177,6 +180,7 @@ class Journal:
         position = F.WAL_HEADER.size
         txn = base + 1
         frames = []
+        history, before = None, []
         # Reads start small and double: the file may be much longer than its live
         # frames (its space is reused after a reset), and readers read it often.
         read_size = _FIRST_READ
@@ -189,8 +193,10 @@ class Journal:
             kind, frame_salt, frame_txn, where, length, crc = F.FRAME.unpack(header)
             if frame_salt != salt or frame_txn != txn:
                 break
-            if kind == F.FRAME_PAGE:
+            if kind == F.FRAME_PAGE or (kind == F.FRAME_BEFORE and version > 3):
                 whole = length == unit
+            elif kind == F.FRAME_HISTORY and version > 3:
+                whole = length == F.HISTORY_ENTRY.size and history is None and not frames and not before
             else:  # a commit: its root state, and (version 2) the offsets of the objects it freed
                 whole = kind == F.FRAME_COMMIT and (length == F.COMMIT.size or (
                     version == 2 and length > F.COMMIT.size and (length - F.COMMIT.size) % 8 == 0) or (
@@ -211,6 +217,15 @@ class Journal:
                     break
                 frames.append((where, data_at))
                 continue
+            if kind == F.FRAME_HISTORY:
+                page_count, free_head, *rest = F.HISTORY_ENTRY.unpack_from(data)
+                history = ((page_count, free_head, rest[:F.ROOT_SLOTS]), rest[F.ROOT_SLOTS])
+                continue
+            if kind == F.FRAME_BEFORE:
+                if where % unit or history is None or frames:
+                    break
+                before.append((where, data_at))
+                continue
             if where != len(frames):
                 break
             page_count, free_head, *slots = F.COMMIT.unpack_from(data)
@@ -224,10 +239,12 @@ class Journal:
                     break
                 freed = memoryview(data)[F.COMMIT.size + F.COMMIT_TAIL.size:at].cast("Q").tolist()
                 meta = bytes(data[at:])
-            self.commits.append(Commit(txn, page_count, free_head, slots, frames, position, chain, freed, meta))
+            kept = None if history is None else (history[0], history[1], before)
+            self.commits.append(Commit(txn, page_count, free_head, slots, frames, position, chain, freed, meta, kept))
             self.end = position
             self.chain = chain
             frames = []
+            history, before = None, []
             txn += 1
 
     @property
@@ -250,11 +267,14 @@ class Journal:
         return latest
 
     # -- writing ---------------------------------------------------------------
-    def append(self, txn, pages, root, sync, freed=(), meta=b""):
+    def append(self, txn, pages, root, sync, freed=(), meta=b"", history=None):
         """Append transaction ``txn`` (``pages``: ``(offset, unit bytes)``) and its commit frame.
 
         ``freed``: the offsets of the objects the transaction freed; ``meta``:
-        its metadata (bytes; dropped in a log of version 1 or 2, see ``_format``).
+        its metadata (bytes; dropped in a log of version 1 or 2, see ``_format``);
+        ``history``: ``(root before, bytes changed, [(offset, unit image before)])``,
+        written as a history frame and before-image frames first (dropped in a
+        log of a version before 4: the commit then keeps no history).
 
         Frames go out in a few large writes; with ``sync`` the log is synced
         before this returns.  Returns the :class:`Commit`.  The space is
@@ -270,6 +290,17 @@ class Journal:
         pack = F.FRAME.pack
         frames = []
         position = self.end
+        if self.version < 4:
+            history = None
+        extra, before = [], []
+        if history is not None:
+            (before_count, before_head, before_slots), size, images = history
+            extra.append((F.FRAME_HISTORY, 0, F.HISTORY_ENTRY.pack(before_count, before_head, *before_slots, size)))
+            position += F.FRAME.size + F.HISTORY_ENTRY.size
+            for offset, image in images:
+                extra.append((F.FRAME_BEFORE, offset, image))
+                before.append((offset, position + F.FRAME.size))
+                position += F.FRAME.size + unit
         for offset, _ in pages:
             frames.append((offset, position + F.FRAME.size))
             position += F.FRAME.size + unit
@@ -290,13 +321,13 @@ class Journal:
         batch = []
         batch_bytes = 0
         write_at = self.end
-        for offset, data in pages:
-            header = pack(F.FRAME_PAGE, salt, txn, offset, unit, 0)[:28]
+        for kind, offset, data in extra + [(F.FRAME_PAGE, offset, data) for offset, data in pages]:
+            header = pack(kind, salt, txn, offset, len(data), 0)[:28]
             chain = _frame_crc(header, data, chain)
             batch.append(header)
             batch.append(F.UINT32.pack(chain))
             batch.append(data)
-            batch_bytes += F.FRAME.size + unit
+            batch_bytes += F.FRAME.size + len(data)
             if batch_bytes >= _CHUNK:
                 data = b"".join(batch)
                 self.io.pwrite(data, write_at)
@@ -318,7 +349,8 @@ class Journal:
             raise
         if sync:
             self.io.fsync()
-        commit = Commit(txn, page_count, free_head, list(slots), frames, position, chain, tuple(freed), meta)
+        kept = None if history is None else (history[0], history[1], before)
+        commit = Commit(txn, page_count, free_head, list(slots), frames, position, chain, tuple(freed), meta, kept)
         self.commits.append(commit)  # the caller's undo (Engine) truncates it again
         self.end, self.chain, self.file_size = position, chain, max(self.file_size, padded)
         return commit

@@ -676,8 +676,9 @@ class MappedFile:
         segment = self.segment_of(offset)
         return segment.view[offset - segment.start:offset - segment.start + length]
 
-    def extend(self):
-        """(Readers) Map the whole file again when it has grown; return whether it had.
+    def extend(self, force=False):
+        """(Readers) Map the whole file again when it has grown (``force``: in any case); return
+        whether it was mapped again.
 
         A reader cannot map only the new part, as the writer does: a later
         writer maps the file in one piece and may put an object across the
@@ -687,7 +688,7 @@ class MappedFile:
         private page images (after drop_private).
         """
         physical = self._round_down(self.io.size())
-        if physical <= self.size:
+        if physical <= self.size and not force:
             return False
         retired = self._retired + self.segments
         self.segments, self._starts, self.size, self._hot, self._retired = [], [], 0, None, retired

@@ -28,6 +28,7 @@ __all__ = [
     "ConcurrentUseError",
     "OverlayError",
     "LoadError",
+    "UndoError",
 ]
 
 
@@ -115,3 +116,9 @@ class LoadError(PermastructError, ValueError):
     """A JSON document that ``load`` cannot rebuild a store from (not a permastruct dump, or a
     part of it that is missing, of the wrong kind, or refers to what the document lacks); the
     message names the part.  No store is left behind."""
+
+
+class UndoError(PermastructError, ValueError):
+    """``undo(id)`` or ``at=id`` that the store's history cannot serve: an unknown id, one the history
+    no longer keeps (or never kept: ``history=0``), changes pending, or a transaction in between
+    that changed the stored schema; the message says which.  Nothing was changed."""

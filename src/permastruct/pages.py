@@ -285,10 +285,10 @@ class PageFile(Engine):
     """
 
     def __init__(self, path, pageSize=F.DEFAULT_PAGE_SIZE, *, readonly=False, sync=True,
-                 initial_size=None, timeout=0, overlay=False):
+                 initial_size=None, timeout=0, overlay=False, history=None, at=None):
         self.buffer_manager = BufferManager(self)
         super().__init__(path, pageSize, readonly=readonly, sync=sync, initial_size=initial_size,
-                         timeout=timeout, overlay=overlay)
+                         timeout=timeout, overlay=overlay, history=history, at=at)
 
     def flush(self):
         """Commit: hand every dirty page to the log with the new root state (see ``Engine.commit``)."""

@@ -27,11 +27,11 @@ from typing import Any, Callable, TypeVar
 from . import _format as F
 from . import _types as T
 from ._alloc import Allocator
-from ._commit import check_page_size, check_timeout
+from ._commit import check_history, check_page_size, check_timeout
 from ._heap import Heap
 from ._schema import Schema
 from .errors import (CorruptStorageError, ForkedProcessError, IncompleteChangeError, NotAStorageError,
-                     PermastructError, ReadOnlyError, SchemaError, StorageClosedError)
+                     PermastructError, ReadOnlyError, SchemaError, StorageClosedError, UndoError)
 from .pages import PageFile
 from .strings import StringRegistry, create_registry
 from .structure import Structure, StructureMeta
@@ -49,15 +49,18 @@ class Storage:
     """A persistent object store in one memory-mapped file.
 
     ``Storage(fileName, fileSize=None, stringRegistrySize=None, *, readonly=False,
-    sync=True, pageSize=4096, timeout=0, overlay=False)``.  ``fileName=None``
-    makes an in-memory store that nothing outlives; ``overlay=True`` keeps the
-    changes in memory on top of the file, which is never written.  See
-    ``docs/tutorial.rst`` and ``docs/modes.rst``.
+    sync=True, pageSize=4096, timeout=0, overlay=False, history=None, at=None)``.
+    ``fileName=None`` makes an in-memory store that nothing outlives;
+    ``overlay=True`` keeps the changes in memory on top of the file, which is
+    never written; ``history=N`` keeps the last N transactions undoable
+    (:meth:`undo`); ``readonly=True, at=id`` shows the state right after
+    transaction ``id``.  See ``docs/tutorial.rst`` and ``docs/modes.rst``.
     """
 
     def __init__(self, fileName: "str | os.PathLike[str] | None", fileSize: "int | None" = None,
                  stringRegistrySize: "int | None" = None, *, readonly: bool = False, sync: bool = True,
-                 pageSize: int = F.DEFAULT_PAGE_SIZE, timeout: "float | None" = 0, overlay: bool = False) -> None:
+                 pageSize: int = F.DEFAULT_PAGE_SIZE, timeout: "float | None" = 0, overlay: bool = False,
+                 history: "int | None" = None, at: "int | None" = None) -> None:
         self._closed = True
         self._forked = False
         self._block = None  # the outermost with p.transaction() block open (see _Block)
@@ -71,6 +74,13 @@ class Storage:
         check_timeout(timeout)
         if not isinstance(overlay, bool):
             raise TypeError(f"overlay must be True or False, not {type(overlay).__name__}")
+        check_history(history)
+        if at is not None and (not readonly or overlay or fileName is None):
+            raise ValueError("at=id opens the past state of a store file read-only: pass its path and "
+                             "readonly=True (to return a writable store to a past state, use undo(id))")
+        if history is not None and readonly:
+            raise ValueError("history= is a setting of the store, which a read-only open cannot change: "
+                             "open it writable to change it")
         if fileName is None:
             if overlay:
                 raise ValueError("overlay=True needs the path of a base store (None makes an in-memory store)")
@@ -90,7 +100,7 @@ class Storage:
         self.sync = sync and not overlay  # (an overlay's commits stay in memory: nothing to sync)
         size = max(fileSize or DEFAULT_FILE_SIZE, F.HEADER_BLOCK + pageSize)
         self._page_file = PageFile(self.fileName, pageSize, readonly=self.readonly, sync=sync,
-                                   initial_size=size, timeout=timeout, overlay=overlay)
+                                   initial_size=size, timeout=timeout, overlay=overlay, history=history, at=at)
         created = self._page_file.created
         if not created and self._page_file.txn == 1:
             # Created but never committed (a crash while creating it): nothing to lose.
@@ -110,6 +120,9 @@ class Storage:
                 self._create(stringRegistrySize or DEFAULT_REGISTRY_SIZE)
             else:
                 self._load()
+                pf = self._page_file
+                if not self.readonly and pf.slots[F.SLOT_HISTORY] != pf._committed[2][F.SLOT_HISTORY]:
+                    self._commit()  # a new history= setting: kept in the file
         except BaseException:
             self._closed = True
             if self._page_file.created:
@@ -300,6 +313,104 @@ class Storage:
         self._check_open()
         return self._page_file.txn
 
+    # -- history (docs/modes.rst) --------------------------------------------------------
+    def undo_log(self, first: int = 0, last: int = -20) -> "list[dict[str, Any]]":
+        """The transactions that :meth:`undo` can take back, newest first, as ZODB's ``undoLog``.
+
+        ``first`` is the index of the first one returned (0: the latest
+        commit); ``last``, when not negative, the index past the last one,
+        and when negative, minus the most to return (the default: 20).  Each
+        is a dict with ``id``, ``time`` (epoch seconds), ``user_name``,
+        ``description`` (strings, "" when not given), ``extension`` (a dict)
+        and ``size`` (bytes the transaction changed, in whole pages).  Empty
+        without ``history=``.  A read-only open lists those of its snapshot
+        (read from the history files and the log), one opened with ``at=`` none.
+        """
+        self._check_open()
+        for name, value in (("first", first), ("last", last)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if first < 0:
+            raise ValueError(f"first must not be negative, not {first}")
+        if last < 0:
+            last = first - last
+        records = self._page_file._history_log()[::-1]
+        result = []
+        for record in records[first:last]:
+            description, user, extension = F.unpack_txn_meta(record.meta)
+            result.append({"id": record.txn, "time": record.time / 1e6, "user_name": user or "",
+                           "description": description or "", "extension": extension, "size": record.size})
+        return result
+
+    def undo(self, id: int, description: "str | None" = None, *, user: "str | None" = None,
+             extension: "dict[str, Any] | None" = None) -> "list[int]":
+        """Return the store to its state just before transaction ``id``, as one new transaction.
+
+        Transaction ``id`` and every later one are undone (pages are the unit
+        of history: one transaction cannot be taken out alone); the undo is a
+        commit of its own, kept in the history too, so it can be undone.
+        Returns the ids undone, oldest first.  ``UndoError`` (nothing changed)
+        when ``id`` is unknown or no longer kept, without ``history=``, while
+        changes are pending, or when a transaction in between changed the
+        stored schema.  Proxies of objects that do not exist in the restored
+        state die, as after a rollback (every proxy dies when the restored
+        state is larger than what this open first mapped of the file and
+        older than it: the file was cut at a close since, and is mapped anew;
+        views of buffers taken before then no longer show the store).  They
+        die before the undo's commit, so an interrupt cannot leave them alive
+        after it; an undo that fails leaves them dead (using one raises).
+        ``description``, ``user`` and
+        ``extension`` are the new transaction's metadata (the description
+        defaults to ``"undo <id>"``).  Costs two walks over every object and
+        a commit of every page that differs.
+        """
+        self._check_writable()
+        meta = F.pack_txn_meta(f"undo {id}" if description is None else description, user, extension)
+        self._check_whole()
+        pf, heap = self._page_file, self._heap
+        pf.settle()
+        if heap.created or heap.created_many or heap.freed or pf.uncommitted() or (
+                (pf.page_count, pf.free_head, pf.slots) != tuple(pf._committed)):
+            raise UndoError(f"{self!r} has uncommitted changes: commit() or rollback() them before undo({id})")
+        chain = pf._history_chain(id)
+        roots = [record.root for record in chain] + [pf._committed]
+        for record, before, after in zip(chain, roots, roots[1:]):
+            if before[2][F.SLOT_SCHEMA] != after[2][F.SLOT_SCHEMA]:
+                raise UndoError(f"{self!r}: transaction {record.txn} changed the stored schema (an open that "
+                                f"added types or fields, or a schema change), so undo({id}) would leave the "
+                                "classes out of step with the store; undo only later transactions")
+        heap._changing = T._get_ident()
+        try:
+            live = {offset: type_id for offset, _, type_id in heap.walk()}
+            undone = pf._restore_history(id)
+            heap.allocator.release()
+            heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
+            kept = {offset: type_id for offset, _, type_id in heap.walk()}
+            # Gone: what the restored state lacks, and what was made since where an undone
+            # transaction freed an object (the restored state has that one there).
+            reused = {offset for record in chain for offset in record.freed}
+            freed = sorted(offset for offset, type_id in live.items() if kept.get(offset) != type_id or offset in reused)
+            # The restored state is in the map: its proxies and caches are put right before the commit,
+            # so that nothing can come between the commit and them (a commit that fails leaves these
+            # proxies dead: their objects are back, but a dead proxy only ever raises).
+            for offset in list(heap.proxies) if pf._remapped else freed:
+                heap.kill_proxy(offset, rolled_back=True)
+            heap.views.clear()
+            heap.unreferenced = set(heap.held_objects())
+            self._root = None
+            pf.commit(freed=freed, meta=meta)
+        except BaseException:
+            heap._changing = 0
+            if pf._remapped:  # (every proxy points into the old map)
+                for offset in list(heap.proxies):
+                    heap.kill_proxy(offset, rolled_back=True)
+            self.rollback()
+            heap.allocator.release()
+            heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
+            raise
+        heap._changing = 0
+        return undone
+
     def _check_whole(self):
         """Refuse to commit while a change is running in another thread or was cut short here."""
         changing = self._heap._changing
@@ -484,6 +595,7 @@ class Storage:
         from ._check import check_storage
         summary = check_storage(self, progress)
         summary.update(self._page_file.check_files())
+        summary["history"] = len(self._page_file._history_log())  # (transactions undo() can reach)
         return summary
 
     def objects(self, cls=None):
