@@ -404,3 +404,43 @@ def test_backup_of_an_overlay_holds_its_last_commit_over_the_base(tmp_path, base
         copy.check()
     if base_keeps_a_log:
         writer.close()
+
+
+@pytest.mark.parametrize("page_size", [4096, 1024])
+def test_a_compact_copy_is_at_most_the_live_bytes_plus_one_page_per_size_class(tmp_path, page_size):
+    """The live bytes of the copy: each object in its slot at the density of its size class's slabs
+    (a slab page of size class k holds ``slots_per_page(k)`` of them), each page run whole, and the
+    allocator's page.  The copy's file holds no more than that plus one page for each size class
+    it uses (the last, partly filled slab) and the header block: no free page, no growth room."""
+    from permastruct._mapping import GRANULE
+    path = str(tmp_path / "shop.ps")
+    with Shop(path, pageSize=page_size) as p:
+        p.root.items = [p.schema.Item(name=f"item {i}" + "x" * (i % 90), price=i) for i in range(20000)]
+        p.root.blob = os.urandom(100000)
+        p.commit()
+        del p.root.items[::3]  # freed all over the file
+        p.root.items.extend(p.schema.Item(name=f"late {i}", price=-i) for i in range(2000))
+        p.commit()
+        expected = state(p)
+        result = p.backup(tmp_path / "small.ps", compact=True)
+        full = p.backup(tmp_path / "full.ps")
+    with Shop(result["path"], readonly=True) as c:
+        c.check()
+        assert state(c) == expected
+        heap, pf = c._heap, c._page_file
+        alloc = heap.allocator
+        per_class, run_pages = {}, 0
+        for _, capacity, _ in heap.walk():
+            if capacity <= alloc.max_small:
+                index = alloc.classes.index(capacity)
+                per_class[index] = per_class.get(index, 0) + 1
+            else:
+                run_pages += (F.RUN_OBJECT + capacity) // pf.page_size
+        live_bytes = page_size * (sum(n / alloc.slots_per_page(k) for k, n in per_class.items()) + run_pages + 1)
+        assert pf.free_page_count() == 0 and not alloc.free_runs()
+        assert len(per_class) >= 3
+        bound = live_bytes + len(per_class) * page_size
+        assert pf.page_count * page_size <= bound
+        unit = max(GRANULE, page_size)
+        assert result["bytes"] == os.path.getsize(result["path"]) <= F.HEADER_BLOCK + -(-bound // unit) * unit
+    assert result["bytes"] < full["bytes"] * 0.8

@@ -1494,11 +1494,13 @@ def _limits():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_cases(bases, cases, folder, batch=BATCH, case_timeout=CASE_TIMEOUT, sabotage=()):
+def run_cases(bases, cases, folder, batch=BATCH, case_timeout=CASE_TIMEOUT, sabotage=(), worker_mode="worker"):
     """Run ``cases`` (``(case id, base index, seed)``) in subprocesses; ``(results, failures)``.
 
     A subprocess that dies or hangs is reported against the case it had
     started, and the remaining cases continue in a new subprocess.
+    ``worker_mode``: ``"worker"`` (damaged files) or ``"loadworker"`` (hostile
+    JSON for ``load``, :func:`load_worker`).
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC_DIR + os.pathsep + env.get("PYTHONPATH", "")
@@ -1518,7 +1520,7 @@ def run_cases(bases, cases, folder, batch=BATCH, case_timeout=CASE_TIMEOUT, sabo
             json.dump({"bases": bases, "cases": chunk, "folder": work, "progress": progress_path,
                        "sabotage": list(sabotage)}, f)
         with open(stderr_path, "wb") as stderr:
-            proc = subprocess.Popen([sys.executable, THIS_FILE, "worker", job_path], env=env, cwd=work,
+            proc = subprocess.Popen([sys.executable, THIS_FILE, worker_mode, job_path], env=env, cwd=work,
                                     stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                                     preexec_fn=_limits, start_new_session=True)
             started_case, started_at, hung = None, time.monotonic(), False
@@ -1668,6 +1670,32 @@ def test_fuzz_hostile_files(fuzz_bases, stress_seed, stress_iterations, tmp_path
         names = sorted({known_pending(f) for f in failures.values()})
         pytest.xfail(f"{len(failures)} case(s) need fixes outside this test's files: "
                      + "; ".join(f"{name}: {KNOWN_PENDING[name][0]}" for name in names))
+
+
+def test_fuzz_load_with_hostile_json(stress_seed, stress_iterations, tmp_path):
+    """Issue 14: ``load`` of a mutated or hostile JSON document (wrong types, huge numbers, missing
+    keys, dangling ids, deep nesting, references to objects of the wrong type and cycles, bad
+    base64, bad buffer shapes, damaged text) makes a store that passes check() or raises a
+    PermastructError (LoadError naming the part), never anything else, a crash or a hang, and
+    leaves no store and no temporary file behind."""
+    document = build_load_document(str(tmp_path))
+    bases = [{"path": document, "label": "dump --json of a small FuzzStorage store"}]
+    cases = make_cases(stress_seed, stress_iterations, 1)
+    started = time.monotonic()
+    results, failures = run_cases(bases, cases, str(tmp_path), worker_mode="loadworker")
+    elapsed = time.monotonic() - started
+    _report(stress_seed, bases, cases, results, failures, elapsed)
+    assert len(results) == len(cases)
+    assert any("loaded" in line for r in results.values() for line in r.get("outcomes", ())), \
+        "no mutated document loaded at all: the mutations are all caught at the door"
+    if failures:
+        shown = []
+        for case_id, failure in list(failures.items())[:8]:
+            seed, index = case_id.split(":")
+            shown.append(_describe_failure(case_id, failure, bases, cases).replace(
+                f"tests/test_fuzz.py replay {seed} {index}", f"tests/test_fuzz.py loadreplay {seed} {index}"))
+        pytest.fail(f"{len(failures)} of {len(cases)} hostile documents failed:\n" + "\n".join(shown),
+                    pytrace=False)
 
 
 def _only_permastruct_errors(path, folder):
@@ -1950,6 +1978,315 @@ def test_schema_text_that_json_cannot_turn_into_types(tmp_path, text):
 
 
 # =====================================================================================
+# Hostile JSON for load
+# =====================================================================================
+#
+# ``load`` (``python -m permastruct load JSON NEWFILE``, ``_dump.load_json``) rebuilds a store
+# from the JSON form.  The base document is the ``dump --json`` of a small FuzzStorage store
+# (every kind of type, inheritance, shared objects, interned strings, NaN, buffers with a
+# shape, an empty buffer); each case applies one to three mutations (:data:`LOAD_MUTATIONS`)
+# to it, or to its text, and loads it through the command line's ``load``.  The outcome
+# must be a store that opens and passes ``check()``, or a ``PermastructError`` (``LoadError``
+# names the part of the document); nothing else may escape, the process must not die or
+# hang, and after an error nothing may be left: no file at the target, no temporary one.
+
+#: Values that are of the wrong kind almost anywhere in a document.
+HOSTILE_VALUES = (None, True, 0, -1, 1 << 64, -(1 << 63) - 1, 10 ** 400, 1e308, 0.5, "", "x", "NaN",
+                  "Infinity", [], [[]], {}, {"ref": None}, {"ref": 1 << 70}, {"ref": -1}, {"ref": "1"},
+                  {"ref": 1.5}, {"id": 1}, "\ud800", "A" * 5000)
+
+#: Stands for a deeply nested value in a document; its text replaces it after json.dumps.
+_DEEP = "@@deep@@"
+
+
+def build_load_document(folder):
+    """The base document: ``dump --json`` of a small store of every kind; returns its path."""
+    from permastruct import _dump
+    path = os.path.join(folder, "load-base.ps")
+    p = build_base(path, 4096, scale=0.02)
+    try:
+        p.root.scalars.f = float("nan")
+        p.root.scalars.f64 = float("-inf")
+        p.root.typed = array("i")  # an empty buffer
+        p.commit()
+        document = _dump.dump_json(p)
+    finally:
+        p.close()
+    doc_path = os.path.join(folder, "load-base.json")
+    with open(doc_path, "w") as f:
+        json.dump(document, f)
+    return doc_path
+
+
+def _nodes(document):
+    """``(container, key)`` of every value inside ``document`` (lists and dicts), without recursion."""
+    found, work = [], [document]
+    while work:
+        node = work.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            found.append((node, key))
+            if isinstance(value, (dict, list)):
+                work.append(value)
+    return found
+
+
+def _objects_of(document, *keys):
+    objects = document.get("objects") if isinstance(document, dict) else None
+    if not isinstance(objects, list):
+        return []
+    return [o for o in objects if isinstance(o, dict) and all(k in o for k in keys)]
+
+
+def j_wrong_type(doc, rng, notes):
+    node, key = rng.choice(_nodes(doc))
+    value = rng.choice(HOSTILE_VALUES)
+    node[key] = value
+    notes.append(f"wrong type: [{key!r}] = {str(value)[:40]}")
+
+
+def j_drop_key(doc, rng, notes):
+    dicts = [node for node, _ in _nodes(doc) if isinstance(node, dict) and node] + [doc]
+    node = rng.choice(dicts)
+    key = rng.choice(sorted(node))
+    del node[key]
+    notes.append(f"missing key {key!r}")
+
+
+def j_dangling(doc, rng, notes):
+    refs = [node for node, key in _nodes(doc) if isinstance(node, dict) and key == "ref"]
+    if not refs:
+        return j_wrong_type(doc, rng, notes)
+    node = rng.choice(refs)
+    count = len(doc.get("objects", ())) if isinstance(doc.get("objects"), list) else 0
+    node["ref"] = rng.choice((count + 1, count + 1000, 0, -5, 1 << 63, "2", None, 2.0))
+    notes.append(f"dangling id: ref {node['ref']!r}")
+
+
+def j_huge_number(doc, rng, notes):
+    numbers = [(node, key) for node, key in _nodes(doc)
+               if isinstance(node[key], (int, float)) and not isinstance(node[key], bool)]
+    if not numbers:
+        return j_wrong_type(doc, rng, notes)
+    node, key = rng.choice(numbers)
+    node[key] = rng.choice((1 << 64, (1 << 64) - 1, -(1 << 63) - 1, 10 ** 400, -10 ** 400, 1e308, -1e308,
+                            1 << 2000, -1, 256, 65536, 3.5))
+    notes.append(f"huge number: [{key!r}] = {str(node[key])[:40]}")
+
+
+def j_deep(doc, rng, notes):
+    node, key = rng.choice(_nodes(doc))
+    node[key] = _DEEP
+    notes.append("a value nested 100000 deep")
+
+
+def j_wrong_cycle(doc, rng, notes):
+    """A reference to an object of another type, or to the object that holds it (a cycle)."""
+    objects = _objects_of(doc, "id", "type")
+    holders = [o for o in objects if isinstance(o.get("fields"), dict) or isinstance(o.get("items"), list)]
+    if not holders or not objects:
+        return j_wrong_type(doc, rng, notes)
+    holder = rng.choice(holders)
+    target = rng.choice((holder, rng.choice(objects)))
+    ref = {"ref": target["id"]}
+    if isinstance(holder.get("fields"), dict) and holder["fields"]:
+        field = rng.choice(sorted(holder["fields"]))
+        holder["fields"][field] = ref
+        notes.append(f"object {holder['id']} field {field!r} -> object {target['id']} ({target['type']!r})")
+    elif holder.get("items"):
+        index = rng.randrange(len(holder["items"]))
+        item = holder["items"][index]
+        if isinstance(item, list) and item:
+            item[rng.randrange(len(item))] = ref
+        else:
+            holder["items"][index] = ref
+        notes.append(f"object {holder['id']} item {index} -> object {target['id']} ({target['type']!r})")
+    else:
+        holder.setdefault("items", []).append(ref)
+        notes.append(f"object {holder['id']} holds itself")
+
+
+def j_base64(doc, rng, notes):
+    objects = _objects_of(doc, "base64")
+    if not objects:
+        return j_wrong_type(doc, rng, notes)
+    target = rng.choice(objects)
+    target["base64"] = rng.choice(("!!!!", "abc", "a===", "QUJD\n", 12, None, ["QUJD"], "\u00e9\u00e9\u00e9\u00e9",
+                                   "A" * 4001, ""))
+    notes.append(f"object {target.get('id')}: base64 {str(target['base64'])[:20]!r}")
+
+
+def j_buffer(doc, rng, notes):
+    objects = _objects_of(doc, "shape")
+    if not objects:
+        return j_wrong_type(doc, rng, notes)
+    target = rng.choice(objects)
+    key = rng.choice(("shape", "itemsize", "format"))
+    target[key] = rng.choice({
+        "shape": ([-1], [1 << 40, 1 << 40], [1 << 64], "x", [1] * 70, [0], [], [2.5], [None], [3, 3]),
+        "itemsize": (0, -1, 3, 1 << 40, "4", None, 2.0),
+        "format": ("Z", "", "i" * 300, 5, None, "\u00e9", "<" * 1000, "0i", "(3)i", "T{i:x:}")}[key])
+    notes.append(f"buffer {target.get('id')}: {key} = {str(target[key])[:30]}")
+
+
+def j_schema(doc, rng, notes):
+    schema = doc.get("schema")
+    if not isinstance(schema, list) or not schema:
+        return j_wrong_type(doc, rng, notes)
+    entry = rng.choice(schema)
+    if not isinstance(entry, dict):
+        return j_wrong_type(doc, rng, notes)
+    names = [e.get("name") for e in schema if isinstance(e, dict)]
+    key = rng.choice(("name", "kind", "base", "fields", "params"))
+    entry[key] = rng.choice({
+        "name": ("class", "_ps_x", "", "1x", rng.choice(names), "Int", "a b", None, "x" * 5000, "__init__"),
+        "kind": ("structure", "list", "dict", "tuple", None, 3),
+        "base": ("Nothing", entry.get("name"), "Int", "List", None, rng.choice(names)),
+        "fields": ([["x", "Nothing"]], [["class", "Int"]], [["x", "Int"], ["x", "Int"]], [["x"]], [[1, "Int"]],
+                   [["_ps_oid", "Int"]], [["x", entry.get("name")]], "x", [None]),
+        "params": ([], ["Int", "Int", "Int"], ["Nothing"], [entry.get("name")], ["Buffer"], None, [["Int"]])}[key])
+    notes.append(f"schema {entry.get('name')!r}: {key} = {str(entry[key])[:40]}")
+
+
+def j_top(doc, rng, notes):
+    key = rng.choice(("format", "version", "root", "interned", "objects", "schema"))
+    doc[key] = rng.choice({
+        "format": ("sqlite", None, 1), "version": (0, 2, "1", None, 1 << 64),
+        "root": ("1", 1 << 40, -1, 0, None, {"ref": 1}, 2.5),
+        "interned": ([1 << 40], "x", [None], [1, 1], [-1], {}),
+        "objects": ({}, [None], [[]], [{}], "x"), "schema": ({}, [None], "x", [[]])}[key])
+    notes.append(f"top level: {key} = {str(doc[key])[:40]}")
+
+
+def j_duplicate_id(doc, rng, notes):
+    objects = _objects_of(doc, "id")
+    if len(objects) < 2:
+        return j_wrong_type(doc, rng, notes)
+    a, b = rng.sample(objects, 2)
+    a["id"] = b["id"]
+    notes.append(f"two objects with id {b['id']}")
+
+
+def j_swap_kinds(doc, rng, notes):
+    """An object given the type of another kind (its fields or items stay)."""
+    objects = _objects_of(doc, "id", "type")
+    if len(objects) < 2:
+        return j_wrong_type(doc, rng, notes)
+    a, b = rng.sample(objects, 2)
+    a["type"] = b["type"]
+    notes.append(f"object {a['id']} given type {b['type']!r}")
+
+
+LOAD_MUTATIONS = [j_wrong_type, j_drop_key, j_dangling, j_huge_number, j_deep, j_wrong_cycle, j_base64,
+                  j_buffer, j_schema, j_top, j_duplicate_id, j_swap_kinds]
+
+
+def mutate_document(text, seed):
+    """``(bytes of a hostile document, notes)``: the base document's text, mutated by ``seed``."""
+    rng = random.Random(seed)
+    notes = []
+    if rng.random() < 0.1:  # damage the text itself
+        data = text.encode()
+        how = rng.choice(("truncated", "bad utf-8", "garbage", "deep text"))
+        if how == "truncated":
+            data = data[:rng.randrange(len(data))]
+        elif how == "bad utf-8":
+            at = rng.randrange(len(data))
+            data = data[:at] + b"\xff\xfe\xc0" + data[at:]
+        elif how == "garbage":
+            at = rng.randrange(len(data))
+            data = data[:at] + bytes(rng.randrange(256) for _ in range(8)) + data[at + 8:]
+        else:
+            data = b"[" * 200000 + b"]" * 200000
+        return data, [f"text: {how}"]
+    doc = json.loads(text)
+    for _ in range(rng.randint(1, 3)):
+        rng.choice(LOAD_MUTATIONS)(doc, rng, notes)
+    out = json.dumps(doc)
+    if _DEEP in out:
+        depth = 100000
+        nested = rng.choice(("[" * depth + "]" * depth, '{"ref": ' * depth + "1" + "}" * depth))
+        out = out.replace(json.dumps(_DEEP), nested, 1).replace(json.dumps(_DEEP), "null")
+    return out.encode("utf-8", "surrogatepass"), notes
+
+
+def run_load_case(text, seed, folder, reraise=False):
+    """Load the mutated document of ``seed``; a dict describing the result (see above)."""
+    from permastruct import cli
+    data, notes = mutate_document(text, seed)
+    source = os.path.join(folder, "case.json")
+    target = os.path.join(folder, "case.ps")
+    for leftover in os.listdir(folder):  # (what an earlier failing case left)
+        os.unlink(os.path.join(folder, leftover))
+    with open(source, "wb") as f:
+        f.write(data)
+    try:
+        cli.load(source, target, out=lambda *args: None)
+    except PermastructError as exc:
+        if reraise:
+            raise
+        left = sorted(name for name in os.listdir(folder) if name != "case.json")
+        if left:
+            return {"failure": f"{type(exc).__name__} left files behind: {left}", "notes": notes}
+        return {"outcomes": [f"load: {type(exc).__name__}"], "notes": notes}
+    except BaseException as exc:  # the point of the test: nothing but PermastructError may escape
+        if isinstance(exc, KeyboardInterrupt) or reraise:
+            raise
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-6:]))
+        return {"failure": f"load: {type(exc).__name__}: {str(exc)[:300]}", "where": where,
+                "exc_type": type(exc).__name__, "notes": notes,
+                "frames": [(os.path.basename(f.filename), f.name) for f in frames]}
+    try:  # loaded: a whole store
+        with Storage(target, readonly=True) as p:
+            p.check()
+    except BaseException as exc:
+        if reraise:
+            raise
+        return {"failure": f"the loaded store: {type(exc).__name__}: {str(exc)[:300]}", "notes": notes}
+    os.unlink(target)
+    return {"outcomes": ["load: loaded"], "notes": notes}
+
+
+def load_worker(job_path):
+    """The subprocess of the load fuzzer: run the cases of a job file (as :func:`worker`)."""
+    faulthandler.enable()
+    with open(job_path) as f:
+        job = json.load(f)
+    with open(job["bases"][0]["path"]) as f:
+        text = f.read()
+    folder = os.path.join(job["folder"], "load")  # (holds the case's files only)
+    os.makedirs(folder, exist_ok=True)
+    import resource
+    with open(job["progress"], "a", buffering=1) as progress:
+        for case_id, _, seed in job["cases"]:
+            progress.write(json.dumps({"start": case_id}) + "\n")
+            progress.flush()
+            peak = _peak_rss(resource)
+            result = run_load_case(text, seed, folder)
+            grown = _peak_rss(resource) - peak
+            if grown > HUGE_ALLOCATION and "failure" not in result:
+                result["failure"] = f"huge allocation: the peak resident memory grew by {grown >> 20} MiB"
+            result["end"] = case_id
+            progress.write(json.dumps(result) + "\n")
+            progress.flush()
+
+
+def load_replay(seed, index, folder=None):
+    """Build the base document, mutate case ``index`` of ``seed`` and load it here, with its traceback."""
+    folder = folder or tempfile.mkdtemp(prefix="permastruct-loadfuzz-")
+    with open(build_load_document(folder)) as f:
+        text = f.read()
+    case_id, _, cseed = make_cases(seed, 1, 1, first=index)[0]
+    work = os.path.join(folder, "replay")
+    os.makedirs(work, exist_ok=True)
+    print(f"case {case_id}: " + "; ".join(mutate_document(text, cseed)[1]))
+    result = run_load_case(text, cseed, work, reraise=True)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+# =====================================================================================
 # The command line of the subprocess and of replays
 # =====================================================================================
 def replay(seed, index, folder=None):
@@ -1976,6 +2313,10 @@ def replay(seed, index, folder=None):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         worker(sys.argv[2])
+    elif sys.argv[1:2] == ["loadworker"]:
+        load_worker(sys.argv[2])
+    elif sys.argv[1:2] == ["loadreplay"]:
+        load_replay(int(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1:2] == ["replay"]:
         replay(int(sys.argv[2]), int(sys.argv[3]))
     else:

@@ -12,6 +12,7 @@ import pytest
 
 import permastruct
 from permastruct import Dict, List, SortedDict, Storage
+from permastruct import _format as F
 from permastruct.errors import DeadProxyError, ReadOnlyError, StorageClosedError
 
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(permastruct.__file__)))
@@ -295,15 +296,14 @@ def test_pack_interrupted_is_rolled_back(path, monkeypatch):
         p.check()
 
 
-def test_pack_crash_leaves_the_last_commit(tmp_path):
-    """A process killed at moments of a pack and of the close after it (which cuts the file's free
-    end) reopens at the commit before the pack or after it."""
-    path = str(tmp_path / "crash.ps")
-    script = textwrap.dedent(f"""
-        import os, random, sys
+def _killed_at_operation_n(body):
+    """A script that runs ``body`` (text) and exits with status 86 just before file operation N
+    (its first argument) once ``body`` sets ``FileIO.hook = hook``."""
+    return textwrap.dedent(f"""
+        import os, sys
         sys.path.insert(0, {SRC_DIR!r})
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_pack import Tree, make_tree
+        from test_pack import Records, Tree, make_tree
         from permastruct._mapping import FileIO
         n = int(sys.argv[1])
         count = [0]
@@ -311,6 +311,14 @@ def test_pack_crash_leaves_the_last_commit(tmp_path):
             count[0] += 1
             if count[0] == n:
                 os._exit(86)
+    """) + textwrap.dedent(body)
+
+
+def test_pack_crash_leaves_the_last_commit(tmp_path):
+    """A process killed at moments of a pack and of the close after it (which cuts the file's free
+    end) reopens at the commit before the pack or after it."""
+    path = str(tmp_path / "crash.ps")
+    script = _killed_at_operation_n(f"""
         with Tree({path!r}, pageSize=1024) as p:
             if p.root.tree is None and p.root.keep is None:
                 p.root.keep = p.schema.Node(name="keep")
@@ -451,3 +459,457 @@ def test_pack_moves_a_list_array_and_a_hash_table_that_end_the_file(path):
         finally:
             reader.close()
         p.check()
+
+
+# -- relocation: the survivors move down, the file shrinks ------------------------------------------
+
+class Records(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Record(s.Structure):
+            id = s.Int
+            name = s.String
+            score = s.Float
+
+        self.define(Dict("ById")[s.Int, Record])
+
+        class Root(s.Structure):
+            records = s.ById
+            first = Record
+
+
+#: What the file may keep beyond its live pages: one growth step of the map (MappedFile.grow
+#: grows the file by at least 16 map granules), which also covers the rounding to a whole unit.
+def _growth_step():
+    from permastruct._mapping import GRANULE
+    return 16 * GRANULE
+
+
+def _live_pages(p):
+    """Pages in use (objects and the allocator page): the page count less every free page and run."""
+    pf = p._page_file
+    return pf.page_count - pf.free_page_count() - sum(n for _, n in p._heap.allocator.free_runs())
+
+
+def _make_records(path, count, seed=14, keep_every=None):
+    """``count`` records in a Dict by id, then 95% of them deleted (random ones, or all but every
+    ``keep_every``-th) in a second commit; returns the ids kept."""
+    with Records(path) as p:
+        return _fill(p, count, seed, keep_every)
+
+
+def _fill(p, count, seed=14, keep_every=None):
+    import random
+    rng = random.Random(seed)
+    p.root.records = {}
+    records = p.root.records
+    record = p.schema.Record
+    for index in range(count):
+        records[index] = record(id=index, name=f"record number {index}", score=index / 3)
+    p.commit()
+    kept = []
+    for index in range(count):
+        if (index % keep_every if keep_every else rng.random() < 0.95):
+            del records[index]
+        else:
+            kept.append(index)
+    p.commit()
+    return kept
+
+
+def _check_records(p, kept):
+    records = p.root.records
+    assert len(records) == len(kept)
+    for index in kept:
+        record = records[index]
+        assert record.id == index and str(record.name) == f"record number {index}" and record.score == index / 3
+
+
+@pytest.mark.parametrize("how", ["random", "every 20th"])
+def test_a_store_of_100000_records_95_percent_deleted_shrinks_to_live_pages_plus_a_growth_step(path, how):
+    kept = _make_records(path, 100_000, keep_every=20 if how == "every 20th" else None)
+    big = os.path.getsize(path)
+    with Records(path) as p:
+        before = p._page_file.page_count
+        result = p.pack()
+        live = _live_pages(p)
+        assert result["objects_moved"] > 0 and result["pages"] == p._page_file.page_count < before
+        assert p._page_file.page_count * p._page_file.page_size <= live * p._page_file.page_size + _growth_step()
+        p.check()
+        _check_records(p, kept)
+        page_size = p._page_file.page_size
+    size = os.path.getsize(path)
+    assert size <= 4096 + live * page_size + _growth_step(), (size, live)
+    assert size < big / 3
+    with Records(path) as p:
+        p.check()
+        _check_records(p, kept)
+        records = p.root.records
+        for index in range(100_000, 101_000):  # and it grows again
+            records[index] = p.schema.Record(id=index, name=f"record number {index}", score=index / 3)
+        p.commit()
+        p.check()
+
+
+def test_a_held_proxy_pins_its_object_and_stays_right_after_the_pack(path):
+    kept = _make_records(path, 20_000)
+    with Records(path) as p:
+        last = max(kept)
+        held = p.root.records[last]  # made last: near the end of the file
+        offset = held._ps_oid
+        page = p._page_file.page_of(offset)
+        assert page > p._page_file.page_count // 2
+        result = p.pack()
+        assert result["objects_moved"] > 0
+        assert held._ps_oid == offset and p._page_file.page_count > page  # pinned: it kept its page
+        assert held.id == last and str(held.name) == f"record number {last}"
+        assert p.root.records[last].isSameAs(held)
+        held.score = -1.5  # and it is still the object the file has
+        p.commit()
+        p.check()
+        del held
+        result = p.pack()  # no longer held: now it moves, and the file's end with it
+        assert p._page_file.page_count <= page
+        p.check()
+    with Records(path) as p:
+        assert p.root.records[last].score == -1.5
+        p.check()
+
+
+def test_a_readers_proxy_of_a_moved_object_dies_at_refresh(path):
+    kept = _make_records(path, 20_000)
+    last = max(kept)
+    with Records(path) as w:
+        r = Records(path, readonly=True)
+        try:
+            old = r.root.records[last]
+            offset = old._ps_oid
+            assert w.pack()["objects_moved"] > 0
+            assert w.root.records[last]._ps_oid != offset  # it moved
+            assert old.id == last and str(old.name) == f"record number {last}"  # the reader's snapshot
+            assert r.refresh()
+            with pytest.raises(DeadProxyError):
+                old.id
+            fresh = r.root.records[last]
+            assert fresh._ps_oid == w.root.records[last]._ps_oid
+            assert fresh.id == last and str(fresh.name) == f"record number {last}"
+            _check_records(r, kept)
+            r.check()
+        finally:
+            r.close()
+
+
+def test_pack_relocates_every_kind_of_reference(path):
+    """Lists, Dicts and SortedDicts of structures and strings, a cycle, interned strings, the root:
+    everything moves down under references that are all rewritten."""
+    with Tree(path, pageSize=1024) as p:
+        p.root.keep = p.schema.Node(name="made first")
+        garbage, kids = make_tree(p, "garbage", children=3000)  # the low pages, freed by the pack
+        p.root.tree = garbage
+        del kids, garbage
+        p.commit()
+        top, kids = make_tree(p, "live", children=200)
+        p.root.nodes = p.schema.Nodes()
+        p.root.by_name = {}
+        p.root.ranked = {}
+        for kid in kids:
+            p.root.nodes.append(kid)
+            p.root.by_name[str(kid.name)] = kid
+            p.root.ranked[str(kid.name) * 3] = kid  # keys longer than a table's inline keys
+        p.root.keep.parent = top
+        p.root.keep.label = p.stringRegistry.get(b"interned label")  # (a registry entry)
+        del kids, kid, top
+        p.root.tree = None
+        p.commit()
+        expected = _tree_state(p)
+        pages = p._page_file.page_count
+        result = p.pack()
+        assert result["objects_moved"] > 200
+        assert p._page_file.page_count < pages / 3
+        p.check()
+        assert _tree_state(p) == expected
+    with Tree(path) as p:
+        p.check()
+        assert _tree_state(p) == expected
+
+
+def _tree_state(p):
+    root = p.root
+    top = root.keep.parent
+    return (str(root.keep.name), bytes(root.keep.label), str(top.name), [str(k.name) for k in top.children],
+            [str(n.name) for n in root.nodes], [str(n.parent.name) for n in root.nodes],
+            sorted((str(k), str(v.name)) for k, v in root.by_name.items()),
+            [(str(k), str(v.name)) for k, v in root.ranked.items()])
+
+
+_TOUCHING_READER = """
+import sys
+sys.path.insert(0, {src!r})
+sys.path.insert(0, {tests!r})
+from test_pack import Records
+
+def touch(r):
+    pf = r._page_file
+    total = 0
+    for pid in range(pf.page_count):  # every byte of every page of the snapshot
+        total += sum(bytes(pf.view(pid))[::512])
+    return pf.page_count
+
+with Records({path!r}, readonly=True) as r:
+    for line in sys.stdin:
+        if line.strip() == "refresh":
+            r.refresh()
+        pages = touch(r)
+        r.check()  # and what it read is its snapshot
+        print(pages, flush=True)
+"""
+
+
+def test_a_truncating_checkpoint_waits_for_an_old_snapshot_and_never_cuts_under_a_reader(path):
+    """The checkpoint after pack() gives the free end back only past what every reader's snapshot
+    reaches; a reader in another process that reads (and checks) every page of its snapshot
+    after each truncating checkpoint never gets a SIGBUS (exit code -7)."""
+    script = _TOUCHING_READER.format(src=SRC_DIR, tests=os.path.dirname(__file__), path=path)
+    child = oldest = None
+    try:
+        with Records(path) as w:
+            pf = w._page_file
+            pf.checkpoint_bytes = 1 << 40  # (no checkpoint inside commits: only pack's own)
+            w.root.first = w.schema.Record(id=-1, name="first")
+            w.commit()
+            oldest = Records(path, readonly=True)  # a small snapshot, in the log: checkpoints stop there
+            kept = _fill(w, 30_000)  # (a big commit: its fresh pages go straight into the main file)
+            child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+            def ask(what="touch"):
+                child.stdin.write(what + "\n")
+                child.stdin.flush()
+                line = child.stdout.readline()
+                assert line, f"the reader died: exit code {child.wait()}"
+                return int(line)
+            big_pages = ask()  # the child's snapshot: the records, 95% deleted
+            held = os.stat(path).st_blocks * 512
+            w.pack()  # its checkpoint copies up to the oldest snapshot, which is small; the child's is not
+            assert pf.page_count < big_pages / 2
+            assert ask() == big_pages  # the child's whole snapshot, after that checkpoint
+            assert os.stat(path).st_blocks * 512 >= held - _growth_step()
+            oldest.close()
+            w.pack()  # the checkpoint copies up to the child's snapshot now: still no cut
+            assert ask() == big_pages
+            assert ask("refresh") == pf.page_count  # now at the pack's commit
+            w.pack()  # nothing to free; its checkpoint cuts the end now
+            live = _live_pages(w)
+            assert os.stat(path).st_blocks * 512 <= 4096 + live * pf.page_size + 2 * _growth_step()
+            assert ask() == pf.page_count  # every page of its snapshot after the cut
+            w.root.records[10 ** 6] = w.schema.Record(id=-1, name="after the cut")  # the writer grows again
+            w.commit()
+            assert ask("refresh") == pf.page_count
+            w.check()
+        assert os.path.getsize(path) <= 4096 + (live + 1) * pf.page_size + _growth_step()
+        assert ask() > 0
+    finally:
+        if oldest is not None:
+            oldest.close()
+        if child is not None:
+            child.stdin.close()
+            code = child.wait(timeout=60)
+    assert code == 0, f"the reader exited with {code} (-7: SIGBUS)"
+    with Records(path) as p:
+        p.check()
+        assert str(p.root.records[10 ** 6].name) == "after the cut"
+        del p.root.records[10 ** 6]
+        _check_records(p, kept)
+
+
+def test_a_crash_anywhere_in_a_relocating_pack_leaves_the_store_before_or_after_it(tmp_path):
+    """A process killed before each file operation of a pack that moves objects, of its truncating
+    checkpoint and of the close that cuts the file reopens whole, with the same records (a pack
+    changes no value), and packs again as small."""
+    import shutil
+    original = str(tmp_path / "original.ps")
+    path = str(tmp_path / "crash.ps")
+    with Records(original, pageSize=1024) as p:
+        kept = _fill(p, 3000)
+        held = p.root.records[max(kept)]
+        p.root.first = held  # (a reference the relocation rewrites: a structure field)
+        del held
+    script = _killed_at_operation_n(f"""
+        p = Records({path!r})
+        FileIO.hook = hook
+        moved = p.pack()["objects_moved"]
+        p.close()
+        FileIO.hook = None
+        print(moved)
+        os._exit(0)
+    """)
+    scratch = str(tmp_path / "scratch.ps")
+    shutil.copy(original, scratch)
+    with Records(scratch) as p:
+        p.pack()
+        packed_pages = p._page_file.page_count
+    statuses = set()
+    for n in range(1, 200):  # every file operation until one run finishes
+        for name in (path, path + "-wal"):
+            if os.path.exists(name):
+                os.unlink(name)
+        shutil.copy(original, path)
+        if os.path.exists(original + "-wal"):
+            shutil.copy(original + "-wal", path + "-wal")
+        done = subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True, timeout=60)
+        assert done.returncode in (0, 86), done.stderr[-2000:]
+        statuses.add(done.returncode)
+        with Records(path) as p:
+            p.check()
+            _check_records(p, kept)
+            assert p.root.first.id == max(kept)
+            p.pack()
+            p.check()
+            assert p._page_file.page_count <= packed_pages
+        if done.returncode == 0:
+            assert int(done.stdout) > 0  # it did move objects
+            break
+    assert statuses == {0, 86}
+
+
+@pytest.mark.parametrize("where", ["alloc 1", "alloc 300", "merge 2", "merge 3"])
+def test_a_relocation_interrupted_anywhere_is_rolled_back(path, monkeypatch, where):
+    """KeyboardInterrupt at an allocation of the moves, or at the merge after the small objects
+    moved (their old places freed) or after the runs moved (the references not yet rewritten):
+    commit() refuses, rollback() returns to the last commit, and the next pack does it all."""
+    kept = _make_records(path, 5000)
+    with Records(path) as p:
+        allocator = type(p._heap.allocator)
+        what, at = where.split()
+        original = getattr(allocator, what)
+        calls = []
+
+        def boom(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == int(at):
+                raise KeyboardInterrupt
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(allocator, what, boom)
+        with pytest.raises(KeyboardInterrupt):
+            p.pack()
+        monkeypatch.undo()
+        with pytest.raises(permastruct.errors.IncompleteChangeError):
+            p.commit()
+        p.rollback()
+        p.check()
+        _check_records(p, kept)
+        pages = p._page_file.page_count
+        assert p.pack()["objects_moved"] > 0 and p._page_file.page_count < pages / 2
+        p.check()
+        _check_records(p, kept)
+
+
+def _items_store(added_field):
+    """A store of Items; with ``added_field`` the Item type has gained a field (a new version)."""
+    class Versioned(Storage):
+        def populateSchema(self):
+            s = self.schema
+
+            class Item(s.Structure):
+                name = s.String
+                n = s.Int
+                if added_field:  # the objects written before keep their layout
+                    extra = s.String
+
+            self.define(List("Items")[Item])
+
+            class Root(s.Structure):
+                items = s.Items
+                junk = s.Items
+    return Versioned
+
+
+Version1, Version2 = _items_store(False), _items_store(True)
+
+
+def test_pack_moves_objects_of_earlier_versions_forwarded_ones_and_a_root_made_last(path):
+    """Objects of an earlier structure version are read through that version's layout, FORWARDs
+    and their bodies move like any object, and the root (made after the junk here: the right
+    side is evaluated first) moves although the storage keeps a proxy of it."""
+    with Version1(path) as p:
+        p.root.junk = [p.schema.Item(name=f"junk {i}", n=i) for i in range(3000)]
+        p.root.items = [p.schema.Item(name=f"item {i}", n=i) for i in range(300)]
+        root_page = p._page_file.page_of(p.root._ps_oid)
+        assert root_page > p._page_file.page_count / 2
+    with Version2(path) as p:
+        p.root.junk = None
+        for index, item in enumerate(p.root.items):
+            if index % 3 == 0:
+                item.extra = f"extra {index}"  # written to: a FORWARD to a body of the new version
+        del item
+        p.commit()
+        schema_at = p._page_file.slots[F.SLOT_SCHEMA]  # (written again by this open: near the end)
+        pages = p._page_file.page_count
+        reader = Version2(path, readonly=True)
+        try:
+            result = p.pack()
+            assert result["objects_moved"] > 300 and p._page_file.page_count < pages / 4
+            assert p._page_file.page_of(p.root._ps_oid) < root_page
+            assert p._page_file.slots[F.SLOT_SCHEMA] != schema_at  # the schema moved too
+            p.check()
+            assert reader.refresh()  # a reader finds the moved schema and objects
+            assert [str(x.name) for x in reader.root.items][-1] == "item 299"
+            reader.check()
+        finally:
+            reader.close()
+    with Version2(path) as p:
+        p.check()
+        items = p.root.items
+        assert [str(x.name) for x in items] == [f"item {i}" for i in range(300)]
+        assert [x.n for x in items] == list(range(300))
+        assert [x.extra and str(x.extra) for x in items] == [f"extra {i}" if i % 3 == 0 else None
+                                                             for i in range(300)]
+
+
+def test_without_pagemap_the_checkpoint_leaves_no_hole_and_the_close_cuts(path, monkeypatch):
+    """Where the map's changes are found by comparing every page with the file (no pagemap), a
+    hole could be read: the checkpoint cuts only past the writer's map; the close cuts the rest."""
+    monkeypatch.setenv("PERMASTRUCT_DIRTY", "compare")
+    kept = _make_records(path, 20_000)
+    big = os.path.getsize(path)
+    with Records(path) as p:
+        assert p._page_file.mapping._pagemap is None
+        blocks = os.stat(path).st_blocks
+        p.pack()
+        assert os.stat(path).st_blocks >= blocks and os.path.getsize(path) == big  # no hole
+        p.root.records[-1] = p.schema.Record(id=-1, name="after")  # the writer reads and grows its map
+        p.commit()
+        live = _live_pages(p)
+        page_size = p._page_file.page_size
+    assert os.path.getsize(path) <= 4096 + (live + 1) * page_size + _growth_step()
+    with Records(path) as p:
+        p.check()
+        del p.root.records[-1]
+        _check_records(p, kept)
+
+
+def test_undo_of_a_relocating_pack_brings_back_the_state_before_it(path):
+    """With history, the pack (freeing, moving, the checkpoint's hole) is one transaction that
+    undo() takes back whole: the objects at their old places, the file grown into the hole again."""
+    with Records(path, history=5) as p:
+        kept = _fill(p, 5000)
+        p.root.first = p.root.records[max(kept)]
+        p.commit()
+        pages = p._page_file.page_count
+        first_at = p.root.first._ps_oid
+        result = p.pack()
+        assert result["objects_moved"] > 0 and p._page_file.page_count < pages / 2
+        pack_id = p.undo_log()[0]["id"]
+        assert p.undo(pack_id) == [pack_id]
+        assert p._page_file.page_count == pages and p.root.first._ps_oid == first_at
+        p.check()
+        _check_records(p, kept)
+        p.root.records[-1] = p.schema.Record(id=-1, name="after the undo")
+        p.commit()
+        p.check()
+    with Records(path) as p:
+        p.check()
+        assert str(p.root.records[-1].name) == "after the undo"
+        del p.root.records[-1]
+        _check_records(p, kept)

@@ -490,6 +490,7 @@ class Allocator:
             if room >= pages or room < 2:
                 break
             first = pf.page_count
+            pf._reserve(first + room)  # (a hole a checkpoint left: blocks first)
             pf.page_count += room
             view = self._state()
             self._push_run(view, first, room)

@@ -183,6 +183,9 @@ class Engine:
         #: Whether the close cuts the file's free end (:meth:`_shrink_file`): set by a commit that
         #: lowers the page count, and by ``Storage.pack()``.
         self._shrink_at_close = False
+        #: ``(start, end)``: file bytes a checkpoint gave back while this writer maps them (a hole;
+        #: :meth:`_reserve` fills it again before the page count grows into it), or None.
+        self._hole = None
         #: (Reader) the offsets of the objects freed by the commits its last refresh moved past
         self.freed = set()
         #: Whether this open created the store: None, "new" (a new file) or "in place" (an empty file).
@@ -568,6 +571,7 @@ class Engine:
         elif self.mapping.size < end:
             self.mapping.grow(end)
         self._forget_pages()
+        self._reserve(-(-(end - F.HEADER_BLOCK) // self.page_size))  # (a hole a checkpoint left: blocks first)
         for offset, (record, source) in sorted(images.items()):
             self.mapping.view(offset, unit)[:] = record.load(source)
         slots = list(slots)
@@ -1503,9 +1507,64 @@ class Engine:
                 journal.reset(target, commit.chain, truncate=truncate or journal.size() > 4 * self.checkpoint_bytes)
                 self.mapping.discard_changes([(offset, journal.unit) for offset in logged
                                               if offset not in changing])
+            self._give_back(commit.page_count)
         finally:
             self.io.unlock(F.LOCK_CHECKPOINT)
         return self.main_txn
+
+    def _give_back(self, main_pages):
+        """(Writer, in a checkpoint, holding the checkpoint lock) Give the file's free end back to the
+        file system: the blocks past every page a snapshot can still reach.
+
+        That end covers the main file's pages (``main_pages``), every commit
+        still in the log (a reader's snapshot is the main file's or one of
+        them: a reader on an old snapshot keeps its pages, and keeps this
+        waiting until it refreshes or closes) and this writer's pages now.
+        Readers touch only pages below their snapshot's page count, so no
+        reader meets the cut (no SIGBUS).  The writer's own map must stay
+        backed by the file (a touch past the end of a mapped file is a
+        SIGBUS), so the file is cut there and then set back to the length
+        the writer maps: a hole, whose blocks are free (``_hole``; the page
+        layer calls :meth:`_reserve` before its page count grows into it);
+        the close cuts it for good (:meth:`_shrink_file`).  A map whose
+        changes are found by comparing its pages (no pagemap) gets no hole:
+        only the bytes past the writer's map go.  Only when
+        ``_shrink_at_close`` says a commit gave pages back.
+        """
+        if not self._shrink_at_close or not self._use_journal or self.mode != "file":
+            return
+        commits = self.journal.commits if self.journal is not None else ()
+        pages = max([main_pages, self.page_count, self._committed[0]] + [commit.page_count for commit in commits])
+        end = self._covering_size(pages, commits)
+        size = self.io.size()
+        keep = min(size, max(end, self.mapping.size))
+        if self.mapping._pagemap is None:
+            # Without the kernel's pagemap the map's changes are found by reading every page
+            # of it, and a read of a hole's page on a full file system would be a SIGBUS: no
+            # hole (only what lies past the map goes; the close cuts the rest).
+            end = keep
+        if size <= end:
+            return
+        if keep > end:
+            hole = self._hole
+            self._hole = (end, max(keep, hole[1]) if hole is not None else keep)
+        try:
+            self.io.truncate(end)
+        finally:
+            if keep > end:
+                self.io.truncate(keep)
+
+    def _reserve(self, pages):
+        """(Writer, before its page count grows to ``pages``) Give the pages in a hole that
+        :meth:`_give_back` made their blocks again, so that touching them on a full file
+        system is a ``StorageFullError`` here and never a SIGBUS."""
+        hole = self._hole
+        if hole is None:
+            return
+        end = min(self._covering_size(pages, ()), hole[1])
+        if end > hole[0]:
+            self.io.fallocate(hole[0], end - hole[0])
+            self._hole = None if end >= hole[1] else (end, hole[1])
 
     def _remove_log(self):
         """(Writer, closing) Delete the log when the main file holds every commit.

@@ -302,6 +302,7 @@ def load_json(document, path, *, pageSize=F.DEFAULT_PAGE_SIZE):
             store = Loaded(temporary, pageSize=pageSize)
             made = plan.build(store)
         store.commit()
+        store._page_file._shrink_at_close = True  # the file ends at its last page (no growth room)
         store.close()
         store = None
         if os.path.lexists(path):

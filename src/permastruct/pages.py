@@ -358,9 +358,11 @@ class PageFile(Engine):
             segment = mapping.segment_of(start)
             segment_end = segment.start + segment.length
             if end <= segment_end:
+                self._reserve(self.page_count + count)  # (a hole a checkpoint left: blocks first)
                 break
             # The run does not fit in this segment (the last one, or one left
             # mapped by a rollback): free the segment's remaining pages.
+            self._reserve(self.page_of(segment_end))
             for pid in range(self.page_count, self.page_of(segment_end)):
                 self.page_count += 1
                 self.free_pid(pid)

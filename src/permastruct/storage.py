@@ -614,8 +614,10 @@ class Storage:
         """Free every object the root cannot reach, cycles included, in one commit; return counts.
 
         Marks from the root, the schema, the string registry and every object
-        a live proxy holds, frees the rest, merges the free lists and commits
-        (what was pending is committed with it).  Returns a dict with
+        a live proxy holds, frees the rest, merges the free lists, moves the
+        live objects at the end of the file down (not those a live proxy
+        holds) and commits (what was pending is committed with it); then a
+        checkpoint gives the file's free end back.  Returns a dict with
         ``objects_freed``, ``bytes_freed``, ``pages_released``, ``pages`` and ``objects_moved``.
         Reads every page and follows every reference: it costs about what
         :meth:`check` costs.  See ``docs/maintenance.rst``.
