@@ -1,12 +1,17 @@
 """Random key lookup (P4) at 10^4..10^7 keys: 16-byte keys to int values.
 
-Run alone: ``python3 -m benchmarks.lookup [--quick|--full]``.  Each store is
+Run alone: ``python3 -m benchmarks.lookup [--quick|--full]``.  Every store is
 grown once from empty through every size (10^4, 10^5 in ``--quick``; up to
 10^7 in ``--full``), committed at each size, and at each size looks up random
-existing keys (the same keys for every store): one untimed pass to warm
-caches, then timed passes.  Keys are ``b"key-%012d" % i``, values ``i``.
+existing keys (the same keys for every store): timed passes taken side by
+side, one pass of every store per round, so that a burst of noise on the
+shared machine hits them all, each right after an untimed pass of the same
+store to warm its caches.  Keys are ``b"key-%012d" % i``, values ``i``.
 
-- permastruct: ``Dict[ByteString, Int]``, ``d[key]``;
+- permastruct: ``Dict[ByteString, Int]``, ``d[key]``; grown one ``d[key] = i``
+  at a time.  The build table has a second row, ``permastruct (update)``: the
+  same Dict grown with one ``d.update(pairs)`` per million keys (the bulk
+  call; it is not looked up, its table is the same);
 - sqlite3: ``SELECT v FROM kv WHERE k=?`` on ``k BLOB PRIMARY KEY``;
 - lmdb: ``txn.get(key)`` in one read transaction, the value ``struct``-unpacked;
 - ZODB: an ``OOBTree``, ``tree[key]`` (after its commit, default cache);
@@ -32,9 +37,10 @@ import struct
 import time
 
 from . import _stores as S
-from .harness import OURS, Bar, Stats, Table, count_text, fmt, fmt_ratio, measure
+from .harness import OURS, Bar, Stats, Table, count_text, fmt, fmt_ratio, time_call
 
 NAME = "lookup"
+BULK = OURS + " (update)"  # a build-table row only
 TITLE = "Random key lookup"
 VALUE = struct.Struct("<q")
 CHUNK = 1_000_000  # keys per write transaction while growing
@@ -70,6 +76,20 @@ class Ours:
     def close(self):
         self.p.close()
         S.remove(self.path)
+
+
+class OursBulk(Ours):
+    def __init__(self, ctx):
+        self.path = ctx.fresh(NAME, "ours-update.ps")
+        self.p = S.open_ours(self.path)
+        self.p.root.keys = self.p.schema.KeyIndex()
+        self.d = self.p.root.keys
+
+    def grow(self, lo, hi):
+        d, p = self.d, self.p
+        for start in range(lo, hi, CHUNK):
+            d.update((key(i), i) for i in range(start, min(hi, start + CHUNK)))
+            p.commit()
 
 
 class Sqlite:
@@ -280,66 +300,103 @@ def run(ctx):
     lookups = ctx.pick(smoke=200, quick=5000, full=50_000)
     repeat = ctx.pick(smoke=2, quick=3, full=5)
     table = Table(NAME, "Random key lookup (ns per lookup)", "ns/lookup", 1e9)
-    table.notes.append(f"{lookups:,} random existing keys per timed pass, one warm-up pass, {repeat} timed passes")
+    table.notes.append(f"{lookups:,} random existing keys per timed pass, {repeat} timed passes taken side by side "
+                       "(one pass of every store per round, each after an untimed pass of the same store)")
     build = Table(f"{NAME}-build", "Building the lookup stores (us per key inserted, commits included)",
                   "us/key", 1e6)
+    build.notes.append(f"{BULK}: the same Dict grown with one update() of (key, value) pairs per million keys")
     rng = random.Random(7)
     samples = {n: [key(rng.randrange(n)) for _ in range(lookups)] for n in sizes}
     cap = limits(ctx)
-    for store in ctx.stores:
-        builder_class = BUILDERS.get(store, "n/a")
-        skip = builder_class if isinstance(builder_class, str) else ctx.skipped(store)
-        if skip:
-            for n in sizes:
-                table.add(f"{count_text(n)} keys", store, note=skip)
-                build.add(f"{count_text(n)} keys", store, note=skip)
-            continue
-        _run_store(ctx, store, builder_class, sizes, samples, repeat, cap.get(store), table, build)
+    builders = {}
+    try:
+        for store in ctx.stores:
+            builder_class = BUILDERS.get(store, "n/a")
+            skip = builder_class if isinstance(builder_class, str) else ctx.skipped(store)
+            if not skip:
+                try:
+                    builders[store] = builder_class(ctx)
+                except Exception as exc:  # noqa: BLE001 - a peer that fails is a row that says so
+                    skip = _failed(ctx, store, exc)
+            if skip:
+                for n in sizes:
+                    table.add(f"{count_text(n)} keys", store, note=skip)
+                    build.add(f"{count_text(n)} keys", store, note=skip)
+            if store == OURS and OURS in builders:
+                builders[BULK] = OursBulk(ctx)
+        _grow_and_look_up(ctx, builders, sizes, samples, repeat, cap, table, build)
+    finally:
+        for builder in builders.values():
+            try:
+                builder.close()
+            except Exception:  # noqa: BLE001 - cleanup of a failed peer
+                pass
     for note in [f"{store} stops at {count_text(limit)} keys in this mode (building it further takes too long)"
                  for store, limit in cap.items() if limit < sizes[-1] and store in ctx.stores]:
         table.notes.append(note)
     return [table, build], _bars(table, sizes)
 
 
-def _run_store(ctx, store, builder_class, sizes, samples, repeat, limit, table, build):
-    builder = None
-    try:
-        builder = builder_class(ctx)
-        grown = 0
-        for n in sizes:
-            case = f"{count_text(n)} keys"
-            if limit is not None and n > limit:
+def _failed(ctx, store, exc):
+    import traceback
+    ctx.log(f"{store} failed in lookup:\n" + traceback.format_exc())
+    return f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+
+
+def _side_by_side(passes, repeat):
+    """Seconds of ``repeat`` timed passes of each store (name -> fn), one of each per round.
+
+    Each timed pass follows an untimed one of the same store: the pass of the
+    store before it (a sqlite3 pass reads megabytes) would otherwise leave it
+    cold caches, the sampled keys included, and the store after it warm ones.
+    """
+    seconds = {store: [] for store in passes}
+    for _ in range(repeat):
+        for store, go in passes.items():
+            go(1)
+            seconds[store].append(time_call(go, 1))
+    return seconds
+
+
+def _grow_and_look_up(ctx, builders, sizes, samples, repeat, cap, table, build):
+    """At each size: grow every store to it (timed), then time their lookups side by side."""
+    grown = dict.fromkeys(builders, 0)
+    failed = {}
+    for n in sizes:
+        case = f"{count_text(n)} keys"
+        passes = {}
+        for store, builder in builders.items():
+            if store in failed:
+                note = failed[store]
+            elif cap.get(store) is not None and n > cap[store]:
                 note = f"not run at this size: building {store} to {count_text(n)} keys takes too long"
-                table.add(case, store, note=note)
+            else:
+                note = ""
+                try:
+                    start = time.perf_counter()
+                    builder.grow(grown[store], n)
+                    elapsed = time.perf_counter() - start
+                    build.add(case, store, Stats.of([elapsed / (n - grown[store])]), n=n)
+                    ctx.log(f"lookup {case} {store}: built at {elapsed / max(1, n - grown[store]) * 1e6:,.2f} us/key")
+                    grown[store] = n
+                    if store != BULK:
+                        passes[store] = builder.lookups(samples[n])
+                except Exception as exc:  # noqa: BLE001 - a peer that fails is a row that says so
+                    note = failed[store] = _failed(ctx, store, exc)
+            if note:
                 build.add(case, store, note=note)
-                continue
-            start = time.perf_counter()
-            builder.grow(grown, n)
-            elapsed = time.perf_counter() - start
-            build.add(case, store, Stats.of([elapsed / (n - grown)]), n=n)
-            grown = n
-            go = builder.lookups(samples[n])
-            stats = measure(go, repeat=repeat, warmup=1)
-            stats = Stats.of([s / len(samples[n]) for s in stats.samples])
+                if store != BULK:
+                    table.add(case, store, note=note)
+        if not passes:
+            continue
+        found = _side_by_side(passes, repeat)
+        for store, seconds in found.items():
+            stats = Stats.of([s / len(samples[n]) for s in seconds])
             note = ""
             if store == "pickle":
-                note = f"after loading the whole pickle: {fmt(builder.load_seconds * 1e3)} ms"
+                note = f"after loading the whole pickle: {fmt(builders[store].load_seconds * 1e3)} ms"
             table.add(case, store, stats, note, n=n)
-            ctx.log(f"lookup {case} {store}: {stats.median * 1e9:,.0f} ns (built at "
-                    f"{elapsed / max(1, n) * 1e6:,.1f} us/key)")
-    except Exception as exc:
-        import traceback
-        ctx.log(f"{store} failed in lookup:\n" + traceback.format_exc())
-        done = {row.case for row in table.rows if row.store == store}
-        for n in sizes:
-            if f"{count_text(n)} keys" not in done:
-                table.add(f"{count_text(n)} keys", store, note=f"failed: {type(exc).__name__}: {str(exc)[:80]}")
-    finally:
-        if builder is not None:
-            try:
-                builder.close()
-            except Exception:  # noqa: BLE001 - cleanup of a failed peer
-                pass
+            ctx.log(f"lookup {case} {store}: {stats.median * 1e9:,.0f} ns")
 
 
 def _bars(table, sizes):

@@ -425,6 +425,234 @@ def test_a_file_of_the_previous_format_version_is_refused_unchanged(tmp_path):
     assert path.read_bytes() == bytes(data)
 
 
+
+# -- the lookup made per class: every key the general way finds, it finds ----------------------
+class Lookups(Storage):
+    def populateSchema(self):
+        s = self.schema
+        self.define(Dict("ByBytes")[s.ByteString, s.Int])
+        self.define(Dict("ByText")[s.String, s.Int])
+        self.define(Dict("ByInt")[s.Int, s.Int])
+        self.define(Dict("ByCount")[s.UInt64, s.ByteString])
+        self.define(Dict("ByReal")[s.Float, s.Int])
+        self.define(Set("IntSet")[s.Int8])
+
+        class Root(s.Structure):
+            by_bytes = self.schema.ByBytes
+            by_text = self.schema.ByText
+            by_int = self.schema.ByInt
+            by_count = self.schema.ByCount
+            by_real = self.schema.ByReal
+            int_set = self.schema.IntSet
+
+
+@pytest.fixture
+def lookups(tmp_path):
+    p = Lookups(tmp_path / "l.ps", pageSize=256)
+    yield p
+    p.close()
+
+
+def _agree(mapping, reference, probes):
+    """Every probe is found (or not) in ``mapping`` as in the plain ``reference``, by every way of asking."""
+    for key in probes:
+        try:
+            expected = reference[key]
+        except (KeyError, TypeError):
+            expected = KeyError
+        if expected is KeyError:
+            assert key not in mapping, key
+            assert mapping.get(key, "absent") == "absent", key
+            with pytest.raises(KeyError):
+                mapping[key]
+        else:
+            assert key in mapping, key
+            assert mapping[key] == expected and mapping.get(key) == expected, key
+
+
+def test_lookups_agree_with_a_dict_through_deletes_and_rebuilds(lookups):
+    import random
+    p = lookups
+    rng = random.Random(5)
+    p.root.by_bytes, p.root.by_text, p.root.by_int, p.root.by_count = {}, {}, {}, {}
+    cases = [
+        (p.root.by_bytes, lambda i: b"k%d" % i if i % 5 else b"a key longer than sixteen %d" % i,
+         [b"", b"k", memoryview(b"k2"), "k3", 3, b"k1\x00", b"x" * 16]),
+        (p.root.by_text, lambda i: "t%d" % i if i % 5 else "é" * (i % 12),
+         ["", "\ud800", "t1\x00", b"t1", 1.5, ("t1",), "é" * 9]),
+        (p.root.by_int, lambda i: rng.randrange(-(1 << 63), 1 << 63) if i % 7 == 0 else i * 2 - 300,
+         [True, False, 1.0, 2.0, 2.5, 1 << 63, -(1 << 63) - 1, 1 << 70, float("nan"), "1", None]),
+        (p.root.by_count, lambda i: (1 << 64) - 1 - i if i % 3 == 0 else i,
+         [-1, 1 << 64, True, 4.0, (1 << 64) - 1]),
+    ]
+    for mapping, make, odd in cases:
+        reference = {}
+        for i in range(400):
+            key = make(i)
+            value = i if mapping is not p.root.by_count else b"v%d" % i
+            mapping[key] = value
+            reference[key] = value
+            if i % 3 == 0 and reference:  # deletes leave tombstones on the probe paths
+                gone = rng.choice(list(reference))
+                del mapping[gone], reference[gone]
+        _agree(mapping, reference, list(reference) + [make(i) for i in range(400, 450)] + odd)
+        for key in list(reference)[: len(reference) // 2]:  # shrink: tables are rebuilt smaller
+            del mapping[key], reference[key]
+        _agree(mapping, reference, list(reference) + odd)
+    p.root.by_real = {1.5: 1, 2.0: 2}  # a key type without the made lookup goes the general way
+    _agree(p.root.by_real, {1.5: 1, 2.0: 2, 2: 2, True: KeyError}, [1.5, 2.0, 2, True, 3])
+    p.root.int_set = {-128, 0, 127}
+    assert all(k in p.root.int_set for k in (-128, 0, 127, 0.0, False))
+    assert not any(k in p.root.int_set for k in (128, -129, 1, "0", 0.5))
+    p.commit()
+    p.check()
+
+
+
+def test_stores_agree_with_a_dict_through_deletes_overwrites_and_bulk_updates(lookups):
+    import random
+    p = lookups
+    rng = random.Random(11)
+    p.root.by_bytes, p.root.by_int = {}, {}
+    makers = [(p.root.by_bytes, lambda i: b"k%d" % i if i % 4 else b"a key longer than sixteen %d" % i),
+              (p.root.by_int, lambda i: i * 7 - 500 if i % 9 else (1 << 63) - 1 - i)]
+    for mapping, make in makers:
+        reference = {}
+        for step in range(1500):
+            i = rng.randrange(300)
+            action = rng.random()
+            if action < 0.55:
+                value = rng.choice([i, -i, True, (1 << 63) - 1, -(1 << 63)])
+                mapping[make(i)] = value
+                reference[make(i)] = int(value)
+            elif action < 0.8 and reference:
+                gone = rng.choice(list(reference))
+                del mapping[gone], reference[gone]
+            elif action < 0.9:  # a bulk update, some keys new and some present, in one order
+                items = [(make(rng.randrange(300)), rng.randrange(100)) for _ in range(rng.randrange(1, 40))]
+                mapping.update(items)
+                reference.update(items)
+            else:
+                bad = rng.choice([1 << 63, -(1 << 63) - 1, 1.5, "7", None])
+                before = list(mapping.items())
+                with pytest.raises((TypeError, OverflowError)):
+                    mapping[make(i)] = bad
+                with pytest.raises((TypeError, OverflowError)):
+                    mapping.update([(make(i + 1000), 1), (make(i), bad)])
+                assert list(mapping.items()) == before
+            if step % 250 == 0:
+                assert list(mapping.items()) == list(reference.items())  # insertion order kept
+                p.check()
+        assert list(mapping.items()) == list(reference.items())
+    p.commit()
+    p.check()
+
+
+
+@pytest.mark.parametrize("case", ["short", "sixteen", "mixed", "long", "duplicates", "ints", "sized"])
+def test_an_update_into_an_empty_dict_is_written_at_once_and_agrees_with_a_dict(lookups, case):
+    p = lookups
+    p.root.by_bytes, p.root.by_int = {}, {}
+    target = p.root.by_int if case == "ints" else p.root.by_bytes
+    if case == "sized":
+        target = p.root.by_bytes = p.schema.ByBytes(size=500)  # an empty table made beforehand
+    pairs = {
+        "short": [(b"k%d" % i, i) for i in range(300)],
+        "sixteen": [(b"%016d" % i, -i) for i in range(300)],
+        "mixed": [(b"x" * (i % 17), i) for i in range(17)] + [(b"k%d" % i, True) for i in range(200)],
+        "long": [(b"k%d" % i if i % 2 else b"a key longer than sixteen %d" % i, i) for i in range(300)],
+        "duplicates": [(b"k%d" % (i % 50), i) for i in range(300)],
+        "ints": [((1 << 63) - 1 - i if i % 2 else -i * 977, i) for i in range(300)],
+        "sized": [(b"k%d" % i, i) for i in range(400)],
+    }[case]
+    target.update(pairs)
+    reference = dict(pairs)
+    assert list(target.items()) == list(reference.items())
+    _agree(target, reference, list(reference) + [b"k999", b"", -1, 1 << 63])
+    p.check()
+    target[pairs[0][0]] = 5  # the table takes single changes as any other
+    del target[pairs[-1][0]]
+    reference[pairs[0][0]] = 5
+    del reference[pairs[-1][0]]
+    assert list(target.items()) == list(reference.items())
+    p.commit()
+    p.check()
+
+
+def test_a_bad_pair_in_an_update_of_an_empty_dict_stores_nothing(lookups):
+    p = lookups
+    p.root.by_bytes, p.root.by_int = {}, {}
+    good = [(b"k%d" % i, i) for i in range(100)]
+    for bad, error in (((b"x", 1 << 63), OverflowError), ((b"x", 1.5), TypeError), (("x", 1), TypeError),
+                       ((b"x", None), TypeError)):
+        with pytest.raises(error):
+            p.root.by_bytes.update(good + [bad])
+        assert len(p.root.by_bytes) == 0
+    with pytest.raises(OverflowError):
+        p.root.by_int.update([(1, 1), (1 << 63, 2)])
+    with pytest.raises(ValueError, match="has length 3"):
+        p.root.by_int.update([(1, 1), (2, 2, 2)])
+    assert len(p.root.by_int) == 0
+    p.check()
+
+
+def test_a_store_in_a_read_only_or_busy_storage_is_refused(tmp_path):
+    import threading
+    from permastruct import ConcurrentUseError, ReadOnlyError
+    path = tmp_path / "r.ps"
+    with Lookups(path) as p:
+        p.root.by_bytes = {b"a": 1}
+        p.root.by_int = {1: 1}
+        heap = p._heap
+        heap._changing = threading.get_ident() + 1  # another thread is in the middle of a change
+        for mapping, key in ((p.root.by_bytes, b"a"), (p.root.by_int, 1)):
+            for new_key in (key, key * 2):
+                with pytest.raises(ConcurrentUseError):
+                    mapping[new_key] = 2
+        heap._changing = 0
+        assert dict(p.root.by_bytes) == {b"a": 1} and dict(p.root.by_int) == {1: 1}
+    with Lookups(path, readonly=True) as p:
+        for mapping, key in ((p.root.by_bytes, b"a"), (p.root.by_int, 1)):
+            for new_key in (key, key * 2):
+                with pytest.raises(ReadOnlyError):
+                    mapping[new_key] = 2
+
+
+def _index_at(collection, slot):
+    return collection._ps_body + F.TABLE.size + 4 * slot
+
+
+def test_a_damaged_index_fails_the_lookup_not_the_process(lookups):
+    p = lookups
+    p.root.by_bytes = {b"a": 1}
+    p.root.by_int = {5: 1}
+    for mapping, key in ((p.root.by_bytes, b"a"), (p.root.by_int, 5)):
+        table = mapping._ps_table()
+        home = next(slot for slot, index in enumerate(table.indices) if index)
+        _damage(p, _index_at(mapping, home), "<I", 1000)  # names an entry past the capacity
+        with pytest.raises(CorruptStorageError, match="names entry 999"):
+            mapping[key]
+        with pytest.raises(CorruptStorageError, match="names entry 999"):
+            key in mapping
+
+
+def test_a_table_without_an_empty_index_ends_its_probe(lookups):
+    p = lookups
+    p.root.by_bytes = {b"a": 1}
+    p.root.by_int = {5: 1}
+    for mapping, key, absent in ((p.root.by_bytes, b"a", b"b"), (p.root.by_int, 5, 6)):
+        table = mapping._ps_table()
+        for slot, index in enumerate(table.indices):
+            if not index:
+                _damage(p, _index_at(mapping, slot), "<I", F.TABLE_DELETED)
+        assert mapping[key] == 1 and key in mapping
+        assert absent not in mapping  # every probe wraps around once, then stops
+        with pytest.raises(KeyError):
+            mapping[absent]
+        with pytest.raises(CorruptStorageError, match="slots are in use"):
+            p.check()
+
+
 # -- SortedDict scans a leaf at a time; bulk update of Dict and SortedDict ----------------------
 class Scans(Storage):
     def populateSchema(self):
@@ -484,6 +712,33 @@ def test_irange_items_matches_irange_and_lookups(scans):
     p.check()
 
 
+
+def test_ranges_bounded_on_keys_at_leaf_edges(scans):
+    """Bounds equal to keys, next to them, equal to each other, at the first and last keys of leaves."""
+    p = scans
+    keys = list(range(0, 600, 2))
+    p.root.ints = {k: -k for k in keys}
+    sd = p.root.ints
+    reference = {k: -k for k in keys}
+    bounds = [-3, -2, 0, 1, 2, 597, 598, 599, 600] + [k + d for k in range(0, 600, 34) for d in (-1, 0, 1)]
+    for low in bounds:
+        for high in bounds[::3] + [low]:
+            for inclusive in ((True, True), (True, False), (False, True), (False, False)):
+                for reverse in (False, True):
+                    expected = _expected_range(reference, low, high, inclusive, reverse)
+                    assert list(sd.irange_items(low, high, inclusive, reverse)) == expected, (low, high, inclusive)
+    for reverse in (False, True):
+        assert list(sd.irange(None, 10, reverse=reverse)) == ([10, 8, 6, 4, 2, 0] if reverse else [0, 2, 4, 6, 8, 10])
+        assert list(sd.irange(590, None, (False, True), reverse)) == ([598, 596, 594, 592] if reverse
+                                                                       else [592, 594, 596, 598])
+    p.root.words = {f"w{k:03}": None for k in range(0, 200, 2)}
+    words = p.root.words
+    assert list(words.irange("w010", "w020", (False, True))) == ["w012", "w014", "w016", "w018", "w020"]
+    assert list(words.irange("w011", "w019", reverse=True)) == ["w018", "w016", "w014", "w012"]
+    assert list(words.irange("w0001", "w0009")) == [] and list(words.irange("x", None)) == []
+    p.check()
+
+
 def test_irange_items_of_string_keys_and_reference_values(scans):
     p = scans
     p.root.words = {f"w{k:03}": p.schema.Agent(age=k) for k in range(300)}
@@ -506,6 +761,26 @@ def test_scans_see_a_change_in_size_as_an_error(scans):
         with pytest.raises(RuntimeError, match="changed size during iteration"):
             list(scan)
         del sd[1000]
+    p.check()
+
+
+
+def test_a_short_range_or_one_asked_for_before_a_change_sees_it(scans):
+    p = scans
+    p.root.ints = {k: k for k in range(100)}
+    sd = p.root.ints
+    for reverse in (False, True):
+        scan = sd.irange_items(40, 42, reverse=reverse)  # ends inside one leaf
+        next(scan)
+        sd[1000] = 1
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            list(scan)
+        del sd[1000]
+        scan = sd.irange(10, 20, reverse=reverse)  # asked for, then the tree changes, then read
+        sd.clear()
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            next(scan)
+        sd.update((k, k) for k in range(100))
     p.check()
 
 
@@ -726,4 +1001,41 @@ def test_extend_of_numbers_is_checked_like_append(tmp_path):
             counts.extend([1, -1])
         assert len(counts) == 0
         p.commit()
+        p.check()
+
+
+def test_a_list_of_numbers_is_iterated_a_chunk_at_a_time(tmp_path):
+    with Numbers(tmp_path / "n.ps") as p:
+        p.root.ints = range(5000)
+        ints = p.root.ints
+        assert list(ints) == list(range(5000)) and list(reversed(ints)) == list(range(4999, -1, -1))
+        assert sum(ints) == sum(range(5000))
+        it = iter(ints)
+        assert [next(it) for _ in range(20)] == list(range(20))  # into the second chunk
+        ints[100] = -1  # a later chunk: seen
+        assert next(it) == 20 and -1 in list(it)
+        seen = []
+        for x in ints:  # appends meanwhile are seen, a chunk later at the latest
+            seen.append(x)
+            if x == 4999:
+                ints.extend([7, 8])
+        assert seen[-2:] == [7, 8] and len(seen) == 5002
+        grown = p.schema.Ints([1])
+        for x in grown:  # the array moves as it grows: each chunk is read from the array of its time
+            if x < 3000:
+                grown.append(x + 1)
+        assert list(grown) == list(range(1, 3001))
+        shrunk = p.schema.Ints(range(100))
+        out = []
+        for x in shrunk:  # a removal is seen from the next chunk on; nothing past the end is read
+            out.append(x)
+            if x == 0:
+                del shrunk[10:]
+        assert out == list(range(16))
+        for kind, values in (("Flags", [True, False, True]), ("Reals", [0.5, -1.0]), ("Singles", [0.5]),
+                             ("Bytes", [-128, 127]), ("Counts", [0, (1 << 64) - 1])):
+            made = getattr(p.schema, kind)(values * 700)
+            assert list(made) == values * 700 and [type(x) for x in made][:len(values)] == [type(v) for v in values]
+            assert list(reversed(made)) == (values * 700)[::-1]
+        assert list(p.schema.Texts(["a", "b"])) == ["a", "b"]  # by reference: one element at a time
         p.check()

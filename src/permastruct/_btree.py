@@ -40,6 +40,7 @@ with one child is replaced by it).
 
 import bisect
 import collections.abc as abc
+import itertools
 from array import array
 
 from . import _format as F
@@ -279,12 +280,24 @@ class PersistentSortedDict(MappingMixin, Collection):
 
     def _ps_scan(self, node, index, remaining, reverse=False, keys=True, values=False):
         """The keys, values or ``(key, value)`` pairs of ``remaining`` positions from ``index`` of
-        leaf ``node``: each leaf's cells are read with one slice and decoded at once (a decoded
-        reference is a proxy, which keeps its object alive whatever the loop does meanwhile)."""
+        leaf ``node`` (see :meth:`_ps_read_runs`)."""
+        return itertools.chain.from_iterable(
+            self._ps_read_runs(self._ps_runs(node, index, remaining, reverse), reverse, keys, values))
+
+    def _ps_read_runs(self, runs, reverse, keys, values):
+        """Lists of the keys, values or pairs of each ``(leaf, lo, hi)`` of ``runs``, for
+        ``itertools.chain`` to hand out.
+
+        Each leaf's cells are read with one slice and decoded at once (a
+        decoded reference is a proxy, which keeps its object alive whatever
+        the loop does meanwhile).  The runs watch the modification number
+        between leaves and after the last one: a change in size made during a
+        scan raises ``RuntimeError`` once the pairs of the leaf being read are
+        handed out, at the latest.
+        """
         cls = type(self)
         kdecode, vdecode = cls._ps_key.decode, cls._ps_value.decode
-        version = self._ps_aux
-        for leaf, lo, hi in self._ps_runs(node, index, remaining, reverse):
+        for leaf, lo, hi in runs:
             if keys:
                 run_keys = leaf.keys[lo:hi].tolist()
                 if kdecode is not None:
@@ -296,10 +309,47 @@ class PersistentSortedDict(MappingMixin, Collection):
             run = list(zip(run_keys, run_values)) if keys and values else run_keys if keys else run_values
             if reverse:
                 run.reverse()
-            for item in run:
-                if self._ps_aux != version:
-                    raise RuntimeError(f"{cls.__name__} changed size during iteration")
-                yield item
+            yield run
+
+    def _ps_bounded_runs(self, low, high, include_low, include_high, reverse, version):
+        """``(leaf, lo, hi)`` runs of the keys between the bounds (None: open), found with one
+        descent to the leaf of the first bound and key compares in the leaf of the second;
+        ``version`` is the modification number when the scan was asked for."""
+        string_data = type(self)._ps_string_data
+        if self._ps_aux != version:
+            raise RuntimeError(f"{type(self).__name__} changed size during iteration")
+        first = high if reverse else low
+        if first is None:
+            leaf = self._ps_edge_leaf(reverse)
+            index = leaf.n - 1 if reverse else 0
+        else:
+            leaf = self._ps_descend(first)[1]
+            found = leaf.keys if string_data is None else _StringKeys(leaf.keys, string_data)
+            if reverse:
+                index = (bisect.bisect_right if include_high else bisect.bisect_left)(found, high, 0, leaf.n) - 1
+            else:
+                index = (bisect.bisect_left if include_low else bisect.bisect_right)(found, low, 0, leaf.n)
+        last = low if reverse else high
+        for leaf, lo, hi in self._ps_runs(leaf, index, None, reverse):
+            if last is not None:
+                found = leaf.keys if string_data is None else _StringKeys(leaf.keys, string_data)
+                if reverse:
+                    edge = found[lo]
+                    if edge < low or (edge == low and not include_low):
+                        lo = (bisect.bisect_left if include_low else bisect.bisect_right)(found, low, lo, hi)
+                        break
+                else:
+                    edge = found[hi - 1]
+                    if edge > high or (edge == high and not include_high):
+                        hi = (bisect.bisect_right if include_high else bisect.bisect_left)(found, high, lo, hi)
+                        break
+            yield leaf, lo, hi
+        else:
+            return  # the runs watched the modification number to the end
+        if lo < hi:  # the last run, cut at the far bound
+            yield leaf, lo, hi
+            if self._ps_aux != version:
+                raise RuntimeError(f"{type(self).__name__} changed size during iteration")
 
     def _ps_leaf(self, offset):
         """The node at ``offset``, which a leaf link names: it must be a leaf."""
@@ -456,17 +506,14 @@ class PersistentSortedDict(MappingMixin, Collection):
 
     def _ps_range(self, minimum, maximum, inclusive, reverse, keys, values):
         key_type = type(self)._ps_key
-        low = None if minimum is None else key_type.bound(minimum)
+        low = None if minimum is None else key_type.bound(minimum)  # a bad bound fails at the call
         high = None if maximum is None else key_type.bound(maximum)
         include_low, include_high = inclusive
-        if not self._ps_count:
+        if not self._ps_count or low is not None and high is not None and (
+                low > high or low == high and not (include_low and include_high)):
             return iter(())
-        start = 0 if low is None else self._ps_position_of(low, right=not include_low)
-        stop = self._ps_count if high is None else self._ps_position_of(high, right=include_high)
-        if start >= stop:
-            return iter(())
-        node, index = self._ps_at(stop - 1 if reverse else start)
-        return self._ps_scan(node, index, stop - start, reverse, keys, values)
+        runs = self._ps_bounded_runs(low, high, include_low, include_high, reverse, self._ps_aux)
+        return itertools.chain.from_iterable(self._ps_read_runs(runs, reverse, keys, values))
 
     # -- changing --
     def __setitem__(self, key, value):

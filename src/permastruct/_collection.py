@@ -33,6 +33,7 @@ share (``get``, ``setdefault``, ``update``, the views, ``|``, ``==``).
 
 import collections.abc as abc
 import ctypes
+import gc
 import itertools
 import struct
 import threading
@@ -334,25 +335,37 @@ class MappingMixin:
         A key or value of a wrong type or out of range raises the error a
         single write would (``TypeError``, ``OverflowError``, ``ValueError``)
         and nothing is stored.  The items are then stored in one pass: a
-        Dict makes room for all of them at once, an empty SortedDict is built
-        bottom-up from the sorted items, leaf by leaf.
+        Dict makes room for all of them at once (and an empty Dict whose keys
+        are distinct, short and of one type, and whose values are by value,
+        is written at once: its entries packed and joined, its index placed
+        in one loop), an empty SortedDict is built bottom-up from the sorted
+        items, leaf by leaf.
 
         Runtime: O(m) for ``m`` items into a Dict, O(m log m) into an empty
         SortedDict (a sort), O(m log n) into a SortedDict holding ``n``.
         """
         heap = self._ps_storage()
-        if isinstance(other, abc.Mapping) or hasattr(other, "keys"):
-            pairs = [(key, other[key]) for key in other.keys()]
-        else:
-            pairs = []
-            for item in other:
-                item = tuple(item)
-                if len(item) != 2:
-                    raise ValueError(f"dictionary update sequence element has length {len(item)}; 2 is required")
-                pairs.append(item)
-        pairs.extend(kwargs.items())
-        if pairs:
-            self._ps_bulk_store(heap, self._ps_prepare_pairs(heap, pairs))
+        # The pairs and their prepared forms are many small acyclic tuples, alive together:
+        # the cycle collector would walk them all again and again as they are made.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            if type(other) is dict:
+                pairs = list(other.items())
+            elif isinstance(other, abc.Mapping) or hasattr(other, "keys"):
+                pairs = [(key, other[key]) for key in other.keys()]
+            else:
+                pairs = list(map(tuple, other))
+                if set(map(len, pairs)) - {2}:
+                    bad = next(item for item in pairs if len(item) != 2)
+                    raise ValueError(f"dictionary update sequence element has length {len(bad)}; "
+                                     "2 is required")
+            pairs.extend(kwargs.items())
+            if pairs:
+                self._ps_bulk_store(heap, self._ps_prepare_pairs(heap, pairs))
+        finally:
+            if collecting:
+                gc.enable()
 
     def _ps_prepare_pairs(self, heap, pairs):
         """``(key, stored, value cell, holder)`` for every pair: every key and value checked first,

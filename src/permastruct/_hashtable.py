@@ -38,8 +38,10 @@ rebuilt at twice its count, and an empty one is freed.
 """
 
 import collections.abc as abc
+import itertools
 import operator
 import struct
+from array import array
 from zlib import crc32 as _crc32
 
 from . import _format as F
@@ -76,7 +78,7 @@ def _ref(key_bytes):
 class _TableView:
     """Cached views of one TABLE object: header, indices, entries (and the raw map for lookups)."""
 
-    __slots__ = ("head", "indices", "entries", "mask", "capacity", "entries_at", "raw", "base")
+    __slots__ = ("head", "indices", "entries", "mask", "capacity", "entries_at", "raw", "base", "fast")
 
     def __init__(self, heap, offset, esize):
         type_id, _, _, _, nslots, used, filled, capacity = F.TABLE.unpack_from(
@@ -95,6 +97,44 @@ class _TableView:
         segment, local = heap.locate(offset, entries_at + esize * capacity)
         self.raw = segment.map  # read with unpack_from(raw, base + ...): no memoryview slicing
         self.base = local + entries_at
+        # what a lookup reads, in one attribute: entry number n (1-based, as an index names it)
+        # starts at raw offset ``before + n * esize``
+        self.fast = (self.indices, self.mask, self.raw, self.base - esize, capacity)
+
+
+def _place(hashes, mask):
+    """The indices (``array('I')`` of ``mask + 1`` slots) of a table whose entries 1, 2, ... have
+    ``hashes``, by linear probing.
+
+    The slots are an ``array``, not a list: a list's slot would point at an
+    int object elsewhere in memory, a second cache miss per probe (the array
+    measured twice as fast at 10^6 entries).  Placing each slot's first hash
+    at C level (``map`` over ``list.__setitem__``) and probing only the rest
+    measured slower still than the list.
+    """
+    indices = array("I", bytes(4 * (mask + 1)))
+    for number, hash_ in enumerate(hashes, 1):
+        slot = hash_ & mask
+        while indices[slot]:
+            slot = (slot + 1) & mask
+        indices[slot] = number
+    return indices
+
+
+class _Columns:
+    """Checked items of a bulk update as columns (see ``PersistentDict._ps_prepare_pairs``): the keys
+    (their own stored form: ``bytes`` or ``int``), their stored hashes and the value cells."""
+
+    __slots__ = ("keys", "hashes", "cells")
+
+    def __init__(self, keys, hashes, cells):
+        self.keys, self.hashes, self.cells = keys, hashes, cells
+
+    def __len__(self):
+        return len(self.keys)
+
+
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class HashCollection(Collection):
@@ -121,9 +161,23 @@ class HashCollection(Collection):
         cls._ps_esize = cls._ps_entry.size
         cls._ps_blank = bytes(cls._ps_esize)
         cls._ps_views = heap.views
-        # the exact Python type whose short keys take the lookup fast path (bytes for ByteString keys)
-        cls._ps_fast = bytes if strings and key.string_type == F.T_BYTESTRING else None
         cls._ps_key_of = _key_reader(cls, heap, key)
+        # the lookup fast path of this class's key type, made once here (see _fast_lookups)
+        found = _fast_lookups(cls)
+        if found is None:
+            for name in ("__contains__", "__getitem__"):
+                if name in cls.__dict__:
+                    delattr(cls, name)
+        else:
+            cls.__contains__ = found[1]
+            if cls._ps_has_values:
+                cls.__getitem__ = found[2]
+        if cls._ps_has_values:
+            setitem = _fast_setitem(cls)
+            if setitem is not None:
+                cls.__setitem__ = setitem
+            elif "__setitem__" in cls.__dict__:
+                del cls.__setitem__
 
     @classmethod
     def _ps_accepts(cls, value):
@@ -216,23 +270,27 @@ class HashCollection(Collection):
         F.TABLE.pack_into(heap.mapping.view(new, F.TABLE.size), 0, F.T_TABLE, 1, cls._ps_type_id, 0,
                           nslots, 0, 0, capacity)
         view = _TableView(heap, new, cls._ps_esize)
-        used = 0
         esize, mask = cls._ps_esize, nslots - 1
         old = self._ps_body
+        used = 0
         if old:
             table = self._ps_table()
+            end = table.head[3] * esize
             source = table.entries
-            unpack = cls._ps_entry.unpack_from
-            for entry in range(table.head[3]):
-                fields = unpack(source, entry * esize)
-                if not fields[1]:
-                    continue
-                view.entries[used * esize:(used + 1) * esize] = source[entry * esize:(entry + 1) * esize]
-                slot = fields[0] & mask
-                while view.indices[slot]:
-                    slot = (slot + 1) & mask
-                view.indices[slot] = used + 1
-                used += 1
+            words = source[:end].cast("I")  # an entry's first two uint32 are its hash and tag
+            per = esize // 4
+            hashes = words[::per].tolist()
+            tags = words[1::per].tolist()
+            words.release()
+            if self._ps_count == len(hashes):  # no dead entries: one copy
+                view.entries[:end] = source[:end]
+            else:
+                live = [entry for entry, tag in enumerate(tags) if tag]
+                for number, entry in enumerate(live):
+                    view.entries[number * esize:(number + 1) * esize] = source[entry * esize:(entry + 1) * esize]
+                hashes = [hashes[entry] for entry in live]
+            view.indices[:] = _place(hashes, mask)
+            used = len(hashes)
         view.head[3] = view.head[4] = used
         heap.views[new] = view
         self._ps_body = new
@@ -346,17 +404,10 @@ class HashCollection(Collection):
             yield key_of(fields)
 
     def __contains__(self, key):
-        cls = type(self)
-        if type(key) is cls._ps_fast:  # a short bytes key: the entry alone decides (see __getitem__)
-            n = len(key)
-            table = cls._ps_views.get(self._ps_body) if n <= _KEY_INLINE else None
-            if table is not None:
-                hash_ = _crc32(key, _BYTES_SEED)
-                index = table.indices[hash_ & table.mask]
-                if 0 < index <= table.capacity:
-                    fields = cls._ps_entry.unpack_from(table.raw, table.base + (index - 1) * cls._ps_esize)
-                    if fields[0] == hash_ and fields[1] == _TAG_INLINE + n and fields[2] == key + _PAD[n]:
-                        return True
+        """``key in c``.
+
+        Runtime: O(1) average, as ``d[key]``.
+        """
         try:
             self._ps_lookup(key)
         except Missing:
@@ -524,6 +575,264 @@ def _key_reader(cls, heap, key):
     return key_of
 
 
+def _fast_lookups(cls):
+    """``(find, __contains__, __getitem__)`` made for hash collection class ``cls``, or None.
+
+    They serve the keys that need no normalising: ``bytes`` (ByteString keys)
+    or ``str`` (String keys) of at most ``KEY_INLINE`` bytes, which live in the
+    entry itself, and ``int`` keys of an integer key type.  A lookup is then a
+    handful of C-level calls with everything else bound here, once: the hash
+    (one ``crc32``, or three int operations), one index read and one
+    ``unpack_from`` of the entry per probe, a hash compare and a key compare.
+    Anything else (another key type, a long key, a damaged index, a probe
+    that wraps around) goes the general way, which also says what is wrong.
+    ``find(proxy, key)`` returns the unpacked entry, None when the key is
+    absent, or False when it cannot tell.
+    """
+    key_type = cls._ps_key
+    views_get = cls._ps_views.get
+    unpack = cls._ps_entry.unpack_from
+    esize = cls._ps_esize
+    decode = cls._ps_vdecode if cls._ps_has_values else None
+    slow_get = PersistentDict.__getitem__
+    slow_contains = HashCollection.__contains__
+    deleted = F.TABLE_DELETED
+    if key_type.is_ref:
+        text = key_type.string_type == F.T_STRING
+        seed = F.STRING_SEED if text else F.BYTES_SEED
+        pad, inline, tag0, crc32 = _PAD, _KEY_INLINE, _TAG_INLINE, _crc32
+
+        def find_data(table, data):
+            n = len(data)
+            if n > inline:
+                return False
+            indices, mask, raw, before, capacity = table.fast
+            hash_ = crc32(data, seed)
+            home = slot = hash_ & mask
+            index = indices[slot]
+            while index:
+                if index <= capacity:
+                    fields = unpack(raw, before + index * esize)
+                    if fields[0] == hash_ and fields[2] == data + pad[n] and fields[1] == tag0 + n:
+                        return fields
+                elif index != deleted:
+                    return False
+                slot = (slot + 1) & mask
+                if slot == home:
+                    return False
+                index = indices[slot]
+            return None
+
+        if text:
+            def find(self, key):
+                if type(key) is not str:
+                    return False
+                table = views_get(self._ps_body)
+                if table is None:
+                    return False
+                try:
+                    return find_data(table, key.encode("utf-8"))
+                except UnicodeEncodeError:  # a lone surrogate: the general way says
+                    return False
+
+            def __getitem__(self, key):
+                fields = find(self, key)
+                if fields:
+                    return fields[3] if decode is None else decode(fields[3])
+                if fields is None:
+                    raise KeyError(key)
+                return slow_get(self, key)
+        else:
+            def find(self, key):
+                if type(key) is not bytes:
+                    return False
+                table = views_get(self._ps_body)
+                return False if table is None else find_data(table, key)
+
+            def __getitem__(self, key):  # find(), written out: this is the hot path
+                if type(key) is bytes:
+                    table = views_get(self._ps_body)
+                    n = len(key)
+                    if table is not None and n <= inline:
+                        indices, mask, raw, before, capacity = table.fast
+                        hash_ = crc32(key, seed)
+                        home = slot = hash_ & mask
+                        index = indices[slot]
+                        while index:
+                            if index <= capacity:
+                                fields = unpack(raw, before + index * esize)
+                                if fields[0] == hash_ and fields[2] == key + pad[n] and fields[1] == tag0 + n:
+                                    return fields[3] if decode is None else decode(fields[3])
+                            elif index != deleted:
+                                break
+                            slot = (slot + 1) & mask
+                            if slot == home:
+                                break
+                            index = indices[slot]
+                        else:
+                            raise KeyError(key)
+                return slow_get(self, key)
+    elif key_type.exact is int:
+        low, high, mix, mask64 = key_type.low, key_type.high, F._MIX, F._MASK64
+
+        def find(self, key):
+            if type(key) is not int or not low <= key <= high:
+                return False
+            table = views_get(self._ps_body)
+            if table is None:
+                return False
+            indices, mask, raw, before, capacity = table.fast
+            hash_ = ((key & mask64) * mix & mask64) >> 32  # F.number_hash of an int
+            home = slot = hash_ & mask
+            index = indices[slot]
+            while index:
+                if index <= capacity:
+                    fields = unpack(raw, before + index * esize)
+                    if fields[0] == hash_ and fields[2] == key:
+                        return fields
+                elif index != deleted:
+                    return False
+                slot = (slot + 1) & mask
+                if slot == home:
+                    return False
+                index = indices[slot]
+            return None
+
+        def __getitem__(self, key):  # find(), written out: this is the hot path
+            if type(key) is int and low <= key <= high:
+                table = views_get(self._ps_body)
+                if table is not None:
+                    indices, mask, raw, before, capacity = table.fast
+                    hash_ = ((key & mask64) * mix & mask64) >> 32
+                    home = slot = hash_ & mask
+                    index = indices[slot]
+                    while index:
+                        if index <= capacity:
+                            fields = unpack(raw, before + index * esize)
+                            if fields[0] == hash_ and fields[2] == key:
+                                return fields[3] if decode is None else decode(fields[3])
+                        elif index != deleted:
+                            break
+                        slot = (slot + 1) & mask
+                        if slot == home:
+                            break
+                        index = indices[slot]
+                    else:
+                        raise KeyError(key)
+            return slow_get(self, key)
+    else:
+        return None
+
+    def __contains__(self, key):
+        fields = find(self, key)
+        if fields is False:
+            return slow_contains(self, key)
+        return fields is not None
+
+    __getitem__.__doc__ = slow_get.__doc__
+    __contains__.__doc__ = slow_contains.__doc__
+    __getitem__.__qualname__ = f"{cls.__name__}.__getitem__"
+    __contains__.__qualname__ = f"{cls.__name__}.__contains__"
+    return find, __contains__, __getitem__
+
+
+def _fast_setitem(cls):
+    """``__setitem__`` made for Dict class ``cls`` whose keys can live in the entry and whose values
+    are by value, or None.
+
+    For a ``bytes`` key of at most ``KEY_INLINE`` bytes (ByteString keys) or an
+    ``int`` key of an integer key type, into a table that has room, it is the
+    lookup of :func:`_fast_lookups` followed by the writes of ``_ps_insert``
+    (the entry, its index, the table's figures, the count) or of the value
+    cell, as one change of the storage (see :func:`_types.change`, written
+    out here).  Anything else, and a full table, goes the general way.
+    """
+    key_type, value_type = cls._ps_key, cls._ps_value
+    if value_type.is_ref or not (key_type.is_ref and key_type.string_type == F.T_BYTESTRING
+                                 or not key_type.is_ref and key_type.exact is int):
+        return None
+    heap = cls._heap
+    views_get = cls._ps_views.get
+    unpack, pack_entry = cls._ps_entry.unpack_from, cls._ps_entry.pack_into
+    pack_value, value_at = cls._ps_value_cell.pack_into, cls._ps_value_at
+    esize, encode = cls._ps_esize, value_type.encode
+    slow_set = PersistentDict.__setitem__
+    deleted, get_ident, cut_short = F.TABLE_DELETED, T._get_ident, T._CUT_SHORT
+    strings = key_type.is_ref
+    seed, pad, inline, tag0, crc32 = F.BYTES_SEED, _PAD, _KEY_INLINE, _TAG_INLINE, _crc32
+    low, high, mix, mask64 = getattr(key_type, "low", 0), getattr(key_type, "high", 0), F._MIX, F._MASK64
+
+    # a value the cell holds as it is (an int in range, a float) skips the call of encode
+    vtype = value_type.type
+    if value_type.raw and vtype.kind == "int":
+        vexact, vlow, vhigh = int, vtype.low, vtype.high
+    elif value_type.raw:
+        vexact, vlow, vhigh = float, float("-inf"), float("inf")
+    else:
+        vexact, vlow, vhigh = None, 0, 0
+
+    def __setitem__(self, key, value):
+        if strings:
+            if type(key) is not bytes or len(key) > inline:
+                return slow_set(self, key, value)
+            n = len(key)
+            hash_, probe, tag = crc32(key, seed), key + pad[n], tag0 + n
+        else:
+            if type(key) is not int or not low <= key <= high:
+                return slow_set(self, key, value)
+            hash_, probe, tag = ((key & mask64) * mix & mask64) >> 32, key, 1
+        table = views_get(self._ps_body)
+        if table is None or heap._changing or heap.readonly:
+            return slow_set(self, key, value)
+        # a wrong value fails here, before anything changes
+        cell = value if type(value) is vexact and vlow <= value <= vhigh else encode(value)
+        indices, mask, raw, before, capacity = table.fast
+        home = slot = hash_ & mask
+        free = -1
+        index = indices[slot]
+        while index:
+            if index <= capacity:
+                at = before + index * esize
+                fields = unpack(raw, at)
+                if fields[0] == hash_ and fields[2] == probe and fields[1] == tag:
+                    heap._changing = get_ident()
+                    pack_value(raw, at + value_at, cell)  # an existing key: its value replaced
+                    heap._changing = 0
+                    return
+            elif index != deleted:
+                return slow_set(self, key, value)
+            elif free < 0:
+                free = slot
+            slot = (slot + 1) & mask
+            if slot == home:
+                return slow_set(self, key, value)
+            index = indices[slot]
+        head = table.head
+        used = head[3]
+        if used >= capacity or (free < 0 and head[4] >= capacity):
+            return slow_set(self, key, value)  # full: the general way rebuilds the table
+        heap._changing = get_ident()
+        try:
+            used += 1
+            pack_entry(raw, before + used * esize, hash_, tag, probe, cell)
+            if free < 0:
+                head[4] += 1
+            else:
+                slot = free
+            indices[slot] = head[3] = used
+            self._ps_count += 1
+            self._ps_aux += 1
+        except Exception as exc:
+            if not isinstance(exc, cut_short):
+                heap._changing = 0
+            raise
+        heap._changing = 0
+
+    __setitem__.__doc__ = slow_set.__doc__
+    __setitem__.__qualname__ = f"{cls.__name__}.__setitem__"
+    return __setitem__
+
+
 class PersistentDict(MappingMixin, HashCollection):
     """A persistent dict (``collections.abc.MutableMapping``), insertion ordered like ``dict``.
 
@@ -551,27 +860,17 @@ class PersistentDict(MappingMixin, HashCollection):
         """``d[key]``; ``KeyError`` if absent.
 
         Runtime: O(1) average: one hash, usually one probe and one key compare.
-        A ``bytes`` key of at most 16 bytes in a ``Dict[ByteString, ...]`` is
-        found with a few C-level calls: its crc32, one index read, and one
-        unpack of the entry that holds the hash, the key and the value.
+        A ``bytes`` or ``str`` key of at most 16 bytes (UTF-8) in a Dict of
+        such keys, or an ``int`` key of an integer key type, is found by a
+        lookup made for the class when its schema is made (see
+        :func:`_fast_lookups`): its hash, one index read and one unpack of the
+        entry that holds the hash, the key and the value, per probe.
         """
-        cls = type(self)
-        if type(key) is cls._ps_fast:
-            n = len(key)
-            table = cls._ps_views.get(self._ps_body) if n <= _KEY_INLINE else None
-            if table is not None:
-                hash_ = _crc32(key, _BYTES_SEED)
-                index = table.indices[hash_ & table.mask]
-                if 0 < index <= table.capacity:
-                    fields = cls._ps_entry.unpack_from(table.raw, table.base + (index - 1) * cls._ps_esize)
-                    if fields[0] == hash_ and fields[1] == _TAG_INLINE + n and fields[2] == key + _PAD[n]:
-                        decode = cls._ps_vdecode
-                        return fields[3] if decode is None else decode(fields[3])
         try:
             fields = self._ps_lookup(key)[3]
         except Missing:
             raise KeyError(key) from None
-        decode = cls._ps_vdecode
+        decode = type(self)._ps_vdecode
         return fields[3] if decode is None else decode(fields[3])
 
     def __setitem__(self, key, value):
@@ -595,26 +894,148 @@ class PersistentDict(MappingMixin, HashCollection):
                 if old:
                     heap.decref(old)
 
+    def _ps_prepare_pairs(self, heap, pairs):
+        """The checked pairs, as ``_Columns`` when the keys are all ``bytes`` (ByteString keys) or all
+        ``int`` (integer keys) and the values by value: every key and value is checked with a few
+        C-level passes over the lists (``map``, ``set``, ``min``, ``max``) instead of one call each."""
+        cls = type(self)
+        key_type, value_type = cls._ps_key, cls._ps_value
+        if value_type.is_ref:
+            return super()._ps_prepare_pairs(heap, pairs)
+        keys = list(map(_first, pairs))
+        kinds = set(map(type, keys))
+        if key_type.is_ref and key_type.string_type == F.T_BYTESTRING and kinds == {bytes}:
+            hashes = list(map(_crc32, keys, itertools.repeat(F.BYTES_SEED)))
+        elif not key_type.is_ref and key_type.exact is int and kinds == {int} and (
+                key_type.low <= min(keys) and max(keys) <= key_type.high):
+            hashes = list(map(F.number_hash, keys))
+        else:
+            return super()._ps_prepare_pairs(heap, pairs)
+        values = list(map(_second, pairs))
+        vtype = value_type.type
+        exact = (int if vtype.kind == "int" else float) if value_type.raw else None
+        if not (set(map(type, values)) == {exact} and (
+                exact is float or vtype.low <= min(values) and max(values) <= vtype.high)):
+            values = list(map(value_type.encode, values))  # raises what a single store would
+        return _Columns(keys, hashes, values)
+
     def _ps_bulk_store(self, heap, prepared):
-        """Store checked ``(key, stored, value cell, holder)`` items (see ``update``): room for all of
-        them is made once, then each is inserted or overwrites its key's value."""
+        """Store checked items (see ``update``): ``(key, stored, value cell, holder)`` tuples or
+        ``_Columns``.  Room for all of them is made once, then each is inserted or overwrites
+        its key's value.
+
+        ``_Columns`` of distinct short keys into an empty table are written
+        at once: the entries packed by one ``map`` and joined, the indices
+        placed by one loop over the hashes.  Otherwise an item whose key lives
+        in the entry (a number, a string of at most ``KEY_INLINE`` bytes) and
+        whose value is by value is placed by the loop here, the table's
+        figures kept in locals and written once at the end; any other item
+        goes through ``_ps_insert``.
+        """
         cls = type(self)
         wanted = self._ps_count + len(prepared)
         if not self._ps_body or self._ps_table().capacity < wanted:
             self._ps_rebuild(heap, min(wanted, _MAX_ENTRIES))
+        if type(prepared) is _Columns:
+            if self._ps_fill_empty(prepared):
+                return
+            prepared = zip(prepared.keys, zip(prepared.hashes, prepared.keys), prepared.cells,
+                           itertools.repeat(None))
         value_ref = cls._ps_value.is_ref
         value_at, value_cell = cls._ps_value_at, cls._ps_value_cell
-        for key, stored, cell, _ in prepared:
-            table, entry = self._ps_insert(heap, key, cell, stored)
-            if entry >= 0:  # an existing key: replace the value
-                at = entry * cls._ps_esize + value_at
-                old = value_cell.unpack_from(table.entries, at)[0]
-                value_cell.pack_into(table.entries, at, cell)
-                if value_ref:
-                    if cell:
-                        heap.incref(cell)
-                    if old:
-                        heap.decref(old)
+        strings, esize = cls._ps_strings, cls._ps_esize
+        unpack, pack_entry, pack_value = cls._ps_entry.unpack_from, cls._ps_entry.pack_into, value_cell.pack_into
+        deleted, pad = F.TABLE_DELETED, _PAD
+        table = self._ps_table()
+        indices, mask, raw, before, capacity = table.fast
+        head = table.head
+        used, filled, added = head[3], head[4], 0
+        try:
+            for key, stored, cell, _ in prepared:
+                hash_, data = stored
+                if value_ref or used >= capacity or filled >= capacity or (strings and len(data) > _KEY_INLINE):
+                    # the general way, with the figures of the table written back first
+                    head[3], head[4] = used, filled
+                    self._ps_count += added
+                    self._ps_aux += added
+                    added = 0
+                    table, entry = self._ps_insert(heap, key, cell, stored)
+                    if entry >= 0:  # an existing key: replace the value
+                        at = entry * esize + value_at
+                        old = value_cell.unpack_from(table.entries, at)[0]
+                        value_cell.pack_into(table.entries, at, cell)
+                        if value_ref:
+                            if cell:
+                                heap.incref(cell)
+                            if old:
+                                heap.decref(old)
+                    indices, mask, raw, before, capacity = table.fast
+                    head = table.head
+                    used, filled = head[3], head[4]
+                    continue
+                if strings:
+                    n = len(data)
+                    probe, tag = data + pad[n], _TAG_INLINE + n
+                else:
+                    probe, tag = data, 1
+                home = slot = hash_ & mask
+                free = -1
+                index = indices[slot]
+                while index:
+                    if index <= capacity:
+                        at = before + index * esize
+                        fields = unpack(raw, at)
+                        if fields[0] == hash_ and fields[2] == probe and fields[1] == tag:
+                            break
+                    elif index != deleted:
+                        raise self._ps_bad(f"hash slot {slot} names entry {index - 1}")
+                    elif free < 0:
+                        free = slot
+                    slot = (slot + 1) & mask
+                    if slot == home:
+                        raise self._ps_bad("its hash table has no free slot")
+                    index = indices[slot]
+                if index:  # an existing key: replace the value (by value: nothing to count)
+                    pack_value(raw, at + value_at, cell)
+                    continue
+                if free < 0:
+                    filled += 1
+                else:
+                    slot = free
+                used += 1
+                pack_entry(raw, before + used * esize, hash_, tag, probe, cell)
+                indices[slot] = used
+                added += 1
+        finally:
+            head[3], head[4] = used, filled
+            self._ps_count += added
+            self._ps_aux += added
+
+    def _ps_fill_empty(self, columns):
+        """Write ``columns`` into the table at once if it holds nothing (no entry, no tombstone)
+        and their keys are distinct and short; whether it did."""
+        cls = type(self)
+        table = self._ps_table()
+        head = table.head
+        keys, m = columns.keys, len(columns.keys)
+        if head[3] or head[4] or m > table.capacity or len(set(keys)) != m:
+            return False
+        if cls._ps_strings:
+            lengths = list(map(len, keys))
+            if max(lengths) > _KEY_INLINE:
+                return False
+            tags = list(map(operator.add, lengths, itertools.repeat(_TAG_INLINE)))
+            probes = keys if min(lengths) == _KEY_INLINE else list(
+                map(bytes.ljust, keys, itertools.repeat(_KEY_INLINE), itertools.repeat(b"\0")))
+        else:
+            tags, probes = itertools.repeat(1), keys
+        blob = b"".join(map(cls._ps_entry.pack, columns.hashes, tags, probes, columns.cells))
+        table.entries[:len(blob)] = blob
+        table.indices[:] = _place(columns.hashes, table.mask)
+        head[3] = head[4] = m
+        self._ps_count += m
+        self._ps_aux += m
+        return True
 
     def __delitem__(self, key):
         """``del d[key]``; ``KeyError`` if absent.
