@@ -347,9 +347,10 @@ class MappingMixin:
         heap = self._ps_storage()
         # The pairs and their prepared forms are many small acyclic tuples, alive together:
         # the cycle collector would walk them all again and again as they are made.
+        # (Process-wide while it runs; put back in the finally, also after an interrupt anywhere.)
         collecting = gc.isenabled()
-        gc.disable()
         try:
+            gc.disable()
             if type(other) is dict:
                 pairs = list(other.items())
             elif isinstance(other, abc.Mapping) or hasattr(other, "keys"):
