@@ -35,6 +35,8 @@ BARS = {
     "P3-bulk": ("bulk load 1M records with the bulk call, then commit", "3x faster than sqlite3 executemany",
                 "bulkload"),
     "P4": ("random key lookup in a Dict of 1M keys", "<= 1.25x lmdb get; 3x faster than sqlite3", "lookup"),
+    "P4b": ("build a Dict of 1M keys, commit included", "<= 2x lmdb puts, faster than sqlite3", "lookup"),
+    "P4c": ("SortedDict range scan of (key, value) pairs", "faster than sqlite3, <= 1.5x an lmdb cursor", "rangescan"),
     "P5": ("open a 1 GB store and read one field", "< 10 ms and flat in store size", "opentime"),
     "P6": ("small transaction commit, sync=True", ">= 0.8x a bare write+fsync loop", "commits"),
     "P6-async": ("small transaction commit, sync=False", "<= 2x the time of sqlite3 in WAL mode, synchronous=NORMAL",
@@ -236,7 +238,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.source:
         with open(args.source) as source:
-            results = json.load(source)
+            results = rejudge(json.load(source))
     else:
         results = run(args)
         if args.json:
@@ -247,6 +249,27 @@ def main(argv=None):
         docs = os.path.join(ROOT, "docs")
         written = _report.write_docs(docs_results(results, docs), docs)
         print("wrote " + ", ".join(written))
+    return results
+
+
+def rejudge(results):
+    """``results`` (a saved run) with the bars of every workload that can judge its own tables again
+    (a ``judge(tables)`` function) judged by today's code: a bar that changed wording or limit is
+    applied to the figures already measured."""
+    import importlib
+    by_id = {bar["id"]: index for index, bar in enumerate(results.get("bars", []))}
+    for name, data in results["workloads"].items():
+        module = importlib.import_module(f".{name}", __package__)
+        judge = getattr(module, "judge", None)
+        if judge is None:
+            continue
+        for bar in judge(load_tables(results, name)):
+            entry = bar.to_dict()
+            data["bars"] = [b for b in data.get("bars", []) if b["id"] != bar.id] + [entry]
+            if bar.id in by_id:
+                results["bars"][by_id[bar.id]] = entry
+            else:
+                results.setdefault("bars", []).append(entry)
     return results
 
 

@@ -91,6 +91,13 @@ def p8_bars(cold, warm, size):
     return bars
 
 
+def judge(tables):
+    """The bars of a saved run's tables (see ``python -m benchmarks --write-docs --from``)."""
+    from ._report import parse_size
+    cold, warm = tables
+    return p8_bars(cold, warm, max(parse_size(case) for case in cold.cases()))
+
+
 def main(argv=None):
     from .__main__ import main as suite
     return suite(["--only", NAME, *(argv if argv is not None else __import__("sys").argv[1:])])

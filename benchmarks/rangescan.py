@@ -28,7 +28,7 @@ import random
 import struct
 
 from . import _stores as S
-from .harness import OURS, Stats, Table, count_text, measure
+from .harness import OURS, Bar, Stats, Table, count_text, fmt, fmt_ratio, measure
 
 NAME = "rangescan"
 TITLE = "Range scan"
@@ -196,7 +196,31 @@ def run(ctx):
     finally:
         for close in closers:
             close()
-    return [table], []
+    return [table], _bars(table)
+
+
+def _bars(table):
+    """P4c: a range scan of (key, value) pairs faster than sqlite3 and <= 1.5x an lmdb cursor, in the
+    ranges of the largest length measured (DESIGN.md section 7)."""
+    cases = [case for case in table.cases() if table.value(case, OURS) is not None]
+    if not cases:
+        return []
+    case = cases[-1]
+    lmdb, sqlite = table.value(case, "lmdb"), table.value(case, "sqlite3")
+    if lmdb is None or sqlite is None:
+        return []
+    ours = table.value(case, OURS)
+    others = [f"{other}: {fmt_ratio(table.ratio(other, 'lmdb'))} vs lmdb, {fmt_ratio(table.ratio(other, 'sqlite3'))} "
+              "vs sqlite3" for other in cases[:-1] if table.value(other, "lmdb") and table.value(other, "sqlite3")]
+    return [Bar("P4c", "SortedDict range scan of (key, value) pairs", "faster than sqlite3, <= 1.5x an lmdb cursor",
+                f"{fmt(ours)} ns/pair ({case})", f"lmdb {fmt(lmdb)} ns, sqlite3 {fmt(sqlite)} ns",
+                f"{fmt_ratio(table.ratio(case, 'lmdb'))} vs lmdb / {fmt_ratio(table.ratio(case, 'sqlite3'))} vs sqlite3",
+                table.ratio(case, "sqlite3") < 1 and table.ratio(case, "lmdb") <= 1.5, "; ".join(others))]
+
+
+def judge(tables):
+    """The bars of a saved run's tables (see ``python -m benchmarks --write-docs --from``)."""
+    return _bars(tables[0])
 
 
 def main(argv=None):

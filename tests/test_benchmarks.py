@@ -296,3 +296,33 @@ def test_a_run_of_some_workloads_is_merged_into_the_saved_results(tmp_path):
     assert "later run merged in" in text and "in a later full mode run (started now)" in text
     assert "in these runs" in text
     assert json.loads((docs / "perf_results.json").read_text())["merged"][0]["started"] == "now"
+
+
+def test_a_saved_run_is_judged_again_by_todays_bars():
+    """``--write-docs --from FILE`` applies the bars of today's code to the figures a saved run measured
+    (P4, P4b, P4c, P8: workloads with a ``judge(tables)``); other bars stay as they were."""
+    def table(name, rows):
+        result = harness.Table(name, name, "ns", 1e9, paired=False)
+        for case, store, value in rows:
+            result.add(case, store, harness.Stats.of([value * 1e-9] * 3))
+        return result.to_dict()
+
+    lookup = table("lookup", [("10^6 keys", harness.OURS, 120), ("10^6 keys", "lmdb", 100),
+                              ("10^6 keys", "sqlite3", 1000)])
+    build = table("lookup-build", [("10^6 keys", harness.OURS, 3000), ("10^6 keys", harness.OURS + " (update)", 900),
+                                   ("10^6 keys", "lmdb", 500), ("10^6 keys", "sqlite3", 1000)])
+    scan = table("rangescan", [("ranges of 100 keys", harness.OURS, 200), ("ranges of 100 keys", "lmdb", 100),
+                               ("ranges of 100 keys", "sqlite3", 300)])
+    old = {"id": "P4", "operation": "o", "bar": "faster than lmdb get", "ours": "1", "peer": "p", "ratio": "1x",
+           "holds": False, "note": ""}
+    kept = dict(old, id="P1", note="kept")
+    results = {"workloads": {"lookup": {"tables": [lookup, build], "bars": [old]},
+                             "rangescan": {"tables": [scan], "bars": []},
+                             "fields": {"tables": [], "bars": [kept]}},
+               "bars": [kept, old]}
+    bars = {bar["id"]: bar for bar in suite.rejudge(results)["bars"]}
+    assert bars["P1"] == kept
+    assert bars["P4"]["holds"] is True and "1.25x" in bars["P4"]["bar"]  # 1.2x lmdb, 0.12x sqlite3
+    assert bars["P4b"]["holds"] is True and "(update)" in bars["P4b"]["ratio"]  # 900 <= 2 x 500 and < 1000
+    assert bars["P4c"]["holds"] is False  # 2x lmdb's cursor
+    assert [bar["id"] for bar in results["workloads"]["lookup"]["bars"]] == ["P4", "P4b"]
