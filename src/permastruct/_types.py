@@ -250,21 +250,9 @@ def _signature_wrapper(method, template):
 
 
 def _general_change(method):
+    """The wrapper of a method whose signature :func:`_signature_wrapper` cannot copy (none today)."""
     def changing(self, *args, **kwargs):
-        storage = type(self)._heap
-        if storage._changing:
-            if storage._changing != _get_ident():
-                raise _concurrent(storage)
-            return method(self, *args, **kwargs)
-        storage._changing = _get_ident()
-        try:
-            result = method(self, *args, **kwargs)
-        except Exception as exc:
-            if not isinstance(exc, _CUT_SHORT):
-                storage._changing = 0
-            raise
-        storage._changing = 0
-        return result
+        return run_change(type(self)._heap, method, self, *args, **kwargs)
     return changing
 
 
