@@ -270,6 +270,8 @@ def rejudge(results):
                 results["bars"][by_id[bar.id]] = entry
             else:
                 results.setdefault("bars", []).append(entry)
+    order = {bar_id: index for index, bar_id in enumerate(BARS)}
+    results.get("bars", []).sort(key=lambda bar: order.get(bar["id"], len(order)))
     return results
 
 
