@@ -913,3 +913,89 @@ def test_undo_of_a_relocating_pack_brings_back_the_state_before_it(path):
         assert str(p.root.records[-1].name) == "after the undo"
         del p.root.records[-1]
         _check_records(p, kept)
+
+
+# -- scans in flight across a relocation ----------------------------------------------------------
+
+class Ordered(Storage):
+    def populateSchema(self):
+        s = self.schema
+        self.define(SortedDict("ByNumber")[s.Int, s.Int])
+        self.define(SortedDict("ByName")[s.String, s.Int])
+
+        class Junk(s.Structure):
+            number = s.Int
+
+        class Root(s.Structure):
+            junk = self.define(List("Junks")[Junk])
+            by_number = self.schema.ByNumber
+            by_name = self.schema.ByName
+
+
+def _name(index):
+    return f"a key of more than sixteen bytes {index:05d}"
+
+
+def _ordered_store(p):
+    """Junk first (the low pages the pack frees), then a SortedDict whose nodes end the file."""
+    p.root.junk = [p.schema.Junk(number=index) for index in range(5000)]
+    p.commit()
+    p.root.by_number = {index: -index for index in range(2000)}
+    p.commit()
+
+
+def _named_store(p):
+    p.root.junk = [p.schema.Junk(number=index) for index in range(5000)]
+    p.commit()
+    p.root.by_name = {_name(index): index for index in range(800)}
+    p.commit()
+
+
+def test_a_sorted_dict_scan_suspended_across_a_relocating_pack_goes_on_where_it_was(path):
+    """A B+tree scan holds the leaf it is reading and the link to the next; a pack that moves the
+    nodes meanwhile must not send it to their old places (freed: a false damage report, or another
+    object's bytes read as keys)."""
+    with Ordered(path, pageSize=1024) as p:
+        _ordered_store(p)
+        by_number = p.root.by_number
+        scans = [iter(by_number), reversed(by_number), iter(by_number.items()),
+                 by_number.irange(100, 1900), by_number.irange(100, 1900, reverse=True)]
+        expected = [list(range(2000)), list(range(1999, -1, -1)), [(i, -i) for i in range(2000)],
+                    list(range(100, 1901)), list(range(1900, 99, -1))]
+        heads = [[next(scan) for _ in range(150)] for scan in scans]
+        p.root.junk = None
+        assert p.pack()["objects_moved"] > 50
+        p.check()
+        for head, scan, want in zip(heads, scans, expected):
+            assert head + list(scan) == want
+
+
+def test_a_scan_of_string_keys_suspended_across_a_relocating_pack_goes_on_where_it_was(path):
+    with Ordered(path, pageSize=1024) as p:
+        _named_store(p)
+        by_name = p.root.by_name
+        scans = [iter(by_name), by_name.irange(_name(50), _name(700), inclusive=(False, True)),
+                 reversed(by_name)]
+        expected = [[_name(i) for i in range(800)], [_name(i) for i in range(51, 701)],
+                    [_name(i) for i in range(799, -1, -1)]]
+        heads = [[str(next(scan)) for _ in range(150)] for scan in scans]  # (no String proxy held)
+        p.root.junk = None
+        assert p.pack()["objects_moved"] > 50
+        p.check()
+        for head, scan, want in zip(heads, scans, expected):
+            assert head + [str(key) for key in scan] == want
+
+
+def test_a_readers_sorted_dict_scan_goes_on_after_a_refresh_past_a_relocating_pack(path):
+    with Ordered(path, pageSize=1024) as p:
+        _ordered_store(p)
+        held = p.root.by_number  # (the writer holds it: its object stays, its nodes move)
+        with Ordered(path, readonly=True) as reader:
+            scan = iter(reader.root.by_number)
+            head = [next(scan) for _ in range(300)]
+            p.root.junk = None
+            assert p.pack()["objects_moved"] > 50
+            assert reader.refresh()
+            assert head + list(scan) == list(range(2000))
+            reader.check()
+        del held

@@ -250,6 +250,9 @@ class PersistentSortedDict(MappingMixin, Collection):
         elements there can be (a cycle of leaves), is damage.
         """
         version = self._ps_aux
+        heap = type(self)._heap
+        moves = heap.moves
+        string_data = type(self)._ps_string_data
         steps = 2 * self._ps_count + 2  # elements plus leaves: every leaf but an empty root holds a key
         if remaining is None:
             remaining = float("inf")
@@ -272,9 +275,22 @@ class PersistentSortedDict(MappingMixin, Collection):
                 steps -= hi - lo
                 if steps < 0:
                     raise self._ps_bad(f"its leaves link in a cycle (through {node.offset:#x})")
+                edge = node.keys[lo if reverse else hi - 1]  # (read now: the leaf may move meanwhile)
+                if string_data is not None:
+                    edge = string_data(edge)
                 yield node, lo, hi
                 if self._ps_aux != version:  # the link read above may name a node freed since
                     raise RuntimeError(f"{type(self).__name__} changed size during iteration")
+                if heap.moves != moves:  # a pack moved nodes (or a refresh, rollback or undo put the
+                    moves = heap.moves  # tree elsewhere): the next position is found again by its key
+                    steps -= 1
+                    node = self._ps_descend(edge)[1]
+                    keys = node.keys if string_data is None else _StringKeys(node.keys, string_data)
+                    if reverse:
+                        index = bisect.bisect_left(keys, edge, 0, node.n) - 1
+                    else:
+                        index = bisect.bisect_right(keys, edge, 0, node.n)
+                    continue
             node = self._ps_leaf(link) if link and remaining > 0 else None
             index = node.n - 1 if reverse and node is not None else 0
 

@@ -99,6 +99,7 @@ class Heap:
         self.created_many = []  # arrays of the offsets of objects made many at once, as ``created``
         self.freed = []  # objects freed in this transaction (the commit tells readers)
         self.views = {}  # offset of a collection's internal object -> its cached views
+        self.moves = 0  # counts the times internal objects may have moved (pack, refresh, rollback, undo)
         self.exports = weakref.WeakValueDictionary()  # buffer views handed out (released at close)
         self._blanks = {}  # (type id, size) -> a new object's bytes: the header, then zeros
         self._changing = 0

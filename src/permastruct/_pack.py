@@ -499,6 +499,8 @@ def _move(storage, offsets, capacity, moved, limit, accept):
             table.pop(offset, None)
         alloc.free(offset)
         heap.freed.append(offset)  # a reader's proxy of it dies at refresh, as a freed one's
+    if done:
+        heap.moves += 1  # (a scan in flight over a B+tree finds its place again by key)
     alloc.merge()
 
 

@@ -396,6 +396,7 @@ class Storage:
             for offset in list(heap.proxies) if pf._remapped else freed:
                 heap.kill_proxy(offset, rolled_back=True)
             heap.views.clear()
+            heap.moves += 1
             heap.unreferenced = set(heap.held_objects())
             self._root = None
             pf.commit(freed=freed, meta=meta)
@@ -437,6 +438,7 @@ class Storage:
         heap.created = set()
         self._page_file.discard()
         heap.views.clear()
+        heap.moves += 1
         heap.freed = []
         heap.unreferenced = set(heap.held_objects())  # the committed state's: freed at the next commit
         self._root = None
@@ -454,6 +456,7 @@ class Storage:
             return False
         heap = self._heap
         heap.views.clear()
+        heap.moves += 1
         self._root = None
         self.schema._refresh()  # the types and versions the writer added
         freed = self._page_file.freed
@@ -522,6 +525,7 @@ class Storage:
         heap.created = before
         self._page_file.rollback_to(engine_point)
         heap.views.clear()
+        heap.moves += 1
         self._root = None
         heap.unreferenced, heap.freed, heap._changing = set(unreferenced), list(freed), 0
 
