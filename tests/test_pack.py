@@ -999,3 +999,32 @@ def test_a_readers_sorted_dict_scan_goes_on_after_a_refresh_past_a_relocating_pa
             assert head + list(scan) == list(range(2000))
             reader.check()
         del held
+
+
+def test_a_forwarded_objects_proxy_kept_by_the_map_is_not_left_over_its_bodys_old_place(path):
+    """The writer's proxy of a FORWARD (a committed body of the current version) is laid over the
+    body.  A pack that moves the body must not leave that proxy in the identity map: read, it gave
+    the zeros of the hole the checkpoint punched; written, the change went to freed memory (lost)."""
+    with Version1(path) as p:
+        p.root.items = [p.schema.Item(name=f"item {i}", n=i) for i in range(300)]
+        p.root.junk = [p.schema.Item(name=f"junk {i}", n=i) for i in range(3000)]
+    with Version2(path) as p:
+        for index, item in enumerate(p.root.items):
+            item.extra = f"extra {index}"  # every Item a FORWARD; the bodies after the junk
+    with Version2(path) as p:
+        p.root.junk = None
+        p.commit()
+        items = p.root.items
+        assert [x.n for x in items] == list(range(300))  # (proxies the map keeps, over the bodies)
+        assert p.pack()["objects_moved"] > 100
+        p.check()
+        assert [x.n for x in items] == list(range(300))
+        for x in items:
+            x.n += 1000
+        del x
+        p.commit()
+        p.check()
+    with Version2(path) as p:
+        p.check()
+        assert [x.n for x in p.root.items] == list(range(1000, 1300))
+        assert [str(x.extra) for x in p.root.items] == [f"extra {i}" for i in range(300)]

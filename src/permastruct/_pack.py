@@ -452,6 +452,8 @@ def _relocate(storage, live, capacity, types):
                 target = F.UINT64.unpack_from(view(at, 8))[0]
                 if target in moved:
                     F.UINT64.pack_into(view(at, 8), 0, moved[target])
+                    if types[offset] == F.T_FORWARD:  # the writer's proxy of a FORWARD is laid over its
+                        heap.proxies.pop(base, None)  # body (only the map holds it: a held one pins it)
         for slot in (F.SLOT_ROOT, F.SLOT_REGISTRY, F.SLOT_SCHEMA):
             if pf.slots[slot] in moved:
                 pf.slots[slot] = moved[pf.slots[slot]]
