@@ -1028,3 +1028,39 @@ def test_a_forwarded_objects_proxy_kept_by_the_map_is_not_left_over_its_bodys_ol
         p.check()
         assert [x.n for x in p.root.items] == list(range(1000, 1300))
         assert [str(x.extra) for x in p.root.items] == [f"extra {i}" for i in range(300)]
+
+
+def test_undo_of_a_pack_that_moved_forwarded_bodies_kills_the_proxies_laid_over_them(path):
+    """After undo() of a pack that moved FORWARD bodies, the writer's proxies of the FORWARDs made
+    meanwhile (laid over the bodies' new places) must not stay in the map: they read another
+    object's bytes and their writes were lost."""
+    with Version1(path) as p:
+        p.root.items = [p.schema.Item(name=f"item {i}", n=i) for i in range(300)]
+        p.root.junk = [p.schema.Item(name=f"junk {i}", n=i) for i in range(3000)]
+    with Version2(path) as p:
+        p.root.junk = None
+        p.commit()
+        p.pack()  # (the schema this open wrote moves low: the pack below leaves it, so undo can take it)
+        p.root.junk = [p.schema.Item(name=f"junk {i}", n=i) for i in range(3000)]
+        p.commit()
+        for index, item in enumerate(p.root.items):
+            item.extra = f"extra {index}"  # FORWARDs, the bodies after the junk
+    with Version2(path, history=5) as p:
+        p.root.junk = None
+        p.commit()
+        items = p.root.items
+        assert p.pack()["objects_moved"] > 100
+        assert [x.n for x in items] == list(range(300))  # proxies over the moved bodies, in the map
+        p.undo(p.undo_log()[0]["id"])
+        p.check()
+        assert [x.n for x in items] == list(range(300))
+        for x in items:
+            x.n += 1000
+        del x
+        p.commit()
+        p.root.junk = [p.schema.Item(name=f"new {i}", n=-1) for i in range(3000)]
+        p.commit()
+        p.check()
+    with Version2(path) as p:
+        p.check()
+        assert [x.n for x in p.root.items] == list(range(1000, 1300))

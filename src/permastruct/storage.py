@@ -342,6 +342,9 @@ class Storage:
                            "description": description or "", "extension": extension, "size": record.size})
         return result
 
+    def _forward_body(self, offset):
+        return F.FORWARD.unpack_from(self._heap.mapping.view(offset, F.FORWARD.size))[2]
+
     def undo(self, id: int, description: "str | None" = None, *, user: "str | None" = None,
              extension: "dict[str, Any] | None" = None) -> "list[int]":
         """Return the store to its state just before transaction ``id``, as one new transaction.
@@ -382,6 +385,9 @@ class Storage:
         heap._changing = T._get_ident()
         try:
             live = {offset: type_id for offset, _, type_id in heap.walk()}
+            # (the writer's proxy of a FORWARD may be laid over its body: it dies if the body moves)
+            bodies = {offset: self._forward_body(offset) for offset in list(heap.proxies)
+                      if live.get(offset) == F.T_FORWARD}
             undone = pf._restore_history(id)
             heap.allocator.release()
             heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
@@ -390,10 +396,12 @@ class Storage:
             # transaction freed an object (the restored state has that one there).
             reused = {offset for record in chain for offset in record.freed}
             freed = sorted(offset for offset, type_id in live.items() if kept.get(offset) != type_id or offset in reused)
+            moved = [offset for offset, body in bodies.items()
+                     if kept.get(offset) == F.T_FORWARD and self._forward_body(offset) != body]
             # The restored state is in the map: its proxies and caches are put right before the commit,
             # so that nothing can come between the commit and them (a commit that fails leaves these
             # proxies dead: their objects are back, but a dead proxy only ever raises).
-            for offset in list(heap.proxies) if pf._remapped else freed:
+            for offset in list(heap.proxies) if pf._remapped else freed + moved:
                 heap.kill_proxy(offset, rolled_back=True)
             heap.views.clear()
             heap.moves += 1
