@@ -1497,6 +1497,28 @@ def test_float_keys_equal_ints_only_when_exact(impl, request):
     impl.check()
 
 
+def test_a_key_stored_as_another_number_type_is_found_by_it(impl):
+    """A key given as an integer-like object (``__index__``: numpy's integers) or a real number
+    (numpy's floats, Fraction) is stored; looked up by the same object it must be found, as a dict
+    finds it (the lookup refused every number but int, float and bool)."""
+    from fractions import Fraction
+    numpy = pytest.importorskip("numpy")
+    d = impl.make("DIntString", {})
+    d[numpy.int64(7)] = "seven"
+    assert d[numpy.int64(7)] == "seven" and numpy.int32(7) in d and d[7] == "seven"
+    assert d.get(numpy.uint8(7)) == "seven" and Fraction(7) in d and Fraction(15, 2) not in d
+    assert numpy.float64(7.0) in d and numpy.float32(7.5) not in d and numpy.int64(8) not in d
+    assert d.pop(numpy.int16(7)) == "seven" and len(d) == 0
+    fl = impl.make("DFloatInt", {0.5: 1, 3: 2})
+    assert fl[numpy.float32(0.5)] == 1 and fl[Fraction(1, 2)] == 1 and fl[numpy.int64(3)] == 2
+    assert Fraction(1, 3) not in fl and numpy.float32(0.1) not in fl
+    s = impl.make("SFloat", {numpy.float64(2.5)})
+    assert numpy.float32(2.5) in s and Fraction(5, 2) in s
+    sd = impl.make("SDFloatString", {1.5: "a"})
+    assert sd[numpy.float32(1.5)] == "a" and Fraction(3, 2) in sd
+    impl.check()
+
+
 def test_dict_string_and_bytes_keys(impl):
     words = ["", "a", "A", "\u00e9", "e\u0301", "\U0001F600", "\u4e2d" * 500, "a\x00b", "x" * 4000]
     d = impl.make("DStrInt", {w: i for i, w in enumerate(words)})

@@ -14,6 +14,8 @@ normalising a lookup key the way ``dict`` would find it, and a comparable form
 for the B+tree.  A lookup key that cannot be present raises :class:`Missing`.
 """
 
+import numbers
+import operator
 import struct
 from zlib import crc32 as _crc32
 
@@ -114,35 +116,46 @@ class Key(Cell):
         finds what it stored (0.1 has no exact Float32 value).
         """
         kind = self.number_kind
-        if type(key) is bool or isinstance(key, (int, float)):
-            if kind == "float":
+        if not (type(key) is bool or isinstance(key, (int, float))):
+            if hasattr(type(key), "__index__"):  # numpy's integers and the like, as store() takes them
+                key = operator.index(key)
+            elif isinstance(key, numbers.Real):  # numpy's floats, Fraction: found where a dict finds them
                 try:
-                    value = float(key)
-                except OverflowError:
+                    as_float = float(key)
+                except (OverflowError, ValueError):
                     raise Missing from None
-                if value != value:  # NaN is never a key
+                if as_float != key:
                     raise Missing
-                if self.f32 is not None:
-                    try:
-                        value = struct.unpack("<f", self.f32(value))[0]
-                    except (OverflowError, struct.error):
-                        raise Missing from None
-                elif value != key:  # an int no double equals (2**53 + 1)
-                    raise Missing
-                return value
-            if isinstance(key, float):
-                if not key.is_integer():
-                    raise Missing
-                key = int(key)
+                key = as_float
+            else:
+                raise Missing
+        if kind == "float":
+            try:
+                value = float(key)
+            except OverflowError:
+                raise Missing from None
+            if value != value:  # NaN is never a key
+                raise Missing
+            if self.f32 is not None:
+                try:
+                    value = struct.unpack("<f", self.f32(value))[0]
+                except (OverflowError, struct.error):
+                    raise Missing from None
+            elif value != key:  # an int no double equals (2**53 + 1)
+                raise Missing
+            return value
+        if isinstance(key, float):
+            if not key.is_integer():
+                raise Missing
             key = int(key)
-            if kind == "bool":
-                if key not in (0, 1):
-                    raise Missing
-                return key
-            if not self.low <= key <= self.high:
+        key = int(key)
+        if kind == "bool":
+            if key not in (0, 1):
                 raise Missing
             return key
-        raise Missing
+        if not self.low <= key <= self.high:
+            raise Missing
+        return key
 
     # -- the three ways a key arrives --
     def lookup(self, key):
