@@ -13,7 +13,7 @@ from conftest import STORE_MODES, open_store
 from permastruct import Dict, List, Storage, UndoError
 from permastruct._dump import dump_json
 from permastruct._mapping import FileIO
-from permastruct.errors import DeadProxyError, ReadOnlyError
+from permastruct.errors import DeadProxyError, PermastructError, ReadOnlyError
 
 
 
@@ -592,3 +592,57 @@ def test_an_undo_to_a_state_the_cut_file_no_longer_maps_in_one_piece(path):
     with Hist(path) as p:
         assert state(p) == big
         p.check()
+
+
+class _Exported(Storage):
+    def populateSchema(self):
+        s = self.schema
+        self.define(List("Ints")[s.Int])
+
+        class Root(s.Structure):
+            buf = s.Buffer
+            ints = s.Ints
+            other = s.Ints
+
+
+def _write_through(view, value):
+    import array
+    try:
+        view[:] = array.array("q", [value] * len(view))
+    except (ValueError, TypeError, BufferError, PermastructError):
+        pass  # (refused: what should happen)
+
+
+@pytest.mark.xfail(strict=True, reason="an exported view of a List's array outlives undo(): it writes into "
+                                       "the array's old place, free in the restored state and then reused")
+def test_a_view_of_a_lists_cells_taken_before_an_undo_cannot_write_into_another_object(tmp_path):
+    with _Exported(str(tmp_path / "x.ps"), history=5) as p:
+        p.root.ints = [1, 2, 3]
+        p.commit()
+        p.root.ints.extend(range(100))  # a new array, made by the transaction undone below
+        p.commit()
+        view = memoryview(p.root.ints)
+        p.undo(p.undo_log()[0]["id"])
+        p.root.other = list(range(1000, 1103))  # (where the undone array was)
+        p.commit()
+        _write_through(view, -7)
+        p.commit()
+        p.check()
+        assert list(p.root.other) == list(range(1000, 1103)) and list(p.root.ints) == [1, 2, 3]
+
+
+@pytest.mark.xfail(strict=True, reason="a memoryview of a Buffer made in a rolled-back transaction stays "
+                                       "writable over the freed object (the same before today, with rollback)")
+def test_a_view_of_a_rolled_back_buffer_cannot_write_into_another_object(tmp_path):
+    import array
+    with _Exported(str(tmp_path / "x.ps")) as p:
+        p.root.other = []
+        p.commit()
+        view = memoryview(p.schema.Buffer(array.array("q", range(100))))
+        p.rollback()
+        p.root.other = list(range(1000, 1100))  # (where the buffer was)
+        p.commit()
+        _write_through(view, -7)
+        p.commit()
+        p.check()
+        assert list(p.root.other) == list(range(1000, 1100))
