@@ -30,7 +30,7 @@ import pytest
 from conftest import _long_run, interrupt_at_opcode
 
 import permastruct
-from permastruct import List, Storage
+from permastruct import Dict, List, Storage
 from permastruct.errors import (DeadProxyError, IncompleteChangeError, OverlayError, ReadOnlyError,
                                 StorageClosedError)
 
@@ -627,3 +627,41 @@ def test_readonly_error_names_the_overlay_base():
         assert io.size() == 4096 + 8192
     finally:
         io.close()
+
+
+class _BigTable(Storage):
+    def populateSchema(self):
+        s = self.schema
+        self.define(Dict("Numbers")[s.Int, s.Int])
+
+        class Root(s.Structure):
+            numbers = s.Numbers
+            pad = s.ByteString
+
+
+@pytest.mark.xfail(strict=True, reason="an overlay (and so readonly=True, at=<last id>) maps the base up to "
+                                       "the snapshot's last whole map unit and keeps the rest in memory: a "
+                                       "page run across that boundary reads as damage")
+def test_an_overlay_reads_a_page_run_that_crosses_the_last_whole_map_unit(tmp_path):
+    path = str(tmp_path / "base.ps")
+    with _BigTable(path, pageSize=1024) as p:
+        p.root.pad = b"x" * 3000
+        p.root.numbers = {i: i for i in range(348)}  # its hash table: a run across the last unit
+    with _BigTable(path) as p:
+        p.check()
+    with _BigTable(path, overlay=True) as o:
+        assert dict(o.root.numbers) == {i: i for i in range(348)}
+        o.check()
+
+
+@pytest.mark.xfail(strict=True, reason="readonly=True, at=<the last transaction> opens as an overlay: the same "
+                                       "split at the last whole map unit")
+def test_at_the_last_transaction_reads_a_page_run_that_crosses_the_last_whole_map_unit(tmp_path):
+    path = str(tmp_path / "base.ps")
+    with _BigTable(path, pageSize=1024, history=5) as p:
+        p.root.pad = b"x" * 3000
+        p.root.numbers = {i: i for i in range(348)}
+        p.commit()
+        last = p.undo_log()[0]["id"]
+    with _BigTable(path, readonly=True, at=last) as r:
+        assert dict(r.root.numbers) == {i: i for i in range(348)}
