@@ -100,6 +100,7 @@ class Heap:
         self.freed = []  # objects freed in this transaction (the commit tells readers)
         self.views = {}  # offset of a collection's internal object -> its cached views
         self.moves = 0  # counts the times internal objects may have moved (pack, refresh, rollback, undo)
+        self.relocations = 0  # counts the packs that moved objects
         self.exports = weakref.WeakValueDictionary()  # buffer views handed out (released at close)
         self._blanks = {}  # (type id, size) -> a new object's bytes: the header, then zeros
         self._changing = 0

@@ -87,6 +87,8 @@ def objects(storage, cls=None):
     schema, the registry, collection bodies) are never listed; objects that
     nothing references and no proxy holds (freed at the next commit) are not
     live and are not listed.  Unlinked cycles are live until :func:`pack`.
+    A pack that moves objects while an iteration is under way makes its
+    next step raise ``RuntimeError`` (the offsets it found are stale).
     """
     heap = storage._heap
     classes = heap.classes
@@ -103,7 +105,10 @@ def objects(storage, cls=None):
 
 
 def _proxies(heap, found, pending):
+    relocations = heap.relocations
     for offset, type_id in found:
+        if heap.relocations != relocations:  # (the offsets found are stale: moved, or another's now)
+            raise RuntimeError("pack() moved objects during an iteration of objects(): call objects() again")
         if offset in pending and heap.live_proxy(offset) is None and heap.refcount(offset) == 0:
             continue  # freed at the next commit: not live
         if heap.type_at(offset) != type_id:
@@ -503,6 +508,7 @@ def _move(storage, offsets, capacity, moved, limit, accept):
         heap.freed.append(offset)  # a reader's proxy of it dies at refresh, as a freed one's
     if done:
         heap.moves += 1  # (a scan in flight over a B+tree finds its place again by key)
+        heap.relocations += 1  # (an iteration of objects() in flight raises)
     alloc.merge()
 
 
