@@ -639,9 +639,6 @@ class _BigTable(Storage):
             pad = s.ByteString
 
 
-@pytest.mark.xfail(strict=True, reason="an overlay (and so readonly=True, at=<last id>) maps the base up to "
-                                       "the snapshot's last whole map unit and keeps the rest in memory: a "
-                                       "page run across that boundary reads as damage")
 def test_an_overlay_reads_a_page_run_that_crosses_the_last_whole_map_unit(tmp_path):
     path = str(tmp_path / "base.ps")
     with _BigTable(path, pageSize=1024) as p:
@@ -654,8 +651,6 @@ def test_an_overlay_reads_a_page_run_that_crosses_the_last_whole_map_unit(tmp_pa
         o.check()
 
 
-@pytest.mark.xfail(strict=True, reason="readonly=True, at=<the last transaction> opens as an overlay: the same "
-                                       "split at the last whole map unit")
 def test_at_the_last_transaction_reads_a_page_run_that_crosses_the_last_whole_map_unit(tmp_path):
     path = str(tmp_path / "base.ps")
     with _BigTable(path, pageSize=1024, history=5) as p:

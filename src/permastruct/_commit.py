@@ -349,7 +349,9 @@ class Engine:
         The base is opened read-only and never written: its pages up to the
         last whole map unit of the snapshot's pages are mapped privately, the
         rest (the snapshot's last partial unit, and all growth) lives in an
-        anonymous in-memory file (:class:`OverlayIO`).  The log's pages of the
+        anonymous in-memory file (:class:`OverlayIO`).  With pages smaller
+        than a map unit and a snapshot that ends inside one, a page run could
+        cross that boundary, so all its pages are copied into memory.  The log's pages of the
         snapshot are laid over the map and kept as committed images.  The
         reader locks of the snapshot are held until close, so the base's
         writer never checkpoints past it (its log grows meanwhile, as for a
@@ -371,6 +373,11 @@ class Engine:
                 unit = max(GRANULE, self.page_size)
                 end = F.HEADER_BLOCK + self.page_count * self.page_size
                 limit = F.HEADER_BLOCK + (end - F.HEADER_BLOCK) // unit * unit
+                if limit < end:
+                    # Pages smaller than a map unit, and a snapshot that ends inside one: a page run
+                    # may cross ``limit``, and nothing here knows where runs begin, so no split of
+                    # the pages is safe: all of them go to memory (the header block stays mapped).
+                    limit = F.HEADER_BLOCK
                 tail = base.pread(F.HEADER_BLOCK + -(-(end - F.HEADER_BLOCK) // unit) * unit - limit, limit)
                 self.io = OverlayIO(base, limit, tail)
                 if past is not None:  # (the past state mapped in one piece past the base: see _remap)
