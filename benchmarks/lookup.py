@@ -53,8 +53,10 @@ def key(i):
 
 # -- one builder per store: grow(lo, hi), then lookups(sample) -> fn(number) ------------------
 class Ours:
+    FILE = "ours.ps"
+
     def __init__(self, ctx):
-        self.path = ctx.fresh(NAME, "ours.ps")
+        self.path = ctx.fresh(NAME, self.FILE)
         self.p = S.open_ours(self.path)
         self.p.root.keys = self.p.schema.KeyIndex()
         self.d = self.p.root.keys
@@ -80,11 +82,7 @@ class Ours:
 
 
 class OursBulk(Ours):
-    def __init__(self, ctx):
-        self.path = ctx.fresh(NAME, "ours-update.ps")
-        self.p = S.open_ours(self.path)
-        self.p.root.keys = self.p.schema.KeyIndex()
-        self.d = self.p.root.keys
+    FILE = "ours-update.ps"
 
     def grow(self, lo, hi):
         d, p = self.d, self.p

@@ -466,6 +466,22 @@ def test_constructor_of_fields_named_like_builtins_and_keywords(tmp_path):
     p.close()
 
 
+def test_a_constructor_is_generated_when_the_first_object_is_made(tmp_path):
+    """An open builds every class of the schema but compiles no constructor: the class's metaclass
+    generates it at its first call, and subclasses get their own."""
+    p = open_store(tmp_path)
+    agent_meta, spy_meta = type(p.schema.Agent), type(p.schema.Spy)
+    assert not hasattr(agent_meta.__call__, "_ps_source") and not hasattr(spy_meta.__call__, "_ps_source")
+    spy = p.schema.Spy(name=b"James", codename="007")
+    assert hasattr(spy_meta.__call__, "_ps_source") and not hasattr(agent_meta.__call__, "_ps_source")
+    agent = p.schema.Agent(name=b"Felix", age=31)
+    assert "def call(" in agent_meta.__call__._ps_source
+    assert (spy.codename, agent.name, agent.age) == ("007", b"Felix", 31)
+    assert type(spy) is p.schema.Spy and type(agent) is p.schema.Agent
+    p.rollback()
+    p.close()
+
+
 def test_constructor_cut_short_after_making_a_string_leaks_nothing(store, monkeypatch):
     """The object's own allocation fails after its string was made: the string goes at the next
     commit, nothing else changes."""

@@ -256,6 +256,13 @@ class Heap:
         for offset in list(doomed):
             self.kill_proxy(offset, rolled_back=True)
 
+    def forget_views(self):
+        """Drop the cached views of internal objects: the map now shows another state (a refresh,
+        a rollback, an undo), where they may be elsewhere; a scan in flight finds its place again
+        (``moves``)."""
+        self.views.clear()
+        self.moves += 1
+
     def live_proxy(self, offset):
         """The proxy of the object at ``offset`` if the program holds one, else None."""
         return self.proxies[offset] if _held(self.proxies, offset) else None

@@ -245,8 +245,15 @@ def _signature_wrapper(method, template):
     if positional_only:
         parameters.append("/")
     source = template.format(parameters=", ".join(parameters), arguments=", ".join(arguments), first=names[0])
-    exec(compile(source, f"<change of {method.__qualname__}>", "exec"), env)
+    code = _WRAPPER_CODE.get(source)
+    if code is None:  # compiled once per signature (every reference field's setter has the same one)
+        code = _WRAPPER_CODE[source] = compile(source, "<change wrapper>", "exec")
+    exec(code, env)
     return env["changing"]
+
+
+#: source -> code object of the wrappers :func:`_signature_wrapper` made so far
+_WRAPPER_CODE = {}
 
 
 def _general_change(method):

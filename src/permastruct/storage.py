@@ -403,8 +403,7 @@ class Storage:
             # proxies dead: their objects are back, but a dead proxy only ever raises).
             for offset in list(heap.proxies) if pf._remapped else freed + moved:
                 heap.kill_proxy(offset, rolled_back=True)
-            heap.views.clear()
-            heap.moves += 1
+            heap.forget_views()
             heap.unreferenced = set(heap.held_objects())
             self._root = None
             pf.commit(freed=freed, meta=meta)
@@ -445,8 +444,7 @@ class Storage:
         heap.kill_created(heap.created_objects())  # first: a rollback cut short kills the rest on retry
         heap.created = set()
         self._page_file.discard()
-        heap.views.clear()
-        heap.moves += 1
+        heap.forget_views()
         heap.freed = []
         heap.unreferenced = set(heap.held_objects())  # the committed state's: freed at the next commit
         self._root = None
@@ -463,8 +461,7 @@ class Storage:
         if not self._page_file.refresh():
             return False
         heap = self._heap
-        heap.views.clear()
-        heap.moves += 1
+        heap.forget_views()
         self._root = None
         self.schema._refresh()  # the types and versions the writer added
         freed = self._page_file.freed
@@ -532,8 +529,7 @@ class Storage:
         heap.kill_created(heap.created_objects() - before)  # objects made since die first (as in rollback)
         heap.created = before
         self._page_file.rollback_to(engine_point)
-        heap.views.clear()
-        heap.moves += 1
+        heap.forget_views()
         self._root = None
         heap.unreferenced, heap.freed, heap._changing = set(unreferenced), list(freed), 0
 

@@ -10,9 +10,10 @@ their types into the class docstring, and gives the class a signature
 ``help(p.schema.Agent)`` shows them.
 
 Making an object is the hot path of loading data, so each class also gets a
-constructor generated for it (:func:`_make_constructor`): its fields are the
-keyword parameters, and it is the ``__call__`` of a metaclass of the class's
-own (``AgentType``), so ``Agent(...)`` is one Python call.
+constructor generated for it when its first object is made
+(:func:`_make_constructor`): its fields are the keyword parameters, and it is
+the ``__call__`` of a metaclass of the class's own (``AgentType``), so
+``Agent(...)`` is one Python call.
 
 Structure classes are created inside ``Storage.populateSchema`` and belong to
 that storage; calling one creates a persistent object in it::
@@ -352,13 +353,27 @@ def _make_accessors(cls):
     storage = cls._storage
     cls._ps_setters = _make_setters(cls, storage._heap)
     cls.__setattr__ = _make_setattr(cls, storage.readonly)
-    cls._ps_new, call = _make_constructor(cls)
+    cls._ps_new = _general_constructor(cls, *_constructor_layout(cls))
     meta = type(cls)
     if meta.__dict__.get("_ps_class_of") is cls:  # its own metaclass: calls of the class go to ``call``
-        if call is not None:
-            meta.__call__ = call
-        elif "__call__" in meta.__dict__:
-            del meta.__call__
+        meta.__call__ = _first_call(cls)
+
+
+def _first_call(cls):
+    """The ``__call__`` of ``cls``'s own metaclass until its first object is made.
+
+    It generates the class's constructor (:func:`_make_constructor`), puts it
+    in its own place and makes the object with it: compiling one costs about
+    0.3 ms, which an open that makes no object of the class never pays (an
+    open builds every class of the schema).
+    """
+    def first(klass, *args, **fields):
+        if klass is not cls:  # a subclass without a constructor of its own, a dead variant
+            return StructureMeta.__call__(klass, *args, **fields)
+        call = _make_constructor(cls) or StructureMeta.__call__
+        type(cls).__call__ = call
+        return call(klass, *args, **fields)
+    return first
 
 
 def _ref_property(name, hidden, ftype):
@@ -461,11 +476,12 @@ def _constructor_layout(cls):
 
 
 def _make_constructor(cls):
-    """The constructor of structure ``cls``, generated once per class: ``(new, call)``.
+    """``call(cls, **fields)``: the constructor of structure ``cls``, generated for it (None when
+    its field names cannot be parameters).
 
-    ``new(given)`` makes an object from a dict of field values (the path of
-    :meth:`StructureMeta.__call__`).  ``call(cls, **fields)`` is the same,
-    written out for this class as the ``__call__`` of its own metaclass, so
+    It does what ``cls._ps_new(given)`` (:func:`_general_constructor`, the
+    path of :meth:`StructureMeta.__call__`) does, written out for this class
+    as the ``__call__`` of its own metaclass, so
     that ``Agent(name=..., age=...)`` runs it directly: its fields are its
     keyword parameters (the interpreter binds them, with their defaults), the
     change guard is inline, and each value is checked inline (the common type
@@ -475,16 +491,15 @@ def _make_constructor(cls):
     written in one ``pack_into``, and its proxy.  The generated code names
     nothing but its parameters and ``_ps_`` names (which no field may have),
     so a field called ``type`` or ``int`` is just a field; field names that
-    cannot be parameters (keywords, from a stored schema) have no ``call``.
+    cannot be parameters (keywords, from a stored schema) have none.
     """
     heap = cls._heap
     order, packer = _constructor_layout(cls)
-    new = _general_constructor(cls, order, packer)
     types = cls._ps_field_types
     owner = cls.__name__
     if not all(name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("_ps_")
                for name in order):
-        return new, None
+        return None
     env = {"_ps_heap": heap, "_ps_pack": packer.pack_into, "_ps_from_address": cls.from_address,
            "_ps_new_string": new_string, "_ps_cls": cls, "_ps_type": type, "_ps_int": int,
            "_ps_float": float, "_ps_bool": bool, "_ps_bytes": bytes, "_ps_str": str,
@@ -562,7 +577,7 @@ def _make_constructor(cls):
     call = env["call"]
     call.__qualname__ = f"{owner}.__call__"
     call._ps_source = source  # for whoever wonders what runs
-    return new, call
+    return call
 
 
 def _indent(text, by=4):
