@@ -67,6 +67,8 @@ class PersistentList(Collection):
     def _ps_prepare(cls, heap):
         cls._ps_cell = Cell(heap, cls._ps_params[0], cls.__name__, "element")
         cls._ps_exports = {}  # array offset -> WeakSet of the MemoryExporters of its cells
+        if cls._ps_cell.is_ref:
+            cls.append = _fast_append(cls, heap)
 
     @staticmethod
     def _ps_accepts(value):
@@ -494,10 +496,10 @@ class PersistentList(Collection):
             cells = heap.views.get(self._ps_body) or self._ps_cells()
         else:
             cells = self._ps_reserve(heap, count + 1)
+        if cell and cell_type.is_ref:
+            heap.incref(cell)  # (first: it refuses an object with too many references)
         cells[count] = cell
         self._ps_count = count + 1
-        if cell and cell_type.is_ref:
-            heap.incref(cell)
 
     def extend(self, values):
         """Append every element of ``values``; nothing is added if one of them has a wrong type.
@@ -823,6 +825,37 @@ class PersistentList(Collection):
 
 
 abc.MutableSequence.register(PersistentList)
+
+
+def _fast_append(cls, heap):
+    """``append`` of List class ``cls`` whose elements are references: a live proxy of the element
+    type into an array with room is one change written out here (the change guard of
+    :func:`_types.change` inline, the cell, the count, the reference); anything else goes the
+    general way (:meth:`PersistentList.append`), which checks, converts and grows."""
+    element, general, ident, incref = cls._ps_cell.type, PersistentList.append, T._get_ident, heap.incref
+    cut_short = T._CUT_SHORT
+
+    def append(self, value):
+        if type(value) is element and not heap._changing and not heap.readonly:
+            count = self._ps_count
+            if count < self._ps_aux:
+                cells = heap.views.get(self._ps_body)
+                if cells is not None:
+                    heap._changing = ident()
+                    try:
+                        offset = value._ps_oid
+                        incref(offset)
+                        cells[count] = offset
+                        self._ps_count = count + 1
+                    except Exception as error:
+                        if not isinstance(error, cut_short):
+                            heap._changing = 0
+                        raise
+                    heap._changing = 0
+                    return
+        general(self, value)
+    append.__doc__, append.__qualname__ = general.__doc__, f"{cls.__name__}.append"
+    return append
 
 # Every method that changes a list is one change (see _types.change): done once, here.
 for _name in ("__setitem__", "__delitem__", "insert", "append", "extend", "extend_records", "__iadd__",
