@@ -205,3 +205,25 @@ def test_a_string_that_cannot_be_encoded_makes_nothing(tmp_path):
         p.commit()
         p.check()
         assert sum(1 for _ in p._heap.walk()) == before
+
+
+def test_iteration_keeps_the_chunk_it_reads_alive_through_removals_and_commits(tmp_path):
+    """A List of objects is read a chunk at a time with the chunk's proxies made at once: an
+    element the loop removes and commits away is still read whole, never a freed place."""
+    with Agents(str(tmp_path / "a.ps")) as p:
+        p.root.agents = [p.schema.Agent(name=b"n%d" % i, age=i) for i in range(100)]
+        p.commit()
+        seen = []
+        for agent in p.root.agents:
+            seen.append((agent.name, agent.age))
+            if agent.age % 3 == 0:
+                p.root.agents.remove(agent)
+                p.schema.Agent(name=b"filler", age=-1)  # a new object that could reuse a freed place
+                p.commit()
+                p.check()
+        assert seen[:16] == [(b"n%d" % i, i) for i in range(16)]  # the first chunk, as it was
+        assert all(age >= 0 and name == b"n%d" % age for name, age in seen)
+        removed = {age for _, age in seen if age % 3 == 0}
+        assert [a.age for a in p.root.agents] == [i for i in range(100) if i not in removed]
+        assert [a.age for a in reversed(p.root.agents)] == [a.age for a in p.root.agents][::-1]
+        p.check()

@@ -185,23 +185,20 @@ class PersistentList(Collection):
 
         Runtime: O(1) per element.
 
-        A List of numbers (``Int``, ``Float``, ``Bool``...) is read a chunk
-        at a time: 16 elements, then 64, 256 and 1,024 at most, each copied
-        out in one C-level step and handed out by ``itertools.chain``, so a
-        loop over it costs about what a loop over a ``list`` does.  The length
-        is read again before each chunk: elements appended meanwhile are
-        seen.  A change made meanwhile to an element of the current chunk
-        not yet reached, or a removal, is seen from the next chunk on.  A
-        List of objects or strings reads each element as it is reached, as
-        ``list`` does.
+        A List is read a chunk at a time: 16 elements, then 64, 256 and
+        1,024 at most, each copied out in one C-level step (and, for objects
+        and strings, their proxies made at once, which keep them alive) and
+        handed out by ``itertools.chain``, so a loop over a List of numbers
+        costs about what a loop over a ``list`` does.  The length is read
+        again before each chunk: elements appended meanwhile are seen.  A
+        change made meanwhile to an element of the current chunk not yet
+        reached, or a removal, is seen from the next chunk on.
         """
-        if not type(self)._ps_cell.is_ref:
-            return itertools.chain.from_iterable(self._ps_chunks())
-        return self._ps_iter_each()
+        return itertools.chain.from_iterable(self._ps_chunks())
 
     def _ps_chunks(self):
         """Lists of the values of consecutive elements (see ``__iter__``)."""
-        decode = type(self)._ps_cell.decode  # None, or bool
+        decode = type(self)._ps_cell.decode  # None, bool, or the heap's proxy()
         index, size = 0, 16
         while True:
             count = self._ps_count
@@ -214,24 +211,12 @@ class PersistentList(Collection):
             if size < _CHUNK:
                 size *= 4
 
-    def _ps_iter_each(self):
-        decode = type(self)._ps_cell.decode
-        index, body, cells = 0, None, None
-        while index < self._ps_count:
-            if self._ps_body != body:
-                body, cells = self._ps_body, self._ps_cells()
-            cell = cells[index]
-            yield cell if decode is None else decode(cell)
-            index += 1
-
     def __reversed__(self):
         """The elements from the last to the first.
 
-        Runtime: O(1) per element.  A List of numbers is read a chunk at a time, as by ``iter``.
+        Runtime: O(1) per element.  The List is read a chunk at a time, as by ``iter``.
         """
-        if not type(self)._ps_cell.is_ref:
-            return itertools.chain.from_iterable(self._ps_chunks_reversed())
-        return self._ps_reversed_each()
+        return itertools.chain.from_iterable(self._ps_chunks_reversed())
 
     def _ps_chunks_reversed(self):
         decode = type(self)._ps_cell.decode
@@ -247,16 +232,6 @@ class PersistentList(Collection):
             stop = start
             if size < _CHUNK:
                 size *= 4
-
-    def _ps_reversed_each(self):
-        decode = type(self)._ps_cell.decode
-        index, body, cells = self._ps_count - 1, None, None
-        while 0 <= index < self._ps_count:
-            if self._ps_body != body:
-                body, cells = self._ps_body, self._ps_cells()
-            cell = cells[index]
-            yield cell if decode is None else decode(cell)
-            index -= 1
 
     def __contains__(self, value):
         """``value in lst``.
