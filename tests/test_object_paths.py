@@ -227,3 +227,15 @@ def test_iteration_keeps_the_chunk_it_reads_alive_through_removals_and_commits(t
         assert [a.age for a in p.root.agents] == [i for i in range(100) if i not in removed]
         assert [a.age for a in reversed(p.root.agents)] == [a.age for a in p.root.agents][::-1]
         p.check()
+
+
+def test_the_written_out_paths_of_a_closed_storage_raise(tmp_path):
+    p = Agents(str(tmp_path / "a.ps"))
+    p.root.agents, p.root.by_name = [], {}
+    agent, agents, by_name = p.schema.Agent(name=b"x"), p.root.agents, p.root.by_name
+    p.commit()
+    p.close()
+    for action in (lambda: agents.append(agent), lambda: by_name.__setitem__(b"k", agent),
+                   lambda: list(agents), lambda: p.schema.Agent(name=b"y")):
+        with pytest.raises(permastruct.errors.StorageClosedError):
+            action()
