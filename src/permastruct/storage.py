@@ -276,7 +276,29 @@ class Storage:
         stored a ValueError, both before anything changes.  A commit with
         nothing to commit makes no transaction (``last_transaction`` stays).
         """
-        self._commit(F.pack_txn_meta(description, user, extension))
+        meta = F.pack_txn_meta(description, user, extension)
+        txn = self._page_file.txn
+        try:
+            return self._commit(meta)  # (made in the try: only the return itself is after it)
+        except BaseException:
+            if self._made_since(txn):
+                return
+            raise
+
+    def _made_since(self, txn):
+        """Whether a commit was made after the engine's transaction ``txn`` and acknowledged.
+
+        An exception that reaches a commit's caller after that point (an
+        interrupt arriving as the commit returns, at one of the last
+        bytecodes of ``_commit()`` or of the call in ``commit()`` or a
+        ``with`` block's exit) is dropped there: the commit was made, so the
+        call returns.  Before it, the commit is taken back and the exception
+        goes on (see :meth:`_commit`).  What follows is the outermost frame's
+        ``RETURN_VALUE`` alone, where CPython delivers no signal (it checks for
+        them at calls, function entries and backward jumps).
+        """
+        pf = self._page_file
+        return pf.txn != txn and pf._unacknowledged is None and pf._undoing is None
 
     def _commit(self, meta=b"", durable=True):
         """:meth:`commit`; ``durable=False`` skips its fsyncs (the open's commit of a grown schema:
@@ -289,12 +311,19 @@ class Storage:
         heap.collect_unreferenced()  # (cut short, this leaves _changing set: a rollback is due)
         heap.record_held()
         pf = self._page_file
+        txn, pending = pf.txn, None
         try:
             pf.commit(acknowledge=False, freed=heap.freed, meta=meta, durable=durable)
             # The commit returns here: the heap's own bookkeeping and the engine's
-            # confirmation in one step (no call in between, so no interrupt either).
+            # confirmation in one step (no call in between, so no signal either).
+            pending = heap.created, heap.created_many, heap.freed
             heap.created, heap.created_many, heap.freed, heap._changing, pf._unacknowledged = set(), [], [], 0, None
         except BaseException:
+            if self._made_since(txn):  # confirmed (the last store above): made; the caller decides
+                heap.created, heap.created_many, heap.freed, heap._changing = set(), [], [], 0
+                raise
+            if pending is not None:  # (an exception among the stores above: as before them)
+                heap.created, heap.created_many, heap.freed = pending
             heap._changing = 0
             pf.settle()  # not confirmed: taken back; the changes are pending as before
             raise
@@ -731,7 +760,13 @@ class _Block:
         if self.outer is None:
             if kind is None:
                 description, user, extension = self.meta
-                storage.commit(description, user=user, extension=extension)
+                txn = storage._page_file.txn
+                try:  # (the commit and the False returned made in the try: only the return is after it)
+                    return bool(storage.commit(description, user=user, extension=extension))
+                except BaseException:
+                    if storage._made_since(txn):
+                        return False
+                    raise
             else:
                 storage.rollback()
         elif kind is not None and storage._block is self.outer and self.outer.open:
