@@ -628,7 +628,9 @@ class Storage:
         checkpoint gives the file's free end back.  Returns a dict with
         ``objects_freed``, ``bytes_freed``, ``pages_released``, ``pages`` and ``objects_moved``.
         Reads every page and follows every reference: it costs about what
-        :meth:`check` costs.  See ``docs/maintenance.rst``.
+        :meth:`check` costs, and it first verifies the objects as :meth:`check`
+        does: on a damaged store, ``CorruptStorageError`` and nothing changed.
+        See ``docs/maintenance.rst``.
         """
         self._check_writable()
         from ._pack import pack
