@@ -142,3 +142,90 @@ def test_pack_of_a_sound_store_still_works_after_the_verification(path):
         assert result["objects_freed"] == 4  # a, b and their names
         p.check()
         assert p.root.keep.name == "shared" and p.root.keep._ps_oid == shared or True
+
+
+# -- undo() past a pack that moved the stored schema ----------------------------------------------
+
+class Items(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Item(s.Structure):
+            name = s.String
+            n = s.Int
+
+        self.define(List("ItemList")[Item])
+
+        class Root(s.Structure):
+            items = s.ItemList
+            junk = s.ItemList
+
+
+class GrownItems(Items):
+    """One more type: its open writes the stored schema anew, after everything (near the end)."""
+    def populateSchema(self):
+        super().populateSchema()
+
+        class Extra(self.schema.Structure):
+            note = self.schema.String
+
+
+def test_undo_goes_past_a_pack_that_only_moved_the_stored_schema(path):
+    """The grown schema is written after everything else; the junk below is dropped and pack()
+    moves the schema down: its bytes are the same, so undo() past the pack is no schema change,
+    and the state after it equals the earlier one."""
+    with Items(path, history=10) as p:
+        p.root.junk = [p.schema.Item(name=f"junk {i}", n=i) for i in range(3000)]
+        p.root.items = [p.schema.Item(name=f"item {i}", n=i) for i in range(100)]
+        p.commit()
+    p = GrownItems(path)  # commits the grown schema, allocated after all the rest
+    try:
+        p.root.junk = None
+        p.root.items[0].n = -1
+        p.commit("before the pack")
+        p.check()
+        before, before_id = dump_json(p), p.last_transaction
+        schema_at = p._page_file.slots[F.SLOT_SCHEMA]
+        result = p.pack()
+        assert result["objects_moved"] > 0
+        assert p._page_file.slots[F.SLOT_SCHEMA] != schema_at  # the pack moved the schema
+        pack_id = p.last_transaction
+        p.root.items[1].n = -2
+        p.commit("after the pack")
+        assert p.undo(pack_id) == [pack_id, pack_id + 1]
+        p.check()
+        assert p._page_file.slots[F.SLOT_SCHEMA] == schema_at
+        assert dump_json(p) == before
+        assert [item.n for item in p.root.items][:3] == [-1, 1, 2]
+        p.root.items.append(p.schema.Item(name="after the undo", n=7))  # the classes still fit
+        p.commit()
+        p.check()
+        undo_id = p.last_transaction - 1
+        p.undo(undo_id)  # undo the undo: the packed state again, the schema at its new place
+        p.check()
+        assert p._page_file.slots[F.SLOT_SCHEMA] != schema_at
+        assert p.undo(before_id + 1)[0] == before_id + 1
+        assert dump_json(p) == before
+        p.check()
+    finally:
+        p.close()
+    with GrownItems(path) as p:
+        p.check()
+        assert dump_json(p) == before
+
+
+def test_undo_past_a_real_schema_change_is_still_refused_after_a_pack(path):
+    """Only the schema's bytes count: a grown schema (then moved by a pack) still refuses."""
+    with Items(path, history=10) as p:
+        p.root.junk = [p.schema.Item(name=f"junk {i}", n=i) for i in range(3000)]
+        p.commit()
+        first = p.last_transaction
+    with GrownItems(path) as p:
+        grown = p.last_transaction
+        assert grown > first
+        p.root.junk = None
+        p.commit()
+        p.pack()
+        with pytest.raises(Exception, match=f"transaction {grown} changed the stored schema"):
+            p.undo(first)
+        p.check()
