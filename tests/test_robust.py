@@ -15,7 +15,7 @@ from conftest import open_store
 from permastruct import Dict, List, Storage
 from permastruct import _format as F
 from permastruct._dump import dump_json
-from permastruct.errors import CorruptStorageError
+from permastruct.errors import CorruptStorageError, UndoError
 
 
 class Graph(Storage):
@@ -229,3 +229,65 @@ def test_undo_past_a_real_schema_change_is_still_refused_after_a_pack(path):
         with pytest.raises(Exception, match=f"transaction {grown} changed the stored schema"):
             p.undo(first)
         p.check()
+
+
+# -- an in-memory store names itself in its messages ----------------------------------------------
+
+def _memory_graph():
+    p = Graph(None)
+    shared = p.schema.Node(name="shared", weight=1)
+    p.root.keep = shared
+    p.root.nodes = [p.schema.Node(name=f"n{i}", weight=i) for i in range(5)]
+    p.commit()
+    p.check()
+    return p, shared._ps_oid
+
+
+def _names_itself(message):
+    assert "<in-memory storage of Graph>" in message, message
+    assert "None" not in message and "(memory)" not in message, message
+
+
+def test_an_in_memory_store_names_itself_in_corruption_messages():
+    p, shared = _memory_graph()
+    try:
+        view = p._heap.mapping.view(shared + 4, 4)
+        view[:] = (7).to_bytes(4, "little")  # a wrong reference count
+        with pytest.raises(CorruptStorageError) as info:
+            p.check()
+        _names_itself(str(info.value))
+        with pytest.raises(CorruptStorageError) as info:
+            p.pack()
+        _names_itself(str(info.value))
+        view[:] = (1).to_bytes(4, "little")
+        p.check()
+        other_at = p.schema.Node._ps_ref_other.offset
+        p._heap.mapping.view(shared + other_at, 8)[:] = (1 << 40).to_bytes(8, "little")  # outside the file
+        p._heap.proxies.pop(shared, None)
+        with pytest.raises(CorruptStorageError) as info:
+            p.root.keep.other
+        _names_itself(str(info.value))
+        with pytest.raises(CorruptStorageError) as info:
+            p.check()
+        _names_itself(str(info.value))
+        with pytest.raises(CorruptStorageError) as info:
+            p._heap.allocator.free(p._page_file.page_count * p._page_file.page_size + 4096 * 4)
+        _names_itself(str(info.value))
+        p.rollback()
+        p.check()
+        with pytest.raises(UndoError) as info:
+            p.undo(1)  # no history=
+        _names_itself(str(info.value))
+    finally:
+        p.close()
+
+
+def test_a_file_store_still_names_its_path(path):
+    _make_graph(path)
+    with Graph(path) as p:
+        shared = p.root.keep._ps_oid
+        p._heap.mapping.view(shared + 4, 4)[:] = (7).to_bytes(4, "little")
+        with pytest.raises(CorruptStorageError) as info:
+            p.check()
+        assert str(info.value).startswith(repr(path) + ":"), str(info.value)
+        p.rollback()

@@ -38,7 +38,7 @@ def check_storage(storage, progress=None, found=None):
     receives ``{offset: (capacity, type id)}`` of every allocated object (the
     walk's result, for a pass that goes on from a check: ``pack()``).
     """
-    with damage_reported(storage.fileName, "the check"):
+    with damage_reported(storage._heap.name, "the check"):
         return _check_storage(storage, progress, found)
 
 
@@ -48,7 +48,7 @@ def _check_storage(storage, progress, found=None):
     path = storage.fileName
 
     def fail(message):
-        raise CorruptStorageError(f"{path!r}: {message}")
+        raise CorruptStorageError(f"{storage._heap.name}: {message}")
 
     # -- header and root records on disk --------------------------------------
     head = pf.io.pread(F.HEADER_BLOCK, 0)

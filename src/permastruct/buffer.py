@@ -168,13 +168,13 @@ class Buffer(Persistent):
                                                        self._ps_ndim, self._ps_format_length)
         shape_at = F.buffer_layout(fmtlen, ndim)[0]
         if data_offset < shape_at + 8 * ndim or ndim > F.MAX_NDIM:
-            raise CorruptStorageError(f"{heap.name!r}: the Buffer at {offset:#x} has its data at "
+            raise CorruptStorageError(f"{heap.name}: the Buffer at {offset:#x} has its data at "
                                       f"{data_offset}, inside its metadata, or {ndim} dimensions")
         heap.check_offset(offset, data_offset + nbytes)
         try:
             pin = heap.mapping.view(offset, data_offset + nbytes)  # holds the segment's map
         except IndexError as exc:
-            raise CorruptStorageError(f"{heap.name!r}: the Buffer at {offset:#x} ({data_offset + nbytes} "
+            raise CorruptStorageError(f"{heap.name}: the Buffer at {offset:#x} ({data_offset + nbytes} "
                                       "bytes) crosses the end of a mapped segment") from exc
         fmt = pin[F.BUFFER.size:F.BUFFER.size + fmtlen].tobytes()
         shape = struct.unpack_from(f"<{ndim}Q", pin, shape_at)
@@ -183,7 +183,7 @@ class Buffer(Persistent):
                                   keep=(self, pin))
         except ValueError as exc:
             pin.release()
-            raise CorruptStorageError(f"{heap.name!r}: the Buffer at {offset:#x} is inconsistent: "
+            raise CorruptStorageError(f"{heap.name}: the Buffer at {offset:#x} is inconsistent: "
                                       f"{exc}") from None
 
     def __buffer__(self, flags=0):

@@ -115,6 +115,7 @@ class Storage:
             created = True
         self._root = None
         self._heap = Heap(self, self._page_file, None)
+        self._page_file.label = self._heap.name  # (an in-memory store: its class names it in messages)
         self.schema = Schema(self)
         try:
             self._closed = False
@@ -160,7 +161,7 @@ class Storage:
         pf, heap = self._page_file, self._heap
         state = pf.slots[F.SLOT_ALLOC]
         if not 0 <= state < pf.page_count:
-            raise CorruptStorageError(f"{self.fileName!r}: the allocator page {state} does not exist")
+            raise CorruptStorageError(f"{heap.name}: the allocator page {state} does not exist")
         heap.allocator = Allocator(pf, state)
         self.schema._bind_predefined()
         stored = self.schema._read()

@@ -262,7 +262,7 @@ class _StringBase(_PersistentString):
         try:
             return self._ps_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise CorruptStorageError(f"{type(self)._heap.name!r}: the String at {self._ps_offset:#x} is not "
+            raise CorruptStorageError(f"{type(self)._heap.name}: the String at {self._ps_offset:#x} is not "
                                       f"UTF-8 ({exc.reason} at byte {exc.start})") from None
 
     def __str__(self):

@@ -979,7 +979,7 @@ def old_version_class(cls, layouts):
                 return getattr(body_of(self, address), name)
             layout = layouts.get(type_id)
             if layout is None:
-                raise CorruptStorageError(f"{heap.name!r}: the {owner} at {self._ps_oid:#x} has type id "
+                raise CorruptStorageError(f"{heap.name}: the {owner} at {self._ps_oid:#x} has type id "
                                           f"{type_id}, which is no version of {owner}")
             entry = layout.fields.get(name)
             if entry is None:
@@ -1100,7 +1100,7 @@ def body_proxy(heap, body):
     type_id = heap.type_at(body) if body else None
     cls = heap.classes.get(type_id)
     if cls is None or cls._ps_kind != "structure":
-        raise CorruptStorageError(f"{heap.name!r}: a forwarded object's body at {body:#x} is not a structure "
+        raise CorruptStorageError(f"{heap.name}: a forwarded object's body at {body:#x} is not a structure "
                                   f"(type {type_id})")
     return heap.view_of(cls, body)
 
@@ -1126,7 +1126,7 @@ def forward_class(storage, layouts):
         if current is None or current._ps_kind != "structure" or current.__dict__.get("_ps_old"):
             current = getattr(current, "__bases__", (None,))[0] if current is not None else None
         if current is None or getattr(current, "_ps_kind", None) != "structure":
-            raise CorruptStorageError(f"{heap.name!r}: the forwarded object at {segment.start + local:#x} "
+            raise CorruptStorageError(f"{heap.name}: the forwarded object at {segment.start + local:#x} "
                                       f"has a body at {body:#x} that is not a structure")
         return old_version_class(current, layouts).from_address(segment.address + local)
 
