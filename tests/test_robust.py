@@ -12,10 +12,11 @@ import os
 import pytest
 
 from conftest import open_store
-from permastruct import Dict, List, Storage
+from permastruct import Dict, List, Set, SortedDict, Storage
 from permastruct import _format as F
 from permastruct._dump import dump_json
 from permastruct.errors import CorruptStorageError, UndoError
+from permastruct.structure import StructureMeta
 
 
 class Graph(Storage):
@@ -291,3 +292,232 @@ def test_a_file_store_still_names_its_path(path):
             p.check()
         assert str(info.value).startswith(repr(path) + ":"), str(info.value)
         p.rollback()
+
+
+# -- values that cannot be stored: the error names the type and the field or collection ------------
+
+class Values(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Rec(s.Structure):
+            name = s.String
+            raw = s.ByteString
+            blob = s.Buffer
+            x = s.Float
+            x32 = s.Float32
+            n = s.Int
+
+        class Sub(Rec):
+            extra = s.Int
+
+        self.define(List("Names")[s.String])
+        self.define(List("Raws")[s.ByteString])
+        self.define(Dict("ByName")[s.String, s.Int])
+        self.define(Dict("ToName")[s.Int, s.String])
+        self.define(Set("NameSet")[s.String])
+        self.define(SortedDict("Sorted")[s.String, s.String])
+        self.define(List("Recs")[Rec])
+        self.define(Dict("Blobs")[s.Int, s.Buffer])
+        self.define(List("Floats")[s.Float])
+        self.define(Dict("ByFloat")[s.Float, s.Int])
+        self.define(SortedDict("FloatTree")[s.Float, s.Float32])
+
+        class Root(s.Structure):
+            rec = Rec
+            names = s.Names
+            raws = s.Raws
+            by = s.ByName
+            to = s.ToName
+            ns = s.NameSet
+            sd = s.Sorted
+            recs = s.Recs
+
+
+LONE = "ok \ud800"
+
+#: The generated constructor (``structure._make_constructor``) still encodes a str field itself
+#: (a bare UnicodeEncodeError) and leaves the 4 GiB check to ``new_string`` (a bare OverflowError);
+#: see ``/work/notes/robust.md`` for the change it needs.  Strict: this fails once it is made.
+GENERATED = pytest.mark.xfail(strict=True, reason="the generated constructor does not name the field yet")
+
+
+def _general(cls, **fields):
+    """Make an object through the general constructor (``StructureMeta.__call__``, the path of a
+    class whose field names cannot be parameters), not the generated one."""
+    return StructureMeta.__call__(cls, **fields)
+
+
+def _cases(table, generated=("constructor",)):
+    return [pytest.param(case, marks=GENERATED) if case in generated else case for case in sorted(table)]
+
+
+@pytest.fixture
+def values():
+    p = Values(None)
+    r = p.root
+    r.rec = p.schema.Rec(name="kept", raw=b"kept")
+    r.names, r.raws, r.by, r.to, r.ns, r.sd, r.recs = ["a"], [b"a"], {"a": 1}, {1: "a"}, {"a"}, {"a": "b"}, []
+    p.commit()
+    yield p
+    p.close()
+
+
+def _state(p):
+    r = p.root
+    return (str(r.rec.name), bytes(r.rec.raw), [str(x) for x in r.names], [bytes(x) for x in r.raws],
+            {str(k): v for k, v in r.by.items()}, {k: str(v) for k, v in r.to.items()},
+            {str(x) for x in r.ns}, {str(k): str(v) for k, v in r.sd.items()}, len(r.recs))
+
+
+SURROGATE_CASES = {
+    "field": (lambda p: setattr(p.root.rec, "name", LONE), "Rec.name"),
+    "constructor": (lambda p: p.schema.Sub(name=LONE), "Sub.name"),
+    "general constructor": (lambda p: _general(p.schema.Sub, name=LONE), "Sub.name"),
+    "String()": (lambda p: p.schema.String(LONE), "String()"),
+    "interned": (lambda p: p.stringRegistry.get(LONE), "stringRegistry"),
+    "list append": (lambda p: p.root.names.append(LONE), "Names"),
+    "list insert": (lambda p: p.root.names.insert(0, LONE), "Names"),
+    "list extend": (lambda p: p.root.names.extend(["b", LONE]), "Names"),
+    "list item": (lambda p: p.root.names.__setitem__(0, LONE), "Names"),
+    "list slice": (lambda p: p.root.names.__setitem__(slice(0, 1), [LONE]), "Names"),
+    "new list": (lambda p: p.schema.Names(["b", LONE]), "Names"),
+    "dict key": (lambda p: p.root.by.__setitem__(LONE, 1), "ByName"),
+    "dict value": (lambda p: p.root.to.__setitem__(2, LONE), "ToName"),
+    "dict update": (lambda p: p.root.by.update({"c": 3, LONE: 4}), "ByName"),
+    "dict setdefault": (lambda p: p.root.by.setdefault(LONE, 4), "ByName"),
+    "new dict": (lambda p: p.schema.ByName({LONE: 1}), "ByName"),
+    "set add": (lambda p: p.root.ns.add(LONE), "NameSet"),
+    "set update": (lambda p: p.root.ns.update(["c", LONE]), "NameSet"),
+    "sorted key": (lambda p: p.root.sd.__setitem__(LONE, "x"), "Sorted"),
+    "sorted value": (lambda p: p.root.sd.__setitem__("x", LONE), "Sorted"),
+    "sorted update": (lambda p: p.root.sd.update({"c": "d", LONE: "e"}), "Sorted"),
+    "records": (lambda p: p.root.recs.extend_records(columns={"name": ["x", LONE], "raw": [b"x", b"y"]}),
+                "Rec.name"),
+}
+
+
+@pytest.mark.parametrize("case", _cases(SURROGATE_CASES))
+def test_a_lone_surrogate_is_refused_naming_where_it_was_to_go(values, case):
+    p = values
+    action, where = SURROGATE_CASES[case]
+    before = _state(p)
+    with pytest.raises(UnicodeEncodeError) as info:
+        action(p)
+    message = str(info.value)
+    assert where in message and "String" in message and "surrogate" in message, message
+    assert "'\\ud800'" in message and "position 3" in message, message
+    assert isinstance(info.value, ValueError) and info.value.start == 3 and info.value.object == LONE
+    assert _state(p) == before  # (a list extend may have added "b" before the bad one: see below)
+    p.check()
+    p.rollback()
+    p.check()
+    assert _state(p) == before
+
+
+def test_lookups_of_a_lone_surrogate_still_find_nothing(values):
+    p = values
+    assert LONE not in p.stringRegistry
+    assert LONE not in p.root.by and p.root.by.get(LONE) is None and LONE not in p.root.ns
+    assert p.root.sd.get(LONE) is None
+    with pytest.raises(KeyError):
+        p.root.by[LONE]
+
+
+@pytest.fixture
+def small_limit(monkeypatch):
+    """The most bytes a string holds, made 100 (4 GiB cannot be made in a test)."""
+    from permastruct import strings
+    monkeypatch.setattr(strings, "MAX_BYTES", 100)
+
+
+LONG_CASES = {
+    "field": (lambda p: setattr(p.root.rec, "name", "x" * 101), "Rec.name"),
+    "bytes field": (lambda p: setattr(p.root.rec, "raw", b"x" * 101), "Rec.raw"),
+    "bytearray field": (lambda p: setattr(p.root.rec, "raw", bytearray(101)), "Rec.raw"),
+    "constructor": (lambda p: p.schema.Sub(raw=b"x" * 101), "Sub.raw"),
+    "general constructor": (lambda p: _general(p.schema.Sub, raw=b"x" * 101), "Sub.raw"),
+    "String()": (lambda p: p.schema.String("x" * 101), "String()"),
+    "ByteString()": (lambda p: p.schema.ByteString(b"x" * 101), "ByteString()"),
+    "list append": (lambda p: p.root.names.append("\u20ac" * 34), "Names"),  # 102 bytes of UTF-8
+    "bytes list append": (lambda p: p.root.raws.append(b"x" * 101), "Raws"),
+    "dict key": (lambda p: p.root.by.__setitem__("x" * 101, 1), "ByName"),
+    "dict value": (lambda p: p.root.to.__setitem__(2, "x" * 101), "ToName"),
+    "set add": (lambda p: p.root.ns.add("x" * 101), "NameSet"),
+    "sorted key": (lambda p: p.root.sd.__setitem__("x" * 101, "x"), "Sorted"),
+    "sorted value": (lambda p: p.root.sd.__setitem__("x", "x" * 101), "Sorted"),
+    "records": (lambda p: p.root.recs.extend_records(columns={"name": ["x", "y" * 101], "raw": [b"x", b"y"]}),
+                "Rec.name"),
+    "record rows": (lambda p: p.root.recs.extend_records([{"name": "x", "raw": b"y" * 101}]), "Rec.raw"),
+}
+
+
+@pytest.mark.parametrize("case", _cases(LONG_CASES))
+def test_a_string_over_the_limit_is_refused_naming_where_it_was_to_go(values, small_limit, case):
+    p = values
+    action, where = LONG_CASES[case]
+    before = _state(p)
+    with pytest.raises(OverflowError) as info:
+        action(p)
+    message = str(info.value)
+    assert where in message and "at most" in message and "bytes" in message, message
+    assert _state(p) == before
+    p.check()
+    p.rollback()
+    assert _state(p) == before
+
+
+BUFFER_CASES = {
+    "field": (lambda p: setattr(p.root.rec, "blob", 12), "Rec.blob", TypeError),
+    "constructor": (lambda p: p.schema.Sub(blob=3.5), "Sub.blob", TypeError),
+    "general constructor": (lambda p: _general(p.schema.Sub, blob=3.5), "Sub.blob", TypeError),
+    "dict value": (lambda p: p.schema.Blobs({1: object()}), "Blobs value", TypeError),
+}
+
+
+@pytest.mark.parametrize("case", _cases(BUFFER_CASES, ()))
+def test_a_buffer_that_cannot_be_made_names_where_it_was_to_go(values, case):
+    p = values
+    action, where, family = BUFFER_CASES[case]
+    with pytest.raises(family) as info:
+        action(p)
+    assert where in str(info.value) and "Buffer" in str(info.value), str(info.value)
+    p.check()
+
+
+class _BadIndex:
+    def __index__(self):
+        return "seven"
+
+
+class _BadFloat:
+    def __float__(self):
+        raise ValueError("no float here")
+
+
+HUGE = 10 ** 400
+
+NUMBER_CASES = {
+    "float field": (lambda p: setattr(p.root.rec, "x", HUGE), "Rec.x is Float", OverflowError),
+    "float32 field": (lambda p: setattr(p.root.rec, "x32", HUGE), "Rec.x32 is Float32", OverflowError),
+    "own __float__": (lambda p: setattr(p.root.rec, "x", _BadFloat()), "Rec.x is Float", ValueError),
+    "own __index__": (lambda p: setattr(p.root.rec, "n", _BadIndex()), "Rec.n is Int", TypeError),
+    "constructor": (lambda p: p.schema.Rec(x=HUGE), "Rec.x is Float", OverflowError),
+    "general constructor": (lambda p: _general(p.schema.Sub, x=HUGE), "Sub.x is Float", OverflowError),
+    "list": (lambda p: p.schema.Floats([1.0, HUGE]), "Floats", OverflowError),
+    "dict key": (lambda p: p.schema.ByFloat({HUGE: 1}), "ByFloat", OverflowError),
+    "sorted value": (lambda p: p.schema.FloatTree({1.0: HUGE}), "FloatTree", OverflowError),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUMBER_CASES))
+def test_a_number_that_cannot_be_converted_is_refused_naming_where_it_was_to_go(values, case):
+    p = values
+    action, where, family = NUMBER_CASES[case]
+    before = _state(p)
+    with pytest.raises(family) as info:
+        action(p)
+    message = str(info.value)
+    assert where in message and "has no" in message and len(message) < 300, message
+    assert _state(p) == before
+    p.check()

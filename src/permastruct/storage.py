@@ -115,7 +115,7 @@ class Storage:
             created = True
         self._root = None
         self._heap = Heap(self, self._page_file, None)
-        self._page_file.label = self._heap.name  # (an in-memory store: its class names it in messages)
+        self._page_file._label = self._heap.name  # (an in-memory store: its class names it in messages)
         self.schema = Schema(self)
         try:
             self._closed = False

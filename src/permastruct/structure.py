@@ -39,7 +39,7 @@ from operator import itemgetter
 from . import _format as F
 from ._types import _CUT_SHORT, Persistent, PersistentMeta, ValueType, _concurrent, _get_ident, change, run_change
 from .errors import CorruptStorageError, ReadOnlyError, SchemaError
-from .strings import new_string, new_strings
+from .strings import TextEncodeError, new_string, new_strings, storable
 
 __all__ = ["Structure", "StructureMeta"]
 
@@ -434,7 +434,7 @@ def _ref_setter(cls, name, ftype, heap):
 
     def set_reference(proxy, value):
         if type(value) is exact:
-            new = new_string(heap, type_id, value if exact is bytes else value.encode("utf-8"), 1)
+            new = new_string(heap, type_id, storable(type_id, value, where), 1)
         else:
             new = reference_to(ftype, value, where)
             if new:
@@ -636,7 +636,7 @@ def _general_constructor(cls, order, packer):
                 exact = _exact_string(fields[position])
                 if type(value) is exact:
                     offset = new_string(heap, fields[position]._ps_type_id,
-                                        value if exact is bytes else value.encode("utf-8"), 1)
+                                        storable(fields[position]._ps_type_id, value, wheres[position]), 1)
                 else:
                     offset = heap.reference_to(fields[position], value, wheres[position])
                     heap.incref(offset)
@@ -777,8 +777,15 @@ def make_records(cls, columns, count, references):
         exact = _exact_string(ftype)
         kinds = set(map(type, values))
         if exact is not None and kinds <= {exact, type(None)}:
-            strings.append((at, ftype._ps_type_id, values if exact is bytes else
-                            [None if value is None else value.encode("utf-8") for value in values]))
+            try:
+                datas = values if exact is bytes else [None if value is None else value.encode("utf-8")
+                                                        for value in values]
+            except UnicodeEncodeError:  # (a lone surrogate: the error that names the field and the row)
+                for position, value in enumerate(values):
+                    if value is not None:
+                        storable(ftype._ps_type_id, value, f"row {position}: {where}")
+                raise
+            strings.append((at, ftype._ps_type_id, datas, where))
             continue
         for position, value in enumerate(values):
             try:
@@ -788,8 +795,12 @@ def make_records(cls, columns, count, references):
         others.append((at, ftype, values, where))
     made = []  # arrays of the offsets of objects made for reference fields (each holds one reference)
     try:
-        for at, type_id, datas in strings:
-            made.append(new_strings(heap, type_id, datas, 1))
+        for at, type_id, datas, where in strings:
+            try:
+                made.append(new_strings(heap, type_id, datas, 1))
+            except OverflowError as exc:  # (one over 4 GiB: none of them was made)
+                raise OverflowError(f"{where} is {'String' if type_id == F.T_STRING else 'ByteString'}: "
+                                    f"{exc}") from None
             layout.append((at, "Q", memoryview(made[-1])))
         for at, ftype, values, where in others:
             targets = array("Q", bytes(8 * count))
@@ -798,7 +809,7 @@ def make_records(cls, columns, count, references):
                 try:
                     target = heap.reference_to(ftype, value, where)
                 except (TypeError, ValueError, OverflowError) as exc:  # found only while making it
-                    raise type(exc)(f"row {position}: {exc}") from None
+                    raise _in_row(exc, position) from None
                 if target:
                     heap.incref(target)
                     targets[position] = target
@@ -816,6 +827,13 @@ def make_records(cls, columns, count, references):
     if not references:
         heap.unreferenced.update(offsets)
     return offsets
+
+
+def _in_row(exc, position):
+    """An exception of the class of ``exc`` whose message starts with the row it is about."""
+    if isinstance(exc, UnicodeEncodeError):  # (its class takes five arguments)
+        return TextEncodeError(exc.encoding, exc.object, exc.start, exc.end, f"row {position}: {exc}")
+    return type(exc)(f"row {position}: {exc}")
 
 
 def _make_setattr(cls, readonly):
