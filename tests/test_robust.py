@@ -11,7 +11,6 @@ import os
 
 import pytest
 
-from conftest import open_store
 from permastruct import Dict, List, Set, SortedDict, Storage
 from permastruct import _format as F
 from permastruct._dump import dump_json
@@ -427,8 +426,9 @@ def test_lookups_of_a_lone_surrogate_still_find_nothing(values):
 @pytest.fixture
 def small_limit(monkeypatch):
     """The most bytes a string holds, made 100 (4 GiB cannot be made in a test)."""
-    from permastruct import strings
-    monkeypatch.setattr(strings, "MAX_BYTES", 100)
+    from permastruct import _cells, strings, structure
+    for module in (strings, structure, _cells):
+        monkeypatch.setattr(module, "MAX_BYTES", 100)
 
 
 LONG_CASES = {

@@ -209,7 +209,12 @@ class Key(Cell):
             return key._ps_hash, key._ps_bytes()
         if not isinstance(key, self.python):
             self.encode(key)  # raises the TypeError of a wrong type
-        data = storable(self.string_type, key, self.where)  # (a lone surrogate, 4 GiB: errors that say where)
+        try:
+            data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+        except UnicodeEncodeError:
+            data = None
+        if data is None or len(data) > MAX_BYTES:  # a lone surrogate, over 4 GiB: the error that says where
+            storable(self.string_type, key, self.where)
         return F.string_hash(self.string_type, data), data
 
     def new_cell(self, key, data):

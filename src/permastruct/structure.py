@@ -39,7 +39,7 @@ from operator import itemgetter
 from . import _format as F
 from ._types import _CUT_SHORT, Persistent, PersistentMeta, ValueType, _concurrent, _get_ident, change, run_change
 from .errors import CorruptStorageError, ReadOnlyError, SchemaError
-from .strings import TextEncodeError, new_string, new_strings, storable
+from .strings import MAX_BYTES, TextEncodeError, new_string, new_strings, storable
 
 __all__ = ["Structure", "StructureMeta"]
 
@@ -434,7 +434,13 @@ def _ref_setter(cls, name, ftype, heap):
 
     def set_reference(proxy, value):
         if type(value) is exact:
-            new = new_string(heap, type_id, storable(type_id, value, where), 1)
+            try:
+                data = value if exact is bytes else value.encode("utf-8")
+            except UnicodeEncodeError:
+                data = None
+            if data is None or len(data) > MAX_BYTES:  # a lone surrogate, over 4 GiB: the error that says where
+                storable(type_id, value, where)
+            new = new_string(heap, type_id, data, 1)
         else:
             new = reference_to(ftype, value, where)
             if new:
