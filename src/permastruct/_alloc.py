@@ -134,11 +134,11 @@ class Allocator:
         try:
             view = page_file.view(state_pid)
         except IndexError:  # a damaged root record: the page is not in the map
-            raise CorruptStorageError(f"{page_file.path!r}: the allocator page {state_pid} is not in the "
+            raise CorruptStorageError(f"{page_file._label}: the allocator page {state_pid} is not in the "
                                       "mapped file") from None
         kind, flags, count, _ = F.ALLOC.unpack_from(view, F.ALLOC_AT)
         if kind != F.KIND_ALLOC or count != len(self.classes) or flags not in (0, F.ALLOC_BINNED):
-            raise CorruptStorageError(f"{page_file.path!r}: page {state_pid} is not the allocator page")
+            raise CorruptStorageError(f"{page_file._label}: page {state_pid} is not the allocator page")
         #: The size class of each small size, by (size - 1) >> 4: one list index instead of a bisect.
         self._class_of = [bisect.bisect_left(self.classes, size) for size in range(16, self.max_small + 16, 16)]
         #: The allocator page, and per size class the last slab allocated from: ``(pid, view,
@@ -350,7 +350,7 @@ class Allocator:
         """Return the object at ``offset`` to the allocator."""
         pid = self.pf.page_of(offset)
         if not 0 <= pid < self.pf.page_count:
-            raise CorruptStorageError(f"{self.pf.path!r}: freeing {offset:#x}, which is outside the pages")
+            raise CorruptStorageError(f"{self.pf._label}: freeing {offset:#x}, which is outside the pages")
         page = self.pf.view(pid)
         kind = page[F.SLAB_AT]
         if kind == F.KIND_SLAB:
@@ -358,10 +358,10 @@ class Allocator:
         elif kind == F.KIND_RUN and offset == self.pf.offset(pid) + F.RUN_OBJECT:
             pages = F.RUN.unpack_from(page, F.RUN_AT)[1]
             if not 1 <= pages <= self.pf.page_count - pid:
-                raise CorruptStorageError(f"{self.pf.path!r}: run at page {pid} says it has {pages} pages")
+                raise CorruptStorageError(f"{self.pf._label}: run at page {pid} says it has {pages} pages")
             self._free_run(pid, pages)
         else:
-            raise CorruptStorageError(f"{self.pf.path!r}: freeing {offset:#x}, which is not an allocated object")
+            raise CorruptStorageError(f"{self.pf._label}: freeing {offset:#x}, which is not an allocated object")
 
     def capacity(self, offset):
         """How many bytes the object at ``offset`` may use."""
@@ -395,24 +395,24 @@ class Allocator:
                 self._last_slot[index], self.classes[index], index)
         kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
         if kind != F.KIND_SLAB or cls != index:
-            raise CorruptStorageError(f"{pf.path!r}: page {pid} on the size-class {index} list is not a slab of it")
+            raise CorruptStorageError(f"{pf._label}: page {pid} on the size-class {index} list is not a slab of it")
         size = self.classes[index]
         nslots = self._slots[index]
         if used >= nslots or bump > nslots:
-            raise CorruptStorageError(f"{pf.path!r}: slab {pid} on the partial list has {used} used and "
+            raise CorruptStorageError(f"{pf._label}: slab {pid} on the partial list has {used} used and "
                                       f"{bump} handed-out slots of {nslots}")
         if free_head:
             slot = free_head - 1
             if slot >= bump:
-                raise CorruptStorageError(f"{pf.path!r}: slab {pid} free list points at unused slot {slot}")
+                raise CorruptStorageError(f"{pf._label}: slab {pid} free list points at unused slot {slot}")
             free_head = F.UINT32.unpack_from(page, F.SLAB_FIRST_SLOT + slot * size)[0]
             if free_head > bump:
-                raise CorruptStorageError(f"{pf.path!r}: slab {pid} free list links to unused slot {free_head - 1}")
+                raise CorruptStorageError(f"{pf._label}: slab {pid} free list links to unused slot {free_head - 1}")
         elif bump < nslots:
             slot = bump
             bump += 1
         else:
-            raise CorruptStorageError(f"{pf.path!r}: full slab {pid} is on the partial list")
+            raise CorruptStorageError(f"{pf._label}: full slab {pid} is on the partial list")
         used += 1
         F.SLAB.pack_into(page, F.SLAB_AT, kind, cls, used, free_head, bump, nxt, prv)
         if used == nslots:
@@ -424,7 +424,7 @@ class Allocator:
         size = self.classes[index] if index < len(self.classes) else 0
         relative = offset - self.pf.offset(pid) - F.SLAB_FIRST_SLOT
         if not size or relative < 0 or relative % size or relative // size >= bump or used == 0:
-            raise CorruptStorageError(f"{self.pf.path!r}: freeing {offset:#x}, which is not a slot of slab {pid}")
+            raise CorruptStorageError(f"{self.pf._label}: freeing {offset:#x}, which is not a slot of slab {pid}")
         slot = relative // size
         F.UINT32.pack_into(page, F.SLAB_FIRST_SLOT + slot * size, free_head)
         F.UINT32.pack_into(page, F.SLAB_FIRST_SLOT + slot * size + 4, 0)
@@ -452,7 +452,7 @@ class Allocator:
         else:
             where = f"outside the {pf.page_count} pages"
         what = what if index is None else f"{what} {index}"
-        raise CorruptStorageError(f"{pf.path!r}: {what} names page {pid}, {where}") from None
+        raise CorruptStorageError(f"{pf._label}: {what} names page {pid}, {where}") from None
 
     def _set_links(self, pid, nxt=None, prv=None):
         page = self._page(pid, "a partial-list link")
@@ -559,21 +559,21 @@ class Allocator:
                 return previous, pid, length, following
             steps += 1
             if steps > count:
-                raise CorruptStorageError(f"{self.pf.path!r}: the free-run list has a cycle through page {pid}")
+                raise CorruptStorageError(f"{self.pf._label}: the free-run list has a cycle through page {pid}")
             previous, pid = pid, following
         return None
 
     def _read_free_run(self, pid, count):
         """``(length, next)`` of the free run at ``pid``, checked against ``count`` pages."""
         if not 0 <= pid < count:
-            raise CorruptStorageError(f"{self.pf.path!r}: the free-run list names page {pid}, "
+            raise CorruptStorageError(f"{self.pf._label}: the free-run list names page {pid}, "
                                       f"outside the {count} pages")
         kind, length, following = F.FREE_RUN.unpack_from(self.pf.view(pid, 0, _FREE_RUN_END), F.RUN_AT)
         if kind != F.KIND_FREE_RUN or not 2 <= length <= count - pid:
-            raise CorruptStorageError(f"{self.pf.path!r}: page {pid} on the free-run list is not a free run "
+            raise CorruptStorageError(f"{self.pf._label}: page {pid} on the free-run list is not a free run "
                                       f"(kind {kind}, {length} pages)")
         if not (following == -1 or 0 <= following < count):
-            raise CorruptStorageError(f"{self.pf.path!r}: free run {pid} links to page {following}, "
+            raise CorruptStorageError(f"{self.pf._label}: free run {pid} links to page {following}, "
                                       f"outside the {count} pages")
         return length, following
 
@@ -635,11 +635,11 @@ class Allocator:
             low, high = (_BIN_MIN[index], _BIN_MIN[index + 1] - 1) if index < _LAST_BIN else (2, count)
             while pid != -1:
                 if len(runs) >= count:
-                    raise CorruptStorageError(f"{self.pf.path!r}: the free-run lists have a cycle "
+                    raise CorruptStorageError(f"{self.pf._label}: the free-run lists have a cycle "
                                               f"through page {pid}")
                 length, following = self._read_free_run(pid, count)
                 if not low <= length <= high:
-                    raise CorruptStorageError(f"{self.pf.path!r}: free run {pid} of {length} pages is on "
+                    raise CorruptStorageError(f"{self.pf._label}: free run {pid} of {length} pages is on "
                                               f"the list for runs of {low}..{high} pages")
                 runs.append((pid, length))
                 pid = following
@@ -668,7 +668,7 @@ class Allocator:
         pid = pf.free_head
         while pid != F.NO_NEXT_FREE_PAGE:
             if not 0 <= pid < count or len(singles) >= count:
-                raise CorruptStorageError(f"{pf.path!r}: the free-page list is broken at page {pid}")
+                raise CorruptStorageError(f"{pf._label}: the free-page list is broken at page {pid}")
             singles.append(pid)
             pid = link(pid)
         runs = self.free_runs()
@@ -682,9 +682,9 @@ class Allocator:
         for key in keys:
             first, length = key >> 32, key & 0xFFFFFFFF
             if first < end:
-                raise CorruptStorageError(f"{pf.path!r}: page {first} is on the free lists twice")
+                raise CorruptStorageError(f"{pf._label}: page {first} is on the free lists twice")
             if first <= state < first + length:
-                raise CorruptStorageError(f"{pf.path!r}: the allocator page {state} is on a free list")
+                raise CorruptStorageError(f"{pf._label}: the allocator page {state} is on a free list")
             if first == end and first not in boundaries:
                 end += length
             else:
@@ -746,7 +746,7 @@ class Allocator:
             try:
                 return unpack(maps[index], offset - starts[index])[0]
             except (struct.error, IndexError):
-                raise CorruptStorageError(f"{self.pf.path!r}: free page {pid} is not in the mapped file") from None
+                raise CorruptStorageError(f"{self.pf._label}: free page {pid} is not in the mapped file") from None
         return link
 
     def _segment_starts(self):
@@ -777,7 +777,7 @@ class PageScan:
         self.slabs_with_room = {}
 
     def fail(self, message):
-        raise CorruptStorageError(f"{self.pf.path!r}: {message}")
+        raise CorruptStorageError(f"{self.pf._label}: {message}")
 
     def claim(self, pid, what):
         owner, count = self.owner, len(self.owner)

@@ -87,7 +87,6 @@ class Heap:
         self.pf = page_file
         self.mapping = page_file.mapping
         self.allocator = allocator
-        self.name = storage.fileName
         self.readonly = storage.readonly
         #: type id -> proxy class of this storage (filled by the schema)
         self.classes = {}
@@ -114,13 +113,20 @@ class Heap:
     def __repr__(self):
         return repr(self.storage)
 
+    @property
+    def name(self):
+        """How messages name the store: its path quoted (``'/data/x.ps'``), or
+        ``<in-memory storage of MyStorage>`` for ``MyStorage(None)``."""
+        path = self.storage.fileName
+        return repr(path) if path is not None else f"<in-memory storage of {type(self.storage).__name__}>"
+
     # -- offsets ---------------------------------------------------------------------
     def check_offset(self, offset, size=8):
         """Refuse an offset read from the file that is not an object's place in the committed pages."""
         pf = self.pf
         end = F.HEADER_BLOCK + pf.page_count * pf.page_size
         if offset < F.HEADER_BLOCK or offset % 8 or offset + size > end:
-            raise CorruptStorageError(f"{self.name!r}: reference {offset:#x} (+{size} bytes) is "
+            raise CorruptStorageError(f"{self.name}: reference {offset:#x} (+{size} bytes) is "
                                       f"outside the file's {pf.page_count} pages")
 
     def locate(self, offset, size):
@@ -131,11 +137,11 @@ class Heap:
             try:
                 segment = mapping.segment_of(offset)
             except IndexError:
-                raise CorruptStorageError(f"{self.name!r}: reference {offset:#x} is outside the mapped "
+                raise CorruptStorageError(f"{self.name}: reference {offset:#x} is outside the mapped "
                                           "file") from None
         local = offset - segment.start
         if offset < F.HEADER_BLOCK or offset & 7 or local + size > segment.length:
-            raise CorruptStorageError(f"{self.name!r}: an object at {offset:#x} (+{size} bytes) is not "
+            raise CorruptStorageError(f"{self.name}: an object at {offset:#x} (+{size} bytes) is not "
                                       "in the mapped pages, or crosses the end of a segment of the map")
         return segment, local
 
@@ -200,7 +206,7 @@ class Heap:
         segment, local = self.locate(offset, 8)
         cls = self.classes.get(_TYPE(segment.map, local)[0])
         if cls is None:
-            raise CorruptStorageError(f"{self.name!r}: the object at {offset:#x} has unknown type "
+            raise CorruptStorageError(f"{self.name}: the object at {offset:#x} has unknown type "
                                       f"{_TYPE(segment.map, local)[0]}")
         return self.remember(offset, cls._ps_make(segment, local))
 
@@ -365,7 +371,7 @@ class Heap:
         at = offset - segment.start + _REFS_AT
         count = _TYPE(segment.map, at)[0]
         if count == 0:
-            raise CorruptStorageError(f"{self.name!r}: reference count of {offset:#x} is already 0")
+            raise CorruptStorageError(f"{self.name}: reference count of {offset:#x} is already 0")
         _PUT(segment.map, at, count - 1)
         if count == 1:
             self.unreferenced.add(offset)
@@ -381,7 +387,7 @@ class Heap:
         if type_id in _INTERNAL:
             owner = self.classes.get(_TYPE(segment.map, local + 8)[0])
             if owner is None or owner._ps_kind not in ("list", "dict", "set", "sorteddict"):
-                raise CorruptStorageError(f"{self.name!r}: the internal object at {offset:#x} names "
+                raise CorruptStorageError(f"{self.name}: the internal object at {offset:#x} names "
                                           f"owner type {_TYPE(segment.map, local + 8)[0]}")
             return owner._ps_references(self, offset, type_id)
         cls = self.classes.get(type_id)
@@ -398,7 +404,7 @@ class Heap:
         self.check_offset(offset, F.HELD.size)
         type_id, _, count = F.HELD.unpack_from(self.mapping.view(offset, F.HELD.size))
         if type_id != F.T_HELD:
-            raise CorruptStorageError(f"{self.name!r}: root slot {F.SLOT_HELD} does not name the list of "
+            raise CorruptStorageError(f"{self.name}: root slot {F.SLOT_HELD} does not name the list of "
                                       f"held objects (type {type_id} at {offset:#x})")
         self.check_offset(offset, F.HELD.size + 8 * count)
         held = list(self.mapping.view(offset + F.HELD.size, 8 * count).cast("Q"))
@@ -476,7 +482,7 @@ class Heap:
         start = local + F.STRING.size
         end = start + _TYPE(segment.map, local + 12)[0]
         if end > segment.length:
-            raise CorruptStorageError(f"{self.name!r}: string {offset:#x} crosses the end of a segment")
+            raise CorruptStorageError(f"{self.name}: string {offset:#x} crosses the end of a segment")
         return segment.map[start:end]
 
     def string_equals(self, offset, data):
@@ -490,7 +496,7 @@ class Heap:
             return False
         start = local + F.STRING.size
         if start + length > segment.length:
-            raise CorruptStorageError(f"{self.name!r}: string {offset:#x} crosses the end of a segment")
+            raise CorruptStorageError(f"{self.name}: string {offset:#x} crosses the end of a segment")
         return segment.map[start:start + length] == data
 
     # -- buffer views handed out --------------------------------------------------------------------
@@ -534,13 +540,14 @@ READ_ERRORS = (IndexError, KeyError, ValueError, OverflowError, struct.error, Re
 
 @contextlib.contextmanager
 def damage_reported(name, what):
-    """Report what reading damaged bytes raises (READ_ERRORS) as a CorruptStorageError."""
+    """Report what reading damaged bytes raises (READ_ERRORS) as a CorruptStorageError (``name``: the
+    store as messages name it, ``Heap.name``)."""
     try:
         yield
     except READ_ERRORS as exc:
         if isinstance(exc, PermastructError):
             raise
-        raise CorruptStorageError(f"{name!r}: damage stopped {what}: {type(exc).__name__}: {exc}") from exc
+        raise CorruptStorageError(f"{name}: damage stopped {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _refuse_writes(storage):

@@ -29,6 +29,8 @@ from . import _types as T
 from ._alloc import Allocator
 from ._commit import check_history, check_page_size, check_timeout
 from ._heap import Heap
+from ._history import bytes_before
+from ._mapping import OS_PAGE
 from ._schema import Schema
 from .errors import (CorruptStorageError, ForkedProcessError, IncompleteChangeError, NotAStorageError,
                      PermastructError, ReadOnlyError, SchemaError, StorageClosedError, UndoError)
@@ -113,6 +115,7 @@ class Storage:
             created = True
         self._root = None
         self._heap = Heap(self, self._page_file, None)
+        self._page_file._label = self._heap.name  # (an in-memory store: its class names it in messages)
         self.schema = Schema(self)
         try:
             self._closed = False
@@ -158,7 +161,7 @@ class Storage:
         pf, heap = self._page_file, self._heap
         state = pf.slots[F.SLOT_ALLOC]
         if not 0 <= state < pf.page_count:
-            raise CorruptStorageError(f"{self.fileName!r}: the allocator page {state} does not exist")
+            raise CorruptStorageError(f"{heap.name}: the allocator page {state} does not exist")
         heap.allocator = Allocator(pf, state)
         self.schema._bind_predefined()
         stored = self.schema._read()
@@ -371,6 +374,23 @@ class Storage:
                            "description": description or "", "extension": extension, "size": record.size})
         return result
 
+    def _schema_before(self, chain):
+        """The stored schema's bytes (its reference count left out) just before the first transaction
+        of ``chain`` (undo records to the last commit; empty: the last commit); None if unreadable."""
+        pf = self._page_file
+
+        def current(offset, size):
+            try:
+                return bytes(pf.mapping.view(offset, size))
+            except (IndexError, ValueError):
+                return None
+        offset = (chain[0].root if chain else pf._committed)[2][F.SLOT_SCHEMA]
+        head = bytes_before(chain, offset, F.STRING.size, current, OS_PAGE)
+        if head is None or F.STRING.unpack(head)[0] != F.T_SCHEMA:
+            return None
+        data = bytes_before(chain, offset + F.STRING.size, F.STRING.unpack(head)[3], current, OS_PAGE)
+        return None if data is None else head[:4] + head[8:] + data
+
     def _forward_body(self, offset):
         return F.FORWARD.unpack_from(self._heap.mapping.view(offset, F.FORWARD.size))[2]
 
@@ -384,7 +404,7 @@ class Storage:
         Returns the ids undone, oldest first.  ``UndoError`` (nothing changed)
         when ``id`` is unknown or no longer kept, without ``history=``, while
         changes are pending, or when a transaction in between changed the
-        stored schema.  Proxies of objects that do not exist in the restored
+        stored schema (its bytes: a pack that only moved it does not count).  Proxies of objects that do not exist in the restored
         state die, as after a rollback (every proxy dies when the restored
         state is larger than what this open first mapped of the file and
         older than it: the file was cut at a close since, and is mapped anew;
@@ -406,8 +426,13 @@ class Storage:
             raise UndoError(f"{self!r} has uncommitted changes: commit() or rollback() them before undo({id})")
         chain = pf._history_chain(id)
         roots = [record.root for record in chain] + [pf._committed]
-        for record, before, after in zip(chain, roots, roots[1:]):
-            if before[2][F.SLOT_SCHEMA] != after[2][F.SLOT_SCHEMA]:
+        if any(before[2][F.SLOT_SCHEMA] != after[2][F.SLOT_SCHEMA] for before, after in zip(roots, roots[1:])):
+            # (a pack moves the schema without changing it: only its bytes count)
+            first = self._schema_before(chain)
+            if first is None or first != self._schema_before([]):
+                schemas = [self._schema_before(chain[index:]) for index in range(len(chain) + 1)]
+                record = next((record for record, before, after in zip(chain, schemas, schemas[1:])
+                               if before is None or before != after), chain[0])
                 raise UndoError(f"{self!r}: transaction {record.txn} changed the stored schema (an open that "
                                 f"added types or fields, or a schema change), so undo({id}) would leave the "
                                 "classes out of step with the store; undo only later transactions")
@@ -418,6 +443,7 @@ class Storage:
             bodies = {offset: self._forward_body(offset) for offset in list(heap.proxies)
                       if live.get(offset) == F.T_FORWARD}
             undone = pf._restore_history(id)
+            self.schema._schema_at = pf.slots[F.SLOT_SCHEMA]  # (the same schema, perhaps elsewhere)
             heap.allocator.release()
             heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
             kept = {offset: type_id for offset, _, type_id in heap.walk()}
@@ -444,6 +470,7 @@ class Storage:
             self.rollback()
             heap.allocator.release()
             heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
+            self.schema._schema_at = pf.slots[F.SLOT_SCHEMA]
             raise
         heap._changing = 0
         return undone
@@ -657,7 +684,9 @@ class Storage:
         checkpoint gives the file's free end back.  Returns a dict with
         ``objects_freed``, ``bytes_freed``, ``pages_released``, ``pages`` and ``objects_moved``.
         Reads every page and follows every reference: it costs about what
-        :meth:`check` costs.  See ``docs/maintenance.rst``.
+        :meth:`check` costs, and it first verifies the objects as :meth:`check`
+        does: on a damaged store, ``CorruptStorageError`` and nothing changed.
+        See ``docs/maintenance.rst``.
         """
         self._check_writable()
         from ._pack import pack
