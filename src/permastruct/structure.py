@@ -548,17 +548,23 @@ def _make_constructor(cls):
         else:
             checks.append(f"if {name} is not None and _ps_type({name}) is not _ps_{exact.__name__}:\n"
                           f"    _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
-            data = name if exact is bytes else f"{name}.encode('utf-8')"
+            type_id = ftype._ps_type_id
+            # the bytes to store: a lone surrogate or a string over MAX_BYTES raises the error that
+            # names the field (storable())
+            env.update(_ps_len=len, _ps_MAX=MAX_BYTES, _ps_storable=storable,
+                       _ps_UnicodeEncodeError=UnicodeEncodeError)
+            encode = (f"    _ps_data = {name}\n" if exact is bytes else
+                      f"    try:\n        _ps_data = {name}.encode('utf-8')\n"
+                      f"    except _ps_UnicodeEncodeError:\n        _ps_data = None\n")
+            refuse = (f"    _ps_n = -1 if _ps_data is None else _ps_len(_ps_data)\n"
+                      f"    if _ps_n < 0 or _ps_n > _ps_MAX:\n"
+                      f"        _ps_storable({type_id}, {name}, {where!r})\n")
             if name == paired:
-                type_id = ftype._ps_type_id
                 seed = F.STRING_SEED if type_id == F.T_STRING else F.BYTES_SEED
-                env.update(_ps_pack_string=F.STRING.pack_into,
-                           _ps_crc32=zlib.crc32, _ps_len=len)
+                env.update(_ps_pack_string=F.STRING.pack_into, _ps_crc32=zlib.crc32)
                 makes.append(f"if {name} is None:\n    {name} = 0\n"
-                             f"elif _ps_type({name}) is _ps_{exact.__name__}:\n"
-                             f"    _ps_data = {data}\n"
-                             f"    _ps_n = _ps_len(_ps_data)\n"
-                             f"    if _ps_n <= 1024:\n"
+                             f"elif _ps_type({name}) is _ps_{exact.__name__}:\n" + encode + refuse +
+                             f"    if _ps_n <= {min(1024, MAX_BYTES)}:\n"
                              f"        _ps_string, _ps_sview, _ps_slocal, _ps_offset, _ps_view, _ps_local, _ps_base = "
                              f"_ps_heap.allocator.place_pair({F.STRING.size} + _ps_n, {packer.size})\n"
                              f"        _ps_pack_string(_ps_sview, _ps_slocal, {type_id}, 1, _ps_crc32(_ps_data, {seed}), _ps_n)\n"
@@ -571,8 +577,8 @@ def _make_constructor(cls):
                 undo.append(name)
                 continue
             makes.append(f"if {name} is None:\n    {name} = 0\n"
-                         f"elif _ps_type({name}) is _ps_{exact.__name__}:\n"
-                         f"    {name} = _ps_new_string(_ps_heap, {ftype._ps_type_id}, {data}, 1)\n"
+                         f"elif _ps_type({name}) is _ps_{exact.__name__}:\n" + encode + refuse +
+                         f"    {name} = _ps_new_string(_ps_heap, {type_id}, _ps_data, 1)\n"
                          f"else:\n{by_reference}")
         undo.append(name)
     place = f"_ps_offset, _ps_view, _ps_local, _ps_base = _ps_heap.allocator.place({packer.size})"
