@@ -1,0 +1,383 @@
+"""Views of the buffer protocol (memoryview, numpy arrays) of objects that a rollback, a savepoint's
+rollback or an undo takes back: they never write into another object (``Heap.quarantine``)."""
+
+import array
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from permastruct import List, Storage, UndoError
+from permastruct.errors import DeadProxyError, IncompleteChangeError
+
+
+class Views(Storage):
+    def populateSchema(self):
+        s = self.schema
+        self.define(List("Ints")[s.Int])
+
+        class Root(s.Structure):
+            buf = s.Buffer
+            ints = s.Ints
+            other = s.Ints
+            raw = s.ByteString
+
+
+def _fill(view, value):
+    view[:] = array.array("q", [value] * len(view))
+
+
+def _store(tmp_path, **options):
+    p = Views(str(tmp_path / "v.ps"), **options)
+    p.root.other = list(range(1000, 1010))
+    p.commit()
+    return p
+
+
+def _same_class_filler(p, count=2000):
+    """Objects that take every free place of the common small size classes (what would overwrite a
+    place given back to the allocator)."""
+    return [p.schema.Buffer(array.array("q", [n] * (n % 40 + 1))) for n in range(count)]
+
+
+def test_a_buffers_view_after_a_rollback_writes_only_into_its_quarantined_place(tmp_path):
+    with _store(tmp_path) as p:
+        buf = p.schema.Buffer(array.array("q", range(100)))
+        place = buf._ps_oid
+        view = memoryview(buf)
+        p.rollback()
+        with pytest.raises(DeadProxyError):
+            len(buf)
+        assert view.tolist() == list(range(100))  # (it shows what it showed)
+        p.check()
+        p.root.ints = list(range(100))  # (the size the buffer had: its place would come first)
+        assert p.root.ints._ps_body != place
+        fillers = _same_class_filler(p)
+        assert place not in {f._ps_oid for f in fillers}
+        p.commit()
+        p.check()
+        _fill(view, -7)
+        p.commit()
+        p.check()
+        assert list(p.root.ints) == list(range(100)) and list(p.root.other) == list(range(1000, 1010))
+        assert all(list(memoryview(f).cast("B").cast("q")) == [n] * (n % 40 + 1) for n, f in enumerate(fillers))
+
+
+def test_the_place_is_freed_by_the_first_commit_after_the_view_goes_and_reused(tmp_path):
+    with _store(tmp_path) as p:
+        buf = p.schema.Buffer(array.array("q", range(100)))
+        place = buf._ps_oid
+        view = memoryview(buf)
+        p.rollback()
+        p.commit()  # (recorded as held)
+        p.check()
+        assert place in p._heap.held_objects()
+        view.release()
+        assert place in p._heap.quarantine  # (the program still holds its dead proxy: it may be a
+        del buf  # numpy.frombuffer's base, which keeps using the memory after it let go of the view)
+        p.commit()  # frees it
+        p.check()
+        assert place not in p._heap.held_objects() and not p._heap.quarantine
+        again = p.schema.Buffer(array.array("q", range(100)))
+        assert again._ps_oid == place  # reused normally
+        p.root.buf = again
+        p.commit()
+        p.check()
+
+
+def test_a_view_of_a_new_lists_cells_after_a_rollback(tmp_path):
+    with _store(tmp_path) as p:
+        ints = p.schema.Ints(range(50))
+        view = memoryview(ints)
+        p.rollback()
+        p.check()
+        p.root.ints = list(range(50))
+        p.commit()
+        _fill(view, -1)
+        p.commit()
+        p.check()
+        assert list(p.root.ints) == list(range(50))
+        del view, ints
+        p.commit()
+        p.check()
+        assert not p._heap.quarantine
+
+
+def test_a_view_of_the_array_a_rolled_back_extend_made_keeps_the_committed_list_whole(tmp_path):
+    with _store(tmp_path) as p:
+        p.root.ints = [1, 2, 3]
+        p.commit()
+        p.root.ints.extend(range(200))  # a new array; the committed one is freed in the transaction
+        view = memoryview(p.root.ints)
+        p.rollback()
+        assert list(p.root.ints) == [1, 2, 3]
+        p.check()
+        p.root.other.extend(range(200))  # (the size of the taken-back array)
+        p.commit()
+        _fill(view, -3)
+        p.commit()
+        p.check()
+        assert list(p.root.ints) == [1, 2, 3]
+        assert list(p.root.other) == list(range(1000, 1010)) + list(range(200))
+
+
+def test_a_view_of_a_committed_lists_cells_still_shows_them_after_a_rollback(tmp_path):
+    with _store(tmp_path) as p:
+        p.root.ints = list(range(20))
+        p.commit()
+        view = memoryview(p.root.ints)
+        view[0] = 99
+        p.rollback()
+        assert not p._heap.quarantine  # (nothing was taken back)
+        assert view[0] == 0 and p.root.ints[0] == 0
+        view[1] = 77
+        assert p.root.ints[1] == 77
+        p.commit()
+        p.check()
+
+
+def test_a_strings_view_after_a_rollback(tmp_path):
+    with _store(tmp_path) as p:
+        raw = p.schema.ByteString(b"rolled back " * 20)
+        view = memoryview(raw)
+        p.rollback()
+        p.check()
+        strings = [p.schema.ByteString(b"x" * n) for n in range(300)]
+        p.root.raw = strings[-1]
+        p.commit()
+        assert view.tobytes() == b"rolled back " * 20 and view.readonly
+        p.check()
+        assert all(bytes(s) == b"x" * n for n, s in enumerate(strings))
+
+
+def test_a_savepoints_rollback_quarantines_what_the_inner_block_made(tmp_path):
+    with _store(tmp_path) as p:
+        with p.transaction():
+            p.root.ints = [5, 6, 7]
+            views = []
+            with pytest.raises(ValueError):
+                with p.transaction():
+                    views.append(memoryview(p.schema.Buffer(array.array("q", range(30)))))
+                    p.root.ints.extend(range(100))
+                    views.append(memoryview(p.root.ints))
+                    raise ValueError("the inner block fails")
+            assert list(p.root.ints) == [5, 6, 7]
+            assert len(p._heap.quarantine) == 2
+            p.root.other = list(range(130))
+            fillers = _same_class_filler(p, 500)
+        p.check()
+        for view in views:
+            _fill(view, -9)
+        p.commit()
+        p.check()
+        assert list(p.root.ints) == [5, 6, 7] and list(p.root.other) == list(range(130))
+        assert all(list(memoryview(f).cast("B").cast("q")) == [n] * (n % 40 + 1) for n, f in enumerate(fillers))
+        del view, fillers
+        views.clear()
+        p.commit()
+        p.check()
+        assert not p._heap.quarantine and not p._heap.held_objects()
+
+
+def test_a_quarantine_not_yet_committed_survives_another_rollback(tmp_path):
+    with _store(tmp_path) as p:
+        view = memoryview(p.schema.Buffer(array.array("q", range(64))))
+        p.rollback()
+        p.rollback()  # (takes the claim back too: claimed again)
+        p.check()
+        with p.transaction():
+            try:
+                with p.transaction():
+                    p.root.ints = list(range(64))
+                    raise KeyError
+            except KeyError:
+                pass
+        p.rollback()
+        p.check()
+        fillers = _same_class_filler(p, 300)
+        p.commit()
+        _fill(view, 4)
+        p.commit()
+        p.check()
+        assert all(list(memoryview(f).cast("B").cast("q")) == [n] * (n % 40 + 1) for n, f in enumerate(fillers))
+
+
+def test_a_large_buffer_in_a_page_run(tmp_path):
+    with _store(tmp_path) as p:
+        view = memoryview(p.schema.Buffer(bytes(range(256)) * 200))  # 50 KB: a run of pages
+        p.rollback()
+        p.check()
+        blobs = [p.schema.Buffer(bytes([n]) * 51200) for n in range(4)]
+        p.root.buf = blobs[0]
+        p.commit()
+        view[:] = b"\xee" * len(view)
+        p.commit()
+        p.check()
+        assert all(bytes(b) == bytes([n]) * 51200 for n, b in enumerate(blobs))
+        view.release()
+        p.commit()
+        p.check()
+
+
+def test_numpy_arrays_of_taken_back_objects(tmp_path):
+    numpy = pytest.importorskip("numpy")
+    with _store(tmp_path) as p:
+        cells = numpy.asarray(p.schema.Ints(range(40)))
+        data = numpy.frombuffer(p.schema.Buffer(array.array("q", range(40))), dtype="<i8")
+        p.rollback()
+        p.check()
+        p.root.ints = list(range(40))
+        fillers = _same_class_filler(p, 300)
+        p.commit()
+        cells[:] = -5
+        if data.flags.writeable:
+            data[:] = -6
+        p.commit()
+        p.check()
+        assert list(p.root.ints) == list(range(40))
+        assert all(list(memoryview(f).cast("B").cast("q")) == [n] * (n % 40 + 1) for n, f in enumerate(fillers))
+        del cells, data
+        p.commit()
+        p.check()
+        assert not p._heap.quarantine
+
+
+def test_undo_refuses_while_a_view_shows_what_it_takes_back(tmp_path):
+    with _store(tmp_path, history=5) as p:
+        p.root.buf = p.schema.Buffer(array.array("q", range(10)))
+        p.commit()
+        made = p.last_transaction
+        view = memoryview(p.root.buf)
+        with pytest.raises(UndoError, match="memoryview"):
+            p.undo(made)
+        p.check()
+        assert view.tolist() == list(range(10)) and p.root.buf is not None
+        view.release()
+        p.undo(made)
+        assert p.root.buf is None
+        p.check()
+
+
+def test_undo_is_not_refused_by_a_view_of_what_it_keeps(tmp_path):
+    with _store(tmp_path, history=5) as p:
+        p.root.ints = list(range(10))
+        p.commit()
+        view = memoryview(p.root.ints)
+        p.root.other = [1]
+        p.commit()
+        p.undo(p.last_transaction)
+        assert list(p.root.other) == list(range(1000, 1010))
+        view[0] = 42
+        assert p.root.ints[0] == 42
+        p.commit()
+        p.check()
+
+
+def test_a_view_over_a_place_the_restored_state_uses_refuses_commits_until_a_rollback(tmp_path):
+    with _store(tmp_path) as p:
+        p.root.ints = [1, 2, 3]
+        p.commit()
+        old = p.root.ints._ps_body
+        p.root.ints.extend(range(10))  # the committed array is freed in the transaction...
+        buf = p.schema.Buffer(array.array("q", range(6)))  # ...and its place is the next of its size
+        assert buf._ps_oid == old
+        view = memoryview(buf)
+        p.rollback()  # the committed array is back where the view points
+        assert list(p.root.ints) == [1, 2, 3]
+        view[0] = -1  # (into the committed array: the store refuses to commit it)
+        with pytest.raises(IncompleteChangeError, match="memoryview"):
+            p.commit()
+        view.release()
+        del buf
+        with pytest.raises(IncompleteChangeError, match="rollback"):
+            p.commit()
+        p.rollback()
+        assert list(p.root.ints) == [1, 2, 3]
+        p.root.other = [7]
+        p.commit()
+        p.check()
+        assert list(p.root.ints) == [1, 2, 3]
+
+
+def test_close_with_such_a_view_does_not_commit(tmp_path):
+    p = _store(tmp_path)
+    p.root.ints = [1, 2, 3]
+    p.commit()
+    p.root.ints.extend(range(10))
+    view = memoryview(p.schema.Buffer(array.array("q", range(6))))
+    p.rollback()
+    p.root.other = [8]
+    with pytest.raises(IncompleteChangeError, match="memoryview"):
+        p.close()
+    del view
+    with Views(str(tmp_path / "v.ps")) as p:
+        assert list(p.root.ints) == [1, 2, 3] and list(p.root.other) == list(range(1000, 1010))
+        p.check()
+
+
+def test_pack_and_reopen_with_a_quarantined_place(tmp_path):
+    with _store(tmp_path) as p:
+        view = memoryview(p.schema.Buffer(array.array("q", range(500))))
+        p.rollback()
+        p.root.ints = list(range(3000))
+        p.commit()
+        p.root.ints = None
+        p.commit()
+        p.pack()
+        p.check()
+        view[:] = array.array("q", [3] * 500)
+        p.root.other = list(range(500))
+        p.commit()
+        p.check()
+        assert list(p.root.other) == list(range(500))
+    # the close freed it (the view reaches no file afterwards)
+    with Views(str(tmp_path / "v.ps")) as p:
+        p.check()
+        assert not p._heap.held_objects()
+    view.release()
+
+
+def test_a_process_killed_while_a_place_is_quarantined_leaves_a_store_that_checks(tmp_path):
+    path = str(tmp_path / "v.ps")
+    _store(tmp_path).close()
+    script = textwrap.dedent(f"""
+        import array, os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_views import Views
+        p = Views({path!r})
+        views = [memoryview(p.schema.Buffer(array.array("q", range(n)))) for n in (10, 100, 10000)]
+        views.append(memoryview(p.schema.Ints(range(30))))
+        p.rollback()
+        p.root.other = [1, 2]
+        p.commit()
+        assert len(p._heap.held_objects()) == 4
+        p.root.other = [3]
+        os.kill(os.getpid(), 9)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    assert result.returncode == -9, result.stderr.decode()
+    with Views(path) as p:
+        assert list(p.root.other) == [1, 2]
+        p.check()
+        p.commit()
+        p.check()
+        assert not p._heap.held_objects()
+
+
+def test_memory_and_overlay_stores(tmp_path):
+    for p in (Views(None), _store(tmp_path)):
+        if p.fileName:
+            p.close()
+            p = Views(p.fileName, overlay=True)
+        with p:
+            view = memoryview(p.schema.Buffer(array.array("q", range(100))))
+            p.rollback()
+            p.root.ints = list(range(100))
+            p.commit()
+            _fill(view, 1)
+            p.commit()
+            p.check()
+            assert list(p.root.ints) == list(range(100))
