@@ -366,6 +366,9 @@ class Storage:
         views of buffers taken before then no longer show the store).  They
         die before the undo's commit, so an interrupt cannot leave them alive
         after it; an undo that fails leaves them dead (using one raises).
+        While a memoryview or a numpy array shows an object that the undo
+        takes back (or a List array its List does not keep), ``UndoError``
+        (nothing changed): release it first, as for ``bytearray``'s resize.
         ``description``, ``user`` and
         ``extension`` are the new transaction's metadata (the description
         defaults to ``"undo <id>"``).  Costs two walks over every object and
@@ -469,6 +472,16 @@ class Storage:
 
         It also ends every open ``with p.transaction()`` block: a block that
         is still open after an interrupt in its exit nests no later one.
+
+        A memoryview (or numpy array) of an object it takes back keeps
+        working on a *quarantined* place: claimed again as an object nothing
+        references, so that no other object is put there; the first commit
+        after the view (and the proxy it was made from) is gone frees it.
+        When the restored state uses that place (the transaction had freed
+        what was there and made the viewed object in its place), commits are
+        refused (``IncompleteChangeError``) until the view is gone and another
+        rollback has put back what it wrote.  It never refuses itself.  See
+        docs/modes.rst, "Views of objects a rollback or an undo takes back".
         """
         self._check_writable()
         self._block = None
@@ -516,7 +529,8 @@ class Storage:
         """``with p.transaction():`` commits on success and rolls back on an exception.
 
         Nested blocks are savepoints: a failing inner block undoes only what it
-        did (and its objects' proxies die), a succeeding one keeps its changes
+        did (and its objects' proxies die; views of them are quarantined as by
+        :meth:`rollback`), a succeeding one keeps its changes
         for the outer block; only the outermost block commits.  Entering a
         nested block copies the pages the transaction has changed so far.
         ``description``, ``user`` and ``extension`` are the metadata of the
