@@ -275,22 +275,92 @@ def test_undo_is_not_refused_by_a_view_of_what_it_keeps(tmp_path):
         p.check()
 
 
-def test_a_view_over_a_place_the_restored_state_uses_refuses_commits_until_a_rollback(tmp_path):
+def _reused_place(p):
+    """A view of a Buffer made in the place of the committed array a growing List freed in the
+    same transaction: after the rollback that array is back where the view points."""
+    p.root.ints = [1, 2, 3]
+    p.commit()
+    old = p.root.ints._ps_body
+    p.root.ints.extend(range(10))  # the committed array is freed in the transaction...
+    buf = p.schema.Buffer(array.array("q", range(6)))  # ...and its place is the next of its size
+    assert buf._ps_oid == old
+    return memoryview(buf), old
+
+
+def test_what_the_restored_state_has_in_a_views_place_moves_away(tmp_path):
     with _store(tmp_path) as p:
-        p.root.ints = [1, 2, 3]
+        view, old = _reused_place(p)
+        p.rollback()
+        assert list(p.root.ints) == [1, 2, 3] and p.root.ints._ps_body != old  # (moved)
+        assert old in p._heap.quarantine
+        p.check()
+        view[:] = array.array("q", [-1] * 6)
+        assert list(p.root.ints) == [1, 2, 3] and view.tolist() == [-1] * 6
         p.commit()
-        old = p.root.ints._ps_body
-        p.root.ints.extend(range(10))  # the committed array is freed in the transaction...
-        buf = p.schema.Buffer(array.array("q", range(6)))  # ...and its place is the next of its size
-        assert buf._ps_oid == old
-        view = memoryview(buf)
+        p.check()
+        p.root.ints.append(4)
+        p.commit()
+        p.check()
+        assert list(p.root.ints) == [1, 2, 3, 4]
+
+
+def test_a_tree_node_and_a_hash_table_in_a_views_place_move_away(tmp_path):
+    from permastruct import Dict, SortedDict
+
+    class Trees(Storage):
+        def populateSchema(self):
+            s = self.schema
+            Index = self.define(SortedDict("Index")[s.Int, s.Int])
+            Table = self.define(Dict("Table")[s.String, s.Int])
+
+            class Root(s.Structure):
+                index = Index
+                table = Table
+
+    with Trees(str(tmp_path / "t.ps")) as p:
+        p.root.index = {n: n for n in range(300)}
+        p.root.table = {str(n): n for n in range(20)}
+        p.commit()
+        views = []
+        for n in range(300, 2000):  # splits and grows free nodes and tables as it goes
+            p.root.index[n] = n
+            if n % 7 == 0:
+                p.root.table[str(n)] = n
+            views.append(memoryview(p.schema.Buffer(array.array("q", range(n % 50 + 1)))))
+        relocations = p._heap.relocations
+        p.rollback()
+        assert p._heap.relocations > relocations  # (some views' places had to be emptied)
+        assert len(p._heap.quarantine) == len(views) and not p._heap.poisoned
+        p.check()
+        assert dict(p.root.index) == {n: n for n in range(300)}
+        assert dict(p.root.table) == {str(n): n for n in range(20)}
+        for view in views:
+            view[:] = array.array("q", [-2] * len(view))
+        p.root.index[5000] = 1
+        p.commit()
+        p.check()
+        assert dict(p.root.index) == {**{n: n for n in range(300)}, 5000: 1}
+        assert dict(p.root.table) == {str(n): n for n in range(20)}
+        del view
+        views.clear()
+        p.commit()
+        p.check()
+        assert not p._heap.quarantine
+
+
+def test_a_view_over_a_place_that_cannot_be_emptied_refuses_commits_until_a_rollback(tmp_path, monkeypatch):
+    from permastruct import _pack
+    monkeypatch.setattr(_pack, "evacuate", lambda storage, places: False)  # (as when it is pinned)
+    with _store(tmp_path) as p:
+        view, old = _reused_place(p)
         p.rollback()  # the committed array is back where the view points
-        assert list(p.root.ints) == [1, 2, 3]
+        assert list(p.root.ints) == [1, 2, 3] and p.root.ints._ps_body == old
         view[0] = -1  # (into the committed array: the store refuses to commit it)
         with pytest.raises(IncompleteChangeError, match="memoryview"):
             p.commit()
+        with pytest.raises(IncompleteChangeError, match="memoryview"):
+            p.undo(1)
         view.release()
-        del buf
         with pytest.raises(IncompleteChangeError, match="rollback"):
             p.commit()
         p.rollback()
@@ -301,12 +371,11 @@ def test_a_view_over_a_place_the_restored_state_uses_refuses_commits_until_a_rol
         assert list(p.root.ints) == [1, 2, 3]
 
 
-def test_close_with_such_a_view_does_not_commit(tmp_path):
+def test_close_with_such_a_view_does_not_commit(tmp_path, monkeypatch):
+    from permastruct import _pack
+    monkeypatch.setattr(_pack, "evacuate", lambda storage, places: False)
     p = _store(tmp_path)
-    p.root.ints = [1, 2, 3]
-    p.commit()
-    p.root.ints.extend(range(10))
-    view = memoryview(p.schema.Buffer(array.array("q", range(6))))
+    view, _ = _reused_place(p)
     p.rollback()
     p.root.other = [8]
     with pytest.raises(IncompleteChangeError, match="memoryview"):

@@ -597,8 +597,8 @@ class Heap:
         again with the bytes it had.  A List's array is gone unless the List is still there (not in
         ``taken``) with that array.  A quarantined place that the restored state holds already
         (recorded as held, or claimed before the savepoint) stays as it is.  The places that could
-        not be claimed (something the restored state uses overlaps them) are poisoned; returns
-        them."""
+        not be claimed (something the restored state uses overlaps them) are returned, as
+        candidates (for ``_pack.evacuate``, then :meth:`poison`)."""
         lost = []
         for offset, owner, capacity, data, views in candidates:
             if owner < 0 and offset in self.unreferenced:
@@ -607,14 +607,18 @@ class Heap:
                     F.COLLECTION.unpack_from(self.mapping.view(owner, F.COLLECTION.size))[3] == offset:
                 continue  # (the List keeps that array: the view still shows its cells)
             if not self.allocator.claim(offset, capacity):
-                entry = self.quarantine.pop(offset, None)
-                if entry is not None and self.proxies.get(offset) is entry[2]:
-                    self.kill_proxy(offset, rolled_back=True)  # (its keeper: the place is another's now)
-                self.poisoned[offset] = views
-                lost.append(offset)
+                lost.append((offset, owner, capacity, data, views))
                 continue
             self.quarantine_place(offset, capacity, data, views)
         return lost
+
+    def poison(self, lost):
+        """Give up on places :meth:`quarantine_places` could not claim (see ``quarantine``)."""
+        for offset, _, _, _, exported in lost:
+            entry = self.quarantine.pop(offset, None)
+            if entry is not None and self.proxies.get(offset) is entry[2]:
+                self.kill_proxy(offset, rolled_back=True)  # (its keeper: the place is another's now)
+            self.poisoned[offset] = exported
 
     def quarantine_place(self, offset, capacity, data, views):
         """Make the claimed place at ``offset`` a quarantined object holding ``data``."""

@@ -452,9 +452,16 @@ class Storage:
 
     def _quarantine(self, candidates, taken):
         """(The end of a rollback) Keep the places that views still show out of the allocator's reach
-        (``Heap.quarantine_candidates``)."""
+        (``Heap.quarantine_candidates``); what the restored state has there is moved away first
+        (``_pack.evacuate``); only what cannot move poisons the store (no commits until a rollback
+        after the views are gone)."""
+        from ._pack import evacuate
         heap = self._heap
-        heap.quarantine_places(candidates, taken)
+        lost = heap.quarantine_places(candidates, taken)
+        if lost and evacuate(self, [(offset, capacity) for offset, _, capacity, _, _ in lost]):
+            lost = heap.quarantine_places(lost, taken)  # (what was there has moved)
+        if lost:
+            heap.poison(lost)
 
     def _check_whole(self):
         """Refuse to commit while a change is running in another thread or was cut short here."""
@@ -478,9 +485,11 @@ class Storage:
         references, so that no other object is put there; the first commit
         after the view (and the proxy it was made from) is gone frees it.
         When the restored state uses that place (the transaction had freed
-        what was there and made the viewed object in its place), commits are
-        refused (``IncompleteChangeError``) until the view is gone and another
-        rollback has put back what it wrote.  It never refuses itself.  See
+        what was there and made the viewed object in its place), what is
+        there is moved elsewhere first (a walk over every object); if it
+        cannot move, commits are refused (``IncompleteChangeError``) until
+        the view is gone and another rollback has put back what it wrote.
+        It never refuses itself.  See
         docs/modes.rst, "Views of objects a rollback or an undo takes back".
         """
         self._check_writable()
@@ -500,6 +509,7 @@ class Storage:
         heap.unreferenced = set(heap.held_objects())  # the committed state's: freed at the next commit
         self._root = None
         if candidates:
+            heap._changing = T._get_ident()  # (one change: cut short, the next rollback does it again)
             self._quarantine(candidates, created)
         heap._changing = 0
 
