@@ -450,3 +450,25 @@ def test_memory_and_overlay_stores(tmp_path):
             p.commit()
             p.check()
             assert list(p.root.ints) == list(range(100))
+
+
+def test_an_evacuation_that_fails_poisons_instead(tmp_path, monkeypatch):
+    from permastruct import _pack
+    from permastruct.errors import StorageFullError
+
+    def full(storage, places):
+        storage._heap.allocator.alloc(100)  # (half done: something allocated, nothing rewritten)
+        raise StorageFullError("no room")
+    monkeypatch.setattr(_pack, "evacuate", full)
+    with _store(tmp_path) as p:
+        view, _ = _reused_place(p)
+        p.rollback()  # (never raises)
+        with pytest.raises(IncompleteChangeError, match="memoryview"):
+            p.commit()
+        del view
+        monkeypatch.undo()
+        p.rollback()
+        p.root.other = [5]
+        p.commit()
+        p.check()
+        assert list(p.root.ints) == [1, 2, 3] and list(p.root.other) == [5]

@@ -440,7 +440,8 @@ class Storage:
         if stale:
             raise UndoError(f"{self!r}: a memoryview (or an array made from one) still shows the object at "
                             f"{stale[0]:#x}, which undo({id}) takes back; release it (view.release(), or drop "
-                            "the array) and undo again")
+                            "the array, and the proxy it was made from: numpy.frombuffer keeps only that) "
+                            "and undo again")
 
     def _refuse_poisoned(self, what):
         heap = self._heap
@@ -458,8 +459,13 @@ class Storage:
         from ._pack import evacuate
         heap = self._heap
         lost = heap.quarantine_places(candidates, taken)
-        if lost and evacuate(self, [(offset, capacity) for offset, _, capacity, _, _ in lost]):
-            lost = heap.quarantine_places(lost, taken)  # (what was there has moved)
+        if lost:
+            try:
+                moved = evacuate(self, [(offset, capacity) for offset, _, capacity, _, _ in lost])
+            except Exception:  # (no room, say: poisoned, so nothing of this half move is ever committed)
+                moved = False
+            if moved:
+                lost = heap.quarantine_places(lost, taken)  # (what was there has moved)
         if lost:
             heap.poison(lost)
 
