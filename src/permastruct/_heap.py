@@ -138,7 +138,7 @@ class Heap:
         self.exports = weakref.WeakValueDictionary()  # buffer views handed out (released at close)
         self.export_places = {}  # offset of an object a view shows -> (owner List or 0, WeakSet of exporters)
         self._places_at = 64  # the size of ``export_places`` at which the places no view shows go
-        self.quarantine = {}  # offset -> [capacity, views, keeper] (see quarantine_candidates)
+        self.quarantine = {}  # offset -> [capacity, exported, keeper, bytes] (see quarantine_candidates)
         self.poisoned = {}  # offset -> views that may write into a live object (see quarantine_candidates)
         self._blanks = {}  # (type id, size) -> a new object's bytes: the header, then zeros
         self._changing = 0
@@ -560,7 +560,8 @@ class Heap:
     # the view showed, as an object nothing references that a keeper in
     # ``proxies`` holds.  The commits record it as held (a crash or a close
     # frees it); the first commit after its last view is gone frees it.
-    # ``quarantine``: offset -> [capacity, its ``_Exported``, keeper].  A place no commit
+    # ``quarantine``: offset -> [capacity, its ``_Exported``, keeper (None until claimed), the
+    # bytes to claim it with (None once a commit has recorded it)].  A place no commit
     # has recorded yet is claimed again after every rollback that takes the
     # claim back.  A place that cannot be claimed (the restored state uses
     # part of it: the transaction had freed what was there and made the
@@ -585,11 +586,15 @@ class Heap:
                 continue
             owner = exported.owner
             entry = quarantine.get(offset)
-            if entry is not None:
-                found.append((offset, -1, entry[0], bytes(self.mapping.view(offset, entry[0])), exported))
+            if entry is not None:  # (its bytes as the view showed them: the map may show others now)
+                data = entry[3] if entry[3] is not None else bytes(self.mapping.view(offset, entry[0]))
+                found.append((offset, -1, entry[0], data, exported))
             elif offset not in self.poisoned and (owner or offset in taken):
                 capacity = self.allocator.capacity(offset)
-                found.append((offset, owner, capacity, bytes(self.mapping.view(offset, capacity)), exported))
+                data = bytes(self.mapping.view(offset, capacity))
+                found.append((offset, owner, capacity, data, exported))
+                if offset in taken or owner in taken:  # (surely gone: a rollback cut short after the
+                    quarantine[offset] = [capacity, exported, None, data]  # restore and retried knows it)
         return found
 
     def quarantine_places(self, candidates, taken):
@@ -601,8 +606,14 @@ class Heap:
         candidates (for ``_pack.evacuate``, then :meth:`poison`)."""
         lost = []
         for offset, owner, capacity, data, views in candidates:
-            if owner < 0 and offset in self.unreferenced:
-                continue  # (the restored state has the quarantined place)
+            if owner < 0:
+                if offset in self.unreferenced:
+                    continue  # (the restored state has the quarantined place)
+                entry = self.quarantine.get(offset) or [None, None, None]
+                if entry[2] is not None:  # (its keeper shows what the restored state has there: it goes)
+                    if self.proxies.get(offset) is entry[2]:
+                        self.kill_proxy(offset, rolled_back=True)
+                    entry[2] = None
             if owner > 0 and owner not in taken and self.type_at(owner) is not None and \
                     F.COLLECTION.unpack_from(self.mapping.view(owner, F.COLLECTION.size))[3] == offset:
                 continue  # (the List keeps that array: the view still shows its cells)
@@ -616,7 +627,7 @@ class Heap:
         """Give up on places :meth:`quarantine_places` could not claim (see ``quarantine``)."""
         for offset, _, _, _, exported in lost:
             entry = self.quarantine.pop(offset, None)
-            if entry is not None and self.proxies.get(offset) is entry[2]:
+            if entry is not None and entry[2] is not None and self.proxies.get(offset) is entry[2]:
                 self.kill_proxy(offset, rolled_back=True)  # (its keeper: the place is another's now)
             self.poisoned[offset] = exported
 
@@ -633,7 +644,7 @@ class Heap:
         else:  # a List's array: a stand-in that only holds the place
             keeper = self._keeper_class()()
             self.proxies[offset] = keeper
-        self.quarantine[offset] = [capacity, views, keeper]
+        self.quarantine[offset] = [capacity, views, keeper, data]
         self.unreferenced.add(offset)
 
     def _keeper_class(self):
@@ -648,6 +659,9 @@ class Heap:
         quarantine = self.quarantine
         for offset in [offset for offset, entry in quarantine.items() if not entry[1].showing()]:
             del quarantine[offset]
+        if any(entry[3] is not None for entry in quarantine.values()):
+            for offset in quarantine.keys() & set(self.held_objects()):  # (committed: a rollback keeps
+                quarantine[offset][3] = None  # them, so their bytes need no copy any more)
 
     def stale_views(self, gone):
         """(Undo, the restored state in the map) The places a live view shows whose object the

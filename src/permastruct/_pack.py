@@ -370,8 +370,9 @@ def evacuate(storage, places):
         return True
     slots = pf.slots
     pinned = {slots[F.SLOT_SCHEMA], slots[F.SLOT_REGISTRY], slots[F.SLOT_ROOT], slots[F.SLOT_HELD]}
-    pinned.update(heap.held_objects(), heap.unreferenced, heap.created_objects(), heap.quarantine)
     taken = {place for place, _ in places}
+    pinned.update(heap.held_objects(), heap.unreferenced, heap.created_objects())
+    pinned.update(offset for offset, entry in heap.quarantine.items() if entry[2] is not None and offset not in taken)
     pinned.update(offset for offset, exported in heap.export_places.items()
                   if offset not in taken and exported.showing())
     if movers & pinned or any(heap.live_proxy(offset) is not None for offset in movers):

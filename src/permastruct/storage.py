@@ -505,10 +505,10 @@ class Storage:
             T.begin_change(heap)  # raises ConcurrentUseError
         created = heap.created_objects()
         heap.kill_created(created)  # first: a rollback cut short kills the rest on retry
-        heap.created = set()
         candidates = None
-        if heap.export_places or heap.poisoned:  # (views of the buffer protocol: see Heap.quarantine)
-            candidates = heap.quarantine_candidates(created)
+        if heap.export_places or heap.poisoned:  # (views of the buffer protocol: see Heap.quarantine;
+            candidates = heap.quarantine_candidates(created)  # before ``created`` goes, for a retry)
+        heap.created = set()
         self._page_file.discard()
         heap.forget_views()
         heap.freed = []
@@ -598,10 +598,10 @@ class Storage:
             before.update(offsets)
         taken = heap.created_objects() - before
         heap.kill_created(taken)  # objects made since die first (as in rollback)
-        heap.created = before
         candidates = None
-        if heap.export_places or heap.poisoned:  # (views of the buffer protocol: see Heap.quarantine)
-            candidates = heap.quarantine_candidates(taken)
+        if heap.export_places or heap.poisoned:  # (views of the buffer protocol: see Heap.quarantine;
+            candidates = heap.quarantine_candidates(taken)  # before ``created`` goes, for a retry)
+        heap.created = before
         self._page_file.rollback_to(engine_point)
         heap.forget_views()
         self._root = None
