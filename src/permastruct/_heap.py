@@ -580,16 +580,18 @@ class Heap:
             del quarantine[offset]  # (its keeper goes: the next commit frees the place)
         for offset in [offset for offset, exported in self.poisoned.items() if not exported.showing()]:
             del self.poisoned[offset]  # (the rollback puts back what the view may have written)
+        for offset, entry in quarantine.items():
+            # (the bytes the view showed: after a rollback cut short the map may show others there)
+            data = entry[3] if entry[3] is not None else bytes(self.mapping.view(offset, entry[0]))
+            found.append((offset, -1, entry[0], data, entry[1]))
         for offset, exported in list(self.export_places.items()):
             if not exported.showing():
                 del self.export_places[offset]
                 continue
             owner = exported.owner
-            entry = quarantine.get(offset)
-            if entry is not None:  # (its bytes as the view showed them: the map may show others now)
-                data = entry[3] if entry[3] is not None else bytes(self.mapping.view(offset, entry[0]))
-                found.append((offset, -1, entry[0], data, exported))
-            elif offset not in self.poisoned and (owner or offset in taken):
+            if offset in quarantine:
+                continue
+            if offset not in self.poisoned and (owner or offset in taken):
                 capacity = self.allocator.capacity(offset)
                 data = bytes(self.mapping.view(offset, capacity))
                 found.append((offset, owner, capacity, data, exported))
