@@ -645,6 +645,179 @@ class Allocator:
                 pid = following
         return runs
 
+    # -- taking one given place (a quarantine) ------------------------------------------
+    def claim(self, offset, capacity):
+        """Allocate exactly the place ``offset`` of ``capacity`` bytes (a slab slot of that size class,
+        or a page run) if every byte of it is free now; return whether it was taken.
+
+        For places handed out in a transaction that was taken back while a view
+        of the buffer protocol still points there (``Heap.quarantine``): the
+        place must not go to another object while the view can write.  Free
+        space is taken from wherever it is: pages past the page count (the
+        count grows over them), the free-page list, a free run (split around
+        it), the free or never-used slots of a slab of the class.  A place
+        that anything in use overlaps is left alone (False), and so is one
+        that is not a slot or run start of its size.  The object's bytes are
+        not touched: the caller writes them.  Cost: a pass over the page
+        headers up to the place and a walk of the free lists; nothing on any
+        other allocator path.
+        """
+        pf, page_size = self.pf, self.page_size
+        first = pf.page_of(offset)
+        if first < 0 or first == self.state_pid:
+            return False
+        if capacity <= self.max_small:
+            if capacity not in self.classes:
+                return False
+            index = self.classes.index(capacity)
+            relative = offset - pf.offset(first) - F.SLAB_FIRST_SLOT
+            if relative < 0 or relative % capacity or relative // capacity >= self._slots[index]:
+                return False
+            slot = relative // capacity
+            status = self._page_status(first, 1)
+            if status is None:
+                return False
+            if status[first] == "slab":
+                return self._claim_slot(first, pf.view(first), index, slot)
+            self._take_pages(first, 1, status)
+            page = pf.view(first)
+            page[F.SLAB_AT:F.SLAB_FIRST_SLOT] = bytes(F.SLAB_FIRST_SLOT - F.SLAB_AT)
+            F.SLAB.pack_into(page, F.SLAB_AT, F.KIND_SLAB, index, 0, 0, 0, -1, -1)
+            return self._claim_slot(first, page, index, slot, new=True)
+        pages = (F.RUN_OBJECT + capacity) // page_size
+        if offset != pf.offset(first) + F.RUN_OBJECT or pages * page_size != F.RUN_OBJECT + capacity:
+            return False
+        status = self._page_status(first, pages)
+        if status is None or "slab" in status.values():
+            return False
+        self._take_pages(first, pages, status)
+        page = pf.view(first, 0, _FREE_RUN_END)
+        page[F.RUN_AT:] = bytes(F.FREE_RUN.size)
+        F.RUN.pack_into(page, F.RUN_AT, F.KIND_RUN, pages)
+        return True
+
+    def _page_status(self, first, count):
+        """What each page of ``first .. first + count - 1`` is: ``"slab"`` (in use, a slab),
+        ``"single"`` (on the free-page list), ``(run, length)`` (in the free run that starts at
+        ``run``) or ``"past"`` (past the page count, in the map); None when any of them is in use
+        otherwise (a page run, the allocator page) or cannot be taken (not mapped in one segment).
+
+        Pages are walked from the first one, a run at a time, so that a page inside a run (whose
+        own bytes say nothing) is known for what it is."""
+        pf = self.pf
+        last = first + count - 1
+        if pf.offset(last + 1) > pf.mapping.size or not self._in_one_segment(first, count):
+            return None
+        singles = set(pf.free_pages())
+        runs = dict(self.free_runs())
+        status = {}
+        pid = 0
+        while pid <= last and pid < pf.page_count:
+            if pid in runs:
+                length, what, step = runs[pid], (pid, runs[pid]), runs[pid]
+            elif pid in singles:
+                length, what, step = 1, "single", 1
+            elif pid == self.state_pid:
+                length, what, step = 1, None, 1
+            else:
+                page = pf.view(pid, 0, F.RUN_AT + F.RUN.size)
+                kind = page[F.SLAB_AT]
+                if kind == F.KIND_RUN:
+                    length = max(1, F.RUN.unpack_from(page, F.RUN_AT)[1])
+                    what, step = None, length
+                elif kind == F.KIND_SLAB:
+                    length, what, step = 1, "slab", 1
+                else:
+                    return None  # (damage: check() names it)
+            for member in range(max(pid, first), min(pid + length, last + 1)):
+                if what is None:
+                    return None
+                status[member] = what
+            pid += step
+        for pid in range(max(first, pf.page_count), last + 1):
+            status[pid] = "past"
+        return status
+
+    def _take_pages(self, first, count, status):
+        """Take the free pages ``first .. first + count - 1`` (:meth:`_page_status` said what each
+        is) off the free-page list and out of their free runs, growing the page count over them."""
+        pf = self.pf
+        last = first + count - 1
+        if "single" in status.values():
+            kept = [pid for pid in pf.free_pages() if not first <= pid <= last]
+            following = F.NO_NEXT_FREE_PAGE
+            for pid in reversed(kept):
+                if pf._link(pid) != following:
+                    pf._set_link(pid, following)
+                following = pid
+            pf.free_head = following
+        view = self._state()
+        for start, length in {what for what in status.values() if isinstance(what, tuple)}:
+            self._unlink_run(view, start, length)
+            for piece, end in ((start, first), (last + 1, start + length)):
+                if end - piece >= 2:
+                    self._push_run(view, piece, end - piece)
+                elif end - piece == 1:
+                    pf.free_pid(piece)
+        if pf.page_count <= last:  # past the end: the count grows over them
+            pf._reserve(last + 1)
+            while pf.page_count <= last:
+                pid = pf.page_count
+                pf.page_count = pid + 1
+                if pid < first:
+                    pf.free_pid(pid)
+        for pid in range(first, last + 1):
+            pf._set_link(pid, F.NOT_IN_FREE_PAGE_LIST)
+
+    def _claim_slot(self, pid, page, index, slot, new=False):
+        """Take slot ``slot`` of slab ``pid`` (size class ``index``) if it is free (see :meth:`claim`)."""
+        kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
+        if cls != index:
+            return False
+        size, nslots = self.classes[index], self._slots[index]
+        first_slot = F.SLAB_FIRST_SLOT
+        if slot >= bump:  # never used: the ones before it go on the slot free list
+            for skipped in range(bump, slot):
+                F.UINT32.pack_into(page, first_slot + skipped * size, free_head)
+                F.UINT32.pack_into(page, first_slot + skipped * size + 4, 0)
+                free_head = skipped + 1
+            bump = slot + 1
+        else:  # it must be on the slot free list: unlinked from it
+            previous, current, steps = None, free_head, 0
+            while current and current - 1 != slot:
+                if current - 1 >= bump or steps > nslots:
+                    raise CorruptStorageError(f"{self.pf.path!r}: slab {pid} has a broken slot free list")
+                previous, current = current, F.UINT32.unpack_from(page, first_slot + (current - 1) * size)[0]
+                steps += 1
+            if not current:
+                return False  # in use
+            following = F.UINT32.unpack_from(page, first_slot + slot * size)[0]
+            if previous is None:
+                free_head = following
+            else:
+                F.UINT32.pack_into(page, first_slot + (previous - 1) * size, following)
+        used += 1
+        F.SLAB.pack_into(page, F.SLAB_AT, kind, cls, used, free_head, bump, nxt, prv)
+        if new:
+            if used < nslots:
+                self._push(index, pid)
+        elif used == nslots:
+            self._unlink(index, pid, nxt, prv)
+        return True
+
+    def _unlink_run(self, view, start, length):
+        """Take the free run at page ``start`` off its bin list."""
+        heads = self._bin_heads(view)
+        for index in range(len(heads)):
+            previous, pid = -1, heads[index]
+            while pid != -1:
+                _, following = self._read_free_run(pid, self.pf.page_count)
+                if pid == start:
+                    self._relink(view, index, previous, following)
+                    return
+                previous, pid = pid, following
+        raise CorruptStorageError(f"{self.pf.path!r}: free run {start} of {length} pages is on no bin list")
+
     # -- merging -------------------------------------------------------------
     def merge(self):
         """Join adjacent free pages and free runs into the longest runs; give back free pages at the end.

@@ -74,6 +74,40 @@ _PROBE = {0: _Probe()}
 _MAP_ONLY = _refcount(_PROBE[0])
 
 
+class _Exported:
+    """What the heap knows of an object whose memory it exported (``Heap.export_places``): whether
+    anything made from the export may still point at it."""
+
+    __slots__ = ("at", "owner", "exporters", "proxy", "proxies")
+
+    def __init__(self, at, owner, exporters, proxy, proxies):
+        self.at = at  # the offset of that proxy's object
+        self.owner = owner  # the List whose array it is, or 0
+        self.exporters = exporters  # WeakSet of the MemoryExporters made
+        self.proxy = proxy  # weak reference to the proxy the export was made from
+        self.proxies = proxies
+
+    def showing(self):
+        """Whether an exporter is alive (a view made from it: a memoryview, ``numpy.asarray``), or
+        the program holds the proxy the export was made from (``numpy.frombuffer`` lets go of the
+        view at once and keeps the proxy, whose memory it goes on using)."""
+        if len(self.exporters):
+            return True
+        proxy = self.proxy()
+        if proxy is None:
+            return False
+        in_map = 1 if self.proxies.get(self.at) is proxy else 0
+        return _refcount(proxy) > 2 + in_map  # (this name, the argument; the map's)
+
+
+class _Keeper:
+    """What holds a quarantined List array in ``Heap.proxies`` (it has no proxy class of its own):
+    nothing but its being there; each heap makes a subclass naming its storage (for its dead form)."""
+
+    __slots__ = ()
+    _ps_closed = False
+
+
 def _held(proxies, offset):
     """Whether something besides the map holds the proxy of ``offset`` (False when there is none)."""
     return offset in proxies and _refcount(proxies[offset]) > _MAP_ONLY
@@ -101,6 +135,10 @@ class Heap:
         self.moves = 0  # counts the times internal objects may have moved (pack, refresh, rollback, undo)
         self.relocations = 0  # counts the packs that moved objects
         self.exports = weakref.WeakValueDictionary()  # buffer views handed out (released at close)
+        self.export_places = {}  # offset of an object a view shows -> (owner List or 0, WeakSet of exporters)
+        self._places_at = 64  # the size of ``export_places`` at which the places no view shows go
+        self.quarantine = {}  # offset -> [capacity, exported, keeper, bytes] (see quarantine_candidates)
+        self.poisoned = {}  # offset -> views that may write into a live object (see quarantine_candidates)
         self._blanks = {}  # (type id, size) -> a new object's bytes: the header, then zeros
         self._changing = 0
         self.closing = False
@@ -500,9 +538,164 @@ class Heap:
         return segment.map[start:start + length] == data
 
     # -- buffer views handed out --------------------------------------------------------------------
-    def exported(self, view):
-        """Remember a view of the map handed to the program (released at close)."""
+    def exported(self, view, offset=0, owner=0):
+        """Remember a view of the map handed to the program (released at close), and that it shows
+        the object at ``offset`` (a List's array: then ``owner`` is the List's offset) for
+        :meth:`quarantine_candidates`."""
         self.exports[id(view)] = view
+        if offset:
+            places = self.export_places
+            entry = places.get(offset)
+            if entry is None or entry.owner != owner:
+                keep = view.obj._ps_keep  # (the proxy the export was made from, and a pin of the map)
+                entry = places[offset] = _Exported(owner or offset, owner, weakref.WeakSet(),
+                                                   weakref.ref(keep[0]), self.proxies)
+            entry.exporters.add(view.obj)  # (the exporter: it lives as long as any view made from it)
+            if len(places) > self._places_at:
+                for place in [place for place, entry in places.items() if not entry.showing()]:
+                    del places[place]
+                self._places_at = 2 * len(places) + 64
+
+    # -- quarantine: places a view still shows after their object was taken back ----------------------
+    #
+    # A view of the buffer protocol points into the map.  When a rollback (or
+    # the rollback of a savepoint) takes back the object it shows, its place
+    # would be free again, and the view would write into whatever object the
+    # allocator put there next.  So the place is *quarantined* instead: claimed
+    # again from the allocator as it was (``Allocator.claim``), with the bytes
+    # the view showed, as an object nothing references that a keeper in
+    # ``proxies`` holds.  The commits record it as held (a crash or a close
+    # frees it); the first commit after its last view is gone frees it.
+    # ``quarantine``: offset -> [capacity, its ``_Exported``, keeper (None until claimed), the
+    # bytes to claim it with (None once a commit has recorded it)].  A place no commit
+    # has recorded yet is claimed again after every rollback that takes the
+    # claim back.  A place that cannot be claimed (the restored state uses
+    # part of it: the transaction had freed what was there and made the
+    # object in its place) is *poisoned* instead (``poisoned``: offset -> its ``_Exported``):
+    # the view may write into a live object, so no commit is made until the
+    # view is gone and a rollback has put the memory back.
+
+    def quarantine_candidates(self, taken):
+        """(Before a rollback restores the pages) The places a view shows that the rollback may take
+        back: objects in ``taken`` (made since the point it returns to), every exported List array
+        (whether its List keeps it is known after) and the quarantined places (the rollback may take
+        the claim back too).  Returns ``[(offset, owner, capacity, bytes, exported)]``."""
+        found = []
+        quarantine = self.quarantine
+        for offset in [offset for offset, entry in quarantine.items() if not entry[1].showing()]:
+            del quarantine[offset]  # (its keeper goes: the next commit frees the place)
+        for offset in [offset for offset, exported in self.poisoned.items() if not exported.showing()]:
+            del self.poisoned[offset]  # (the rollback puts back what the view may have written)
+        for offset, entry in quarantine.items():
+            # (the bytes the view showed: after a rollback cut short the map may show others there)
+            data = entry[3] if entry[3] is not None else bytes(self.mapping.view(offset, entry[0]))
+            found.append((offset, -1, entry[0], data, entry[1]))
+        for offset, exported in list(self.export_places.items()):
+            if not exported.showing():
+                del self.export_places[offset]
+                continue
+            owner = exported.owner
+            if offset in quarantine:
+                continue
+            if offset not in self.poisoned and (owner or offset in taken):
+                capacity = self.allocator.capacity(offset)
+                data = bytes(self.mapping.view(offset, capacity))
+                found.append((offset, owner, capacity, data, exported))
+                if offset in taken or owner in taken:  # (surely gone: a rollback cut short after the
+                    quarantine[offset] = [capacity, exported, None, data]  # restore and retried knows it)
+        return found
+
+    def quarantine_places(self, candidates, taken):
+        """(After the rollback) Quarantine every candidate whose object is gone: its place is claimed
+        again with the bytes it had.  A List's array is gone unless the List is still there (not in
+        ``taken``) with that array.  A quarantined place that the restored state holds already
+        (recorded as held, or claimed before the savepoint) stays as it is.  The places that could
+        not be claimed (something the restored state uses overlaps them) are returned, as
+        candidates (for ``_pack.evacuate``, then :meth:`poison`)."""
+        lost = []
+        for offset, owner, capacity, data, views in candidates:
+            if owner < 0:
+                if offset in self.unreferenced:
+                    continue  # (the restored state has the quarantined place)
+                entry = self.quarantine.get(offset) or [None, None, None]
+                if entry[2] is not None:  # (its keeper shows what the restored state has there: it goes)
+                    if self.proxies.get(offset) is entry[2]:
+                        self.kill_proxy(offset, rolled_back=True)
+                    entry[2] = None
+            if owner > 0 and owner not in taken and self.type_at(owner) is not None and \
+                    F.COLLECTION.unpack_from(self.mapping.view(owner, F.COLLECTION.size))[3] == offset:
+                continue  # (the List keeps that array: the view still shows its cells)
+            if not self.allocator.claim(offset, capacity):
+                lost.append((offset, owner, capacity, data, views))
+                continue
+            self.quarantine_place(offset, capacity, data, views)
+        return lost
+
+    def poison(self, lost):
+        """Give up on places :meth:`quarantine_places` could not claim (see ``quarantine``)."""
+        for offset, _, _, _, exported in lost:
+            entry = self.quarantine.pop(offset, None)
+            if entry is not None and entry[2] is not None and self.proxies.get(offset) is entry[2]:
+                self.kill_proxy(offset, rolled_back=True)  # (its keeper: the place is another's now)
+            self.poisoned[offset] = exported
+
+    def quarantine_place(self, offset, capacity, data, views):
+        """Make the claimed place at ``offset`` a quarantined object holding ``data``."""
+        view = self.mapping.view(offset, capacity)
+        view[:] = data
+        _PUT(view, _REFS_AT, 0)  # referenced by nothing
+        self.views.pop(offset, None)
+        self.proxies.pop(offset, None)
+        type_id = _TYPE(view)[0]
+        if type_id in self.classes:
+            keeper = self.proxy(offset)
+        else:  # a List's array: a stand-in that only holds the place
+            keeper = self._keeper_class()()
+            self.proxies[offset] = keeper
+        self.quarantine[offset] = [capacity, views, keeper, data]
+        self.unreferenced.add(offset)
+
+    def _keeper_class(self):
+        cls = self.__dict__.get("_keeper")
+        if cls is None:
+            cls = self._keeper = type("QuarantinedPlace", (_Keeper,), {"__slots__": (), "_storage": self.storage})
+        return cls
+
+    def release_quarantine(self):
+        """(Before a commit) Let go of the quarantined places no view shows any more: the commit frees
+        them as it frees any object nothing references and nothing holds."""
+        quarantine = self.quarantine
+        for offset in [offset for offset, entry in quarantine.items() if not entry[1].showing()]:
+            del quarantine[offset]
+        if any(entry[3] is not None for entry in quarantine.values()):
+            for offset in quarantine.keys() & set(self.held_objects()):  # (committed: a rollback keeps
+                quarantine[offset][3] = None  # them, so their bytes need no copy any more)
+
+    def stale_views(self, gone):
+        """(Undo, the restored state in the map) The places a live view shows whose object the
+        restored state does not have there: objects in ``gone``, and List arrays their List no
+        longer has."""
+        stale = []
+        for offset, exported in list(self.export_places.items()):
+            owner = exported.owner
+            if not exported.showing():
+                continue
+            if offset in gone or owner in gone or (owner and (
+                    self.type_at(owner) is None or
+                    F.COLLECTION.unpack_from(self.mapping.view(owner, F.COLLECTION.size))[3] != offset)):
+                stale.append(offset)
+        return stale
+
+    def forget_exports(self):
+        """The map was made anew (an undo past a cut): every view shows the old one, no store."""
+        self.export_places.clear()
+        self.quarantine.clear()
+        self.poisoned.clear()
+
+    def poisoned_views(self):
+        """Whether a view may have written into a live object since the last rollback (see
+        ``quarantine``): then nothing may be committed."""
+        return bool(self.poisoned)
 
     # -- every object ---------------------------------------------------------------------------------
     def walk(self, progress=None):

@@ -752,7 +752,7 @@ class PersistentList(Collection):
                 exports = cls._ps_exports[body] = weakref.WeakSet()
             exports.add(exporter)
         view = memoryview(exporter)
-        heap.exported(view)
+        heap.exported(view, body if count else 0, self._ps_oid)  # (a rollback taking it back quarantines it)
         return view
 
     def __release_buffer__(self, view):

@@ -76,7 +76,7 @@ from . import collections as C
 from ._check import check_storage
 from .errors import CorruptStorageError
 
-__all__ = ["pack", "objects", "reference_slots", "verify"]
+__all__ = ["pack", "objects", "reference_slots", "verify", "evacuate"]
 
 _INTERNAL = (F.T_ARRAY, F.T_TABLE, F.T_NODE)
 
@@ -354,6 +354,96 @@ def reference_slots(heap, offset, type_id):
     if found != sorted(heap.references(offset)):
         return None
     return slots + [at for at in links if F.UINT64.unpack_from(view(at, 8))[0]]
+
+
+def evacuate(storage, places):
+    """Move every object off the pages of ``places`` (``(offset, capacity)`` of slab slots or page
+    runs) that keeps the allocator from giving them out whole, every reference to it rewritten;
+    return whether all of them moved (else nothing moved).
+
+    For a rollback whose restored state uses a place that a view of the
+    buffer protocol still shows (``Heap.quarantine_places``): the transaction
+    had freed what was there (a List's array, replaced as it grew) and made
+    the viewed object in its place.  What has to go: on a slab of the
+    place's own size class, the object in that slot; elsewhere every object
+    on the pages the place covers.  Nothing moves when one of them is
+    pinned: a proxy of this process holds it, the program holds it
+    unreferenced, the root record or the list of held objects names it, a
+    FORWARD refers to it, a view shows it, or an object whose references
+    this pass cannot read (:func:`reference_slots`) refers to it.  Cost: a
+    walk over every object and its references (rollbacks that need this are
+    rare).  Part of the caller's change.
+    """
+    heap, pf = storage._heap, storage._page_file
+    alloc, view = heap.allocator, heap.mapping.view
+    objects = {offset: (size, type_id) for offset, size, type_id in heap.walk()}
+
+    def pages_of(offset, size):
+        return range(pf.page_of(offset), pf.page_of(offset + size - 1) + 1)
+    covered, movers = set(), set()
+    for place, size in places:
+        covered.update(pages_of(place, size))
+    same_class = {}
+    for place, size in places:
+        if size <= alloc.max_small:
+            page = pf.view(pf.page_of(place))
+            if page[F.SLAB_AT] == F.KIND_SLAB and alloc.classes[page[F.SLAB_AT + 1]] == size:
+                same_class[pf.page_of(place)] = (place, size)
+    for offset, (size, _) in objects.items():
+        pages = pages_of(offset, size)
+        if size <= alloc.max_small and pages[0] in same_class:
+            place, room = same_class[pages[0]]
+            if offset < place + room and place < offset + size:
+                movers.add(offset)
+        elif any(pid in covered for pid in pages):
+            movers.add(offset)
+    if not movers:
+        return True
+    slots = pf.slots
+    pinned = {slots[F.SLOT_SCHEMA], slots[F.SLOT_REGISTRY], slots[F.SLOT_ROOT], slots[F.SLOT_HELD]}
+    taken = {place for place, _ in places}
+    pinned.update(heap.held_objects(), heap.unreferenced, heap.created_objects())
+    pinned.update(offset for offset, entry in heap.quarantine.items() if entry[2] is not None and offset not in taken)
+    pinned.update(offset for offset, exported in heap.export_places.items()
+                  if offset not in taken and exported.showing())
+    if movers & pinned or any(heap.live_proxy(offset) is not None for offset in movers):
+        return False
+    cells = []  # (file offset of a reference cell, the object holding it)
+    for offset, (size, type_id) in objects.items():
+        found = reference_slots(heap, offset, type_id)
+        if found is None:
+            if movers.intersection(heap.references(offset)):
+                return False
+            continue
+        for at in found:
+            if F.UINT64.unpack_from(view(at, 8))[0] in movers:
+                if type_id == F.T_FORWARD:
+                    return False
+                cells.append((at, offset))
+    # Room away from the covered pages (an offer on them is kept aside until the end).
+    moved, decoys = {}, []
+    for offset in sorted(movers, key=lambda offset: -objects[offset][0]):
+        size = objects[offset][0]
+        while True:
+            new = alloc.alloc(size, zero=False)
+            if not any(pid in covered for pid in pages_of(new, size)):
+                break
+            decoys.append(new)
+        view(new, size)[:] = view(offset, size)
+        moved[offset] = new
+    for at, holder in cells:
+        at += moved.get(holder, holder) - holder
+        F.UINT64.pack_into(view(at, 8), 0, moved[F.UINT64.unpack_from(view(at, 8))[0]])
+    for offset in decoys:
+        alloc.free(offset)
+    for offset, new in moved.items():
+        heap.views.pop(offset, None)
+        heap.proxies.pop(offset, None)  # (one only the map holds: a held one pinned it)
+        alloc.free(offset)
+        heap.freed.append(offset)  # (a reader's proxy of it dies at its refresh, as a freed one's)
+    heap.moves += 1
+    heap.relocations += 1
+    return True
 
 
 def _pinned(storage, live, types):

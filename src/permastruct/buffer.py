@@ -199,7 +199,7 @@ class Buffer(Persistent):
         storage gets a BufferError).
         """
         view = memoryview(self._ps_exporter())
-        type(self)._heap.exported(view)
+        type(self)._heap.exported(view, self._ps_oid)  # (a rollback of its making quarantines its place)
         return view
 
     def __release_buffer__(self, view):

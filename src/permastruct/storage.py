@@ -310,6 +310,10 @@ class Storage:
         self._check_writable()
         self._check_whole()
         heap = self._heap
+        if heap.poisoned:
+            self._refuse_poisoned("commit")
+        if heap.quarantine:
+            heap.release_quarantine()  # (a place no view shows any more is freed by this commit)
         heap._changing = T._get_ident()  # a commit is one change: no other thread's meanwhile
         heap.collect_unreferenced()  # (cut short, this leaves _changing set: a rollback is due)
         heap.record_held()
@@ -411,6 +415,9 @@ class Storage:
         views of buffers taken before then no longer show the store).  They
         die before the undo's commit, so an interrupt cannot leave them alive
         after it; an undo that fails leaves them dead (using one raises).
+        While a memoryview or a numpy array shows an object that the undo
+        takes back (or a List array its List does not keep), ``UndoError``
+        (nothing changed): release it first, as for ``bytearray``'s resize.
         ``description``, ``user`` and
         ``extension`` are the new transaction's metadata (the description
         defaults to ``"undo <id>"``).  Costs two walks over every object and
@@ -420,6 +427,8 @@ class Storage:
         meta = F.pack_txn_meta(f"undo {id}" if description is None else description, user, extension)
         self._check_whole()
         pf, heap = self._page_file, self._heap
+        if heap.poisoned:
+            self._refuse_poisoned(f"undo({id})")
         pf.settle()
         if heap.created or heap.created_many or heap.freed or pf.uncommitted() or (
                 (pf.page_count, pf.free_head, pf.slots) != tuple(pf._committed)):
@@ -453,6 +462,10 @@ class Storage:
             freed = sorted(offset for offset, type_id in live.items() if kept.get(offset) != type_id or offset in reused)
             moved = [offset for offset, body in bodies.items()
                      if kept.get(offset) == F.T_FORWARD and self._forward_body(offset) != body]
+            if pf._remapped:
+                heap.forget_exports()  # (every view shows the old map: it reaches no store)
+            elif heap.export_places:
+                self._refuse_stale_views(id, freed)
             # The restored state is in the map: its proxies and caches are put right before the commit,
             # so that nothing can come between the commit and them (a commit that fails leaves these
             # proxies dead: their objects are back, but a dead proxy only ever raises).
@@ -475,6 +488,43 @@ class Storage:
         heap._changing = 0
         return undone
 
+    def _refuse_stale_views(self, id, gone):
+        """(Undo, the restored state in the map) Refuse while a view of the buffer protocol shows an
+        object the restored state does not have there: the view would write into free space or
+        into another object."""
+        stale = self._heap.stale_views(set(gone))
+        if stale:
+            raise UndoError(f"{self!r}: a memoryview (or an array made from one) still shows the object at "
+                            f"{stale[0]:#x}, which undo({id}) takes back; release it (view.release(), or drop "
+                            "the array, and the proxy it was made from: numpy.frombuffer keeps only that) "
+                            "and undo again")
+
+    def _refuse_poisoned(self, what):
+        heap = self._heap
+        raise IncompleteChangeError(
+            f"{self!r}: {what} refused: a memoryview (or an array made from one) of an object a rollback "
+            f"took back still points at {next(iter(heap.poisoned)):#x}, where the restored state has "
+            "another object, so it may have written into it; release the view, then call rollback(): "
+            "the store is at its last commit")
+
+    def _quarantine(self, candidates, taken):
+        """(The end of a rollback) Keep the places that views still show out of the allocator's reach
+        (``Heap.quarantine_candidates``); what the restored state has there is moved away first
+        (``_pack.evacuate``); only what cannot move poisons the store (no commits until a rollback
+        after the views are gone)."""
+        from ._pack import evacuate
+        heap = self._heap
+        lost = heap.quarantine_places(candidates, taken)
+        if lost:
+            try:
+                moved = evacuate(self, [(offset, capacity) for offset, _, capacity, _, _ in lost])
+            except Exception:  # (no room, say: poisoned, so nothing of this half move is ever committed)
+                moved = False
+            if moved:
+                lost = heap.quarantine_places(lost, taken)  # (what was there has moved)
+        if lost:
+            heap.poison(lost)
+
     def _check_whole(self):
         """Refuse to commit while a change is running in another thread or was cut short here."""
         changing = self._heap._changing
@@ -491,19 +541,38 @@ class Storage:
 
         It also ends every open ``with p.transaction()`` block: a block that
         is still open after an interrupt in its exit nests no later one.
+
+        A memoryview (or numpy array) of an object it takes back keeps
+        working on a *quarantined* place: claimed again as an object nothing
+        references, so that no other object is put there; the first commit
+        after the view (and the proxy it was made from) is gone frees it.
+        When the restored state uses that place (the transaction had freed
+        what was there and made the viewed object in its place), what is
+        there is moved elsewhere first (a walk over every object); if it
+        cannot move, commits are refused (``IncompleteChangeError``) until
+        the view is gone and another rollback has put back what it wrote.
+        It never refuses itself.  See
+        docs/modes.rst, "Views of objects a rollback or an undo takes back".
         """
         self._check_writable()
         self._block = None
         heap = self._heap
         if heap._changing and heap._changing != T._get_ident():
             T.begin_change(heap)  # raises ConcurrentUseError
-        heap.kill_created(heap.created_objects())  # first: a rollback cut short kills the rest on retry
+        created = heap.created_objects()
+        heap.kill_created(created)  # first: a rollback cut short kills the rest on retry
+        candidates = None
+        if heap.export_places or heap.poisoned:  # (views of the buffer protocol: see Heap.quarantine;
+            candidates = heap.quarantine_candidates(created)  # before ``created`` goes, for a retry)
         heap.created = set()
         self._page_file.discard()
         heap.forget_views()
         heap.freed = []
         heap.unreferenced = set(heap.held_objects())  # the committed state's: freed at the next commit
         self._root = None
+        if candidates:
+            heap._changing = T._get_ident()  # (one change: cut short, the next rollback does it again)
+            self._quarantine(candidates, created)
         heap._changing = 0
 
     def refresh(self) -> bool:
@@ -532,7 +601,8 @@ class Storage:
         """``with p.transaction():`` commits on success and rolls back on an exception.
 
         Nested blocks are savepoints: a failing inner block undoes only what it
-        did (and its objects' proxies die), a succeeding one keeps its changes
+        did (and its objects' proxies die; views of them are quarantined as by
+        :meth:`rollback`), a succeeding one keeps its changes
         for the outer block; only the outermost block commits.  Entering a
         nested block copies the pages the transaction has changed so far.
         ``description``, ``user`` and ``extension`` are the metadata of the
@@ -582,12 +652,19 @@ class Storage:
         before = set(created)
         for offsets in created_many:
             before.update(offsets)
-        heap.kill_created(heap.created_objects() - before)  # objects made since die first (as in rollback)
+        taken = heap.created_objects() - before
+        heap.kill_created(taken)  # objects made since die first (as in rollback)
+        candidates = None
+        if heap.export_places or heap.poisoned:  # (views of the buffer protocol: see Heap.quarantine;
+            candidates = heap.quarantine_candidates(taken)  # before ``created`` goes, for a retry)
         heap.created = before
         self._page_file.rollback_to(engine_point)
         heap.forget_views()
         self._root = None
-        heap.unreferenced, heap.freed, heap._changing = set(unreferenced), list(freed), 0
+        heap.unreferenced, heap.freed = set(unreferenced), list(freed)
+        if candidates:
+            self._quarantine(candidates, taken)
+        heap._changing = 0
 
     def close(self) -> None:
         """Commit what is pending and release the file; calling it again does nothing."""
@@ -597,6 +674,8 @@ class Storage:
         if heap._changing and heap._changing != T._get_ident():
             T.begin_change(heap)  # another thread is in the middle of a change: ConcurrentUseError
         incomplete = bool(heap._changing)
+        poisoned = heap.poisoned_views() and not incomplete and not self.readonly
+        incomplete = incomplete or poisoned
         heap.closing = True
         _OPEN.discard(self)
         self._finalizer.detach()
@@ -626,6 +705,10 @@ class Storage:
             if heap.allocator is not None:
                 heap.allocator.release()
             self._page_file.close(flush=False)  # (after an exception: what was not committed is not)
+        if poisoned:
+            raise IncompleteChangeError(
+                f"{self!r} was closed without committing: a memoryview of an object a rollback took back "
+                "pointed into another object, which it may have changed; the store is at its last commit")
         if incomplete:
             raise IncompleteChangeError(
                 f"{self!r} was closed without committing: a change had been interrupted before it "

@@ -273,7 +273,7 @@ class _ByteStringBase(_PersistentString):
         exporter = MemoryExporter(ctypes.addressof(self) + F.STRING.size, length, 1, "B", (length,),
                                   readonly=True, keep=(self, pin))
         view = memoryview(exporter)
-        heap.exported(view)
+        heap.exported(view, self._ps_oid)  # (a rollback of its making quarantines its place)
         return view
 
     def __release_buffer__(self, view):
