@@ -433,12 +433,6 @@ def test_an_object_made_then_packed_or_undone_before_it_is_stored(tmp_path):
         assert p.root.labels[0].friend.name == b"made before the pack"
 
 
-@pytest.mark.xfail(strict=True, raises=permastruct.errors.CorruptStorageError, reason=(
-    "bug (older than issue 11): pack() reads the committed list of held objects (SLOT_HELD) with "
-    "Heap.held_objects(), which checks every listed offset against the current page count, after "
-    "_sweep()'s collect_unreferenced() freed a listed object nothing holds any more and "
-    "alloc.merge() dropped its page from the end of the file (_pack.py:347 in _pinned, then "
-    "_heap.py:419 in record_held at the pack's commit)"))
 def test_pack_after_a_held_object_at_the_end_of_the_file_is_let_go(tmp_path):
     with Agents(str(tmp_path / "h.ps")) as p:
         p.root.small = p.schema.Small(a=1)  # (the list of held objects finds room in its slab)

@@ -402,7 +402,7 @@ def evacuate(storage, places):
     slots = pf.slots
     pinned = {slots[F.SLOT_SCHEMA], slots[F.SLOT_REGISTRY], slots[F.SLOT_ROOT], slots[F.SLOT_HELD]}
     taken = {place for place, _ in places}
-    pinned.update(heap.held_objects(), heap.unreferenced, heap.created_objects())
+    pinned.update(heap.held_objects(check=False), heap.unreferenced, heap.created_objects())
     pinned.update(offset for offset, entry in heap.quarantine.items() if entry[2] is not None and offset not in taken)
     pinned.update(offset for offset, exported in heap.export_places.items()
                   if offset not in taken and exported.showing())
@@ -465,7 +465,7 @@ def _pinned(storage, live, types):
     pinned.update(heap.created_objects())
     pinned.update(heap.unreferenced)
     pinned.add(pf.slots[F.SLOT_HELD])
-    pinned.update(heap.held_objects())
+    pinned.update(heap.held_objects(check=False))  # (pinned & live is used: freed ones drop out)
     for cls in set(heap.classes.values()):
         exports = cls.__dict__.get("_ps_exports")
         if exports:

@@ -271,8 +271,10 @@ class Storage:
 
         Either it returns and the commit is made, or it raises (a full disk,
         an interrupt at any moment) and nothing of it is: the store is at its
-        last commit, with the changes still pending (``rollback()`` or commit
-        again).  ``description``, ``user`` (strings) and ``extension`` (a dict
+        last commit, with the changes still pending (``rollback()``, or commit
+        again; after an interrupt that cut short its freeing of unreferenced
+        objects, the next commit refuses with ``IncompleteChangeError``: then
+        ``rollback()``).  ``description``, ``user`` (strings) and ``extension`` (a dict
         of str to str, int, float or bool) are the transaction's metadata,
         kept in its commit frame in the log (an in-memory store or an overlay
         keeps none); a wrong type is a TypeError, a value that cannot be
