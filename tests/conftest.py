@@ -146,3 +146,21 @@ def interrupt_at_opcode(count):
 
     sys.settrace(tracer)
     return lambda: seen[1]
+
+
+def views_storage():
+    """The Storage class of the tests of memoryviews past a rollback or an undo (test_views,
+    test_history): a Buffer, two Lists of Int and a ByteString under the root."""
+    from permastruct import List, Storage
+
+    class Views(Storage):
+        def populateSchema(self):
+            s = self.schema
+            self.define(List("Ints")[s.Int])
+
+            class Root(s.Structure):
+                buf = s.Buffer
+                ints = s.Ints
+                other = s.Ints
+                raw = s.ByteString
+    return Views

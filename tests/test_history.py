@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from conftest import STORE_MODES, open_store
+from conftest import STORE_MODES, open_store, views_storage
 from permastruct import Dict, List, Storage, UndoError
 from permastruct._dump import dump_json
 from permastruct._mapping import FileIO
@@ -594,15 +594,7 @@ def test_an_undo_to_a_state_the_cut_file_no_longer_maps_in_one_piece(path):
         p.check()
 
 
-class _Exported(Storage):
-    def populateSchema(self):
-        s = self.schema
-        self.define(List("Ints")[s.Int])
-
-        class Root(s.Structure):
-            buf = s.Buffer
-            ints = s.Ints
-            other = s.Ints
+_Exported = views_storage()
 
 
 def _write_through(view, value):

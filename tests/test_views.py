@@ -9,20 +9,12 @@ import textwrap
 
 import pytest
 
-from permastruct import List, Storage, UndoError
+from conftest import views_storage
+from permastruct import Storage, UndoError
 from permastruct.errors import DeadProxyError, IncompleteChangeError
 
 
-class Views(Storage):
-    def populateSchema(self):
-        s = self.schema
-        self.define(List("Ints")[s.Int])
-
-        class Root(s.Structure):
-            buf = s.Buffer
-            ints = s.Ints
-            other = s.Ints
-            raw = s.ByteString
+Views = views_storage()
 
 
 def _fill(view, value):
