@@ -149,11 +149,12 @@ def _write_columns(cls, region, columns, lengths):
         code = cls._ps_key.code
         region.cast(code)[1::per] = array(code, columns.keys)
     else:  # string keys: tag TAG_INLINE + length, the key and zeros in words 3 to 6
-        if min(lengths) == max(lengths):
-            words[1::2 * per] = array("I", [_TAG_INLINE + lengths[0]]) * m
+        shortest = min(lengths)
+        if shortest == max(lengths):
+            words[1::2 * per] = array("I", [_TAG_INLINE + shortest]) * m
         else:
             words[1::2 * per] = array("I", map(operator.add, lengths, itertools.repeat(_TAG_INLINE)))
-        padded = b"".join(columns.keys if min(lengths) == _KEY_INLINE else map(_KEY_FIELD, columns.keys))
+        padded = b"".join(columns.keys if shortest == _KEY_INLINE else map(_KEY_FIELD, columns.keys))
         quads = memoryview(padded).cast("Q")
         field = region.cast("Q")
         field[1::per] = quads[0::2]
