@@ -916,8 +916,9 @@ class PersistentDict(MappingMixin, HashCollection):
         A ``bytes`` or ``str`` key of at most 16 bytes (UTF-8) in a Dict of
         such keys, or an ``int`` key of an integer key type, is found by a
         lookup made for the class when its schema is made (see
-        :func:`_fast_lookups`): its hash, one index read and one unpack of the
-        entry that holds the hash, the key and the value, per probe.
+        :func:`_fast_lookups`): its hash, then per probe one index read and
+        one unpack of the entry's tag, key and value.  At most a third of the
+        index slots are in use, so most lookups take one probe.
         """
         try:
             fields = self._ps_lookup(key)[3]
