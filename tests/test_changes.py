@@ -64,7 +64,7 @@ def interrupt_allocations(monkeypatch, after, exc=KeyboardInterrupt):
                 raise exc()
             return real(self, *args, **kwargs)
         return allocate
-    for name in ("alloc", "place"):  # place() is the fast path of new objects
+    for name in ("alloc", "place", "place_pair"):  # place() and place_pair() are the fast paths of new objects
         monkeypatch.setattr(Allocator, name, interrupting(getattr(Allocator, name)))
     return calls
 

@@ -151,6 +151,30 @@ def test_dump_load_dump_is_identical(every, tmp_path):
         p.check()
 
 
+def test_the_json_form_is_written_as_the_store_is_walked(every, monkeypatch):
+    """``write_json`` of a store writes each object as the walk reaches it (the document is never
+    built), and the text equals the one written from the document."""
+    with Storage(every, readonly=True) as p:
+        from_document = text_of(_dump.dump_json(p))
+        walked, writes = [], []
+
+        class Stream(io.StringIO):
+            def write(self, text):
+                writes.append(len(walked))  # objects walked before each write
+                return super().write(text)
+        real = _dump._object
+
+        def counting(proxy, ref):
+            walked.append(1)
+            return real(proxy, ref)
+        monkeypatch.setattr(_dump, "_object", counting)
+        monkeypatch.setattr(_dump, "dump_json", None)  # (not called: it would build the document)
+        stream = Stream()
+        _dump.write_json(p, stream)
+        assert stream.getvalue() == from_document
+        assert len(set(writes)) > len(walked) // 2  # written along the walk, not at its end
+
+
 def test_the_json_form_names_types_and_ids(every):
     with Storage(every, readonly=True) as p:
         document = _dump.dump_json(p)

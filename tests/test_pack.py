@@ -773,7 +773,7 @@ def test_a_crash_anywhere_in_a_relocating_pack_leaves_the_store_before_or_after_
     assert statuses == {0, 86}
 
 
-@pytest.mark.parametrize("where", ["alloc 1", "alloc 300", "merge 2", "merge 3"])
+@pytest.mark.parametrize("where", ["alloc 1", "alloc 200", "merge 2", "merge 3"])
 def test_a_relocation_interrupted_anywhere_is_rolled_back(path, monkeypatch, where):
     """KeyboardInterrupt at an allocation of the moves, or at the merge after the small objects
     moved (their old places freed) or after the runs moved (the references not yet rewritten):

@@ -29,6 +29,7 @@ _HEAD = F.INT32.unpack_from
 _SLAB_FIELDS, _SLAB_PUT = F.SLAB.unpack_from, F.SLAB.pack_into
 _SLAB_HEAD, _SLAB_COUNTS = F.SLAB_HEAD.unpack_from, F.SLAB_COUNTS.pack_into
 _HEAD_AT = [F.ALLOC_HEADS_AT + 4 * index for index in range(len(F.SIZE_CLASSES))]  # each size class's list head
+_SLAB_AT, _SLAB_COUNTS_AT, _FIRST_SLOT, _KIND_SLAB = F.SLAB_AT, F.SLAB_COUNTS_AT, F.SLAB_FIRST_SLOT, F.KIND_SLAB
 
 
 #: Whole slab pages placed (and later written) as one run at most: a run lies in one segment of
@@ -222,24 +223,49 @@ class Allocator:
         its maker writes it through the view it is handed, without looking the
         offset up again.  The common case (the size class's current slab is
         still its list's head and has a never-used slot after this one) is a few
-        C calls here; everything else goes through :meth:`alloc`.
+        C calls here, with the slab's figures kept in one tuple per size class
+        (see :meth:`_alloc_small`); everything else goes through :meth:`alloc`.
         """
         if 0 < size <= self.max_small:
-            index = self._class_of[(size - 1) >> 4]
-            hot = self._slab_views[index]
-            state = self._state_view
-            if hot is not None and state is not None:
-                pid, page, base = hot
-                if _HEAD(state, _HEAD_AT[index])[0] == pid:
-                    kind, cls, used, free_head, bump = _SLAB_HEAD(page, F.SLAB_AT)
-                    if not free_head and used == bump < self._last_slot[index] and kind == F.KIND_SLAB \
-                            and cls == index:
-                        _SLAB_COUNTS(page, F.SLAB_COUNTS_AT, used + 1, 0, bump + 1)
-                        local = F.SLAB_FIRST_SLOT + bump * self.classes[index]
-                        return F.HEADER_BLOCK + pid * self.page_size + local, page, local, base
+            hot = self._slab_views[self._class_of[(size - 1) >> 4]]
+            if hot is not None:
+                pid, page, base, start, state, head_at, last, stride, index = hot
+                if _HEAD(state, head_at)[0] == pid:
+                    kind, cls, used, free_head, bump = _SLAB_HEAD(page, _SLAB_AT)
+                    if used == bump < last and not free_head and kind == _KIND_SLAB and cls == index:
+                        _SLAB_COUNTS(page, _SLAB_COUNTS_AT, used + 1, 0, bump + 1)
+                        local = _FIRST_SLOT + bump * stride
+                        return start + local, page, local, base
         offset = self.alloc(size, zero=False)
         segment = self.pf.mapping.segment_of(offset)
         return offset, segment.map, offset - segment.start, segment.address
+
+    def place_pair(self, size_a, size_b):
+        """:meth:`place` of two objects at once: ``(offset_a, view_a, local_a, offset_b, view_b,
+        local_b, base_b)`` (a constructor's string and its record).
+
+        Two sizes of one size class take two neighbouring slots of the current
+        slab in one step; anything else is two :meth:`place` calls, the first
+        given back if the second fails.
+        """
+        if 0 < size_a <= self.max_small and 0 < size_b <= self.max_small:
+            class_of = self._class_of
+            index = class_of[(size_a - 1) >> 4]
+            hot = self._slab_views[index]
+            if hot is not None and class_of[(size_b - 1) >> 4] == index:
+                pid, page, base, start, state, head_at, last, stride, _ = hot
+                if _HEAD(state, head_at)[0] == pid:
+                    kind, cls, used, free_head, bump = _SLAB_HEAD(page, _SLAB_AT)
+                    if used == bump < last - 1 and not free_head and kind == _KIND_SLAB and cls == index:
+                        _SLAB_COUNTS(page, _SLAB_COUNTS_AT, used + 2, 0, bump + 2)
+                        local = _FIRST_SLOT + bump * stride
+                        return start + local, page, local, start + local + stride, page, local + stride, base
+        first = self.place(size_a)
+        try:
+            return first[:3] + self.place(size_b)
+        except BaseException:
+            self.free(first[0])
+            raise
 
     def place_many(self, size, count):
         """A :class:`Placement`: room for ``count`` new objects of ``size`` bytes, to write at once.
@@ -361,7 +387,12 @@ class Allocator:
             page = self._page(pid, "the partial list of size class", index)
             at = pf.offset(pid)
             segment = pf.mapping.segment_of(at)
-            self._slab_views[index] = (pid, page, segment.address + at - segment.start)
+            # what place() needs, in one tuple: the slab, its address and file offset, the
+            # allocator page and this class's list head in it, the last slot, the slot size
+            state = self._state_view
+            self._slab_views[index] = None if state is None else (
+                pid, page, segment.address + at - segment.start, at, state, _HEAD_AT[index],
+                self._last_slot[index], self.classes[index], index)
         kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
         if kind != F.KIND_SLAB or cls != index:
             raise CorruptStorageError(f"{pf.path!r}: page {pid} on the size-class {index} list is not a slab of it")

@@ -159,6 +159,16 @@ def _scalar(value, longest=60):
 # -- JSON -----------------------------------------------------------------------------------
 def dump_json(storage):
     """The portable JSON form of ``storage`` (see the module documentation), as a Python dict."""
+    schema, root, entries, interned = _json_parts(storage)
+    objects = list(entries)
+    return {"format": FORMAT, "version": VERSION, "schema": schema, "root": root, "interned": interned,
+            "objects": objects}
+
+
+def _json_parts(storage):
+    """``(schema, root id, entries, interned ids)`` of the JSON form: ``entries`` yields the object
+    entries one at a time, in id order (only the ids met so far are held); the list of interned
+    ids is filled in when it is exhausted."""
     heap = storage._heap
     classes = sorted((cls for type_id, cls in heap.classes.items() if type_id >= F.FIRST_USER_TYPE),
                      key=lambda cls: cls._ps_type_id)
@@ -191,17 +201,17 @@ def dump_json(storage):
         return {"ref": number}
 
     root = storage.root if storage._page_file.slots[F.SLOT_ROOT] else None
-    objects = []
     root_id = ref(root)
-    _drain(queue, objects, ref)
-    interned = sorted(_interned(storage), key=lambda s: (type(s)._ps_type_id, bytes(s)))
     interned_ids = []
-    for string in interned:
-        interned_ids.append(ref(string)["ref"])
-        _drain(queue, objects, ref)
-    return {"format": FORMAT, "version": VERSION, "schema": schema,
-            "root": None if root_id is None else root_id["ref"],
-            "interned": sorted(interned_ids), "objects": objects}
+
+    def entries():
+        yield from _drain(queue, ref)
+        interned = sorted(_interned(storage), key=lambda s: (type(s)._ps_type_id, bytes(s)))
+        for string in interned:
+            interned_ids.append(ref(string)["ref"])
+            yield from _drain(queue, ref)
+        interned_ids.sort()
+    return schema, None if root_id is None else root_id["ref"], entries(), interned_ids
 
 
 def _interned(storage):
@@ -213,10 +223,10 @@ def _interned(storage):
             if offset]
 
 
-def _drain(queue, objects, ref):
+def _drain(queue, ref):
     while queue:
         proxy = queue.popleft()
-        objects.append(_inline_key(*proxy) if type(proxy) is tuple else _object(proxy, ref))
+        yield _inline_key(*proxy) if type(proxy) is tuple else _object(proxy, ref)
 
 
 def _inline_key(number, value):
@@ -256,17 +266,26 @@ def _object(proxy, ref):
 
 
 def write_json(storage, stream):
-    """Write the JSON form of ``storage`` to the text ``stream``: strict JSON, one schema type and
-    one object a line (so a dump diffs well)."""
-    document = dump_json(storage)
+    """Write the JSON form of ``storage`` (or of a document :func:`dump_json` returned) to the text
+    ``stream``: strict JSON, one schema type and one object a line (so a dump diffs well).  A store
+    is written as it is walked: only the ids met so far are held, not the document."""
+    if isinstance(storage, dict):
+        document = storage
+        schema, root, entries, interned = (document["schema"], document["root"], document["objects"],
+                                           document["interned"])
+    else:
+        schema, root, entries, interned = _json_parts(storage)
     encode = json.JSONEncoder(allow_nan=False, ensure_ascii=True).encode
-    stream.write("{" + ", ".join(f"{encode(key)}: {encode(document[key])}"
-                                 for key in ("format", "version", "root", "interned")))
-    for key in ("schema", "objects"):
+    stream.write("{" + ", ".join(f"{encode(key)}: {encode(value)}"
+                                 for key, value in (("format", FORMAT), ("version", VERSION), ("root", root))))
+    for key, items in (("schema", schema), ("objects", entries)):
         stream.write(f",\n {encode(key)}: [")
-        stream.write(",".join("\n  " + encode(entry) for entry in document[key]))
+        separator = "\n  "
+        for entry in items:
+            stream.write(separator + encode(entry))
+            separator = ",\n  "
         stream.write("\n ]")
-    stream.write("}\n")
+    stream.write(f",\n {encode('interned')}: {encode(interned)}}}\n")
 
 
 # -- load -------------------------------------------------------------------------------------

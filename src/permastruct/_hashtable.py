@@ -790,19 +790,20 @@ def _fast_lookups(cls):
 
 
 def _fast_setitem(cls):
-    """``__setitem__`` made for Dict class ``cls`` whose keys can live in the entry and whose values
-    are by value, or None.
+    """``__setitem__`` made for Dict class ``cls`` whose keys can live in the entry, or None.
 
     For a ``bytes`` key of at most ``KEY_INLINE`` bytes (ByteString keys) or an
     ``int`` key of an integer key type, into a table that has room, it is the
     lookup of :func:`_fast_lookups` followed by the writes of ``_ps_insert``
     (the entry, its index, the table's figures, the count) or of the value
     cell, as one change of the storage (see :func:`_types.change`, written
-    out here).  Anything else, and a full table, goes the general way.
+    out here).  A by-reference value is taken as a live proxy of the value
+    type, its reference counted (the new value's first, then the replaced
+    one's).  Anything else, and a full table, goes the general way.
     """
     key_type, value_type = cls._ps_key, cls._ps_value
-    if value_type.is_ref or not (key_type.is_ref and key_type.string_type == F.T_BYTESTRING
-                                 or not key_type.is_ref and key_type.exact is int):
+    if not (key_type.is_ref and key_type.string_type == F.T_BYTESTRING
+            or not key_type.is_ref and key_type.exact is int):
         return None
     heap = cls._heap
     views_get = cls._ps_views.get
@@ -815,9 +816,14 @@ def _fast_setitem(cls):
     seed, crc32 = F.BYTES_SEED, _crc32
     low, high, mix, mask64 = getattr(key_type, "low", 0), getattr(key_type, "high", 0), F._MIX, F._MASK64
 
-    # a value the cell holds as it is (an int in range, a float) skips the call of encode
+    # a value the cell holds as it is (an int in range, a float) skips the call of encode; a
+    # by-reference value is taken here only as a live proxy of the value type (its offset)
     vtype = value_type.type
-    if value_type.raw and vtype.kind == "int":
+    vref = vtype if value_type.is_ref else None
+    incref, decref = heap.incref, heap.decref
+    if vref is not None:
+        vexact, vlow, vhigh = None, 0, 0
+    elif value_type.raw and vtype.kind == "int":
         vexact, vlow, vhigh = int, vtype.low, vtype.high
     elif value_type.raw:
         vexact, vlow, vhigh = float, float("-inf"), float("inf")
@@ -838,7 +844,12 @@ def _fast_setitem(cls):
         if table is None or heap._changing or heap.readonly:
             return slow_set(self, key, value)
         # a wrong value fails here, before anything changes
-        cell = value if type(value) is vexact and vlow <= value <= vhigh else encode(value)
+        if vref is not None:
+            if type(value) is not vref:
+                return slow_set(self, key, value)
+            cell = value._ps_oid
+        else:
+            cell = value if type(value) is vexact and vlow <= value <= vhigh else encode(value)
         indices, mask, raw, before, capacity = table.fast
         home = slot = hash_ & mask
         free = -1
@@ -849,7 +860,18 @@ def _fast_setitem(cls):
                 fields = read(raw, at)
                 if fields[1] == key and fields[0] == tag:
                     heap._changing = get_ident()
-                    pack_value(raw, at + value_at, cell)  # an existing key: its value replaced
+                    if vref is None:
+                        pack_value(raw, at + value_at, cell)  # an existing key: its value replaced
+                    else:
+                        try:
+                            incref(cell)  # (first: it refuses an object with too many references)
+                            pack_value(raw, at + value_at, cell)
+                            if fields[2]:  # (tag, key, value cell): the replaced value
+                                decref(fields[2])
+                        except Exception as exc:
+                            if not isinstance(exc, cut_short):
+                                heap._changing = 0
+                            raise
                     heap._changing = 0
                     return
             elif index != deleted:
@@ -866,6 +888,8 @@ def _fast_setitem(cls):
             return slow_set(self, key, value)  # full: the general way rebuilds the table
         heap._changing = get_ident()
         try:
+            if vref is not None:
+                incref(cell)
             used += 1
             pack_entry(raw, before + used * esize, hash_, tag, key, cell)  # (a short key padded with zeros)
             if free < 0:

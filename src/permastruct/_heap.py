@@ -355,6 +355,8 @@ class Heap:
         if count == 0xFFFFFFFF:
             raise OverflowError(f"the object at {offset:#x} has too many references")
         _PUT(segment.map, at, count + 1)
+        if not count:  # stored at last: the commit need not look at it (``unreferenced`` may hold
+            self.unreferenced.discard(offset)  # more than the count-0 objects, never fewer)
 
     def decref(self, offset):
         segment = self.mapping._hot

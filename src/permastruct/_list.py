@@ -67,6 +67,8 @@ class PersistentList(Collection):
     def _ps_prepare(cls, heap):
         cls._ps_cell = Cell(heap, cls._ps_params[0], cls.__name__, "element")
         cls._ps_exports = {}  # array offset -> WeakSet of the MemoryExporters of its cells
+        if cls._ps_cell.is_ref:
+            cls.append = _fast_append(cls, heap)
 
     @staticmethod
     def _ps_accepts(value):
@@ -183,23 +185,20 @@ class PersistentList(Collection):
 
         Runtime: O(1) per element.
 
-        A List of numbers (``Int``, ``Float``, ``Bool``...) is read a chunk
-        at a time: 16 elements, then 64, 256 and 1,024 at most, each copied
-        out in one C-level step and handed out by ``itertools.chain``, so a
-        loop over it costs about what a loop over a ``list`` does.  The length
-        is read again before each chunk: elements appended meanwhile are
-        seen.  A change made meanwhile to an element of the current chunk
-        not yet reached, or a removal, is seen from the next chunk on.  A
-        List of objects or strings reads each element as it is reached, as
-        ``list`` does.
+        A List is read a chunk at a time: 16 elements, then 64, 256 and
+        1,024 at most, each copied out in one C-level step (and, for objects
+        and strings, their proxies made at once, which keep them alive) and
+        handed out by ``itertools.chain``, so a loop over a List of numbers
+        costs about what a loop over a ``list`` does.  The length is read
+        again before each chunk: elements appended meanwhile are seen.  A
+        change made meanwhile to an element of the current chunk not yet
+        reached, or a removal, is seen from the next chunk on.
         """
-        if not type(self)._ps_cell.is_ref:
-            return itertools.chain.from_iterable(self._ps_chunks())
-        return self._ps_iter_each()
+        return itertools.chain.from_iterable(self._ps_chunks())
 
     def _ps_chunks(self):
         """Lists of the values of consecutive elements (see ``__iter__``)."""
-        decode = type(self)._ps_cell.decode  # None, or bool
+        decode = type(self)._ps_cell.decode  # None, bool, or the heap's proxy()
         index, size = 0, 16
         while True:
             count = self._ps_count
@@ -212,24 +211,12 @@ class PersistentList(Collection):
             if size < _CHUNK:
                 size *= 4
 
-    def _ps_iter_each(self):
-        decode = type(self)._ps_cell.decode
-        index, body, cells = 0, None, None
-        while index < self._ps_count:
-            if self._ps_body != body:
-                body, cells = self._ps_body, self._ps_cells()
-            cell = cells[index]
-            yield cell if decode is None else decode(cell)
-            index += 1
-
     def __reversed__(self):
         """The elements from the last to the first.
 
-        Runtime: O(1) per element.  A List of numbers is read a chunk at a time, as by ``iter``.
+        Runtime: O(1) per element.  The List is read a chunk at a time, as by ``iter``.
         """
-        if not type(self)._ps_cell.is_ref:
-            return itertools.chain.from_iterable(self._ps_chunks_reversed())
-        return self._ps_reversed_each()
+        return itertools.chain.from_iterable(self._ps_chunks_reversed())
 
     def _ps_chunks_reversed(self):
         decode = type(self)._ps_cell.decode
@@ -245,16 +232,6 @@ class PersistentList(Collection):
             stop = start
             if size < _CHUNK:
                 size *= 4
-
-    def _ps_reversed_each(self):
-        decode = type(self)._ps_cell.decode
-        index, body, cells = self._ps_count - 1, None, None
-        while 0 <= index < self._ps_count:
-            if self._ps_body != body:
-                body, cells = self._ps_body, self._ps_cells()
-            cell = cells[index]
-            yield cell if decode is None else decode(cell)
-            index -= 1
 
     def __contains__(self, value):
         """``value in lst``.
@@ -494,10 +471,10 @@ class PersistentList(Collection):
             cells = heap.views.get(self._ps_body) or self._ps_cells()
         else:
             cells = self._ps_reserve(heap, count + 1)
+        if cell and cell_type.is_ref:
+            heap.incref(cell)  # (first: it refuses an object with too many references)
         cells[count] = cell
         self._ps_count = count + 1
-        if cell and cell_type.is_ref:
-            heap.incref(cell)
 
     def extend(self, values):
         """Append every element of ``values``; nothing is added if one of them has a wrong type.
@@ -823,6 +800,37 @@ class PersistentList(Collection):
 
 
 abc.MutableSequence.register(PersistentList)
+
+
+def _fast_append(cls, heap):
+    """``append`` of List class ``cls`` whose elements are references: a live proxy of the element
+    type into an array with room is one change written out here (the change guard of
+    :func:`_types.change` inline, the cell, the count, the reference); anything else goes the
+    general way (:meth:`PersistentList.append`), which checks, converts and grows."""
+    element, general, ident, incref = cls._ps_cell.type, PersistentList.append, T._get_ident, heap.incref
+    cut_short = T._CUT_SHORT
+
+    def append(self, value):
+        if type(value) is element and not heap._changing and not heap.readonly:
+            count = self._ps_count
+            if count < self._ps_aux:
+                cells = heap.views.get(self._ps_body)
+                if cells is not None:
+                    heap._changing = ident()
+                    try:
+                        offset = value._ps_oid
+                        incref(offset)
+                        cells[count] = offset
+                        self._ps_count = count + 1
+                    except Exception as error:
+                        if not isinstance(error, cut_short):
+                            heap._changing = 0
+                        raise
+                    heap._changing = 0
+                    return
+        general(self, value)
+    append.__doc__, append.__qualname__ = general.__doc__, f"{cls.__name__}.append"
+    return append
 
 # Every method that changes a list is one change (see _types.change): done once, here.
 for _name in ("__setitem__", "__delitem__", "insert", "append", "extend", "extend_records", "__iadd__",

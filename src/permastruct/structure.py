@@ -32,6 +32,7 @@ import math
 import struct
 import sys
 import threading
+import zlib
 from array import array
 from collections import abc
 from operator import itemgetter
@@ -507,6 +508,10 @@ def _make_constructor(cls):
            "_ps_CUT_SHORT": _CUT_SHORT, "_ps_ident": _get_ident, "_ps_concurrent": _concurrent,
            "_ps_other": _other_call, "__builtins__": {}}
     params, checks, makes, undo = [], [], [], []
+    # One string field made from bytes or str takes its slot beside the record's (place_pair): the
+    # string is written here, born with its one reference.
+    strings = [name for name in order if not isinstance(types[name], ValueType) and _exact_string(types[name])]
+    paired = strings[0] if len(strings) == 1 else None
     for name in types:  # parameters in declaration order, as the signature shows them
         ftype = types[name]
         params.append(f"{name}={_DEFAULTS[ftype.kind]!r}" if isinstance(ftype, ValueType) else f"{name}=None")
@@ -538,6 +543,27 @@ def _make_constructor(cls):
             checks.append(f"if {name} is not None and _ps_type({name}) is not _ps_{exact.__name__}:\n"
                           f"    _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
             data = name if exact is bytes else f"{name}.encode('utf-8')"
+            if name == paired:
+                type_id = ftype._ps_type_id
+                seed = F.STRING_SEED if type_id == F.T_STRING else F.BYTES_SEED
+                env.update(_ps_pack_string=F.STRING.pack_into,
+                           _ps_crc32=zlib.crc32, _ps_len=len)
+                makes.append(f"if {name} is None:\n    {name} = 0\n"
+                             f"elif _ps_type({name}) is _ps_{exact.__name__}:\n"
+                             f"    _ps_data = {data}\n"
+                             f"    _ps_n = _ps_len(_ps_data)\n"
+                             f"    if _ps_n <= 1024:\n"
+                             f"        _ps_string, _ps_sview, _ps_slocal, _ps_offset, _ps_view, _ps_local, _ps_base = "
+                             f"_ps_heap.allocator.place_pair({F.STRING.size} + _ps_n, {packer.size})\n"
+                             f"        _ps_pack_string(_ps_sview, _ps_slocal, {type_id}, 1, _ps_crc32(_ps_data, {seed}), _ps_n)\n"
+                             f"        _ps_sview[_ps_slocal + {F.STRING.size}:_ps_slocal + {F.STRING.size} + _ps_n] = _ps_data\n"
+                             f"        _ps_heap.created.add(_ps_string)\n"
+                             f"        {name} = _ps_string\n"
+                             f"    else:\n"
+                             f"        {name} = _ps_new_string(_ps_heap, {type_id}, _ps_data, 1)\n"
+                             f"else:\n{by_reference}")
+                undo.append(name)
+                continue
             makes.append(f"if {name} is None:\n    {name} = 0\n"
                          f"elif _ps_type({name}) is _ps_{exact.__name__}:\n"
                          f"    {name} = _ps_new_string(_ps_heap, {ftype._ps_type_id}, {data}, 1)\n"
@@ -545,6 +571,11 @@ def _make_constructor(cls):
         undo.append(name)
     place = f"_ps_offset, _ps_view, _ps_local, _ps_base = _ps_heap.allocator.place({packer.size})"
     body = ["if not _ps_heap.writable:", "    _ps_heap.check_writable()"] + checks
+    if paired is not None:  # its make comes last and may place the record too
+        makes.append(makes.pop(undo.index(paired)))
+        undo.append(undo.pop(undo.index(paired)))
+        place = f"if not _ps_offset:\n    {place}"
+        body.append("_ps_offset = 0")
     if makes:
         env["_ps_undo"] = functools.partial(_undo_made, heap)
         body += ["try:"] + [_indent(make) for make in makes] + [_indent(place),
