@@ -703,13 +703,17 @@ def test_tables_keep_at_most_a_third_of_their_slots_in_use(lookups):
     from permastruct import _hashtable as H
     p = lookups
     p.root.by_bytes, p.root.by_int = {}, {}
+    sizes = {"bytes": [], "int": []}
     for i in range(3000):
         p.root.by_bytes[b"k%d" % i] = i
         p.root.by_int[i * 7919] = i
-        if i % 97 == 0 or i == 2999:
-            for mapping in (p.root.by_bytes, p.root.by_int):
-                table = mapping._ps_table()
-                assert 3 * table.head[4] <= 3 * table.capacity <= table.mask + 1
+        for name, mapping in (("bytes", p.root.by_bytes), ("int", p.root.by_int)):
+            table = mapping._ps_table()
+            assert 3 * table.head[4] <= 3 * table.capacity <= table.mask + 1
+            if not sizes[name] or sizes[name][-1] != table.mask + 1:
+                sizes[name].append(table.mask + 1)
+    for grown in sizes.values():  # a full table grows to twice its slots, not four times
+        assert grown == [16 << n for n in range(len(grown))] and grown[-1] == 16384
     for wanted in (0, 1, 5, 6, 1000, 10 ** 6, H._MAX_ENTRIES):
         nslots, capacity = H._table_shape(wanted)
         assert nslots & (nslots - 1) == 0 and wanted <= capacity < nslots <= 1 << 32

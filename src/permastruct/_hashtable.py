@@ -363,7 +363,9 @@ class HashCollection(Collection):
             return table, entry
         used = table.head[3]
         if used >= table.capacity or (table.head[4] >= table.capacity and table.indices[slot] == F.TABLE_EMPTY):
-            table = self._ps_rebuild(heap, self._ps_count * 2 + 1)
+            # twice the live count: a table of twice the slots (``_table_shape``; one more would make
+            # it four times)
+            table = self._ps_rebuild(heap, max(1, self._ps_count * 2))
             slot, _, _ = self._ps_find(table, hash_, data)
             used = table.head[3]
         if table.indices[slot] == F.TABLE_EMPTY:
