@@ -399,7 +399,8 @@ def _grow_and_look_up(ctx, builders, sizes, samples, repeat, cap, table, build):
 
 
 def _bars(table, sizes, build=None):
-    """P4 (lookup at 10^6 keys: <= 1.25x lmdb's get, 3x faster than sqlite3, DESIGN.md section 7)
+    """P4 (lookup: <= 1.25x lmdb's get and 3x faster than sqlite3 at every size measured, the figures
+    given at 10^6 keys; DESIGN.md section 7)
     and P4b (building 10^6 keys, commits included: <= 2x lmdb's puts, faster than sqlite3; our
     better of one insert a key and update()).  Functions of the tables: a saved run is re-judged
     by calling it again."""
@@ -415,10 +416,20 @@ def _bars(table, sizes, build=None):
             parts.append((name, table.ratio(case, name), value))
             holds.append(table.ratio(case, name) <= limit)
     if parts:
-        others = [f"{count_text(n)}: {fmt_ratio(table.ratio(f'{count_text(n)} keys', 'lmdb'))}" for n in sizes
-                  if n != target and table.value(f"{count_text(n)} keys", OURS) is not None
-                  and table.value(f"{count_text(n)} keys", "lmdb") is not None]
-        text = note + ("; " if note and others else "") + ("vs lmdb at " + ", ".join(others) if others else "")
+        # issue 12 asks for the ratios at every size: the bar holds only if every measured size meets them
+        others, missed = [], []
+        for n in sizes:
+            size_case = f"{count_text(n)} keys"
+            if table.value(size_case, OURS) is None:
+                continue
+            for name, limit in (("lmdb", P4_LIMIT), ("sqlite3", 1 / 3)):
+                if table.value(size_case, name) is not None and table.ratio(size_case, name) > limit:
+                    missed.append(f"{count_text(n)} vs {name}")
+            if n != target and table.value(size_case, "lmdb") is not None:
+                others.append(f"{count_text(n)}: {fmt_ratio(table.ratio(size_case, 'lmdb'))}")
+        holds = holds + [not missed]
+        text = "; ".join(t for t in (note, "vs lmdb at " + ", ".join(others) if others else "",
+                                     "missed at " + ", ".join(missed) if missed else "") if t)
         bars.append(Bar("P4", "random key lookup in a Dict of 1M keys",
                         f"<= {P4_LIMIT:g}x lmdb get; 3x faster than sqlite3", f"{fmt(ours)} ns",
                         ", ".join(f"{name} {fmt(value)} ns" for name, _, value in parts),

@@ -3,6 +3,7 @@
 import struct
 import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -218,7 +219,8 @@ def test_check_finds_a_misplaced_hash_entry(store):
     p = store
     p.root.counts = {"a": 1, "b": 2}
     table = p.root.counts._ps_body
-    entries_at = table + F.TABLE.size + 4 * 8  # 8 slots of uint32
+    nslots = F.TABLE.unpack_from(p._heap.mapping.view(table, F.TABLE.size))[4]
+    entries_at = table + F.TABLE.size + -(-4 * nslots // 8) * 8  # the uint32 slots, padded to 8 bytes
     _damage(p, entries_at, "<I", 12345)  # the stored hash of the first entry
     with pytest.raises(CorruptStorageError, match="stored hash"):
         p.check()
@@ -651,6 +653,145 @@ def test_a_table_without_an_empty_index_ends_its_probe(lookups):
             mapping[absent]
         with pytest.raises(CorruptStorageError, match="slots are in use"):
             p.check()
+
+
+def _home(mapping, data):
+    """The home slot of string key bytes ``data`` in ``mapping``'s table."""
+    seed = F.STRING_SEED if type(mapping)._ps_key.string_type == F.T_STRING else F.BYTES_SEED
+    return zlib.crc32(data, seed) & mapping._ps_table().mask
+
+
+def test_a_short_key_is_told_from_entries_whose_bytes_begin_with_it(lookups):
+    # the made lookup reads an entry's first len(key) key bytes and its tag, not the stored hash or the
+    # zeros after the key: an entry whose bytes begin with the key, or a long key's reference whose
+    # bytes equal it, must not be taken for it, even when the probe meets it first
+    p = lookups
+    long_key = b"a key longer than sixteen bytes"
+    p.root.by_bytes = {b"ab\x00": 1, long_key: 2, b"": 3}
+    p.root.by_text = {"ab\x00": 1, "a text key longer than sixteen": 2}
+    for mapping, stored, probe in ((p.root.by_bytes, b"ab\x00", b"ab"), (p.root.by_bytes, b"", b"\x00"),
+                                   (p.root.by_text, "ab\x00", "ab")):
+        number = list(mapping).index(stored) + 1
+        data = probe.encode() if isinstance(probe, str) else probe
+        _damage(p, _index_at(mapping, _home(mapping, data)), "<I", number)  # the probe meets that entry first
+        assert probe not in mapping and mapping.get(probe) is None
+        with pytest.raises(KeyError):
+            mapping[probe]
+        assert mapping[stored] == list(mapping.values())[number - 1]
+    # a reference's key field: its offset (8 bytes) then zeros
+    for mapping, key in ((p.root.by_bytes, long_key), (p.root.by_text, "a text key longer than sixteen")):
+        number = list(mapping).index(key) + 1
+        entry = mapping._ps_body + mapping._ps_table().entries_at + (number - 1) * type(mapping)._ps_esize
+        field = bytes(p._heap.mapping.view(entry + 8, 16))
+        assert struct.unpack_from("<I", p._heap.mapping.view(entry + 4, 4))[0] == F.TAG_REF
+        for data in (field, field[:8], field.rstrip(b"\x00")):
+            try:
+                probe = data if mapping is p.root.by_bytes else data.decode()
+            except UnicodeDecodeError:
+                continue
+            _damage(p, _index_at(mapping, _home(mapping, data)), "<I", number)
+            assert probe not in mapping
+            with pytest.raises(KeyError):
+                mapping[probe]
+    # a store of the short key makes a new entry; the one its bytes begin with keeps its value
+    p.root.by_bytes[b"ab"] = 9
+    assert p.root.by_bytes[b"ab"] == 9 and p.root.by_bytes[b"ab\x00"] == 1
+    assert len(p.root.by_bytes) == 4
+
+
+def test_tables_keep_at_most_a_third_of_their_slots_in_use(lookups):
+    from permastruct import _hashtable as H
+    p = lookups
+    p.root.by_bytes, p.root.by_int = {}, {}
+    sizes = {"bytes": [], "int": []}
+    for i in range(3000):
+        p.root.by_bytes[b"k%d" % i] = i
+        p.root.by_int[i * 7919] = i
+        for name, mapping in (("bytes", p.root.by_bytes), ("int", p.root.by_int)):
+            table = mapping._ps_table()
+            assert 3 * table.head[4] <= 3 * table.capacity <= table.mask + 1
+            if not sizes[name] or sizes[name][-1] != table.mask + 1:
+                sizes[name].append(table.mask + 1)
+    for grown in sizes.values():  # a full table grows to twice its slots, not four times
+        assert grown == [16 << n for n in range(len(grown))] and grown[-1] == 16384
+    for wanted in (0, 1, 5, 6, 1000, 10 ** 6, H._MAX_ENTRIES):
+        nslots, capacity = H._table_shape(wanted)
+        assert nslots & (nslots - 1) == 0 and wanted <= capacity < nslots <= 1 << 32
+        assert capacity < F.TABLE_DELETED  # every entry number fits an index
+        if nslots < 1 << 32:
+            assert 3 * capacity <= nslots
+    p.check()
+
+
+#: short keys whose stored hashes (crc32) are equal: ByteString (two pairs), String
+_SAME_HASH_BYTES = (b"c29685295", b"c32060020", b"c29685294", b"c32060021")
+_SAME_HASH_TEXT = ("c9085436", "c20020000")
+
+
+@pytest.mark.parametrize("case", ["new", "same hash", "present", "repeated", "tombstones", "ints", "mixed",
+                                  "text"])
+def test_an_update_into_a_filled_dict_is_written_at_once_or_item_by_item_and_agrees(lookups, case):
+    p = lookups
+    for one, other in (_SAME_HASH_BYTES[:2], _SAME_HASH_BYTES[2:]):
+        assert zlib.crc32(one, F.BYTES_SEED) == zlib.crc32(other, F.BYTES_SEED)
+    assert zlib.crc32(_SAME_HASH_TEXT[0].encode(), F.STRING_SEED) == zlib.crc32(_SAME_HASH_TEXT[1].encode(),
+                                                                               F.STRING_SEED)
+    first = {"ints": [(i * 31 - 700, i) for i in range(200)],
+             "text": [("t%d" % i, i) for i in range(200)] + [(_SAME_HASH_TEXT[0], -1)],
+             "same hash": [(b"k%d" % i, i) for i in range(200)] + [(_SAME_HASH_BYTES[0], -1)]}.get(
+        case, [(b"k%d" % i, i) for i in range(200)])
+    second = {
+        "new": [(b"n%d" % i, i) for i in range(300)],
+        "same hash": [(_SAME_HASH_BYTES[1], -2), (_SAME_HASH_BYTES[2], -3)] + [(b"n%d" % i, i) for i in range(300)]
+        + [(_SAME_HASH_BYTES[3], -4)],  # one hash as a key in the table, one as a key before it in the update
+        "present": [(b"n%d" % i, i) for i in range(300)] + [(b"k7", 70)],
+        "repeated": [(b"n%d" % (i % 40), i) for i in range(300)],
+        "tombstones": [(b"n%d" % i, i) for i in range(300)],
+        "ints": [(i * 37 + 10 ** 6, i) for i in range(300)] + [((1 << 63) - 1, 5), (-(1 << 63), 6)],
+        "mixed": [(b"x" * (i % 17), i) for i in range(17)] + [(b"a key longer than sixteen", 1)],
+        "text": [(_SAME_HASH_TEXT[1], -2)] + [("n%d" % i, i) for i in range(300)] + [("é" * 8, 8)],
+    }[case]
+    if case == "ints":
+        p.root.by_int = {}
+        target = p.root.by_int
+    elif case == "text":
+        p.root.by_text = {}
+        target = p.root.by_text
+    else:
+        p.root.by_bytes = p.schema.ByBytes(size=400) if case == "tombstones" else {}  # (no shrink, no growth)
+        target = p.root.by_bytes
+    filled = []
+    fill = type(target)._ps_fill_columns
+    type(target)._ps_fill_columns = lambda self, columns: filled.append(fill(self, columns)) or filled[-1]
+    target.update(first)
+    reference = dict(first)
+    if case == "tombstones":
+        for key, _ in first[::3]:
+            del target[key], reference[key]
+    p.check()
+    target.update(second)
+    del type(target)._ps_fill_columns  # (the class's own, inherited, again)
+    reference.update(second)
+    # written at once: into the empty table, and new keys, distinct, short, into a table without tombstones
+    # (String keys are stored item by item)
+    assert filled == ([] if case == "text" else [True, case in ("new", "same hash", "ints")])
+    assert list(target.items()) == list(reference.items())
+    _agree(target, reference, list(reference) + [b"zz", "zz", -5, b"", ""])
+    p.check()
+    p.commit()
+    p.check()
+
+
+def test_a_damaged_index_fails_a_bulk_update_not_the_process(lookups):
+    p = lookups
+    p.root.by_bytes = p.schema.ByBytes(size=100)  # no rebuild before the update: its index is read
+    p.root.by_bytes.update([(b"a", 1)])
+    table = p.root.by_bytes._ps_table()
+    slots = [slot for slot, index in enumerate(table.indices) if not index]
+    for slot in slots:
+        _damage(p, _index_at(p.root.by_bytes, slot), "<I", 1000)  # every empty index names entry 999
+    with pytest.raises(CorruptStorageError, match="names entry 999"):
+        p.root.by_bytes.update([(b"k%d" % i, i) for i in range(20)])
 
 
 # -- SortedDict scans a leaf at a time; bulk update of Dict and SortedDict ----------------------
