@@ -181,7 +181,8 @@ class TraceInjector:
         sys.settrace(None)
 
     def _global(self, frame, event, arg):
-        if frame.f_code.co_filename.startswith(PACKAGE):
+        name = frame.f_code.co_filename  # (the package's files, and the code it generates)
+        if name.startswith(PACKAGE) or name.startswith("<constructor of ") or name == "<change wrapper>":
             frame.f_trace_opcodes = True
             frame.f_trace_lines = False
             return self._local

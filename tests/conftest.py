@@ -117,6 +117,12 @@ def reopen_store(p, cls, path):
 RETURN_VALUE = dis.opmap["RETURN_VALUE"]
 
 
+def is_generated(filename):
+    """Whether code comes from the package's generated functions (a structure's constructor, the
+    change wrappers), which run inside the package as its own files' code does."""
+    return filename.startswith("<constructor of ") or filename == "<change wrapper>"
+
+
 def interrupt_at_opcode(count):
     """Install a trace function that raises KeyboardInterrupt at the ``count``-th opcode run inside
     the permastruct package (or the next one that is not a ``RETURN_VALUE``: an interrupt at any
@@ -139,7 +145,7 @@ def interrupt_at_opcode(count):
         return local
 
     def tracer(frame, event, arg):
-        if frame.f_code.co_filename.startswith(package):
+        if frame.f_code.co_filename.startswith(package) or is_generated(frame.f_code.co_filename):
             frame.f_trace_opcodes = True
             return local
         return None
