@@ -514,10 +514,10 @@ def _make_constructor(cls):
            "_ps_CUT_SHORT": _CUT_SHORT, "_ps_ident": _get_ident, "_ps_concurrent": _concurrent,
            "_ps_other": _other_call, "__builtins__": {}}
     params, checks, makes, undo = [], [], [], []
-    # One string field made from bytes or str takes its slot beside the record's (place_pair): the
-    # string is written here, born with its one reference.
+    # The last string field made from bytes or str takes its slot beside the record's (place_pair):
+    # the string is written here, born with its one reference (the others: new_string()).
     strings = [name for name in order if not isinstance(types[name], ValueType) and _exact_string(types[name])]
-    paired = strings[0] if len(strings) == 1 else None
+    paired = strings[-1] if strings else None
     for name in types:  # parameters in declaration order, as the signature shows them
         ftype = types[name]
         params.append(f"{name}={_DEFAULTS[ftype.kind]!r}" if isinstance(ftype, ValueType) else f"{name}=None")
