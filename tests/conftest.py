@@ -20,6 +20,7 @@ failing case can be rerun alone with ``--seed``::
     PYTHONPATH=src python3 -m pytest tests/test_stress.py --seed 1234 --iterations 5000
 """
 
+import dis
 import os
 import shutil
 import tempfile
@@ -110,10 +111,17 @@ def reopen_store(p, cls, path):
     return cls(path)
 
 
+#: CPython delivers no signal at a ``RETURN_VALUE`` (it looks for them at calls, function entries
+#: and backward jumps), so the interrupt injectors never fire there: a KeyboardInterrupt cannot come
+#: between a frame's last instruction and its return.
+RETURN_VALUE = dis.opmap["RETURN_VALUE"]
+
+
 def interrupt_at_opcode(count):
     """Install a trace function that raises KeyboardInterrupt at the ``count``-th opcode run inside
-    the permastruct package (an interrupt at any bytecode, deterministically); returns a callable
-    telling whether it fired.  The caller removes it with ``sys.settrace(None)``."""
+    the permastruct package (or the next one that is not a ``RETURN_VALUE``: an interrupt at any
+    bytecode where a signal can arrive, deterministically); returns a callable telling whether it
+    fired.  The caller removes it with ``sys.settrace(None)``."""
     import sys
 
     import permastruct
@@ -121,9 +129,11 @@ def interrupt_at_opcode(count):
     seen = [0, False]
 
     def local(frame, event, arg):
+        global interrupt_at_opcode_seen
         if event == "opcode":
             seen[0] += 1
-            if seen[0] == count and not seen[1]:
+            interrupt_at_opcode_seen = seen[0]  # (how many opcodes ran: for a caller that counts them)
+            if seen[0] >= count and not seen[1] and frame.f_code.co_code[frame.f_lasti] != RETURN_VALUE:
                 seen[1] = True
                 raise KeyboardInterrupt(f"opcode {count}")
         return local
@@ -136,3 +146,21 @@ def interrupt_at_opcode(count):
 
     sys.settrace(tracer)
     return lambda: seen[1]
+
+
+def views_storage():
+    """The Storage class of the tests of memoryviews past a rollback or an undo (test_views,
+    test_history): a Buffer, two Lists of Int and a ByteString under the root."""
+    from permastruct import List, Storage
+
+    class Views(Storage):
+        def populateSchema(self):
+            s = self.schema
+            self.define(List("Ints")[s.Int])
+
+            class Root(s.Structure):
+                buf = s.Buffer
+                ints = s.Ints
+                other = s.Ints
+                raw = s.ByteString
+    return Views

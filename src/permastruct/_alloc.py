@@ -134,11 +134,11 @@ class Allocator:
         try:
             view = page_file.view(state_pid)
         except IndexError:  # a damaged root record: the page is not in the map
-            raise CorruptStorageError(f"{page_file.path!r}: the allocator page {state_pid} is not in the "
+            raise CorruptStorageError(f"{page_file._label}: the allocator page {state_pid} is not in the "
                                       "mapped file") from None
         kind, flags, count, _ = F.ALLOC.unpack_from(view, F.ALLOC_AT)
         if kind != F.KIND_ALLOC or count != len(self.classes) or flags not in (0, F.ALLOC_BINNED):
-            raise CorruptStorageError(f"{page_file.path!r}: page {state_pid} is not the allocator page")
+            raise CorruptStorageError(f"{page_file._label}: page {state_pid} is not the allocator page")
         #: The size class of each small size, by (size - 1) >> 4: one list index instead of a bisect.
         self._class_of = [bisect.bisect_left(self.classes, size) for size in range(16, self.max_small + 16, 16)]
         #: The allocator page, and per size class the last slab allocated from: ``(pid, view,
@@ -350,7 +350,7 @@ class Allocator:
         """Return the object at ``offset`` to the allocator."""
         pid = self.pf.page_of(offset)
         if not 0 <= pid < self.pf.page_count:
-            raise CorruptStorageError(f"{self.pf.path!r}: freeing {offset:#x}, which is outside the pages")
+            raise CorruptStorageError(f"{self.pf._label}: freeing {offset:#x}, which is outside the pages")
         page = self.pf.view(pid)
         kind = page[F.SLAB_AT]
         if kind == F.KIND_SLAB:
@@ -358,10 +358,10 @@ class Allocator:
         elif kind == F.KIND_RUN and offset == self.pf.offset(pid) + F.RUN_OBJECT:
             pages = F.RUN.unpack_from(page, F.RUN_AT)[1]
             if not 1 <= pages <= self.pf.page_count - pid:
-                raise CorruptStorageError(f"{self.pf.path!r}: run at page {pid} says it has {pages} pages")
+                raise CorruptStorageError(f"{self.pf._label}: run at page {pid} says it has {pages} pages")
             self._free_run(pid, pages)
         else:
-            raise CorruptStorageError(f"{self.pf.path!r}: freeing {offset:#x}, which is not an allocated object")
+            raise CorruptStorageError(f"{self.pf._label}: freeing {offset:#x}, which is not an allocated object")
 
     def capacity(self, offset):
         """How many bytes the object at ``offset`` may use."""
@@ -395,24 +395,24 @@ class Allocator:
                 self._last_slot[index], self.classes[index], index)
         kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
         if kind != F.KIND_SLAB or cls != index:
-            raise CorruptStorageError(f"{pf.path!r}: page {pid} on the size-class {index} list is not a slab of it")
+            raise CorruptStorageError(f"{pf._label}: page {pid} on the size-class {index} list is not a slab of it")
         size = self.classes[index]
         nslots = self._slots[index]
         if used >= nslots or bump > nslots:
-            raise CorruptStorageError(f"{pf.path!r}: slab {pid} on the partial list has {used} used and "
+            raise CorruptStorageError(f"{pf._label}: slab {pid} on the partial list has {used} used and "
                                       f"{bump} handed-out slots of {nslots}")
         if free_head:
             slot = free_head - 1
             if slot >= bump:
-                raise CorruptStorageError(f"{pf.path!r}: slab {pid} free list points at unused slot {slot}")
+                raise CorruptStorageError(f"{pf._label}: slab {pid} free list points at unused slot {slot}")
             free_head = F.UINT32.unpack_from(page, F.SLAB_FIRST_SLOT + slot * size)[0]
             if free_head > bump:
-                raise CorruptStorageError(f"{pf.path!r}: slab {pid} free list links to unused slot {free_head - 1}")
+                raise CorruptStorageError(f"{pf._label}: slab {pid} free list links to unused slot {free_head - 1}")
         elif bump < nslots:
             slot = bump
             bump += 1
         else:
-            raise CorruptStorageError(f"{pf.path!r}: full slab {pid} is on the partial list")
+            raise CorruptStorageError(f"{pf._label}: full slab {pid} is on the partial list")
         used += 1
         F.SLAB.pack_into(page, F.SLAB_AT, kind, cls, used, free_head, bump, nxt, prv)
         if used == nslots:
@@ -424,7 +424,7 @@ class Allocator:
         size = self.classes[index] if index < len(self.classes) else 0
         relative = offset - self.pf.offset(pid) - F.SLAB_FIRST_SLOT
         if not size or relative < 0 or relative % size or relative // size >= bump or used == 0:
-            raise CorruptStorageError(f"{self.pf.path!r}: freeing {offset:#x}, which is not a slot of slab {pid}")
+            raise CorruptStorageError(f"{self.pf._label}: freeing {offset:#x}, which is not a slot of slab {pid}")
         slot = relative // size
         F.UINT32.pack_into(page, F.SLAB_FIRST_SLOT + slot * size, free_head)
         F.UINT32.pack_into(page, F.SLAB_FIRST_SLOT + slot * size + 4, 0)
@@ -452,7 +452,7 @@ class Allocator:
         else:
             where = f"outside the {pf.page_count} pages"
         what = what if index is None else f"{what} {index}"
-        raise CorruptStorageError(f"{pf.path!r}: {what} names page {pid}, {where}") from None
+        raise CorruptStorageError(f"{pf._label}: {what} names page {pid}, {where}") from None
 
     def _set_links(self, pid, nxt=None, prv=None):
         page = self._page(pid, "a partial-list link")
@@ -559,21 +559,21 @@ class Allocator:
                 return previous, pid, length, following
             steps += 1
             if steps > count:
-                raise CorruptStorageError(f"{self.pf.path!r}: the free-run list has a cycle through page {pid}")
+                raise CorruptStorageError(f"{self.pf._label}: the free-run list has a cycle through page {pid}")
             previous, pid = pid, following
         return None
 
     def _read_free_run(self, pid, count):
         """``(length, next)`` of the free run at ``pid``, checked against ``count`` pages."""
         if not 0 <= pid < count:
-            raise CorruptStorageError(f"{self.pf.path!r}: the free-run list names page {pid}, "
+            raise CorruptStorageError(f"{self.pf._label}: the free-run list names page {pid}, "
                                       f"outside the {count} pages")
         kind, length, following = F.FREE_RUN.unpack_from(self.pf.view(pid, 0, _FREE_RUN_END), F.RUN_AT)
         if kind != F.KIND_FREE_RUN or not 2 <= length <= count - pid:
-            raise CorruptStorageError(f"{self.pf.path!r}: page {pid} on the free-run list is not a free run "
+            raise CorruptStorageError(f"{self.pf._label}: page {pid} on the free-run list is not a free run "
                                       f"(kind {kind}, {length} pages)")
         if not (following == -1 or 0 <= following < count):
-            raise CorruptStorageError(f"{self.pf.path!r}: free run {pid} links to page {following}, "
+            raise CorruptStorageError(f"{self.pf._label}: free run {pid} links to page {following}, "
                                       f"outside the {count} pages")
         return length, following
 
@@ -635,15 +635,188 @@ class Allocator:
             low, high = (_BIN_MIN[index], _BIN_MIN[index + 1] - 1) if index < _LAST_BIN else (2, count)
             while pid != -1:
                 if len(runs) >= count:
-                    raise CorruptStorageError(f"{self.pf.path!r}: the free-run lists have a cycle "
+                    raise CorruptStorageError(f"{self.pf._label}: the free-run lists have a cycle "
                                               f"through page {pid}")
                 length, following = self._read_free_run(pid, count)
                 if not low <= length <= high:
-                    raise CorruptStorageError(f"{self.pf.path!r}: free run {pid} of {length} pages is on "
+                    raise CorruptStorageError(f"{self.pf._label}: free run {pid} of {length} pages is on "
                                               f"the list for runs of {low}..{high} pages")
                 runs.append((pid, length))
                 pid = following
         return runs
+
+    # -- taking one given place (a quarantine) ------------------------------------------
+    def claim(self, offset, capacity):
+        """Allocate exactly the place ``offset`` of ``capacity`` bytes (a slab slot of that size class,
+        or a page run) if every byte of it is free now; return whether it was taken.
+
+        For places handed out in a transaction that was taken back while a view
+        of the buffer protocol still points there (``Heap.quarantine``): the
+        place must not go to another object while the view can write.  Free
+        space is taken from wherever it is: pages past the page count (the
+        count grows over them), the free-page list, a free run (split around
+        it), the free or never-used slots of a slab of the class.  A place
+        that anything in use overlaps is left alone (False), and so is one
+        that is not a slot or run start of its size.  The object's bytes are
+        not touched: the caller writes them.  Cost: a pass over the page
+        headers up to the place and a walk of the free lists; nothing on any
+        other allocator path.
+        """
+        pf, page_size = self.pf, self.page_size
+        first = pf.page_of(offset)
+        if first < 0 or first == self.state_pid:
+            return False
+        if capacity <= self.max_small:
+            if capacity not in self.classes:
+                return False
+            index = self.classes.index(capacity)
+            relative = offset - pf.offset(first) - F.SLAB_FIRST_SLOT
+            if relative < 0 or relative % capacity or relative // capacity >= self._slots[index]:
+                return False
+            slot = relative // capacity
+            status = self._page_status(first, 1)
+            if status is None:
+                return False
+            if status[first] == "slab":
+                return self._claim_slot(first, pf.view(first), index, slot)
+            self._take_pages(first, 1, status)
+            page = pf.view(first)
+            page[F.SLAB_AT:F.SLAB_FIRST_SLOT] = bytes(F.SLAB_FIRST_SLOT - F.SLAB_AT)
+            F.SLAB.pack_into(page, F.SLAB_AT, F.KIND_SLAB, index, 0, 0, 0, -1, -1)
+            return self._claim_slot(first, page, index, slot, new=True)
+        pages = (F.RUN_OBJECT + capacity) // page_size
+        if offset != pf.offset(first) + F.RUN_OBJECT or pages * page_size != F.RUN_OBJECT + capacity:
+            return False
+        status = self._page_status(first, pages)
+        if status is None or "slab" in status.values():
+            return False
+        self._take_pages(first, pages, status)
+        page = pf.view(first, 0, _FREE_RUN_END)
+        page[F.RUN_AT:] = bytes(F.FREE_RUN.size)
+        F.RUN.pack_into(page, F.RUN_AT, F.KIND_RUN, pages)
+        return True
+
+    def _page_status(self, first, count):
+        """What each page of ``first .. first + count - 1`` is: ``"slab"`` (in use, a slab),
+        ``"single"`` (on the free-page list), ``(run, length)`` (in the free run that starts at
+        ``run``) or ``"past"`` (past the page count, in the map); None when any of them is in use
+        otherwise (a page run, the allocator page) or cannot be taken (not mapped in one segment).
+
+        Pages are walked from the first one, a run at a time, so that a page inside a run (whose
+        own bytes say nothing) is known for what it is."""
+        pf = self.pf
+        last = first + count - 1
+        if pf.offset(last + 1) > pf.mapping.size or not self._in_one_segment(first, count):
+            return None
+        singles = set(pf.free_pages())
+        runs = dict(self.free_runs())
+        status = {}
+        pid = 0
+        while pid <= last and pid < pf.page_count:
+            if pid in runs:
+                length, what, step = runs[pid], (pid, runs[pid]), runs[pid]
+            elif pid in singles:
+                length, what, step = 1, "single", 1
+            elif pid == self.state_pid:
+                length, what, step = 1, None, 1
+            else:
+                page = pf.view(pid, 0, F.RUN_AT + F.RUN.size)
+                kind = page[F.SLAB_AT]
+                if kind == F.KIND_RUN:
+                    length = max(1, F.RUN.unpack_from(page, F.RUN_AT)[1])
+                    what, step = None, length
+                elif kind == F.KIND_SLAB:
+                    length, what, step = 1, "slab", 1
+                else:
+                    return None  # (damage: check() names it)
+            for member in range(max(pid, first), min(pid + length, last + 1)):
+                if what is None:
+                    return None
+                status[member] = what
+            pid += step
+        for pid in range(max(first, pf.page_count), last + 1):
+            status[pid] = "past"
+        return status
+
+    def _take_pages(self, first, count, status):
+        """Take the free pages ``first .. first + count - 1`` (:meth:`_page_status` said what each
+        is) off the free-page list and out of their free runs, growing the page count over them."""
+        pf = self.pf
+        last = first + count - 1
+        if "single" in status.values():
+            kept = [pid for pid in pf.free_pages() if not first <= pid <= last]
+            following = F.NO_NEXT_FREE_PAGE
+            for pid in reversed(kept):
+                if pf._link(pid) != following:
+                    pf._set_link(pid, following)
+                following = pid
+            pf.free_head = following
+        view = self._state()
+        for start, length in {what for what in status.values() if isinstance(what, tuple)}:
+            self._unlink_run(view, start, length)
+            for piece, end in ((start, first), (last + 1, start + length)):
+                if end - piece >= 2:
+                    self._push_run(view, piece, end - piece)
+                elif end - piece == 1:
+                    pf.free_pid(piece)
+        if pf.page_count <= last:  # past the end: the count grows over them
+            pf._reserve(last + 1)
+            while pf.page_count <= last:
+                pid = pf.page_count
+                pf.page_count = pid + 1
+                if pid < first:
+                    pf.free_pid(pid)
+        for pid in range(first, last + 1):
+            pf._set_link(pid, F.NOT_IN_FREE_PAGE_LIST)
+
+    def _claim_slot(self, pid, page, index, slot, new=False):
+        """Take slot ``slot`` of slab ``pid`` (size class ``index``) if it is free (see :meth:`claim`)."""
+        kind, cls, used, free_head, bump, nxt, prv = F.SLAB.unpack_from(page, F.SLAB_AT)
+        if cls != index:
+            return False
+        size, nslots = self.classes[index], self._slots[index]
+        first_slot = F.SLAB_FIRST_SLOT
+        if slot >= bump:  # never used: the ones before it go on the slot free list
+            for skipped in range(bump, slot):
+                F.UINT32.pack_into(page, first_slot + skipped * size, free_head)
+                F.UINT32.pack_into(page, first_slot + skipped * size + 4, 0)
+                free_head = skipped + 1
+            bump = slot + 1
+        else:  # it must be on the slot free list: unlinked from it
+            previous, current, steps = None, free_head, 0
+            while current and current - 1 != slot:
+                if current - 1 >= bump or steps > nslots:
+                    raise CorruptStorageError(f"{self.pf.path!r}: slab {pid} has a broken slot free list")
+                previous, current = current, F.UINT32.unpack_from(page, first_slot + (current - 1) * size)[0]
+                steps += 1
+            if not current:
+                return False  # in use
+            following = F.UINT32.unpack_from(page, first_slot + slot * size)[0]
+            if previous is None:
+                free_head = following
+            else:
+                F.UINT32.pack_into(page, first_slot + (previous - 1) * size, following)
+        used += 1
+        F.SLAB.pack_into(page, F.SLAB_AT, kind, cls, used, free_head, bump, nxt, prv)
+        if new:
+            if used < nslots:
+                self._push(index, pid)
+        elif used == nslots:
+            self._unlink(index, pid, nxt, prv)
+        return True
+
+    def _unlink_run(self, view, start, length):
+        """Take the free run at page ``start`` off its bin list."""
+        heads = self._bin_heads(view)
+        for index in range(len(heads)):
+            previous, pid = -1, heads[index]
+            while pid != -1:
+                _, following = self._read_free_run(pid, self.pf.page_count)
+                if pid == start:
+                    self._relink(view, index, previous, following)
+                    return
+                previous, pid = pid, following
+        raise CorruptStorageError(f"{self.pf.path!r}: free run {start} of {length} pages is on no bin list")
 
     # -- merging -------------------------------------------------------------
     def merge(self):
@@ -668,7 +841,7 @@ class Allocator:
         pid = pf.free_head
         while pid != F.NO_NEXT_FREE_PAGE:
             if not 0 <= pid < count or len(singles) >= count:
-                raise CorruptStorageError(f"{pf.path!r}: the free-page list is broken at page {pid}")
+                raise CorruptStorageError(f"{pf._label}: the free-page list is broken at page {pid}")
             singles.append(pid)
             pid = link(pid)
         runs = self.free_runs()
@@ -682,9 +855,9 @@ class Allocator:
         for key in keys:
             first, length = key >> 32, key & 0xFFFFFFFF
             if first < end:
-                raise CorruptStorageError(f"{pf.path!r}: page {first} is on the free lists twice")
+                raise CorruptStorageError(f"{pf._label}: page {first} is on the free lists twice")
             if first <= state < first + length:
-                raise CorruptStorageError(f"{pf.path!r}: the allocator page {state} is on a free list")
+                raise CorruptStorageError(f"{pf._label}: the allocator page {state} is on a free list")
             if first == end and first not in boundaries:
                 end += length
             else:
@@ -746,7 +919,7 @@ class Allocator:
             try:
                 return unpack(maps[index], offset - starts[index])[0]
             except (struct.error, IndexError):
-                raise CorruptStorageError(f"{self.pf.path!r}: free page {pid} is not in the mapped file") from None
+                raise CorruptStorageError(f"{self.pf._label}: free page {pid} is not in the mapped file") from None
         return link
 
     def _segment_starts(self):
@@ -777,7 +950,7 @@ class PageScan:
         self.slabs_with_room = {}
 
     def fail(self, message):
-        raise CorruptStorageError(f"{self.pf.path!r}: {message}")
+        raise CorruptStorageError(f"{self.pf._label}: {message}")
 
     def claim(self, pid, what):
         owner, count = self.owner, len(self.owner)

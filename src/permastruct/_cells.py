@@ -22,7 +22,7 @@ from zlib import crc32 as _crc32
 from . import _format as F
 from . import _types as T
 from .errors import SchemaError
-from .strings import new_string
+from .strings import MAX_BYTES, new_string, storable
 
 
 class Missing(Exception):
@@ -53,7 +53,7 @@ class Cell:
         self.raw = not self.is_ref and (
             (ftype.kind == "float" and ftype.pack is None)
             or (ftype.kind == "int" and (ftype.low, ftype.high) in ((-1 << 63, (1 << 63) - 1), (0, (1 << 64) - 1))))
-        where = f"{owner} {role}"
+        where = self.where = f"{owner} {role}"
         if self.is_ref:
             self.code = "Q"
             reference = heap.reference_to
@@ -190,7 +190,7 @@ class Key(Cell):
 
     def store(self, key):
         """``(hash, data)`` for a key about to be stored: TypeError/OverflowError/ValueError if it cannot be."""
-        if type(key) is bytes and self.exact is bytes:  # the common case first
+        if type(key) is bytes and self.exact is bytes and len(key) <= MAX_BYTES:  # the common case first
             return _crc32(key, F.BYTES_SEED), key
         unhashable(key)
         if not self.is_ref:
@@ -209,7 +209,12 @@ class Key(Cell):
             return key._ps_hash, key._ps_bytes()
         if not isinstance(key, self.python):
             self.encode(key)  # raises the TypeError of a wrong type
-        data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+        try:
+            data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+        except UnicodeEncodeError:
+            data = None
+        if data is None or len(data) > MAX_BYTES:  # a lone surrogate, over 4 GiB: the error that says where
+            storable(self.string_type, key, self.where)
         return F.string_hash(self.string_type, data), data
 
     def new_cell(self, key, data):

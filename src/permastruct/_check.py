@@ -27,26 +27,28 @@ from .buffer import buffer_problem
 from .errors import CorruptStorageError
 from .structure import Structure, StructureMeta
 
-def check_storage(storage, progress=None):
+def check_storage(storage, progress=None, found=None):
     """Verify every invariant of ``storage``; raise CorruptStorageError naming the first broken one.
 
     ``progress``, if given, is called as ``progress(done, total, what)`` while
     the check advances: over the pages (``what`` is ``"pages"``), then over
     the objects (``"objects"``); each phase ends with a call where ``done``
     equals ``total``.  It is called every few dozen pages or objects, so a
-    caller that draws something should throttle itself.
+    caller that draws something should throttle itself.  ``found``, a dict,
+    receives ``{offset: (capacity, type id)}`` of every allocated object (the
+    walk's result, for a pass that goes on from a check: ``pack()``).
     """
-    with damage_reported(storage.fileName, "the check"):
-        return _check_storage(storage, progress)
+    with damage_reported(storage._heap.name, "the check"):
+        return _check_storage(storage, progress, found)
 
 
-def _check_storage(storage, progress):
+def _check_storage(storage, progress, found=None):
     pf = storage._page_file
     alloc = storage._heap.allocator
     path = storage.fileName
 
     def fail(message):
-        raise CorruptStorageError(f"{path!r}: {message}")
+        raise CorruptStorageError(f"{storage._heap.name}: {message}")
 
     # -- header and root records on disk --------------------------------------
     head = pf.io.pread(F.HEADER_BLOCK, 0)
@@ -57,6 +59,8 @@ def _check_storage(storage, progress):
     # -- pages ------------------------------------------------------------------
     scan = PageScan(storage._page_file, storage._heap.allocator)
     objects = {offset: (capacity, type_id) for offset, capacity, type_id in scan.objects(progress)}
+    if found is not None:
+        found.update(objects)
     count, owner, slabs_with_room = pf.page_count, scan.owner, scan.slabs_with_room
     for index in range(len(alloc.classes)):
         pid, previous, seen = alloc._head(index), -1, 0

@@ -234,7 +234,7 @@ class Collection(T.Persistent):
 
     def _ps_bad(self, what):
         heap = type(self)._heap
-        return CorruptStorageError(f"{heap.name!r}: {type(self).__name__} at {self._ps_offset:#x}: {what}")
+        return CorruptStorageError(f"{heap.name}: {type(self).__name__} at {self._ps_offset:#x}: {what}")
 
     def _ps_check_internal(self, offset, type_id, size):
         heap = type(self)._heap

@@ -164,6 +164,8 @@ class Engine:
         self.path = "(memory)" if path is None else os.fspath(path)
         if not isinstance(self.path, str):
             raise TypeError(f"file name must be str or os.PathLike, not {type(path).__name__}")
+        #: how messages name the store: its path quoted, or (in memory) what the storage sets
+        self._label = "<in-memory storage>" if path is None else repr(self.path)
         self.readonly = readonly
         self.sync = sync and self.mode == "file"
         self.closed = True
@@ -546,15 +548,15 @@ class Engine:
             raise TypeError(f"a transaction id is an int, not {type(txn).__name__}")
         limit = self._committed[2][F.SLOT_HISTORY]
         if not limit:
-            raise UndoError(f"{self.path!r} keeps no history, so transaction {txn} cannot be undone: open it "
+            raise UndoError(f"{self._label} keeps no history, so transaction {txn} cannot be undone: open it "
                             "with history=N to keep the last N transactions undoable")
         if not 1 <= txn <= self.txn:
-            raise UndoError(f"{self.path!r} has no transaction {txn}: its last commit is transaction {self.txn}")
+            raise UndoError(f"{self._label} has no transaction {txn}: its last commit is transaction {self.txn}")
         records = self._records
         first = records[0].txn if records else self.txn + 1
         if txn < first:
             oldest = f"the oldest it still holds is {first}" if records else "it holds none yet"
-            raise UndoError(f"transaction {txn} of {self.path!r} is no longer in its history (it keeps the last "
+            raise UndoError(f"transaction {txn} of {self._label} is no longer in its history (it keeps the last "
                             f"{limit}; {oldest})")
         return records[txn - first:]
 
@@ -976,7 +978,7 @@ class Engine:
 
     def _check_files(self):
         def fail(message):
-            raise CorruptStorageError(f"{self.path!r}: {message}")
+            raise CorruptStorageError(f"{self._label}: {message}")
 
         head = self.io.pread(F.HEADER_BLOCK, 0)
         roots = [F.unpack_root(head[offset:offset + F.ROOT.size]) for offset in F.ROOT_OFFSETS]
@@ -1051,7 +1053,7 @@ class Engine:
     # -- state ---------------------------------------------------------------
     def _check_open(self):
         if self.closed:
-            raise StorageClosedError(f"page file {self.path!r} is closed")
+            raise StorageClosedError(f"page file {self._label} is closed")
 
     @property
     def sync_failed(self):

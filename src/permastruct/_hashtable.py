@@ -112,7 +112,7 @@ class _TableView:
         type_id, _, _, _, nslots, used, filled, capacity = F.TABLE.unpack_from(
             heap.mapping.view(offset, F.TABLE.size))
         if not nslots or nslots & (nslots - 1) or capacity >= nslots or used > capacity or filled > capacity:
-            raise CorruptStorageError(f"{heap.name!r}: hash table at {offset:#x} has {nslots} slots, "
+            raise CorruptStorageError(f"{heap.name}: hash table at {offset:#x} has {nslots} slots, "
                                       f"{used} of {capacity} entries used")
         entries_at = F.TABLE.size + -(-4 * nslots // 8) * 8
         heap.check_offset(offset, entries_at + esize * capacity)
@@ -629,13 +629,13 @@ def _key_reader(cls, heap, key):
         elif tag == _TAG_REF:
             data = string_data(_ref(fields[2]))
         else:
-            raise CorruptStorageError(f"{heap.name!r}: an entry of a {cls.__name__} table has the tag {tag}")
+            raise CorruptStorageError(f"{heap.name}: an entry of a {cls.__name__} table has the tag {tag}")
         if not text:
             return data
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
-            raise CorruptStorageError(f"{heap.name!r}: a String key of a {cls.__name__} table is not "
+            raise CorruptStorageError(f"{heap.name}: a String key of a {cls.__name__} table is not "
                                       "UTF-8") from None
     return key_of
 

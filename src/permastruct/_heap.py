@@ -74,6 +74,40 @@ _PROBE = {0: _Probe()}
 _MAP_ONLY = _refcount(_PROBE[0])
 
 
+class _Exported:
+    """What the heap knows of an object whose memory it exported (``Heap.export_places``): whether
+    anything made from the export may still point at it."""
+
+    __slots__ = ("at", "owner", "exporters", "proxy", "proxies")
+
+    def __init__(self, at, owner, exporters, proxy, proxies):
+        self.at = at  # the offset of that proxy's object
+        self.owner = owner  # the List whose array it is, or 0
+        self.exporters = exporters  # WeakSet of the MemoryExporters made
+        self.proxy = proxy  # weak reference to the proxy the export was made from
+        self.proxies = proxies
+
+    def showing(self):
+        """Whether an exporter is alive (a view made from it: a memoryview, ``numpy.asarray``), or
+        the program holds the proxy the export was made from (``numpy.frombuffer`` lets go of the
+        view at once and keeps the proxy, whose memory it goes on using)."""
+        if len(self.exporters):
+            return True
+        proxy = self.proxy()
+        if proxy is None:
+            return False
+        in_map = 1 if self.proxies.get(self.at) is proxy else 0
+        return _refcount(proxy) > 2 + in_map  # (this name, the argument; the map's)
+
+
+class _Keeper:
+    """What holds a quarantined List array in ``Heap.proxies`` (it has no proxy class of its own):
+    nothing but its being there; each heap makes a subclass naming its storage (for its dead form)."""
+
+    __slots__ = ()
+    _ps_closed = False
+
+
 def _held(proxies, offset):
     """Whether something besides the map holds the proxy of ``offset`` (False when there is none)."""
     return offset in proxies and _refcount(proxies[offset]) > _MAP_ONLY
@@ -87,7 +121,6 @@ class Heap:
         self.pf = page_file
         self.mapping = page_file.mapping
         self.allocator = allocator
-        self.name = storage.fileName
         self.readonly = storage.readonly
         #: type id -> proxy class of this storage (filled by the schema)
         self.classes = {}
@@ -102,6 +135,10 @@ class Heap:
         self.moves = 0  # counts the times internal objects may have moved (pack, refresh, rollback, undo)
         self.relocations = 0  # counts the packs that moved objects
         self.exports = weakref.WeakValueDictionary()  # buffer views handed out (released at close)
+        self.export_places = {}  # offset of an object a view shows -> (owner List or 0, WeakSet of exporters)
+        self._places_at = 64  # the size of ``export_places`` at which the places no view shows go
+        self.quarantine = {}  # offset -> [capacity, exported, keeper, bytes] (see quarantine_candidates)
+        self.poisoned = {}  # offset -> views that may write into a live object (see quarantine_candidates)
         self._blanks = {}  # (type id, size) -> a new object's bytes: the header, then zeros
         self._changing = 0
         self.closing = False
@@ -114,13 +151,20 @@ class Heap:
     def __repr__(self):
         return repr(self.storage)
 
+    @property
+    def name(self):
+        """How messages name the store: its path quoted (``'/data/x.ps'``), or
+        ``<in-memory storage of MyStorage>`` for ``MyStorage(None)``."""
+        path = self.storage.fileName
+        return repr(path) if path is not None else f"<in-memory storage of {type(self.storage).__name__}>"
+
     # -- offsets ---------------------------------------------------------------------
     def check_offset(self, offset, size=8):
         """Refuse an offset read from the file that is not an object's place in the committed pages."""
         pf = self.pf
         end = F.HEADER_BLOCK + pf.page_count * pf.page_size
         if offset < F.HEADER_BLOCK or offset % 8 or offset + size > end:
-            raise CorruptStorageError(f"{self.name!r}: reference {offset:#x} (+{size} bytes) is "
+            raise CorruptStorageError(f"{self.name}: reference {offset:#x} (+{size} bytes) is "
                                       f"outside the file's {pf.page_count} pages")
 
     def locate(self, offset, size):
@@ -131,11 +175,11 @@ class Heap:
             try:
                 segment = mapping.segment_of(offset)
             except IndexError:
-                raise CorruptStorageError(f"{self.name!r}: reference {offset:#x} is outside the mapped "
+                raise CorruptStorageError(f"{self.name}: reference {offset:#x} is outside the mapped "
                                           "file") from None
         local = offset - segment.start
         if offset < F.HEADER_BLOCK or offset & 7 or local + size > segment.length:
-            raise CorruptStorageError(f"{self.name!r}: an object at {offset:#x} (+{size} bytes) is not "
+            raise CorruptStorageError(f"{self.name}: an object at {offset:#x} (+{size} bytes) is not "
                                       "in the mapped pages, or crosses the end of a segment of the map")
         return segment, local
 
@@ -200,7 +244,7 @@ class Heap:
         segment, local = self.locate(offset, 8)
         cls = self.classes.get(_TYPE(segment.map, local)[0])
         if cls is None:
-            raise CorruptStorageError(f"{self.name!r}: the object at {offset:#x} has unknown type "
+            raise CorruptStorageError(f"{self.name}: the object at {offset:#x} has unknown type "
                                       f"{_TYPE(segment.map, local)[0]}")
         return self.remember(offset, cls._ps_make(segment, local))
 
@@ -365,7 +409,7 @@ class Heap:
         at = offset - segment.start + _REFS_AT
         count = _TYPE(segment.map, at)[0]
         if count == 0:
-            raise CorruptStorageError(f"{self.name!r}: reference count of {offset:#x} is already 0")
+            raise CorruptStorageError(f"{self.name}: reference count of {offset:#x} is already 0")
         _PUT(segment.map, at, count - 1)
         if count == 1:
             self.unreferenced.add(offset)
@@ -381,7 +425,7 @@ class Heap:
         if type_id in _INTERNAL:
             owner = self.classes.get(_TYPE(segment.map, local + 8)[0])
             if owner is None or owner._ps_kind not in ("list", "dict", "set", "sorteddict"):
-                raise CorruptStorageError(f"{self.name!r}: the internal object at {offset:#x} names "
+                raise CorruptStorageError(f"{self.name}: the internal object at {offset:#x} names "
                                           f"owner type {_TYPE(segment.map, local + 8)[0]}")
             return owner._ps_references(self, offset, type_id)
         cls = self.classes.get(type_id)
@@ -390,20 +434,24 @@ class Heap:
         return cls._ps_references(self, offset, type_id)
 
     # -- what is held across a commit -----------------------------------------------------------
-    def held_objects(self):
-        """The offsets the committed file records as held by a program and referenced by nothing."""
+    def held_objects(self, check=True):
+        """The offsets the committed file records as held by a program and referenced by nothing.
+
+        ``check=False`` leaves out the check that each is inside the pages, for a caller that only
+        compares them (a pack may have dropped a page one of them was on: it was freed since)."""
         offset = self.pf.slots[F.SLOT_HELD]
         if not offset:
             return []
         self.check_offset(offset, F.HELD.size)
         type_id, _, count = F.HELD.unpack_from(self.mapping.view(offset, F.HELD.size))
         if type_id != F.T_HELD:
-            raise CorruptStorageError(f"{self.name!r}: root slot {F.SLOT_HELD} does not name the list of "
+            raise CorruptStorageError(f"{self.name}: root slot {F.SLOT_HELD} does not name the list of "
                                       f"held objects (type {type_id} at {offset:#x})")
         self.check_offset(offset, F.HELD.size + 8 * count)
         held = list(self.mapping.view(offset + F.HELD.size, 8 * count).cast("Q"))
-        for target in held:
-            self.check_offset(target)
+        if check:
+            for target in held:
+                self.check_offset(target)
         return held
 
     def record_held(self):
@@ -416,7 +464,7 @@ class Heap:
         held = sorted(self.unreferenced)
         pf = self.pf
         old = pf.slots[F.SLOT_HELD]
-        if held == self.held_objects():
+        if held == self.held_objects(check=False):
             return
         new = 0
         if held:
@@ -476,7 +524,7 @@ class Heap:
         start = local + F.STRING.size
         end = start + _TYPE(segment.map, local + 12)[0]
         if end > segment.length:
-            raise CorruptStorageError(f"{self.name!r}: string {offset:#x} crosses the end of a segment")
+            raise CorruptStorageError(f"{self.name}: string {offset:#x} crosses the end of a segment")
         return segment.map[start:end]
 
     def string_equals(self, offset, data):
@@ -490,13 +538,168 @@ class Heap:
             return False
         start = local + F.STRING.size
         if start + length > segment.length:
-            raise CorruptStorageError(f"{self.name!r}: string {offset:#x} crosses the end of a segment")
+            raise CorruptStorageError(f"{self.name}: string {offset:#x} crosses the end of a segment")
         return segment.map[start:start + length] == data
 
     # -- buffer views handed out --------------------------------------------------------------------
-    def exported(self, view):
-        """Remember a view of the map handed to the program (released at close)."""
+    def exported(self, view, offset=0, owner=0):
+        """Remember a view of the map handed to the program (released at close), and that it shows
+        the object at ``offset`` (a List's array: then ``owner`` is the List's offset) for
+        :meth:`quarantine_candidates`."""
         self.exports[id(view)] = view
+        if offset:
+            places = self.export_places
+            entry = places.get(offset)
+            if entry is None or entry.owner != owner:
+                keep = view.obj._ps_keep  # (the proxy the export was made from, and a pin of the map)
+                entry = places[offset] = _Exported(owner or offset, owner, weakref.WeakSet(),
+                                                   weakref.ref(keep[0]), self.proxies)
+            entry.exporters.add(view.obj)  # (the exporter: it lives as long as any view made from it)
+            if len(places) > self._places_at:
+                for place in [place for place, entry in places.items() if not entry.showing()]:
+                    del places[place]
+                self._places_at = 2 * len(places) + 64
+
+    # -- quarantine: places a view still shows after their object was taken back ----------------------
+    #
+    # A view of the buffer protocol points into the map.  When a rollback (or
+    # the rollback of a savepoint) takes back the object it shows, its place
+    # would be free again, and the view would write into whatever object the
+    # allocator put there next.  So the place is *quarantined* instead: claimed
+    # again from the allocator as it was (``Allocator.claim``), with the bytes
+    # the view showed, as an object nothing references that a keeper in
+    # ``proxies`` holds.  The commits record it as held (a crash or a close
+    # frees it); the first commit after its last view is gone frees it.
+    # ``quarantine``: offset -> [capacity, its ``_Exported``, keeper (None until claimed), the
+    # bytes to claim it with (None once a commit has recorded it)].  A place no commit
+    # has recorded yet is claimed again after every rollback that takes the
+    # claim back.  A place that cannot be claimed (the restored state uses
+    # part of it: the transaction had freed what was there and made the
+    # object in its place) is *poisoned* instead (``poisoned``: offset -> its ``_Exported``):
+    # the view may write into a live object, so no commit is made until the
+    # view is gone and a rollback has put the memory back.
+
+    def quarantine_candidates(self, taken):
+        """(Before a rollback restores the pages) The places a view shows that the rollback may take
+        back: objects in ``taken`` (made since the point it returns to), every exported List array
+        (whether its List keeps it is known after) and the quarantined places (the rollback may take
+        the claim back too).  Returns ``[(offset, owner, capacity, bytes, exported)]``."""
+        found = []
+        quarantine = self.quarantine
+        for offset in [offset for offset, entry in quarantine.items() if not entry[1].showing()]:
+            del quarantine[offset]  # (its keeper goes: the next commit frees the place)
+        for offset in [offset for offset, exported in self.poisoned.items() if not exported.showing()]:
+            del self.poisoned[offset]  # (the rollback puts back what the view may have written)
+        for offset, entry in quarantine.items():
+            # (the bytes the view showed: after a rollback cut short the map may show others there)
+            data = entry[3] if entry[3] is not None else bytes(self.mapping.view(offset, entry[0]))
+            found.append((offset, -1, entry[0], data, entry[1]))
+        for offset, exported in list(self.export_places.items()):
+            if not exported.showing():
+                del self.export_places[offset]
+                continue
+            owner = exported.owner
+            if offset in quarantine:
+                continue
+            if offset not in self.poisoned and (owner or offset in taken):
+                capacity = self.allocator.capacity(offset)
+                data = bytes(self.mapping.view(offset, capacity))
+                found.append((offset, owner, capacity, data, exported))
+                if offset in taken or owner in taken:  # (surely gone: a rollback cut short after the
+                    quarantine[offset] = [capacity, exported, None, data]  # restore and retried knows it)
+        return found
+
+    def quarantine_places(self, candidates, taken):
+        """(After the rollback) Quarantine every candidate whose object is gone: its place is claimed
+        again with the bytes it had.  A List's array is gone unless the List is still there (not in
+        ``taken``) with that array.  A quarantined place that the restored state holds already
+        (recorded as held, or claimed before the savepoint) stays as it is.  The places that could
+        not be claimed (something the restored state uses overlaps them) are returned, as
+        candidates (for ``_pack.evacuate``, then :meth:`poison`)."""
+        lost = []
+        for offset, owner, capacity, data, views in candidates:
+            if owner < 0:
+                if offset in self.unreferenced:
+                    continue  # (the restored state has the quarantined place)
+                entry = self.quarantine.get(offset) or [None, None, None]
+                if entry[2] is not None:  # (its keeper shows what the restored state has there: it goes)
+                    if self.proxies.get(offset) is entry[2]:
+                        self.kill_proxy(offset, rolled_back=True)
+                    entry[2] = None
+            if owner > 0 and owner not in taken and self.type_at(owner) is not None and \
+                    F.COLLECTION.unpack_from(self.mapping.view(owner, F.COLLECTION.size))[3] == offset:
+                continue  # (the List keeps that array: the view still shows its cells)
+            if not self.allocator.claim(offset, capacity):
+                lost.append((offset, owner, capacity, data, views))
+                continue
+            self.quarantine_place(offset, capacity, data, views)
+        return lost
+
+    def poison(self, lost):
+        """Give up on places :meth:`quarantine_places` could not claim (see ``quarantine``)."""
+        for offset, _, _, _, exported in lost:
+            entry = self.quarantine.pop(offset, None)
+            if entry is not None and entry[2] is not None and self.proxies.get(offset) is entry[2]:
+                self.kill_proxy(offset, rolled_back=True)  # (its keeper: the place is another's now)
+            self.poisoned[offset] = exported
+
+    def quarantine_place(self, offset, capacity, data, views):
+        """Make the claimed place at ``offset`` a quarantined object holding ``data``."""
+        view = self.mapping.view(offset, capacity)
+        view[:] = data
+        _PUT(view, _REFS_AT, 0)  # referenced by nothing
+        self.views.pop(offset, None)
+        self.proxies.pop(offset, None)
+        type_id = _TYPE(view)[0]
+        if type_id in self.classes:
+            keeper = self.proxy(offset)
+        else:  # a List's array: a stand-in that only holds the place
+            keeper = self._keeper_class()()
+            self.proxies[offset] = keeper
+        self.quarantine[offset] = [capacity, views, keeper, data]
+        self.unreferenced.add(offset)
+
+    def _keeper_class(self):
+        cls = self.__dict__.get("_keeper")
+        if cls is None:
+            cls = self._keeper = type("QuarantinedPlace", (_Keeper,), {"__slots__": (), "_storage": self.storage})
+        return cls
+
+    def release_quarantine(self):
+        """(Before a commit) Let go of the quarantined places no view shows any more: the commit frees
+        them as it frees any object nothing references and nothing holds."""
+        quarantine = self.quarantine
+        for offset in [offset for offset, entry in quarantine.items() if not entry[1].showing()]:
+            del quarantine[offset]
+        if any(entry[3] is not None for entry in quarantine.values()):
+            for offset in quarantine.keys() & set(self.held_objects(check=False)):  # (committed: a rollback keeps
+                quarantine[offset][3] = None  # them, so their bytes need no copy any more)
+
+    def stale_views(self, gone):
+        """(Undo, the restored state in the map) The places a live view shows whose object the
+        restored state does not have there: objects in ``gone``, and List arrays their List no
+        longer has."""
+        stale = []
+        for offset, exported in list(self.export_places.items()):
+            owner = exported.owner
+            if not exported.showing():
+                continue
+            if offset in gone or owner in gone or (owner and (
+                    self.type_at(owner) is None or
+                    F.COLLECTION.unpack_from(self.mapping.view(owner, F.COLLECTION.size))[3] != offset)):
+                stale.append(offset)
+        return stale
+
+    def forget_exports(self):
+        """The map was made anew (an undo past a cut): every view shows the old one, no store."""
+        self.export_places.clear()
+        self.quarantine.clear()
+        self.poisoned.clear()
+
+    def poisoned_views(self):
+        """Whether a view may have written into a live object since the last rollback (see
+        ``quarantine``): then nothing may be committed."""
+        return bool(self.poisoned)
 
     # -- every object ---------------------------------------------------------------------------------
     def walk(self, progress=None):
@@ -534,13 +737,14 @@ READ_ERRORS = (IndexError, KeyError, ValueError, OverflowError, struct.error, Re
 
 @contextlib.contextmanager
 def damage_reported(name, what):
-    """Report what reading damaged bytes raises (READ_ERRORS) as a CorruptStorageError."""
+    """Report what reading damaged bytes raises (READ_ERRORS) as a CorruptStorageError (``name``: the
+    store as messages name it, ``Heap.name``)."""
     try:
         yield
     except READ_ERRORS as exc:
         if isinstance(exc, PermastructError):
             raise
-        raise CorruptStorageError(f"{name!r}: damage stopped {what}: {type(exc).__name__}: {exc}") from exc
+        raise CorruptStorageError(f"{name}: damage stopped {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _refuse_writes(storage):

@@ -16,7 +16,7 @@ from . import _format as F
 from ._mapping import FileIO
 from .errors import NotAStorageError
 
-__all__ = ["HistoryFile", "HistoryFiles", "Record"]
+__all__ = ["HistoryFile", "HistoryFiles", "Record", "bytes_before"]
 
 
 class Record:
@@ -37,6 +37,38 @@ class Record:
         self.where = where
         #: ``load(source)``: the image of one of ``images``
         self.load = load
+
+
+def bytes_before(chain, offset, size, current, unit):
+    """The ``size`` bytes at file offset ``offset`` as they were just before the first transaction
+    of ``chain`` (undo records, oldest first; empty: the state now), or None where they cannot be
+    read.
+
+    Each ``unit``-sized unit they cross comes from the oldest before-image of
+    it in the chain (what ``undo()`` would restore), else from
+    ``current(offset, size)``: the state after the last transaction, which
+    the chain did not change there (bytes, or None outside it).
+    """
+    images = {}
+    for record in reversed(chain):  # newest first: the oldest image of each unit is the last written
+        for at, source in record.images:
+            images[at] = (record, source)
+    parts = []
+    at, end = offset, offset + size
+    while at < end:
+        base = at // unit * unit
+        stop = min(end, base + unit)
+        found = images.get(base)
+        if found is not None:
+            record, source = found
+            part = bytes(record.load(source))[at - base:stop - base]
+        else:
+            part = current(at, stop - at)
+        if part is None or len(part) != stop - at:
+            return None
+        parts.append(bytes(part))
+        at = stop
+    return b"".join(parts)
 
 
 class HistoryFile:

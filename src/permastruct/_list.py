@@ -752,7 +752,7 @@ class PersistentList(Collection):
                 exports = cls._ps_exports[body] = weakref.WeakSet()
             exports.add(exporter)
         view = memoryview(exporter)
-        heap.exported(view)
+        heap.exported(view, body if count else 0, self._ps_oid)  # (a rollback taking it back quarantines it)
         return view
 
     def __release_buffer__(self, view):
@@ -805,7 +805,7 @@ abc.MutableSequence.register(PersistentList)
 def _fast_append(cls, heap):
     """``append`` of List class ``cls`` whose elements are references: a live proxy of the element
     type into an array with room is one change written out here (the change guard of
-    :func:`_types.change` inline, the cell, the count, the reference); anything else goes the
+    :func:`_types.change` inline, the reference, the cell, the count); anything else goes the
     general way (:meth:`PersistentList.append`), which checks, converts and grows."""
     element, general, ident, incref = cls._ps_cell.type, PersistentList.append, T._get_ident, heap.incref
     cut_short = T._CUT_SHORT

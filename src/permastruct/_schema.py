@@ -304,7 +304,7 @@ class Schema:
         heap.check_offset(offset, F.STRING.size)
         kind, _, _, length = heap.string_header(offset)
         if kind != F.T_SCHEMA:
-            raise CorruptStorageError(f"{name!r}: no schema at {offset:#x}")
+            raise CorruptStorageError(f"{name}: no schema at {offset:#x}")
         heap.check_offset(offset, F.STRING.size + length)
         try:
             schema = json.loads(bytes(heap.mapping.view(offset + F.STRING.size, length)))
@@ -334,7 +334,7 @@ class Schema:
                     versions.append((type_id, size, fields))
                 entry["versions"] = versions
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
-            raise CorruptStorageError(f"{name!r}: the stored schema is damaged "
+            raise CorruptStorageError(f"{name}: the stored schema is damaged "
                                       f"({type(exc).__name__}: {exc})") from None
         self._schema_at = offset
         self._stored_by_name = {entry["name"]: entry for entry in types}
@@ -352,7 +352,7 @@ class Schema:
             placeholder.type_id = type_id
             self._forwards.append(placeholder)
             return placeholder
-        raise CorruptStorageError(f"{self._storage._heap.name!r}: {where} refers to unknown type {type_id}")
+        raise CorruptStorageError(f"{self._storage._heap.name}: {where} refers to unknown type {type_id}")
 
     def _build(self, stored):
         """Build plain classes from the stored schema alone (bare ``Storage(path)``)."""
@@ -368,19 +368,19 @@ class Schema:
         """Build the classes of ``stored`` entries; ``listed=False``: not into the namespace (a reader's
         classes of newer versions of types it has).  Returns ``{id: class}``."""
         storage, classes = self._storage, self._classes
-        name = storage.fileName
+        name = storage._heap.name
         built = {}
         for entry in stored:
             if entry["id"] in classes or entry["id"] < F.FIRST_USER_TYPE \
                     or not entry["name"].isidentifier() or (listed and hasattr(self, entry["name"])):
-                raise CorruptStorageError(f"{name!r}: stored type {entry['name']!r} is inconsistent")
+                raise CorruptStorageError(f"{name}: stored type {entry['name']!r} is inconsistent")
             if entry["kind"] in C.KINDS:
                 params = [self._stored_field_type(type_id, f"{entry['name']} element", later)
                           for type_id in entry["params"]]
                 try:
                     cls = C.make_class(storage, entry["kind"], entry["name"], params)
                 except SchemaError as exc:
-                    raise CorruptStorageError(f"{name!r}: stored schema: {exc}") from None
+                    raise CorruptStorageError(f"{name}: stored schema: {exc}") from None
                 cls._ps_type_id = entry["id"]
                 classes[entry["id"]] = built[entry["id"]] = cls
                 self._user_types.append(cls)
@@ -388,16 +388,16 @@ class Schema:
                 continue
             base = Structure if entry["base"] == F.T_STRUCTURE else classes.get(entry["base"])
             if base is None or getattr(base, "_ps_kind", None) != "structure" or base.__dict__.get("_ps_old"):
-                raise CorruptStorageError(f"{name!r}: stored type {entry['name']!r} is inconsistent")
+                raise CorruptStorageError(f"{name}: stored type {entry['name']!r} is inconsistent")
             namespace = {"_ps_storage": storage, "__module__": "permastruct.schema", "_ps_unlisted": not listed}
             for field, type_id in entry["fields"]:
                 if not field.isidentifier():
-                    raise CorruptStorageError(f"{name!r}: stored field name {field!r} is invalid")
+                    raise CorruptStorageError(f"{name}: stored field name {field!r} is invalid")
                 namespace[field] = self._stored_field_type(type_id, f"{entry['name']}.{field}", later)
             try:
                 cls = StructureMeta(entry["name"], (base,), namespace)
             except SchemaError as exc:
-                raise CorruptStorageError(f"{name!r}: stored schema: {exc}") from None
+                raise CorruptStorageError(f"{name}: stored schema: {exc}") from None
             cls._ps_type_id = entry["id"]
             classes[entry["id"]] = built[entry["id"]] = cls
             if not listed:
@@ -407,7 +407,7 @@ class Schema:
     def _add_versions(self, stored, current):
         """The earlier versions of the structure types of ``stored``: their layouts, and the class of
         their objects (``current``: id -> the class of the current version)."""
-        name = self._storage.fileName
+        name = self._storage._heap.name
         todo = []
         for entry in stored:  # first every version's class (a layout may name any version's id)
             cls = current.get(entry["id"])
@@ -417,7 +417,7 @@ class Schema:
                 if type_id in self._layouts:
                     continue
                 if type_id in self._classes and self._classes[type_id]._ps_kind != "structure":
-                    raise CorruptStorageError(f"{name!r}: version {type_id} of {entry['name']} is another type")
+                    raise CorruptStorageError(f"{name}: version {type_id} of {entry['name']} is another type")
                 if type_id not in self._classes:  # (a reader keeps its own class of its version)
                     self._classes[type_id] = old_version_class(cls, self._layouts)
                 todo.append((entry["name"], type_id, size, fields))
@@ -444,13 +444,13 @@ class Schema:
         through.  Anything else that differs is a SchemaError.
         """
         storage = self._storage
-        name = storage.fileName
+        name = storage._heap.name
         stored_by_name = {entry["name"]: entry for entry in stored}
         by_id = {entry["id"]: entry for entry in stored}
         defined = {cls.__name__: cls for cls in self._user_types}
         missing = sorted(set(stored_by_name) - set(defined))
         if missing:
-            raise SchemaError(f"{name!r}: schema mismatch: stored types not defined: {', '.join(missing)}")
+            raise SchemaError(f"{name}: schema mismatch: stored types not defined: {', '.join(missing)}")
         names_by_id = {entry["id"]: entry["name"] for entry in stored}
         for entry in stored:
             names_by_id.update((type_id, entry["name"]) for type_id, _, _ in entry.get("versions", ()))
@@ -471,19 +471,19 @@ class Schema:
                 python_params = [type_label(t) for t in cls._ps_params] if cls._ps_kind in C.KINDS else None
                 stored_params = [names_by_id.get(type_id, f"type {type_id}") for type_id in entry.get("params", ())]
                 if cls._ps_kind != entry["kind"] or python_params != stored_params:
-                    raise SchemaError(f"{name!r}: {type_name} is {_kind_text(cls._ps_kind, python_params)} "
+                    raise SchemaError(f"{name}: {type_name} is {_kind_text(cls._ps_kind, python_params)} "
                                       f"in Python but {_kind_text(entry['kind'], stored_params)} in the file")
                 cls._ps_type_id = entry["id"]
                 continue
             base = cls._ps_base
             if names_by_id.get(entry["base"]) != base.__name__:
-                raise SchemaError(f"{name!r}: {type_name} derives from {base.__name__} in Python "
+                raise SchemaError(f"{name}: {type_name} derives from {base.__name__} in Python "
                                   f"but from {names_by_id.get(entry['base'])} in the file")
             python_fields = [(field, type_label(ftype)) for field, ftype in cls._ps_own_fields]
             stored_fields = [(field, names_by_id.get(type_id, f"type {type_id}"))
                              for field, type_id in entry["fields"]]
             if python_fields[:len(stored_fields)] != stored_fields:
-                raise SchemaError(f"{name!r}: {_difference(type_name, python_fields, stored_fields)}")
+                raise SchemaError(f"{name}: {_difference(type_name, python_fields, stored_fields)}")
             layout, size = _stored_layout(entry, by_id)
             versions = [list(version) for version in entry["versions"]]
             full = [(field, type_label(ftype)) for field, ftype in cls._ps_field_types.items()]
@@ -497,7 +497,7 @@ class Schema:
                              else f"{type_name}: its base grew")
             cls._ps_versions = versions
         if grown and storage.readonly:
-            raise SchemaError(f"{name!r} is open read-only, and its stored schema lacks what the classes "
+            raise SchemaError(f"{name} is open read-only, and its stored schema lacks what the classes "
                               f"define ({'; '.join(grown)}): open it writable once to add it")
         for cls in self._user_types:
             self._classes[cls._ps_type_id] = cls
@@ -681,7 +681,7 @@ def explicit_change(storage, call, type_name, field, change):
         entry = next((e for e in stored if e["name"] == type_name), None)
         if entry is None or entry["kind"] != "structure":
             known = ", ".join(e["name"] for e in stored if e["kind"] == "structure") or "none"
-            raise SchemaError(f"{call}: {storage.fileName!r} has no structure type {type_name!r} "
+            raise SchemaError(f"{call}: {storage._heap.name} has no structure type {type_name!r} "
                               f"(its structure types: {known})")
         own = [name for name, _ in entry["fields"]]
         if field not in own:

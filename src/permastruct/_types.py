@@ -63,7 +63,13 @@ class ValueType:
                     if isinstance(value, float) or not hasattr(type(value), "__index__"):
                         raise TypeError(f"{owner}.{field} is {name}: expected an int, "
                                         f"not {type(value).__name__}")
-                    value = index(value)
+                    try:
+                        value = index(value)
+                    except Exception as exc:  # (its own __index__ failed: say where)
+                        error = _converting(exc, f"{owner}.{field}", name, value, "int")
+                        if error is None:
+                            raise
+                        raise error from exc
                 if not low <= value <= high:
                     raise OverflowError(f"{owner}.{field} is {name}: {value} is outside "
                                         f"[{low}, {high}]")
@@ -77,12 +83,18 @@ class ValueType:
                             hasattr(type(value), "__float__") or hasattr(type(value), "__index__")):
                         raise TypeError(f"{owner}.{field} is {name}: expected a float, "
                                         f"not {type(value).__name__}")
-                    value = float(value)
+                    try:
+                        value = float(value)
+                    except Exception as exc:  # (an int past the doubles, its own __float__ failed)
+                        error = _converting(exc, f"{owner}.{field}", name, value, "float")
+                        if error is None:
+                            raise
+                        raise error from exc
                 if packer is not None:
                     try:
                         packer(value)
                     except (OverflowError, struct.error) as exc:
-                        raise OverflowError(f"{owner}.{field} is {name}: {value} does not fit") from exc
+                        raise OverflowError(f"{owner}.{field} is {name}: {_short(value)} does not fit") from exc
                 return value
         else:
             def check(value):
@@ -92,6 +104,21 @@ class ValueType:
                     return bool(value)
                 raise TypeError(f"{owner}.{field} is {name}: expected a bool, not {type(value).__name__}")
         return check
+
+
+def _short(value):
+    """``repr(value)``, cut to about 60 characters (an int of a thousand digits, say)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}...{text[-12:]} ({len(text)} characters)"
+
+
+def _converting(exc, where, type_name, value, to):
+    """An exception of the family of ``exc`` (raised converting ``value`` to an int or a float for
+    ``where``) that says where and what; None for another kind (raised as it is)."""
+    family = next((cls for cls in (OverflowError, TypeError, ValueError, ArithmeticError) if isinstance(exc, cls)), None)
+    if family is None:
+        return None
+    return family(f"{where} is {type_name}: {_short(value)} (of type {type(value).__name__}) has no {to} value ({exc})")
 
 
 def _int(name, type_id, ctype, bits, signed):

@@ -39,11 +39,16 @@ from .errors import CorruptStorageError
 __all__ = ["Buffer"]
 
 
-def buffer_source(obj):
-    """``memoryview(obj)``, or the seed's TypeError for objects without the buffer protocol."""
+def buffer_source(obj, where=None):
+    """``memoryview(obj)``, or the seed's TypeError for objects without the buffer protocol (naming
+    ``where`` the buffer was to go, ``"Item.blob"``, when given)."""
     try:
         return memoryview(obj)
     except TypeError:
+        if where is not None:
+            raise TypeError(f"{where} is Buffer: cannot store a value of type {type(obj).__name__}, which does "
+                            "not support the buffer protocol (a Buffer copies bytes, a bytearray, a memoryview, "
+                            "an array.array, a numpy array...)") from None
         raise TypeError(f"Objects of type '{type(obj).__name__}' does not support the buffer protocol.") from None
 
 
@@ -112,13 +117,13 @@ class Buffer(Persistent):
     def _ps_from_python(cls, heap, value, where):
         if isinstance(value, str):
             return super()._ps_from_python(heap, value, where)
-        return new_buffer(heap, value)
+        return new_buffer(heap, value, None if where == f"{cls.__name__}()" else where)  # (Buffer(): the seed's words)
 
     @classmethod
     def _ps_check_python(cls, value, where):
         if isinstance(value, str):
             super()._ps_check_python(value, where)
-        buffer_source(value).release()
+        buffer_source(value, where).release()
 
     @property
     def _ps_format_length(self):
@@ -168,13 +173,13 @@ class Buffer(Persistent):
                                                        self._ps_ndim, self._ps_format_length)
         shape_at = F.buffer_layout(fmtlen, ndim)[0]
         if data_offset < shape_at + 8 * ndim or ndim > F.MAX_NDIM:
-            raise CorruptStorageError(f"{heap.name!r}: the Buffer at {offset:#x} has its data at "
+            raise CorruptStorageError(f"{heap.name}: the Buffer at {offset:#x} has its data at "
                                       f"{data_offset}, inside its metadata, or {ndim} dimensions")
         heap.check_offset(offset, data_offset + nbytes)
         try:
             pin = heap.mapping.view(offset, data_offset + nbytes)  # holds the segment's map
         except IndexError as exc:
-            raise CorruptStorageError(f"{heap.name!r}: the Buffer at {offset:#x} ({data_offset + nbytes} "
+            raise CorruptStorageError(f"{heap.name}: the Buffer at {offset:#x} ({data_offset + nbytes} "
                                       "bytes) crosses the end of a mapped segment") from exc
         fmt = pin[F.BUFFER.size:F.BUFFER.size + fmtlen].tobytes()
         shape = struct.unpack_from(f"<{ndim}Q", pin, shape_at)
@@ -183,7 +188,7 @@ class Buffer(Persistent):
                                   keep=(self, pin))
         except ValueError as exc:
             pin.release()
-            raise CorruptStorageError(f"{heap.name!r}: the Buffer at {offset:#x} is inconsistent: "
+            raise CorruptStorageError(f"{heap.name}: the Buffer at {offset:#x} is inconsistent: "
                                       f"{exc}") from None
 
     def __buffer__(self, flags=0):
@@ -194,7 +199,7 @@ class Buffer(Persistent):
         storage gets a BufferError).
         """
         view = memoryview(self._ps_exporter())
-        type(self)._heap.exported(view)
+        type(self)._heap.exported(view, self._ps_oid)  # (a rollback of its making quarantines its place)
         return view
 
     def __release_buffer__(self, view):
@@ -202,14 +207,15 @@ class Buffer(Persistent):
             view.release()
 
 
-def new_buffer(heap, obj):
+def new_buffer(heap, obj, where=None):
     """The offset of a new Buffer object holding a copy of ``obj`` (anything with the buffer protocol),
-    with its format, itemsize and shape; unreferenced until stored."""
-    source = buffer_source(obj)
+    with its format, itemsize and shape; unreferenced until stored.  ``where`` (``"Item.blob"``) is
+    named in the errors."""
+    source = buffer_source(obj, where)
     fmt = source.format.encode("ascii", "replace")
     if len(fmt) > F.MAX_FORMAT or source.ndim > F.MAX_NDIM:
-        raise ValueError(f"a buffer's format is at most {F.MAX_FORMAT} characters and its ndim at most "
-                         f"{F.MAX_NDIM}, not {len(fmt)} and {source.ndim}")
+        raise ValueError(f"{where or 'Buffer()'} is Buffer: a buffer's format is at most {F.MAX_FORMAT} "
+                         f"characters and its ndim at most {F.MAX_NDIM}, not {len(fmt)} and {source.ndim}")
     shape_at, data_offset = F.buffer_layout(len(fmt), source.ndim)
     nbytes = source.nbytes
     heap.check_writable()

@@ -337,7 +337,7 @@ class PageFile(Engine):
         if pid != F.NO_NEXT_FREE_PAGE:
             following = self._link(pid)
             if not (following == F.NO_NEXT_FREE_PAGE or 0 <= following < self.page_count):
-                raise CorruptStorageError(f"{self.path!r}: free page {pid} links to {following}, "
+                raise CorruptStorageError(f"{self._label}: free page {pid} links to {following}, "
                                           "which is not a page")
             self.free_head = following
         else:
@@ -386,7 +386,7 @@ class PageFile(Engine):
         pid = self.free_head
         while pid != F.NO_NEXT_FREE_PAGE:
             if not 0 <= pid < self.page_count or pid in seen:
-                raise CorruptStorageError(f"{self.path!r}: the free-page list is broken at page {pid}")
+                raise CorruptStorageError(f"{self._label}: the free-page list is broken at page {pid}")
             seen.add(pid)
             pids.append(pid)
             pid = self._link(pid)

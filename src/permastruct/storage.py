@@ -29,6 +29,8 @@ from . import _types as T
 from ._alloc import Allocator
 from ._commit import check_history, check_page_size, check_timeout
 from ._heap import Heap
+from ._history import bytes_before
+from ._mapping import OS_PAGE
 from ._schema import Schema
 from .errors import (CorruptStorageError, ForkedProcessError, IncompleteChangeError, NotAStorageError,
                      PermastructError, ReadOnlyError, SchemaError, StorageClosedError, UndoError)
@@ -113,6 +115,7 @@ class Storage:
             created = True
         self._root = None
         self._heap = Heap(self, self._page_file, None)
+        self._page_file._label = self._heap.name  # (an in-memory store: its class names it in messages)
         self.schema = Schema(self)
         try:
             self._closed = False
@@ -158,7 +161,7 @@ class Storage:
         pf, heap = self._page_file, self._heap
         state = pf.slots[F.SLOT_ALLOC]
         if not 0 <= state < pf.page_count:
-            raise CorruptStorageError(f"{self.fileName!r}: the allocator page {state} does not exist")
+            raise CorruptStorageError(f"{heap.name}: the allocator page {state} does not exist")
         heap.allocator = Allocator(pf, state)
         self.schema._bind_predefined()
         stored = self.schema._read()
@@ -268,15 +271,39 @@ class Storage:
 
         Either it returns and the commit is made, or it raises (a full disk,
         an interrupt at any moment) and nothing of it is: the store is at its
-        last commit, with the changes still pending (``rollback()`` or commit
-        again).  ``description``, ``user`` (strings) and ``extension`` (a dict
+        last commit, with the changes still pending (``rollback()``, or commit
+        again; after an interrupt that cut short its freeing of unreferenced
+        objects, the next commit refuses with ``IncompleteChangeError``: then
+        ``rollback()``).  ``description``, ``user`` (strings) and ``extension`` (a dict
         of str to str, int, float or bool) are the transaction's metadata,
         kept in its commit frame in the log (an in-memory store or an overlay
         keeps none); a wrong type is a TypeError, a value that cannot be
         stored a ValueError, both before anything changes.  A commit with
         nothing to commit makes no transaction (``last_transaction`` stays).
         """
-        self._commit(F.pack_txn_meta(description, user, extension))
+        meta = F.pack_txn_meta(description, user, extension)
+        txn = self._page_file.txn
+        try:
+            return self._commit(meta)  # (made in the try: only the return itself is after it)
+        except BaseException:
+            if self._made_since(txn):
+                return
+            raise
+
+    def _made_since(self, txn):
+        """Whether a commit was made after the engine's transaction ``txn`` and acknowledged.
+
+        An exception that reaches a commit's caller after that point (an
+        interrupt arriving as the commit returns, at one of the last
+        bytecodes of ``_commit()`` or of the call in ``commit()`` or a
+        ``with`` block's exit) is dropped there: the commit was made, so the
+        call returns.  Before it, the commit is taken back and the exception
+        goes on (see :meth:`_commit`).  What follows is the outermost frame's
+        ``RETURN_VALUE`` alone, where CPython delivers no signal (it checks for
+        them at calls, function entries and backward jumps).
+        """
+        pf = self._page_file
+        return pf.txn != txn and pf._unacknowledged is None and pf._undoing is None
 
     def _commit(self, meta=b"", durable=True):
         """:meth:`commit`; ``durable=False`` skips its fsyncs (the open's commit of a grown schema:
@@ -285,16 +312,27 @@ class Storage:
         self._check_writable()
         self._check_whole()
         heap = self._heap
+        if heap.poisoned:
+            self._refuse_poisoned("commit")
+        if heap.quarantine:
+            heap.release_quarantine()  # (a place no view shows any more is freed by this commit)
         heap._changing = T._get_ident()  # a commit is one change: no other thread's meanwhile
         heap.collect_unreferenced()  # (cut short, this leaves _changing set: a rollback is due)
         heap.record_held()
         pf = self._page_file
+        txn, pending = pf.txn, None
         try:
             pf.commit(acknowledge=False, freed=heap.freed, meta=meta, durable=durable)
             # The commit returns here: the heap's own bookkeeping and the engine's
-            # confirmation in one step (no call in between, so no interrupt either).
+            # confirmation in one step (no call in between, so no signal either).
+            pending = heap.created, heap.created_many, heap.freed
             heap.created, heap.created_many, heap.freed, heap._changing, pf._unacknowledged = set(), [], [], 0, None
         except BaseException:
+            if self._made_since(txn):  # confirmed (the last store above): made; the caller decides
+                heap.created, heap.created_many, heap.freed, heap._changing = set(), [], [], 0
+                raise
+            if pending is not None:  # (an exception among the stores above: as before them)
+                heap.created, heap.created_many, heap.freed = pending
             heap._changing = 0
             pf.settle()  # not confirmed: taken back; the changes are pending as before
             raise
@@ -342,6 +380,23 @@ class Storage:
                            "description": description or "", "extension": extension, "size": record.size})
         return result
 
+    def _schema_before(self, chain):
+        """The stored schema's bytes (its reference count left out) just before the first transaction
+        of ``chain`` (undo records to the last commit; empty: the last commit); None if unreadable."""
+        pf = self._page_file
+
+        def current(offset, size):
+            try:
+                return bytes(pf.mapping.view(offset, size))
+            except (IndexError, ValueError):
+                return None
+        offset = (chain[0].root if chain else pf._committed)[2][F.SLOT_SCHEMA]
+        head = bytes_before(chain, offset, F.STRING.size, current, OS_PAGE)
+        if head is None or F.STRING.unpack(head)[0] != F.T_SCHEMA:
+            return None
+        data = bytes_before(chain, offset + F.STRING.size, F.STRING.unpack(head)[3], current, OS_PAGE)
+        return None if data is None else head[:4] + head[8:] + data
+
     def _forward_body(self, offset):
         return F.FORWARD.unpack_from(self._heap.mapping.view(offset, F.FORWARD.size))[2]
 
@@ -355,13 +410,16 @@ class Storage:
         Returns the ids undone, oldest first.  ``UndoError`` (nothing changed)
         when ``id`` is unknown or no longer kept, without ``history=``, while
         changes are pending, or when a transaction in between changed the
-        stored schema.  Proxies of objects that do not exist in the restored
+        stored schema (its bytes: a pack that only moved it does not count).  Proxies of objects that do not exist in the restored
         state die, as after a rollback (every proxy dies when the restored
         state is larger than what this open first mapped of the file and
         older than it: the file was cut at a close since, and is mapped anew;
         views of buffers taken before then no longer show the store).  They
         die before the undo's commit, so an interrupt cannot leave them alive
         after it; an undo that fails leaves them dead (using one raises).
+        While a memoryview or a numpy array shows an object that the undo
+        takes back (or a List array its List does not keep), ``UndoError``
+        (nothing changed): release it first, as for ``bytearray``'s resize.
         ``description``, ``user`` and
         ``extension`` are the new transaction's metadata (the description
         defaults to ``"undo <id>"``).  Costs two walks over every object and
@@ -371,14 +429,21 @@ class Storage:
         meta = F.pack_txn_meta(f"undo {id}" if description is None else description, user, extension)
         self._check_whole()
         pf, heap = self._page_file, self._heap
+        if heap.poisoned:
+            self._refuse_poisoned(f"undo({id})")
         pf.settle()
         if heap.created or heap.created_many or heap.freed or pf.uncommitted() or (
                 (pf.page_count, pf.free_head, pf.slots) != tuple(pf._committed)):
             raise UndoError(f"{self!r} has uncommitted changes: commit() or rollback() them before undo({id})")
         chain = pf._history_chain(id)
         roots = [record.root for record in chain] + [pf._committed]
-        for record, before, after in zip(chain, roots, roots[1:]):
-            if before[2][F.SLOT_SCHEMA] != after[2][F.SLOT_SCHEMA]:
+        if any(before[2][F.SLOT_SCHEMA] != after[2][F.SLOT_SCHEMA] for before, after in zip(roots, roots[1:])):
+            # (a pack moves the schema without changing it: only its bytes count)
+            first = self._schema_before(chain)
+            if first is None or first != self._schema_before([]):
+                schemas = [self._schema_before(chain[index:]) for index in range(len(chain) + 1)]
+                record = next((record for record, before, after in zip(chain, schemas, schemas[1:])
+                               if before is None or before != after), chain[0])
                 raise UndoError(f"{self!r}: transaction {record.txn} changed the stored schema (an open that "
                                 f"added types or fields, or a schema change), so undo({id}) would leave the "
                                 "classes out of step with the store; undo only later transactions")
@@ -389,6 +454,7 @@ class Storage:
             bodies = {offset: self._forward_body(offset) for offset in list(heap.proxies)
                       if live.get(offset) == F.T_FORWARD}
             undone = pf._restore_history(id)
+            self.schema._schema_at = pf.slots[F.SLOT_SCHEMA]  # (the same schema, perhaps elsewhere)
             heap.allocator.release()
             heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
             kept = {offset: type_id for offset, _, type_id in heap.walk()}
@@ -398,6 +464,10 @@ class Storage:
             freed = sorted(offset for offset, type_id in live.items() if kept.get(offset) != type_id or offset in reused)
             moved = [offset for offset, body in bodies.items()
                      if kept.get(offset) == F.T_FORWARD and self._forward_body(offset) != body]
+            if pf._remapped:
+                heap.forget_exports()  # (every view shows the old map: it reaches no store)
+            elif heap.export_places:
+                self._refuse_stale_views(id, freed)
             # The restored state is in the map: its proxies and caches are put right before the commit,
             # so that nothing can come between the commit and them (a commit that fails leaves these
             # proxies dead: their objects are back, but a dead proxy only ever raises).
@@ -415,9 +485,47 @@ class Storage:
             self.rollback()
             heap.allocator.release()
             heap.allocator = Allocator(pf, pf.slots[F.SLOT_ALLOC])
+            self.schema._schema_at = pf.slots[F.SLOT_SCHEMA]
             raise
         heap._changing = 0
         return undone
+
+    def _refuse_stale_views(self, id, gone):
+        """(Undo, the restored state in the map) Refuse while a view of the buffer protocol shows an
+        object the restored state does not have there: the view would write into free space or
+        into another object."""
+        stale = self._heap.stale_views(set(gone))
+        if stale:
+            raise UndoError(f"{self!r}: a memoryview (or an array made from one) still shows the object at "
+                            f"{stale[0]:#x}, which undo({id}) takes back; release it (view.release(), or drop "
+                            "the array, and the proxy it was made from: numpy.frombuffer keeps only that) "
+                            "and undo again")
+
+    def _refuse_poisoned(self, what):
+        heap = self._heap
+        raise IncompleteChangeError(
+            f"{self!r}: {what} refused: a memoryview (or an array made from one) of an object a rollback "
+            f"took back still points at {next(iter(heap.poisoned)):#x}, where the restored state has "
+            "another object, so it may have written into it; release the view, then call rollback(): "
+            "the store is at its last commit")
+
+    def _quarantine(self, candidates, taken):
+        """(The end of a rollback) Keep the places that views still show out of the allocator's reach
+        (``Heap.quarantine_candidates``); what the restored state has there is moved away first
+        (``_pack.evacuate``); only what cannot move poisons the store (no commits until a rollback
+        after the views are gone)."""
+        from ._pack import evacuate
+        heap = self._heap
+        lost = heap.quarantine_places(candidates, taken)
+        if lost:
+            try:
+                moved = evacuate(self, [(offset, capacity) for offset, _, capacity, _, _ in lost])
+            except Exception:  # (no room, say: poisoned, so nothing of this half move is ever committed)
+                moved = False
+            if moved:
+                lost = heap.quarantine_places(lost, taken)  # (what was there has moved)
+        if lost:
+            heap.poison(lost)
 
     def _check_whole(self):
         """Refuse to commit while a change is running in another thread or was cut short here."""
@@ -435,19 +543,38 @@ class Storage:
 
         It also ends every open ``with p.transaction()`` block: a block that
         is still open after an interrupt in its exit nests no later one.
+
+        A memoryview (or numpy array) of an object it takes back keeps
+        working on a *quarantined* place: claimed again as an object nothing
+        references, so that no other object is put there; the first commit
+        after the view (and the proxy it was made from) is gone frees it.
+        When the restored state uses that place (the transaction had freed
+        what was there and made the viewed object in its place), what is
+        there is moved elsewhere first (a walk over every object); if it
+        cannot move, commits are refused (``IncompleteChangeError``) until
+        the view is gone and another rollback has put back what it wrote.
+        It never refuses itself.  See
+        docs/modes.rst, "Views of objects a rollback or an undo takes back".
         """
         self._check_writable()
         self._block = None
         heap = self._heap
         if heap._changing and heap._changing != T._get_ident():
             T.begin_change(heap)  # raises ConcurrentUseError
-        heap.kill_created(heap.created_objects())  # first: a rollback cut short kills the rest on retry
+        created = heap.created_objects()
+        heap.kill_created(created)  # first: a rollback cut short kills the rest on retry
+        candidates = None
+        if heap.export_places or heap.poisoned:  # (views of the buffer protocol: see Heap.quarantine;
+            candidates = heap.quarantine_candidates(created)  # before ``created`` goes, for a retry)
         heap.created = set()
         self._page_file.discard()
         heap.forget_views()
         heap.freed = []
         heap.unreferenced = set(heap.held_objects())  # the committed state's: freed at the next commit
         self._root = None
+        if candidates:
+            heap._changing = T._get_ident()  # (one change: cut short, the next rollback does it again)
+            self._quarantine(candidates, created)
         heap._changing = 0
 
     def refresh(self) -> bool:
@@ -476,7 +603,8 @@ class Storage:
         """``with p.transaction():`` commits on success and rolls back on an exception.
 
         Nested blocks are savepoints: a failing inner block undoes only what it
-        did (and its objects' proxies die), a succeeding one keeps its changes
+        did (and its objects' proxies die; views of them are quarantined as by
+        :meth:`rollback`), a succeeding one keeps its changes
         for the outer block; only the outermost block commits.  Entering a
         nested block copies the pages the transaction has changed so far.
         ``description``, ``user`` and ``extension`` are the metadata of the
@@ -526,12 +654,19 @@ class Storage:
         before = set(created)
         for offsets in created_many:
             before.update(offsets)
-        heap.kill_created(heap.created_objects() - before)  # objects made since die first (as in rollback)
+        taken = heap.created_objects() - before
+        heap.kill_created(taken)  # objects made since die first (as in rollback)
+        candidates = None
+        if heap.export_places or heap.poisoned:  # (views of the buffer protocol: see Heap.quarantine;
+            candidates = heap.quarantine_candidates(taken)  # before ``created`` goes, for a retry)
         heap.created = before
         self._page_file.rollback_to(engine_point)
         heap.forget_views()
         self._root = None
-        heap.unreferenced, heap.freed, heap._changing = set(unreferenced), list(freed), 0
+        heap.unreferenced, heap.freed = set(unreferenced), list(freed)
+        if candidates:
+            self._quarantine(candidates, taken)
+        heap._changing = 0
 
     def close(self) -> None:
         """Commit what is pending and release the file; calling it again does nothing."""
@@ -541,6 +676,8 @@ class Storage:
         if heap._changing and heap._changing != T._get_ident():
             T.begin_change(heap)  # another thread is in the middle of a change: ConcurrentUseError
         incomplete = bool(heap._changing)
+        poisoned = heap.poisoned_views() and not incomplete and not self.readonly
+        incomplete = incomplete or poisoned
         heap.closing = True
         _OPEN.discard(self)
         self._finalizer.detach()
@@ -570,6 +707,10 @@ class Storage:
             if heap.allocator is not None:
                 heap.allocator.release()
             self._page_file.close(flush=False)  # (after an exception: what was not committed is not)
+        if poisoned:
+            raise IncompleteChangeError(
+                f"{self!r} was closed without committing: a memoryview of an object a rollback took back "
+                "pointed into another object, which it may have changed; the store is at its last commit")
         if incomplete:
             raise IncompleteChangeError(
                 f"{self!r} was closed without committing: a change had been interrupted before it "
@@ -628,7 +769,9 @@ class Storage:
         checkpoint gives the file's free end back.  Returns a dict with
         ``objects_freed``, ``bytes_freed``, ``pages_released``, ``pages`` and ``objects_moved``.
         Reads every page and follows every reference: it costs about what
-        :meth:`check` costs.  See ``docs/maintenance.rst``.
+        :meth:`check` costs, and it first verifies the objects as :meth:`check`
+        does: on a damaged store, ``CorruptStorageError`` and nothing changed.
+        See ``docs/maintenance.rst``.
         """
         self._check_writable()
         from ._pack import pack
@@ -731,7 +874,13 @@ class _Block:
         if self.outer is None:
             if kind is None:
                 description, user, extension = self.meta
-                storage.commit(description, user=user, extension=extension)
+                txn = storage._page_file.txn
+                try:  # (the commit and the False returned made in the try: only the return is after it)
+                    return bool(storage.commit(description, user=user, extension=extension))
+                except BaseException:
+                    if storage._made_since(txn):
+                        return False
+                    raise
             else:
                 storage.rollback()
         elif kind is not None and storage._block is self.outer and self.outer.open:

@@ -31,10 +31,43 @@ from . import _format as F
 from ._types import MemoryExporter, Persistent, run_change
 from .errors import CorruptStorageError
 
-__all__ = ["ByteString", "String", "StringRegistry"]
+__all__ = ["ByteString", "String", "StringRegistry", "storable", "TextEncodeError"]
 
 _PACK_STRING = F.STRING.pack_into
 _STRING_SEED, _BYTES_SEED = F.STRING_SEED, F.BYTES_SEED
+
+#: The most bytes a String or ByteString holds (the length in its header is 32 bits).
+MAX_BYTES = (1 << 32) - 1
+
+
+class TextEncodeError(UnicodeEncodeError):
+    """A ``str`` a String cannot hold (a lone surrogate has no UTF-8 form): a UnicodeEncodeError
+    whose message says where the text was to go (``reason`` holds all of it)."""
+
+    def __str__(self):
+        return self.reason
+
+
+def storable(type_id, value, where):
+    """The bytes a new string object of ``type_id`` stores for ``value`` (a ``str`` for a String, a
+    bytes-like object for a ByteString), or the error that says why it cannot, naming ``where``
+    (``"Item.name"``, ``"Names element"``, ``"String()"``): ``TextEncodeError`` (a
+    UnicodeEncodeError) for a lone surrogate, OverflowError past :data:`MAX_BYTES`."""
+    if type_id == F.T_STRING:
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TextEncodeError(
+                exc.encoding, exc.object, exc.start, exc.end,
+                f"{where} is String: cannot store the character {exc.object[exc.start]!r} at position "
+                f"{exc.start} ({exc.reason}): a String holds UTF-8 text, which has no lone surrogates "
+                "(store such text encoded, as bytes in a ByteString)") from None
+    else:
+        data = value if type(value) is bytes else bytes(value)
+    if len(data) > MAX_BYTES:
+        raise OverflowError(f"{where} is {'String' if type_id == F.T_STRING else 'ByteString'}: a persistent "
+                            f"string holds at most {MAX_BYTES} bytes (4 GiB), not {len(data)}")
+    return data
 
 
 class _PersistentString(Persistent):
@@ -52,7 +85,7 @@ class _PersistentString(Persistent):
     @classmethod
     def _ps_from_python(cls, heap, value, where):
         if isinstance(value, cls._ps_python_type):
-            return new_string(heap, cls._ps_type_id, cls._ps_encode(value))
+            return new_string(heap, cls._ps_type_id, storable(cls._ps_type_id, value, where))
         return super()._ps_from_python(heap, value, where)
 
     @classmethod
@@ -240,7 +273,7 @@ class _ByteStringBase(_PersistentString):
         exporter = MemoryExporter(ctypes.addressof(self) + F.STRING.size, length, 1, "B", (length,),
                                   readonly=True, keep=(self, pin))
         view = memoryview(exporter)
-        heap.exported(view)
+        heap.exported(view, self._ps_oid)  # (a rollback of its making quarantines its place)
         return view
 
     def __release_buffer__(self, view):
@@ -262,7 +295,7 @@ class _StringBase(_PersistentString):
         try:
             return self._ps_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise CorruptStorageError(f"{type(self)._heap.name!r}: the String at {self._ps_offset:#x} is not "
+            raise CorruptStorageError(f"{type(self)._heap.name}: the String at {self._ps_offset:#x} is not "
                                       f"UTF-8 ({exc.reason} at byte {exc.start})") from None
 
     def __str__(self):
@@ -392,9 +425,9 @@ class StringRegistry:
     @staticmethod
     def _key(value):
         if isinstance(value, str):
-            return F.T_STRING, value.encode("utf-8")
+            return F.T_STRING, storable(F.T_STRING, value, "a stringRegistry entry")
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return F.T_BYTESTRING, bytes(value)
+            return F.T_BYTESTRING, storable(F.T_BYTESTRING, value, "a stringRegistry entry")
         if isinstance(value, _PersistentString):
             return type(value)._ps_type_id, value._ps_bytes()
         raise TypeError(f"the string registry holds bytes and str, not {type(value).__name__}")
@@ -442,7 +475,7 @@ class StringRegistry:
     def __contains__(self, value):
         try:
             type_id, data = self._key(value)
-        except TypeError:
+        except (TypeError, UnicodeEncodeError, OverflowError):  # (none can be in it)
             return False
         return bool(self._find(type_id, data)[1])
 
@@ -514,7 +547,7 @@ def new_strings(heap, type_id, datas, references=0):
     made = []
     try:
         for length, positions in groups.items():
-            if length >= 1 << 32:
+            if length > MAX_BYTES:
                 raise OverflowError(f"a persistent string holds at most 4 GiB, not {length} bytes")
             group = datas if positions is None else [datas[i] for i in positions]
             if 16 + length > heap.allocator.max_small or length > 128:  # one at a time: the bytes dominate

@@ -40,7 +40,7 @@ from operator import itemgetter
 from . import _format as F
 from ._types import _CUT_SHORT, Persistent, PersistentMeta, ValueType, _concurrent, _get_ident, change, run_change
 from .errors import CorruptStorageError, ReadOnlyError, SchemaError
-from .strings import new_string, new_strings
+from .strings import MAX_BYTES, TextEncodeError, new_string, new_strings, storable
 
 __all__ = ["Structure", "StructureMeta"]
 
@@ -435,7 +435,13 @@ def _ref_setter(cls, name, ftype, heap):
 
     def set_reference(proxy, value):
         if type(value) is exact:
-            new = new_string(heap, type_id, value if exact is bytes else value.encode("utf-8"), 1)
+            try:
+                data = value if exact is bytes else value.encode("utf-8")
+            except UnicodeEncodeError:
+                data = None
+            if data is None or len(data) > MAX_BYTES:  # a lone surrogate, over 4 GiB: the error that says where
+                storable(type_id, value, where)
+            new = new_string(heap, type_id, data, 1)
         else:
             new = reference_to(ftype, value, where)
             if new:
@@ -542,17 +548,23 @@ def _make_constructor(cls):
         else:
             checks.append(f"if {name} is not None and _ps_type({name}) is not _ps_{exact.__name__}:\n"
                           f"    _ps_heap.reference_check_value(_ps_type_{name}, {name}, {where!r})")
-            data = name if exact is bytes else f"{name}.encode('utf-8')"
+            type_id = ftype._ps_type_id
+            # the bytes to store: a lone surrogate or a string over MAX_BYTES raises the error that
+            # names the field (storable())
+            env.update(_ps_len=len, _ps_MAX=MAX_BYTES, _ps_storable=storable,
+                       _ps_UnicodeEncodeError=UnicodeEncodeError)
+            encode = (f"    _ps_data = {name}\n" if exact is bytes else
+                      f"    try:\n        _ps_data = {name}.encode('utf-8')\n"
+                      f"    except _ps_UnicodeEncodeError:\n        _ps_data = None\n")
+            refuse = (f"    _ps_n = -1 if _ps_data is None else _ps_len(_ps_data)\n"
+                      f"    if _ps_n < 0 or _ps_n > _ps_MAX:\n"
+                      f"        _ps_storable({type_id}, {name}, {where!r})\n")
             if name == paired:
-                type_id = ftype._ps_type_id
                 seed = F.STRING_SEED if type_id == F.T_STRING else F.BYTES_SEED
-                env.update(_ps_pack_string=F.STRING.pack_into,
-                           _ps_crc32=zlib.crc32, _ps_len=len)
+                env.update(_ps_pack_string=F.STRING.pack_into, _ps_crc32=zlib.crc32)
                 makes.append(f"if {name} is None:\n    {name} = 0\n"
-                             f"elif _ps_type({name}) is _ps_{exact.__name__}:\n"
-                             f"    _ps_data = {data}\n"
-                             f"    _ps_n = _ps_len(_ps_data)\n"
-                             f"    if _ps_n <= 1024:\n"
+                             f"elif _ps_type({name}) is _ps_{exact.__name__}:\n" + encode + refuse +
+                             f"    if _ps_n <= {min(1024, MAX_BYTES)}:\n"
                              f"        _ps_string, _ps_sview, _ps_slocal, _ps_offset, _ps_view, _ps_local, _ps_base = "
                              f"_ps_heap.allocator.place_pair({F.STRING.size} + _ps_n, {packer.size})\n"
                              f"        _ps_pack_string(_ps_sview, _ps_slocal, {type_id}, 1, _ps_crc32(_ps_data, {seed}), _ps_n)\n"
@@ -565,8 +577,8 @@ def _make_constructor(cls):
                 undo.append(name)
                 continue
             makes.append(f"if {name} is None:\n    {name} = 0\n"
-                         f"elif _ps_type({name}) is _ps_{exact.__name__}:\n"
-                         f"    {name} = _ps_new_string(_ps_heap, {ftype._ps_type_id}, {data}, 1)\n"
+                         f"elif _ps_type({name}) is _ps_{exact.__name__}:\n" + encode + refuse +
+                         f"    {name} = _ps_new_string(_ps_heap, {type_id}, _ps_data, 1)\n"
                          f"else:\n{by_reference}")
         undo.append(name)
     place = f"_ps_offset, _ps_view, _ps_local, _ps_base = _ps_heap.allocator.place({packer.size})"
@@ -667,7 +679,7 @@ def _general_constructor(cls, order, packer):
                 exact = _exact_string(fields[position])
                 if type(value) is exact:
                     offset = new_string(heap, fields[position]._ps_type_id,
-                                        value if exact is bytes else value.encode("utf-8"), 1)
+                                        storable(fields[position]._ps_type_id, value, wheres[position]), 1)
                 else:
                     offset = heap.reference_to(fields[position], value, wheres[position])
                     heap.incref(offset)
@@ -808,8 +820,15 @@ def make_records(cls, columns, count, references):
         exact = _exact_string(ftype)
         kinds = set(map(type, values))
         if exact is not None and kinds <= {exact, type(None)}:
-            strings.append((at, ftype._ps_type_id, values if exact is bytes else
-                            [None if value is None else value.encode("utf-8") for value in values]))
+            try:
+                datas = values if exact is bytes else [None if value is None else value.encode("utf-8")
+                                                        for value in values]
+            except UnicodeEncodeError:  # (a lone surrogate: the error that names the field and the row)
+                for position, value in enumerate(values):
+                    if value is not None:
+                        storable(ftype._ps_type_id, value, f"row {position}: {where}")
+                raise
+            strings.append((at, ftype._ps_type_id, datas, where))
             continue
         for position, value in enumerate(values):
             try:
@@ -819,8 +838,12 @@ def make_records(cls, columns, count, references):
         others.append((at, ftype, values, where))
     made = []  # arrays of the offsets of objects made for reference fields (each holds one reference)
     try:
-        for at, type_id, datas in strings:
-            made.append(new_strings(heap, type_id, datas, 1))
+        for at, type_id, datas, where in strings:
+            try:
+                made.append(new_strings(heap, type_id, datas, 1))
+            except OverflowError as exc:  # (one over 4 GiB: none of them was made)
+                raise OverflowError(f"{where} is {'String' if type_id == F.T_STRING else 'ByteString'}: "
+                                    f"{exc}") from None
             layout.append((at, "Q", memoryview(made[-1])))
         for at, ftype, values, where in others:
             targets = array("Q", bytes(8 * count))
@@ -829,7 +852,7 @@ def make_records(cls, columns, count, references):
                 try:
                     target = heap.reference_to(ftype, value, where)
                 except (TypeError, ValueError, OverflowError) as exc:  # found only while making it
-                    raise type(exc)(f"row {position}: {exc}") from None
+                    raise _in_row(exc, position) from None
                 if target:
                     heap.incref(target)
                     targets[position] = target
@@ -847,6 +870,13 @@ def make_records(cls, columns, count, references):
     if not references:
         heap.unreferenced.update(offsets)
     return offsets
+
+
+def _in_row(exc, position):
+    """An exception of the class of ``exc`` whose message starts with the row it is about."""
+    if isinstance(exc, UnicodeEncodeError):  # (its class takes five arguments)
+        return TextEncodeError(exc.encoding, exc.object, exc.start, exc.end, f"row {position}: {exc}")
+    return type(exc)(f"row {position}: {exc}")
 
 
 def _make_setattr(cls, readonly):
@@ -1010,7 +1040,7 @@ def old_version_class(cls, layouts):
                 return getattr(body_of(self, address), name)
             layout = layouts.get(type_id)
             if layout is None:
-                raise CorruptStorageError(f"{heap.name!r}: the {owner} at {self._ps_oid:#x} has type id "
+                raise CorruptStorageError(f"{heap.name}: the {owner} at {self._ps_oid:#x} has type id "
                                           f"{type_id}, which is no version of {owner}")
             entry = layout.fields.get(name)
             if entry is None:
@@ -1131,7 +1161,7 @@ def body_proxy(heap, body):
     type_id = heap.type_at(body) if body else None
     cls = heap.classes.get(type_id)
     if cls is None or cls._ps_kind != "structure":
-        raise CorruptStorageError(f"{heap.name!r}: a forwarded object's body at {body:#x} is not a structure "
+        raise CorruptStorageError(f"{heap.name}: a forwarded object's body at {body:#x} is not a structure "
                                   f"(type {type_id})")
     return heap.view_of(cls, body)
 
@@ -1157,7 +1187,7 @@ def forward_class(storage, layouts):
         if current is None or current._ps_kind != "structure" or current.__dict__.get("_ps_old"):
             current = getattr(current, "__bases__", (None,))[0] if current is not None else None
         if current is None or getattr(current, "_ps_kind", None) != "structure":
-            raise CorruptStorageError(f"{heap.name!r}: the forwarded object at {segment.start + local:#x} "
+            raise CorruptStorageError(f"{heap.name}: the forwarded object at {segment.start + local:#x} "
                                       f"has a body at {body:#x} that is not a structure")
         return old_version_class(current, layouts).from_address(segment.address + local)
 
