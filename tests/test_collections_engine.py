@@ -712,8 +712,13 @@ def test_tables_keep_at_most_a_third_of_their_slots_in_use(lookups):
             assert 3 * table.head[4] <= 3 * table.capacity <= table.mask + 1
             if not sizes[name] or sizes[name][-1] != table.mask + 1:
                 sizes[name].append(table.mask + 1)
-    for grown in sizes.values():  # a full table grows to twice its slots, not four times
-        assert grown == [16 << n for n in range(len(grown))] and grown[-1] == 16384
+    for grown in sizes.values():  # a small full table grows to four times its slots
+        assert grown == [16 << 2 * n for n in range(len(grown))] and grown[-1] == 16384
+    nslots, capacity = H._table_shape(1)
+    while nslots < 1 << 26:  # from 2^18 slots on, to twice its slots (2^22 for 10^6 keys, not 2^24)
+        grown, capacity = H._table_shape(H._room_to_grow(capacity, nslots))
+        assert grown == nslots * (4 if nslots < 1 << 18 else 2)
+        nslots = grown
     for wanted in (0, 1, 5, 6, 1000, 10 ** 6, H._MAX_ENTRIES):
         nslots, capacity = H._table_shape(wanted)
         assert nslots & (nslots - 1) == 0 and wanted <= capacity < nslots <= 1 << 32
