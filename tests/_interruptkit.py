@@ -80,7 +80,6 @@ the child SIGKILLs itself; the parent may have killed it before.
 """
 
 import copy
-import dis
 import json
 import math
 import os
@@ -92,6 +91,7 @@ import traceback
 from array import array
 
 import _crashkit as K
+from conftest import RETURN_VALUE, is_generated
 import permastruct
 from permastruct.errors import IncompleteChangeError
 from permastruct.pages import PageFile
@@ -139,9 +139,6 @@ class AlarmInjector:
             signal.setitimer(signal.ITIMER_REAL, self._delay())
 
 
-_RETURN_VALUE = dis.opmap["RETURN_VALUE"]
-
-
 class TraceInjector:
     """Count opcodes executed in permastruct's frames; raise ``exception`` at a random count."""
 
@@ -182,7 +179,7 @@ class TraceInjector:
 
     def _global(self, frame, event, arg):
         name = frame.f_code.co_filename  # (the package's files, and the code it generates)
-        if name.startswith(PACKAGE) or name.startswith("<constructor of ") or name == "<change wrapper>":
+        if name.startswith(PACKAGE) or is_generated(name):
             frame.f_trace_opcodes = True
             frame.f_trace_lines = False
             return self._local
@@ -193,7 +190,7 @@ class TraceInjector:
             self.counted += 1
             self.countdown -= 1
             # (never at a RETURN_VALUE: CPython delivers no signal there, see conftest.RETURN_VALUE)
-            if self.countdown <= 0 and frame.f_code.co_code[frame.f_lasti] != _RETURN_VALUE:
+            if self.countdown <= 0 and frame.f_code.co_code[frame.f_lasti] != RETURN_VALUE:
                 self.armed = False
                 self.fired += 1
                 self.countdown = self._draw()

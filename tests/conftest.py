@@ -127,7 +127,8 @@ def interrupt_at_opcode(count):
     """Install a trace function that raises KeyboardInterrupt at the ``count``-th opcode run inside
     the permastruct package (or the next one that is not a ``RETURN_VALUE``: an interrupt at any
     bytecode where a signal can arrive, deterministically); returns a callable telling whether it
-    fired.  The caller removes it with ``sys.settrace(None)``."""
+    fired (its ``opcodes()`` says how many opcodes ran so far).  The caller removes it with
+    ``sys.settrace(None)``."""
     import sys
 
     import permastruct
@@ -135,10 +136,8 @@ def interrupt_at_opcode(count):
     seen = [0, False]
 
     def local(frame, event, arg):
-        global interrupt_at_opcode_seen
         if event == "opcode":
             seen[0] += 1
-            interrupt_at_opcode_seen = seen[0]  # (how many opcodes ran: for a caller that counts them)
             if seen[0] >= count and not seen[1] and frame.f_code.co_code[frame.f_lasti] != RETURN_VALUE:
                 seen[1] = True
                 raise KeyboardInterrupt(f"opcode {count}")
@@ -151,7 +150,11 @@ def interrupt_at_opcode(count):
         return None
 
     sys.settrace(tracer)
-    return lambda: seen[1]
+
+    def fired():
+        return seen[1]
+    fired.opcodes = lambda: seen[0]
+    return fired
 
 
 def views_storage():

@@ -548,7 +548,7 @@ def _opcodes_of(call):
     finally:
         sys.settrace(None)
     assert not fired()
-    return sys.modules["conftest"].interrupt_at_opcode_seen
+    return fired.opcodes()
 
 
 @pytest.mark.parametrize("how", ["commit", "transaction"])

@@ -269,15 +269,17 @@ def write_json(storage, stream):
     """Write the JSON form of ``storage`` (or of a document :func:`dump_json` returned) to the text
     ``stream``: strict JSON, one schema type and one object a line (so a dump diffs well).  A store
     is written as it is walked: only the ids met so far are held, not the document."""
-    if isinstance(storage, dict):
+    if isinstance(storage, dict):  # (written as given: its own format and version)
         document = storage
+        head = document["format"], document["version"]
         schema, root, entries, interned = (document["schema"], document["root"], document["objects"],
                                            document["interned"])
     else:
+        head = FORMAT, VERSION
         schema, root, entries, interned = _json_parts(storage)
     encode = json.JSONEncoder(allow_nan=False, ensure_ascii=True).encode
     stream.write("{" + ", ".join(f"{encode(key)}: {encode(value)}"
-                                 for key, value in (("format", FORMAT), ("version", VERSION), ("root", root))))
+                                 for key, value in zip(("format", "version", "root"), head + (root,))))
     for key, items in (("schema", schema), ("objects", entries)):
         stream.write(f",\n {encode(key)}: [")
         separator = "\n  "
