@@ -799,6 +799,159 @@ def test_a_damaged_index_fails_a_bulk_update_not_the_process(lookups):
         p.root.by_bytes.update([(b"k%d" % i, i) for i in range(20)])
 
 
+# -- a proxy keeps its table's view (_ps_tv): whatever frees, moves or takes back a table retires it --
+_KEPT_CASES = {  # (attribute of Lookups' root, key of entry i, value of entry i)
+    "bytes": ("by_bytes", lambda i: b"k%d" % i, lambda i: i),
+    "text": ("by_text", lambda i: "t%d" % i, lambda i: i),
+    "int": ("by_int", lambda i: i * 3 - 7, lambda i: i),
+}
+
+
+def _fill(mapping, keys, value, first, last):
+    for i in range(first, last):
+        mapping[keys(i)] = value(i)
+    return {keys(i): value(i) for i in range(first, last)}
+
+
+def _kept(mapping):
+    """The view the proxy keeps, which must be live and its table's."""
+    view = mapping._ps_tv
+    assert view.fast is not None
+    return view
+
+
+@pytest.mark.parametrize("case", sorted(_KEPT_CASES))
+def test_a_kept_view_is_retired_when_its_table_is_freed_and_its_place_taken(lookups, case):
+    """Cleared, or grown into a new table: the old place goes to another Dict's table of the same size,
+    and the first Dict's lookups (every way of asking, and a store) never read that table."""
+    name, keys, value = _KEPT_CASES[case]
+    p = lookups
+    other_name = "by_bytes" if name != "by_bytes" else "by_text"
+    _, other_keys, _ = _KEPT_CASES["bytes" if name != "by_bytes" else "text"]
+    setattr(p.root, name, {}), setattr(p.root, other_name, {})
+    d, other = getattr(p.root, name), getattr(p.root, other_name)
+    reference = _fill(d, keys, value, 0, 3)
+    _agree(d, reference, list(reference))
+    old, kept = d._ps_body, _kept(d)
+    d.clear()
+    assert kept.fast is None and d._ps_body == 0
+    for i in range(3):  # the same shape of table, in the place just freed
+        other[other_keys(i)] = 1000 + i
+    assert other._ps_body == old  # (the hazard itself: without it this test would prove nothing)
+    _agree(d, {}, list(reference))
+    assert len(d) == 0 and dict(d) == {}
+    # grown: its first table is freed, and taken by a third table of that shape
+    reference = _fill(d, keys, value, 0, 3)
+    first, kept = d._ps_body, _kept(d)
+    reference.update(_fill(d, keys, value, 3, 200))
+    assert d._ps_body != first and kept.fast is None and _kept(d) is not kept
+    del getattr(p.root, other_name)[other_keys(0)]
+    setattr(p.root, other_name, {other_keys(i): 2000 + i for i in range(3)})
+    _agree(d, reference, list(reference) + [keys(500)])
+    d[keys(0)] = -1
+    reference[keys(0)] = -1
+    _agree(d, reference, list(reference))
+    p.commit()
+    p.check()
+
+
+@pytest.mark.parametrize("case", sorted(_KEPT_CASES))
+@pytest.mark.parametrize("how", ["rollback", "savepoint", "undo"])
+def test_a_kept_view_follows_a_rollback_or_undo_to_the_table_it_restores(tmp_path, case, how):
+    """A Dict grown (and looked up) in a transaction that is then taken back reads its restored table,
+    even when its proxy kept the view of the table the change made."""
+    name, keys, value = _KEPT_CASES[case]
+    p = Lookups(tmp_path / "l.ps", pageSize=256, history=5)
+    setattr(p.root, name, {})
+    d = getattr(p.root, name)
+    reference = _fill(d, keys, value, 0, 5)
+    p.commit()
+    _agree(d, reference, list(reference))
+    committed = d._ps_body
+    grown = dict(reference, **{})
+    if how == "savepoint":
+        with p.transaction():
+            with pytest.raises(ZeroDivisionError), p.transaction():
+                grown.update(_fill(d, keys, value, 5, 300))
+                assert d._ps_body != committed
+                _agree(d, grown, list(grown))
+                1 / 0
+            assert d._ps_body == committed
+            _agree(d, reference, list(grown))
+    else:
+        grown.update(_fill(d, keys, value, 5, 300))
+        assert d._ps_body != committed
+        _agree(d, grown, list(grown))
+        if how == "rollback":
+            p.rollback()
+        else:
+            p.commit()
+            p.undo(p.last_transaction)
+    assert d._ps_body == committed
+    _agree(d, reference, list(grown))
+    d[keys(1)] = 77  # a store through the kept view, which must be the restored table's
+    reference[keys(1)] = 77
+    _agree(d, reference, list(grown))
+    p.commit()
+    p.check()
+    p.close()
+    with Lookups(tmp_path / "l.ps") as q:
+        _agree(getattr(q.root, name), reference, list(grown))
+
+
+def test_a_kept_view_follows_a_pack_that_moves_its_table(tmp_path):
+    p = Lookups(tmp_path / "l.ps", pageSize=256)
+    p.root.by_text = {"t%d" % i: i for i in range(6000)}  # space to give back before the table
+    p.commit()
+    p.root.by_bytes = {}
+    d = p.root.by_bytes
+    for i in range(1000):  # grown one key at a time: its last table goes at the end of the file
+        d[b"k%d" % i] = i
+    p.commit()
+    reference = dict(d)
+    _agree(d, reference, list(reference))
+    before, kept = d._ps_body, _kept(d)
+    p.root.by_text = None
+    p.commit()
+    p.pack()
+    assert d._ps_body < before and kept.fast is None  # moved down into the space given back
+    _agree(d, reference, list(reference) + [b"k9"])
+    p.root.by_text = {"t%d" % i: i for i in range(3)}  # (may take the old place)
+    _agree(d, reference, list(reference) + [b"k9"])
+    d[b"k9"] = 9
+    reference[b"k9"] = 9
+    _agree(d, reference, list(reference))
+    p.commit()
+    p.check()
+    p.close()
+
+
+def test_a_readers_kept_view_follows_the_writers_commits(tmp_path):
+    path = tmp_path / "l.ps"
+    w = Lookups(path, pageSize=256)
+    w.root.by_bytes = {b"k%d" % i: i for i in range(3)}
+    w.commit()
+    r = Lookups(path, readonly=True)
+    d = r.root.by_bytes
+    _agree(d, {b"k%d" % i: i for i in range(3)}, [b"k0", b"k1", b"k2"])
+    old, kept = d._ps_body, _kept(d)
+    w.root.by_bytes.clear()
+    w.root.by_text = {"t%d" % i: 1000 + i for i in range(3)}  # its table in the place just freed
+    assert w.root.by_text._ps_body == old
+    w.commit()
+    _agree(d, {b"k%d" % i: i for i in range(3)}, [b"k0", b"k1", b"k2"])  # still the reader's snapshot
+    assert r.refresh() is True
+    assert kept.fast is None
+    _agree(d, {}, [b"k0", b"k1", b"k2"])
+    _agree(r.root.by_text, {"t%d" % i: 1000 + i for i in range(3)}, ["t0", "t1", "t2"])
+    w.root.by_bytes.update({b"k%d" % i: -i for i in range(100)})
+    w.commit()
+    assert r.refresh() is True
+    _agree(d, {b"k%d" % i: -i for i in range(100)}, [b"k%d" % i for i in range(101)])
+    r.close()
+    w.close()
+
+
 # -- SortedDict scans a leaf at a time; bulk update of Dict and SortedDict ----------------------
 class Scans(Storage):
     def populateSchema(self):

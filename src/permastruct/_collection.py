@@ -24,8 +24,10 @@ Invariants every collection keeps (``Storage.check()`` verifies them):
   clearing drop it.
 
 Internal objects are read through views cached by offset in ``heap.views``
-(a cast ``memoryview`` for an array, a ``_TableView`` or ``_NodeView``),
-dropped by the heap when the object is freed.
+(a cast ``memoryview`` for an array, a ``_NodeView``) and ``heap.tables``
+(a ``_TableView``, which the Dict or Set proxy also keeps), dropped by the
+heap when the object is freed or moved (``heap.drop_view``), all of them
+when the map shows another state (``heap.forget_views``).
 
 :class:`MappingMixin` holds the mapping methods ``Dict`` and ``SortedDict``
 share (``get``, ``setdefault``, ``update``, the views, ``|``, ``==``).

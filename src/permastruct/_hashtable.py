@@ -202,9 +202,16 @@ _first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class HashCollection(Collection):
-    """The hash table shared by Dict and Set (insertion ordered, like ``dict``)."""
+    """The hash table shared by Dict and Set (insertion ordered, like ``dict``).
 
-    __slots__ = ()
+    A proxy keeps the view of its table (``_ps_tv``, set by ``_ps_table``) so
+    that a lookup need not find it from the body's offset.  The view it keeps
+    is its table's while the view's ``fast`` is not None: whatever frees,
+    moves or takes back a table retires its view first (``heap.drop_view``,
+    ``heap.forget_views``).
+    """
+
+    __slots__ = ("_ps_tv",)
     _ps_has_values = False
     _ps_body_type = F.T_TABLE
 
@@ -224,7 +231,6 @@ class HashCollection(Collection):
         cls._ps_equals = heap.string_equals if strings else None
         cls._ps_esize = cls._ps_entry.size
         cls._ps_blank = bytes(cls._ps_esize)
-        cls._ps_views = heap.views
         cls._ps_key_of = _key_reader(cls, heap, key)
         cls._ps_readers = _entry_readers(cls)
         # the lookup fast path of this class's key type, made once here (see _fast_lookups)
@@ -262,16 +268,24 @@ class HashCollection(Collection):
         super()._ps_init(source, **options)
 
     def _ps_table(self):
+        """The view of this collection's table (it has one: its body is not 0), kept as ``_ps_tv``."""
+        try:
+            view = self._ps_tv
+            if view.fast is not None:
+                return view
+        except AttributeError:  # (none kept yet)
+            pass
         body = self._ps_body
         heap = type(self)._heap
-        view = heap.views.get(body)
-        if view is None:
+        view = heap.tables.get(body)
+        if view is None or view.fast is None:
             self._ps_check_internal(body, F.T_TABLE, F.TABLE.size)
             try:
                 view = _TableView(heap, body, type(self)._ps_esize)
             except IndexError:
                 raise self._ps_bad(f"its hash table at {body:#x} crosses the end of a mapped segment") from None
-            heap.views[body] = view
+            heap.tables[body] = view
+        self._ps_tv = view
         return view
 
     def _ps_probe(self, data):
@@ -320,7 +334,7 @@ class HashCollection(Collection):
             raise Missing
         cls = type(self)
         hash_, data = cls._ps_key.lookup(key)
-        table = cls._ps_views.get(body) or self._ps_table()
+        table = self._ps_table()
         slot, entry, fields = self._ps_find(table, hash_, data)
         if entry < 0:
             raise Missing
@@ -357,8 +371,9 @@ class HashCollection(Collection):
             view.indices[:] = _place(hashes, mask)
             used = len(hashes)
         view.head[3] = view.head[4] = used
-        heap.views[new] = view
+        heap.tables[new] = view
         self._ps_body = new
+        self._ps_tv = view
         if old:
             heap.drop_internal(old)
         return view
@@ -675,7 +690,6 @@ def _fast_lookups(cls):
     function as :mod:`zlib`'s, with a cheaper call.
     """
     key_type = cls._ps_key
-    views = cls._ps_views  # read as views[body] in a try: a subscript is cheaper than a call of get
     esize = cls._ps_esize
     decode = cls._ps_vdecode if cls._ps_has_values else None
     slow_get = PersistentDict.__getitem__
@@ -693,9 +707,10 @@ def _fast_lookups(cls):
                 return False
             try:
                 data = key.encode("utf-8") if text else key
-                indices, mask, raw, before, capacity = views[self._ps_body].fast
+                indices, mask, raw, before, capacity = self._ps_tv.fast
                 read, tag = readers[len(data)]
-            except (UnicodeEncodeError, KeyError, IndexError):  # a lone surrogate, no table (view), a long key
+            except (UnicodeEncodeError, AttributeError, TypeError, IndexError):
+                # a lone surrogate, no view kept, a retired one (fast None), a long key
                 return False
             home = slot = crc32(data, seed) & mask
             index = indices[slot]
@@ -724,9 +739,9 @@ def _fast_lookups(cls):
             def __getitem__(self, key):  # find(), written out: this is the hot path
                 if type(key) is bytes:
                     try:
-                        indices, mask, raw, before, capacity = views[self._ps_body].fast
+                        indices, mask, raw, before, capacity = self._ps_tv.fast
                         read, tag = readers[len(key)]
-                    except (KeyError, IndexError):  # no table (view), a long key
+                    except (AttributeError, TypeError, IndexError):  # no view kept, a retired one, a long key
                         return slow_get(self, key)
                     home = slot = crc32(key, seed) & mask
                     index = indices[slot]
@@ -753,8 +768,8 @@ def _fast_lookups(cls):
             if type(key) is not int or not low <= key <= high:
                 return False
             try:
-                indices, mask, raw, before, capacity = views[self._ps_body].fast
-            except KeyError:  # no table (view)
+                indices, mask, raw, before, capacity = self._ps_tv.fast
+            except (AttributeError, TypeError):  # no view kept, a retired one (fast None)
                 return False
             home = slot = ((key & mask64) * mix & mask64) >> 32 & mask  # F.number_hash of an int
             index = indices[slot]
@@ -774,8 +789,8 @@ def _fast_lookups(cls):
         def __getitem__(self, key):  # find(), written out: this is the hot path
             if type(key) is int and low <= key <= high:
                 try:
-                    indices, mask, raw, before, capacity = views[self._ps_body].fast
-                except KeyError:  # no table (view)
+                    indices, mask, raw, before, capacity = self._ps_tv.fast
+                except (AttributeError, TypeError):  # no view kept, a retired one (fast None)
                     return slow_get(self, key)
                 home = slot = ((key & mask64) * mix & mask64) >> 32 & mask
                 index = indices[slot]
@@ -826,7 +841,6 @@ def _fast_setitem(cls):
             or not key_type.is_ref and key_type.exact is int):
         return None
     heap = cls._heap
-    views_get = cls._ps_views.get
     pack_entry = cls._ps_entry.pack_into
     pack_value, value_at = cls._ps_value_cell.pack_into, cls._ps_value_at
     esize, encode = cls._ps_esize, value_type.encode
@@ -860,8 +874,12 @@ def _fast_setitem(cls):
             if type(key) is not int or not low <= key <= high:
                 return slow_set(self, key, value)
             hash_, read, tag = ((key & mask64) * mix & mask64) >> 32, readers, 1
-        table = views_get(self._ps_body)
-        if table is None or heap._changing or heap.readonly:
+        try:
+            table = self._ps_tv
+            indices, mask, raw, before, capacity = table.fast
+        except (AttributeError, TypeError):  # no view kept, a retired one (fast None)
+            return slow_set(self, key, value)
+        if heap._changing or heap.readonly:
             return slow_set(self, key, value)
         # a wrong value fails here, before anything changes
         if vref is not None:
@@ -870,7 +888,6 @@ def _fast_setitem(cls):
             cell = value._ps_oid
         else:
             cell = value if type(value) is vexact and vlow <= value <= vhigh else encode(value)
-        indices, mask, raw, before, capacity = table.fast
         home = slot = hash_ & mask
         free = -1
         index = indices[slot]

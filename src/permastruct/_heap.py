@@ -132,6 +132,9 @@ class Heap:
         self.created_many = []  # arrays of the offsets of objects made many at once, as ``created``
         self.freed = []  # objects freed in this transaction (the commit tells readers)
         self.views = {}  # offset of a collection's internal object -> its cached views
+        #: offset of a hash table -> its cached view, which a Dict or Set proxy may also keep
+        #: (``_ps_tv``): one leaves only through drop_view or forget_views, which retire it first
+        self.tables = {}
         self.moves = 0  # counts the times internal objects may have moved (pack, refresh, rollback, undo)
         self.relocations = 0  # counts the packs that moved objects
         self.exports = weakref.WeakValueDictionary()  # buffer views handed out (released at close)
@@ -303,9 +306,27 @@ class Heap:
     def forget_views(self):
         """Drop the cached views of internal objects: the map now shows another state (a refresh,
         a rollback, an undo), where they may be elsewhere; a scan in flight finds its place again
-        (``moves``)."""
+        (``moves``), a proxy that kept a table's view makes it again (see :meth:`drop_view`)."""
+        for table in self.tables.values():
+            table.fast = None
+        self.tables.clear()
         self.views.clear()
         self.moves += 1
+
+    def drop_view(self, offset):
+        """Drop the cached views of the internal object at ``offset``: it is freed, or moved.
+
+        A hash table's view is retired first (its ``fast`` set to None), then
+        forgotten: a proxy that keeps it (``_ps_tv``) reads ``fast`` before
+        every lookup, and a retired view sends it the general way, which finds
+        the table again from the proxy's body.  Cut short in between, the
+        retired view stays cached, still right about a table not yet freed.
+        """
+        table = self.tables.get(offset)
+        if table is not None:
+            table.fast = None
+            del self.tables[offset]
+        self.views.pop(offset, None)
 
     def live_proxy(self, offset):
         """The proxy of the object at ``offset`` if the program holds one, else None."""
@@ -359,7 +380,7 @@ class Heap:
 
     def drop_internal(self, offset):
         """Free a collection's internal object at once (it was replaced or emptied)."""
-        self.views.pop(offset, None)
+        self.drop_view(offset)
         self.allocator.free(offset)
 
     def free_object(self, offset):
@@ -367,7 +388,7 @@ class Heap:
         for child in self.references(offset):
             self.decref(child)
         self.unreferenced.discard(offset)
-        self.views.pop(offset, None)
+        self.drop_view(offset)
         self.kill_proxy(offset, rolled_back=not self.closing)
         self.allocator.free(offset)
         self.freed.append(offset)
@@ -648,7 +669,7 @@ class Heap:
         view = self.mapping.view(offset, capacity)
         view[:] = data
         _PUT(view, _REFS_AT, 0)  # referenced by nothing
-        self.views.pop(offset, None)
+        self.drop_view(offset)
         self.proxies.pop(offset, None)
         type_id = _TYPE(view)[0]
         if type_id in self.classes:

@@ -245,7 +245,7 @@ def _sweep(storage, capacity, types, progress):
     for offset in garbage:
         heap.unreferenced.discard(offset)
         heap.created.discard(offset)
-        heap.views.pop(offset, None)
+        heap.drop_view(offset)
         heap.kill_proxy(offset, rolled_back="freed")
         alloc.free(offset)
         heap.freed.append(offset)
@@ -437,7 +437,7 @@ def evacuate(storage, places):
     for offset in decoys:
         alloc.free(offset)
     for offset, new in moved.items():
-        heap.views.pop(offset, None)
+        heap.drop_view(offset)
         heap.proxies.pop(offset, None)  # (one only the map holds: a held one pinned it)
         alloc.free(offset)
         heap.freed.append(offset)  # (a reader's proxy of it dies at its refresh, as a freed one's)
@@ -619,8 +619,8 @@ def _move(storage, offsets, capacity, moved, limit, accept):
     exports = [cls.__dict__["_ps_exports"] for cls in set(heap.classes.values()) if cls.__dict__.get("_ps_exports")]
     for offset in done:
         new = moved[offset]
-        heap.views.pop(offset, None)
-        heap.views.pop(new, None)
+        heap.drop_view(offset)
+        heap.drop_view(new)
         heap.proxies.pop(offset, None)  # (one only the map holds: a held one pins its object)
         heap.proxies.pop(new, None)
         for table in exports:

@@ -695,7 +695,7 @@ class Storage:
             self._closed = heap.closed = True
             heap.writable = False
             self._root = None
-            heap.views.clear()
+            heap.forget_views()
             message = f"{self!r} is closed: its objects can no longer be used"
             for cls in list(heap.classes.values()):  # no proxy can touch the memory from now on
                 T.refuse_all(cls, StorageClosedError, message)
