@@ -14,7 +14,7 @@ import pytest
 from permastruct import Dict, List, Set, SortedDict, Storage
 from permastruct import _format as F
 from permastruct._dump import dump_json
-from permastruct.errors import CorruptStorageError, UndoError
+from permastruct.errors import CorruptStorageError, PermastructError, TextEncodeError, UndoError
 from permastruct.structure import StructureMeta
 
 
@@ -400,6 +400,9 @@ def test_a_lone_surrogate_is_refused_naming_where_it_was_to_go(values, case):
     before = _state(p)
     with pytest.raises(UnicodeEncodeError) as info:
         action(p)
+    # one class for all of them, in the errors module: catchable as either kind of error
+    assert type(info.value) is TextEncodeError
+    assert isinstance(info.value, PermastructError)
     message = str(info.value)
     assert where in message and "String" in message and "surrogate" in message, message
     assert "'\\ud800'" in message and "position 3" in message, message

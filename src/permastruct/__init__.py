@@ -43,7 +43,7 @@ from .buffer import Buffer
 from .errors import (ConcurrentUseError, CorruptStorageError, DeadProxyError, ForkedProcessError,
                      IncompatibleFormatError, IncompleteChangeError, LoadError, NotAStorageError, OverlayError,
                      PermastructError, ReadOnlyError, SchemaError, StorageClosedError, StorageFullError, StorageLockedError,
-                     SyncFailedError, UndoError, UnpinnedPageError)
+                     SyncFailedError, TextEncodeError, UndoError, UnpinnedPageError)
 from .collections import Dict, List, Set, SortedDict
 from .storage import Storage
 from .strings import ByteString, String
@@ -60,6 +60,6 @@ __all__ = [
     "NotAStorageError", "CorruptStorageError", "IncompatibleFormatError", "SchemaError",
     "UnpinnedPageError", "StorageFullError", "SyncFailedError", "ForkedProcessError", "DeadProxyError",
     "IncompleteChangeError", "ConcurrentUseError", "OverlayError", "LoadError",
-    "UndoError",
+    "UndoError", "TextEncodeError",
     "to_python",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "OverlayError",
     "LoadError",
     "UndoError",
+    "TextEncodeError",
 ]
 
 
@@ -122,3 +123,11 @@ class UndoError(PermastructError, ValueError):
     """``undo(id)`` or ``at=id`` that the store's history cannot serve: an unknown id, one the history
     no longer keeps (or never kept: ``history=0``), changes pending, or a transaction in between
     that changed the stored schema; the message says which.  Nothing was changed."""
+
+
+class TextEncodeError(PermastructError, UnicodeEncodeError):
+    """A ``str`` a String cannot hold (a lone surrogate has no UTF-8 form): a ``UnicodeEncodeError``
+    whose message says where the text was to go (``reason`` holds all of it)."""
+
+    def __str__(self):
+        return self.reason

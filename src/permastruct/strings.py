@@ -29,7 +29,7 @@ from zlib import crc32 as _crc32
 
 from . import _format as F
 from ._types import MemoryExporter, Persistent, run_change
-from .errors import CorruptStorageError
+from .errors import CorruptStorageError, TextEncodeError
 
 __all__ = ["ByteString", "String", "StringRegistry", "storable", "TextEncodeError"]
 
@@ -38,14 +38,6 @@ _STRING_SEED, _BYTES_SEED = F.STRING_SEED, F.BYTES_SEED
 
 #: The most bytes a String or ByteString holds (the length in its header is 32 bits).
 MAX_BYTES = (1 << 32) - 1
-
-
-class TextEncodeError(UnicodeEncodeError):
-    """A ``str`` a String cannot hold (a lone surrogate has no UTF-8 form): a UnicodeEncodeError
-    whose message says where the text was to go (``reason`` holds all of it)."""
-
-    def __str__(self):
-        return self.reason
 
 
 def storable(type_id, value, where):
