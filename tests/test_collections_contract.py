@@ -1422,7 +1422,15 @@ def test_dict_update_clear(impl):
         d.update([("a",)])
     with pytest.raises((TypeError, ValueError)):
         d.update(["abc"])
-    assert d["a"] == 3
+    # pairs of any kind dict.update takes: lists, tuple subclasses
+    import collections
+    Pair = collections.namedtuple("Pair", "key value")
+    d.update([["h", 9]])
+    d.update([Pair("j", 10), ("h", 11)])
+    assert (d["a"], d["h"], d["j"]) == (3, 11, 10)
+    with pytest.raises(TypeError):
+        d.update([("k", 1), 5])  # an element that is no pair
+    assert ("k" in d) is not impl.persistent  # (dict stores the pairs before it; ours stores nothing)
     d.clear()
     assert d == {} and len(d) == 0 and list(d) == []
     d.clear()

@@ -358,7 +358,9 @@ class MappingMixin:
             elif isinstance(other, abc.Mapping) or hasattr(other, "keys"):
                 pairs = [(key, other[key]) for key in other.keys()]
             else:
-                pairs = list(map(tuple, other))
+                pairs = list(other)
+                if set(map(type, pairs)) - {tuple}:  # (a pass of type(), cheaper than one of tuple())
+                    pairs = list(map(tuple, pairs))
                 if set(map(len, pairs)) - {2}:
                     bad = next(item for item in pairs if len(item) != 2)
                     raise ValueError(f"dictionary update sequence element has length {len(bad)}; "
