@@ -748,9 +748,18 @@ class MappedFile:
 
     # -- dirty pages and write-back -----------------------------------------
     def dirty_ranges(self):
-        """``(offset, length)`` ranges of OS pages changed in the map since the last write-back."""
+        """``(offset, length)`` ranges of OS pages changed in the map since the last write-back.
+
+        A segment that lies wholly before ``origin`` is not looked at: what is
+        there (a store's header block) is written with ``pwrite`` only, never
+        through the map.  (A store made in this process has its header block
+        as its first segment: a commit then asks the kernel once less.)
+        """
         ranges = []
+        origin = self.origin
         for segment in self.segments:
+            if segment.start + segment.length <= origin:
+                continue
             for first, count in self._dirty(segment):
                 ranges.append((segment.start + first * OS_PAGE, count * OS_PAGE))
         return ranges
