@@ -15,8 +15,11 @@ inside the library:
   Where that lands depends on timing: a rerun is similar, not identical.
 * ``trace``: ``sys.settrace`` with ``f_trace_opcodes`` counts the opcodes
   executed in frames whose code lives in the permastruct package, and raises
-  ``KeyboardInterrupt`` or ``MemoryError`` at a random count (or the next
-  opcode that is not a ``RETURN_VALUE``, where CPython delivers no signal).
+  ``KeyboardInterrupt`` or ``MemoryError`` at a random count, or at the next
+  opcode where CPython delivers a signal (a function's entry, a backward jump,
+  a call and the instruction after it: ``conftest.deliverable``), as a real
+  signal arriving at that count would be.  (A MemoryError is modelled the same
+  way: the library's "one step" stores assume no exception between them.)
   Deterministic for a seed (the child runs with ``PYTHONHASHSEED=0``).
 
 The injector is black-box: it knows the public API and the package's
@@ -91,7 +94,7 @@ import traceback
 from array import array
 
 import _crashkit as K
-from conftest import RETURN_VALUE, is_generated
+from conftest import deliverable, is_generated
 import permastruct
 from permastruct.errors import IncompleteChangeError
 from permastruct.pages import PageFile
@@ -189,8 +192,9 @@ class TraceInjector:
         if event == "opcode" and self.armed:
             self.counted += 1
             self.countdown -= 1
-            # (never at a RETURN_VALUE: CPython delivers no signal there, see conftest.RETURN_VALUE)
-            if self.countdown <= 0 and frame.f_code.co_code[frame.f_lasti] != RETURN_VALUE:
+            # (only where CPython delivers a signal: one that arrives elsewhere waits for the next
+            # such instruction, see conftest.deliverable)
+            if self.countdown <= 0 and deliverable(frame):
                 self.armed = False
                 self.fired += 1
                 self.countdown = self._draw()

@@ -111,10 +111,41 @@ def reopen_store(p, cls, path):
     return cls(path)
 
 
-#: CPython delivers no signal at a ``RETURN_VALUE`` (it looks for them at calls, function entries
-#: and backward jumps), so the interrupt injectors never fire there: a KeyboardInterrupt cannot come
-#: between a frame's last instruction and its return.
-RETURN_VALUE = dis.opmap["RETURN_VALUE"]
+#: The instructions where CPython (3.11) delivers a pending signal: it looks for one at a function's
+#: entry (``RESUME``), at a backward jump and at a call (as the call returns; an exception the callee
+#: raises, or one it checks for before it starts, comes out of the call).  A signal that arrives
+#: anywhere else waits for the next of these, so a KeyboardInterrupt never comes between two stores
+#: of one tuple assignment, nor between a frame's last instruction and its ``RETURN_VALUE``.  The
+#: interrupt injectors fire only at them (see :func:`deliverable`).
+_DELIVERY_OPS = frozenset(dis.opmap[name] for name in (
+    "RESUME", "JUMP_BACKWARD", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_TRUE",
+    "POP_JUMP_BACKWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE", "PRECALL", "CALL", "CALL_FUNCTION_EX")
+    if name in dis.opmap)
+_CALLS = frozenset(("CALL", "CALL_FUNCTION_EX"))
+_DELIVERY = {}  # code object -> the offsets of its instructions where a signal can be delivered
+
+
+def deliverable(frame):
+    """Whether a pending interrupt can be delivered at the instruction ``frame`` is about to run (an
+    ``opcode`` trace event): one of ``_DELIVERY_OPS``, or the one right after a call when the same
+    exception handler covers both (a signal delivered as a call returns is raised by the call, so
+    it meets the call's handler: the next instruction stands for that moment only under the same
+    one; after ``return f()`` in a ``try``, the ``RETURN_VALUE`` is outside the block)."""
+    code = frame.f_code
+    points = _DELIVERY.get(code)
+    if points is None:
+        table = dis._parse_exception_table(code)  # (start, end, target, depth, lasti) per range
+
+        def handler(offset):
+            return next(((entry.target, entry.depth) for entry in table if entry.start <= offset < entry.end), None)
+        points, call = set(), None
+        for instruction in dis.get_instructions(code):
+            if instruction.opcode in _DELIVERY_OPS or (
+                    call is not None and handler(call) == handler(instruction.offset)):
+                points.add(instruction.offset)
+            call = instruction.offset if instruction.opname in _CALLS else None
+        points = _DELIVERY[code] = frozenset(points)
+    return frame.f_lasti in points
 
 
 def is_generated(filename):
@@ -125,8 +156,8 @@ def is_generated(filename):
 
 def interrupt_at_opcode(count):
     """Install a trace function that raises KeyboardInterrupt at the ``count``-th opcode run inside
-    the permastruct package (or the next one that is not a ``RETURN_VALUE``: an interrupt at any
-    bytecode where a signal can arrive, deterministically); returns a callable telling whether it
+    the permastruct package, or at the next one where CPython would deliver it (:func:`deliverable`:
+    a signal arriving at any bytecode, deterministically); returns a callable telling whether it
     fired (its ``opcodes()`` says how many opcodes ran so far).  The caller removes it with
     ``sys.settrace(None)``."""
     import sys
@@ -138,7 +169,7 @@ def interrupt_at_opcode(count):
     def local(frame, event, arg):
         if event == "opcode":
             seen[0] += 1
-            if seen[0] >= count and not seen[1] and frame.f_code.co_code[frame.f_lasti] != RETURN_VALUE:
+            if seen[0] >= count and not seen[1] and deliverable(frame):
                 seen[1] = True
                 raise KeyboardInterrupt(f"opcode {count}")
         return local
