@@ -66,6 +66,7 @@ class Storage:
         self._closed = True
         self._forked = False
         self._block = None  # the outermost with p.transaction() block open (see _Block)
+        self._refresh_due = False  # a reader's refresh() was cut short before it put its caches right
         self.readonly = bool(readonly)
         for name, value in (("fileSize", fileSize), ("stringRegistrySize", stringRegistrySize)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -585,7 +586,11 @@ class Storage:
         storage always sees its own latest state: there this returns False.
         """
         self._check_open()
-        if not self._page_file.refresh():
+        # (set until the caches are put right: a refresh cut short after the map moved would leave
+        # kept table views live over freed places, and the next one, with nothing new, would return)
+        due, self._refresh_due = self._refresh_due, True
+        if not self._page_file.refresh() and not due:
+            self._refresh_due = False
             return False
         heap = self._heap
         heap.forget_views()
@@ -596,6 +601,7 @@ class Storage:
             if offset in freed or not self.schema._still(proxy, heap.type_at(offset)):
                 heap.kill_proxy(offset, rolled_back="freed")
         self._page_file.mapping.close_retired(heap.addresses_in_use())
+        self._refresh_due = False
         return True
 
     def transaction(self, description: "str | None" = None, *, user: "str | None" = None,
