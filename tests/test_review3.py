@@ -4,6 +4,7 @@ the first tests of them left out."""
 import pytest
 
 from permastruct._heap import Heap
+from permastruct._mapping import MappedFile
 from test_collections_engine import Lookups, _agree
 
 
@@ -46,7 +47,7 @@ def _writer_and_reader(path):
     return w, r, d, expected
 
 
-@pytest.mark.parametrize("where", [(Heap, "forget_views")])
+@pytest.mark.parametrize("where", [(Heap, "forget_views"), (MappedFile, "drop_private")])
 def test_a_refresh_cut_short_is_finished_by_the_next(tmp_path, monkeypatch, where):
     """A reader's refresh() interrupted as it retires its cached views, or as it moves its map to the
     writer's commit: the next refresh() finishes the move (it does not say "nothing new" and stay
