@@ -66,3 +66,83 @@ def test_a_refresh_cut_short_is_finished_by_the_next(tmp_path, monkeypatch, wher
     r.close()
     w.close()
 
+
+# -- bulk update (Dict.update through _ps_fill_columns) --------------------------------------------
+def _update_agrees(p, name, pairs, reference):
+    d = getattr(p.root, name)
+    items = list(pairs)
+    d.update(pairs if isinstance(pairs, list) else iter(items))  # (an iterator: the way of a generator)
+    reference.update(items)
+    assert dict(d) == reference and list(d) == list(reference) and len(d) == len(reference)
+    _agree(d, reference, list(reference))
+    p.check()
+
+
+@pytest.mark.parametrize("name, key", [("by_bytes", lambda i: b"k%d" % i), ("by_text", lambda i: "t%d" % i),
+                                       ("by_int", lambda i: i * 7 - 3)])
+def test_a_bulk_update_with_repeated_keys_keeps_the_last_value(lookups, name, key):
+    p = lookups
+    setattr(p.root, name, {})
+    reference = {}
+    pairs = [(key(i % 5), i) for i in range(20)]  # every key four times, in one update
+    _update_agrees(p, name, pairs, reference)
+    _update_agrees(p, name, [[key(i), -i] for i in range(3, 40)], reference)  # pairs as lists; some present
+    _update_agrees(p, name, ((key(i), i * i) for i in range(40, 80)), reference)  # an iterator of tuples
+    p.commit()
+
+
+def test_a_bulk_update_of_keys_of_every_length_up_to_and_past_the_inline_limit(lookups):
+    """String keys by their UTF-8 length, not their length in characters: 16 bytes (inline, the one
+    length of the update), 17 (a string object), mixed, and characters of two or more bytes."""
+    p = lookups
+    for keys in (["%016d" % i for i in range(50)],  # every key 16 bytes: one length
+                 ["é" * 8 + "%d" % i for i in range(10)],  # 8 characters of 2 bytes and a digit: 17 bytes
+                 ["é" * 8 for _ in range(1)] + ["x" * n for n in range(1, 17)],  # 16 bytes, and 1 to 16
+                 ["€" * 5 + "%d" % i for i in range(10)],  # 15 + 1 bytes, in 6 characters
+                 ["%017d" % i for i in range(30)]):  # 17 bytes: string objects
+        p.root.by_text = {}
+        reference = {}
+        _update_agrees(p, "by_text", [(k, n) for n, k in enumerate(keys)], reference)
+        _update_agrees(p, "by_text", [(k, -n) for n, k in enumerate(keys)], reference)
+    p.root.by_bytes = {}
+    reference = {}
+    _update_agrees(p, "by_bytes", [(b"%016d" % i, i) for i in range(40)], reference)
+    _update_agrees(p, "by_bytes", [(b"x" * n, n) for n in range(0, 20)], reference)
+    p.commit()
+    p.check()
+
+
+def test_a_bulk_update_from_a_generator_that_raises_stores_nothing(lookups):
+    p = lookups
+    p.root.by_bytes = {b"a": 1}
+    p.commit()
+
+    def pairs():
+        for i in range(100):
+            if i == 60:
+                raise ZeroDivisionError("midway")
+            yield (b"k%d" % i, i)
+    with pytest.raises(ZeroDivisionError):
+        p.root.by_bytes.update(pairs())
+    assert dict(p.root.by_bytes) == {b"a": 1}
+    with pytest.raises(ValueError):
+        p.root.by_bytes.update([(b"x", 1), (b"y", 2, 3)])
+    with pytest.raises(TypeError):
+        p.root.by_bytes.update([(b"x", 1), 5])
+    assert dict(p.root.by_bytes) == {b"a": 1}
+    p.check()
+
+
+def test_a_bulk_update_of_short_bytes_keys_of_mixed_lengths(lookups):
+    """Keys of 0 to 16 bytes in one update into an empty Dict (the column writer, a length per key),
+    then again with new values (present keys: the general way)."""
+    p = lookups
+    p.root.by_bytes = {}
+    reference = {}
+    _update_agrees(p, "by_bytes", [(b"x" * n, n) for n in range(17)], reference)
+    _update_agrees(p, "by_bytes", [(b"x" * n, -n) for n in range(17)], reference)
+    p.root.by_bytes = {}
+    reference = {}
+    _update_agrees(p, "by_bytes", [(b"", 1), (b"", 2)], reference)  # one key, twice, of length 0
+    p.commit()
+
