@@ -146,3 +146,35 @@ def test_a_bulk_update_of_short_bytes_keys_of_mixed_lengths(lookups):
     _update_agrees(p, "by_bytes", [(b"", 1), (b"", 2)], reference)  # one key, twice, of length 0
     p.commit()
 
+
+def test_a_bulk_update_into_a_table_whose_index_has_no_empty_slot_raises(lookups):
+    """Damage: every empty hash slot names an entry (the table's figures unchanged).  A lookup and a
+    store say so (CorruptStorageError); a bulk update must too, not probe the full ring forever."""
+    import signal
+
+    from permastruct.errors import CorruptStorageError
+    p = lookups
+    p.root.by_bytes = {}
+    d = p.root.by_bytes
+    d.update([(b"k%d" % i, i) for i in range(3)])
+    p.commit()
+    table = d._ps_table()
+    for slot in range(len(table.indices)):
+        if not table.indices[slot]:
+            table.indices[slot] = 1
+    with pytest.raises(CorruptStorageError):
+        d[b"absent"] = 1
+
+    def hung(signum, frame):
+        raise TimeoutError("the bulk update probes a full ring of hash slots forever")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        with pytest.raises(CorruptStorageError):
+            d.update([(b"new%d" % i, i) for i in range(2)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    p.rollback()
+    assert dict(d) == {b"k%d" % i: i for i in range(3)}
+    p.check()

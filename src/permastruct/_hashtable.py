@@ -1163,12 +1163,15 @@ class PersistentDict(MappingMixin, HashCollection):
                     number += 1
                     if indices[slot]:  # a collision: rare, at most a third of the slots are in use
                         hash_ = hashes[number - used - 1]
+                        home = slot
                         while indices[slot]:
                             other = indices[slot]
                             if (hashes[other - used - 1] if other > used else stored[other - 1]) == hash_ \
                                     and self._ps_same_key(table, used, columns, other, number):
                                 return False
                             slot = (slot + 1) & mask
+                            if slot == home:  # no empty slot (damage): the general way says what is wrong
+                                return False
                     indices[slot] = number
             except IndexError:  # an index that names no entry: the general way says what is wrong
                 return False
