@@ -178,3 +178,83 @@ def test_a_bulk_update_into_a_table_whose_index_has_no_empty_slot_raises(lookups
     p.rollback()
     assert dict(d) == {b"k%d" % i: i for i in range(3)}
     p.check()
+
+
+# -- a change cut short: the kept view is never ahead of, nor behind, the proxy's body -------------
+def _emptied_by_pops(d):
+    while len(d):
+        d.pop(next(iter(d)))
+
+
+def _emptied_by_dels(d):
+    for key in list(d):
+        del d[key]
+
+
+def _emptied_by_popitem(d):
+    while len(d):
+        d.popitem()
+
+
+def _shrunk(d):
+    for key in list(d)[:-2]:  # down to 2 of 40: a rebuild at an eighth full
+        del d[key]
+
+
+def _grown(d):
+    for i in range(40, 120):
+        d[b"k%d" % i] = i
+
+
+def _updated(d):
+    d.update((b"k%d" % i, -i) for i in range(30, 200))
+
+
+_CUT_SHORT = {"clear": lambda d: d.clear(), "pops": _emptied_by_pops, "dels": _emptied_by_dels,
+              "popitem": _emptied_by_popitem, "shrunk": _shrunk, "grown": _grown, "updated": _updated}
+
+
+@pytest.mark.parametrize("how", sorted(_CUT_SHORT))
+def test_a_kept_view_is_its_bodys_at_every_point_of_a_change_cut_short(tmp_path, how):
+    """KeyboardInterrupt at every opcode of a change that frees or replaces a Dict's table: wherever it
+    lands, a live kept view is the view of the table the proxy's body names (never of the table a
+    body of 0 or a new table replaced: a lookup made before the rollback would read it), and after
+    the rollback every lookup reads the committed table."""
+    import sys
+
+    from conftest import interrupt_at_opcode
+    size = 40 if how in ("shrunk", "grown", "updated") else 8  # (emptied: every opcode of a small one)
+    p = Lookups(tmp_path / "l.ps", pageSize=256)
+    p.root.by_bytes = {b"k%d" % i: i for i in range(size)}
+    p.commit()
+    committed = {b"k%d" % i: i for i in range(size)}
+    heap = p._heap
+    d = p.root.by_bytes
+    fired = interrupt_at_opcode(10 ** 9)  # (how many opcodes it runs: every one of the last few
+    try:  # hundred, where a table is freed or replaced, and a sample of the rest)
+        _CUT_SHORT[how](d)
+    finally:
+        sys.settrace(None)
+    total = fired.opcodes()
+    p.rollback()
+    stride = 1 if size < 40 else 97
+    counts = sorted(set(range(1, total, stride)) | set(range(max(1, total - 300), total + 2)))
+    for count in counts:
+        _agree(d, committed, [b"k0", b"k99"])  # (its view kept)
+        fired = interrupt_at_opcode(count)
+        try:
+            _CUT_SHORT[how](d)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        kept = getattr(d, "_ps_tv", None)
+        if kept is not None and kept.fast is not None:
+            assert d._ps_body and heap.tables.get(d._ps_body) is kept, (count, d._ps_body)
+        if not d._ps_body:  # (no table: no key is in it, by any way of asking)
+            assert not any(key in d for key in committed) and d.get(b"k0") is None, count
+        p.rollback()
+        _agree(d, committed, list(committed) + [b"k99"])
+    assert not fired()
+    p.check()
+    p.close()

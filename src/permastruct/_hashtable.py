@@ -435,6 +435,7 @@ class HashCollection(Collection):
         count = self._ps_count
         if count == 0:
             old = self._ps_body
+            heap.drop_view(old)  # (first: cut short before the free, a kept view must not outlive the body)
             self._ps_body = 0
             heap.drop_internal(old)
         elif table.capacity > 16 and count * 8 < table.capacity:
@@ -502,6 +503,7 @@ class HashCollection(Collection):
         cls = type(self)
         removed = list(self._ps_live_entries())
         old = self._ps_body
+        heap.drop_view(old)  # (first: cut short before the free, a kept view must not outlive the body)
         self._ps_body = 0
         self._ps_count = 0
         self._ps_aux += 1
