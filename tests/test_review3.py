@@ -258,3 +258,70 @@ def test_a_kept_view_is_its_bodys_at_every_point_of_a_change_cut_short(tmp_path,
     assert not fired()
     p.check()
     p.close()
+
+
+# -- the header block is written with pwrite only, never through the map (MappedFile.dirty_ranges) --
+def _header_untouched(p):
+    """The map's pages of the header block show the file's bytes and were never written in the map."""
+    from permastruct import _format as F
+    from permastruct._mapping import OS_PAGE
+    mapping = p._page_file.mapping
+    segment = mapping.segment_of(0)
+    assert bytes(segment.map[:F.HEADER_BLOCK]) == mapping.io.pread(F.HEADER_BLOCK, 0)
+    assert not [first for first, _ in mapping._dirty(segment) if first * OS_PAGE < F.HEADER_BLOCK]
+
+
+def _work(p):
+    d = p.root.by_bytes
+    d.update((b"k%d" % i, i) for i in range(300))
+    p.commit()
+    for i in range(0, 300, 3):
+        del d[b"k%d" % i]
+    p.root.by_text = {"t%d" % i: i for i in range(50)}
+    p.rollback()
+    with p.transaction():
+        p.root.by_int = {i: i for i in range(100)}
+        with pytest.raises(ZeroDivisionError), p.transaction():
+            d.clear()
+            1 / 0
+    d.update((b"n%d" % i, i) for i in range(100))
+    p.commit()
+    _header_untouched(p)
+
+
+@pytest.mark.parametrize("how", ["made", "reopened", "memory", "overlay"])
+def test_nothing_writes_the_header_block_through_the_map(tmp_path, how):
+    """Commits, rollbacks, savepoints, undo, pack and backup leave the header block of the map as
+    the file has it: a commit does not look for changes in a segment before the map's origin, so a
+    write there would never be committed (nor seen by readers)."""
+    path = tmp_path / "l.ps"
+    if how == "memory":
+        p = Lookups(None, pageSize=256)
+    else:
+        p = Lookups(path, pageSize=256, history=5)
+        if how != "made":
+            p.root.by_bytes = {b"x": 1}
+            p.close()
+            p = Lookups(path, overlay=(how == "overlay"), pageSize=256)
+    p.root.by_bytes = {}
+    p.commit()
+    _header_untouched(p)
+    _work(p)
+    _work(p)
+    if how in ("made", "reopened"):
+        p.undo(p.last_transaction)
+        _header_untouched(p)
+        p.backup(tmp_path / "copy.ps")
+        r = Lookups(path, readonly=True)
+        _header_untouched(r)
+        p.root.by_bytes.clear()
+        p.commit()
+        r.refresh()
+        _header_untouched(r)
+        r.close()
+    p.root.by_text = None
+    p.commit()
+    p.pack()
+    _header_untouched(p)
+    p.check()
+    p.close()
