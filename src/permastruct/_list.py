@@ -162,6 +162,16 @@ class PersistentList(Collection):
         Runtime: O(1) for an index: one typed memoryview read (and an identity-map lookup for by-
         reference elements); O(k) for a slice of k elements.
         """
+        if type(index) is int:  # the common case, written out (the cells cached: see _ps_cells)
+            count = self._ps_count
+            if index < 0:
+                index += count
+            if not 0 <= index < count:
+                raise IndexError("list index out of range")
+            cls = type(self)
+            cell = (cls._heap.views.get(self._ps_body) or self._ps_cells())[index]
+            decode = cls._ps_cell.decode
+            return cell if decode is None else decode(cell)
         if isinstance(index, slice):
             start, stop, step = index.indices(self._ps_count)
             if step == 1:
