@@ -156,8 +156,9 @@ def deliverable(frame):
 
 def is_generated(filename):
     """Whether code comes from the package's generated functions (a structure's constructor, the
-    change wrappers), which run inside the package as its own files' code does."""
-    return filename.startswith("<constructor of ") or filename == "<change wrapper>"
+    change wrappers, a hash collection's lookups), which run inside the package as its own files'
+    code does."""
+    return filename.startswith(("<constructor of ", "<lookups of ")) or filename == "<change wrapper>"
 
 
 def interrupt_at_opcode(count):
