@@ -379,6 +379,9 @@ class HashCollection(Collection):
         """Add ``key``; ``stored`` is ``_ps_key.store(key)`` if the caller has it already.
 
         Returns ``(table, -1)`` for a new key, ``(table, entry)`` for one already present.
+        A by-reference ``value_cell`` is stored with the reference the caller took
+        before the call (first, so that an object with too many references is
+        refused before anything changes).
         A string key of at most ``KEY_INLINE`` bytes goes into the entry itself;
         a longer one is a string object (a new one, or the proxy's, gaining a reference).
         """
@@ -394,22 +397,20 @@ class HashCollection(Collection):
             table = self._ps_rebuild(heap, _room_to_grow(self._ps_count, table.mask + 1))
             slot, _, _ = self._ps_find(table, hash_, data)
             used = table.head[3]
-        if table.indices[slot] == F.TABLE_EMPTY:
-            table.head[4] += 1
         if not cls._ps_strings:
             tag, cell = 1, data
         elif len(data) <= _KEY_INLINE:
             tag, cell = _TAG_INLINE + len(data), data
-        else:
+        else:  # (a new string object, or the key's own gaining a reference: before the table changes)
             tag, cell = _TAG_REF, _U64.pack(key_type.new_cell(key, data))
+        if table.indices[slot] == F.TABLE_EMPTY:
+            table.head[4] += 1
         fields = (hash_, tag, cell) if value_cell is None else (hash_, tag, cell, value_cell)
         cls._ps_entry.pack_into(table.entries, used * cls._ps_esize, *fields)
         table.indices[slot] = used + 1
         table.head[3] = used + 1
         self._ps_count += 1
         self._ps_aux += 1
-        if value_cell and cls._ps_has_values and cls._ps_value.is_ref:
-            heap.incref(value_cell)
         return table, -1
 
     def _ps_delete(self, heap, table, slot, entry, fields):
@@ -935,16 +936,21 @@ class PersistentDict(MappingMixin, HashCollection):
         stored = cls._ps_key.store(key)  # a wrong key fails before the value creates anything
         value_type = cls._ps_value
         cell = value_type.encode(value)
-        table, entry = self._ps_insert(heap, key, cell, stored)
+        referenced = value_type.is_ref and cell
+        if referenced:
+            heap.incref(cell)  # (first: it refuses an object with too many references)
+        try:
+            table, entry = self._ps_insert(heap, key, cell, stored)
+        except Exception:  # (a full disk growing the table: nothing stored)
+            if referenced:
+                heap.decref(cell)
+            raise
         if entry >= 0:  # an existing key: replace the value
             at = entry * cls._ps_esize + cls._ps_value_at
             old = cls._ps_value_cell.unpack_from(table.entries, at)[0]
             cls._ps_value_cell.pack_into(table.entries, at, cell)
-            if value_type.is_ref:
-                if cell:
-                    heap.incref(cell)
-                if old:
-                    heap.decref(old)
+            if value_type.is_ref and old:
+                heap.decref(old)
 
     def _ps_prepare_pairs(self, heap, pairs):
         """The checked pairs, as ``_Columns`` when the keys are all ``bytes`` (ByteString keys) or all
@@ -1003,6 +1009,10 @@ class PersistentDict(MappingMixin, HashCollection):
         indices, mask, raw, before, capacity = table.fast
         head = table.head
         used, filled, added = head[3], head[4], 0
+        if value_ref:  # every new value's reference first (all or none), before anything is stored
+            prepared = list(prepared)
+            heap.incref_all(cell for _, _, cell, _ in prepared)
+        stored_so_far = 0
         try:
             for key, stored, cell, _ in prepared:
                 hash_, data = stored
@@ -1013,15 +1023,13 @@ class PersistentDict(MappingMixin, HashCollection):
                     self._ps_aux += added
                     added = 0
                     table, entry = self._ps_insert(heap, key, cell, stored)
+                    stored_so_far += 1
                     if entry >= 0:  # an existing key: replace the value
                         at = entry * esize + value_at
                         old = value_cell.unpack_from(table.entries, at)[0]
                         value_cell.pack_into(table.entries, at, cell)
-                        if value_ref:
-                            if cell:
-                                heap.incref(cell)
-                            if old:
-                                heap.decref(old)
+                        if value_ref and old:
+                            heap.decref(old)
                     indices, mask, raw, before, capacity = table.fast
                     head = table.head
                     used, filled = head[3], head[4]
@@ -1058,6 +1066,12 @@ class PersistentDict(MappingMixin, HashCollection):
                 pack_entry(raw, before + used * esize, hash_, tag, data, cell)  # (a short key padded with zeros)
                 indices[slot] = used
                 added += 1
+        except Exception:
+            if value_ref:  # (a full disk on the way) the values not stored give their references back
+                for _, _, cell, _ in prepared[stored_so_far:]:
+                    if cell:
+                        heap.decref(cell)
+            raise
         finally:
             head[3], head[4] = used, filled
             self._ps_count += added
