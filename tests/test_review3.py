@@ -325,3 +325,33 @@ def test_nothing_writes_the_header_block_through_the_map(tmp_path, how):
     _header_untouched(p)
     p.check()
     p.close()
+
+
+def test_a_refresh_cut_short_before_it_moves_leaves_the_next_one_as_it_was(tmp_path, monkeypatch):
+    """Interrupted as it waits for the snapshot lock (nothing moved), a refresh leaves nothing due: the
+    next one, with nothing new, does nothing, and so kills no proxy of an object made in a place the
+    last move freed (the freed offsets are that move's, not this one's)."""
+    from permastruct._commit import Engine
+    path = tmp_path / "l.ps"
+    w = Lookups(path, pageSize=256)
+    w.root.by_text = {"a": 1}
+    w.commit()
+    r = Lookups(path, readonly=True)
+    old = r.root.by_text
+    w.root.by_text = None  # the old Dict freed, then the new one made in its place
+    w.commit()
+    w.root.by_text = {"b": 2}
+    w.commit()
+    assert r.refresh() is True
+    new = r.root.by_text
+    assert new._ps_oid in r._page_file.freed  # (the case itself: a proxy at a freed offset, made after)
+    calls = _interrupt_once(monkeypatch, Engine, "_lock_snapshot")
+    with pytest.raises(KeyboardInterrupt):
+        r.refresh()
+    assert calls
+    assert r.refresh() is False
+    assert dict(new) == {"b": 2}
+    with pytest.raises(Exception):
+        len(old)
+    r.close()
+    w.close()
