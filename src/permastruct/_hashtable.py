@@ -342,6 +342,15 @@ class HashCollection(Collection):
 
     def _ps_rebuild(self, heap, wanted):
         """Move the live entries to a new table with room for ``wanted`` entries (compacting)."""
+        view, hashes = self._ps_move(heap, wanted)
+        if hashes:
+            view.indices[:] = _place(hashes, view.mask)
+        return view
+
+    def _ps_move(self, heap, wanted):
+        """:meth:`_ps_rebuild` but for the indices: ``(view, hashes)``, the new table with the live
+        entries copied, its indices still empty, and their hashes in entry order (the caller
+        places them, alone or with the entries it adds)."""
         cls = type(self)
         nslots, capacity = _table_shape(max(wanted, self._ps_count))
         entries_at = F.TABLE.size + -(-4 * nslots // 8) * 8
@@ -349,9 +358,9 @@ class HashCollection(Collection):
         F.TABLE.pack_into(heap.mapping.view(new, F.TABLE.size), 0, F.T_TABLE, 1, cls._ps_type_id, 0,
                           nslots, 0, 0, capacity)
         view = _TableView(heap, new, cls._ps_esize)
-        esize, mask = cls._ps_esize, nslots - 1
+        esize = cls._ps_esize
         old = self._ps_body
-        used = 0
+        hashes = []
         if old:
             table = self._ps_table()
             end = table.head[3] * esize
@@ -368,15 +377,13 @@ class HashCollection(Collection):
                 for number, entry in enumerate(live):
                     view.entries[number * esize:(number + 1) * esize] = source[entry * esize:(entry + 1) * esize]
                 hashes = [hashes[entry] for entry in live]
-            view.indices[:] = _place(hashes, mask)
-            used = len(hashes)
-        view.head[3] = view.head[4] = used
+        view.head[3] = view.head[4] = len(hashes)
         heap.tables[new] = view
         self._ps_body = new
         self._ps_tv = view
         if old:
             heap.drop_internal(old)
-        return view
+        return view, hashes
 
     def _ps_insert(self, heap, key, value_cell=None, stored=None):
         """Add ``key``; ``stored`` is ``_ps_key.store(key)`` if the caller has it already.
@@ -1050,13 +1057,20 @@ class PersistentDict(MappingMixin, HashCollection):
         """
         cls = type(self)
         wanted = self._ps_count + len(prepared)
-        if not self._ps_body or self._ps_table().capacity < wanted:
-            self._ps_rebuild(heap, min(wanted, _MAX_ENTRIES))
+        grow = not self._ps_body or self._ps_table().capacity < wanted
         if type(prepared) is _Columns:
-            if self._ps_fill_columns(prepared):
+            if grow:  # the old entries and the new placed in one pass (else the old, if they must stay alone)
+                table, hashes = self._ps_move(heap, min(wanted, _MAX_ENTRIES))
+                if self._ps_fill_columns(prepared, hashes):
+                    return
+                if hashes:
+                    table.indices[:] = _place(hashes, table.mask)
+            elif self._ps_fill_columns(prepared):
                 return
             prepared = zip(prepared.keys, zip(prepared.hashes, prepared.keys), prepared.cells,
                            itertools.repeat(None))
+        elif grow:
+            self._ps_rebuild(heap, min(wanted, _MAX_ENTRIES))
         value_ref = cls._ps_value.is_ref
         value_at, value_cell = cls._ps_value_at, cls._ps_value_cell
         strings, esize = cls._ps_strings, cls._ps_esize
@@ -1126,16 +1140,19 @@ class PersistentDict(MappingMixin, HashCollection):
             self._ps_count += added
             self._ps_aux += added
 
-    def _ps_fill_columns(self, columns):
+    def _ps_fill_columns(self, columns, moved=None):
         """Append ``columns`` to the table at once if it has room for them, no tombstone and no dead
         entry, and their keys are short, distinct and not in it already; whether it did (if not,
-        nothing changed).
+        nothing changed).  ``moved``: the hashes of the table's entries when its indices are still
+        empty (a table :meth:`_ps_move` just made): they are placed here too, first.
 
-        The new keys are placed first, into a copy of the indices, by one loop
-        over their hashes; a probe that meets an occupied slot compares the
-        keys (:meth:`_ps_same_key`), so a repeated or present key gives up
-        before anything is written.  Then the entries are written a column
-        at a time (:func:`_write_columns`) and the indices copied back.
+        The new keys are placed first, into a copy of the indices (or a new
+        array), by one loop over their hashes; a probe that meets an occupied
+        slot compares the hashes (all of them in one ``array``: one read, no
+        int object to follow), then the keys (:meth:`_ps_same_key`), so a
+        repeated or present key gives up before anything is written.  Then the
+        entries are written a column at a time (:func:`_write_columns`) and
+        the indices copied in.
         """
         cls = type(self)
         table = self._ps_table()
@@ -1152,26 +1169,38 @@ class PersistentDict(MappingMixin, HashCollection):
         else:
             lengths = None
         mask, esize = table.mask, cls._ps_esize
-        indices = array("I")
-        indices.frombytes(table.indices.cast("B"))  # a copy: the table changes only once all is placed
-        # the hash of entry number n: stored[n - 1] in the table (an entry's first uint32), else
-        # hashes[n - used - 1]; an index naming neither (damage) raises IndexError
-        with table.entries[:used * esize].cast("I") as words, words[::esize // 4] as stored:
-            try:
-                number = used
-                for slot in map(operator.and_, hashes, itertools.repeat(mask)):  # (the homes, at C level)
+        # every entry's hash by its number (1-based, as an index names it): the table's, then the new
+        every = array("I", (0,))
+        if moved is None:
+            indices = array("I")
+            indices.frombytes(table.indices.cast("B"))  # a copy: the table changes only once all is placed
+            with table.entries[:used * esize].cast("I") as words, words[::esize // 4] as stored:
+                every.frombytes(stored.tobytes())
+        else:
+            indices = array("I", bytes(4 * (mask + 1)))
+            every.fromlist(moved)
+        every.fromlist(hashes)
+        number = 0 if moved is not None else used
+        try:
+            if moved is not None:  # the table's own entries: distinct keys, no comparison
+                for slot in map(operator.and_, moved, itertools.repeat(mask)):
                     number += 1
-                    if indices[slot]:  # a collision: rare, at most a third of the slots are in use
-                        hash_ = hashes[number - used - 1]
-                        while indices[slot]:
-                            other = indices[slot]
-                            if (hashes[other - used - 1] if other > used else stored[other - 1]) == hash_ \
-                                    and self._ps_same_key(table, used, columns, other, number):
-                                return False
-                            slot = (slot + 1) & mask
+                    while indices[slot]:
+                        slot = (slot + 1) & mask
                     indices[slot] = number
-            except IndexError:  # an index that names no entry: the general way says what is wrong
-                return False
+            for slot in map(operator.and_, hashes, itertools.repeat(mask)):  # (the homes, at C level)
+                number += 1
+                other = indices[slot]
+                if other:  # a collision: rare, at most a third of the slots are in use
+                    hash_ = every[number]
+                    while other:
+                        if every[other] == hash_ and self._ps_same_key(table, used, columns, other, number):
+                            return False
+                        slot = (slot + 1) & mask
+                        other = indices[slot]
+                indices[slot] = number
+        except IndexError:  # an index that names no entry: the general way says what is wrong
+            return False
         _write_columns(cls, table.entries[used * esize:(used + m) * esize], columns, lengths)
         table.indices[:] = indices
         head[3] = head[4] = used + m
