@@ -25,11 +25,17 @@ class Build(Storage):
         s = self.schema
         self.define(Dict("Index")[s.ByteString, s.Int])
         self.define(Dict("Numbers")[s.Int, s.Float])
+        self.define(Dict("Small")[s.ByteString, s.Int8])
+        self.define(Dict("Counts")[s.ByteString, s.UInt64])
+        self.define(Dict("Wide")[s.ByteString, s.Int])
 
         class Root(s.Structure):
             index = s.Index
             numbers = s.Numbers
             blob = s.ByteString
+            small = s.Small
+            counts = s.Counts
+            wide = s.Wide
 
 
 @pytest.fixture
@@ -164,3 +170,36 @@ def test_an_interrupt_anywhere_in_a_growing_bulk_update_is_undone_by_rollback(bu
             break
         count += 1
     assert count > 100
+
+
+@pytest.mark.parametrize("field, good, bad", [
+    ("small", [-128, 127, 0], [128, -129]),
+    ("counts", [0, (1 << 64) - 1], [-1, 1 << 64]),
+    ("wide", [-(1 << 63), (1 << 63) - 1], [1 << 63, -(1 << 63) - 1]),
+])
+def test_bulk_values_are_range_checked_as_a_single_store_would(build, field, good, bad):
+    """The values' range is checked at once (an array of the value type's C type): the bounds go
+    in; one value past them raises the OverflowError of a single store, and nothing is stored."""
+    p = build
+    setattr(p.root, field, {})
+    d = getattr(p.root, field)
+    pairs = [(b"g%d" % i, value) for i, value in enumerate(good * 20)]
+    d.update(pairs)
+    _agree(d, dict(pairs))
+    for value in bad:
+        with pytest.raises(OverflowError) as single:
+            d[b"one"] = value
+        with pytest.raises(OverflowError) as bulk:
+            d.update([(b"b%d" % i, 1) for i in range(50)] + [(b"bad", value)])
+        assert str(bulk.value) == str(single.value)
+        _agree(d, dict(pairs))
+    for value in (True, 1.0, "1"):  # not an int: what a single store does with it, the same in bulk
+        try:
+            d[b"one"] = value
+        except (TypeError, ValueError) as exc:
+            with pytest.raises(type(exc)):
+                d.update([(b"b%d" % i, 1) for i in range(50)] + [(b"bad", value)])
+        else:
+            d.update([(b"b%d" % i, 1) for i in range(50)] + [(b"bad", value)])
+            assert d[b"bad"] == d[b"one"]
+    p.check()
