@@ -189,7 +189,8 @@ def _write_columns(cls, region, columns, lengths, hashes=None):
 
 class _Columns:
     """Checked items of a bulk update as columns (see ``PersistentDict._ps_prepare_pairs``): the keys
-    (their own stored form: ``bytes`` or ``int``), their stored hashes and the value cells."""
+    (their own stored form: ``bytes`` or ``int``), their stored hashes (an ``array('I')``) and the
+    value cells."""
 
     __slots__ = ("keys", "hashes", "cells")
 
@@ -1030,10 +1031,11 @@ class PersistentDict(MappingMixin, HashCollection):
         keys = list(map(_first, pairs))
         kinds = set(map(type, keys))
         if key_type.is_ref and key_type.string_type == F.T_BYTESTRING and kinds == {bytes}:
-            hashes = list(map(_crc32, keys, itertools.repeat(F.BYTES_SEED)))
+            # (an array, not a list: no int object kept a hash, none freed at the end, cold)
+            hashes = array("I", map(_crc32, keys, itertools.repeat(F.BYTES_SEED)))
         elif not key_type.is_ref and key_type.exact is int and kinds == {int} and (
                 key_type.low <= min(keys) and max(keys) <= key_type.high):
-            hashes = list(map(F.number_hash, keys))
+            hashes = array("I", map(F.number_hash, keys))
         else:
             return super()._ps_prepare_pairs(heap, pairs)
         values = list(map(_second, pairs))
@@ -1193,7 +1195,7 @@ class PersistentDict(MappingMixin, HashCollection):
         else:
             indices = table.indices  # empty: placed in place (emptied again if the keys do not fit)
             every.fromlist(moved)
-        every.fromlist(hashes)
+        every.extend(hashes)
         number = 0 if moved is not None else used
         placed = False
         try:
