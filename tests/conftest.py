@@ -122,6 +122,7 @@ _DELIVERY_OPS = frozenset(dis.opmap[name] for name in (
     "POP_JUMP_BACKWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE", "PRECALL", "CALL", "CALL_FUNCTION_EX")
     if name in dis.opmap)
 _CALLS = frozenset(("CALL", "CALL_FUNCTION_EX"))
+_RETURN_VALUE = dis.opmap["RETURN_VALUE"]
 _DELIVERY = {}  # code object -> the offsets of its instructions where a signal can be delivered
 
 
@@ -134,9 +135,14 @@ def deliverable(frame):
     code = frame.f_code
     points = _DELIVERY.get(code)
     if points is None:
-        table = dis._parse_exception_table(code)  # (start, end, target, depth, lasti) per range
+        # (start, end, target, depth, lasti) per range: a private helper of dis in 3.11 and 3.12;
+        # without it, the instruction after a call counts unless it is a RETURN_VALUE
+        parse = getattr(dis, "_parse_exception_table", None)
+        table = parse(code) if parse is not None else None
 
         def handler(offset):
+            if table is None:
+                return code.co_code[offset] != _RETURN_VALUE
             return next(((entry.target, entry.depth) for entry in table if entry.start <= offset < entry.end), None)
         points, call = set(), None
         for instruction in dis.get_instructions(code):
@@ -150,8 +156,9 @@ def deliverable(frame):
 
 def is_generated(filename):
     """Whether code comes from the package's generated functions (a structure's constructor, the
-    change wrappers), which run inside the package as its own files' code does."""
-    return filename.startswith("<constructor of ") or filename == "<change wrapper>"
+    change wrappers, a hash collection's lookups), which run inside the package as its own files'
+    code does."""
+    return filename.startswith(("<constructor of ", "<lookups of ")) or filename == "<change wrapper>"
 
 
 def interrupt_at_opcode(count):

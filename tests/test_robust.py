@@ -521,3 +521,90 @@ def test_a_number_that_cannot_be_converted_is_refused_naming_where_it_was_to_go(
     assert where in message and "has no" in message and len(message) < 300, message
     assert _state(p) == before
     p.check()
+
+
+# -- an object with as many references as its count can hold: every store of it is refused whole --
+def _saturate(p, proxy):
+    """Set the reference count of ``proxy``'s object to its largest value; return the old one."""
+    view = p._heap.mapping.view(proxy._ps_oid + 4, 4).cast("I")
+    old, view[0] = view[0], 0xFFFFFFFF
+    view.release()
+    return old
+
+
+@pytest.mark.parametrize("how", ["list set", "list append", "list insert", "list extend", "dict set",
+                                 "dict update", "field"])
+def test_a_store_of_an_object_with_too_many_references_changes_nothing(tmp_path, how):
+    p = Graph(str(tmp_path / "g.ps"))
+    Node = p.schema.Node
+    first, full = Node(name="first", weight=1), Node(name="full", weight=2)
+    p.root.nodes = [first]
+    p.root.by_name = {"a": first}
+    p.root.keep = first
+    p.commit()
+    count = p._heap.mapping.view(first._ps_oid + 4, 4).cast("I")[0]
+    _saturate(p, full)
+    action = {
+        "list set": lambda: p.root.nodes.__setitem__(0, full),
+        "list append": lambda: p.root.nodes.append(full),
+        "list insert": lambda: p.root.nodes.insert(0, full),
+        "list extend": lambda: p.root.nodes.extend([Node(name="x"), full]),
+        "dict set": lambda: p.root.by_name.__setitem__("a", full),
+        "dict update": lambda: p.root.by_name.update({"b": first, "a": full}),
+        "field": lambda: setattr(p.root, "keep", full),
+    }[how]
+    with pytest.raises(OverflowError, match="too many references"):
+        action()
+    assert [str(n.name) for n in p.root.nodes] == ["first"]
+    assert {k: str(v.name) for k, v in p.root.by_name.items()} == {"a": "first"}
+    assert str(p.root.keep.name) == "first"
+    assert p._heap.mapping.view(first._ps_oid + 4, 4).cast("I")[0] == count  # (counted as before)
+    p.rollback()
+    p.check()
+    p.close()
+
+
+class Refs(Storage):
+    def populateSchema(self):
+        s = self.schema
+
+        class Node(s.Structure):
+            name = s.String
+
+        self.define(SortedDict("Ranked")[s.Int, Node])
+        self.define(Dict("ByText")[s.String, s.Int])
+        self.define(Set("Texts")[s.String])
+
+        class Root(s.Structure):
+            ranked = s.Ranked
+            by_text = s.ByText
+            texts = s.Texts
+
+
+LONG = "a key longer than sixteen bytes"
+
+
+@pytest.mark.parametrize("how", ["sorted set", "sorted update", "dict long key", "set long key"])
+def test_a_sorted_dict_value_or_a_long_key_with_too_many_references_changes_nothing(tmp_path, how):
+    p = Refs(str(tmp_path / "r.ps"))
+    Node = p.schema.Node
+    first = Node(name="first")
+    p.root.ranked = {1: first}
+    p.root.by_text, p.root.texts = {"a": 1}, {"a"}
+    p.commit()
+    full_node, full_text = Node(name="full"), p.schema.String(LONG)
+    _saturate(p, full_node)
+    _saturate(p, full_text)
+    action = {
+        "sorted set": lambda: p.root.ranked.__setitem__(1, full_node),
+        "sorted update": lambda: p.root.ranked.update({2: first, 1: full_node}),
+        "dict long key": lambda: p.root.by_text.__setitem__(full_text, 2),
+        "set long key": lambda: p.root.texts.add(full_text),
+    }[how]
+    with pytest.raises(OverflowError, match="too many references"):
+        action()
+    assert {k: str(v.name) for k, v in p.root.ranked.items()} == {1: "first"}
+    assert dict(p.root.by_text) == {"a": 1} and set(p.root.texts) == {"a"}
+    p.rollback()
+    p.check()
+    p.close()

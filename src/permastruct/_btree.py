@@ -543,12 +543,17 @@ class PersistentSortedDict(MappingMixin, Collection):
         hash_, data = key_type.store(key)
         value_type = cls._ps_value
         cell = value_type.encode(value)
+        referenced = value_type.is_ref and cell
+        if referenced:
+            heap.incref(cell)  # (first: it refuses an object with too many references)
         try:
             self._ps_store(heap, key, data, cell)
-        except (ValueError, IndexError, OverflowError) as exc:
-            if isinstance(exc, PermastructError):
-                raise
-            raise self._ps_damage(exc) from exc
+        except Exception as exc:
+            if referenced:
+                heap.decref(cell)
+            if isinstance(exc, (ValueError, IndexError, OverflowError)) and not isinstance(exc, PermastructError):
+                raise self._ps_damage(exc) from exc
+            raise
 
     def _ps_bulk_store(self, heap, prepared):
         """Store checked ``(key, stored, value cell, holder)`` items (see ``update``): an empty tree
@@ -557,16 +562,25 @@ class PersistentSortedDict(MappingMixin, Collection):
         items = sorted(prepared, key=lambda item: item[1][1])  # stable: equal keys keep their order
         unique = [item for item, following in zip(items, items[1:] + [None])
                   if following is None or following[1][1] != item[1][1]]
+        value_ref = type(self)._ps_value.is_ref
+        if value_ref:  # every value's reference first (all or none), before anything is stored
+            heap.incref_all(cell for _, _, cell, _ in unique)
+        done = 0
         try:
             if not self._ps_body and len(unique) > 1:
                 self._ps_build_tree(heap, unique)
                 return
             for key, stored, cell, _ in unique:
                 self._ps_store(heap, key, stored[1], cell)
-        except (ValueError, IndexError, OverflowError) as exc:
-            if isinstance(exc, PermastructError):
-                raise
-            raise self._ps_damage(exc) from exc
+                done += 1
+        except Exception as exc:
+            if value_ref:  # the values not stored give their references back
+                for _, _, cell, _ in unique[done:]:
+                    if cell:
+                        heap.decref(cell)
+            if isinstance(exc, (ValueError, IndexError, OverflowError)) and not isinstance(exc, PermastructError):
+                raise self._ps_damage(exc) from exc
+            raise
 
     def _ps_build_tree(self, heap, items):
         """Build the tree of an empty SortedDict from ``items`` sorted by key, without duplicates.
@@ -591,11 +605,7 @@ class PersistentSortedDict(MappingMixin, Collection):
             values = [cell for _, _, cell, _ in run]
             leaf.keys[:size] = memoryview(array(key_code, keys))
             leaf.values[:size] = memoryview(array(value_code, values))
-            leaf.n = size
-            if value_type.is_ref:
-                for cell in values:
-                    if cell:
-                        heap.incref(cell)
+            leaf.n = size  # (the values' references: taken by the caller, see _ps_bulk_store)
             if previous is not None:
                 previous.head64[2], leaf.head64[3] = leaf.offset, previous.offset
             previous = leaf
@@ -636,22 +646,17 @@ class PersistentSortedDict(MappingMixin, Collection):
         keys = self._ps_searchable(leaf)
         n = leaf.n
         index = bisect.bisect_left(keys, data, 0, n)
-        if index < n and keys[index] == data:
+        if index < n and keys[index] == data:  # (the new value's reference: taken by the caller, first)
             old = leaf.values[index]
             leaf.values[index] = cell
-            if value_type.is_ref:
-                if cell:
-                    heap.incref(cell)
-                if old:
-                    heap.decref(old)
+            if value_type.is_ref and old:
+                heap.decref(old)
             return
         key_cell = key_type.new_cell(key, data)
         leaf.keys[index + 1:n + 1] = leaf.keys[index:n]
         leaf.values[index + 1:n + 1] = leaf.values[index:n]
         leaf.keys[index], leaf.values[index] = key_cell, cell
         leaf.n = n + 1
-        if value_type.is_ref and cell:
-            heap.incref(cell)
         for node, child in path:
             node.counts[child] += 1
         self._ps_count += 1

@@ -237,15 +237,12 @@ class HashCollection(Collection):
         cls._ps_key_of = _key_reader(cls, heap, key)
         cls._ps_readers = _entry_readers(cls)
         # the lookup fast path of this class's key type, made once here (see _fast_lookups)
-        found = _fast_lookups(cls)
-        if found is None:
-            for name in ("__contains__", "__getitem__"):
-                if name in cls.__dict__:
-                    delattr(cls, name)
-        else:
-            cls.__contains__ = found[0]
-            if cls._ps_has_values:
-                cls.__getitem__ = found[1]
+        made = _fast_lookups(cls) or {}
+        for name in ("__contains__", "__getitem__", "get"):
+            if name in made:
+                setattr(cls, name, made[name])
+            elif name in cls.__dict__:
+                delattr(cls, name)
         if cls._ps_has_values:
             setitem = _fast_setitem(cls)
             if setitem is not None:
@@ -392,6 +389,9 @@ class HashCollection(Collection):
         """Add ``key``; ``stored`` is ``_ps_key.store(key)`` if the caller has it already.
 
         Returns ``(table, -1)`` for a new key, ``(table, entry)`` for one already present.
+        A by-reference ``value_cell`` is stored with the reference the caller took
+        before the call (first, so that an object with too many references is
+        refused before anything changes).
         A string key of at most ``KEY_INLINE`` bytes goes into the entry itself;
         a longer one is a string object (a new one, or the proxy's, gaining a reference).
         """
@@ -407,22 +407,20 @@ class HashCollection(Collection):
             table = self._ps_rebuild(heap, _room_to_grow(self._ps_count, table.mask + 1))
             slot, _, _ = self._ps_find(table, hash_, data)
             used = table.head[3]
-        if table.indices[slot] == F.TABLE_EMPTY:
-            table.head[4] += 1
         if not cls._ps_strings:
             tag, cell = 1, data
         elif len(data) <= _KEY_INLINE:
             tag, cell = _TAG_INLINE + len(data), data
-        else:
+        else:  # (a new string object, or the key's own gaining a reference: before the table changes)
             tag, cell = _TAG_REF, _U64.pack(key_type.new_cell(key, data))
+        if table.indices[slot] == F.TABLE_EMPTY:
+            table.head[4] += 1
         fields = (hash_, tag, cell) if value_cell is None else (hash_, tag, cell, value_cell)
         cls._ps_entry.pack_into(table.entries, used * cls._ps_esize, *fields)
         table.indices[slot] = used + 1
         table.head[3] = used + 1
         self._ps_count += 1
         self._ps_aux += 1
-        if value_cell and cls._ps_has_values and cls._ps_value.is_ref:
-            heap.incref(value_cell)
         return table, -1
 
     def _ps_delete(self, heap, table, slot, entry, fields):
@@ -685,153 +683,93 @@ def _entry_readers(cls):
     return struct.Struct(f"<4xI{cls._ps_key.code}{value_code}").unpack_from
 
 
+#: The lookup of a short key, written once and made per class and per way of asking (see
+#: _fast_lookups): ``{...}`` are filled in by what the class's key type and the asking need; the
+#: names it reads are the free variables of the function that makes it (cheaper than globals).
+_LOOKUP = """
+    def {name}(self, key{parameters}):
+        if type(key) is exact{in_range}:
+            try:
+                {encode}
+                indices, mask, raw, before, capacity = self._ps_tv.fast
+                {reader}
+            except (UnicodeEncodeError, AttributeError, TypeError, IndexError):
+                # a lone surrogate, no view kept, a retired one (fast None), a long key
+                return {slow}
+            home = slot = {hash} & mask
+            index = indices[slot]
+            while index:
+                if index <= capacity:
+                    {fields} = read(raw, before + index * esize)
+                    if found == {data} and tag_ == tag:
+                        return {hit}
+                elif index != deleted:  # (an index naming no entry: the general way says what is wrong)
+                    return {slow}
+                slot = (slot + 1) & mask
+                if slot == home:
+                    return {slow}
+                index = indices[slot]
+            {miss}
+        return {slow}
+"""
+
+
 def _fast_lookups(cls):
-    """``(__contains__, __getitem__)`` made for hash collection class ``cls``, or None.
+    """``{name: function}`` of the lookups made for hash collection class ``cls`` (``__contains__``;
+    for a Dict also ``__getitem__`` and ``get``), or None when its key type has none.
 
     They serve the keys that need no normalising: ``bytes`` (ByteString keys)
     or ``str`` (String keys) of at most ``KEY_INLINE`` bytes, which live in the
     entry itself, and ``int`` keys of an integer key type.  A lookup is then a
-    handful of C-level calls with everything else bound here, once: the hash
-    (one ``crc32``, or three int operations), one index read and one
-    ``unpack_from`` of the entry per probe (see :func:`_entry_readers`), a
-    key compare and a tag compare.  Anything else (another key type, a long
-    key, a damaged index, a probe that wraps around) goes the general way,
-    which also says what is wrong.  ``crc32`` is :mod:`binascii`'s, the same
-    function as :mod:`zlib`'s, with a cheaper call.
+    handful of C-level calls, everything else bound once here: the table's
+    figures read from the view the proxy keeps (``_ps_tv``), the hash (one
+    ``crc32``, or three int operations), one index read and one
+    ``unpack_from`` of the entry per probe (see :func:`_entry_readers`), a key
+    compare and a tag compare.  Anything else (another key type, a long key,
+    no view kept yet, a damaged index, a probe that wraps around) goes the
+    general way, which also says what is wrong.  The probe loop is written
+    once (``_LOOKUP``) and made per class with its key's parts and each
+    way of asking's answer, so that none of them pays a second call.
+    ``crc32`` is :mod:`binascii`'s, the same function as :mod:`zlib`'s, with
+    a cheaper call.
     """
     key_type = cls._ps_key
-    esize = cls._ps_esize
-    decode = cls._ps_vdecode if cls._ps_has_values else None
-    slow_get = PersistentDict.__getitem__
-    slow_contains = HashCollection.__contains__
-    deleted = F.TABLE_DELETED
-    readers = _entry_readers(cls)
+    general = {"__contains__": HashCollection.__contains__, "__getitem__": PersistentDict.__getitem__,
+               "get": MappingMixin.get}
+    bound = {"esize": cls._ps_esize, "deleted": F.TABLE_DELETED, "readers": _entry_readers(cls),
+             "decode": cls._ps_vdecode if cls._ps_has_values else None, "slow_getitem": general["__getitem__"],
+             "slow_get": general["get"], "slow_contains": general["__contains__"]}
     if key_type.is_ref:
         text = key_type.string_type == F.T_STRING
-        seed, crc32, exact = (F.STRING_SEED if text else F.BYTES_SEED), _crc32, (str if text else bytes)
-
-        def find(self, key):
-            """``(tag, key bytes[, value cell])`` of the entry holding ``key``; None if absent; False if
-            only the general way can tell."""
-            if type(key) is not exact:
-                return False
-            try:
-                data = key.encode("utf-8") if text else key
-                indices, mask, raw, before, capacity = self._ps_tv.fast
-                read, tag = readers[len(data)]
-            except (UnicodeEncodeError, AttributeError, TypeError, IndexError):
-                # a lone surrogate, no view kept, a retired one (fast None), a long key
-                return False
-            home = slot = crc32(data, seed) & mask
-            index = indices[slot]
-            while index:
-                if index <= capacity:
-                    fields = read(raw, before + index * esize)
-                    if fields[1] == data and fields[0] == tag:
-                        return fields
-                elif index != deleted:
-                    return False
-                slot = (slot + 1) & mask
-                if slot == home:
-                    return False
-                index = indices[slot]
-            return None
-
-        if text:
-            def __getitem__(self, key):
-                fields = find(self, key)
-                if fields:
-                    return fields[2] if decode is None else decode(fields[2])
-                if fields is None:
-                    raise KeyError(key)
-                return slow_get(self, key)
-        else:
-            def __getitem__(self, key):  # find(), written out: this is the hot path
-                if type(key) is bytes:
-                    try:
-                        indices, mask, raw, before, capacity = self._ps_tv.fast
-                        read, tag = readers[len(key)]
-                    except (AttributeError, TypeError, IndexError):  # no view kept, a retired one, a long key
-                        return slow_get(self, key)
-                    home = slot = crc32(key, seed) & mask
-                    index = indices[slot]
-                    while index:
-                        if index <= capacity:
-                            tag_, data, cell = read(raw, before + index * esize)
-                            if data == key and tag_ == tag:
-                                return cell if decode is None else decode(cell)
-                        elif index != deleted:
-                            break
-                        slot = (slot + 1) & mask
-                        if slot == home:
-                            break
-                        index = indices[slot]
-                    else:
-                        raise KeyError(key)
-                return slow_get(self, key)
+        bound.update(exact=str if text else bytes, seed=F.STRING_SEED if text else F.BYTES_SEED, crc32=_crc32)
+        data = "data" if text else "key"
+        parts = {"in_range": "", "encode": 'data = key.encode("utf-8")' if text else "pass",
+                 "reader": f"read, tag = readers[len({data})]", "hash": f"crc32({data}, seed)", "data": data}
     elif key_type.exact is int:
-        low, high, mix, mask64, read = key_type.low, key_type.high, F._MIX, F._MASK64, readers
-
-        def find(self, key):
-            """``(tag, key cell[, value cell])`` of the entry holding ``key``; None if absent; False if
-            only the general way can tell."""
-            if type(key) is not int or not low <= key <= high:
-                return False
-            try:
-                indices, mask, raw, before, capacity = self._ps_tv.fast
-            except (AttributeError, TypeError):  # no view kept, a retired one (fast None)
-                return False
-            home = slot = ((key & mask64) * mix & mask64) >> 32 & mask  # F.number_hash of an int
-            index = indices[slot]
-            while index:
-                if index <= capacity:
-                    fields = read(raw, before + index * esize)
-                    if fields[1] == key and fields[0] == 1:
-                        return fields
-                elif index != deleted:
-                    return False
-                slot = (slot + 1) & mask
-                if slot == home:
-                    return False
-                index = indices[slot]
-            return None
-
-        def __getitem__(self, key):  # find(), written out: this is the hot path
-            if type(key) is int and low <= key <= high:
-                try:
-                    indices, mask, raw, before, capacity = self._ps_tv.fast
-                except (AttributeError, TypeError):  # no view kept, a retired one (fast None)
-                    return slow_get(self, key)
-                home = slot = ((key & mask64) * mix & mask64) >> 32 & mask
-                index = indices[slot]
-                while index:
-                    if index <= capacity:
-                        tag, data, cell = read(raw, before + index * esize)
-                        if data == key and tag == 1:
-                            return cell if decode is None else decode(cell)
-                    elif index != deleted:
-                        break
-                    slot = (slot + 1) & mask
-                    if slot == home:
-                        break
-                    index = indices[slot]
-                else:
-                    raise KeyError(key)
-            return slow_get(self, key)
+        bound.update(exact=int, low=key_type.low, high=key_type.high, mix=F._MIX, mask64=F._MASK64,
+                     read=bound["readers"], tag=1)
+        parts = {"in_range": " and low <= key <= high", "encode": "pass", "reader": "pass", "data": "key",
+                 "hash": "((key & mask64) * mix & mask64) >> 32"}  # F.number_hash of an int
     else:
         return None
-
-    def __contains__(self, key):
-        fields = find(self, key)
-        if fields is False:
-            return slow_contains(self, key)
-        return fields is not None
-
-    __getitem__.__doc__ = slow_get.__doc__
-    __contains__.__doc__ = slow_contains.__doc__
-    __getitem__.__qualname__ = f"{cls.__name__}.__getitem__"
-    __contains__.__qualname__ = f"{cls.__name__}.__contains__"
-    return __contains__, __getitem__
+    value = "cell" if bound["decode"] is None else "decode(cell)"
+    asking = {"__contains__": ("", "slow_contains(self, key)", "True", "return False")}
+    if cls._ps_has_values:
+        asking["__getitem__"] = ("", "slow_getitem(self, key)", value, "raise KeyError(key)")
+        asking["get"] = (", default=None", "slow_get(self, key, default)", value, "return default")
+    fields = "tag_, found, cell" if cls._ps_has_values else "tag_, found"
+    source = (f"def make({', '.join(bound)}):"
+              + "".join(_LOOKUP.format(name=name, parameters=parameters, slow=slow, hit=hit, miss=miss,
+                                       fields=fields, **parts)
+                        for name, (parameters, slow, hit, miss) in asking.items())
+              + f"    return {', '.join(asking)},\n")
+    env = {}
+    exec(compile(source, f"<lookups of {cls.__name__}>", "exec"), env)
+    made = dict(zip(asking, env["make"](**bound)))
+    for name, function in made.items():
+        function.__doc__ = general[name].__doc__
+        function.__qualname__ = f"{cls.__name__}.{name}"
+    return made
 
 
 def _fast_setitem(cls):
@@ -1008,16 +946,21 @@ class PersistentDict(MappingMixin, HashCollection):
         stored = cls._ps_key.store(key)  # a wrong key fails before the value creates anything
         value_type = cls._ps_value
         cell = value_type.encode(value)
-        table, entry = self._ps_insert(heap, key, cell, stored)
+        referenced = value_type.is_ref and cell
+        if referenced:
+            heap.incref(cell)  # (first: it refuses an object with too many references)
+        try:
+            table, entry = self._ps_insert(heap, key, cell, stored)
+        except Exception:  # (a full disk growing the table: nothing stored)
+            if referenced:
+                heap.decref(cell)
+            raise
         if entry >= 0:  # an existing key: replace the value
             at = entry * cls._ps_esize + cls._ps_value_at
             old = cls._ps_value_cell.unpack_from(table.entries, at)[0]
             cls._ps_value_cell.pack_into(table.entries, at, cell)
-            if value_type.is_ref:
-                if cell:
-                    heap.incref(cell)
-                if old:
-                    heap.decref(old)
+            if value_type.is_ref and old:
+                heap.decref(old)
 
     def _ps_prepare_pairs(self, heap, pairs):
         """The checked pairs, as ``_Columns`` when the keys are all ``bytes`` (ByteString keys) or all
@@ -1095,6 +1038,10 @@ class PersistentDict(MappingMixin, HashCollection):
         indices, mask, raw, before, capacity = table.fast
         head = table.head
         used, filled, added = head[3], head[4], 0
+        if value_ref:  # every new value's reference first (all or none), before anything is stored
+            prepared = list(prepared)
+            heap.incref_all(cell for _, _, cell, _ in prepared)
+        stored_so_far = 0
         try:
             for key, stored, cell, _ in prepared:
                 hash_, data = stored
@@ -1105,15 +1052,13 @@ class PersistentDict(MappingMixin, HashCollection):
                     self._ps_aux += added
                     added = 0
                     table, entry = self._ps_insert(heap, key, cell, stored)
+                    stored_so_far += 1
                     if entry >= 0:  # an existing key: replace the value
                         at = entry * esize + value_at
                         old = value_cell.unpack_from(table.entries, at)[0]
                         value_cell.pack_into(table.entries, at, cell)
-                        if value_ref:
-                            if cell:
-                                heap.incref(cell)
-                            if old:
-                                heap.decref(old)
+                        if value_ref and old:
+                            heap.decref(old)
                     indices, mask, raw, before, capacity = table.fast
                     head = table.head
                     used, filled = head[3], head[4]
@@ -1150,6 +1095,12 @@ class PersistentDict(MappingMixin, HashCollection):
                 pack_entry(raw, before + used * esize, hash_, tag, data, cell)  # (a short key padded with zeros)
                 indices[slot] = used
                 added += 1
+        except Exception:
+            if value_ref:  # (a full disk on the way) the values not stored give their references back
+                for _, _, cell, _ in prepared[stored_so_far:]:
+                    if cell:
+                        heap.decref(cell)
+            raise
         finally:
             head[3], head[4] = used, filled
             self._ps_count += added

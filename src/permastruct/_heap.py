@@ -423,6 +423,21 @@ class Heap:
         if not count:  # stored at last: the commit need not look at it (``unreferenced`` may hold
             self.unreferenced.discard(offset)  # more than the count-0 objects, never fewer)
 
+    def incref_all(self, offsets):
+        """Give each object of ``offsets`` (cells: a 0 is skipped) one more reference, or none of them:
+        one with too many references is refused (OverflowError) after the references already given
+        are taken back, so that a store can take its references before it writes anything."""
+        done = []
+        try:
+            for offset in offsets:
+                if offset:
+                    self.incref(offset)
+                    done.append(offset)
+        except OverflowError:
+            for offset in done:
+                self.decref(offset)
+            raise
+
     def decref(self, offset):
         segment = self.mapping._hot
         if segment is None or not segment.start <= offset < segment.end or offset & 7:

@@ -162,6 +162,16 @@ class PersistentList(Collection):
         Runtime: O(1) for an index: one typed memoryview read (and an identity-map lookup for by-
         reference elements); O(k) for a slice of k elements.
         """
+        if type(index) is int:  # the common case, written out (the cells cached: see _ps_cells)
+            count = self._ps_count
+            if index < 0:
+                index += count
+            if not 0 <= index < count:
+                raise IndexError("list index out of range")
+            cls = type(self)
+            cell = (cls._heap.views.get(self._ps_body) or self._ps_cells())[index]
+            decode = cls._ps_cell.decode
+            return cell if decode is None else decode(cell)
         if isinstance(index, slice):
             start, stop, step = index.indices(self._ps_count)
             if step == 1:
@@ -370,12 +380,11 @@ class PersistentList(Collection):
         cell = cell_type.encode(value)
         cells = self._ps_cells()
         old = cells[index]
+        if cell_type.is_ref and cell:
+            heap.incref(cell)  # (first: it refuses an object with too many references)
         cells[index] = cell
-        if cell_type.is_ref:
-            if cell:
-                heap.incref(cell)
-            if old:
-                heap.decref(old)
+        if cell_type.is_ref and old:
+            heap.decref(old)
 
     def _ps_set_slice(self, heap, index, value):
         if isinstance(value, PersistentList) and value.isSameAs(self):
@@ -392,11 +401,17 @@ class PersistentList(Collection):
         self._ps_replace(heap, cells, new, removed)
 
     def _ps_replace(self, heap, cells, added, removed):
-        if type(self)._ps_cell.is_ref:
-            for cell in added:
-                if cell:
-                    heap.incref(cell)
-        self._ps_write_all(heap, cells)
+        refs = type(self)._ps_cell.is_ref
+        if refs:
+            heap.incref_all(added)  # (all or none: first, before anything is written)
+        try:
+            self._ps_write_all(heap, cells)
+        except Exception:  # (room refused: a full disk, an exported buffer) nothing written
+            if refs:
+                for cell in added:
+                    if cell:
+                        heap.decref(cell)
+            raise
         if type(self)._ps_cell.is_ref:
             for cell in removed:
                 if cell:
@@ -452,11 +467,11 @@ class PersistentList(Collection):
         count = self._ps_count
         index = min(max(index + count if index < 0 else index, 0), count)
         cells = self._ps_reserve(heap, count + 1)
+        if cell and cell_type.is_ref:
+            heap.incref(cell)  # (first: it refuses an object with too many references)
         cells[index + 1:count + 1] = cells[index:count]
         cells[index] = cell
         self._ps_count = count + 1
-        if cell and cell_type.is_ref:
-            heap.incref(cell)
 
     def append(self, value):
         """Add ``value`` at the end (amortised O(1))."""
@@ -570,12 +585,10 @@ class PersistentList(Collection):
         count = self._ps_count
         packed = memoryview(array(type(self)._ps_cell.code, new))
         cells = self._ps_reserve(heap, count + len(new))
+        if type(self)._ps_cell.is_ref:
+            heap.incref_all(new)  # (all or none: first, before a cell is written)
         cells[count:count + len(new)] = packed
         self._ps_count = count + len(new)
-        if type(self)._ps_cell.is_ref:
-            for cell in new:
-                if cell:
-                    heap.incref(cell)
 
     def __iadd__(self, values):
         """``lst += values``: ``lst.extend(values)``, in place (nothing is added if one has a wrong type).
