@@ -337,10 +337,11 @@ class MappingMixin:
         A key or value of a wrong type or out of range raises the error a
         single write would (``TypeError``, ``OverflowError``, ``ValueError``)
         and nothing is stored.  The items are then stored in one pass: a
-        Dict makes room for all of them at once (and an empty Dict whose keys
-        are distinct, short and of one type, and whose values are by value,
-        is written at once: its entries packed and joined, its index placed
-        in one loop), an empty SortedDict is built bottom-up from the sorted
+        Dict makes room for all of them at once (and when the keys are
+        distinct, short, of one type and not in it yet, and the values by
+        value, they are written at once: the entries a column at a time, the
+        index placed in one loop, with the old entries when the table
+        grows), an empty SortedDict is built bottom-up from the sorted
         items, leaf by leaf.
 
         Runtime: O(m) for ``m`` items into a Dict, O(m log m) into an empty

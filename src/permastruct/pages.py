@@ -346,7 +346,8 @@ class PageFile(Engine):
         return pid
 
     def allocate_pids(self, count):
-        """Take ``count`` new contiguous pages at the end of the file, all in one segment."""
+        """Take ``count`` new contiguous pages at the end of the file, all in one segment (for one
+        object: only the first page's link is written, the others are left as they are)."""
         self._check_writable()
         mapping = self.mapping
         while True:
@@ -368,8 +369,11 @@ class PageFile(Engine):
                 self.free_pid(pid)
         first = self.page_count
         self.page_count += count
-        for pid in range(first, first + count):
-            self._set_link(pid, F.NOT_IN_FREE_PAGE_LIST)
+        # Only the first page's link says the run is in use: the pages after it hold the bytes of
+        # one object (a run), which cover their link words, and nothing reads a link there (a
+        # page scan claims a run's pages from its first page; a freed run is a free run, its
+        # first page's header again).  Writing them cost a Python call and a page fault a page.
+        self._set_link(first, F.NOT_IN_FREE_PAGE_LIST)
         return first
 
     def free_pid(self, pid):
