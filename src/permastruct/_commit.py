@@ -933,7 +933,11 @@ class Engine:
             if getattr(self, "mapping", None) is None or latest != self.txn:
                 before = getattr(self, "txn", latest)
                 self.freed = {offset for commit in pending if commit.txn > before for offset in commit.freed}
-                self._move_snapshot(root, pending)
+                try:
+                    self._move_snapshot(root, pending)
+                except BaseException:  # (cut short, the map is not all moved: the next refresh moves it)
+                    self.txn = before
+                    raise
         finally:
             if self.journal is not None:  # a reader reads the log only while taking a snapshot
                 self.journal.close()

@@ -443,6 +443,7 @@ class HashCollection(Collection):
         count = self._ps_count
         if count == 0:
             old = self._ps_body
+            heap.drop_view(old)  # (first: cut short before the free, a kept view must not outlive the body)
             self._ps_body = 0
             heap.drop_internal(old)
         elif table.capacity > 16 and count * 8 < table.capacity:
@@ -510,6 +511,7 @@ class HashCollection(Collection):
         cls = type(self)
         removed = list(self._ps_live_entries())
         old = self._ps_body
+        heap.drop_view(old)  # (first: cut short before the free, a kept view must not outlive the body)
         self._ps_body = 0
         self._ps_count = 0
         self._ps_aux += 1
@@ -1161,10 +1163,13 @@ class PersistentDict(MappingMixin, HashCollection):
                 other = indices[slot]
                 if other:  # a collision: rare, at most a third of the slots are in use
                     hash_ = every[number]
+                    home = slot
                     while other:
                         if every[other] == hash_ and self._ps_same_key(table, used, columns, other, number):
                             return False
                         slot = (slot + 1) & mask
+                        if slot == home:  # no empty slot (damage): the general way says what is wrong
+                            return False
                         other = indices[slot]
                 indices[slot] = number
             placed = True

@@ -66,6 +66,7 @@ class Storage:
         self._closed = True
         self._forked = False
         self._block = None  # the outermost with p.transaction() block open (see _Block)
+        self._caches_txn = None  # (a reader) the transaction its caches were last put right for
         self.readonly = bool(readonly)
         for name, value in (("fileSize", fileSize), ("stringRegistrySize", stringRegistrySize)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -115,6 +116,7 @@ class Storage:
             created = True
         self._root = None
         self._heap = Heap(self, self._page_file, None)
+        self._caches_txn = self._page_file.txn
         self._page_file._label = self._heap.name  # (an in-memory store: its class names it in messages)
         self.schema = Schema(self)
         try:
@@ -585,7 +587,11 @@ class Storage:
         storage always sees its own latest state: there this returns False.
         """
         self._check_open()
-        if not self._page_file.refresh():
+        # (also when nothing is new but the caches are not yet put right for the transaction the
+        # map shows: a refresh cut short after the move would leave kept table views live over
+        # the places of freed tables, and proxies of freed objects alive)
+        pf = self._page_file
+        if not pf.refresh() and (not self.readonly or pf.txn == self._caches_txn):
             return False
         heap = self._heap
         heap.forget_views()
@@ -596,6 +602,7 @@ class Storage:
             if offset in freed or not self.schema._still(proxy, heap.type_at(offset)):
                 heap.kill_proxy(offset, rolled_back="freed")
         self._page_file.mapping.close_retired(heap.addresses_in_use())
+        self._caches_txn = pf.txn
         return True
 
     def transaction(self, description: "str | None" = None, *, user: "str | None" = None,
