@@ -21,6 +21,7 @@ failing case can be rerun alone with ``--seed``::
 """
 
 import dis
+import functools
 import os
 import shutil
 import tempfile
@@ -193,6 +194,59 @@ def interrupt_at_opcode(count):
         return seen[1]
     fired.opcodes = lambda: seen[0]
     return fired
+
+
+@functools.lru_cache(maxsize=None)
+def lookups_storage():
+    """The Storage class of the tests of the Dict and Set lookups (test_collections_engine,
+    test_review3): a Dict for each kind of key the lookups made per class serve (bytes, str, int,
+    a UInt64 with by-reference values), one they do not (Float), and a Set of Int8."""
+    from permastruct import Dict, Set, Storage
+
+    class Lookups(Storage):
+        def populateSchema(self):
+            s = self.schema
+            self.define(Dict("ByBytes")[s.ByteString, s.Int])
+            self.define(Dict("ByText")[s.String, s.Int])
+            self.define(Dict("ByInt")[s.Int, s.Int])
+            self.define(Dict("ByCount")[s.UInt64, s.ByteString])
+            self.define(Dict("ByReal")[s.Float, s.Int])
+            self.define(Set("IntSet")[s.Int8])
+
+            class Root(s.Structure):
+                by_bytes = self.schema.ByBytes
+                by_text = self.schema.ByText
+                by_int = self.schema.ByInt
+                by_count = self.schema.ByCount
+                by_real = self.schema.ByReal
+                int_set = self.schema.IntSet
+    return Lookups
+
+
+@pytest.fixture
+def lookups(tmp_path):
+    """A store of :func:`lookups_storage` with small pages (so tables are runs of many pages)."""
+    p = lookups_storage()(tmp_path / "l.ps", pageSize=256)
+    yield p
+    p.close()
+
+
+def assert_lookups_agree(mapping, reference, probes):
+    """Every probe is found (or not) in ``mapping`` as in the plain ``reference``, by every way of
+    asking: ``in``, ``get`` and ``[]``."""
+    for key in probes:
+        try:
+            expected = reference[key]
+        except (KeyError, TypeError):
+            expected = KeyError
+        if expected is KeyError:
+            assert key not in mapping, key
+            assert mapping.get(key, "absent") == "absent", key
+            with pytest.raises(KeyError):
+                mapping[key]
+        else:
+            assert key in mapping, key
+            assert mapping[key] == expected and mapping.get(key) == expected, key
 
 
 def views_storage():

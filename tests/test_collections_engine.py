@@ -13,6 +13,8 @@ from permastruct import _format as F
 from permastruct import collections as C
 from permastruct.cli import info
 
+from conftest import assert_lookups_agree, lookups_storage
+
 
 class Store(Storage):
     def populateSchema(self):
@@ -429,47 +431,7 @@ def test_a_file_of_the_previous_format_version_is_refused_unchanged(tmp_path):
 
 
 # -- the lookup made per class: every key the general way finds, it finds ----------------------
-class Lookups(Storage):
-    def populateSchema(self):
-        s = self.schema
-        self.define(Dict("ByBytes")[s.ByteString, s.Int])
-        self.define(Dict("ByText")[s.String, s.Int])
-        self.define(Dict("ByInt")[s.Int, s.Int])
-        self.define(Dict("ByCount")[s.UInt64, s.ByteString])
-        self.define(Dict("ByReal")[s.Float, s.Int])
-        self.define(Set("IntSet")[s.Int8])
-
-        class Root(s.Structure):
-            by_bytes = self.schema.ByBytes
-            by_text = self.schema.ByText
-            by_int = self.schema.ByInt
-            by_count = self.schema.ByCount
-            by_real = self.schema.ByReal
-            int_set = self.schema.IntSet
-
-
-@pytest.fixture
-def lookups(tmp_path):
-    p = Lookups(tmp_path / "l.ps", pageSize=256)
-    yield p
-    p.close()
-
-
-def _agree(mapping, reference, probes):
-    """Every probe is found (or not) in ``mapping`` as in the plain ``reference``, by every way of asking."""
-    for key in probes:
-        try:
-            expected = reference[key]
-        except (KeyError, TypeError):
-            expected = KeyError
-        if expected is KeyError:
-            assert key not in mapping, key
-            assert mapping.get(key, "absent") == "absent", key
-            with pytest.raises(KeyError):
-                mapping[key]
-        else:
-            assert key in mapping, key
-            assert mapping[key] == expected and mapping.get(key) == expected, key
+Lookups = lookups_storage()
 
 
 def test_lookups_agree_with_a_dict_through_deletes_and_rebuilds(lookups):
@@ -497,12 +459,12 @@ def test_lookups_agree_with_a_dict_through_deletes_and_rebuilds(lookups):
             if i % 3 == 0 and reference:  # deletes leave tombstones on the probe paths
                 gone = rng.choice(list(reference))
                 del mapping[gone], reference[gone]
-        _agree(mapping, reference, list(reference) + [make(i) for i in range(400, 450)] + odd)
+        assert_lookups_agree(mapping, reference, list(reference) + [make(i) for i in range(400, 450)] + odd)
         for key in list(reference)[: len(reference) // 2]:  # shrink: tables are rebuilt smaller
             del mapping[key], reference[key]
-        _agree(mapping, reference, list(reference) + odd)
+        assert_lookups_agree(mapping, reference, list(reference) + odd)
     p.root.by_real = {1.5: 1, 2.0: 2}  # a key type without the made lookup goes the general way
-    _agree(p.root.by_real, {1.5: 1, 2.0: 2, 2: 2, True: KeyError}, [1.5, 2.0, 2, True, 3])
+    assert_lookups_agree(p.root.by_real, {1.5: 1, 2.0: 2, 2: 2, True: KeyError}, [1.5, 2.0, 2, True, 3])
     p.root.int_set = {-128, 0, 127}
     assert all(k in p.root.int_set for k in (-128, 0, 127, 0.0, False))
     assert not any(k in p.root.int_set for k in (128, -129, 1, "0", 0.5))
@@ -570,7 +532,7 @@ def test_an_update_into_an_empty_dict_is_written_at_once_and_agrees_with_a_dict(
     target.update(pairs)
     reference = dict(pairs)
     assert list(target.items()) == list(reference.items())
-    _agree(target, reference, list(reference) + [b"k999", b"", -1, 1 << 63])
+    assert_lookups_agree(target, reference, list(reference) + [b"k999", b"", -1, 1 << 63])
     p.check()
     target[pairs[0][0]] = 5  # the table takes single changes as any other
     del target[pairs[-1][0]]
@@ -781,7 +743,7 @@ def test_an_update_into_a_filled_dict_is_written_at_once_or_item_by_item_and_agr
     # (String keys are stored item by item)
     assert filled == ([] if case == "text" else [True, case in ("new", "same hash", "ints")])
     assert list(target.items()) == list(reference.items())
-    _agree(target, reference, list(reference) + [b"zz", "zz", -5, b"", ""])
+    assert_lookups_agree(target, reference, list(reference) + [b"zz", "zz", -5, b"", ""])
     p.check()
     p.commit()
     p.check()
@@ -831,14 +793,14 @@ def test_a_kept_view_is_retired_when_its_table_is_freed_and_its_place_taken(look
     setattr(p.root, name, {}), setattr(p.root, other_name, {})
     d, other = getattr(p.root, name), getattr(p.root, other_name)
     reference = _fill(d, keys, value, 0, 3)
-    _agree(d, reference, list(reference))
+    assert_lookups_agree(d, reference, list(reference))
     old, kept = d._ps_body, _kept(d)
     d.clear()
     assert kept.fast is None and d._ps_body == 0
     for i in range(3):  # the same shape of table, in the place just freed
         other[other_keys(i)] = 1000 + i
     assert other._ps_body == old  # (the hazard itself: without it this test would prove nothing)
-    _agree(d, {}, list(reference))
+    assert_lookups_agree(d, {}, list(reference))
     assert len(d) == 0 and dict(d) == {}
     # grown: its first table is freed, and taken by a third table of that shape
     reference = _fill(d, keys, value, 0, 3)
@@ -847,10 +809,10 @@ def test_a_kept_view_is_retired_when_its_table_is_freed_and_its_place_taken(look
     assert d._ps_body != first and kept.fast is None and _kept(d) is not kept
     del getattr(p.root, other_name)[other_keys(0)]
     setattr(p.root, other_name, {other_keys(i): 2000 + i for i in range(3)})
-    _agree(d, reference, list(reference) + [keys(500)])
+    assert_lookups_agree(d, reference, list(reference) + [keys(500)])
     d[keys(0)] = -1
     reference[keys(0)] = -1
-    _agree(d, reference, list(reference))
+    assert_lookups_agree(d, reference, list(reference))
     p.commit()
     p.check()
 
@@ -866,7 +828,7 @@ def test_a_kept_view_follows_a_rollback_or_undo_to_the_table_it_restores(tmp_pat
     d = getattr(p.root, name)
     reference = _fill(d, keys, value, 0, 5)
     p.commit()
-    _agree(d, reference, list(reference))
+    assert_lookups_agree(d, reference, list(reference))
     committed = d._ps_body
     grown = dict(reference, **{})
     if how == "savepoint":
@@ -874,29 +836,29 @@ def test_a_kept_view_follows_a_rollback_or_undo_to_the_table_it_restores(tmp_pat
             with pytest.raises(ZeroDivisionError), p.transaction():
                 grown.update(_fill(d, keys, value, 5, 300))
                 assert d._ps_body != committed
-                _agree(d, grown, list(grown))
+                assert_lookups_agree(d, grown, list(grown))
                 1 / 0
             assert d._ps_body == committed
-            _agree(d, reference, list(grown))
+            assert_lookups_agree(d, reference, list(grown))
     else:
         grown.update(_fill(d, keys, value, 5, 300))
         assert d._ps_body != committed
-        _agree(d, grown, list(grown))
+        assert_lookups_agree(d, grown, list(grown))
         if how == "rollback":
             p.rollback()
         else:
             p.commit()
             p.undo(p.last_transaction)
     assert d._ps_body == committed
-    _agree(d, reference, list(grown))
+    assert_lookups_agree(d, reference, list(grown))
     d[keys(1)] = 77  # a store through the kept view, which must be the restored table's
     reference[keys(1)] = 77
-    _agree(d, reference, list(grown))
+    assert_lookups_agree(d, reference, list(grown))
     p.commit()
     p.check()
     p.close()
     with Lookups(tmp_path / "l.ps") as q:
-        _agree(getattr(q.root, name), reference, list(grown))
+        assert_lookups_agree(getattr(q.root, name), reference, list(grown))
 
 
 def test_a_kept_view_follows_a_pack_that_moves_its_table(tmp_path):
@@ -909,18 +871,18 @@ def test_a_kept_view_follows_a_pack_that_moves_its_table(tmp_path):
         d[b"k%d" % i] = i
     p.commit()
     reference = dict(d)
-    _agree(d, reference, list(reference))
+    assert_lookups_agree(d, reference, list(reference))
     before, kept = d._ps_body, _kept(d)
     p.root.by_text = None
     p.commit()
     p.pack()
     assert d._ps_body < before and kept.fast is None  # moved down into the space given back
-    _agree(d, reference, list(reference) + [b"k9"])
+    assert_lookups_agree(d, reference, list(reference) + [b"k9"])
     p.root.by_text = {"t%d" % i: i for i in range(3)}  # (may take the old place)
-    _agree(d, reference, list(reference) + [b"k9"])
+    assert_lookups_agree(d, reference, list(reference) + [b"k9"])
     d[b"k9"] = 9
     reference[b"k9"] = 9
-    _agree(d, reference, list(reference))
+    assert_lookups_agree(d, reference, list(reference))
     p.commit()
     p.check()
     p.close()
@@ -933,21 +895,21 @@ def test_a_readers_kept_view_follows_the_writers_commits(tmp_path):
     w.commit()
     r = Lookups(path, readonly=True)
     d = r.root.by_bytes
-    _agree(d, {b"k%d" % i: i for i in range(3)}, [b"k0", b"k1", b"k2"])
+    assert_lookups_agree(d, {b"k%d" % i: i for i in range(3)}, [b"k0", b"k1", b"k2"])
     old, kept = d._ps_body, _kept(d)
     w.root.by_bytes.clear()
     w.root.by_text = {"t%d" % i: 1000 + i for i in range(3)}  # its table in the place just freed
     assert w.root.by_text._ps_body == old
     w.commit()
-    _agree(d, {b"k%d" % i: i for i in range(3)}, [b"k0", b"k1", b"k2"])  # still the reader's snapshot
+    assert_lookups_agree(d, {b"k%d" % i: i for i in range(3)}, [b"k0", b"k1", b"k2"])  # still the reader's snapshot
     assert r.refresh() is True
     assert kept.fast is None
-    _agree(d, {}, [b"k0", b"k1", b"k2"])
-    _agree(r.root.by_text, {"t%d" % i: 1000 + i for i in range(3)}, ["t0", "t1", "t2"])
+    assert_lookups_agree(d, {}, [b"k0", b"k1", b"k2"])
+    assert_lookups_agree(r.root.by_text, {"t%d" % i: 1000 + i for i in range(3)}, ["t0", "t1", "t2"])
     w.root.by_bytes.update({b"k%d" % i: -i for i in range(100)})
     w.commit()
     assert r.refresh() is True
-    _agree(d, {b"k%d" % i: -i for i in range(100)}, [b"k%d" % i for i in range(101)])
+    assert_lookups_agree(d, {b"k%d" % i: -i for i in range(100)}, [b"k%d" % i for i in range(101)])
     r.close()
     w.close()
 

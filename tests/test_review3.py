@@ -5,14 +5,9 @@ import pytest
 
 from permastruct._heap import Heap
 from permastruct._mapping import MappedFile
-from test_collections_engine import Lookups, _agree
+from conftest import assert_lookups_agree, lookups_storage
 
-
-@pytest.fixture
-def lookups(tmp_path):
-    p = Lookups(tmp_path / "l.ps", pageSize=256)
-    yield p
-    p.close()
+Lookups = lookups_storage()
 
 
 def _interrupt_once(monkeypatch, cls, name):
@@ -35,7 +30,7 @@ def _writer_and_reader(path):
     w.commit()
     r = Lookups(path, readonly=True)
     d = r.root.by_bytes
-    _agree(d, {b"k%d" % i: i for i in range(3)}, [b"k0", b"k1", b"k2"])  # (its view kept)
+    assert_lookups_agree(d, {b"k%d" % i: i for i in range(3)}, [b"k0", b"k1", b"k2"])  # (its view kept)
     # the writer frees the table and makes another table of that shape in its place
     old = w.root.by_bytes._ps_body
     w.root.by_bytes.clear()
@@ -59,9 +54,9 @@ def test_a_refresh_cut_short_is_finished_by_the_next(tmp_path, monkeypatch, wher
         r.refresh()
     assert calls
     assert r.refresh() is True  # the move it did not finish
-    _agree(d, expected, list(expected) + [b"k9"])
-    _agree(r.root.by_bytes, expected, list(expected) + [b"k9"])
-    _agree(r.root.by_text, {"t%d" % i: -i for i in range(3)}, ["t0", "t1", "t2"])
+    assert_lookups_agree(d, expected, list(expected) + [b"k9"])
+    assert_lookups_agree(r.root.by_bytes, expected, list(expected) + [b"k9"])
+    assert_lookups_agree(r.root.by_text, {"t%d" % i: -i for i in range(3)}, ["t0", "t1", "t2"])
     assert r.refresh() is False
     r.close()
     w.close()
@@ -74,7 +69,7 @@ def _update_agrees(p, name, pairs, reference):
     d.update(pairs if isinstance(pairs, list) else iter(items))  # (an iterator: the way of a generator)
     reference.update(items)
     assert dict(d) == reference and list(d) == list(reference) and len(d) == len(reference)
-    _agree(d, reference, list(reference))
+    assert_lookups_agree(d, reference, list(reference))
     p.check()
 
 
@@ -240,7 +235,7 @@ def test_a_kept_view_is_its_bodys_at_every_point_of_a_change_cut_short(tmp_path,
     stride = 1 if size < 40 else 97
     counts = sorted(set(range(1, total, stride)) | set(range(max(1, total - 300), total + 2)))
     for count in counts:
-        _agree(d, committed, [b"k0", b"k99"])  # (its view kept)
+        assert_lookups_agree(d, committed, [b"k0", b"k99"])  # (its view kept)
         fired = interrupt_at_opcode(count)
         try:
             _CUT_SHORT[how](d)
@@ -254,7 +249,7 @@ def test_a_kept_view_is_its_bodys_at_every_point_of_a_change_cut_short(tmp_path,
         if not d._ps_body:  # (no table: no key is in it, by any way of asking)
             assert not any(key in d for key in committed) and d.get(b"k0") is None, count
         p.rollback()
-        _agree(d, committed, list(committed) + [b"k99"])
+        assert_lookups_agree(d, committed, list(committed) + [b"k99"])
     assert not fired()
     p.check()
     p.close()
