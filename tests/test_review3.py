@@ -350,3 +350,32 @@ def test_a_refresh_cut_short_before_it_moves_leaves_the_next_one_as_it_was(tmp_p
         len(old)
     r.close()
     w.close()
+
+
+@pytest.mark.parametrize("case", ["bytes", "int"])
+def test_a_rollback_cut_short_just_after_its_pages_went_back_leaves_no_kept_view(lookups, monkeypatch, case):
+    """An interrupt as the page file's discard returns, before the rollback forgets its views: a Dict
+    grown in the transaction (its proxy keeping the new table's view) reads its committed table."""
+    p = lookups
+    name, key = ("by_bytes", lambda i: b"k%d" % i) if case == "bytes" else ("by_int", lambda i: i * 7)
+    setattr(p.root, name, {key(i): i for i in range(5)})
+    p.commit()
+    d = getattr(p.root, name)
+    committed = {key(i): i for i in range(5)}
+    for i in range(5, 400):  # grown: a new table, whose view the proxy keeps
+        d[key(i)] = -i
+    assert_lookups_agree(d, {**committed, **{key(i): -i for i in range(5, 400)}}, [key(0), key(399)])
+    pf = p._page_file
+    original = pf.discard
+
+    def discard_then_interrupt():
+        original()
+        raise KeyboardInterrupt("as the discard returns")
+    monkeypatch.setattr(pf, "discard", discard_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        p.rollback()
+    monkeypatch.undo()
+    assert_lookups_agree(d, committed, [key(i) for i in range(10)] + [key(399)])
+    p.rollback()
+    assert_lookups_agree(d, committed, [key(i) for i in range(10)])
+    p.check()

@@ -569,6 +569,9 @@ class Storage:
         if heap.export_places or heap.poisoned:  # (views of the buffer protocol: see Heap.quarantine;
             candidates = heap.quarantine_candidates(created)  # before ``created`` goes, for a retry)
         heap.created = set()
+        # The views go before the pages go back, and again after: an interrupt just after the
+        # discard must not leave a kept table view over a place the discard took back.
+        heap.forget_views()
         self._page_file.discard()
         heap.forget_views()
         heap.freed = []
