@@ -340,9 +340,9 @@ class PageFile(Engine):
                 raise CorruptStorageError(f"{self._label}: free page {pid} links to {following}, "
                                           "which is not a page")
             self.free_head = following
+            self._set_link(pid, F.NOT_IN_FREE_PAGE_LIST)
         else:
-            pid = self.allocate_pids(1)
-        self._set_link(pid, F.NOT_IN_FREE_PAGE_LIST)
+            pid = self.allocate_pids(1)  # (which writes the page's link)
         return pid
 
     def allocate_pids(self, count):
